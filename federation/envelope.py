@@ -1,0 +1,244 @@
+"""Signed, encrypted envelopes: device updates and global models (wire format v1).
+
+Update (device -> coordinator), msgpack map::
+
+    {"fmt": "fledger.update", "v": 1, "hdr": <bytes>, "sig": <64 B>, "ct": <bytes>, "tag": <16 B>}
+
+``hdr`` is a msgpack map (the *statement*): fleet, device, round, key_id, msg_id (16 random
+bytes), epk (the device's ephemeral X25519 public key), to (coordinator key id), iv,
+weights_sha256, num_samples, metrics, codec, created. ``sig`` is the device's Ed25519
+signature over ``hdr``; the AES-256-GCM key comes from X25519(epk, coordinator) + HKDF with
+msg_id as salt, and ``hdr`` is the associated data, so no header field can be swapped.
+
+Global model (coordinator -> devices, retained): the same shape with ``fmt`` =
+``fledger.model``, the header naming fleet, round, model_sha256, block_hash, block_index,
+done, and the fleet model key id; encrypted with the fleet model key, signed by the coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from federation import crypto
+from federation.keys import CoordinatorKeys, DeviceBundle
+
+ENVELOPE_VERSION = 1
+UPDATE_FORMAT = "fledger.update"
+MODEL_FORMAT = "fledger.model"
+UPDATE_KDF_CONTEXT = b"fledger/update/v1"
+
+
+class EnvelopeError(ValueError):
+    """An envelope is malformed, forged, tampered with or not for us.
+
+    ``reason`` is a short stable label used for counting rejections."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    fleet: str
+    device: str
+    round: int
+    key_id: str
+    msg_id: bytes
+    epk: bytes
+    to: str
+    iv: bytes
+    weights_sha256: bytes
+    num_samples: int
+    metrics: dict[str, float]
+    codec: int
+    created: float
+
+
+@dataclass(frozen=True)
+class SealedUpdate:
+    """An update whose outer layer was parsed but not yet verified or decrypted."""
+
+    header: UpdateHeader
+    header_bytes: bytes  # the signed statement, recorded in the ledger verbatim
+    signature: bytes
+    ciphertext: bytes
+    tag: bytes
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    fleet: str
+    round: int
+    model_sha256: bytes
+    block_hash: bytes
+    block_index: int
+    done: bool
+    key_id: str
+    model_key_id: str
+    iv: bytes
+    created: float
+    info: dict[str, Any]
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack_outer(data: bytes, fmt: str, max_bytes: int) -> dict[str, Any]:
+    if len(data) > max_bytes:
+        raise EnvelopeError("oversized", f"{len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        outer = msgpack.unpackb(data, raw=False, max_map_len=16, max_str_len=256)
+    except Exception as exc:
+        raise EnvelopeError("malformed", f"not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(outer, dict) or outer.get("fmt") != fmt:
+        raise EnvelopeError("malformed", f"not a {fmt} envelope")
+    if outer.get("v") != ENVELOPE_VERSION:
+        raise EnvelopeError("unsupported_version", f"envelope version {outer.get('v')!r}")
+    for name, kind in (("hdr", bytes), ("sig", bytes), ("ct", bytes), ("tag", bytes)):
+        if not isinstance(outer.get(name), kind):
+            raise EnvelopeError("malformed", f"field {name!r} missing or not {kind.__name__}")
+    return outer
+
+
+def _field(hdr: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = hdr.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise EnvelopeError("malformed", f"header field {name!r} missing or of the wrong type")
+    return value
+
+
+def seal_update(
+    bundle: DeviceBundle, round_number: int, weights: bytes, num_samples: int,
+    metrics: dict[str, float], *, now: float | None = None,
+) -> bytes:
+    """Encrypt and sign encoded weights (from :func:`federation.codec.encode_tensors`)."""
+    eph_seed, eph_public = crypto.x25519_generate()
+    msg_id = crypto.random_bytes(16)
+    iv = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
+    header = {
+        "fleet": bundle.fleet, "device": bundle.device_id, "round": int(round_number),
+        "key_id": bundle.key_id, "msg_id": msg_id, "epk": eph_public,
+        "to": bundle.coordinator.enc_key_id, "iv": iv,
+        "weights_sha256": hashlib.sha256(weights).digest(), "num_samples": int(num_samples),
+        "metrics": {k: float(v) for k, v in sorted(metrics.items())}, "codec": 1,
+        "created": float(time.time() if now is None else now),
+    }
+    header_bytes = _pack(header)
+    key = crypto.x25519_shared_key(eph_seed, bundle.coordinator.enc_public, msg_id, UPDATE_KDF_CONTEXT)
+    ciphertext, tag = crypto.aes_gcm_encrypt(key, iv, weights, header_bytes)
+    return _pack({
+        "fmt": UPDATE_FORMAT, "v": ENVELOPE_VERSION, "hdr": header_bytes,
+        "sig": bundle.sign(header_bytes), "ct": ciphertext, "tag": tag,
+    })
+
+
+def parse_update(data: bytes, *, max_bytes: int) -> SealedUpdate:
+    """Parse the outer layer and header; no key is needed and nothing is trusted yet."""
+    outer = _unpack_outer(data, UPDATE_FORMAT, max_bytes)
+    header_bytes = outer["hdr"]
+    try:
+        hdr = msgpack.unpackb(header_bytes, raw=False, max_map_len=32, max_str_len=256)
+    except Exception as exc:
+        raise EnvelopeError("malformed", "header is not msgpack") from exc
+    if not isinstance(hdr, dict):
+        raise EnvelopeError("malformed", "header is not a map")
+    metrics = _field(hdr, "metrics", dict)
+    if not all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items()):
+        raise EnvelopeError("malformed", "metrics must map names to floats")
+    header = UpdateHeader(
+        fleet=_field(hdr, "fleet", str), device=_field(hdr, "device", str),
+        round=_field(hdr, "round", int), key_id=_field(hdr, "key_id", str),
+        msg_id=_field(hdr, "msg_id", bytes), epk=_field(hdr, "epk", bytes),
+        to=_field(hdr, "to", str), iv=_field(hdr, "iv", bytes),
+        weights_sha256=_field(hdr, "weights_sha256", bytes),
+        num_samples=_field(hdr, "num_samples", int), metrics=metrics,
+        codec=_field(hdr, "codec", int), created=_field(hdr, "created", float),
+    )
+    if len(header.msg_id) != 16 or len(header.weights_sha256) != 32 or len(header.epk) != 32:
+        raise EnvelopeError("malformed", "msg_id, epk or weights_sha256 has the wrong length")
+    if len(outer["sig"]) != 64:
+        raise EnvelopeError("malformed", "signature must be 64 bytes")
+    return SealedUpdate(header, header_bytes, outer["sig"], outer["ct"], outer["tag"])
+
+
+def verify_update_signature(sealed: SealedUpdate, device_public_key: bytes) -> None:
+    if not crypto.ed25519_verify(device_public_key, sealed.header_bytes, sealed.signature):
+        raise EnvelopeError("bad_signature", f"signature of device {sealed.header.device!r} does not verify")
+
+
+def decrypt_update(sealed: SealedUpdate, keys: CoordinatorKeys) -> bytes:
+    """Decrypt and check the weights digest; return the encoded weights."""
+    header = sealed.header
+    if header.to != keys.public.enc_key_id:
+        raise EnvelopeError("wrong_key", f"update is encrypted to key {header.to}, not ours")
+    try:
+        key = crypto.x25519_shared_key(keys.enc_seed, header.epk, header.msg_id, UPDATE_KDF_CONTEXT)
+        weights = crypto.aes_gcm_decrypt(key, header.iv, sealed.ciphertext, sealed.tag, sealed.header_bytes)
+    except crypto.CryptoError as exc:
+        raise EnvelopeError("decrypt_failed", str(exc)) from exc
+    if hashlib.sha256(weights).digest() != header.weights_sha256:
+        raise EnvelopeError("digest_mismatch", "SHA-256 of the weights differs from the header")
+    return weights
+
+
+# --- global model ----------------------------------------------------------------------------
+
+
+def seal_model(
+    keys: CoordinatorKeys, round_number: int, weights: bytes, *, block_hash: bytes,
+    block_index: int, done: bool = False, info: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> bytes:
+    iv = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
+    header_bytes = _pack({
+        "fleet": keys.fleet, "round": int(round_number),
+        "model_sha256": hashlib.sha256(weights).digest(), "block_hash": block_hash,
+        "block_index": int(block_index), "done": bool(done), "key_id": keys.public.sign_key_id,
+        "model_key_id": keys.model_key_id, "iv": iv,
+        "created": float(time.time() if now is None else now), "info": info or {},
+    })
+    ciphertext, tag = crypto.aes_gcm_encrypt(keys.model_key, iv, weights, header_bytes)
+    return _pack({
+        "fmt": MODEL_FORMAT, "v": ENVELOPE_VERSION, "hdr": header_bytes,
+        "sig": keys.sign(header_bytes), "ct": ciphertext, "tag": tag,
+    })
+
+
+def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[ModelHeader, bytes]:
+    """Verify the coordinator's signature, decrypt, and check the model digest."""
+    outer = _unpack_outer(data, MODEL_FORMAT, max_bytes)
+    header_bytes = outer["hdr"]
+    if not crypto.ed25519_verify(bundle.coordinator.sign_public, header_bytes, outer["sig"]):
+        raise EnvelopeError("bad_signature", "global model is not signed by the fleet's coordinator")
+    hdr = msgpack.unpackb(header_bytes, raw=False)
+    if not isinstance(hdr, dict):
+        raise EnvelopeError("malformed", "model header is not a map")
+    header = ModelHeader(
+        fleet=_field(hdr, "fleet", str), round=_field(hdr, "round", int),
+        model_sha256=_field(hdr, "model_sha256", bytes), block_hash=_field(hdr, "block_hash", bytes),
+        block_index=_field(hdr, "block_index", int), done=_field(hdr, "done", bool),
+        key_id=_field(hdr, "key_id", str), model_key_id=_field(hdr, "model_key_id", str),
+        iv=_field(hdr, "iv", bytes), created=_field(hdr, "created", float),
+        info=_field(hdr, "info", dict),
+    )
+    if header.fleet != bundle.fleet:
+        raise EnvelopeError("wrong_fleet", f"model is for fleet {header.fleet!r}")
+    if header.model_key_id != bundle.model_key_id:
+        raise EnvelopeError(
+            "wrong_key", f"model encrypted with key {header.model_key_id}, we hold {bundle.model_key_id}"
+        )
+    try:
+        weights = crypto.aes_gcm_decrypt(bundle.model_key, header.iv, outer["ct"], outer["tag"], header_bytes)
+    except crypto.CryptoError as exc:
+        raise EnvelopeError("decrypt_failed", str(exc)) from exc
+    if hashlib.sha256(weights).digest() != header.model_sha256:
+        raise EnvelopeError("digest_mismatch", "model digest differs from its signed header")
+    return header, weights

@@ -1,0 +1,220 @@
+"""Key material of a fleet and where it lives on disk.
+
+- The coordinator has an Ed25519 signing key (blocks, global models), an X25519 key that
+  devices encrypt their updates to, and the fleet model key (AES-256) that encrypts the
+  global model for every device.
+- Each device has its own Ed25519 signing key. It encrypts each update to the coordinator
+  with a fresh X25519 ephemeral key, so a stolen device key reveals none of its past updates.
+- Files are JSON with hex-encoded keys, written with 0600 permissions (secret files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federation import crypto
+
+
+class KeyFileError(ValueError):
+    """A key file is missing, unreadable or malformed."""
+
+
+def write_secret_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically with 0600 permissions from the start (never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise KeyFileError(f"key file not found: {path}") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise KeyFileError(f"key file {path} does not hold a JSON object")
+    return data
+
+
+def _hex(data: dict[str, Any], key: str, path: Path, size: int = 32) -> bytes:
+    try:
+        value = bytes.fromhex(data[key])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KeyFileError(f"{path}: field {key!r} missing or not hex") from exc
+    if len(value) != size:
+        raise KeyFileError(f"{path}: field {key!r} must be {size} bytes")
+    return value
+
+
+@dataclass(frozen=True)
+class CoordinatorPublic:
+    """What devices and monitors need to trust the coordinator."""
+
+    sign_public: bytes
+    enc_public: bytes
+
+    @property
+    def sign_key_id(self) -> str:
+        return crypto.key_id_of(self.sign_public)
+
+    @property
+    def enc_key_id(self) -> str:
+        return crypto.key_id_of(self.enc_public)
+
+    def to_json(self) -> dict[str, str]:
+        return {"sign_public": self.sign_public.hex(), "enc_public": self.enc_public.hex()}
+
+
+@dataclass(frozen=True)
+class CoordinatorKeys:
+    fleet: str
+    sign_seed: bytes
+    enc_seed: bytes
+    model_key_id: str
+    model_key: bytes
+
+    @classmethod
+    def generate(cls, fleet: str) -> CoordinatorKeys:
+        sign_seed, _ = crypto.ed25519_generate()
+        enc_seed, _ = crypto.x25519_generate()
+        model_key = crypto.random_bytes(32)
+        return cls(fleet, sign_seed, enc_seed, crypto.key_id_of(model_key), model_key)
+
+    @property
+    def public(self) -> CoordinatorPublic:
+        return CoordinatorPublic(
+            crypto.ed25519_public(self.sign_seed), crypto.x25519_public(self.enc_seed)
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        return crypto.ed25519_sign(self.sign_seed, message)
+
+    def save(self, path: Path) -> None:
+        write_secret_json(path, {
+            "kind": "fledger.coordinator-keys", "fleet": self.fleet,
+            "sign_seed": self.sign_seed.hex(), "enc_seed": self.enc_seed.hex(),
+            "model_key_id": self.model_key_id, "model_key": self.model_key.hex(),
+        })
+
+    @classmethod
+    def load(cls, path: Path) -> CoordinatorKeys:
+        data = read_json(path)
+        if data.get("kind") != "fledger.coordinator-keys":
+            raise KeyFileError(f"{path} is not a coordinator key file")
+        return cls(
+            str(data["fleet"]), _hex(data, "sign_seed", path), _hex(data, "enc_seed", path),
+            str(data["model_key_id"]), _hex(data, "model_key", path),
+        )
+
+
+@dataclass(frozen=True)
+class DeviceBundle:
+    """Everything one device needs: its identity, the coordinator's public keys and the
+    fleet model key. Written by `fledger keys add-device`, installed on the device only."""
+
+    fleet: str
+    device_id: str
+    sign_seed: bytes
+    coordinator: CoordinatorPublic
+    model_key_id: str
+    model_key: bytes
+
+    @property
+    def sign_public(self) -> bytes:
+        return crypto.ed25519_public(self.sign_seed)
+
+    @property
+    def key_id(self) -> str:
+        return crypto.key_id_of(self.sign_public)
+
+    def sign(self, message: bytes) -> bytes:
+        return crypto.ed25519_sign(self.sign_seed, message)
+
+    def save(self, path: Path) -> None:
+        write_secret_json(path, {
+            "kind": "fledger.device-bundle", "fleet": self.fleet, "device_id": self.device_id,
+            "sign_seed": self.sign_seed.hex(), "coordinator": self.coordinator.to_json(),
+            "model_key_id": self.model_key_id, "model_key": self.model_key.hex(),
+        })
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceBundle:
+        data = read_json(path)
+        if data.get("kind") != "fledger.device-bundle":
+            raise KeyFileError(f"{path} is not a device bundle")
+        coord = data.get("coordinator")
+        if not isinstance(coord, dict):
+            raise KeyFileError(f"{path}: coordinator section missing")
+        return cls(
+            str(data["fleet"]), str(data["device_id"]), _hex(data, "sign_seed", path),
+            CoordinatorPublic(_hex(coord, "sign_public", path), _hex(coord, "enc_public", path)),
+            str(data["model_key_id"]), _hex(data, "model_key", path),
+        )
+
+
+@dataclass
+class DeviceRecord:
+    device_id: str
+    keys: dict[str, bytes] = field(default_factory=dict)  # key id -> Ed25519 public key
+    revoked: set[str] = field(default_factory=set)
+
+
+@dataclass
+class DeviceRegistry:
+    """Public keys of the fleet's devices, as the coordinator knows them (devices.json)."""
+
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)
+
+    def add(self, device_id: str, public_key: bytes) -> str:
+        key_id = crypto.key_id_of(public_key)
+        record = self.devices.setdefault(device_id, DeviceRecord(device_id))
+        record.keys[key_id] = public_key
+        return key_id
+
+    def revoke(self, device_id: str, key_id: str) -> None:
+        record = self.devices.get(device_id)
+        if record is None or key_id not in record.keys:
+            raise KeyError(f"device {device_id!r} has no key {key_id!r}")
+        record.revoked.add(key_id)
+
+    def public_key(self, device_id: str, key_id: str) -> bytes | None:
+        """The device's active key with this id, or None if unknown or revoked."""
+        record = self.devices.get(device_id)
+        if record is None or key_id in record.revoked:
+            return None
+        return record.keys.get(key_id)
+
+    def save(self, path: Path) -> None:
+        write_secret_json(path, {
+            "kind": "fledger.device-registry",
+            "devices": {
+                d: {"keys": {k: v.hex() for k, v in r.keys.items()}, "revoked": sorted(r.revoked)}
+                for d, r in sorted(self.devices.items())
+            },
+        })
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceRegistry:
+        if not Path(path).exists():
+            return cls()
+        data = read_json(path)
+        registry = cls()
+        for device_id, entry in dict(data.get("devices", {})).items():
+            record = DeviceRecord(
+                device_id,
+                {k: bytes.fromhex(v) for k, v in dict(entry.get("keys", {})).items()},
+                set(entry.get("revoked", [])),
+            )
+            registry.devices[device_id] = record
+        return registry

@@ -1,0 +1,74 @@
+"""MQTT topic names, all under ``<prefix>/<fleet>/`` (default prefix ``fledger``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Conservative: works on every broker we target (NATS rejects '.' and spaces in topics).
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{kind} {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str
+    prefix: str = "fledger"
+
+    def __post_init__(self) -> None:
+        check_name("fleet", self.fleet)
+        check_name("topic prefix", self.prefix)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.fleet}"
+
+    @property
+    def model(self) -> str:
+        """Retained: the current signed, encrypted global model."""
+        return f"{self.base}/model/global"
+
+    def update(self, device_id: str) -> str:
+        return f"{self.base}/update/{check_name('device id', device_id)}"
+
+    @property
+    def updates(self) -> str:
+        return f"{self.base}/update/+"
+
+    @property
+    def ledger_blocks(self) -> str:
+        return f"{self.base}/ledger/blocks"
+
+    @property
+    def ledger_head(self) -> str:
+        """Retained: the latest block, so a new monitor knows the height at once."""
+        return f"{self.base}/ledger/head"
+
+    @property
+    def ledger_replay(self) -> str:
+        """Monitors publish ``{"from": N}`` here to have blocks N.. re-sent on ledger/blocks."""
+        return f"{self.base}/ledger/replay"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    def presence(self, device_id: str) -> str:
+        return f"{self.base}/presence/{check_name('device id', device_id)}"
+
+    @property
+    def presences(self) -> str:
+        return f"{self.base}/presence/+"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in an update or presence topic, or None."""
+        parts = topic.split("/")
+        base = self.base.split("/")
+        if len(parts) == len(base) + 2 and parts[: len(base)] == base and parts[-2] in ("update", "presence"):
+            return parts[-1]
+        return None
