@@ -51,8 +51,9 @@ def encode_tensors(tensors: Mapping[str, Any]) -> bytes:
         dtype_name = array.dtype.name
         if dtype_name not in _ALLOWED_DTYPES:
             raise CodecError(f"tensor {name!r}: dtype {dtype_name} is not supported on the wire")
-        wire = np.ascontiguousarray(array, dtype=_ALLOWED_DTYPES[dtype_name])
-        items.append([name, dtype_name, list(wire.shape), wire.tobytes()])
+        # astype, not ascontiguousarray (which turns 0-d tensors into 1-d); tobytes is C order.
+        wire = array.astype(_ALLOWED_DTYPES[dtype_name], copy=False)
+        items.append([name, dtype_name, list(wire.shape), wire.tobytes(order="C")])
     return msgpack.packb(
         {"codec": CODEC_NAME, "v": CODEC_VERSION, "tensors": items}, use_bin_type=True
     )
@@ -99,7 +100,7 @@ def decode_tensors(data: bytes, *, max_bytes: int | None = None) -> TensorDict:
             raise CodecError(
                 f"tensor {name!r}: {len(raw)} bytes do not match shape {shape} of {dtype_name}"
             )
-        result[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        result[name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
     return result
 
 

@@ -65,6 +65,7 @@ class MqttLink:
         self.subscriptions = list(subscriptions or [])
         self.inbox: queue.Queue[Message] = queue.Queue(maxsize=inbox_size)
         self.connected = threading.Event()
+        self.connect_count = 0  # grows on every (re)connect: the owner republishes retained state
         self._stopping = False
         self._backoff = backoff
         self._client = paho.Client(
@@ -103,6 +104,7 @@ class MqttLink:
             return
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
+        self.connect_count += 1
         self.connected.set()
         log.info("connected to %s:%s as %s", self.config.broker_host, self.config.broker_port, self.client_id)
 

@@ -1,0 +1,171 @@
+"""The coordinator daemon: the MQTT shell around :class:`coordinator.service.Coordinator`.
+
+paho's network thread only enqueues messages; this worker thread does all the checking,
+decryption, aggregation and disk writes, so a slow step never stalls the MQTT connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.rounds import RoundPolicy
+from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
+from coordinator.storage import ModelStore, Spool
+from federation.config import setting
+from federation.keys import CoordinatorKeys, DeviceRegistry
+from federation.mqtt import BrokerConfig, MqttLink
+from federation.tasks import get_task
+from federation.topics import Topics
+from ledger import Ledger, LedgerSigner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoordinatorConfig(BrokerConfig):
+    fleet: str = setting("demo", "fleet name (a topic level; letters, digits, '_' and '-')")
+    state_dir: Path = setting(Path("state/coordinator"), "directory for ledger, models and spool")
+    keys: Path = setting(Path("keys/coordinator.json"), "coordinator key file (from `fledger keys init`)")
+    devices: Path = setting(Path("keys/devices.json"), "device registry (public keys; `fledger keys add-device`)")
+    task: str = setting("california", "model/task: california, mnist, or csv")
+    csv_features: int = setting(0, "for task csv: number of feature columns of the model")
+    min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
+    quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
+    round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
+    rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
+    strategy: str = setting("fedavg", "aggregation: fedavg (weighted by samples) or mean")
+    max_update_bytes: int = setting(64 * 1024 * 1024, "largest update accepted, checked before decoding")
+    difficulty: int = setting(0, "ledger proof of work: leading zero bits per block (0: off)")
+    evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
+    seed: int = setting(0, "seed for the initial model")
+    client_id: str = setting("", "MQTT client id (default: fledger-coordinator-<fleet>)")
+
+
+def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None) -> Coordinator:
+    keys = CoordinatorKeys.load(config.keys)
+    if keys.fleet != config.fleet:
+        raise ValueError(f"key file {config.keys} is for fleet {keys.fleet!r}, not {config.fleet!r}")
+    registry = DeviceRegistry.load(config.devices)
+    state = Path(config.state_dir)
+    ledger = Ledger.open(state / "ledger.log", signer=LedgerSigner(keys.sign_seed), fleet=config.fleet,
+                         difficulty=config.difficulty)
+    task = get_task(config.task, n_features=config.csv_features or None)
+
+    def initial_model() -> dict[str, Any]:
+        import torch
+
+        torch.manual_seed(config.seed)
+        return {k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()}
+
+    if evaluate is None and config.evaluate:
+        evaluate = make_evaluator(config.task)
+    settings = CoordinatorSettings(
+        fleet=config.fleet,
+        policy=RoundPolicy(config.min_clients, min(config.quorum, config.min_clients), config.round_deadline),
+        strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
+    )
+    return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
+                       initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
+                       evaluate=evaluate, task_info={"task": config.task})
+
+
+def make_evaluator(task_name: str) -> Evaluate:
+    """Central evaluation of each new global model on the task's held-out test set."""
+    import torch
+
+    from federation.evaluation import evaluate
+    from federation.tasks import central_test_set
+
+    task = get_task(task_name)
+    test_x, test_y = central_test_set(task)
+    model = task.build_model()
+
+    def run_eval(weights: dict[str, Any]) -> dict[str, float]:
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+        return evaluate(model, test_x, test_y, task.kind)
+
+    return run_eval
+
+
+def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
+    """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
+    stop = stop or threading.Event()
+    topics = Topics(config.fleet, config.topic_prefix)
+    link = MqttLink(config, config.client_id or f"fledger-coordinator-{config.fleet}",
+                    subscriptions=[topics.updates, topics.presences, topics.ledger_replay])
+    def publish(topic: str, payload: bytes, retain: bool) -> None:
+        link.publish(topic, payload, retain=retain)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    link.start(timeout=60)
+    coordinator = build_coordinator(config, publish)
+    coordinator.start()
+    presence: dict[str, Any] = {}
+    connects = link.connect_count
+    last_tick = 0.0
+    try:
+        while not stop.is_set():
+            try:
+                message = link.inbox.get(timeout=0.5)
+            except queue.Empty:
+                message = None
+            if link.connect_count != connects:
+                # The broker may have restarted and lost retained messages: publish them again.
+                connects = link.connect_count
+                coordinator.publish_model()
+                coordinator.publish_status()
+            if message is not None:
+                if topics.device_of(message.topic) and "/update/" in message.topic:
+                    coordinator.handle_update(message.topic, message.payload)
+                elif "/presence/" in message.topic:
+                    _note_presence(presence, topics, message.topic, message.payload)
+                elif message.topic == topics.ledger_replay:
+                    _replay(coordinator, link, topics, message.payload)
+            now = time.monotonic()
+            if now - last_tick >= 0.5:
+                last_tick = now
+                coordinator.tick()
+            if coordinator.done:
+                log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
+                # Let the last publishes reach the broker before leaving.
+                link.publish(topics.status, json.dumps(coordinator.status()).encode(), retain=True, wait=10)
+                break
+            if coordinator.halted:
+                log.critical("halted: %s", coordinator.halted)
+                return 3
+    finally:
+        link.stop()
+    return 0
+
+
+def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload: bytes) -> None:
+    device = topics.device_of(topic)
+    try:
+        presence[str(device)] = json.loads(payload)
+    except ValueError:
+        log.warning("malformed presence message from %s", device)
+
+
+def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes) -> None:
+    """A monitor asked for blocks from some height: re-send them on the ledger topic."""
+    try:
+        request = json.loads(payload)
+        start = max(0, int(request.get("from", 0)))
+    except (ValueError, TypeError, AttributeError):
+        log.warning("malformed ledger replay request")
+        return
+    count = 0
+    for block in coordinator.ledger:
+        if block.index >= start:
+            link.publish(topics.ledger_blocks, block.to_bytes())
+            count += 1
+    log.info("replayed %d ledger blocks from height %d", count, start)

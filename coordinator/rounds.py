@@ -1,0 +1,82 @@
+"""The round state machine: which update may join the open round, and when it closes.
+
+Pure: no clock, network or disk; callers pass ``now``. Rejection reasons are short stable
+labels, counted by the coordinator and written to the ledger for authenticated senders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    min_clients: int = 2  # aggregate as soon as this many updates are in
+    quorum: int = 1  # after the deadline, aggregate with at least this many
+    deadline_s: float = 300.0  # seconds after the round opens; 0 disables the deadline
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1 or self.quorum < 1 or self.quorum > self.min_clients:
+            raise ValueError("need 1 <= quorum <= min_clients")
+        if self.deadline_s < 0:
+            raise ValueError("deadline must be >= 0")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    device: str
+    msg_id: bytes
+    weights_sha256: bytes
+    num_samples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundState:
+    number: int
+    opened_at: float
+    policy: RoundPolicy
+    accepted: dict[str, Accepted] = field(default_factory=dict)
+
+    def check(self, *, device: str, round_number: int, msg_id: bytes, seen: set[bytes]) -> str | None:
+        """None if an update may join this round, else the reason it may not."""
+        if msg_id in seen:
+            return "replay"
+        if round_number < self.number:
+            return "stale_round"
+        if round_number > self.number:
+            return "future_round"
+        if device in self.accepted:
+            return "duplicate_in_round"
+        return None
+
+    def accept(self, update: Accepted) -> None:
+        if update.device in self.accepted:
+            raise ValueError(f"device {update.device} already accepted in round {self.number}")
+        self.accepted[update.device] = update
+
+    def deadline_passed(self, now: float) -> bool:
+        return self.policy.deadline_s > 0 and now - self.opened_at >= self.policy.deadline_s
+
+    def ready(self, now: float) -> bool:
+        """Close when min_clients are in, or at the deadline with a quorum."""
+        count = len(self.accepted)
+        if count >= self.policy.min_clients:
+            return True
+        return self.deadline_passed(now) and count >= self.policy.quorum
+
+    def waiting_for(self) -> int:
+        return max(0, self.policy.min_clients - len(self.accepted))
+
+    def train_summary(self) -> dict[str, float]:
+        """Sample-weighted means of the participants' reported metrics."""
+        total = sum(u.num_samples for u in self.accepted.values())
+        if total == 0:
+            return {}
+        names = sorted({k for u in self.accepted.values() for k in u.metrics})
+        summary: dict[str, float] = {}
+        for name in names:
+            part = [(u.metrics[name], u.num_samples) for u in self.accepted.values() if name in u.metrics]
+            weight = sum(n for _, n in part)
+            summary[name] = sum(v * n for v, n in part) / weight
+        return summary

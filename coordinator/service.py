@@ -1,0 +1,369 @@
+"""The coordinator's core: checks updates, runs rounds, writes the ledger, publishes models.
+
+No network here: messages come in through :meth:`Coordinator.handle_update`, and everything
+the coordinator sends goes out through the ``publish(topic, payload, retain)`` callable it is
+given; the clock is passed in too. The MQTT daemon (``coordinator.daemon``) is a thin loop
+around this class, and tests drive it directly.
+
+Order of durable writes (each is the commit point of the step before it):
+accept an update:  spool file (fsync) -> ledger "update" block -> running sum in memory.
+close a round:     model file for round R+1 (fsync) -> ledger "aggregate" block -> publish.
+A restart rebuilds the open round from the ledger's accepted records and the spool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from coordinator.aggregation import Strategy, make_strategy
+from coordinator.rounds import Accepted, RoundPolicy, RoundState
+from coordinator.storage import ModelStore, Spool, StorageError
+from federation import envelope
+from federation.codec import CodecError, TensorDict, TensorSpec, check_against_spec, decode_tensors, encode_tensors
+from federation.envelope import EnvelopeError
+from federation.keys import CoordinatorKeys, DeviceRegistry
+from federation.topics import Topics
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes, bool], None]
+Evaluate = Callable[[TensorDict], dict[str, float]]
+
+
+class LedgerLike(Protocol):
+    """The part of :class:`ledger.Ledger` the coordinator uses."""
+
+    def append(self, data: dict[str, Any]) -> Any: ...
+
+    def __iter__(self) -> Any: ...
+
+    @property
+    def head(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    fleet: str
+    policy: RoundPolicy
+    strategy: str = "fedavg"
+    max_rounds: int = 0  # 0: run until stopped
+    max_update_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accepted: bool
+    reason: str
+    device: str | None = None
+    round: int | None = None
+
+
+class Coordinator:
+    def __init__(
+        self, settings: CoordinatorSettings, keys: CoordinatorKeys, registry: DeviceRegistry,
+        ledger: LedgerLike, models: ModelStore, spool: Spool, *, initial_model: Callable[[], TensorDict],
+        publish: Publish, topics: Topics, evaluate: Evaluate | None = None,
+        now: Callable[[], float] = time.time, task_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.registry = registry
+        self.ledger = ledger
+        self.models = models
+        self.spool = spool
+        self.topics = topics
+        self._initial_model = initial_model
+        self._publish = publish
+        self._evaluate = evaluate
+        self._now = now
+        self.task_info = task_info or {}
+        self.rejections: Counter[str] = Counter()
+        self.accepted_total = 0
+        self.seen_msg_ids: set[bytes] = set()
+        self.round: RoundState | None = None
+        self.global_model: TensorDict = {}
+        self.spec: TensorSpec = {}
+        self.model_message = b""
+        self.done = False
+        self.halted: str | None = None  # set when storage fails: stop accepting
+        self._strategy: Strategy | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # -- start-up and recovery ------------------------------------------------------------------
+    def start(self) -> None:
+        """Load or initialise the global model and rebuild the open round from the ledger."""
+        self.spool.check_writable()
+        blocks = list(self.ledger)
+        last_model_block = None
+        accepted_records: list[dict[str, Any]] = []
+        for block in blocks:
+            data = block.data
+            kind = data.get("type")
+            if kind == "update":
+                self.seen_msg_ids.add(_statement_field(data, "msg_id"))
+                accepted_records.append(data)
+            elif kind == "update.rejected" and isinstance(data.get("msg_id"), bytes):
+                self.seen_msg_ids.add(data["msg_id"])
+            elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
+                last_model_block = block
+        if last_model_block is None:
+            round_number = 1
+            model = self._initial_model()
+            self.models.save(round_number, model)
+            model_bytes = encode_tensors(model)
+            block = self._append({
+                "type": "model.published", "round": round_number, "initial": True,
+                "model_sha256": hashlib.sha256(model_bytes).digest(), "task": self.task_info,
+            })
+            last_model_block = block
+            log.info("initialised global model for round 1 (%d tensors)", len(model))
+        else:
+            data = last_model_block.data
+            round_number = int(data["round"]) + (1 if data["type"] == "aggregate" else 0)
+            loaded = self.models.load(round_number)
+            if loaded is None:
+                raise StorageError(2, f"ledger names the model for round {round_number} but "
+                                      f"{self.models.path(round_number)} is missing")
+            model = loaded
+            digest = hashlib.sha256(encode_tensors(model)).digest()
+            if digest != data["model_sha256"]:
+                raise StorageError(5, f"{self.models.path(round_number)} does not match the ledger's model hash")
+            log.info("resumed at round %d from %s", round_number, self.models.path(round_number))
+        self.global_model = model
+        self.spec = {n: (a.dtype.name, tuple(a.shape)) for n, a in model.items()}
+        self._model_block = last_model_block
+        self._open_round(round_number, announce=not any(
+            b.data.get("type") == "round.opened" and b.data.get("round") == round_number for b in blocks))
+        # Re-add this round's already accepted updates (their envelopes are in the spool).
+        for record in accepted_records:
+            if record.get("round") != round_number:
+                continue
+            self._restore_accepted(record)
+        if self.settings.max_rounds and round_number > self.settings.max_rounds:
+            self.done = True
+        self.publish_model()
+        self.publish_status()
+        self.maybe_close_round()
+
+    def _restore_accepted(self, record: dict[str, Any]) -> None:
+        assert self.round is not None and self._strategy is not None
+        device = str(record["device"])
+        raw = self.spool.get(self.round.number, device)
+        if raw is None:
+            raise StorageError(2, f"update of {device} for round {self.round.number} is in the ledger but "
+                                  "missing from the spool")
+        sealed = envelope.parse_update(raw, max_bytes=self.settings.max_update_bytes)
+        weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
+        self._strategy.add(weights, sealed.header.num_samples)
+        self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
+                                   sealed.header.num_samples, sealed.header.metrics))
+        log.info("restored accepted update of %s for round %d", device, self.round.number)
+
+    def _open_round(self, number: int, *, announce: bool) -> None:
+        self.round = RoundState(number, self._now(), self.settings.policy)
+        self._strategy = make_strategy(self.settings.strategy)
+        if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
+            self._append({"type": "round.opened", "round": number})
+
+    # -- ledger and publishing ------------------------------------------------------------------
+    def _append(self, data: dict[str, Any]) -> Any:
+        try:
+            block = self.ledger.append(data)
+        except OSError as exc:
+            self.halted = f"cannot write the ledger: {exc}"
+            log.critical("%s; no longer accepting updates", self.halted)
+            raise StorageError(exc.errno or 5, self.halted) from exc
+        self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
+        self._publish(self.topics.ledger_head, block.to_bytes(), True)
+        return block
+
+    def publish_model(self) -> None:
+        assert self.round is not None
+        weights = encode_tensors(self.global_model)
+        self.model_message = envelope.seal_model(
+            self.keys, self.round.number, weights, block_hash=self._model_block.hash,
+            block_index=self._model_block.index, done=self.done, info=self.task_info, now=self._now(),
+        )
+        self._publish(self.topics.model, self.model_message, True)
+
+    def status(self) -> dict[str, Any]:
+        assert self.round is not None
+        head = self.ledger.head
+        return {
+            "fleet": self.settings.fleet, "round": self.round.number,
+            "state": "halted" if self.halted else "done" if self.done else
+                     ("waiting" if self.round.waiting_for() else "aggregating"),
+            "halted": self.halted, "accepted": sorted(self.round.accepted),
+            "waiting_for": 0 if self.done else self.round.waiting_for(),
+            "min_clients": self.settings.policy.min_clients,
+            "height": head.index + 1, "head": head.hash.hex(),
+            "rejections": dict(self.rejections), "accepted_total": self.accepted_total,
+            "time": self._now(),
+        }
+
+    def publish_status(self) -> None:
+        self._publish(self.topics.status, json.dumps(self.status(), sort_keys=True).encode(), True)
+
+    # -- updates ----------------------------------------------------------------------------------
+    def _reject(self, reason: str, detail: str, *, device: str | None = None, round_number: int | None = None,
+                msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
+        self.rejections[reason] += 1
+        log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
+        if record and device is not None and not self.halted:
+            # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
+            self._append({
+                "type": "update.rejected", "device": device, "round": round_number, "reason": reason,
+                "msg_id": msg_id, "digest": hashlib.sha256(payload).digest(),
+            })
+        return Outcome(False, reason, device, round_number)
+
+    def handle_update(self, topic: str, payload: bytes) -> Outcome:
+        """Check one update message end to end; accept it into the open round or reject it.
+
+        Never raises for bad input: every failure becomes a counted rejection."""
+        try:
+            return self._handle_update(topic, payload)
+        except StorageError as exc:
+            self.halted = self.halted or str(exc)
+            return self._reject("storage_error", str(exc))
+        except Exception as exc:  # a bug must not kill the worker nor touch the model
+            log.exception("unexpected error while checking an update")
+            return self._reject("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _handle_update(self, topic: str, payload: bytes) -> Outcome:
+        assert self.round is not None and self._strategy is not None
+        if self.halted:
+            return self._reject("halted", self.halted)
+        topic_device = self.topics.device_of(topic)
+        try:
+            sealed = envelope.parse_update(payload, max_bytes=self.settings.max_update_bytes)
+        except EnvelopeError as exc:
+            return self._reject(exc.reason, exc.detail, device=topic_device)
+        header = sealed.header
+        if header.fleet != self.settings.fleet:
+            return self._reject("wrong_fleet", f"update for fleet {header.fleet!r}", device=header.device)
+        if topic_device != header.device:
+            return self._reject("topic_mismatch", f"device {header.device!r} published on {topic!r}",
+                                device=header.device)
+        public_key = self.registry.public_key(header.device, header.key_id)
+        if public_key is None:
+            known = self.registry.devices.get(header.device)
+            reason = "revoked_key" if known and header.key_id in known.revoked else "unknown_key"
+            return self._reject(reason, f"device {header.device!r} key {header.key_id!r}", device=header.device)
+        try:
+            envelope.verify_update_signature(sealed, public_key)
+        except EnvelopeError as exc:
+            return self._reject(exc.reason, exc.detail, device=header.device, round_number=header.round)
+        # From here on the sender is authenticated: rejections go to the ledger too.
+        common = {"device": header.device, "round_number": header.round, "msg_id": header.msg_id,
+                  "payload": payload, "record": True}
+        reason = self.round.check(device=header.device, round_number=header.round, msg_id=header.msg_id,
+                                  seen=self.seen_msg_ids)
+        if reason is not None:
+            # A byte-identical replay is not recorded again: it would let anyone grow the ledger.
+            return self._reject(reason, f"open round is {self.round.number}",
+                                **{**common, "record": reason != "replay"})
+        if self.done:
+            return self._reject("training_done", "the federation has finished its rounds", **common)
+        if header.num_samples <= 0:
+            return self._reject("bad_sample_count", f"num_samples={header.num_samples}", **common)
+        if not all(map(_finite, header.metrics.values())):
+            return self._reject("bad_metrics", "metrics contain NaN or Inf", **common)
+        try:
+            weights_bytes = envelope.decrypt_update(sealed, self.keys)
+            weights = decode_tensors(weights_bytes)
+            check_against_spec(weights, self.spec)
+        except EnvelopeError as exc:
+            return self._reject(exc.reason, exc.detail, **common)
+        except CodecError as exc:
+            return self._reject("bad_tensors", str(exc), **common)
+        # Persist, then commit to the ledger, then fold into the running sum.
+        self.spool.put(header.round, header.device, payload)
+        self._append({
+            "type": "update", "device": header.device, "round": header.round, "key_id": header.key_id,
+            "statement": sealed.header_bytes, "device_sig": sealed.signature,
+            "weights_sha256": header.weights_sha256, "num_samples": header.num_samples,
+            "metrics": header.metrics,
+        })
+        self.seen_msg_ids.add(header.msg_id)
+        self._strategy.add(weights, header.num_samples)
+        self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
+                                   header.metrics))
+        self.accepted_total += 1
+        log.info("accepted update from %s for round %d (%d samples); %d/%d in", header.device, header.round,
+                 header.num_samples, len(self.round.accepted), self.settings.policy.min_clients)
+        self.publish_status()
+        self.maybe_close_round()
+        return Outcome(True, "accepted", header.device, header.round)
+
+    # -- closing a round --------------------------------------------------------------------------
+    def maybe_close_round(self) -> bool:
+        """Aggregate if the open round is ready (enough updates, or deadline with quorum)."""
+        assert self.round is not None and self._strategy is not None
+        if self.done or self.halted:
+            return False
+        now = self._now()
+        if not self.round.ready(now):
+            if self.round.deadline_passed(now) and self.round.accepted:
+                pass  # below quorum: keep waiting, the status says for how many
+            return False
+        try:
+            self._close_round()
+        except StorageError as exc:
+            self.halted = str(exc)
+            log.critical("cannot persist round %d: %s; no longer accepting updates", self.round.number, exc)
+            self.publish_status()
+            return False
+        return True
+
+    def _close_round(self) -> None:
+        assert self.round is not None and self._strategy is not None
+        state = self.round
+        new_model = self._strategy.result()
+        model_bytes = encode_tensors(new_model)
+        next_round = state.number + 1
+        eval_metrics = self._evaluate(new_model) if self._evaluate else {}
+        train = state.train_summary()
+        self.models.save(next_round, new_model)
+        block = self._append({
+            "type": "aggregate", "round": state.number, "participants": sorted(state.accepted),
+            "num_samples": sum(u.num_samples for u in state.accepted.values()),
+            "model_sha256": hashlib.sha256(model_bytes).digest(), "strategy": self._strategy.name,
+            # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
+            "metrics": {**{f"clients_{k}": v for k, v in train.items()},
+                        **{f"test_{k}": v for k, v in eval_metrics.items()}},
+        })
+        self.spool.drop_round(state.number)
+        self.global_model = new_model
+        self._model_block = block
+        self.history.append(block.data)
+        log.info("round %d aggregated from %s -> block %d %s", state.number, sorted(state.accepted),
+                 block.index, block.hash.hex()[:16])
+        if self.settings.max_rounds and next_round > self.settings.max_rounds:
+            self.done = True
+        self._open_round(next_round, announce=True)
+        self.publish_model()
+        self._append({"type": "model.published", "round": next_round, "model_sha256": block.data["model_sha256"]})
+        self.publish_status()
+
+    def tick(self) -> None:
+        """Called periodically by the daemon: closes a round whose deadline passed."""
+        self.maybe_close_round()
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+def _statement_field(record: dict[str, Any], name: str) -> Any:
+    statement = msgpack.unpackb(record["statement"], raw=False)
+    return statement[name]

@@ -1,0 +1,107 @@
+"""What the coordinator keeps on disk besides the ledger.
+
+- ``models/global-RRRRRR.safetensors``: the global model that round R trains from
+  (safetensors: no pickle, so loading can never run code). Written atomically.
+- ``spool/round-RRRRRR/<device>.update``: each accepted update's envelope, written and
+  fsynced *before* its ledger block, so after a crash the open round's running sum can be
+  rebuilt from the ledger's accepted records. Removed once the round is aggregated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from federation.codec import TensorDict
+
+
+class StorageError(OSError):
+    """The coordinator cannot persist what it must; it stops accepting rather than lie."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write-then-rename with fsyncs: after a crash the file is either old or new, never torn."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+class ModelStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, round_number: int) -> Path:
+        return self.directory / f"global-{round_number:06d}.safetensors"
+
+    def save(self, round_number: int, tensors: TensorDict) -> Path:
+        path = self.path(round_number)
+        order = list(tensors)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                metadata={"fledger.round": str(round_number), "fledger.order": json.dumps(order)},
+            )
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot save model {path}: {exc.strerror or exc}") from exc
+        return path
+
+    def load(self, round_number: int) -> TensorDict | None:
+        path = self.path(round_number)
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        loaded = load_file(str(path))
+        order = json.loads(metadata.get("fledger.order", "[]")) or sorted(loaded)
+        return {name: loaded[name] for name in order}
+
+
+class Spool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _round_dir(self, round_number: int) -> Path:
+        return self.directory / f"round-{round_number:06d}"
+
+    def put(self, round_number: int, device: str, envelope: bytes) -> None:
+        atomic_write(self._round_dir(round_number) / f"{device}.update", envelope)
+
+    def get(self, round_number: int, device: str) -> bytes | None:
+        path = self._round_dir(round_number) / f"{device}.update"
+        return path.read_bytes() if path.exists() else None
+
+    def drop_round(self, round_number: int) -> None:
+        shutil.rmtree(self._round_dir(round_number), ignore_errors=True)
+
+    def check_writable(self) -> None:
+        """Fail early (at start) if the spool cannot be written."""
+        atomic_write(self.directory / ".probe", b"ok")

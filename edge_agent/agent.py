@@ -1,0 +1,183 @@
+"""The edge agent: wait for the signed global model, train on local data, send a sealed update.
+
+Local data never leaves the device: only encrypted, signed weight updates do. The MQTT link
+is passed in (see :mod:`federation.mqtt`); training runs on the main thread while paho's
+network thread keeps the connection alive and queues what arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from edge_agent.outbox import Outbox
+from edge_agent.training import evaluate, train_local
+from federation import envelope
+from federation.codec import CodecError, check_against_spec, decode_tensors, encode_tensors, spec_of
+from federation.envelope import EnvelopeError, ModelHeader
+from federation.keys import DeviceBundle
+from federation.mqtt import Message
+from federation.tasks import LocalData, Task
+from federation.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Link(Protocol):
+    inbox: queue.Queue[Message]
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
+                wait: float | None = None) -> bool: ...
+
+
+@dataclass
+class AgentSettings:
+    resend_interval_s: float = 20.0
+    heartbeat_s: float = 15.0
+    max_model_bytes: int = 256 * 1024 * 1024
+    exit_when_done: bool = True
+    seed: int = 0
+
+
+class EdgeAgent:
+    def __init__(
+        self, bundle: DeviceBundle, task: Task, data: LocalData, link: Link, topics: Topics,
+        state_dir: Path, settings: AgentSettings | None = None, now: Callable[[], float] = time.time,
+    ) -> None:
+        self.bundle = bundle
+        self.task = task
+        self.data = data
+        self.link = link
+        self.topics = topics
+        self.settings = settings or AgentSettings()
+        self.outbox = Outbox(Path(state_dir) / "outbox")
+        self.state_dir = Path(state_dir)
+        self._now = now
+        self.model = task.build_model()
+        self.spec = spec_of(self.model.state_dict())
+        self.latest: tuple[ModelHeader, bytes] | None = None
+        self.trained_rounds: list[int] = []
+        self.status: dict[str, Any] = {}
+        self.refused_models = 0
+        self._last_send: dict[int, float] = {}
+        self._last_heartbeat = 0.0
+        self.done = False
+
+    # -- inbound ---------------------------------------------------------------------------------
+    def _on_message(self, message: Message) -> None:
+        if message.topic == self.topics.model:
+            self._on_model(message.payload)
+        elif message.topic == self.topics.status:
+            try:
+                status = json.loads(message.payload)
+                if isinstance(status, dict):
+                    self.status = status
+            except ValueError:
+                log.warning("ignored a malformed status message")
+        # Anything else (amqtt may deliver retained messages of other topics) is ignored.
+
+    def _on_model(self, payload: bytes) -> None:
+        try:
+            header, weights = envelope.open_model(payload, self.bundle, max_bytes=self.settings.max_model_bytes)
+            check_against_spec(decode_tensors(weights), self.spec)
+        except (EnvelopeError, CodecError) as exc:
+            self.refused_models += 1
+            log.error("refused a global model: %s", exc)
+            return
+        if self.latest is None or header.round >= self.latest[0].round:
+            self.latest = (header, weights)
+
+    def drain(self, timeout: float) -> None:
+        """Handle everything queued, waiting up to ``timeout`` for the first message."""
+        try:
+            message = self.link.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._on_message(message)
+        while True:
+            try:
+                self._on_message(self.link.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    # -- one step of the loop --------------------------------------------------------------------
+    def step(self, timeout: float = 1.0) -> None:
+        self.drain(timeout)
+        self._heartbeat()
+        if self.latest is None:
+            return
+        header, weights = self.latest
+        dropped = self.outbox.drop_before(header.round)
+        if dropped:
+            log.info("rounds %s closed; removed their updates from the outbox", dropped)
+        if header.done:
+            if not self.done:
+                log.info("the coordinator finished training at round %d", header.round)
+            self.done = True
+            return
+        if self.outbox.get(header.round) is None and header.round not in self.trained_rounds:
+            self._train_round(header, weights)
+        self._resend_if_needed(header.round)
+
+    def _train_round(self, header: ModelHeader, weights: bytes) -> None:
+        round_number = header.round
+        state = {name: torch.from_numpy(array.copy()) for name, array in decode_tensors(weights).items()}
+        self.model.load_state_dict(state)
+        hp = self.task.hyperparameters
+        global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
+        result = train_local(self.model, self.data.train_x, self.data.train_y, kind=self.task.kind,
+                             epochs=hp.local_epochs, optimizer=hp.optimizer, lr=hp.lr,
+                             batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number)
+        local_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
+        metrics = {"train_loss": result.train_loss, "train_seconds": result.seconds,
+                   **{f"test_{k}": v for k, v in local_metrics.items()},
+                   **{f"global_test_{k}": v for k, v in global_metrics.items()}}
+        payload = envelope.seal_update(self.bundle, round_number, encode_tensors(self.model.state_dict()),
+                                       result.num_samples, metrics)
+        self.outbox.put(round_number, payload)  # durable before it is sent
+        self.trained_rounds.append(round_number)
+        log.info("round %d: trained on %d samples in %.1fs, loss %.4f, %s", round_number, result.num_samples,
+                 result.seconds, result.train_loss,
+                 ", ".join(f"{k} {v:.4f}" for k, v in local_metrics.items()))
+        self._send(round_number, payload)
+
+    def _send(self, round_number: int, payload: bytes) -> None:
+        self.link.publish(self.topics.update(self.bundle.device_id), payload, qos=1)
+        self._last_send[round_number] = self._now()
+
+    def _resend_if_needed(self, round_number: int) -> None:
+        payload = self.outbox.get(round_number)
+        if payload is None:
+            return
+        if self.status.get("round") == round_number and self.bundle.device_id in self.status.get("accepted", []):
+            self.outbox.remove(round_number)
+            log.info("round %d: the coordinator accepted our update", round_number)
+            return
+        last = self._last_send.get(round_number)
+        if last is None or self._now() - last >= self.settings.resend_interval_s:
+            if last is not None:
+                log.info("round %d: no acknowledgement yet; resending our update", round_number)
+            self._send(round_number, payload)
+
+    def _heartbeat(self) -> None:
+        now = self._now()
+        if now - self._last_heartbeat < self.settings.heartbeat_s:
+            return
+        self._last_heartbeat = now
+        body = {"device": self.bundle.device_id, "state": "online", "time": now,
+                "round": self.latest[0].round if self.latest else None}
+        self.link.publish(self.topics.presence(self.bundle.device_id), json.dumps(body).encode(), retain=True)
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        while not stop():
+            self.step()
+            if self.done and self.settings.exit_when_done:
+                return

@@ -1,0 +1,83 @@
+"""The edge agent service: configuration, data loading and the MQTT link around EdgeAgent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edge_agent.agent import AgentSettings, EdgeAgent
+from federation.config import ConfigError, setting
+from federation.keys import DeviceBundle
+from federation.mqtt import BrokerConfig, MqttLink
+from federation.tasks import get_task
+from federation.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig(BrokerConfig):
+    bundle: Path = setting(Path("keys/device.json"), "this device's key bundle (from `fledger keys add-device`)")
+    task: str = setting("california", "task: california, mnist, or csv (your own file, see --data)")
+    data: Path | None = setting(None, "for task csv: path of the local CSV file")
+    target: str | None = setting(None, "for task csv: name of the target column")
+    shard: str = setting("0/1", "which IID part of the data set this device holds, as i/n (demo data)")
+    limit: int = setting(0, "use at most this many training samples (0: all; for quick tests)")
+    state_dir: Path = setting(Path("state/agent"), "directory for the outbox and the scaler")
+    threads: int = setting(1, "torch threads (several agents on one machine compete for cores)")
+    seed: int = setting(0, "seed for local training")
+    resend_interval: float = setting(20.0, "seconds before an unacknowledged update is sent again")
+    heartbeat: float = setting(15.0, "seconds between presence heartbeats")
+    exit_when_done: bool = setting(True, "exit once the coordinator says training is finished")
+    client_id: str = setting("", "MQTT client id (default: fledger-agent-<device>)")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {text}: need 0 <= i < n")
+    return index, count
+
+
+def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
+    stop = stop or threading.Event()
+    torch.set_num_threads(max(1, config.threads))
+    bundle = DeviceBundle.load(config.bundle)
+    shard, num_shards = parse_shard(config.shard)
+    options = {"path": config.data, "target": config.target} if config.task == "csv" else {}
+    task = get_task(config.task, **options)
+    data = task.load(shard, num_shards, seed=0, limit=config.limit or None)
+    state_dir = Path(config.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if data.scaler is not None:
+        # Kept so that predictions can be mapped back to the original units.
+        (state_dir / "scaler.json").write_text(json.dumps(data.scaler, indent=2))
+    log.info("device %s: task %s, shard %d/%d, %d train / %d test samples", bundle.device_id, task.name,
+             shard, num_shards, len(data.train_y), len(data.test_y))
+    topics = Topics(bundle.fleet, config.topic_prefix)
+    offline = json.dumps({"device": bundle.device_id, "state": "offline"}).encode()
+    link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",
+                    subscriptions=[topics.model, topics.status],
+                    will=(topics.presence(bundle.device_id), offline, True))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    link.start(timeout=120)
+    agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
+                      AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
+                                    exit_when_done=config.exit_when_done, seed=config.seed))
+    try:
+        agent.run(stop=stop.is_set)
+        link.publish(topics.presence(bundle.device_id), offline, retain=True, wait=5)
+    finally:
+        link.stop()
+    log.info("device %s: stopped after rounds %s", bundle.device_id, agent.trained_rounds)
+    return 0
