@@ -1,0 +1,468 @@
+"""Chunking: carry messages larger than a broker's packet limit as a series of frames.
+
+Pure: no MQTT in here. The sender calls :func:`split` (or :func:`retained_topics` for a
+retained message) and publishes the frames; the receiver passes every payload it gets to
+:meth:`Reassembler.feed` and acts on the whole messages it returns. See "Chunking" in
+docs/protocol.md for the wire format.
+
+Why: many brokers cap a message (EMQX 1 MB by default, AWS IoT 128 KB, mosquitto 2.1 2 MB)
+and paho ignores the cap: an oversized QoS 1 publish "succeeds", the broker drops the
+connection and paho re-sends it after every reconnect, for ever. So a sender must stay
+below the limit itself.
+
+Every frame starts with ``FLC1`` (magic + version) and a kind byte:
+
+- ``W`` whole: the rest is the message (it fitted in one frame);
+- ``C`` chunk: u16 big-endian header length, msgpack header, chunk bytes;
+- ``M`` manifest: u16 header length, msgpack header (no data); names the current message of
+  a retained topic whose chunks live on ``<base>/chunk/<i>``.
+
+Chunk header: ``{"id": 16 random bytes, "i": index, "n": count, "cs": chunk size,
+"size": total bytes, "sha256": of the whole message}``; the manifest has the same fields
+without ``i``. Every chunk carries the whole description, so chunks may arrive in any order
+and the first one seen is enough to reject a transfer that is too large or over budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+MAGIC = b"FLC"
+VERSION = b"1"
+PREFIX = MAGIC + VERSION
+KIND_WHOLE = b"W"
+KIND_CHUNK = b"C"
+KIND_MANIFEST = b"M"
+ID_BYTES = 16
+MAX_HEADER_BYTES = 256
+_LEN = struct.Struct(">H")
+WHOLE_OVERHEAD = len(PREFIX) + 1  # b"FLC1W"
+_CHUNK_PREFIX = len(PREFIX) + 1 + _LEN.size  # b"FLC1C" + u16
+MIN_MAX_PAYLOAD = 256  # below this the header would eat most of every frame
+
+CHUNK_TOPIC = re.compile(r"^(?P<base>.+)/chunk/(?P<index>0|[1-9][0-9]{0,8})$")
+
+# Error reasons (ChunkError.reason), each counted in Reassembler.errors.
+MALFORMED = "malformed"
+UNSUPPORTED_VERSION = "unsupported_version"
+TOO_LARGE = "too_large"
+DIGEST_MISMATCH = "digest_mismatch"
+INCONSISTENT = "inconsistent"
+TIMEOUT = "timeout"
+OVER_BUDGET = "over_budget"
+REASONS = (MALFORMED, UNSUPPORTED_VERSION, TOO_LARGE, DIGEST_MISMATCH, INCONSISTENT, TIMEOUT, OVER_BUDGET)
+
+
+class ChunkError(ValueError):
+    """A frame (or a partial message) was rejected; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str, key: str | None = None) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+        self.key = key
+
+    def __str__(self) -> str:
+        where = f" on {self.key}" if self.key is not None else ""
+        return f"chunk {self.reason}{where}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Header:
+    """The description every chunk (and the manifest) carries; ``index`` is -1 for a manifest."""
+
+    id: bytes
+    count: int
+    chunk_size: int
+    size: int
+    sha256: bytes
+    index: int = -1
+
+    def to_map(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id}
+        if self.index >= 0:
+            out["i"] = self.index
+        out.update({"n": self.count, "cs": self.chunk_size, "size": self.size, "sha256": self.sha256})
+        return out
+
+    def same_message(self, other: Header) -> bool:
+        return (self.id, self.count, self.chunk_size, self.size, self.sha256) == (
+            other.id, other.count, other.chunk_size, other.size, other.sha256)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A parsed frame: ``kind`` is ``"whole"``, ``"chunk"``, ``"manifest"`` or ``"unframed"``."""
+
+    kind: str
+    data: bytes
+    header: Header | None = None
+
+
+# -- sending ------------------------------------------------------------------------------------
+
+def _pack_header(header: Header) -> bytes:
+    return msgpack.packb(header.to_map(), use_bin_type=True)
+
+
+def _chunk_size(size: int, max_payload: int) -> int:
+    # msgpack ints grow with their value, so a header with every number set to ``size`` is at
+    # least as long as any real header of this message: every frame then fits max_payload.
+    worst = Header(b"\0" * ID_BYTES, size, size, size, b"\0" * 32, size)
+    return max_payload - _CHUNK_PREFIX - len(_pack_header(worst))
+
+
+def _check_max_payload(max_payload: int) -> None:
+    if max_payload < MIN_MAX_PAYLOAD:
+        raise ValueError(f"max_payload {max_payload} is below the minimum of {MIN_MAX_PAYLOAD} bytes")
+
+
+def chunk_count(size: int, max_payload: int) -> int:
+    """How many frames :func:`split` makes of a ``size``-byte message (1 = a whole frame)."""
+    _check_max_payload(max_payload)
+    if size + WHOLE_OVERHEAD <= max_payload:
+        return 1
+    return -(-size // _chunk_size(size, max_payload))
+
+
+def split(message: bytes, max_payload: int, *, message_id: bytes | None = None) -> list[bytes]:
+    """Frames for ``message``, each at most ``max_payload`` bytes.
+
+    A message that fits (with the 5-byte ``FLC1W`` prefix) is one whole frame; a larger one
+    becomes chunk frames sharing a fresh random 16-byte id. Publish them in order, QoS 1, on
+    one topic (or use :func:`retained_topics` for a retained message). ``max_payload`` must
+    leave room for the MQTT header and topic below the broker's packet limit (limit - 1024 is
+    a safe choice).
+    """
+    _check_max_payload(max_payload)
+    size = len(message)
+    if size + WHOLE_OVERHEAD <= max_payload:
+        return [PREFIX + KIND_WHOLE + bytes(message)]
+    cs = _chunk_size(size, max_payload)
+    count = -(-size // cs)
+    ident = message_id if message_id is not None else os.urandom(ID_BYTES)
+    if len(ident) != ID_BYTES:
+        raise ValueError(f"message_id must be {ID_BYTES} bytes")
+    digest = hashlib.sha256(message).digest()
+    view = memoryview(message)
+    frames = []
+    for i in range(count):
+        head = _pack_header(Header(ident, count, cs, size, digest, i))
+        frames.append(b"".join((PREFIX, KIND_CHUNK, _LEN.pack(len(head)), head, view[i * cs:(i + 1) * cs])))
+    return frames
+
+
+def manifest_frame(header: Header) -> bytes:
+    """The manifest frame for a chunked message described by ``header`` (its index is ignored)."""
+    head = _pack_header(Header(header.id, header.count, header.chunk_size, header.size, header.sha256))
+    return b"".join((PREFIX, KIND_MANIFEST, _LEN.pack(len(head)), head))
+
+
+def chunk_topic(base_topic: str, index: int) -> str:
+    return f"{base_topic}/chunk/{index}"
+
+
+def stream_key(topic: str) -> str:
+    """The stream a topic belongs to: ``<base>/chunk/<i>`` -> ``<base>``; any other topic itself."""
+    match = CHUNK_TOPIC.match(topic)
+    return match.group("base") if match else topic
+
+
+def retained_topics(base_topic: str, frames: Sequence[bytes], previous_count: int = 0) -> list[tuple[str, bytes]]:
+    """Where to publish the frames of a *retained* message, in this order, all retained, QoS 1.
+
+    Retained messages on one topic overwrite each other, so chunk ``i`` goes to
+    ``<base>/chunk/<i>`` and a manifest (id, n, cs, size, sha256) to ``<base>``, published
+    last. A whole frame goes to ``<base>`` itself. Chunk topics ``n .. previous_count-1``,
+    left over from an earlier, larger message, are deleted (empty retained payload); pass the
+    frame count of the previous message, or after a restart an upper bound such as
+    ``chunk_count(max_message_bytes, max_payload)`` (deleting a topic that holds nothing is
+    harmless).
+    """
+    if not frames:
+        raise ValueError("no frames")
+    first = parse_frame(frames[0])
+    out: list[tuple[str, bytes]] = []
+    if first.kind == "whole" and len(frames) == 1:
+        count = 0
+        tail = (base_topic, bytes(frames[0]))
+    elif first.kind == "chunk" and first.header is not None and len(frames) == first.header.count:
+        count = first.header.count
+        out = [(chunk_topic(base_topic, i), bytes(frame)) for i, frame in enumerate(frames)]
+        tail = (base_topic, manifest_frame(first.header))
+    else:
+        raise ValueError("frames must be the output of split()")
+    out += [(chunk_topic(base_topic, i), b"") for i in range(count, previous_count)]
+    out.append(tail)
+    return out
+
+
+# -- receiving ----------------------------------------------------------------------------------
+
+def _int_field(head: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = head.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ChunkError(MALFORMED, f"header field {name!r} missing or out of range")
+    return value
+
+
+def _bytes_field(head: dict[str, Any], name: str, length: int) -> bytes:
+    value = head.get(name)
+    if not isinstance(value, bytes) or len(value) != length:
+        raise ChunkError(MALFORMED, f"header field {name!r} must be {length} bytes")
+    return value
+
+
+def _parse_header(frame: bytes, manifest: bool) -> tuple[Header, int]:
+    if len(frame) < _CHUNK_PREFIX:
+        raise ChunkError(MALFORMED, "frame too short")
+    (hlen,) = _LEN.unpack_from(frame, len(PREFIX) + 1)
+    start = _CHUNK_PREFIX
+    if hlen > MAX_HEADER_BYTES or start + hlen > len(frame):
+        raise ChunkError(MALFORMED, f"bad header length {hlen}")
+    try:
+        head = msgpack.unpackb(frame[start:start + hlen], raw=False, strict_map_key=True, max_map_len=8,
+                               max_array_len=0, max_str_len=16, max_bin_len=64, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types; all mean the same here
+        raise ChunkError(MALFORMED, f"header is not msgpack ({type(exc).__name__})") from None
+    expected = {"id", "n", "cs", "size", "sha256"} | (set() if manifest else {"i"})
+    if not isinstance(head, dict) or set(head) != expected:
+        raise ChunkError(MALFORMED, "header must be a map with exactly " + ", ".join(sorted(expected)))
+    size = _int_field(head, "size", 1, 2**62)
+    cs = _int_field(head, "cs", 1, 2**62)
+    count = _int_field(head, "n", 1, 2**32)
+    if count != -(-size // cs):
+        raise ChunkError(MALFORMED, f"n={count} does not match size={size} / cs={cs}")
+    index = -1 if manifest else _int_field(head, "i", 0, count - 1)
+    header = Header(_bytes_field(head, "id", ID_BYTES), count, cs, size, _bytes_field(head, "sha256", 32), index)
+    return header, start + hlen
+
+
+def parse_frame(frame: bytes) -> Frame:
+    """Parse one payload. Anything not starting with ``FLC`` is an ``unframed`` legacy payload."""
+    if frame[:len(MAGIC)] != MAGIC:
+        return Frame("unframed", bytes(frame))
+    if frame[len(MAGIC):len(PREFIX)] != VERSION:
+        version = bytes(frame[len(MAGIC):len(PREFIX)])
+        raise ChunkError(UNSUPPORTED_VERSION, f"frame version {version!r}, expected {VERSION!r}")
+    kind = frame[len(PREFIX):len(PREFIX) + 1]
+    if kind == KIND_WHOLE:
+        return Frame("whole", bytes(frame[WHOLE_OVERHEAD:]))
+    if kind == KIND_MANIFEST:
+        header, end = _parse_header(frame, manifest=True)
+        if end != len(frame):
+            raise ChunkError(MALFORMED, "manifest carries data")
+        return Frame("manifest", b"", header)
+    if kind == KIND_CHUNK:
+        header, end = _parse_header(frame, manifest=False)
+        data = bytes(frame[end:])
+        last = header.size - header.chunk_size * (header.count - 1)
+        want = header.chunk_size if header.index < header.count - 1 else last
+        if len(data) != want:
+            raise ChunkError(MALFORMED, f"chunk {header.index} has {len(data)} bytes, expected {want}")
+        return Frame("chunk", data, header)
+    raise ChunkError(MALFORMED, f"unknown frame kind {bytes(kind)!r}")
+
+
+@dataclass
+class _Transfer:
+    key: str
+    header: Header
+    started: float
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    received: int = 0
+
+
+class Reassembler:
+    """Rebuilds chunked messages with bounded memory. Thread-safe.
+
+    - ``max_bytes_in_flight``: the declared sizes of all partial messages together never
+      exceed this; a transfer that would go over is refused at its first frame (``over_budget``).
+    - ``max_message_bytes``: a declared size above it is refused at the first frame, before
+      anything is buffered (``too_large``); whole and unframed payloads are held to it too.
+    - ``timeout_s``: a partial message older than this (since its first frame) is dropped
+      (``timeout``) by :meth:`expire`, which :meth:`feed` also runs.
+    - ``max_transfers_per_key``: partial messages kept per stream; a new one beyond it drops
+      the oldest of that stream (counted as ``superseded`` in :attr:`events`).
+    - ``accept_unframed``: pass payloads without the ``FLC`` magic through unchanged (peers
+      that predate chunking); otherwise they are ``malformed``.
+
+    Duplicate chunks are ignored, chunks may come in any order, and ids of recently finished
+    (or failed) messages are remembered, so a QoS 1 redelivery after completion neither
+    delivers the message twice nor starts a transfer that can only time out.
+    """
+
+    def __init__(
+        self, max_bytes_in_flight: int, max_message_bytes: int, timeout_s: float,
+        now: Callable[[], float] = time.monotonic, *, max_transfers_per_key: int = 2,
+        accept_unframed: bool = True, remember_ids: int = 4096,
+    ) -> None:
+        if max_bytes_in_flight <= 0 or max_message_bytes <= 0 or timeout_s <= 0 or max_transfers_per_key <= 0:
+            raise ValueError("limits and timeout must be positive")
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.max_message_bytes = max_message_bytes
+        self.timeout_s = timeout_s
+        self.now = now
+        self.max_transfers_per_key = max_transfers_per_key
+        self.accept_unframed = accept_unframed
+        self.remember_ids = remember_ids
+        self.errors: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        self._transfers: dict[tuple[str, bytes], _Transfer] = {}  # insertion order = start order
+        # ids no longer in progress -> "done" / "failed" / "refused": later frames are ignored
+        self._finished: OrderedDict[tuple[str, bytes], str] = OrderedDict()
+        self._reserved = 0
+        self._lock = threading.Lock()
+
+    # -- introspection ----------------------------------------------------------------------
+    @property
+    def bytes_in_flight(self) -> int:
+        """Declared sizes of the partial messages held (what the budget counts)."""
+        return self._reserved
+
+    @property
+    def bytes_buffered(self) -> int:
+        """Chunk bytes actually held (never more than :attr:`bytes_in_flight`)."""
+        with self._lock:
+            return sum(t.received for t in self._transfers.values())
+
+    @property
+    def partial_count(self) -> int:
+        return len(self._transfers)
+
+    # -- API --------------------------------------------------------------------------------
+    def feed(self, key: str, frame: bytes) -> bytes | None:
+        """Take one received payload; return a whole message when one is complete, else None.
+
+        ``key`` is the topic it arrived on (``<base>/chunk/<i>`` is mapped to ``<base>``, see
+        :func:`stream_key`), so streams of different senders never mix. An empty payload (a
+        deleted retained chunk) is ignored. Raises :class:`ChunkError` for a bad frame; the
+        error is counted in :attr:`errors` by reason.
+        """
+        key = stream_key(key)
+        with self._lock:
+            self._expire_locked()
+            try:
+                return self._feed_locked(key, frame)
+            except ChunkError as exc:
+                exc.key = key
+                self.errors[exc.reason] += 1
+                raise
+
+    def expire(self) -> list[ChunkError]:
+        """Drop partial messages older than ``timeout_s``; return one ``timeout`` error each."""
+        with self._lock:
+            return self._expire_locked()
+
+    # -- internals --------------------------------------------------------------------------
+    def _expire_locked(self) -> list[ChunkError]:
+        dropped: list[ChunkError] = []
+        cutoff = self.now() - self.timeout_s
+        for tid, transfer in list(self._transfers.items()):
+            if transfer.started > cutoff:
+                break  # later transfers started later
+            self._drop(tid, "failed")
+            missing = transfer.header.count - len(transfer.chunks)
+            dropped.append(ChunkError(
+                TIMEOUT, f"message {transfer.header.id.hex()[:8]} incomplete after {self.timeout_s:g}s "
+                f"({missing} of {transfer.header.count} chunks missing)", transfer.key))
+            self.errors[TIMEOUT] += 1
+        return dropped
+
+    def _drop(self, tid: tuple[str, bytes], outcome: str) -> None:
+        transfer = self._transfers.pop(tid)
+        self._reserved -= transfer.header.size
+        self._remember(tid, outcome)
+
+    def _remember(self, tid: tuple[str, bytes], outcome: str) -> None:
+        self._finished[tid] = outcome
+        self._finished.move_to_end(tid)
+        while len(self._finished) > self.remember_ids:
+            self._finished.popitem(last=False)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_message_bytes:
+            raise ChunkError(TOO_LARGE, f"message of {size} bytes exceeds the limit of {self.max_message_bytes}")
+
+    def _feed_locked(self, key: str, frame: bytes) -> bytes | None:
+        if len(frame) == 0:
+            self.events["empty"] += 1
+            return None
+        parsed = parse_frame(frame)
+        if parsed.kind in ("whole", "unframed"):
+            if parsed.kind == "unframed" and not self.accept_unframed:
+                raise ChunkError(MALFORMED, "payload is not a chunking frame (no FLC1 magic)")
+            self._check_size(len(parsed.data))
+            self.events[parsed.kind] += 1
+            return parsed.data
+        header = parsed.header
+        assert header is not None
+        tid = (key, header.id)
+        outcome = self._finished.get(tid)
+        if outcome is not None:
+            self.events[f"ignored_{outcome}"] += 1  # e.g. a QoS 1 redelivery after completion
+            return None
+        transfer = self._transfers.get(tid)
+        if transfer is None:
+            try:
+                transfer = self._start(key, header)
+            except ChunkError:
+                self._remember(tid, "refused")  # its other chunks are ignored, not counted again
+                raise
+        elif not transfer.header.same_message(header):
+            raise ChunkError(INCONSISTENT, f"header of message {header.id.hex()[:8]} differs from its earlier chunks")
+        if parsed.kind == "manifest":
+            self.events["manifest"] += 1
+            # Chunks precede their manifest: partial messages of other ids on this stream are stale.
+            for other in [t for t in self._transfers if t[0] == key and t != tid]:
+                self._drop(other, "failed")
+                self.events["superseded"] += 1
+            return None
+        previous = transfer.chunks.get(header.index)
+        if previous is not None:
+            if previous != parsed.data:
+                raise ChunkError(INCONSISTENT, f"chunk {header.index} of message {header.id.hex()[:8]} "
+                                               "arrived twice with different bytes")
+            self.events["duplicate"] += 1
+            return None
+        transfer.chunks[header.index] = parsed.data
+        transfer.received += len(parsed.data)
+        self.events["chunks"] += 1
+        if len(transfer.chunks) < header.count:
+            return None
+        message = b"".join(transfer.chunks[i] for i in range(header.count))
+        transfer.chunks.clear()
+        ok = hashlib.sha256(message).digest() == header.sha256
+        self._drop(tid, "done" if ok else "failed")
+        if not ok:
+            raise ChunkError(DIGEST_MISMATCH, f"message {header.id.hex()[:8]} ({header.size} bytes, "
+                                              f"{header.count} chunks) does not match its SHA-256")
+        self.events["completed"] += 1
+        return message
+
+    def _start(self, key: str, header: Header) -> _Transfer:
+        self._check_size(header.size)
+        same_key = [t for t in self._transfers if t[0] == key]
+        superseded = same_key[:max(0, len(same_key) - self.max_transfers_per_key + 1)]
+        freed = sum(self._transfers[t].header.size for t in superseded)
+        if self._reserved - freed + header.size > self.max_bytes_in_flight:
+            raise ChunkError(OVER_BUDGET, f"message of {header.size} bytes would exceed the reassembly budget "
+                                          f"({self._reserved} of {self.max_bytes_in_flight} bytes in use)")
+        for old in superseded:  # the sender gave up on those (e.g. it restarted): keep the newest
+            self._drop(old, "failed")
+            self.events["superseded"] += 1
+        transfer = _Transfer(key, header, self.now())
+        self._transfers[(key, header.id)] = transfer
+        self._reserved += header.size
+        return transfer
