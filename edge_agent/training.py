@@ -1,0 +1,151 @@
+"""Local training and evaluation on an edge device."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from federation.tasks import Kind, LocalData
+
+KINDS = ("regression", "classification")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    train_loss: float  # mean loss over the samples of the last epoch
+    num_samples: int
+    seconds: float
+
+
+def _check_kind(kind: str | None) -> Kind:
+    if kind == "regression":
+        return "regression"
+    if kind == "classification":
+        return "classification"
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _loss_fn(kind: Kind) -> nn.Module:
+    return nn.MSELoss() if kind == "regression" else nn.CrossEntropyLoss()
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, kind: Kind) -> torch.Tensor:
+    out: torch.Tensor = model(x)
+    if kind == "regression" and out.ndim == 2 and out.shape[1] == 1:
+        out = out.squeeze(1)
+    return out
+
+
+def _make_optimizer(model: nn.Module, optimizer: str, lr: float) -> torch.optim.Optimizer:
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+
+
+def train_local(
+    model: nn.Module,
+    data: LocalData | torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    epochs: int,
+    optimizer: str,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    kind: str | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes over the training data.
+
+    ``data`` is either a :class:`LocalData` (its train part and kind are used) or the training
+    inputs, with the targets in ``y`` and ``kind`` given. Mini-batches are shuffled with a
+    generator seeded by ``seed``, so the result is reproducible. Raises
+    :class:`TrainingDivergedError` if the loss becomes NaN/Inf.
+    """
+    if isinstance(data, LocalData):
+        if y is not None:
+            raise TypeError("give either LocalData or (x, y), not both")
+        x, targets, task_kind = data.train_x, data.train_y, _check_kind(kind or data.kind)
+    else:
+        if y is None:
+            raise TypeError("train_local(model, x, y, kind=...): y is missing")
+        x, targets, task_kind = data, y, _check_kind(kind)
+    n = len(x)
+    if n == 0 or len(targets) != n:
+        raise ValueError(f"need a non-empty training set with as many targets as inputs, got {n} and {len(targets)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if task_kind == "regression":
+        targets = targets.to(torch.float32)
+    opt = _make_optimizer(model, optimizer, lr)
+    loss_fn = _loss_fn(task_kind)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.train()
+    start = time.perf_counter()
+    epoch_loss = math.nan
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for begin in range(0, n, batch_size):
+                batch = order[begin:begin + batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(_outputs(model, x[batch], task_kind), targets[batch])
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"training loss became {value} at epoch {epoch + 1}, batch {begin // batch_size + 1} "
+                        f"(optimizer {optimizer}, lr {lr}); lower the learning rate or check the data")
+                loss.backward()
+                opt.step()
+                total += value * len(batch)
+            epoch_loss = total / n
+    finally:
+        model.train(was_training)
+    return TrainResult(train_loss=epoch_loss, num_samples=n, seconds=time.perf_counter() - start)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
+             batch_size: int = 1024) -> dict[str, float]:
+    """Metrics of ``model`` on (x, y), batched to bound memory.
+
+    Regression: ``{"mse": ...}`` (in the units of ``y``, i.e. the standardised target);
+    classification: ``{"accuracy": ..., "loss": ...}`` (fraction correct, mean cross-entropy).
+    """
+    task_kind = _check_kind(kind)
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise ValueError(f"need a non-empty evaluation set with as many targets as inputs, got {n} and {len(y)}")
+    was_training = model.training
+    model.eval()
+    squared = 0.0
+    loss_sum = 0.0
+    correct = 0
+    try:
+        with torch.no_grad():
+            for begin in range(0, n, batch_size):
+                xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
+                out = _outputs(model, xb, task_kind)
+                if task_kind == "regression":
+                    squared += float(((out - yb.to(out.dtype)) ** 2).sum())
+                else:
+                    loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+                    correct += int((out.argmax(dim=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    if task_kind == "regression":
+        return {"mse": squared / n}
+    return {"accuracy": correct / n, "loss": loss_sum / n}
