@@ -409,6 +409,13 @@ class Reassembler:
         header = parsed.header
         assert header is not None
         tid = (key, header.id)
+        if parsed.kind == "manifest":
+            self.events["manifest"] += 1
+            # A sender publishes a message's chunks before its manifest, so partial messages of
+            # other ids on this stream are stale (an older retained model): free them now.
+            for other in [t for t in self._transfers if t[0] == key and t != tid]:
+                self._drop(other, "failed")
+                self.events["superseded"] += 1
         outcome = self._finished.get(tid)
         if outcome is not None:
             self.events[f"ignored_{outcome}"] += 1  # e.g. a QoS 1 redelivery after completion
@@ -423,12 +430,7 @@ class Reassembler:
         elif not transfer.header.same_message(header):
             raise ChunkError(INCONSISTENT, f"header of message {header.id.hex()[:8]} differs from its earlier chunks")
         if parsed.kind == "manifest":
-            self.events["manifest"] += 1
-            # Chunks precede their manifest: partial messages of other ids on this stream are stale.
-            for other in [t for t in self._transfers if t[0] == key and t != tid]:
-                self._drop(other, "failed")
-                self.events["superseded"] += 1
-            return None
+            return None  # the transfer now exists: if its chunks never come, it times out
         previous = transfer.chunks.get(header.index)
         if previous is not None:
             if previous != parsed.data:

@@ -1,0 +1,493 @@
+"""Chunking: pure tests of split/Reassembler, and a real mosquitto with a small max_packet_size."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from federation.chunking import (
+    MIN_MAX_PAYLOAD,
+    ChunkError,
+    Header,
+    Reassembler,
+    chunk_count,
+    chunk_topic,
+    parse_frame,
+    retained_topics,
+    split,
+    stream_key,
+)
+from tests.conftest import Mosquitto
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(budget: int = 10 << 20, limit: int = 8 << 20, timeout: float = 30.0,
+         clock: Callable[[], float] | None = None, **kw: int | bool) -> Reassembler:
+    return Reassembler(budget, limit, timeout, clock or Clock(), **kw)  # type: ignore[arg-type]
+
+
+def feed_all(r: Reassembler, key: str, frames: list[bytes]) -> list[bytes]:
+    return [out for frame in frames if (out := r.feed(key, frame)) is not None]
+
+
+def reason_of(call: Callable[[], object]) -> str:
+    with pytest.raises(ChunkError) as info:
+        call()
+    return info.value.reason
+
+
+def chunk_data_offset(frame: bytes) -> int:
+    return 7 + int.from_bytes(frame[5:7], "big")
+
+
+# -- round trips ---------------------------------------------------------------------------------
+
+def boundary_sizes(max_payload: int) -> list[int]:
+    sizes = {0, 1, max_payload - 6, max_payload - 5, max_payload - 4, max_payload, 3 * max_payload + 7}
+    big = 10 * max_payload
+    cs = len(parse_frame(split(os.urandom(big), max_payload)[0]).data)
+    for k in (1, 2, 3, 10):
+        sizes |= {cs * k - 1, cs * k, cs * k + 1}
+    return sorted(s for s in sizes if s >= 0)
+
+
+@pytest.mark.parametrize("max_payload", [MIN_MAX_PAYLOAD, 1000, 4096, 65536 - 1024])
+def test_round_trip_sizes_and_boundaries(max_payload: int) -> None:
+    r = make()
+    for size in boundary_sizes(max_payload):
+        message = os.urandom(size)
+        frames = split(message, max_payload)
+        assert all(len(f) <= max_payload for f in frames), size
+        assert len(frames) == chunk_count(size, max_payload)
+        kinds = {parse_frame(f).kind for f in frames}
+        assert kinds == ({"whole"} if size + 5 <= max_payload else {"chunk"})
+        results = [r.feed("t/x", f) for f in frames]
+        assert results[-1] == message and all(x is None for x in results[:-1]), size
+    assert r.partial_count == 0 and r.bytes_in_flight == 0 and not r.errors
+
+
+def test_chunk_frames_fill_the_limit() -> None:
+    frames = split(os.urandom(1 << 20), 64512)
+    assert max(len(f) for f in frames) > 64512 - 32  # the worst-case header estimate wastes little
+    overhead = sum(map(len, frames)) - (1 << 20)
+    assert overhead / (1 << 20) < 0.002
+
+
+def test_out_of_order_and_duplicated_frames() -> None:
+    rng = random.Random(5)
+    message = os.urandom(50_000)
+    frames = split(message, 1000)
+    order = frames + rng.sample(frames, 20)  # QoS 1 redeliveries, before and after completion
+    rng.shuffle(order)
+    r = make()
+    assert feed_all(r, "t/a", order) == [message]
+    assert r.events["completed"] == 1 and r.events["duplicate"] + r.events["ignored_done"] == 20
+    assert r.partial_count == 0 and not r.errors
+
+
+def test_streams_on_different_keys_never_mix() -> None:
+    a, b = os.urandom(20_000), os.urandom(30_000)
+    fa, fb = split(a, 1000), split(b, 1000)
+    r = make()
+    got: dict[str, list[bytes]] = {"dev-a": [], "dev-b": []}
+    for i in range(max(len(fa), len(fb))):
+        for key, frames in (("dev-a", fa), ("dev-b", fb)):
+            if i < len(frames) and (out := r.feed(key, frames[i])) is not None:
+                got[key].append(out)
+    assert got == {"dev-a": [a], "dev-b": [b]}
+    # The same chunks under another key are another transfer, never completed by dev-a's.
+    r2 = make()
+    assert r2.feed("dev-a", fa[0]) is None and r2.feed("dev-b", fa[1]) is None
+    assert r2.partial_count == 2
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+def test_missing_chunk_times_out_and_frees_memory() -> None:
+    clock = Clock()
+    r = make(timeout=10.0, clock=clock)
+    frames = split(os.urandom(40_000), 1000)
+    missing = frames.pop(17)
+    assert feed_all(r, "t/a", frames) == []
+    assert r.bytes_in_flight == 40_000 and r.partial_count == 1
+    clock.t += 9.9
+    assert r.expire() == []
+    clock.t += 0.2
+    expired = r.expire()
+    assert [e.reason for e in expired] == ["timeout"] and expired[0].key == "t/a"
+    assert "1 of" in str(expired[0]) and "t/a" in str(expired[0])
+    assert r.errors["timeout"] == 1 and r.bytes_in_flight == 0 and r.partial_count == 0
+    # The late chunk neither completes anything nor starts a transfer that could only time out.
+    assert r.feed("t/a", missing) is None and r.partial_count == 0
+
+
+def test_feed_expires_lazily() -> None:
+    clock = Clock()
+    r = make(budget=50_000, timeout=5.0, clock=clock)
+    r.feed("t/a", split(os.urandom(40_000), 1000)[0])
+    frames = split(os.urandom(40_000), 1000)
+    assert reason_of(lambda: r.feed("t/b", frames[0])) == "over_budget"
+    clock.t += 6
+    frames = split(os.urandom(40_000), 1000)
+    assert r.feed("t/b", frames[0]) is None  # the stale transfer was dropped first
+    assert r.errors == {"over_budget": 1, "timeout": 1}
+
+
+def test_corrupt_chunk_is_digest_mismatch() -> None:
+    message = os.urandom(30_000)
+    frames = split(message, 1000)
+    bad = bytearray(frames[5])
+    bad[chunk_data_offset(frames[5]) + 10] ^= 0x01
+    frames[5] = bytes(bad)
+    r = make()
+    with pytest.raises(ChunkError) as info:
+        feed_all(r, "t/a", frames)
+    assert info.value.reason == "digest_mismatch" and info.value.key == "t/a"
+    assert r.errors == {"digest_mismatch": 1} and r.bytes_in_flight == 0
+    # A resend under a new id (the sender's outbox) goes through.
+    assert feed_all(r, "t/a", split(message, 1000)) == [message]
+
+
+def test_declared_size_over_limit_rejected_at_first_frame() -> None:
+    r = make(limit=10_000)
+    frames = split(os.urandom(50_000), 1000)
+    assert reason_of(lambda: r.feed("t/a", frames[3])) == "too_large"
+    assert r.bytes_in_flight == 0 and r.bytes_buffered == 0 and r.partial_count == 0
+    assert feed_all(r, "t/a", frames) == []  # the rest of that message is ignored, not re-counted
+    assert r.errors == {"too_large": 1}
+    # A forged header claiming a huge size allocates nothing.
+    head = msgpack.packb({"id": b"x" * 16, "i": 0, "n": 1 << 20, "cs": 1 << 20, "size": 1 << 40,
+                          "sha256": b"\0" * 32})
+    forged = b"FLC1C" + len(head).to_bytes(2, "big") + head + b"y" * (1 << 20)
+    assert reason_of(lambda: r.feed("t/b", forged)) == "too_large"
+    # Whole and unframed payloads are held to the same limit.
+    assert reason_of(lambda: r.feed("t/c", split(b"z" * 10_001, 1 << 20)[0])) == "too_large"
+    assert reason_of(lambda: r.feed("t/c", b"\x85" + b"z" * 10_000)) == "too_large"
+
+
+def test_bounded_memory_under_many_concurrent_partial_transfers() -> None:
+    clock = Clock()
+    budget = 1_000_000
+    r = make(budget=budget, limit=200_000, timeout=20.0, clock=clock)
+    messages = {f"fleet/update/dev-{k}": os.urandom(100_000) for k in range(200)}
+    split_frames = {key: split(m, 4096) for key, m in messages.items()}
+    accepted, refused = [], []
+    for key, frames in split_frames.items():
+        try:
+            r.feed(key, frames[0])
+            accepted.append(key)
+        except ChunkError as exc:
+            assert exc.reason == "over_budget"
+            refused.append(key)
+        assert r.bytes_buffered <= r.bytes_in_flight <= budget
+    assert len(accepted) == 10 and len(refused) == 190 and r.errors["over_budget"] == 190
+    # Refused transfers stay refused (their later chunks are ignored and hold nothing).
+    for key in refused[:20]:
+        assert feed_all(r, key, split_frames[key][1:]) == []
+        assert r.bytes_in_flight <= budget
+    # Accepted ones complete and release their share.
+    done = feed_all(r, accepted[0], split_frames[accepted[0]][1:])
+    assert done == [messages[accepted[0]]] and r.bytes_in_flight == 900_000
+    clock.t += 21
+    assert len(r.expire()) == 9 and r.bytes_in_flight == 0
+    fresh = os.urandom(100_000)
+    assert feed_all(r, refused[0], split(fresh, 4096)) == [fresh]
+
+
+def test_one_stream_keeps_at_most_max_transfers_per_key() -> None:
+    r = make(max_transfers_per_key=2)
+    firsts = [split(os.urandom(20_000), 1000)[0] for _ in range(3)]
+    for frame in firsts:
+        r.feed("t/a", frame)
+    assert r.partial_count == 2 and r.events["superseded"] == 1 and r.bytes_in_flight == 40_000
+
+
+def test_inconsistent_and_malformed_frames() -> None:
+    r = make()
+    frames = split(os.urandom(20_000), 1000)
+    r.feed("t/a", frames[0])
+    # Same id, different description.
+    f1 = parse_frame(frames[1])
+    assert f1.header is not None
+    head = msgpack.packb({"id": f1.header.id, "i": 1, "n": 40, "cs": 500, "size": 20_000, "sha256": b"\0" * 32})
+    other = b"FLC1C" + len(head).to_bytes(2, "big") + head + b"q" * 500
+    assert reason_of(lambda: r.feed("t/a", other)) == "inconsistent"
+    # Same chunk again with other bytes.
+    bad = bytearray(frames[0])
+    bad[-1] ^= 0xFF
+    assert reason_of(lambda: r.feed("t/a", bytes(bad))) == "inconsistent"
+    malformed = [
+        b"FLC1", b"FLC1C", b"FLC1C\x00", b"FLC1Q" + b"x" * 10, b"FLC1C\xff\xff" + b"x" * 100,
+        frames[0][:-1], frames[0] + b"x",  # data length does not match the header
+        b"FLC1C\x00\x03\x93\x01\x02",  # header is not a map
+        b"FLC1M" + frames[0][5:],  # a manifest with data
+    ]
+    for frame in malformed:
+        with pytest.raises(ChunkError) as info:
+            r.feed("t/m", frame)
+        assert info.value.reason == "malformed", frame[:12]
+    assert reason_of(lambda: r.feed("t/m", b"FLC2W hello")) == "unsupported_version"
+    assert r.errors["malformed"] == len(malformed) and r.errors["inconsistent"] == 2
+    # Payloads of peers that predate chunking pass through (or are refused if so configured).
+    assert r.feed("t/m", b"\x86legacy") == b"\x86legacy"
+    assert reason_of(lambda: make(accept_unframed=False).feed("t/m", b"\x86legacy")) == "malformed"
+    # An empty payload (a deleted retained chunk) is ignored.
+    assert r.feed("t/m/chunk/3", b"") is None and r.events["empty"] == 1
+
+
+# -- retained messages ---------------------------------------------------------------------------
+
+def test_retained_topics_layout_and_stale_chunk_cleanup() -> None:
+    frames = split(os.urandom(10_000), 1000)
+    n = len(frames)
+    pubs = retained_topics("f/model/global", frames, previous_count=n + 3)
+    assert [t for t, _ in pubs[:n]] == [chunk_topic("f/model/global", i) for i in range(n)]
+    assert pubs[n:n + 3] == [(f"f/model/global/chunk/{i}", b"") for i in range(n, n + 3)]
+    topic, manifest = pubs[-1]
+    assert topic == "f/model/global" and parse_frame(manifest).kind == "manifest"
+    first = parse_frame(frames[0]).header
+    assert first is not None
+    assert parse_frame(manifest).header == Header(first.id, n, first.chunk_size, first.size, first.sha256)
+    # A model that now fits one frame: the whole frame on the base topic, old chunks deleted.
+    whole = split(b"small", 1000)
+    assert retained_topics("f/m", whole, previous_count=2) == [("f/m/chunk/0", b""), ("f/m/chunk/1", b""),
+                                                               ("f/m", whole[0])]
+    assert stream_key("f/m/chunk/12") == "f/m" and stream_key("f/m/chunky/1") == "f/m/chunky/1"
+    with pytest.raises(ValueError):
+        retained_topics("f/m", frames[:-1])
+
+
+def test_retained_delivery_in_any_order_with_stale_chunks() -> None:
+    """A new subscriber gets the retained manifest, current chunks and stale ones, in any order."""
+    rng = random.Random(7)
+    clock = Clock()
+    old, new = os.urandom(30_000), os.urandom(12_000)
+    old_pubs = retained_topics("f/model", split(old, 1000))
+    new_pubs = retained_topics("f/model", split(new, 1000))
+    retained = dict(old_pubs)
+    retained.update(new_pubs)  # without cleanup: stale old chunks stay on the higher indices
+    for _ in range(20):
+        r = make(timeout=10, clock=clock)
+        items = list(retained.items())
+        rng.shuffle(items)
+        assert [m for t, p in items if (m := r.feed(t, p)) is not None] == [new]
+        clock.t += 11
+        r.expire()
+        assert r.partial_count == 0 and r.bytes_in_flight == 0
+    # With the manifest seen last (the publish order), stale partials are dropped at once.
+    r = make(clock=clock)
+    stale = [(t, p) for t, p in old_pubs[-5:-1]]
+    got = [m for t, p in stale + new_pubs if (m := r.feed(t, p)) is not None]
+    assert got == [new] and r.partial_count == 0 and r.events["superseded"] == 1
+
+
+def test_manifest_without_its_chunks_times_out() -> None:
+    clock = Clock()
+    r = make(timeout=5, clock=clock)
+    pubs = retained_topics("f/model", split(os.urandom(9000), 1000))
+    assert r.feed(*pubs[-1]) is None and r.bytes_in_flight == 9000
+    clock.t += 6
+    assert [e.reason for e in r.expire()] == ["timeout"]
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(message=st.binary(max_size=12_000), max_payload=st.integers(MIN_MAX_PAYLOAD, 5000), rnd=st.randoms(),
+       dups=st.integers(0, 10))
+def test_property_split_then_feed_in_any_order(message: bytes, max_payload: int, rnd: random.Random,
+                                               dups: int) -> None:
+    frames = split(message, max_payload)
+    assert all(len(f) <= max_payload for f in frames)
+    order = frames + [rnd.choice(frames) for _ in range(dups)]
+    rnd.shuffle(order)
+    r = make()
+    # Chunked messages come out once; a whole frame has no id, so each copy is passed on (the
+    # envelope's msg_id catches replays above this layer).
+    assert feed_all(r, "k", order) == [message] * (1 + dups if len(frames) == 1 else 1)
+    assert r.partial_count == 0 and r.bytes_in_flight == 0 and not r.errors
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data())
+def test_property_mutated_frames_only_raise_chunk_error(data: st.DataObject) -> None:
+    frames = split(bytes(range(256)) * 20, 700)
+    frame = bytearray(data.draw(st.sampled_from(frames)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(frame) - 1))
+        frame[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(frame)))
+    r = make(budget=100_000, limit=50_000)
+    try:
+        out = r.feed("k", bytes(frame[:cut]))
+    except ChunkError as exc:
+        assert exc.reason in r.errors
+    else:
+        assert out is None or isinstance(out, bytes)
+    assert r.bytes_in_flight <= 100_000
+
+
+# -- a real broker with a packet limit -----------------------------------------------------------
+
+LIMIT = 65536
+MAX_PAYLOAD = LIMIT - 1024  # room for the MQTT fixed header, topic and packet id
+
+
+@pytest.fixture
+def small_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path / "mosquitto", extra_config=f"max_packet_size {LIMIT}").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+class Client:
+    """A bare paho client (MQTT 3.1.1, clean session) recording what it receives."""
+
+    def __init__(self, broker: Mosquitto, subscriptions: Sequence[str] = ()) -> None:
+        self.received: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{os.urandom(4).hex()}",
+                                  clean_session=True, protocol=paho.MQTTv311)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port, 30)
+        self.client.loop_start()
+        assert self.connected.wait(5)
+        if subscriptions:
+            self.client.subscribe([(t, 1) for t in subscriptions])
+            assert self.subscribed.wait(5)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.disconnected.clear()
+        self.connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        self.disconnected.set()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, reasons: Any, properties: Any) -> None:
+        self.subscribed.set()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self.received.put((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published(), topic
+
+    def reassemble(self, r: Reassembler, timeout: float = 10.0) -> tuple[bytes, list[str]]:
+        deadline = time.monotonic() + timeout
+        topics = []
+        while time.monotonic() < deadline:
+            try:
+                topic, payload, _ = self.received.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            topics.append(topic)
+            if (message := r.feed(topic, payload)) is not None:
+                return message, topics
+        raise AssertionError(f"no whole message within {timeout}s (got {len(topics)} frames)")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_small_packet_limit_chunked_gets_through_unsplit_does_not(small_broker: Mosquitto) -> None:
+    message = os.urandom(1 << 20)
+    sub = Client(small_broker, ["fleet/update/+"])
+    pub = Client(small_broker)
+    try:
+        frames = split(message, MAX_PAYLOAD)
+        assert len(frames) == 17 and max(map(len, frames)) <= MAX_PAYLOAD
+        for frame in frames:
+            pub.publish("fleet/update/dev-1", frame)
+        r = Reassembler(4 << 20, 2 << 20, 30.0)
+        got, topics = sub.reassemble(r)
+        assert got == message and hashlib.sha256(got).digest() == hashlib.sha256(message).digest()
+        assert len(topics) == 17 and r.bytes_in_flight == 0
+        assert not pub.disconnected.is_set()
+    finally:
+        pub.stop()
+
+    # Unsplit, the broker drops the publisher's connection and nothing is delivered. paho would
+    # re-send it after every reconnect, so this client is stopped right after.
+    big = Client(small_broker)
+    try:
+        big.client.publish("fleet/update/dev-2", message, qos=1)
+        assert big.disconnected.wait(5), "the broker should disconnect an oversize publisher"
+        with pytest.raises(queue.Empty):
+            sub.received.get(timeout=2.0)
+    finally:
+        big.stop()
+        sub.stop()
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_retained_chunked_model_and_cleanup(small_broker: Mosquitto) -> None:
+    base = "fleet/model/global"
+    subs = [base, f"{base}/chunk/+"]
+    pub = Client(small_broker)
+    try:
+        first = os.urandom(600_000)
+        first_frames = split(first, MAX_PAYLOAD)
+        for topic, payload in retained_topics(base, first_frames):
+            pub.publish(topic, payload, retain=True)
+        late = Client(small_broker, subs)  # subscribes after the publish: only retained copies
+        try:
+            got, _ = late.reassemble(Reassembler(4 << 20, 2 << 20, 30.0))
+            assert got == first
+        finally:
+            late.stop()
+
+        second = os.urandom(200_000)  # fewer chunks: the higher chunk topics must be deleted
+        second_frames = split(second, MAX_PAYLOAD)
+        assert len(second_frames) < len(first_frames)
+        for topic, payload in retained_topics(base, second_frames, previous_count=len(first_frames)):
+            pub.publish(topic, payload, retain=True)
+        late = Client(small_broker, subs)
+        try:
+            r = Reassembler(4 << 20, 2 << 20, 30.0)
+            got, topics = late.reassemble(r)
+            assert got == second
+            time.sleep(0.5)  # let every retained message arrive
+            while not late.received.empty():
+                topic, payload, _ = late.received.get()
+                topics.append(topic)
+                assert r.feed(topic, payload) is None
+            expected = {base} | {chunk_topic(base, i) for i in range(len(second_frames))}
+            assert set(topics) == expected  # no stale chunk of the first model is retained
+            assert r.partial_count == 0 and not r.errors
+        finally:
+            late.stop()
+    finally:
+        pub.stop()
