@@ -1,0 +1,410 @@
+"""Broker-side security against a REAL mosquitto running deploy/mosquitto/fledger.conf + .acl.
+
+The PKI (test CA, server certificate, password file, one random password per user) is made
+at test time by scripts/make-test-pki.sh; nothing secret is committed. The production
+config is used as written, with only paths, the listener port and logging rewritten to the
+test's temporary directory, so these tests check what deploy/ ships.
+
+ACL checks assert on DELIVERY, never on SUBACK/PUBACK: mosquitto 2.0.11 grants a denied
+SUBSCRIBE and acknowledges a denied PUBLISH (MQTT 3.1.1). To prove that a forbidden message
+was not delivered without long sleeps, each test sends it first and then an allowed
+"sentinel" message over the same path: the broker keeps per-client order, so once the
+sentinel arrives, the forbidden message would have arrived before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from federation import codec
+from federation.envelope import decrypt_update, parse_update, seal_update, verify_update_signature
+from federation.keys import CoordinatorKeys, DeviceBundle
+from federation.mqtt import BrokerConfig, MqttLink
+from federation.topics import Topics
+from fledger.broker import EmbeddedBroker
+from fledger.keytool import write_broker_password
+from tests.conftest import Mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+PKI_SCRIPT = ROOT / "scripts" / "make-test-pki.sh"
+CONF = ROOT / "deploy" / "mosquitto" / "fledger.conf"
+ACL = ROOT / "deploy" / "mosquitto" / "fledger.acl"
+
+FLEET = "plant7"
+DEV_A, DEV_B = "pump-01", "pump-02"
+USERS = ("coordinator", "monitor", DEV_A, DEV_B)
+TOPICS = Topics(FLEET)
+QUIET = 0.5  # seconds to keep listening after the sentinel, for stragglers
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+def make_pki(directory: Path, *users: str) -> Path:
+    subprocess.run(["bash", str(PKI_SCRIPT), str(directory), *users], check=True, capture_output=True, timeout=60)
+    return directory
+
+
+def test_config_from_deploy(pki: Path, state: Path) -> str:
+    """deploy/mosquitto/fledger.conf with paths pointed at ``pki``/``state``.
+
+    The `listener 8883` line is dropped: conftest's Mosquitto writes its own listener line
+    (free port, 127.0.0.1) first, and the TLS lines that follow attach to it."""
+    paths = {
+        "cafile": pki / "ca.crt", "certfile": pki / "server.crt", "keyfile": pki / "server.key",
+        "password_file": pki / "passwd", "acl_file": ACL, "persistence_location": state,
+    }
+    lines: list[str] = []
+    seen: set[str] = set()
+    for raw in CONF.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, _value = line.partition(" ")
+        if key in ("listener", "log_dest", "user", "pid_file"):
+            continue
+        if key in paths:
+            line = f"{key} {paths[key]}{'/' if key == 'persistence_location' else ''}"
+        seen.add(key)
+        lines.append(line)
+    missing = {"allow_anonymous", "password_file", "acl_file", "cafile", "certfile", "keyfile"} - seen
+    assert not missing, f"deploy config lacks {missing}"
+    assert "allow_anonymous false" in lines
+    # Running as root, mosquitto would drop to user `mosquitto`, which cannot read the 0600
+    # test files; the production unit runs it as its packaged user with 0640 root:mosquitto.
+    lines.append("user root")
+    return "\n".join(lines) + "\n"
+
+
+test_config_from_deploy.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@dataclass
+class SecureBroker:
+    host: str
+    port: int
+    pki: Path
+    wrong_ca: Path
+
+    def password(self, user: str) -> str:
+        return (self.pki / f"{user}.password").read_text().strip()
+
+    def link_config(self, user: str | None, *, ca: Path | None = None) -> BrokerConfig:
+        return BrokerConfig(
+            broker_host=self.host, broker_port=self.port, username=user,
+            password_file=self.pki / f"{user}.password" if user else None,
+            tls_ca=ca or self.pki / "ca.crt",
+        )
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    base = tmp_path_factory.mktemp("broker-security")
+    pki = make_pki(base / "pki", *USERS)
+    wrong = make_pki(base / "other-pki", "nobody")  # a different CA, same subject names
+    for user in USERS:
+        assert (pki / f"{user}.password").stat().st_mode & 0o777 == 0o600
+    state = base / "state"
+    state.mkdir()
+    broker = Mosquitto(base / "mosquitto", extra_config=test_config_from_deploy(pki, state)).start()
+    try:
+        yield SecureBroker(broker.host, broker.port, pki, wrong / "ca.crt")
+    finally:
+        broker.stop()
+
+
+# -- a small synchronous paho client (waits for CONNACK, SUBACK and PUBACK) ---------------------
+
+
+class Client:
+    def __init__(self, broker: SecureBroker | tuple[str, int], user: str | None, password: str | None = None,
+                 *, ca: Path | None = None, own_password: bool = True) -> None:
+        """``password`` None: the user's own password from the test PKI, or none at all if
+        ``own_password`` is False."""
+        self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self._connack = threading.Event()
+        self._subacks: dict[int, threading.Event] = {}
+        self.reason: Any = None
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{uuid.uuid4().hex[:8]}",
+                                   clean_session=True, protocol=paho.MQTTv311)
+        if isinstance(broker, SecureBroker):
+            self.host, self.port = broker.host, broker.port
+            if user is not None and password is None and own_password:
+                password = broker.password(user)
+            self._client.tls_set_context(ssl.create_default_context(cafile=str(ca or broker.pki / "ca.crt")))
+        else:
+            self.host, self.port = broker
+        if user is not None:
+            self._client.username_pw_set(user, password)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload), bool(m.retain)))
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.reason = reason
+        self._connack.set()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        self._subacks.setdefault(mid, threading.Event()).set()
+
+    def connect(self, timeout: float = 10.0) -> bool:
+        """True if the broker accepted; False if it refused (CONNACK failure or closed)."""
+        self._client.connect(self.host, self.port, keepalive=30)
+        self._client.loop_start()
+        self._connack.wait(timeout)
+        if self.reason is None or self.reason.is_failure:
+            self.close()
+            return False
+        return True
+
+    def __enter__(self) -> Client:
+        assert self.connect(), f"broker refused the connection: {self.reason}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def subscribe(self, topic: str) -> None:
+        result, mid = self._client.subscribe(topic, qos=1)
+        assert result == paho.MQTT_ERR_SUCCESS and mid is not None
+        event = self._subacks.setdefault(mid, threading.Event())
+        assert event.wait(10), "no SUBACK"
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published(), "no PUBACK"
+
+    def collect_until(self, sentinel: bytes, timeout: float = 10.0) -> list[tuple[str, bytes, bool]]:
+        """All messages received up to and including ``sentinel``, then QUIET seconds more."""
+        got: list[tuple[str, bytes, bool]] = []
+        wait = timeout
+        while True:
+            try:
+                message = self.messages.get(timeout=wait)
+            except queue.Empty:
+                break
+            got.append(message)
+            if message[1] == sentinel:
+                wait = QUIET
+        assert any(payload == sentinel for _, payload, _ in got), f"sentinel never arrived; got {got}"
+        return got
+
+
+def token(label: str) -> bytes:
+    return f"{label}-{uuid.uuid4().hex}".encode()
+
+
+# -- ACL: what a device may publish -----------------------------------------------------------
+
+
+def test_device_cannot_publish_to_another_devices_update_topic(secure_broker: SecureBroker) -> None:
+    forged, genuine = token("forged"), token("genuine")
+    with Client(secure_broker, "coordinator") as coordinator, Client(secure_broker, DEV_A) as device:
+        coordinator.subscribe(f"fledger/{FLEET}/update/#")
+        coordinator.subscribe(f"fledger/{FLEET}/presence/#")
+        device.publish(TOPICS.update(DEV_B), forged)  # PUBACKed (3.1.1) but dropped
+        device.publish(TOPICS.presence(DEV_B), forged, retain=True)
+        device.publish(TOPICS.update(DEV_A), genuine)  # own topic: allowed, the sentinel
+        got = coordinator.collect_until(genuine)
+    assert [(t, p) for t, p, _ in got] == [(TOPICS.update(DEV_A), genuine)]
+
+
+def reader_of(topic: str) -> str:
+    """A user the ACL lets read ``topic`` (devices read model and status; monitors the ledger)."""
+    return DEV_B if topic.startswith(TOPICS.model) or topic == TOPICS.status else "monitor"
+
+
+def drain(client: Client, quiet: float = 0.3) -> None:
+    """Forget what is already queued (e.g. the retained message sent on subscribe)."""
+    while True:
+        try:
+            client.messages.get(timeout=quiet)
+        except queue.Empty:
+            return
+
+
+@pytest.mark.parametrize("topic", [
+    TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head,
+])
+def test_only_the_coordinator_publishes_model_status_and_ledger(secure_broker: SecureBroker, topic: str) -> None:
+    """Above all, nobody else can overwrite the retained global model that every device loads."""
+    evil, legit = token("evil"), token("coordinator")
+    with Client(secure_broker, "coordinator") as coordinator, Client(secure_broker, "monitor") as monitor, \
+            Client(secure_broker, DEV_A) as device, Client(secure_broker, reader_of(topic)) as observer:
+        observer.subscribe(topic)
+        drain(observer)
+        device.publish(topic, evil, retain=True)
+        monitor.publish(topic, evil, retain=True)
+        coordinator.publish(topic, legit, retain=True)  # the sentinel
+        got = observer.collect_until(legit)
+    assert [p for _, p, _ in got] == [legit]
+    # A client connecting later is handed the coordinator's retained message, not a forgery.
+    with Client(secure_broker, reader_of(topic)) as late:
+        late.subscribe(topic)
+        assert late.messages.get(timeout=10) == (topic, legit, True)
+
+
+def test_ledger_replay_requests_come_from_monitors_only(secure_broker: SecureBroker) -> None:
+    forged, genuine = token("device-replay"), token("monitor-replay")
+    with Client(secure_broker, "coordinator") as coordinator, Client(secure_broker, "monitor") as monitor, \
+            Client(secure_broker, DEV_A) as device:
+        coordinator.subscribe(TOPICS.ledger_replay)
+        device.publish(TOPICS.ledger_replay, forged)
+        monitor.publish(TOPICS.ledger_replay, genuine)
+        got = coordinator.collect_until(genuine)
+    assert [p for _, p, _ in got] == [genuine]
+
+
+# -- a real update over TLS: delivered to the coordinator, and to nobody else in clear --------
+
+
+MARKER = b"FLEDGER-PLAINTEXT-MARKER"  # a uint8 tensor spelling this out
+FLOAT_PATTERN = np.float32(1234.5678).tobytes() * 4  # 16 bytes of the repeated weight value
+
+
+def sample_weights() -> bytes:
+    weights = codec.encode_tensors({
+        "secret_layer.weight": np.full((64, 64), 1234.5678, dtype=np.float32),
+        "secret_layer.marker": np.frombuffer(MARKER, dtype=np.uint8).copy(),
+    })
+    assert FLOAT_PATTERN in weights and MARKER in weights and b"secret_layer" in weights
+    return weights
+
+
+def fleet_keys() -> tuple[CoordinatorKeys, DeviceBundle]:
+    from federation import crypto
+
+    keys = CoordinatorKeys.generate(FLEET)
+    seed, _public = crypto.ed25519_generate()
+    return keys, DeviceBundle(FLEET, DEV_A, seed, keys.public, keys.model_key_id, keys.model_key)
+
+
+def test_device_update_over_tls_reaches_only_the_coordinator_and_never_in_clear(
+        secure_broker: SecureBroker) -> None:
+    """The device publishes its own update with fledger's own MqttLink (TLS + password file).
+
+    The coordinator receives it and opens it. The monitor and another device, each
+    subscribed to everything (``fledger/#``), receive no update at all (ACL); and the
+    bytes that do cross the broker, i.e. what a broker operator, a tap behind TLS
+    termination, or amqtt's retained-message leak would expose, hold no plaintext weights:
+    neither the weight values, nor the marker tensor, nor the tensor names."""
+    keys, bundle = fleet_keys()
+    weights = sample_weights()
+    envelope = seal_update(bundle, 3, weights, num_samples=128, metrics={"train_loss": 0.25})
+    for secret in (FLOAT_PATTERN, MARKER, b"secret_layer"):
+        assert secret not in envelope
+
+    link = MqttLink(secure_broker.link_config(DEV_A), f"t-link-{uuid.uuid4().hex[:8]}")
+    with Client(secure_broker, "coordinator") as coordinator, Client(secure_broker, "monitor") as monitor, \
+            Client(secure_broker, DEV_B) as other_device:
+        coordinator.subscribe(TOPICS.updates)
+        for spy in (monitor, other_device):
+            spy.subscribe("fledger/#")
+            drain(spy)
+        link.start(timeout=10)
+        try:
+            assert link.publish(TOPICS.update(DEV_A), envelope, wait=10)
+        finally:
+            link.stop()
+        topic, payload, _ = coordinator.messages.get(timeout=10)
+        drain(monitor, QUIET)  # anything the spies got was queued before the coordinator's copy
+        spied = [m for spy in (monitor, other_device) for m in _all(spy)]
+
+    assert topic == TOPICS.update(DEV_A) and payload == envelope
+    sealed = parse_update(payload, max_bytes=1 << 20)
+    verify_update_signature(sealed, bundle.sign_public)
+    assert decrypt_update(sealed, keys) == weights
+    assert sealed.header.weights_sha256 == hashlib.sha256(weights).digest()
+    assert not [m for m in spied if "/update/" in m[0]], f"an update leaked to a spy: {spied}"
+
+
+def _all(client: Client) -> list[tuple[str, bytes, bool]]:
+    got = []
+    while not client.messages.empty():
+        got.append(client.messages.get_nowait())
+    return got
+
+
+# -- authentication ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("user", "password"), [
+    (DEV_A, "not-the-password"),
+    (DEV_A, "<password of pump-02>"),
+    ("intruder", "whatever"),
+    (DEV_A, None),  # user name without a password
+    (None, None),  # anonymous
+], ids=["wrong-password", "other-users-password", "unknown-user", "no-password", "anonymous"])
+def test_bad_credentials_are_refused(secure_broker: SecureBroker, user: str | None, password: str | None) -> None:
+    if password == "<password of pump-02>":
+        password = secure_broker.password(DEV_B)
+    client = Client(secure_broker, user, password, own_password=False)
+    assert not client.connect(timeout=5), f"broker accepted {user!r}"
+    assert client.reason is not None and client.reason.is_failure  # CONNACK says why (not authorised)
+
+
+def test_mqtt_link_with_a_wrong_password_file_raises(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password\n")
+    config = secure_broker.link_config(DEV_A)
+    config.password_file = wrong
+    link = MqttLink(config, f"t-link-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ConnectionError, match="did not accept"):
+        link.start(timeout=2)
+
+
+def test_tls_with_the_wrong_ca_is_refused(secure_broker: SecureBroker) -> None:
+    """The broker's certificate does not chain to the CA the client trusts: no connection,
+    and the password is never sent."""
+    link = MqttLink(secure_broker.link_config(DEV_A, ca=secure_broker.wrong_ca), f"t-link-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ConnectionError) as raised:
+        link.start(timeout=1.5)
+    assert isinstance(raised.value.__cause__, ssl.SSLCertVerificationError)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        Client(secure_broker, DEV_A, ca=secure_broker.wrong_ca).connect(timeout=5)
+
+
+def test_plaintext_mqtt_to_the_tls_port_is_refused(secure_broker: SecureBroker) -> None:
+    client = Client((secure_broker.host, secure_broker.port), DEV_A, secure_broker.password(DEV_A))
+    assert not client.connect(timeout=3)
+
+
+# -- the embedded amqtt broker with a password file -----------------------------------------------
+
+
+def test_embedded_amqtt_broker_password_file(tmp_path: Path) -> None:
+    password_file = tmp_path / "broker" / "passwords"
+    write_broker_password(password_file, DEV_A, "right-password-1")
+    write_broker_password(password_file, "coordinator", "coordinator-password")
+    write_broker_password(password_file, DEV_A, "right-password-2")  # replaces the first
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    assert "right-password" not in password_file.read_text()  # hashes only
+    with EmbeddedBroker(password_file=password_file) as broker:
+        address = (broker.host, broker.port)
+        for user, password in ((DEV_A, "wrong"), (DEV_A, "right-password-1"), ("intruder", "right-password-2"),
+                               (DEV_A, "coordinator-password")):
+            assert not Client(address, user, password).connect(timeout=5), (user, password)
+        with Client(address, DEV_A, "right-password-2") as device, \
+                Client(address, "coordinator", "coordinator-password") as coordinator:
+            coordinator.subscribe(TOPICS.updates)
+            device.publish(TOPICS.update(DEV_A), b"hello")
+            assert coordinator.messages.get(timeout=10)[1] == b"hello"
