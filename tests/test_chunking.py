@@ -450,6 +450,11 @@ def test_mosquitto_small_packet_limit_chunked_gets_through_unsplit_does_not(smal
     finally:
         big.stop()
         sub.stop()
+    log = small_broker.directory / "mosquitto.log"
+    deadline = time.monotonic() + 2
+    while "oversize packet" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "disconnected due to oversize packet" in log.read_text()
 
 
 @pytest.mark.mosquitto
