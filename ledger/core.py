@@ -1,0 +1,304 @@
+"""The :class:`Ledger`: a signed, append-only chain of blocks in one file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ledger import merkle, records, storage
+from ledger.block import Block, BlockFormatError, make_block
+from ledger.keys import Keyring, Signer, Verifier
+from ledger.merkle import ProofError
+from ledger.storage import LedgerCorrupt, LedgerError, LedgerFile
+from ledger.verify import ChainState, Signatures, VerifyError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundProof:
+    """What a device needs to check that its update went into round ``round``'s aggregate."""
+
+    round: int
+    device: str
+    statement: bytes
+    device_sig: bytes
+    leaf: bytes  # leaf data = records.update_leaf(statement, device_sig)
+    leaf_index: int
+    tree_size: int
+    path: list[bytes]
+    root: bytes
+    aggregate_index: int  # block holding the root
+    update_index: int  # block holding the update record
+
+    def verify(self, aggregate: Block | None = None, coordinator_key: bytes | None = None) -> bool:
+        try:
+            verify_round_proof(self, aggregate, coordinator_key)
+        except ProofError:
+            return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "device": self.device, "statement": self.statement.hex(),
+                "device_sig": self.device_sig.hex(), "leaf": self.leaf.hex(), "leaf_index": self.leaf_index,
+                "tree_size": self.tree_size, "path": [p.hex() for p in self.path], "root": self.root.hex(),
+                "aggregate_index": self.aggregate_index, "update_index": self.update_index}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundProof:
+        try:
+            return cls(int(d["round"]), str(d["device"]), bytes.fromhex(d["statement"]),
+                       bytes.fromhex(d["device_sig"]), bytes.fromhex(d["leaf"]), int(d["leaf_index"]),
+                       int(d["tree_size"]), [bytes.fromhex(p) for p in d["path"]], bytes.fromhex(d["root"]),
+                       int(d["aggregate_index"]), int(d["update_index"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProofError(f"malformed proof: {exc}") from exc
+
+
+def verify_round_proof(proof: RoundProof, aggregate: Block | None = None, coordinator_key: bytes | None = None,
+                       *, statement: bytes | None = None) -> None:
+    """Raise :class:`ProofError` unless the proof shows the update is in the round's Merkle root.
+
+    With ``aggregate`` the root must be that block's ``merkle_root`` (and the block intact); with
+    ``coordinator_key`` the block's signature must verify too; with ``statement`` the proof must be
+    about exactly that statement (what the device itself signed)."""
+    if statement is not None and statement != proof.statement:
+        raise ProofError("the proof is about a different statement")
+    if proof.leaf != records.update_leaf(proof.statement, proof.device_sig):
+        raise ProofError("leaf is not the encoding of the statement and signature")
+    try:
+        fields = records.decode_statement(proof.statement)
+    except ValueError as exc:
+        raise ProofError(str(exc)) from exc
+    if fields["device"] != proof.device or fields["round"] != proof.round:
+        raise ProofError(f"the statement is by {fields['device']!r} for round {fields['round']}, "
+                         f"not by {proof.device!r} for round {proof.round}")
+    if not merkle.verify_inclusion(merkle.leaf_hash(proof.leaf), proof.leaf_index, proof.tree_size, proof.path,
+                                   proof.root):
+        raise ProofError(f"inclusion path does not lead to root {proof.root.hex()[:16]}")
+    if aggregate is not None:
+        data = aggregate.data
+        if aggregate.computed_hash() != aggregate.hash:
+            raise ProofError("aggregate block hash does not match its contents")
+        if data.get("type") != records.AGGREGATE or data.get("round") != proof.round:
+            raise ProofError(f"block {aggregate.index} is not the aggregate of round {proof.round}")
+        if data.get("merkle_root") != proof.root:
+            raise ProofError(f"root differs from block {aggregate.index}'s merkle_root")
+        if proof.device not in data.get("participants", []):
+            raise ProofError(f"{proof.device!r} is not among round {proof.round}'s participants")
+        if coordinator_key is not None and not Verifier().verify(coordinator_key, aggregate.hash,
+                                                                 aggregate.signature):
+            raise ProofError(f"block {aggregate.index}: bad coordinator signature")
+
+
+class Ledger:
+    """A signed, append-only hash chain stored in one file.
+
+    Use :meth:`open`. Thread-safe: appends are serialised, readers get snapshots."""
+
+    def __init__(self, path: Path, file: LedgerFile | None, blocks: list[Block], state: ChainState,
+                 signer: Signer | None, now: Callable[[], float]) -> None:
+        self.path = path
+        self._file = file
+        self._blocks = blocks
+        self._state = state
+        self._signer = signer
+        self._now = now
+        self._lock = threading.RLock()
+        self._chain_leaves = [merkle.leaf_hash(b.hash) for b in blocks]
+
+    @classmethod
+    def open(cls, path: str | Path, signer: Signer | None = None, keyring: Keyring | None = None,
+             fleet: str | None = None, difficulty: int = 0, now: Callable[[], float] = time.time, *,
+             read_only: bool | None = None, sync_every: int = 1, trusted_coordinator_key: bytes | None = None,
+             verify: Signatures | str = Signatures.HEAD, genesis_extra: dict[str, Any] | None = None) -> Ledger:
+        """Open a ledger file, creating it with a genesis block if it is new (needs ``signer`` and ``fleet``).
+
+        An existing file is checked block by block (hashes, links, proofs of work, record rules,
+        Merkle roots) and its signatures per ``verify`` (default: the head's coordinator signature,
+        which commits to the whole chain; ``"all"`` checks every signature, at ~0.5 ms each).
+        Without a signer the ledger is read-only (never truncated, never created). A torn last
+        frame is truncated with a WARNING by a writer; other damage raises :class:`LedgerCorrupt`.
+        ``sync_every``: fsync after this many appends (1: every append; 0: only on :meth:`sync`/close)."""
+        path = Path(path)
+        read_only = signer is None if read_only is None else read_only
+        if not read_only and signer is None:
+            raise LedgerError("a writable ledger needs a signer")
+        file: LedgerFile | None = None
+        if read_only:
+            scanned = storage.read(path)
+            if scanned.torn is not None:
+                log.warning("%s: torn tail of %d bytes at byte %d ignored (read-only): %s", path,
+                            scanned.torn.length, scanned.torn.offset, scanned.torn.reason)
+        else:
+            file, scanned = LedgerFile.open(path, sync_every=sync_every)
+        mode = Signatures(verify)
+        state = ChainState(trusted_coordinator_key=trusted_coordinator_key, keyring=keyring,
+                           coordinator_signatures=mode is Signatures.ALL, device_signatures=mode is Signatures.ALL)
+        blocks: list[Block] = []
+        try:
+            for i, payload in enumerate(scanned.payloads):
+                offset = scanned.offsets[i]
+                try:
+                    block = Block.from_bytes(payload)
+                    state.add(block)
+                except BlockFormatError as exc:
+                    raise LedgerCorrupt(i, str(exc), offset, path) from None
+                except VerifyError as exc:
+                    raise LedgerCorrupt(i, exc.reason, offset, path) from None
+                blocks.append(block)
+            if blocks and mode is Signatures.HEAD:
+                try:
+                    state.check_signature(blocks[-1])
+                except VerifyError as exc:
+                    raise LedgerCorrupt(exc.index, exc.reason, scanned.offsets[-1], path) from None
+            state.device_signatures = True  # new update records are always checked
+            ledger = cls(path, file, blocks, state, signer, now)
+            if not blocks:
+                if file is None or signer is None:
+                    raise LedgerError(f"{path}: empty ledger (no genesis block)")
+                if not fleet:
+                    raise LedgerError(f"{path}: a new ledger needs a fleet name")
+                state.keyring.setdefault(signer.key_id, signer.public_key)
+                ledger._append_locked(records.genesis(fleet, signer.public_key, difficulty, **(genesis_extra or {})))
+                log.info("%s: new ledger for fleet %r, coordinator key %s", path, fleet, signer.key_id)
+            else:
+                if fleet and fleet != state.fleet:
+                    raise LedgerError(f"{path} is the ledger of fleet {state.fleet!r}, not {fleet!r}")
+                if signer is not None and not read_only and (signer.key_id != state.coordinator_key_id or
+                                                            signer.public_key != state.keyring.get(signer.key_id)):
+                    raise LedgerError(f"{path}: signer key {signer.key_id} is not this ledger's coordinator key "
+                                      f"{state.coordinator_key_id}")
+                if difficulty and difficulty != state.difficulty:
+                    log.warning("%s: difficulty %d requested but the genesis block fixes %d; using %d", path,
+                                difficulty, state.difficulty, state.difficulty)
+        except BaseException:
+            if file is not None:
+                file.close()
+            raise
+        return ledger
+
+    # -- writing ------------------------------------------------------------------------------------
+    def append(self, data: dict[str, Any]) -> Block:
+        """Append a record (a dict with a str ``"type"``): mine, sign, check, write, fsync.
+
+        An ``aggregate`` record without ``merkle_root`` gets the root of its round's accepted
+        updates filled in. Raises ``ValueError`` (:class:`VerifyError`, ``CanonicalError``) for a
+        record the chain rules refuse, ``OSError`` if the file cannot be written."""
+        with self._lock:
+            return self._append_locked(data)
+
+    def _append_locked(self, data: dict[str, Any]) -> Block:
+        if self._file is None or self._signer is None:
+            raise LedgerError(f"{self.path} is open read-only")
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            raise ValueError('a record is a dict with a str "type"')
+        if data["type"] == records.AGGREGATE and "merkle_root" not in data and type(data.get("round")) is int:
+            data = {**data, "merkle_root": self._state.merkle_root_for(data["round"])}
+        difficulty = self._state.difficulty if self._blocks else int(data.get("difficulty", 0))
+        block = make_block(self._state.height, float(self._now()), data, self._state.head_hash,
+                           signer=self._signer, difficulty=difficulty)
+        self._state.check(block, signature=not self._blocks)
+        self._file.append(block.to_bytes())
+        self._state.apply(block)
+        self._blocks.append(block)
+        self._chain_leaves.append(merkle.leaf_hash(block.hash))
+        return block
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.sync()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ------------------------------------------------------------------------------------
+    @property
+    def head(self) -> Block:
+        return self._blocks[-1]
+
+    @property
+    def height(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def fleet(self) -> str:
+        return self._state.fleet
+
+    @property
+    def difficulty(self) -> int:
+        return self._state.difficulty
+
+    @property
+    def coordinator_key(self) -> bytes:
+        return self._state.keyring[self._state.coordinator_key_id]
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self._blocks[:])
+
+    def blocks(self, start: int = 0, end: int | None = None) -> list[Block]:
+        return self._blocks[start:end]
+
+    def block(self, index: int) -> Block:
+        if not 0 <= index < len(self._blocks):
+            raise IndexError(f"no block {index} (height {len(self._blocks)})")
+        return self._blocks[index]
+
+    # -- proofs -------------------------------------------------------------------------------------
+    def inclusion_proof(self, round: int, device: str) -> RoundProof:
+        """Proof that ``device``'s accepted update is in round ``round``'s aggregate Merkle root."""
+        with self._lock:
+            info = self._state.rounds.get(round)
+            if info is None or info.aggregate is None:
+                raise ProofError(f"round {round} has no aggregate block yet")
+            if device not in info.devices:
+                raise ProofError(f"device {device!r} has no accepted update in round {round} "
+                                 f"(participants: {', '.join(info.devices) or 'none'})")
+            i = info.devices.index(device)
+            update = self._blocks[info.blocks[i]].data
+            aggregate = self._blocks[info.aggregate]
+            return RoundProof(round, device, update["statement"], update["device_sig"],
+                              records.update_leaf(update["statement"], update["device_sig"]), i, len(info.leaves),
+                              merkle.inclusion_proof(info.leaves, i), aggregate.data["merkle_root"],
+                              aggregate.index, info.blocks[i])
+
+    def chain_root(self, size: int | None = None) -> bytes:
+        """RFC 6962 root over the hashes of the first ``size`` blocks (default: all)."""
+        leaves = self._chain_leaves[: len(self._chain_leaves) if size is None else size]
+        if size is not None and not 0 <= size <= len(self._chain_leaves):
+            raise ValueError(f"size {size} not in 0..{len(self._chain_leaves)}")
+        return merkle.root(leaves)
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        """RFC 6962 proof that the chain at height ``new_size`` extends the chain at ``old_size``."""
+        new_size = len(self._chain_leaves) if new_size is None else new_size
+        if not 0 <= old_size <= new_size <= len(self._chain_leaves):
+            raise ValueError(f"need 0 <= old {old_size} <= new {new_size} <= height {len(self._chain_leaves)}")
+        return merkle.consistency_proof(self._chain_leaves[:new_size], old_size)
+
+
+def chain_root_of(blocks: list[Block]) -> bytes:
+    """Chain-level tree root over block hashes (what :meth:`Ledger.chain_root` computes)."""
+    return merkle.root([merkle.leaf_hash(b.hash) for b in blocks])

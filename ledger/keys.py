@@ -1,0 +1,139 @@
+"""Ed25519 signing (pycryptodome) for blocks and device statements.
+
+A key id is the first 8 bytes of SHA-256 of the raw 32-byte public key, in hex (16 chars),
+the same naming the rest of fledger uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from Crypto.PublicKey import ECC
+from Crypto.Signature import eddsa
+
+
+def key_id_of(public_key: bytes) -> str:
+    """Short stable name of a raw Ed25519 public key."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """What the ledger needs from a block signer."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def sign(self, msg: bytes) -> bytes: ...
+
+
+class Ed25519Signer:
+    """An Ed25519 private key (RFC 8032, pure EdDSA)."""
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise ValueError("an Ed25519 seed is 32 bytes")
+        self._key = eddsa.import_private_key(bytes(seed))
+        self._signer = eddsa.new(self._key, "rfc8032")
+        self._public = self._key.public_key().export_key(format="raw")
+        self._key_id = key_id_of(self._public)
+
+    @classmethod
+    def generate(cls) -> Ed25519Signer:
+        return cls(bytes(ECC.generate(curve="Ed25519").seed))
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes) -> Ed25519Signer:
+        key = ECC.import_key(pem)
+        if key.curve != "Ed25519" or not key.has_private():
+            raise ValueError("not an Ed25519 private key")
+        return cls(bytes(key.seed))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Ed25519Signer:
+        return cls.from_pem(Path(path).read_bytes())
+
+    def to_pem(self) -> str:
+        return str(self._key.export_key(format="PEM"))
+
+    def save(self, path: str | Path) -> None:
+        """Write the private key as PKCS#8 PEM, readable by the owner only."""
+        import os
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.to_pem())
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self._key.seed)
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public
+
+    def sign(self, msg: bytes) -> bytes:
+        return bytes(self._signer.sign(msg))
+
+
+# The coordinator daemon constructs its block signer from a raw seed under this name.
+LedgerSigner = Ed25519Signer
+
+
+def public_key_to_pem(public_key: bytes) -> str:
+    return str(eddsa.import_public_key(public_key).export_key(format="PEM"))
+
+
+def public_key_from_pem(pem: str | bytes) -> bytes:
+    key = ECC.import_key(pem)
+    if key.curve != "Ed25519":
+        raise ValueError("not an Ed25519 key")
+    return bytes(key.public_key().export_key(format="raw"))
+
+
+class Verifier:
+    """Signature checks with the decoded public keys cached (decoding a point is not free)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, object | None] = {}
+
+    def _get(self, public_key: bytes) -> object | None:
+        try:
+            return self._cache[public_key]
+        except KeyError:
+            pass
+        try:
+            verifier: object | None = eddsa.new(eddsa.import_public_key(public_key), "rfc8032")
+        except (ValueError, TypeError):
+            verifier = None
+        self._cache[public_key] = verifier
+        return verifier
+
+    def valid_key(self, public_key: bytes) -> bool:
+        return isinstance(public_key, bytes) and len(public_key) == 32 and self._get(public_key) is not None
+
+    def verify(self, public_key: bytes, msg: bytes, signature: bytes) -> bool:
+        if len(signature) != 64:
+            return False
+        verifier = self._get(public_key)
+        if verifier is None:
+            return False
+        try:
+            verifier.verify(msg, signature)  # type: ignore[attr-defined]
+        except ValueError:
+            return False
+        return True
+
+
+Keyring = Mapping[str, bytes]
+"""Key id -> raw 32-byte Ed25519 public key."""

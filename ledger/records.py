@@ -1,0 +1,109 @@
+"""Constructors for the record types the coordinator writes (see docs/ledger.md).
+
+Record types are open: any dict with a str ``"type"`` can be appended; the types below are
+the ones :mod:`ledger.verify` understands and checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ledger import canonical
+from ledger.keys import key_id_of
+
+GENESIS = "genesis"
+DEVICE_KEY = "device.key"
+DEVICE_KEY_REVOKED = "device.key_revoked"
+DATASET = "dataset"
+UPDATE = "update"
+UPDATE_REJECTED = "update.rejected"
+ROUND_OPENED = "round.opened"
+MODEL_PUBLISHED = "model.published"
+AGGREGATE = "aggregate"
+
+STATEMENT_FIELDS = ("fleet", "device", "round", "key_id", "msg_id", "weights_sha256", "num_samples", "metrics")
+"""Fields a device statement must contain; those shared with the update record must be equal."""
+
+
+def genesis(fleet: str, coordinator_public_key: bytes, difficulty: int = 0, **extra: Any) -> dict[str, Any]:
+    return {**extra, "type": GENESIS, "fleet": fleet, "difficulty": int(difficulty),
+            "coordinator_key": {"key_id": key_id_of(coordinator_public_key), "public_key": coordinator_public_key}}
+
+
+def device_key(device: str, public_key: bytes, **extra: Any) -> dict[str, Any]:
+    if len(public_key) != 32:
+        raise ValueError("a raw Ed25519 public key is 32 bytes")
+    return {**extra, "type": DEVICE_KEY, "device": device, "key_id": key_id_of(public_key),
+            "public_key": bytes(public_key)}
+
+
+def device_key_revoked(device: str, key_id: str, reason: str, **extra: Any) -> dict[str, Any]:
+    return {**extra, "type": DEVICE_KEY_REVOKED, "device": device, "key_id": key_id, "reason": reason}
+
+
+def dataset(device: str, sha256: bytes, size: int, schema: Any, **extra: Any) -> dict[str, Any]:
+    if len(sha256) != 32:
+        raise ValueError("sha256 must be the 32-byte digest")
+    return {**extra, "type": DATASET, "device": device, "sha256": bytes(sha256), "size": int(size), "schema": schema}
+
+
+def statement(fleet: str, device: str, round: int, key_id: str, msg_id: bytes, weights_sha256: bytes,
+              num_samples: int, metrics: dict[str, float], **extra: Any) -> bytes:
+    """The bytes a device signs for an update (canonical msgpack map)."""
+    return canonical.encode({**extra, "fleet": fleet, "device": device, "round": int(round), "key_id": key_id,
+                             "msg_id": msg_id, "weights_sha256": weights_sha256, "num_samples": int(num_samples),
+                             "metrics": {k: float(v) for k, v in metrics.items()}})
+
+
+def update(statement: bytes, device_sig: bytes, **extra: Any) -> dict[str, Any]:
+    """An accepted update record; the copied fields are taken from the signed statement."""
+    fields = decode_statement(statement)
+    return {**extra, "type": UPDATE, "device": fields["device"], "round": fields["round"],
+            "key_id": fields["key_id"], "statement": bytes(statement), "device_sig": bytes(device_sig),
+            "weights_sha256": fields["weights_sha256"], "num_samples": fields["num_samples"],
+            "metrics": fields["metrics"]}
+
+
+def update_rejected(device: str, round: int | None, reason: str, digest: bytes, **extra: Any) -> dict[str, Any]:
+    return {**extra, "type": UPDATE_REJECTED, "device": device, "round": round, "reason": reason,
+            "digest": bytes(digest)}
+
+
+def round_opened(round: int, **extra: Any) -> dict[str, Any]:
+    return {**extra, "type": ROUND_OPENED, "round": int(round)}
+
+
+def model_published(round: int, model_sha256: bytes, **extra: Any) -> dict[str, Any]:
+    return {**extra, "type": MODEL_PUBLISHED, "round": int(round), "model_sha256": bytes(model_sha256)}
+
+
+def aggregate(round: int, participants: list[str], model_sha256: bytes, strategy: str,
+              metrics: dict[str, Any], merkle_root: bytes | None = None, **extra: Any) -> dict[str, Any]:
+    """An aggregation record. Leave ``merkle_root`` out and :meth:`ledger.Ledger.append` fills it in
+    from the round's accepted updates."""
+    record = {**extra, "type": AGGREGATE, "round": int(round), "participants": list(participants),
+              "model_sha256": bytes(model_sha256), "strategy": strategy, "metrics": metrics}
+    if merkle_root is not None:
+        record["merkle_root"] = bytes(merkle_root)
+    return record
+
+
+def update_leaf(statement: bytes, device_sig: bytes) -> bytes:
+    """Merkle leaf data of an accepted update: canonical msgpack of [statement, device_sig]."""
+    return canonical.pack_normalized([bytes(statement), bytes(device_sig)])
+
+
+def decode_statement(statement: bytes) -> dict[str, Any]:
+    """Decode a device statement (any msgpack map with the fields of :data:`STATEMENT_FIELDS`)."""
+    try:
+        fields = msgpack.unpackb(statement, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ValueError(f"statement is not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(fields, dict):
+        raise ValueError("statement is not a map")
+    missing = [name for name in STATEMENT_FIELDS if name not in fields]
+    if missing:
+        raise ValueError(f"statement lacks {', '.join(missing)}")
+    return fields

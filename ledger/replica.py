@@ -1,0 +1,124 @@
+"""A monitor's replica: ingest blocks one at a time, verify each, alert on misbehaviour."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ledger.block import Block, BlockFormatError
+from ledger.keys import Keyring
+from ledger.verify import ChainState, VerifyError
+
+
+class ReplicaAlert(Exception):
+    """The coordinator (or whoever publishes blocks) misbehaved.
+
+    ``kind``: "malformed", "bad_hash", "bad_signature", "fork" (a different block at the head
+    index, or a block that does not extend our head), "rewrite" (a different block at an index
+    below the head: history was rewritten), "invalid" (breaks a chain rule), "gap" (blocks
+    missing; raised only with ``strict_gaps`` or when too many blocks are pending)."""
+
+    def __init__(self, kind: str, index: int, reason: str) -> None:
+        super().__init__(f"{kind} at block {index}: {reason}")
+        self.kind = kind
+        self.index = index
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "appended", "duplicate" or "gap"
+    index: int
+    height: int  # replica height after this block
+    message: str = ""
+
+
+class Replica:
+    """Verified copy of the chain's hashes and state, fed block by block (no I/O).
+
+    A block ahead of the head is held back (a gap: ask the coordinator to replay from
+    :attr:`height`) and applied as soon as the missing blocks arrive."""
+
+    def __init__(self, trusted_coordinator_key: bytes | None = None, keyring: Keyring | None = None, *,
+                 strict_gaps: bool = False, max_pending: int = 100_000, device_signatures: bool = True) -> None:
+        self.state = ChainState(trusted_coordinator_key=trusted_coordinator_key, keyring=keyring,
+                                device_signatures=device_signatures)
+        self.trusted_coordinator_key = trusted_coordinator_key
+        self.hashes: list[bytes] = []
+        self.head: Block | None = None
+        self.pending: dict[int, Block] = {}
+        self.strict_gaps = strict_gaps
+        self.max_pending = max_pending
+
+    @property
+    def height(self) -> int:
+        return self.state.height
+
+    def missing(self) -> tuple[int, int] | None:
+        """(first, last) missing index when blocks are held back, else None."""
+        if not self.pending:
+            return None
+        return self.height, min(self.pending) - 1
+
+    def ingest(self, block: Block | bytes) -> Event:
+        """Verify and take one block; raise :class:`ReplicaAlert` on misbehaviour."""
+        if not isinstance(block, Block):
+            try:
+                block = Block.from_bytes(block)
+            except BlockFormatError as exc:
+                raise ReplicaAlert("malformed", self.height, str(exc)) from None
+        i = block.index
+        if block.computed_hash() != block.hash:
+            raise ReplicaAlert("bad_hash", i, "hash does not match the block's contents")
+        if self.height:  # we know the coordinator key: check the signature before anything else
+            try:
+                self.state.check_signature(block)
+            except VerifyError as exc:
+                raise ReplicaAlert("bad_signature", i, exc.reason) from None
+        if i < self.height:
+            if block.hash == self.hashes[i]:
+                return Event("duplicate", i, self.height)
+            kind = "fork" if i == self.height - 1 else "rewrite"
+            raise ReplicaAlert(kind, i, f"coordinator-signed block {block.hash.hex()[:16]} differs from the "
+                                        f"block {self.hashes[i].hex()[:16]} seen before at this index")
+        if i > self.height:
+            held = self.pending.get(i)
+            if held is not None and held.hash != block.hash:
+                raise ReplicaAlert("fork", i, "two different signed blocks at this index")
+            if self.strict_gaps:
+                raise ReplicaAlert("gap", i, f"blocks {self.height}..{i - 1} missing")
+            if len(self.pending) >= self.max_pending:
+                raise ReplicaAlert("gap", i, f"blocks {self.height}..{min(self.pending) - 1} still missing "
+                                             f"with {len(self.pending)} blocks held back")
+            self.pending[i] = block
+            return Event("gap", i, self.height, f"blocks {self.height}..{min(self.pending) - 1} missing; "
+                                                f"replay from {self.height}")
+        self._take(block)
+        while self.height in self.pending:
+            nxt = self.pending.pop(self.height)
+            try:
+                self.state.check_signature(nxt)
+            except VerifyError as exc:
+                raise ReplicaAlert("bad_signature", nxt.index, exc.reason) from None
+            self._take(nxt)
+        return Event("appended", i, self.height)
+
+    def _take(self, block: Block) -> None:
+        try:
+            # signatures of later blocks were checked in ingest(); genesis carries its own key
+            self.state.check(block, signature=block.index == 0)
+        except VerifyError as exc:
+            if block.prev_hash != self.state.head_hash:
+                raise ReplicaAlert("fork", block.index, exc.reason) from None
+            kind = "bad_signature" if "signature" in exc.reason else "invalid"
+            raise ReplicaAlert(kind, block.index, exc.reason) from None
+        self.state.apply(block)
+        self.hashes.append(block.hash)
+        self.head = block
+
+    def ingest_all(self, blocks: Iterable[Block | bytes]) -> int:
+        n = 0
+        for block in blocks:
+            self.ingest(block)
+            n += 1
+        return n
