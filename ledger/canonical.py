@@ -84,6 +84,10 @@ def _sorted_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _no_ext(code: int, data: bytes) -> Any:
+    raise CanonicalError(f"ext type {code} is not allowed")
+
+
 def _check_finite(value: Any) -> None:
     if type(value) is float:
         if not math.isfinite(value):
@@ -97,7 +101,7 @@ def decode(data: bytes, *, max_len: int | None = None) -> Any:
     """Decode canonical bytes; raise :class:`CanonicalError` if they are not the canonical encoding."""
     try:
         value = msgpack.unpackb(data, raw=False, use_list=True, object_pairs_hook=_sorted_pairs,
-                                strict_map_key=True)
+                                strict_map_key=True, ext_hook=_no_ext)
     except CanonicalError:
         raise
     except Exception as exc:
