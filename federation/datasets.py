@@ -240,23 +240,42 @@ def load_mnist() -> ImageData:
 
 @dataclass
 class Standardizer:
-    """Per-column standardisation ``(x - mean) / std``; works on [n, f] or [n] arrays."""
+    """Per-column standardisation ``(x - mean) / std``; works on [n, f] or [n] arrays.
+
+    With ``fit(values, clip_quantile=q)`` (q > 0) the statistics are robust to outliers: each
+    column is clipped to its [q, 1 - q] quantiles (bounds kept in ``low``/``high``) before the
+    mean and std are computed, and :meth:`transform` clips to the same bounds. This matters in
+    federated learning: one extreme row (e.g. California's AveOccup of 1243) would otherwise
+    change one agent's std tenfold, so agents would feed the shared model differently scaled
+    inputs. :meth:`inverse_transform` is exact for values inside the bounds.
+    """
 
     mean: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     std: FloatArray = field(default_factory=lambda: np.ones(0, dtype=np.float32))
+    low: FloatArray | None = None
+    high: FloatArray | None = None
 
     @classmethod
-    def fit(cls, values: npt.ArrayLike) -> Standardizer:
+    def fit(cls, values: npt.ArrayLike, clip_quantile: float = 0.0) -> Standardizer:
         array = np.asarray(values, dtype=np.float64)
         if array.size == 0 or len(array) == 0:
             raise ValueError("cannot fit a Standardizer on no data")
+        if not 0.0 <= clip_quantile < 0.5:
+            raise ValueError(f"clip_quantile must be in [0, 0.5), got {clip_quantile}")
+        low = high = None
+        if clip_quantile > 0:
+            low = np.atleast_1d(np.quantile(array, clip_quantile, axis=0)).astype(np.float32)
+            high = np.atleast_1d(np.quantile(array, 1.0 - clip_quantile, axis=0)).astype(np.float32)
+            array = np.clip(array, cls._shaped(low, array), cls._shaped(high, array))
         mean = array.mean(axis=0)
         std = array.std(axis=0)
         std = np.where(std > 1e-12, std, 1.0)  # constant columns map to 0 instead of NaN
-        return cls(np.atleast_1d(mean).astype(np.float32), np.atleast_1d(std).astype(np.float32))
+        return cls(np.atleast_1d(mean).astype(np.float32), np.atleast_1d(std).astype(np.float32), low, high)
 
     def transform(self, values: npt.ArrayLike) -> FloatArray:
         array = np.asarray(values, dtype=np.float32)
+        if self.low is not None and self.high is not None:
+            array = np.clip(array, self._shaped(self.low, array), self._shaped(self.high, array))
         return ((array - self._shaped(self.mean, array)) / self._shaped(self.std, array)).astype(np.float32)
 
     def inverse_transform(self, values: npt.ArrayLike) -> FloatArray:
@@ -270,7 +289,11 @@ class Standardizer:
         return stat
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+        out: dict[str, Any] = {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+        if self.low is not None and self.high is not None:
+            out["low"] = [float(v) for v in self.low]
+            out["high"] = [float(v) for v in self.high]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Standardizer:
@@ -278,7 +301,11 @@ class Standardizer:
         std = np.asarray(data["std"], dtype=np.float32)
         if mean.shape != std.shape or mean.ndim != 1:
             raise ValueError(f"bad Standardizer dict: mean {mean.shape}, std {std.shape}")
-        return cls(mean, std)
+        low = np.asarray(data["low"], dtype=np.float32) if "low" in data else None
+        high = np.asarray(data["high"], dtype=np.float32) if "high" in data else None
+        if (low is None) != (high is None) or (low is not None and low.shape != mean.shape):
+            raise ValueError("bad Standardizer dict: low/high must both be given, one value per column")
+        return cls(mean, std, low, high)
 
 
 def shard_indices(n: int, shard: int, num_shards: int, seed: int) -> IntArray:

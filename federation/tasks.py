@@ -40,6 +40,9 @@ Kind = Literal["regression", "classification"]
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 20240  # fixed: every agent and the coordinator agree on the held-out rows
+# Feature standardisers clip each column to these quantiles (see Standardizer): without it,
+# heavy-tailed columns get very different stds on different agents and FedAvg suffers.
+FEATURE_CLIP_QUANTILE = 0.001
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
@@ -164,7 +167,7 @@ class TabularTask(Task):
         test = _cap(test_idx[shard_indices(len(test_idx), shard, num_shards, seed)], limit, seed)
         if len(train) == 0:
             raise ValueError(f"shard {shard}/{num_shards} of {len(train_idx)} training rows is empty")
-        x_scaler = Standardizer.fit(data.features[train])
+        x_scaler = Standardizer.fit(data.features[train], FEATURE_CLIP_QUANTILE)
         y_scaler = Standardizer.fit(data.target[train])
         return LocalData(
             train_x=torch.from_numpy(x_scaler.transform(data.features[train])),
@@ -178,7 +181,8 @@ class TabularTask(Task):
     def central_scalers(self) -> tuple[Standardizer, Standardizer]:
         """Standardisers fitted on the whole training split (as used by :meth:`central_test_set`)."""
         data, train_idx, _ = self._split()
-        return Standardizer.fit(data.features[train_idx]), Standardizer.fit(data.target[train_idx])
+        return (Standardizer.fit(data.features[train_idx], FEATURE_CLIP_QUANTILE),
+                Standardizer.fit(data.target[train_idx]))
 
     def central_test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         data, _, test_idx = self._split()

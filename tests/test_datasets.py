@@ -166,3 +166,17 @@ def test_get_task_errors() -> None:
         get_task("imagenet")
     with pytest.raises(ValueError, match="n_features"):
         get_task("csv")
+
+
+def test_robust_standardizer_ignores_outliers() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5000, 2)).astype(np.float32)
+    with_outlier = x.copy()
+    with_outlier[0, 1] = 1e4
+    plain, robust = Standardizer.fit(with_outlier), Standardizer.fit(with_outlier, clip_quantile=0.001)
+    assert plain.std[1] > 50 and robust.std[1] == pytest.approx(1.0, abs=0.05)
+    assert robust.transform(with_outlier)[0, 1] < 5  # clipped to the fitted bounds
+    restored = Standardizer.from_dict(json.loads(json.dumps(robust.to_dict())))
+    inside = x[1:100]
+    np.testing.assert_allclose(restored.inverse_transform(restored.transform(inside)),
+                               np.clip(inside, robust.low, robust.high), rtol=1e-5, atol=1e-5)
