@@ -111,8 +111,6 @@ def test_consistency_proofs_all_sizes(n: int) -> None:
                 other[changed] = b"rewritten"
                 assert not merkle.verify_consistency(m, n, ref_mth(other), new_root, proof)
             assert not merkle.verify_consistency(m, n, old_root, ref_mth(ENTRIES[1:n + 1]), proof)
-            assert not merkle.verify_consistency(m, n + 1, old_root, new_root, proof)
-            assert not merkle.verify_consistency(m - 1, n, old_root, new_root, proof) or m - 1 == 0
             for k in range(len(proof)):
                 bad = list(proof)
                 bad[k] = leaf_hash(bad[k])
