@@ -24,7 +24,7 @@ from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.tasks import get_task
 from federation.topics import Topics
-from ledger import Ledger, LedgerSigner
+from ledger import Ed25519Signer, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         raise ValueError(f"key file {config.keys} is for fleet {keys.fleet!r}, not {config.fleet!r}")
     registry = DeviceRegistry.load(config.devices)
     state = Path(config.state_dir)
-    ledger = Ledger.open(state / "ledger.log", signer=LedgerSigner(keys.sign_seed), fleet=config.fleet,
+    state.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
                          difficulty=config.difficulty)
     task = get_task(config.task, n_features=config.csv_features or None)
 
@@ -80,8 +81,8 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
 def make_evaluator(task_name: str) -> Evaluate:
     """Central evaluation of each new global model on the task's held-out test set."""
     import torch
-
     from federation.evaluation import evaluate
+
     from federation.tasks import central_test_set
 
     task = get_task(task_name)
@@ -104,12 +105,12 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     def publish(topic: str, payload: bytes, retain: bool) -> None:
         link.publish(topic, payload, retain=retain)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     link.start(timeout=60)
     coordinator = build_coordinator(config, publish)
     coordinator.start()
-    presence: dict[str, Any] = {}
     connects = link.connect_count
     last_tick = 0.0
     try:
@@ -127,7 +128,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                 if topics.device_of(message.topic) and "/update/" in message.topic:
                     coordinator.handle_update(message.topic, message.payload)
                 elif "/presence/" in message.topic:
-                    _note_presence(presence, topics, message.topic, message.payload)
+                    if _note_presence(coordinator.presence, topics, message.topic, message.payload):
+                        coordinator.publish_status()
                 elif message.topic == topics.ledger_replay:
                     _replay(coordinator, link, topics, message.payload)
             now = time.monotonic()
@@ -147,12 +149,23 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     return 0
 
 
-def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload: bytes) -> None:
+def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload: bytes) -> bool:
+    """Record a device's heartbeat or Last Will; True when its state changed."""
     device = topics.device_of(topic)
+    if device is None:
+        return False
     try:
-        presence[str(device)] = json.loads(payload)
+        body = json.loads(payload)
     except ValueError:
         log.warning("malformed presence message from %s", device)
+        return False
+    if not isinstance(body, dict):
+        return False
+    changed = presence.get(device, {}).get("state") != body.get("state")
+    presence[device] = body
+    if changed:
+        log.info("device %s is %s", device, body.get("state"))
+    return changed
 
 
 def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes) -> None:

@@ -32,6 +32,7 @@ from federation.codec import CodecError, TensorDict, TensorSpec, check_against_s
 from federation.envelope import EnvelopeError
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.topics import Topics
+from ledger import records
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,13 @@ class Coordinator:
         self.halted: str | None = None  # set when storage fails: stop accepting
         self._strategy: Strategy | None = None
         self.history: list[dict[str, Any]] = []
+        self.presence: dict[str, dict[str, Any]] = {}  # device -> last presence message (LWT/heartbeat)
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
         """Load or initialise the global model and rebuild the open round from the ledger."""
         self.spool.check_writable()
+        self._sync_device_keys()
         blocks = list(self.ledger)
         last_model_block = None
         accepted_records: list[dict[str, Any]] = []
@@ -120,10 +123,8 @@ class Coordinator:
             model = self._initial_model()
             self.models.save(round_number, model)
             model_bytes = encode_tensors(model)
-            block = self._append({
-                "type": "model.published", "round": round_number, "initial": True,
-                "model_sha256": hashlib.sha256(model_bytes).digest(), "task": self.task_info,
-            })
+            block = self._append(records.model_published(
+                round_number, hashlib.sha256(model_bytes).digest(), initial=True, task=self.task_info))
             last_model_block = block
             log.info("initialised global model for round 1 (%d tensors)", len(model))
         else:
@@ -154,6 +155,27 @@ class Coordinator:
         self.publish_status()
         self.maybe_close_round()
 
+    def _sync_device_keys(self) -> None:
+        """Record in the ledger every device key the registry knows and every revocation, once:
+        anyone verifying the chain then checks device signatures with keys from the chain itself."""
+        registered: set[tuple[str, str]] = set()
+        revoked: set[tuple[str, str]] = set()
+        for block in self.ledger:
+            kind = block.data.get("type")
+            if kind == records.DEVICE_KEY:
+                registered.add((block.data["device"], block.data["key_id"]))
+            elif kind == records.DEVICE_KEY_REVOKED:
+                revoked.add((block.data["device"], block.data["key_id"]))
+        for device, record in sorted(self.registry.devices.items()):
+            for key_id, public_key in sorted(record.keys.items()):
+                if (device, key_id) not in registered:
+                    self._append(records.device_key(device, public_key))
+                    log.info("registered key %s of device %s in the ledger", key_id, device)
+            for key_id in sorted(record.revoked):
+                if (device, key_id) not in revoked:
+                    self._append(records.device_key_revoked(device, key_id, "revoked by the operator"))
+                    log.info("recorded revocation of key %s of device %s", key_id, device)
+
     def _restore_accepted(self, record: dict[str, Any]) -> None:
         assert self.round is not None and self._strategy is not None
         device = str(record["device"])
@@ -172,7 +194,7 @@ class Coordinator:
         self.round = RoundState(number, self._now(), self.settings.policy)
         self._strategy = make_strategy(self.settings.strategy)
         if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
-            self._append({"type": "round.opened", "round": number})
+            self._append(records.round_opened(number))
 
     # -- ledger and publishing ------------------------------------------------------------------
     def _append(self, data: dict[str, Any]) -> Any:
@@ -207,6 +229,7 @@ class Coordinator:
             "min_clients": self.settings.policy.min_clients,
             "height": head.index + 1, "head": head.hash.hex(),
             "rejections": dict(self.rejections), "accepted_total": self.accepted_total,
+            "presence": {d: p.get("state", "?") for d, p in sorted(self.presence.items())},
             "time": self._now(),
         }
 
@@ -220,10 +243,8 @@ class Coordinator:
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
         if record and device is not None and not self.halted:
             # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
-            self._append({
-                "type": "update.rejected", "device": device, "round": round_number, "reason": reason,
-                "msg_id": msg_id, "digest": hashlib.sha256(payload).digest(),
-            })
+            self._append(records.update_rejected(device, round_number, reason, hashlib.sha256(payload).digest(),
+                                                 msg_id=msg_id))
         return Outcome(False, reason, device, round_number)
 
     def handle_update(self, topic: str, payload: bytes) -> Outcome:
@@ -288,12 +309,7 @@ class Coordinator:
             return self._reject("bad_tensors", str(exc), **common)
         # Persist, then commit to the ledger, then fold into the running sum.
         self.spool.put(header.round, header.device, payload)
-        self._append({
-            "type": "update", "device": header.device, "round": header.round, "key_id": header.key_id,
-            "statement": sealed.header_bytes, "device_sig": sealed.signature,
-            "weights_sha256": header.weights_sha256, "num_samples": header.num_samples,
-            "metrics": header.metrics,
-        })
+        self._append(records.update(sealed.header_bytes, sealed.signature))
         self.seen_msg_ids.add(header.msg_id)
         self._strategy.add(weights, header.num_samples)
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
@@ -334,14 +350,13 @@ class Coordinator:
         eval_metrics = self._evaluate(new_model) if self._evaluate else {}
         train = state.train_summary()
         self.models.save(next_round, new_model)
-        block = self._append({
-            "type": "aggregate", "round": state.number, "participants": sorted(state.accepted),
-            "num_samples": sum(u.num_samples for u in state.accepted.values()),
-            "model_sha256": hashlib.sha256(model_bytes).digest(), "strategy": self._strategy.name,
-            # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
-            "metrics": {**{f"clients_{k}": v for k, v in train.items()},
-                        **{f"test_{k}": v for k, v in eval_metrics.items()}},
-        })
+        # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
+        # The ledger fills in the Merkle root over this round's accepted updates.
+        block = self._append(records.aggregate(
+            state.number, sorted(state.accepted), hashlib.sha256(model_bytes).digest(), self._strategy.name,
+            {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}},
+            num_samples=sum(u.num_samples for u in state.accepted.values()),
+        ))
         self.spool.drop_round(state.number)
         self.global_model = new_model
         self._model_block = block
@@ -352,7 +367,7 @@ class Coordinator:
             self.done = True
         self._open_round(next_round, announce=True)
         self.publish_model()
-        self._append({"type": "model.published", "round": next_round, "model_sha256": block.data["model_sha256"]})
+        self._append(records.model_published(next_round, block.data["model_sha256"]))
         self.publish_status()
 
     def tick(self) -> None:

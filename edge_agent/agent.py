@@ -65,6 +65,10 @@ class EdgeAgent:
         self.spec = spec_of(self.model.state_dict())
         self.latest: tuple[ModelHeader, bytes] | None = None
         self.trained_rounds: list[int] = []
+        # The last round trained survives a restart, so a restarted agent never trains a round twice.
+        self._last_round_file = self.state_dir / "last_trained_round"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.last_trained_round = int(self._last_round_file.read_text()) if self._last_round_file.exists() else 0
         self.status: dict[str, Any] = {}
         self.refused_models = 0
         self._last_send: dict[int, float] = {}
@@ -123,7 +127,7 @@ class EdgeAgent:
                 log.info("the coordinator finished training at round %d", header.round)
             self.done = True
             return
-        if self.outbox.get(header.round) is None and header.round not in self.trained_rounds:
+        if self.outbox.get(header.round) is None and header.round > self.last_trained_round:
             self._train_round(header, weights)
         self._resend_if_needed(header.round)
 
@@ -144,6 +148,10 @@ class EdgeAgent:
                                        result.num_samples, metrics)
         self.outbox.put(round_number, payload)  # durable before it is sent
         self.trained_rounds.append(round_number)
+        self.last_trained_round = round_number
+        tmp = self._last_round_file.with_suffix(".tmp")
+        tmp.write_text(str(round_number))
+        tmp.replace(self._last_round_file)
         log.info("round %d: trained on %d samples in %.1fs, loss %.4f, %s", round_number, result.num_samples,
                  result.seconds, result.train_loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in local_metrics.items()))

@@ -68,8 +68,9 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",
                     subscriptions=[topics.model, topics.status],
                     will=(topics.presence(bundle.device_id), offline, True))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     link.start(timeout=120)
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,

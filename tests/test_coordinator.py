@@ -1,0 +1,240 @@
+"""The coordinator core without a network: every bad input is rejected, counted, and leaves
+the global model and the ledger as they were; good input aggregates correctly, across restarts."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from coordinator.rounds import RoundPolicy
+from coordinator.service import Coordinator, CoordinatorSettings
+from coordinator.storage import ModelStore, Spool
+from federation import crypto, envelope
+from federation.codec import decode_tensors, encode_tensors
+from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
+from federation.topics import Topics
+from ledger import Ed25519Signer, Ledger, verify_file
+
+FLEET = "unit"
+TOPICS = Topics(FLEET)
+
+
+def initial_model() -> dict[str, np.ndarray]:
+    return {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Harness:
+    def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0) -> None:
+        self.tmp = tmp
+        self.keys = CoordinatorKeys.generate(FLEET)
+        self.registry = DeviceRegistry()
+        self.devices: dict[str, DeviceBundle] = {}
+        for name in ("dev-a", "dev-b", "dev-c"):
+            seed, public = crypto.ed25519_generate()
+            self.registry.add(name, public)
+            self.devices[name] = DeviceBundle(FLEET, name, seed, self.keys.public, self.keys.model_key_id,
+                                              self.keys.model_key)
+        self.policy = policy or RoundPolicy(min_clients=2, quorum=1, deadline_s=0)
+        self.max_rounds = max_rounds
+        self.clock = Clock()
+        self.published: list[tuple[str, bytes, bool]] = []
+        self.coordinator = self.build()
+
+    def build(self) -> Coordinator:
+        if hasattr(self, "ledger"):
+            self.ledger.close()  # as if the old process had exited
+        ledger = Ledger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
+        self.ledger = ledger
+        coordinator = Coordinator(
+            CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20),
+            self.keys, self.registry, ledger, ModelStore(self.tmp / "models"), Spool(self.tmp / "spool"),
+            initial_model=initial_model, publish=lambda t, p, r: self.published.append((t, p, r)),
+            topics=TOPICS, now=self.clock,
+        )
+        coordinator.start()
+        return coordinator
+
+    def update(self, device: str, round_number: int, weights: dict[str, np.ndarray], n: int = 10,
+               metrics: dict[str, float] | None = None) -> bytes:
+        return envelope.seal_update(self.devices[device], round_number, encode_tensors(weights), n,
+                                    metrics or {"train_loss": 0.5})
+
+    def send(self, device: str, payload: bytes) -> Any:
+        return self.coordinator.handle_update(TOPICS.update(device), payload)
+
+    def snapshot(self) -> tuple[int, bytes, bytes]:
+        head = self.ledger.head
+        return head.index, head.hash, encode_tensors(self.coordinator.global_model)
+
+
+def weights(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((4, 3), value, np.float32), "b": np.full(3, value, np.float32)}
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def test_round_aggregates_weighted_by_samples_and_records_blocks(h: Harness) -> None:
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(4.0), n=30)).accepted
+    assert h.coordinator.round is not None and h.coordinator.round.number == 2
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.25)  # (1*10 + 4*30) / 40
+    kinds = [b.data["type"] for b in h.ledger]
+    assert kinds.count("update") == 2 and kinds.count("aggregate") == 1
+    aggregate = next(b for b in h.ledger if b.data["type"] == "aggregate")
+    assert aggregate.data["participants"] == ["dev-a", "dev-b"]
+    assert aggregate.data["model_sha256"] == hashlib.sha256(encode_tensors(h.coordinator.global_model)).digest()
+    # The newest retained model on the model topic is round 2, signed, and opens for a device.
+    model_msgs = [p for t, p, r in h.published if t == TOPICS.model and r]
+    header, body = envelope.open_model(model_msgs[-1], h.devices["dev-a"], max_bytes=1 << 20)
+    assert header.round == 2 and header.block_hash == aggregate.hash
+    np.testing.assert_allclose(decode_tensors(body)["b"], 3.25)
+    assert verify_file(h.tmp / "ledger.log").ok
+
+
+def _flip_ct(payload: bytes) -> bytes:
+    outer = msgpack.unpackb(payload)
+    ct = bytearray(outer["ct"])
+    ct[0] ^= 0xFF
+    outer["ct"] = bytes(ct)
+    return msgpack.packb(outer)
+
+
+def _with_header(h: Harness, payload: bytes, **changes: Any) -> bytes:
+    outer = msgpack.unpackb(payload)
+    hdr = msgpack.unpackb(outer["hdr"])
+    hdr.update(changes)
+    outer["hdr"] = msgpack.packb(hdr)
+    return msgpack.packb(outer)
+
+
+BAD_INPUTS = {
+    "malformed": lambda h: b"\x00\x01not msgpack",
+    "malformed_map": lambda h: msgpack.packb({"fmt": "fledger.update", "v": 1, "hdr": 5}),
+    "unsupported_version": lambda h: msgpack.packb({**msgpack.unpackb(h.update("dev-a", 1, weights(1))), "v": 9}),
+    "decrypt_failed": lambda h: _flip_ct(h.update("dev-a", 1, weights(1))),
+    "bad_signature": lambda h: _with_header(h, h.update("dev-a", 1, weights(1)), num_samples=10**6),
+    "stale_round": lambda h: h.update("dev-a", 0, weights(1)),
+    "future_round": lambda h: h.update("dev-a", 7, weights(1)),
+    "bad_tensors_nan": lambda h: h.update("dev-a", 1, {"w": np.full((4, 3), np.nan, np.float32),
+                                                       "b": np.zeros(3, np.float32)}),
+    "bad_tensors_shape": lambda h: h.update("dev-a", 1, {"w": np.zeros((3, 4), np.float32),
+                                                         "b": np.zeros(3, np.float32)}),
+    "bad_tensors_dtype": lambda h: h.update("dev-a", 1, {"w": np.zeros((4, 3), np.float64),
+                                                         "b": np.zeros(3, np.float32)}),
+    "bad_metrics": lambda h: h.update("dev-a", 1, weights(1), metrics={"train_loss": float("nan")}),
+    "bad_sample_count": lambda h: h.update("dev-a", 1, weights(1), n=0),
+    "oversized": lambda h: b"\x00" * ((1 << 20) + 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_rejected_counted_and_changes_nothing(h: Harness, case: str) -> None:
+    before_model = encode_tensors(h.coordinator.global_model)
+    before_height = h.ledger.head.index
+    outcome = h.send("dev-a", BAD_INPUTS[case](h))
+    assert not outcome.accepted
+    expected = case.removesuffix("_nan").removesuffix("_shape").removesuffix("_dtype").removesuffix("_map")
+    assert outcome.reason == expected
+    assert h.coordinator.rejections[expected] == 1
+    assert encode_tensors(h.coordinator.global_model) == before_model
+    assert h.coordinator.round is not None and not h.coordinator.round.accepted
+    new_blocks = [b for b in h.ledger if b.index > before_height]
+    # Authenticated senders' rejections are on the ledger (a signed record); junk never is.
+    assert all(b.data["type"] == "update.rejected" for b in new_blocks)
+    assert len(new_blocks) <= 1
+
+
+def test_forged_device_and_wrong_topic_and_revoked_key(h: Harness) -> None:
+    forger_seed, _ = crypto.ed25519_generate()
+    forged = DeviceBundle(FLEET, "dev-a", forger_seed, h.keys.public, h.keys.model_key_id, h.keys.model_key)
+    payload = envelope.seal_update(forged, 1, encode_tensors(weights(9)), 10, {})
+    assert h.send("dev-a", payload).reason == "unknown_key"
+    # dev-b publishing dev-a's genuine update on its own topic
+    assert h.send("dev-b", h.update("dev-a", 1, weights(1))).reason == "topic_mismatch"
+    h.registry.revoke("dev-c", h.devices["dev-c"].key_id)
+    assert h.send("dev-c", h.update("dev-c", 1, weights(1))).reason == "revoked_key"
+    assert h.ledger.head.data["type"] == "round.opened"
+
+
+def test_replay_and_duplicate_are_distinct_reasons(h: Harness) -> None:
+    first = h.update("dev-a", 1, weights(1))
+    assert h.send("dev-a", first).accepted
+    assert h.send("dev-a", first).reason == "replay"
+    assert h.send("dev-a", h.update("dev-a", 1, weights(2))).reason == "duplicate_in_round"
+    assert h.send("dev-b", h.update("dev-b", 1, weights(3))).accepted
+    assert h.send("dev-a", h.update("dev-a", 1, weights(2))).reason == "stale_round"
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.0)
+
+
+def test_restart_mid_round_counts_each_update_once(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    first = h.update("dev-a", 1, weights(1.0), n=10)
+    assert h.send("dev-a", first).accepted
+    h.coordinator = h.build()  # a new process on the same state directory
+    assert h.coordinator.round is not None and sorted(h.coordinator.round.accepted) == ["dev-a"]
+    assert h.send("dev-a", first).reason == "replay"  # the resend after restart is harmless
+    assert h.send("dev-b", h.update("dev-b", 1, weights(4.0), n=30)).accepted
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.25)
+    h.coordinator = h.build()
+    assert h.coordinator.round is not None and h.coordinator.round.number == 2
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.25)
+    assert verify_file(tmp_path / "ledger.log").ok
+
+
+def test_deadline_closes_round_with_quorum(tmp_path: Path) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=2, deadline_s=60))
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
+    h.clock.t += 120
+    h.coordinator.tick()
+    assert h.coordinator.round is not None and h.coordinator.round.number == 1  # below quorum: waits
+    assert h.send("dev-b", h.update("dev-b", 1, weights(3))).accepted
+    assert h.coordinator.round.number == 2
+    assert h.send("dev-c", h.update("dev-c", 1, weights(5))).reason == "stale_round"
+
+
+def test_max_rounds_marks_done(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_rounds=1)
+    h.send("dev-a", h.update("dev-a", 1, weights(1)))
+    h.send("dev-b", h.update("dev-b", 1, weights(1)))
+    assert h.coordinator.done
+    header, _ = envelope.open_model([p for t, p, r in h.published if t == TOPICS.model][-1],
+                                    h.devices["dev-a"], max_bytes=1 << 20)
+    assert header.done and header.round == 2
+
+
+class FullDiskSpool(Spool):
+    """A spool on a disk that has filled up: every write fails with ENOSPC."""
+
+    def put(self, round_number: int, device: str, envelope_bytes: bytes) -> None:
+        import errno
+
+        from coordinator.storage import StorageError
+
+        raise StorageError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_stops_accepting_without_acknowledging(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.coordinator.spool = FullDiskSpool(tmp_path / "spool")
+    height = h.ledger.head.index
+    outcome = h.send("dev-a", h.update("dev-a", 1, weights(1)))
+    assert outcome.reason == "storage_error" and h.coordinator.halted
+    assert h.ledger.head.index == height  # nothing recorded as accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(1))).reason == "halted"
+    assert h.coordinator.status()["state"] == "halted"
