@@ -6,6 +6,7 @@ decryption, aggregation and disk writes, so a slow step never stalls the MQTT co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -19,6 +20,7 @@ from typing import Any
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
 from coordinator.storage import ModelStore, Spool
+from federation import envelope
 from federation.config import setting
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.mqtt import BrokerConfig, MqttLink
@@ -100,10 +102,20 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
     stop = stop or threading.Event()
     topics = Topics(config.fleet, config.topic_prefix)
-    link = MqttLink(config, config.client_id or f"fledger-coordinator-{config.fleet}",
+    # Reassemble no chunked message larger than the largest update we would accept anyway.
+    link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
+    link = MqttLink(link_config, config.client_id or f"fledger-coordinator-{config.fleet}",
                     subscriptions=[topics.updates, topics.presences, topics.ledger_replay])
+    first_model = [True]
+
     def publish(topic: str, payload: bytes, retain: bool) -> None:
-        link.publish(topic, payload, retain=retain)
+        if topic == topics.model:
+            # The model may exceed the broker's payload limit: chunked; stale chunks of a model
+            # published before a restart are cleared on the first publish.
+            link.publish(topic, payload, retain=retain, chunked=True, clear_stale_chunks=first_model[0])
+            first_model[0] = False
+        else:
+            link.publish(topic, payload, retain=retain)
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,10 +148,12 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
             if now - last_tick >= 0.5:
                 last_tick = now
                 coordinator.tick()
+                link.expire_partial()
             if coordinator.done:
                 log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
                 # Let the last publishes reach the broker before leaving.
-                link.publish(topics.status, json.dumps(coordinator.status()).encode(), retain=True, wait=10)
+                link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True,
+                             wait=10)
                 break
             if coordinator.halted:
                 log.critical("halted: %s", coordinator.halted)

@@ -14,7 +14,6 @@ A restart rebuilds the open round from the ledger's accepted records and the spo
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -234,7 +233,7 @@ class Coordinator:
         }
 
     def publish_status(self) -> None:
-        self._publish(self.topics.status, json.dumps(self.status(), sort_keys=True).encode(), True)
+        self._publish(self.topics.status, envelope.seal_status(self.keys, self.status()), True)
 
     # -- updates ----------------------------------------------------------------------------------
     def _reject(self, reason: str, detail: str, *, device: str | None = None, round_number: int | None = None,
@@ -285,28 +284,29 @@ class Coordinator:
         except EnvelopeError as exc:
             return self._reject(exc.reason, exc.detail, device=header.device, round_number=header.round)
         # From here on the sender is authenticated: rejections go to the ledger too.
-        common = {"device": header.device, "round_number": header.round, "msg_id": header.msg_id,
-                  "payload": payload, "record": True}
-        reason = self.round.check(device=header.device, round_number=header.round, msg_id=header.msg_id,
-                                  seen=self.seen_msg_ids)
-        if reason is not None:
+        def rejected(reason: str, detail: str, *, record: bool = True) -> Outcome:
+            return self._reject(reason, detail, device=header.device, round_number=header.round,
+                                msg_id=header.msg_id, payload=payload, record=record)
+
+        round_problem = self.round.check(device=header.device, round_number=header.round, msg_id=header.msg_id,
+                                         seen=self.seen_msg_ids)
+        if round_problem is not None:
             # A byte-identical replay is not recorded again: it would let anyone grow the ledger.
-            return self._reject(reason, f"open round is {self.round.number}",
-                                **{**common, "record": reason != "replay"})
+            return rejected(round_problem, f"open round is {self.round.number}", record=round_problem != "replay")
         if self.done:
-            return self._reject("training_done", "the federation has finished its rounds", **common)
+            return rejected("training_done", "the federation has finished its rounds")
         if header.num_samples <= 0:
-            return self._reject("bad_sample_count", f"num_samples={header.num_samples}", **common)
+            return rejected("bad_sample_count", f"num_samples={header.num_samples}")
         if not all(map(_finite, header.metrics.values())):
-            return self._reject("bad_metrics", "metrics contain NaN or Inf", **common)
+            return rejected("bad_metrics", "metrics contain NaN or Inf")
         try:
             weights_bytes = envelope.decrypt_update(sealed, self.keys)
             weights = decode_tensors(weights_bytes)
             check_against_spec(weights, self.spec)
         except EnvelopeError as exc:
-            return self._reject(exc.reason, exc.detail, **common)
+            return rejected(exc.reason, exc.detail)
         except CodecError as exc:
-            return self._reject("bad_tensors", str(exc), **common)
+            return rejected("bad_tensors", str(exc))
         # Persist, then commit to the ledger, then fold into the running sum.
         self.spool.put(header.round, header.device, payload)
         self._append(records.update(sealed.header_bytes, sealed.signature))

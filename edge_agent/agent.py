@@ -35,7 +35,7 @@ class Link(Protocol):
     inbox: queue.Queue[Message]
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                wait: float | None = None) -> bool: ...
+                wait: float | None = None, chunked: bool = False) -> bool: ...
 
 
 @dataclass
@@ -81,11 +81,9 @@ class EdgeAgent:
             self._on_model(message.payload)
         elif message.topic == self.topics.status:
             try:
-                status = json.loads(message.payload)
-                if isinstance(status, dict):
-                    self.status = status
-            except ValueError:
-                log.warning("ignored a malformed status message")
+                self.status = envelope.open_status(message.payload, self.bundle.coordinator.sign_public)
+            except EnvelopeError as exc:
+                log.warning("ignored a status message: %s", exc)
         # Anything else (amqtt may deliver retained messages of other topics) is ignored.
 
     def _on_model(self, payload: bytes) -> None:
@@ -158,7 +156,7 @@ class EdgeAgent:
         self._send(round_number, payload)
 
     def _send(self, round_number: int, payload: bytes) -> None:
-        self.link.publish(self.topics.update(self.bundle.device_id), payload, qos=1)
+        self.link.publish(self.topics.update(self.bundle.device_id), payload, qos=1, chunked=True)
         self._last_send[round_number] = self._now()
 
     def _resend_if_needed(self, round_number: int) -> None:

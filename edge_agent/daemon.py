@@ -66,7 +66,7 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     topics = Topics(bundle.fleet, config.topic_prefix)
     offline = json.dumps({"device": bundle.device_id, "state": "offline"}).encode()
     link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",
-                    subscriptions=[topics.model, topics.status],
+                    subscriptions=[topics.model, topics.model_chunks, topics.status],
                     will=(topics.presence(bundle.device_id), offline, True))
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

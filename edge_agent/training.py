@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from federation.evaluation import KINDS, check_kind, evaluate, model_outputs
 from federation.tasks import Kind, LocalData
 
-KINDS = ("regression", "classification")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -26,23 +26,8 @@ class TrainResult:
     seconds: float
 
 
-def _check_kind(kind: str | None) -> Kind:
-    if kind == "regression":
-        return "regression"
-    if kind == "classification":
-        return "classification"
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
 def _loss_fn(kind: Kind) -> nn.Module:
     return nn.MSELoss() if kind == "regression" else nn.CrossEntropyLoss()
-
-
-def _outputs(model: nn.Module, x: torch.Tensor, kind: Kind) -> torch.Tensor:
-    out: torch.Tensor = model(x)
-    if kind == "regression" and out.ndim == 2 and out.shape[1] == 1:
-        out = out.squeeze(1)
-    return out
 
 
 def _make_optimizer(model: nn.Module, optimizer: str, lr: float) -> torch.optim.Optimizer:
@@ -77,11 +62,11 @@ def train_local(
     if isinstance(data, LocalData):
         if y is not None:
             raise TypeError("give either LocalData or (x, y), not both")
-        x, targets, task_kind = data.train_x, data.train_y, _check_kind(kind or data.kind)
+        x, targets, task_kind = data.train_x, data.train_y, check_kind(kind or data.kind)
     else:
         if y is None:
             raise TypeError("train_local(model, x, y, kind=...): y is missing")
-        x, targets, task_kind = data, y, _check_kind(kind)
+        x, targets, task_kind = data, y, check_kind(kind)
     n = len(x)
     if n == 0 or len(targets) != n:
         raise ValueError(f"need a non-empty training set with as many targets as inputs, got {n} and {len(targets)}")
@@ -103,7 +88,7 @@ def train_local(
             for begin in range(0, n, batch_size):
                 batch = order[begin:begin + batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(_outputs(model, x[batch], task_kind), targets[batch])
+                loss = loss_fn(model_outputs(model, x[batch], task_kind), targets[batch])
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDivergedError(
@@ -118,34 +103,4 @@ def train_local(
     return TrainResult(train_loss=epoch_loss, num_samples=n, seconds=time.perf_counter() - start)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
-             batch_size: int = 1024) -> dict[str, float]:
-    """Metrics of ``model`` on (x, y), batched to bound memory.
-
-    Regression: ``{"mse": ...}`` (in the units of ``y``, i.e. the standardised target);
-    classification: ``{"accuracy": ..., "loss": ...}`` (fraction correct, mean cross-entropy).
-    """
-    task_kind = _check_kind(kind)
-    n = len(x)
-    if n == 0 or len(y) != n:
-        raise ValueError(f"need a non-empty evaluation set with as many targets as inputs, got {n} and {len(y)}")
-    was_training = model.training
-    model.eval()
-    squared = 0.0
-    loss_sum = 0.0
-    correct = 0
-    try:
-        with torch.no_grad():
-            for begin in range(0, n, batch_size):
-                xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
-                out = _outputs(model, xb, task_kind)
-                if task_kind == "regression":
-                    squared += float(((out - yb.to(out.dtype)) ** 2).sum())
-                else:
-                    loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-                    correct += int((out.argmax(dim=1) == yb).sum())
-    finally:
-        model.train(was_training)
-    if task_kind == "regression":
-        return {"mse": squared / n}
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+__all__ = ["KINDS", "TrainResult", "TrainingDivergedError", "evaluate", "train_local"]

@@ -18,6 +18,7 @@ done, and the fleet model key id; encrypted with the fleet model key, signed by 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -242,3 +243,33 @@ def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[Mo
     if hashlib.sha256(weights).digest() != header.model_sha256:
         raise EnvelopeError("digest_mismatch", "model digest differs from its signed header")
     return header, weights
+
+
+# --- status ---------------------------------------------------------------------------------
+# JSON so that operators can read it with any MQTT tool; signed because agents act on it
+# (an agent drops an update from its outbox once the status lists it as accepted).
+
+STATUS_CONTEXT = b"fledger/status/v1\n"
+
+
+def _status_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal_status(keys: CoordinatorKeys, body: dict[str, Any]) -> bytes:
+    signature = keys.sign(STATUS_CONTEXT + _status_bytes(body))
+    return json.dumps({"status": body, "key_id": keys.public.sign_key_id, "sig": signature.hex()},
+                      sort_keys=True).encode()
+
+
+def open_status(data: bytes, coordinator_sign_public: bytes) -> dict[str, Any]:
+    """The status body if the coordinator signed it; EnvelopeError otherwise."""
+    try:
+        message = json.loads(data)
+        body, signature = message["status"], bytes.fromhex(message["sig"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EnvelopeError("malformed", "not a signed status message") from exc
+    if not isinstance(body, dict) or not crypto.ed25519_verify(
+            coordinator_sign_public, STATUS_CONTEXT + _status_bytes(body), signature):
+        raise EnvelopeError("bad_signature", "status is not signed by the fleet's coordinator")
+    return body

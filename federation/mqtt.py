@@ -26,6 +26,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from federation.chunking import ChunkError, Reassembler, chunk_count, retained_topics, split, stream_key
 from federation.config import read_secret, setting
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class BrokerConfig:
     tls_key: Path | None = setting(None, "client private key (PEM) for mutual TLS")
     keepalive: int = setting(30, "MQTT keepalive in seconds")
     topic_prefix: str = setting("fledger", "first level of every topic")
+    max_payload: int = setting(0, "largest MQTT payload the broker takes; bigger models and updates are sent in "
+                                  "chunks (set ~1 KB under the broker's limit, e.g. 1047552 for a 1 MiB cap; "
+                                  "0: no chunking)")
+    max_message_bytes: int = setting(256 * 1024 * 1024, "largest chunked message reassembled")
+    chunk_timeout: float = setting(120.0, "seconds a partly received chunked message is kept")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,10 @@ class MqttLink:
         self.connect_count = 0  # grows on every (re)connect: the owner republishes retained state
         self._stopping = False
         self._backoff = backoff
+        self.refused: str | None = None  # the broker's reason when it refuses our login
+        # Bounded reassembly of chunked messages: at most a few large messages in flight.
+        self.reassembler = Reassembler(4 * config.max_message_bytes, config.max_message_bytes, config.chunk_timeout)
+        self._chunk_counts: dict[str, int] = {}
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
             protocol=paho.MQTTv311,
@@ -100,8 +110,10 @@ class MqttLink:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
+            self.refused = str(reason)
             log.error("broker refused connection: %s", reason)
             return
+        self.refused = None
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self.connect_count += 1
@@ -115,7 +127,14 @@ class MqttLink:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:
-            self.inbox.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.time()))
+            whole = self.reassembler.feed(msg.topic, bytes(msg.payload))
+        except ChunkError as exc:
+            log.warning("dropped a chunked message: %s", exc)
+            return
+        if whole is None:
+            return  # a chunk: the message is not complete yet
+        try:
+            self.inbox.put_nowait(Message(stream_key(msg.topic), whole, bool(msg.retain), time.time()))
         except queue.Full:
             log.error("inbox full: dropped a message on %s", msg.topic)
 
@@ -138,8 +157,14 @@ class MqttLink:
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self._backoff[1])
         self._client.loop_start()
-        remaining = None if deadline is None else max(0.1, deadline - time.monotonic())
-        if not self.connected.wait(remaining):
+        while not self.connected.wait(0.1):
+            if self.refused is not None:
+                self.stop()
+                raise ConnectionError(f"MQTT broker {self.config.broker_host}:{self.config.broker_port} refused "
+                                      f"the connection: {self.refused}")
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        if not self.connected.is_set():
             self.stop()
             raise ConnectionError(
                 f"MQTT broker {self.config.broker_host}:{self.config.broker_port} did not accept the connection"
@@ -151,16 +176,41 @@ class MqttLink:
         self._client.subscribe(topic, qos=1)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                wait: float | None = None) -> bool:
-        """Publish; with ``wait`` block up to that many seconds for the broker's PUBACK."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+                wait: float | None = None, chunked: bool = False, clear_stale_chunks: bool = False) -> bool:
+        """Publish; with ``wait`` block up to that many seconds for the broker's PUBACK(s).
+
+        ``chunked``: the payload may exceed the broker's limit (models, updates); with
+        ``max_payload`` set it is sent as frames (see federation.chunking), a retained one as
+        chunk topics plus a manifest. ``clear_stale_chunks`` deletes chunk topics a previous
+        process may have left for a larger retained message."""
+        limit = self.config.max_payload
+        if chunked and limit:
+            frames = split(payload, limit)
+            if retain:
+                previous = self._chunk_counts.get(topic, 0)
+                if clear_stale_chunks:
+                    previous = max(previous, chunk_count(self.config.max_message_bytes, limit))
+                pubs = retained_topics(topic, frames, previous)
+                self._chunk_counts[topic] = len(frames) if len(frames) > 1 else 0
+            else:
+                pubs = [(topic, frame) for frame in frames]
+        else:
+            pubs = [(topic, payload)]
+        infos = [self._client.publish(t, p, qos=qos, retain=retain) for t, p in pubs]
         if wait is None:
             return True
+        deadline = time.monotonic() + wait
         try:
-            info.wait_for_publish(timeout=wait)
+            for info in infos:
+                info.wait_for_publish(timeout=max(0.01, deadline - time.monotonic()))
         except (RuntimeError, ValueError):
             return False
-        return info.is_published()
+        return all(info.is_published() for info in infos)
+
+    def expire_partial(self) -> None:
+        """Drop chunked messages that did not complete in time (call about once a second)."""
+        for error in self.reassembler.expire():
+            log.warning("chunked message expired: %s", error)
 
     def stop(self) -> None:
         self._stopping = True

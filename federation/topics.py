@@ -33,6 +33,11 @@ class Topics:
         """Retained: the current signed, encrypted global model."""
         return f"{self.base}/model/global"
 
+    @property
+    def model_chunks(self) -> str:
+        """Retained chunks of a model larger than the broker's payload limit."""
+        return f"{self.base}/model/global/chunk/+"
+
     def update(self, device_id: str) -> str:
         return f"{self.base}/update/{check_name('device id', device_id)}"
 

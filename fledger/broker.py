@@ -33,7 +33,7 @@ def broker_config(host: str, port: int, password_file: Path | None = None,
     if password_file:
         # FileAuthPlugin alone: adding AnonymousAuthPlugin(allow_anonymous=False) would let
         # any user name in (amqtt 0.12.1).
-        plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password-file": str(password_file)}}
+        plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)}}
     else:
         plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     return {"listeners": {"default": listener}, "plugins": plugins}

@@ -116,11 +116,11 @@ def main(args: argparse.Namespace) -> int:
     if command == "consistency":
         with Ledger.open(args.file) as ledger:
             new = ledger.height if args.new is None else args.new
-            proof = ledger.consistency_proof(args.old, new)
+            path = ledger.consistency_proof(args.old, new)
             old_root, new_root = ledger.chain_root(args.old), ledger.chain_root(new)
-        ok = verify_consistency(args.old, new, old_root, new_root, proof)
+        ok = verify_consistency(args.old, new, old_root, new_root, path)
         print(json.dumps({"old": args.old, "new": new, "old_root": old_root.hex(), "new_root": new_root.hex(),
-                          "proof": [p.hex() for p in proof], "verified": ok}, indent=2))
+                          "proof": [p.hex() for p in path], "verified": ok}, indent=2))
         return 0 if ok else 1
     if command == "follow":
         return follow(args)
@@ -171,7 +171,8 @@ def follow(args: argparse.Namespace) -> int:
         link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
         while True:
             if args.until_height and replica.height >= args.until_height:
-                print(f"replica verified to height {replica.height}, head {replica.head.hash.hex()[:16]}")
+                head = replica.head.hash.hex()[:16] if replica.head else "-"
+                print(f"replica verified to height {replica.height}, head {head}")
                 return 0
             if args.timeout and time.monotonic() - started > args.timeout:
                 log.error("timeout at height %d", replica.height)
@@ -195,7 +196,7 @@ def follow(args: argparse.Namespace) -> int:
             if replica.height > before:
                 for index in range(before, replica.height):
                     store.append(raw_by_index.pop(index))
-                log.info("block %d %s verified", replica.height - 1, replica.head.hash.hex()[:16])
+                log.info("block %d verified", replica.height - 1)
             if event.kind == "gap" and time.monotonic() - last_request > 2.0:
                 last_request = time.monotonic()
                 link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
