@@ -83,8 +83,8 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
 def make_evaluator(task_name: str) -> Evaluate:
     """Central evaluation of each new global model on the task's held-out test set."""
     import torch
-    from federation.evaluation import evaluate
 
+    from federation.evaluation import evaluate
     from federation.tasks import central_test_set
 
     task = get_task(task_name)
@@ -105,7 +105,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     # Reassemble no chunked message larger than the largest update we would accept anyway.
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, config.client_id or f"fledger-coordinator-{config.fleet}",
-                    subscriptions=[topics.updates, topics.presences, topics.ledger_replay])
+                    subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replay])
     first_model = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
@@ -137,8 +137,11 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                 coordinator.publish_model()
                 coordinator.publish_status()
             if message is not None:
-                if topics.device_of(message.topic) and "/update/" in message.topic:
+                device = topics.device_of(message.topic)
+                if device and message.topic == topics.update(device):
                     coordinator.handle_update(message.topic, message.payload)
+                elif device and message.topic == topics.register(device):
+                    coordinator.handle_registration(message.topic, message.payload)
                 elif "/presence/" in message.topic:
                     if _note_presence(coordinator.presence, topics, message.topic, message.payload):
                         coordinator.publish_status()

@@ -97,7 +97,8 @@ class Coordinator:
         self.halted: str | None = None  # set when storage fails: stop accepting
         self._strategy: Strategy | None = None
         self.history: list[dict[str, Any]] = []
-        self.presence: dict[str, dict[str, Any]] = {}  # device -> last presence message (LWT/heartbeat)
+        self.presence: dict[str, dict[str, Any]] = {}
+        self.datasets: dict[str, bytes] = {}  # device -> SHA-256 of its registered data set
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
@@ -113,6 +114,8 @@ class Coordinator:
             if kind == "update":
                 self.seen_msg_ids.add(_statement_field(data, "msg_id"))
                 accepted_records.append(data)
+            elif kind == records.DATASET:
+                self.datasets[data["device"]] = data["sha256"]
             elif kind == "update.rejected" and isinstance(data.get("msg_id"), bytes):
                 self.seen_msg_ids.add(data["msg_id"])
             elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
@@ -229,6 +232,7 @@ class Coordinator:
             "height": head.index + 1, "head": head.hash.hex(),
             "rejections": dict(self.rejections), "accepted_total": self.accepted_total,
             "presence": {d: p.get("state", "?") for d, p in sorted(self.presence.items())},
+            "datasets": {d: h.hex() for d, h in sorted(self.datasets.items())},
             "time": self._now(),
         }
 
@@ -299,6 +303,8 @@ class Coordinator:
             return rejected("bad_sample_count", f"num_samples={header.num_samples}")
         if not all(map(_finite, header.metrics.values())):
             return rejected("bad_metrics", "metrics contain NaN or Inf")
+        if self.datasets.get(header.device) != header.dataset_sha256:
+            return rejected("dataset_not_registered", "the update names a data set this device has not registered")
         try:
             weights_bytes = envelope.decrypt_update(sealed, self.keys)
             weights = decode_tensors(weights_bytes)
@@ -320,6 +326,32 @@ class Coordinator:
         self.publish_status()
         self.maybe_close_round()
         return Outcome(True, "accepted", header.device, header.round)
+
+    def handle_registration(self, topic: str, payload: bytes) -> Outcome:
+        """A device's signed dataset registration: recorded in the ledger once per new digest."""
+        try:
+            statement = envelope.open_dataset(payload, self.registry.public_key)
+        except EnvelopeError as exc:
+            return self._reject(f"registration_{exc.reason}", exc.detail, device=self.topics.device_of(topic))
+        if statement.device != self.topics.device_of(topic) or statement.fleet != self.settings.fleet:
+            return self._reject("registration_topic_mismatch", f"{statement.device!r} on {topic!r}")
+        if self.halted:
+            return self._reject("halted", self.halted)
+        if self.datasets.get(statement.device) == statement.sha256:
+            self.publish_status()  # a resend: the device has not seen our acknowledgement
+            return Outcome(True, "already_registered", statement.device)
+        try:
+            self._append(records.dataset(statement.device, statement.sha256, statement.size, statement.schema,
+                                         key_id=statement.key_id, statement=statement.statement,
+                                         device_sig=statement.signature))
+        except StorageError as exc:
+            self.halted = str(exc)
+            return self._reject("storage_error", str(exc))
+        self.datasets[statement.device] = statement.sha256
+        log.info("device %s registered data set %s (%d bytes, %s)", statement.device, statement.sha256.hex()[:16],
+                 statement.size, statement.schema.get("task"))
+        self.publish_status()
+        return Outcome(True, "registered", statement.device)
 
     # -- closing a round --------------------------------------------------------------------------
     def maybe_close_round(self) -> bool:

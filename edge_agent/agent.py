@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from edge_agent.outbox import Outbox
+from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import evaluate, train_local
 from federation import envelope
 from federation.codec import CodecError, check_against_spec, decode_tensors, encode_tensors, spec_of
@@ -51,6 +52,7 @@ class EdgeAgent:
     def __init__(
         self, bundle: DeviceBundle, task: Task, data: LocalData, link: Link, topics: Topics,
         state_dir: Path, settings: AgentSettings | None = None, now: Callable[[], float] = time.time,
+        *, dataset: Fingerprint, register: bool = True,
     ) -> None:
         self.bundle = bundle
         self.task = task
@@ -74,6 +76,9 @@ class EdgeAgent:
         self._last_send: dict[int, float] = {}
         self._last_heartbeat = 0.0
         self.done = False
+        self.dataset = dataset
+        self.registration_pending = register
+        self._last_registration = 0.0
 
     # -- inbound ---------------------------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
@@ -116,6 +121,8 @@ class EdgeAgent:
         self._heartbeat()
         if self.latest is None:
             return
+        if self.registration_pending and not self._registered():
+            return  # train only on data the ledger knows about
         header, weights = self.latest
         dropped = self.outbox.drop_before(header.round)
         if dropped:
@@ -128,6 +135,20 @@ class EdgeAgent:
         if self.outbox.get(header.round) is None and header.round > self.last_trained_round:
             self._train_round(header, weights)
         self._resend_if_needed(header.round)
+
+    def _registered(self) -> bool:
+        """Send the dataset registration until the coordinator's signed status lists it."""
+        if self.status.get("datasets", {}).get(self.bundle.device_id) == self.dataset.sha256.hex():
+            self.registration_pending = False
+            mark_acknowledged(self.state_dir)
+            log.info("data set %s registered in the ledger", self.dataset.sha256.hex()[:16])
+            return True
+        if self._now() - self._last_registration >= min(self.settings.resend_interval_s, 5.0):
+            self._last_registration = self._now()
+            payload = envelope.seal_dataset(self.bundle, self.dataset.sha256, self.dataset.size, self.dataset.schema)
+            self.link.publish(self.topics.register(self.bundle.device_id), payload, qos=1)
+            log.info("registering data set %s (%d bytes)", self.dataset.sha256.hex()[:16], self.dataset.size)
+        return False
 
     def _train_round(self, header: ModelHeader, weights: bytes) -> None:
         round_number = header.round
@@ -143,7 +164,7 @@ class EdgeAgent:
                    **{f"test_{k}": v for k, v in local_metrics.items()},
                    **{f"global_test_{k}": v for k, v in global_metrics.items()}}
         payload = envelope.seal_update(self.bundle, round_number, encode_tensors(self.model.state_dict()),
-                                       result.num_samples, metrics)
+                                       result.num_samples, metrics, dataset_sha256=self.dataset.sha256)
         self.outbox.put(round_number, payload)  # durable before it is sent
         self.trained_rounds.append(round_number)
         self.last_trained_round = round_number

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from edge_agent.agent import AgentSettings, EdgeAgent
+from edge_agent.registration import check_registration, fingerprint
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
@@ -36,6 +37,7 @@ class AgentConfig(BrokerConfig):
     heartbeat: float = setting(15.0, "seconds between presence heartbeats")
     exit_when_done: bool = setting(True, "exit once the coordinator says training is finished")
     client_id: str = setting("", "MQTT client id (default: fledger-agent-<device>)")
+    reregister: bool = setting(False, "register changed local data instead of refusing to train on it")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -63,6 +65,8 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
         (state_dir / "scaler.json").write_text(json.dumps(data.scaler, indent=2))
     log.info("device %s: task %s, shard %d/%d, %d train / %d test samples", bundle.device_id, task.name,
              shard, num_shards, len(data.train_y), len(data.test_y))
+    dataset = fingerprint(task, data, config.shard, config.limit or None)
+    check_registration(state_dir, dataset, reregister=config.reregister)
     topics = Topics(bundle.fleet, config.topic_prefix)
     offline = json.dumps({"device": bundle.device_id, "state": "offline"}).encode()
     link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",
@@ -74,7 +78,8 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     link.start(timeout=120)
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
-                                    exit_when_done=config.exit_when_done, seed=config.seed))
+                                    exit_when_done=config.exit_when_done, seed=config.seed),
+                      dataset=dataset, register=True)
     try:
         agent.run(stop=stop.is_set)
         link.publish(topics.presence(bundle.device_id), offline, retain=True, wait=5)

@@ -60,6 +60,7 @@ class UpdateHeader:
     metrics: dict[str, float]
     codec: int
     created: float
+    dataset_sha256: bytes
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _field(hdr: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
 
 def seal_update(
     bundle: DeviceBundle, round_number: int, weights: bytes, num_samples: int,
-    metrics: dict[str, float], *, now: float | None = None,
+    metrics: dict[str, float], *, dataset_sha256: bytes, now: float | None = None,
 ) -> bytes:
     """Encrypt and sign encoded weights (from :func:`federation.codec.encode_tensors`)."""
     eph_seed, eph_public = crypto.x25519_generate()
@@ -130,7 +131,7 @@ def seal_update(
         "to": bundle.coordinator.enc_key_id, "iv": iv,
         "weights_sha256": hashlib.sha256(weights).digest(), "num_samples": int(num_samples),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())}, "codec": 1,
-        "created": float(time.time() if now is None else now),
+        "created": float(time.time() if now is None else now), "dataset_sha256": dataset_sha256,
     }
     header_bytes = _pack(header)
     key = crypto.x25519_shared_key(eph_seed, bundle.coordinator.enc_public, msg_id, UPDATE_KDF_CONTEXT)
@@ -162,6 +163,7 @@ def parse_update(data: bytes, *, max_bytes: int) -> SealedUpdate:
         weights_sha256=_field(hdr, "weights_sha256", bytes),
         num_samples=_field(hdr, "num_samples", int), metrics=metrics,
         codec=_field(hdr, "codec", int), created=_field(hdr, "created", float),
+        dataset_sha256=_field(hdr, "dataset_sha256", bytes),
     )
     if len(header.msg_id) != 16 or len(header.weights_sha256) != 32 or len(header.epk) != 32:
         raise EnvelopeError("malformed", "msg_id, epk or weights_sha256 has the wrong length")
@@ -273,3 +275,61 @@ def open_status(data: bytes, coordinator_sign_public: bytes) -> dict[str, Any]:
             coordinator_sign_public, STATUS_CONTEXT + _status_bytes(body), signature):
         raise EnvelopeError("bad_signature", "status is not signed by the fleet's coordinator")
     return body
+
+
+# --- dataset registration ---------------------------------------------------------------------
+# A device states, signed, which data set it trains on (SHA-256, size, schema) before its first
+# update; the coordinator records the statement in the ledger. Nothing secret: no encryption.
+
+DATASET_FORMAT = "fledger.dataset"
+
+
+@dataclass(frozen=True)
+class DatasetStatement:
+    fleet: str
+    device: str
+    key_id: str
+    sha256: bytes
+    size: int
+    schema: dict[str, Any]
+    statement: bytes
+    signature: bytes
+
+
+def seal_dataset(bundle: DeviceBundle, sha256: bytes, size: int, schema: dict[str, Any],
+                 *, now: float | None = None) -> bytes:
+    header_bytes = _pack({
+        "fleet": bundle.fleet, "device": bundle.device_id, "key_id": bundle.key_id,
+        "msg_id": crypto.random_bytes(16), "sha256": sha256, "size": int(size), "schema": schema,
+        "created": float(time.time() if now is None else now),
+    })
+    return _pack({"fmt": DATASET_FORMAT, "v": ENVELOPE_VERSION, "hdr": header_bytes,
+                  "sig": bundle.sign(header_bytes)})
+
+
+def open_dataset(data: bytes, public_key_of: Any, *, max_bytes: int = 64 * 1024) -> DatasetStatement:
+    """Parse and verify a registration; ``public_key_of(device, key_id)`` gives the device's key or None."""
+    if len(data) > max_bytes:
+        raise EnvelopeError("oversized", f"{len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        outer = msgpack.unpackb(data, raw=False, max_map_len=16)
+        hdr = msgpack.unpackb(outer["hdr"], raw=False)
+    except Exception as exc:
+        raise EnvelopeError("malformed", f"not a dataset registration: {type(exc).__name__}") from exc
+    if not isinstance(outer, dict) or outer.get("fmt") != DATASET_FORMAT or not isinstance(hdr, dict):
+        raise EnvelopeError("malformed", "not a dataset registration")
+    if outer.get("v") != ENVELOPE_VERSION:
+        raise EnvelopeError("unsupported_version", f"version {outer.get('v')!r}")
+    statement = DatasetStatement(
+        fleet=_field(hdr, "fleet", str), device=_field(hdr, "device", str), key_id=_field(hdr, "key_id", str),
+        sha256=_field(hdr, "sha256", bytes), size=_field(hdr, "size", int), schema=_field(hdr, "schema", dict),
+        statement=outer["hdr"], signature=_field(outer, "sig", bytes),
+    )
+    public_key = public_key_of(statement.device, statement.key_id)
+    if public_key is None:
+        raise EnvelopeError("unknown_key", f"device {statement.device!r} key {statement.key_id!r}")
+    if not crypto.ed25519_verify(public_key, statement.statement, statement.signature):
+        raise EnvelopeError("bad_signature", f"registration of {statement.device!r} is not signed by it")
+    if len(statement.sha256) != 32 or statement.size < 0:
+        raise EnvelopeError("malformed", "bad dataset digest or size")
+    return statement

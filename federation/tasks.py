@@ -26,12 +26,14 @@ import torch
 from torch import nn
 
 from federation.datasets import (
+    CALIFORNIA_FILE,
     ImageData,
     Standardizer,
     TabularData,
     load_california,
     load_csv,
     load_mnist,
+    mnist_path,
     shard_indices,
     train_test_split_indices,
 )
@@ -104,6 +106,10 @@ class Task:
 
     def central_test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole held-out test set, prepared as the agents prepare theirs."""
+        raise NotImplementedError
+
+    def dataset_files(self) -> list[Path]:
+        """The files this task's local data comes from (what a device registers in the ledger)."""
         raise NotImplementedError
 
     def num_parameters(self) -> int:
@@ -204,6 +210,9 @@ def _mnist() -> ImageData:
 class CaliforniaTask(TabularTask):
     name = "california"
 
+    def dataset_files(self) -> list[Path]:
+        return [CALIFORNIA_FILE]
+
     def table(self) -> TabularData:
         return _california()
 
@@ -233,6 +242,11 @@ class CsvTask(TabularTask):
             raise ValueError("task csv needs a data file (path and target) or n_features")
         self.n_features = n_features
 
+    def dataset_files(self) -> list[Path]:
+        if self.path is None:
+            raise ValueError("task csv was built without a data file")
+        return [self.path]
+
     def table(self) -> TabularData:
         if self.path is None or self.target is None:
             raise ValueError("task csv was built without a data file; give path and target to load data")
@@ -248,6 +262,9 @@ class MnistTask(Task):
     name = "mnist"
     kind: Kind = "classification"
     hyperparameters = HyperParameters("adam", 1e-3, 32, 1)
+
+    def dataset_files(self) -> list[Path]:
+        return [mnist_path()]
 
     def build_model(self) -> nn.Module:
         return SmallCNN()

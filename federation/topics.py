@@ -45,6 +45,14 @@ class Topics:
     def updates(self) -> str:
         return f"{self.base}/update/+"
 
+    def register(self, device_id: str) -> str:
+        """A device's signed dataset registration (SHA-256, size, schema of its data)."""
+        return f"{self.base}/register/{check_name('device id', device_id)}"
+
+    @property
+    def registrations(self) -> str:
+        return f"{self.base}/register/+"
+
     @property
     def ledger_blocks(self) -> str:
         return f"{self.base}/ledger/blocks"
@@ -74,6 +82,7 @@ class Topics:
         """The device id in an update or presence topic, or None."""
         parts = topic.split("/")
         base = self.base.split("/")
-        if len(parts) == len(base) + 2 and parts[: len(base)] == base and parts[-2] in ("update", "presence"):
+        kinds = ("update", "presence", "register")
+        if len(parts) == len(base) + 2 and parts[: len(base)] == base and parts[-2] in kinds:
             return parts[-1]
         return None

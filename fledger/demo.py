@@ -90,6 +90,7 @@ def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: d
     from ledger import Block, verify_file
 
     fleet = f"demo-{spec.task}"
+    topics = Topics(fleet)
     keys_dir = workdir / spec.task / "keys"
     keytool.init_fleet(keys_dir, fleet, force=True)
     for device in DEVICES:
@@ -100,7 +101,7 @@ def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: d
     common = ["--broker-host", broker.host, "--broker-port", str(broker.port)]
     monitor = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port, username="monitor",
                                     password_file=passwords["monitor"]),
-                       f"fledger-demo-monitor-{fleet}", subscriptions=[Topics(fleet).ledger_blocks])
+                       f"fledger-demo-monitor-{fleet}", subscriptions=[topics.ledger_blocks])
     monitor.start(timeout=30)
     procs: list[subprocess.Popen[bytes]] = []
     coordinator_cmd = [*_python(), "coordinator", *common, "--fleet", fleet, "--task", spec.task,
@@ -126,6 +127,8 @@ def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: d
         while True:
             try:
                 message = monitor.inbox.get(timeout=0.5)
+                if message.topic != topics.ledger_blocks:
+                    continue  # amqtt also hands out retained messages of topics we never subscribed to
                 block = Block.from_bytes(message.payload)
                 if block.data.get("type") == "aggregate":
                     last = dict(block.data)
@@ -160,6 +163,10 @@ def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: d
 
 
 def main(args: argparse.Namespace) -> int:
+    import logging
+
+    for name in ("federation.mqtt", "fledger.broker"):  # the demo prints its own lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     workdir = args.workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     password_db, passwords = _credentials(workdir)

@@ -71,7 +71,7 @@ def test_spec_check_rejects_wrong_shape_names_and_nan() -> None:
     spec = spec_of(state)
     check_against_spec(decode_tensors(encode_tensors(state)), spec)
     wrong = dict(state, **{"conv.bias": np.zeros(5, np.float32)})
-    with pytest.raises(CodecError, match="conv.bias"):
+    with pytest.raises(CodecError, match=r"conv\.bias"):
         check_against_spec(wrong, spec)
     with pytest.raises(CodecError, match="missing"):
         check_against_spec({k: v for k, v in state.items() if k != "fc.weight"}, spec)

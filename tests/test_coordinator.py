@@ -21,6 +21,7 @@ from federation.topics import Topics
 from ledger import Ed25519Signer, Ledger, verify_file
 
 FLEET = "unit"
+DATASET = hashlib.sha256(b"a data set").digest()
 TOPICS = Topics(FLEET)
 
 
@@ -65,12 +66,15 @@ class Harness:
             topics=TOPICS, now=self.clock,
         )
         coordinator.start()
+        for name, bundle in self.devices.items():
+            payload = envelope.seal_dataset(bundle, DATASET, 1234, {"task": "unit"})
+            coordinator.handle_registration(TOPICS.register(name), payload)
         return coordinator
 
     def update(self, device: str, round_number: int, weights: dict[str, np.ndarray], n: int = 10,
                metrics: dict[str, float] | None = None) -> bytes:
         return envelope.seal_update(self.devices[device], round_number, encode_tensors(weights), n,
-                                    metrics or {"train_loss": 0.5})
+                                    metrics or {"train_loss": 0.5}, dataset_sha256=DATASET)
 
     def send(self, device: str, payload: bytes) -> Any:
         return self.coordinator.handle_update(TOPICS.update(device), payload)
@@ -161,15 +165,16 @@ def test_bad_input_is_rejected_counted_and_changes_nothing(h: Harness, case: str
 
 
 def test_forged_device_and_wrong_topic_and_revoked_key(h: Harness) -> None:
+    height = h.ledger.head.index
     forger_seed, _ = crypto.ed25519_generate()
     forged = DeviceBundle(FLEET, "dev-a", forger_seed, h.keys.public, h.keys.model_key_id, h.keys.model_key)
-    payload = envelope.seal_update(forged, 1, encode_tensors(weights(9)), 10, {})
+    payload = envelope.seal_update(forged, 1, encode_tensors(weights(9)), 10, {}, dataset_sha256=DATASET)
     assert h.send("dev-a", payload).reason == "unknown_key"
     # dev-b publishing dev-a's genuine update on its own topic
     assert h.send("dev-b", h.update("dev-a", 1, weights(1))).reason == "topic_mismatch"
     h.registry.revoke("dev-c", h.devices["dev-c"].key_id)
     assert h.send("dev-c", h.update("dev-c", 1, weights(1))).reason == "revoked_key"
-    assert h.ledger.head.data["type"] == "round.opened"
+    assert h.ledger.head.index == height  # forged or unauthenticated input never reaches the ledger
 
 
 def test_replay_and_duplicate_are_distinct_reasons(h: Harness) -> None:
@@ -238,3 +243,23 @@ def test_full_disk_stops_accepting_without_acknowledging(tmp_path: Path) -> None
     assert h.ledger.head.index == height  # nothing recorded as accepted
     assert h.send("dev-b", h.update("dev-b", 1, weights(1))).reason == "halted"
     assert h.coordinator.status()["state"] == "halted"
+
+
+def test_dataset_registration_is_signed_recorded_once_and_required(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    records = [b.data for b in h.ledger if b.data["type"] == "dataset"]
+    assert sorted(r["device"] for r in records) == ["dev-a", "dev-b", "dev-c"]
+    assert h.coordinator.status()["datasets"]["dev-a"] == DATASET.hex()
+    height = h.ledger.head.index
+    # a resend changes nothing; a registration signed by someone else is refused
+    assert h.coordinator.handle_registration(
+        TOPICS.register("dev-a"), envelope.seal_dataset(h.devices["dev-a"], DATASET, 1234, {})).accepted
+    forged = DeviceBundle(FLEET, "dev-a", crypto.ed25519_generate()[0], h.keys.public, "", b"")
+    outcome = h.coordinator.handle_registration(
+        TOPICS.register("dev-a"), envelope.seal_dataset(forged, bytes(32), 1, {}))
+    assert not outcome.accepted and outcome.reason == "registration_unknown_key"
+    assert h.ledger.head.index == height
+    # an update that names another data set is refused
+    other = envelope.seal_update(h.devices["dev-a"], 1, encode_tensors(weights(1)), 10, {},
+                                 dataset_sha256=bytes(32))
+    assert h.send("dev-a", other).reason == "dataset_not_registered"
