@@ -46,7 +46,9 @@ class Replica:
         self.trusted_coordinator_key = trusted_coordinator_key
         self.hashes: list[bytes] = []
         self.head: Block | None = None
-        self.pending: dict[int, Block] = {}
+        # held-back blocks by index; several candidates only while no key is known to tell them apart
+        self.pending: dict[int, dict[bytes, Block]] = {}
+        self._verified: set[bytes] = set()  # hashes of held-back blocks whose signature was checked
         self.strict_gaps = strict_gaps
         self.max_pending = max_pending
 
@@ -75,6 +77,13 @@ class Replica:
                 self.state.check_signature(block)
             except VerifyError as exc:
                 raise ReplicaAlert("bad_signature", i, exc.reason) from None
+            signed = True
+        elif self.trusted_coordinator_key is not None and i > 0:
+            if not self.state.verifier.verify(self.trusted_coordinator_key, block.hash, block.signature):
+                raise ReplicaAlert("bad_signature", i, "not signed by the trusted coordinator key")
+            signed = True
+        else:
+            signed = False  # no key known yet: checked when the genesis block arrives
         if i < self.height:
             if block.hash == self.hashes[i]:
                 return Event("duplicate", i, self.height)
@@ -82,26 +91,42 @@ class Replica:
             raise ReplicaAlert(kind, i, f"coordinator-signed block {block.hash.hex()[:16]} differs from the "
                                         f"block {self.hashes[i].hex()[:16]} seen before at this index")
         if i > self.height:
-            held = self.pending.get(i)
-            if held is not None and held.hash != block.hash:
+            held = self.pending.get(i, {})
+            if signed and any(h != block.hash and h in self._verified for h in held):
                 raise ReplicaAlert("fork", i, "two different signed blocks at this index")
             if self.strict_gaps:
                 raise ReplicaAlert("gap", i, f"blocks {self.height}..{i - 1} missing")
-            if len(self.pending) >= self.max_pending:
+            if len(self.pending) >= self.max_pending and i not in self.pending:
                 raise ReplicaAlert("gap", i, f"blocks {self.height}..{min(self.pending) - 1} still missing "
                                              f"with {len(self.pending)} blocks held back")
-            self.pending[i] = block
+            if signed:
+                self._verified.add(block.hash)
+            self.pending[i] = held
+            held[block.hash] = block
             return Event("gap", i, self.height, f"blocks {self.height}..{min(self.pending) - 1} missing; "
                                                 f"replay from {self.height}")
         self._take(block)
         while self.height in self.pending:
-            nxt = self.pending.pop(self.height)
-            try:
-                self.state.check_signature(nxt)
-            except VerifyError as exc:
-                raise ReplicaAlert("bad_signature", nxt.index, exc.reason) from None
-            self._take(nxt)
+            candidates = self.pending.pop(self.height)
+            self._verified.difference_update(candidates)
+            self._take(self._choose(candidates))
         return Event("appended", i, self.height)
+
+    def _choose(self, candidates: dict[bytes, Block]) -> Block:
+        """The one held-back candidate the coordinator signed."""
+        good: list[Block] = []
+        reason = ""
+        for block in candidates.values():
+            try:
+                self.state.check_signature(block)
+                good.append(block)
+            except VerifyError as exc:
+                reason = exc.reason
+        if not good:
+            raise ReplicaAlert("bad_signature", self.height, reason)
+        if len(good) > 1:
+            raise ReplicaAlert("fork", self.height, "two different signed blocks at this index")
+        return good[0]
 
     def _take(self, block: Block) -> None:
         try:

@@ -387,6 +387,23 @@ def test_replica_follows_and_catches_up_with_gaps(tmp_path: Path) -> None:
     with pytest.raises(ReplicaAlert) as info:
         Replica(strict_gaps=True).ingest(blocks[2])
     assert info.value.kind == "gap"
+    # before genesis, a pinned key still rejects forged blocks; without one they wait for genesis
+    mallory = Ed25519Signer.generate()
+    forged = make_block(3, 1.0, {"type": "note"}, blocks[2].hash, signer=mallory)
+    with pytest.raises(ReplicaAlert) as info:
+        Replica(trusted_coordinator_key=COORD.public_key).ingest(forged)
+    assert info.value.kind == "bad_signature"
+    naive = Replica()
+    assert naive.ingest(forged).kind == "gap"
+    assert naive.ingest(blocks[3]).kind == "gap"  # the real block replaces the unverifiable one
+    for b in blocks:
+        naive.ingest(b)
+    assert naive.height == len(blocks)
+    naive2 = Replica()
+    naive2.ingest(blocks[3])
+    naive2.ingest(forged)  # junk from anyone on the topic does not displace the real block
+    naive2.ingest_all(blocks)
+    assert naive2.height == len(blocks)
 
 
 def _rewrite_from(blocks: list[Block], k: int) -> list[Block]:
