@@ -76,6 +76,8 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--replica", type=Path, default=None, help="file of verified blocks (msgpack frames, one "
                    "per line of length-prefixed bytes); resumed if present")
     a.add_argument("--coordinator-key", help=key_help)
+    a.add_argument("--from-file", type=Path, default=None,
+                   help="catch up from a copy of the ledger file first (verified block by block)")
     a.add_argument("--until-height", type=int, default=0, help="exit 0 once the replica has this many blocks")
     a.add_argument("--timeout", type=float, default=0.0, help="exit 3 after this many seconds (0: never)")
     a.add_argument("--client-id", default="", help="MQTT client id (default: fledger-monitor-<fleet>)")
@@ -158,8 +160,17 @@ def follow(args: argparse.Namespace) -> int:
     topics = Topics(args.fleet, broker.topic_prefix)
     replica = Replica(_trusted_key(args))
     store = ReplicaFile(args.replica)
-    for raw in store.load():
-        replica.ingest(raw)
+    try:
+        for raw in store.load():
+            replica.ingest(raw)
+        if args.from_file:
+            with Ledger.open(args.from_file) as copy:
+                for block in copy.blocks(replica.height):
+                    replica.ingest(block)
+                    store.append(block.to_bytes())
+    except ReplicaAlert as alert:
+        print(f"ALERT: {alert}", file=sys.stderr)
+        return 2
     log.info("replica at height %d; following %s", replica.height, topics.ledger_blocks)
     link = MqttLink(broker, args.client_id or f"fledger-monitor-{args.fleet}",
                     subscriptions=[topics.ledger_blocks, topics.ledger_head])

@@ -1,0 +1,131 @@
+"""`fledger ledger verify|show|prove|consistency|follow` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BrokerInfo
+from test_coordinator import FLEET, TOPICS, Harness, weights
+
+from federation.mqtt import BrokerConfig, MqttLink
+from ledger import Ed25519Signer, Ledger, records
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fledger.cli", "--log-level", "WARNING", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def finished_round(tmp_path: Path) -> Harness:
+    (tmp_path / "coordinator").mkdir()
+    h = Harness(tmp_path / "coordinator")
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(2.0), n=20)).accepted
+    return h
+
+
+def test_verify_show_prove_consistency(finished_round: Harness, tmp_path: Path) -> None:
+    h = finished_round
+    path = tmp_path / "copy.log"
+    shutil.copy(h.ledger.path, path)
+    height = h.ledger.height
+    result = cli("ledger", "verify", str(path))
+    assert result.returncode == 0 and f"chain of {height} blocks verified" in result.stdout
+
+    shown = json.loads(cli("ledger", "show", "--json", str(path)).stdout)
+    assert [b["index"] for b in shown] == list(range(height))
+    table = cli("ledger", "show", str(path)).stdout
+    assert "aggregate" in table and "genesis" in table
+
+    proof = cli("ledger", "prove", str(path), "--round", "1", "--device", "dev-b")
+    assert proof.returncode == 0 and "proof verified" in proof.stdout
+    missing = cli("ledger", "prove", str(path), "--round", "1", "--device", "dev-c")
+    assert missing.returncode == 1 and "no proof" in missing.stderr
+
+    consistency = cli("ledger", "consistency", str(path), "--old", "3")
+    assert consistency.returncode == 0 and json.loads(consistency.stdout)["verified"] is True
+
+
+def test_verify_names_the_tampered_block(finished_round: Harness, tmp_path: Path) -> None:
+    h = finished_round
+    aggregate = next(b for b in h.ledger if b.data["type"] == "aggregate")
+    path = tmp_path / "tampered.log"
+    data = bytearray(h.ledger.path.read_bytes())
+    # Change the participants' sample count inside the aggregate block's bytes on disk.
+    needle = aggregate.to_bytes()
+    at = bytes(data).index(needle) + len(needle) // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = cli("ledger", "verify", str(path))
+    assert result.returncode == 1
+    assert f"block {aggregate.index}" in result.stdout + result.stderr
+
+
+def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> None:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if text in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"follower never said {text!r}")
+
+
+def _follower(broker: BrokerInfo, copy: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", FLEET, "--broker-host", broker.host,
+         "--broker-port", str(broker.port), "--from-file", str(copy), "--timeout", "60", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: bytes) -> tuple[str, str]:
+    """Once the follower is connected, publish one block as the coordinator would; its output."""
+    publisher = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port), "test-block-publisher")
+    publisher.start(timeout=20)
+    try:
+        _wait_for(follower, "connected to")
+        time.sleep(0.5)
+        publisher.publish(TOPICS.ledger_blocks, block, wait=10)
+        return follower.communicate(timeout=60)
+    finally:
+        publisher.stop()
+        if follower.poll() is None:
+            follower.kill()
+
+
+def test_follow_verifies_new_blocks_live(finished_round: Harness, embedded_broker: BrokerInfo,
+                                         tmp_path: Path) -> None:
+    h = finished_round
+    copy = tmp_path / "seen.log"
+    shutil.copy(h.ledger.path, copy)
+    block = h.ledger.append({"type": "operator.note", "text": "open record types are fine"})
+    follower = _follower(embedded_broker, copy, "--until-height", str(h.ledger.height))
+    out, err = _publish_to(follower, embedded_broker, block.to_bytes())
+    assert follower.returncode == 0, err
+    assert f"replica verified to height {h.ledger.height}" in out
+
+
+def test_follow_alerts_when_the_coordinator_rewrites_history(finished_round: Harness,
+                                                             embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    h = finished_round
+    copy = tmp_path / "seen.log"
+    shutil.copy(h.ledger.path, copy)
+    # The same coordinator key signs a different history: valid hashes and signatures, other blocks.
+    with Ledger.open(tmp_path / "rewritten.log", signer=Ed25519Signer(h.keys.sign_seed), fleet=FLEET) as other:
+        for i in range(4):
+            other.append(records.round_opened(100 + i))
+        forged = other.block(2)
+    assert forged.hash != h.ledger.block(2).hash
+    follower = _follower(embedded_broker, copy)
+    _, err = _publish_to(follower, embedded_broker, forged.to_bytes())
+    assert follower.returncode == 2
+    assert "ALERT" in err and "rewrite" in err and "block 2" in err
