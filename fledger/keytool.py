@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,71 @@ def init_fleet(directory: Path, fleet: str, *, force: bool = False) -> Coordinat
     return keys
 
 
-def add_device(directory: Path, device: str) -> tuple[Path, str]:
-    """Create a device's signing key and bundle, and register its public key."""
+def _new_bundle(directory: Path, device: str) -> tuple[DeviceBundle, bytes]:
     from federation import crypto
 
-    check_name("device id", device)
     keys = CoordinatorKeys.load(Path(directory) / COORDINATOR_FILE)
     seed, public = crypto.ed25519_generate()
-    bundle = DeviceBundle(keys.fleet, device, seed, keys.public, keys.model_key_id, keys.model_key)
+    return DeviceBundle(keys.fleet, device, seed, keys.public, keys.model_key_id, keys.model_key), public
+
+
+def active_keys(registry: DeviceRegistry, device: str) -> list[str]:
+    record = registry.devices.get(device)
+    if record is None:
+        return []
+    return sorted(k for k in record.keys if k not in record.revoked)
+
+
+def add_device(directory: Path, device: str, *, force: bool = False) -> tuple[Path, str]:
+    """Create a device's signing key and bundle (0600), and register its public key.
+
+    Refuses (FileExistsError) when the device already has a bundle here or an active key in
+    the registry: replacing a device's key is `rotate`, which also revokes the old key. With
+    ``force`` it does exactly that (the previous active keys are revoked)."""
+    check_name("device id", device)
     path = bundle_path(directory, device)
-    bundle.save(path)
     registry = DeviceRegistry.load(Path(directory) / REGISTRY_FILE)
+    if not force:
+        if path.exists():
+            raise FileExistsError(f"{path} exists; refusing to overwrite the bundle of {device} "
+                                  "(`fledger keys rotate` replaces a device's key; or use --force)")
+        current = active_keys(registry, device)
+        if current:
+            raise FileExistsError(f"device {device} already has active key(s) {', '.join(current)}; "
+                                  "`fledger keys rotate` replaces a device's key (or use --force)")
+    if active_keys(registry, device):
+        new_path, key_id, _revoked = rotate_device_key(directory, device)
+        return new_path, key_id
+    bundle, public = _new_bundle(directory, device)
+    bundle.save(path)
     key_id = registry.add(device, public)
     registry.save(Path(directory) / REGISTRY_FILE)
     return path, key_id
+
+
+def rotate_device_key(directory: Path, device: str) -> tuple[Path, str, list[str]]:
+    """Give ``device`` a new Ed25519 key: a new bundle (0600, replacing the old one), the new
+    public key registered, and every previously active key of the device revoked.
+
+    Returns (bundle path, new key id, revoked key ids). The coordinator records the new key
+    (``device.key``) and the revocations (``device.key_revoked``) in the ledger at its next
+    start, and from then on rejects the old keys' updates as ``revoked_key``."""
+    check_name("device id", device)
+    registry_path = Path(directory) / REGISTRY_FILE
+    registry = DeviceRegistry.load(registry_path)
+    old = active_keys(registry, device)
+    if device not in registry.devices:
+        raise KeyError(f"device {device!r} is not registered in {registry_path} (use add-device)")
+    bundle, public = _new_bundle(directory, device)
+    key_id = registry.add(device, public)
+    for old_id in old:
+        registry.revoke(device, old_id)
+    # The new bundle first: if the registry cannot be written afterwards, a re-run makes
+    # another key and still revokes the old one (nothing is revoked without its successor).
+    path = bundle_path(directory, device)
+    bundle.save(path)
+    registry.save(registry_path)
+    return path, key_id, old
 
 
 def revoke_device_key(directory: Path, device: str, key_id: str) -> None:
@@ -52,17 +104,39 @@ def revoke_device_key(directory: Path, device: str, key_id: str) -> None:
 
 
 def write_broker_password(path: Path, user: str, password: str) -> None:
-    """Append/replace ``user`` in an amqtt password file (argon2 hash)."""
+    """Append/replace ``user`` in an amqtt password file (``user:argon2-hash`` lines), 0600,
+    replaced atomically (a reader never sees a half-written file)."""
     from fledger.broker import hash_password
 
+    check_name("broker user", user)
+    if not password or "\n" in password or "\r" in password:
+        raise ValueError("a broker password must be one non-empty line")
+    path = Path(path)
     lines: list[str] = []
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if not ln.startswith(f"{user}:")]
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith(f"{user}:")]
     lines.append(f"{user}:{hash_password(password)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write("\n".join(lines) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_password_file(path: Path) -> str:
+    """The password in ``path`` (first line, surrounding whitespace stripped)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read password file {path}: {exc}") from exc
+    lines = text.splitlines()
+    password = lines[0].strip() if lines else ""
+    if not password:
+        raise ValueError(f"password file {path} is empty")
+    return password
 
 
 def add_parser(sub: Any) -> None:
@@ -75,31 +149,73 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--force", action="store_true", help="replace existing keys (devices must be re-provisioned)")
     a = ks.add_parser("add-device", help="create a device's key bundle and register its public key")
     a.add_argument("device", help="device id (letters, digits, '_' and '-')")
+    a.add_argument("--force", action="store_true",
+                   help="replace an existing bundle; the device's previous keys are revoked (as rotate)")
+    a = ks.add_parser("rotate", help="give a device a new key and revoke its old one(s)",
+                      description="Make a new Ed25519 key for DEVICE: a new bundle (0600, replacing "
+                                  "device-DEVICE.json), the new key registered in devices.json and every "
+                                  "previously active key of the device revoked. Copy devices.json to the "
+                                  "coordinator and restart it: it records the new key and the revocation in "
+                                  "the ledger and rejects the old key's updates as revoked_key. Install the "
+                                  "new bundle on the device.")
+    a.add_argument("device")
     a = ks.add_parser("revoke", help="revoke a device key (its updates are rejected from then on)")
     a.add_argument("device")
     a.add_argument("key_id")
-    a = ks.add_parser("list", help="list registered devices and key ids")
+    a = ks.add_parser("list", help="list registered devices and key ids (device, key id, active/revoked)")
+    # allow_abbrev=False: `--password SECRET` must be an error, not an abbreviation of --password-file.
+    a = ks.add_parser("broker-password", help="set a user's password in an amqtt password file", allow_abbrev=False,
+                      description="Append or replace USER in the embedded broker's password file "
+                                  "(`fledger broker --password-file`): one user:argon2-hash line per user, "
+                                  "file mode 0600. The password is read from --password-file, never from the "
+                                  "command line. For mosquitto use mosquitto_passwd.")
+    a.add_argument("user", help="broker user name: a device id, 'coordinator' or 'monitor'")
+    a.add_argument("--password-file", type=Path, required=True,
+                   help="file whose first line is the password (keep it 0600; the client reads the same file)")
+    a.add_argument("--out", type=Path, required=True, help="the amqtt password file to update")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except (FileExistsError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"fledger keys: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     if args.keys_command == "init":
         keys = init_fleet(directory, args.fleet, force=args.force)
         print(f"fleet {keys.fleet}: coordinator keys in {directory / COORDINATOR_FILE} "
               f"(signing key id {keys.public.sign_key_id})")
     elif args.keys_command == "add-device":
-        path, key_id = add_device(directory, args.device)
+        path, key_id = add_device(directory, args.device, force=args.force)
         print(f"device {args.device}: bundle {path} (key id {key_id}); install it on the device only")
+    elif args.keys_command == "rotate":
+        path, key_id, revoked = rotate_device_key(directory, args.device)
+        print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "
+              f"Copy {directory / REGISTRY_FILE} to the coordinator and restart it, install the new bundle on "
+              "the device only")
     elif args.keys_command == "revoke":
         revoke_device_key(directory, args.device, args.key_id)
         print(f"revoked key {args.key_id} of {args.device}; restart the coordinator to apply")
     elif args.keys_command == "list":
         registry = DeviceRegistry.load(directory / REGISTRY_FILE)
         for device, record in sorted(registry.devices.items()):
-            for key_id in record.keys:
+            for key_id in sorted(record.keys):
                 print(f"{device}\t{key_id}\t{'revoked' if key_id in record.revoked else 'active'}")
+    elif args.keys_command == "broker-password":
+        mode = args.password_file.stat().st_mode & 0o777 if args.password_file.exists() else 0
+        if mode & 0o077:
+            print(f"fledger keys: warning: {args.password_file} is readable by others (mode {mode:o}); "
+                  "chmod 600 it", file=sys.stderr)
+        write_broker_password(args.out, args.user, read_password_file(args.password_file))
+        print(f"broker user {args.user}: password hash written to {args.out}")
     return 0
 
 
-__all__ = ["add_device", "bundle_path", "init_fleet", "write_broker_password", "write_secret_json"]
+__all__ = ["active_keys", "add_device", "bundle_path", "init_fleet", "read_password_file", "revoke_device_key",
+           "rotate_device_key", "write_broker_password", "write_secret_json"]
