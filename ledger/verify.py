@@ -14,6 +14,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from ledger import merkle, records
 from ledger.block import VERSION, ZERO_HASH, Block, BlockFormatError, meets_difficulty
 from ledger.keys import Keyring, Verifier, key_id_of
@@ -188,12 +190,14 @@ class ChainState:
             if owner is None or owner[0] != device:
                 raise ValueError(f"revokes key {key_id} that is not registered to device {device!r}")
         elif kind == records.DATASET:
-            _need(data, "device", str)
-            _need(data, "sha256", bytes, 32)
+            device = _need(data, "device", str)
+            sha256 = _need(data, "sha256", bytes, 32)
             if _need(data, "size", int) < 0:
                 raise ValueError("negative dataset size")
             if "schema" not in data:
                 raise ValueError("field 'schema' missing")
+            if "statement" in data:  # a registration the device signed: check it like an update
+                self._check_dataset_statement(device, sha256, data)
         elif kind == records.UPDATE:
             self._check_update(block)
         elif kind == records.UPDATE_REJECTED:
@@ -210,6 +214,24 @@ class ChainState:
         elif kind == records.AGGREGATE:
             self._check_aggregate(block)
         # any other type: open, stored and hashed, nothing more to check
+
+    def _check_dataset_statement(self, device: str, sha256: bytes, data: dict[str, Any]) -> None:
+        key_id = _need(data, "key_id", str)
+        statement = _need(data, "statement", bytes)
+        device_sig = _need(data, "device_sig", bytes, 64)
+        owner = self.device_keys.get(key_id)
+        if owner is None or owner[0] != device:
+            raise ValueError(f"device {device!r} key {key_id} is not registered earlier in the chain")
+        if key_id in self.revoked:
+            raise ValueError(f"device {device!r} key {key_id} was revoked")
+        try:
+            fields = msgpack.unpackb(statement, raw=False)
+        except Exception:
+            raise ValueError("dataset statement is not msgpack") from None
+        if not isinstance(fields, dict) or fields.get("device") != device or fields.get("sha256") != sha256:
+            raise ValueError("dataset record differs from the device's signed statement")
+        if self.device_signatures and not self.verifier.verify(owner[1], statement, device_sig):
+            raise ValueError(f"bad device signature on the dataset registration of {device!r}")
 
     def _check_update(self, block: Block) -> None:
         data = block.data

@@ -263,3 +263,15 @@ def test_dataset_registration_is_signed_recorded_once_and_required(tmp_path: Pat
     other = envelope.seal_update(h.devices["dev-a"], 1, encode_tensors(weights(1)), 10, {},
                                  dataset_sha256=bytes(32))
     assert h.send("dev-a", other).reason == "dataset_not_registered"
+
+
+def test_ledger_refuses_a_dataset_record_with_a_forged_device_signature(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    genuine = next(b.data for b in h.ledger if b.data["type"] == "dataset" and b.data["device"] == "dev-a")
+    forged = dict(genuine, device_sig=bytes(64))
+    with pytest.raises(ValueError, match="signature"):
+        h.ledger.append(forged)
+    swapped = dict(genuine, sha256=bytes(32))  # the record no longer says what the device signed
+    with pytest.raises(ValueError, match="differs"):
+        h.ledger.append(swapped)
+    assert verify_file(tmp_path / "ledger.log").ok
