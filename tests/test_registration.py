@@ -1,0 +1,47 @@
+"""An agent commits to its data set and refuses to train on changed data unless re-registering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.registration import DatasetChanged, check_registration, fingerprint, mark_acknowledged
+from federation.tasks import csv_task
+
+
+def write_csv(path: Path, rows: int, offset: float = 0.0) -> None:
+    lines = ["address,a,b,y"]
+    lines += [f"street {i},{i + offset},{2 * i},{3 * i + 1}" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_fingerprint_depends_on_content_and_shard(tmp_path: Path) -> None:
+    data_file = tmp_path / "local.csv"
+    write_csv(data_file, 50)
+    task = csv_task(data_file, "y")
+    data = task.load(0, 1)
+    first = fingerprint(task, data, "0/1", None)
+    assert first == fingerprint(task, data, "0/1", None)
+    assert first.sha256 != fingerprint(task, data, "0/2", None).sha256
+    assert first.schema["features"] == ["a", "b"] and first.size == data_file.stat().st_size
+    write_csv(data_file, 50, offset=0.5)
+    assert fingerprint(task, task.load(0, 1), "0/1", None).sha256 != first.sha256
+
+
+def test_changed_data_is_refused_unless_reregistered(tmp_path: Path) -> None:
+    data_file, state = tmp_path / "local.csv", tmp_path / "state"
+    write_csv(data_file, 40)
+    task = csv_task(data_file, "y")
+    original = fingerprint(task, task.load(0, 1), "0/1", None)
+    assert check_registration(state, original, reregister=False)  # first start: register
+    mark_acknowledged(state)
+    assert not check_registration(state, original, reregister=False)  # same data, already in the ledger
+    write_csv(data_file, 41)
+    changed_task = csv_task(data_file, "y")
+    changed = fingerprint(changed_task, changed_task.load(0, 1), "0/1", None)
+    with pytest.raises(DatasetChanged, match="--reregister"):
+        check_registration(state, changed, reregister=False)
+    assert check_registration(state, changed, reregister=True)
+    # The new data is now the registered one: no refusal, and it is sent until acknowledged.
+    assert check_registration(state, changed, reregister=False)
