@@ -1,0 +1,64 @@
+"""Settings: defaults < TOML file < FLEDGER_* environment < flags; every option explained in --help."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.daemon import CoordinatorConfig
+from edge_agent.daemon import AgentConfig
+from federation import config as cfg
+
+
+def parse(cls: type, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, cls)
+    return parser.parse_args(argv)
+
+
+def test_precedence(tmp_path: Path) -> None:
+    toml = tmp_path / "fledger.toml"
+    toml.write_text('[broker]\nbroker_port = 1999\n\n[coordinator]\nmin_clients = 5\nfleet = "plant7"\n'
+                    'evaluate = true\nround-deadline = 12.5\n')
+    env = {"FLEDGER_MIN_CLIENTS": "7", "FLEDGER_QUORUM": "3"}
+    config = cfg.load(CoordinatorConfig, parse(CoordinatorConfig, ["--quorum", "2"]), section="coordinator",
+                      config_file=toml, environ=env)
+    assert config.broker_port == 1999  # [broker] is shared
+    assert config.fleet == "plant7" and config.evaluate is True and config.round_deadline == 12.5
+    assert config.min_clients == 7  # env beats the file
+    assert config.quorum == 2  # flags beat env
+    assert config.strategy == "fedavg"  # default
+    assert isinstance(config.state_dir, Path)
+
+
+def test_bad_values_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="min_clients"):
+        cfg.load(CoordinatorConfig, None, section="coordinator", environ={"FLEDGER_MIN_CLIENTS": "two"})
+    with pytest.raises(cfg.ConfigError, match="not found"):
+        cfg.load(CoordinatorConfig, None, section="coordinator", config_file=tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[coordinator\n")
+    with pytest.raises(cfg.ConfigError, match=str(broken)):
+        cfg.load(CoordinatorConfig, None, section="coordinator", config_file=broken)
+
+
+@pytest.mark.parametrize(("command", "cls"), [("coordinator", CoordinatorConfig), ("agent", AgentConfig)])
+def test_help_explains_every_option(command: str, cls: type) -> None:
+    result = subprocess.run([sys.executable, "-m", "fledger.cli", command, "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for field in dataclasses.fields(cls):
+        assert "--" + field.name.replace("_", "-") in text
+        assert f"FLEDGER_{field.name.upper()}" in text
+        assert field.metadata["help"].split()[0] in text
+
+
+def test_password_never_on_the_command_line() -> None:
+    flags = {f.name for f in dataclasses.fields(AgentConfig)}
+    assert "password" not in flags and "password_file" in flags
