@@ -89,6 +89,9 @@ class Coordinator:
         self.rejections: Counter[str] = Counter()
         self.accepted_total = 0
         self.seen_msg_ids: set[bytes] = set()
+        # Message ids whose rejection is already in the ledger: the ciphertext and tag are not
+        # signed, so anyone who saw one genuine update can make endless variants of it.
+        self.recorded_rejections: set[bytes] = set()
         self.round: RoundState | None = None
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
@@ -117,7 +120,7 @@ class Coordinator:
             elif kind == records.DATASET:
                 self.datasets[data["device"]] = data["sha256"]
             elif kind == "update.rejected" and isinstance(data.get("msg_id"), bytes):
-                self.seen_msg_ids.add(data["msg_id"])
+                self.recorded_rejections.add(data["msg_id"])
             elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
                 last_model_block = block
         if last_model_block is None:
@@ -244,10 +247,13 @@ class Coordinator:
                 msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
         self.rejections[reason] += 1
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
-        if record and device is not None and not self.halted:
+        if record and device is not None and not self.halted and msg_id not in self.recorded_rejections:
             # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
+            # One record per message id: resends and altered copies are counted, not recorded again.
             self._append(records.update_rejected(device, round_number, reason, hashlib.sha256(payload).digest(),
                                                  msg_id=msg_id))
+            if msg_id is not None:
+                self.recorded_rejections.add(msg_id)
         return Outcome(False, reason, device, round_number)
 
     def handle_update(self, topic: str, payload: bytes) -> Outcome:
