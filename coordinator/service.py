@@ -217,8 +217,8 @@ class Coordinator:
         assert self.round is not None
         weights = encode_tensors(self.global_model)
         self.model_message = envelope.seal_model(
-            self.keys, self.round.number, weights, block_hash=self._model_block.hash,
-            block_index=self._model_block.index, done=self.done, info=self.task_info, now=self._now(),
+            self.keys, self.round.number, weights, block=self._model_block.to_bytes(), done=self.done,
+            info=self.task_info, now=self._now(),
         )
         self._publish(self.topics.model, self.model_message, True)
 

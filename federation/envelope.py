@@ -27,6 +27,7 @@ import msgpack
 
 from federation import crypto
 from federation.keys import CoordinatorKeys, DeviceBundle
+from ledger.block import Block  # the ledger is a pure library: devices check model blocks with it
 
 ENVELOPE_VERSION = 1
 UPDATE_FORMAT = "fledger.update"
@@ -196,10 +197,14 @@ def decrypt_update(sealed: SealedUpdate, keys: CoordinatorKeys) -> bytes:
 
 
 def seal_model(
-    keys: CoordinatorKeys, round_number: int, weights: bytes, *, block_hash: bytes,
-    block_index: int, done: bool = False, info: dict[str, Any] | None = None,
-    now: float | None = None,
+    keys: CoordinatorKeys, round_number: int, weights: bytes, *, block: bytes,
+    done: bool = False, info: dict[str, Any] | None = None, now: float | None = None,
 ) -> bytes:
+    """``block`` is the coordinator-signed ledger block that produced this model (the round's
+    aggregate, or the initial model.published); it travels with the model so a device checks the
+    model against the ledger without having to follow it."""
+    ledger_block = Block.from_bytes(block)
+    block_hash, block_index = ledger_block.hash, ledger_block.index
     iv = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
     header_bytes = _pack({
         "fleet": keys.fleet, "round": int(round_number),
@@ -211,8 +216,28 @@ def seal_model(
     ciphertext, tag = crypto.aes_gcm_encrypt(keys.model_key, iv, weights, header_bytes)
     return _pack({
         "fmt": MODEL_FORMAT, "v": ENVELOPE_VERSION, "hdr": header_bytes,
-        "sig": keys.sign(header_bytes), "ct": ciphertext, "tag": tag,
+        "sig": keys.sign(header_bytes), "ct": ciphertext, "tag": tag, "block": block,
     })
+
+
+def _check_model_block(raw: Any, header: ModelHeader, coordinator_sign_public: bytes) -> None:
+    """The named ledger block must be genuine (its hash, the coordinator's signature) and record
+    exactly this model: its hash and round."""
+    if not isinstance(raw, bytes):
+        raise EnvelopeError("malformed", "global model carries no ledger block")
+    try:
+        block = Block.from_bytes(raw)
+    except ValueError as exc:
+        raise EnvelopeError("malformed", f"ledger block: {exc}") from exc
+    if block.computed_hash() != block.hash or block.hash != header.block_hash or block.index != header.block_index:
+        raise EnvelopeError("ledger_mismatch", "the ledger block does not match the hash the model names")
+    if not crypto.ed25519_verify(coordinator_sign_public, block.hash, block.signature):
+        raise EnvelopeError("bad_signature", f"ledger block {block.index} is not signed by the coordinator")
+    data = block.data
+    expected_round = data.get("round", -1) + (1 if data.get("type") == "aggregate" else 0)
+    if data.get("type") not in ("aggregate", "model.published") or data.get("model_sha256") != header.model_sha256 \
+            or expected_round != header.round:
+        raise EnvelopeError("ledger_mismatch", f"ledger block {block.index} records another model or round")
 
 
 def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[ModelHeader, bytes]:
@@ -234,6 +259,7 @@ def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[Mo
     )
     if header.fleet != bundle.fleet:
         raise EnvelopeError("wrong_fleet", f"model is for fleet {header.fleet!r}")
+    _check_model_block(outer.get("block"), header, bundle.coordinator.sign_public)
     if header.model_key_id != bundle.model_key_id:
         raise EnvelopeError(
             "wrong_key", f"model encrypted with key {header.model_key_id}, we hold {bundle.model_key_id}"

@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -102,15 +103,44 @@ def test_oversized_rejected_before_decoding(fleet) -> None:  # type: ignore[no-u
     assert err.value.reason == "oversized"
 
 
-def test_model_round_trip_and_forgery(fleet) -> None:  # type: ignore[no-untyped-def]
+def model_block(tmp: Path, keys: CoordinatorKeys, round_number: int, weights: bytes, name: str = "l") -> bytes:
+    """A coordinator-signed ledger block recording this model for this round."""
+    from ledger import Ed25519Signer, Ledger, records
+
+    with Ledger.open(tmp / f"{name}.log", signer=Ed25519Signer(keys.sign_seed), fleet="f1") as ledger:
+        return ledger.append(records.model_published(round_number, hashlib.sha256(weights).digest())).to_bytes()
+
+
+def test_model_round_trip_and_forgery(fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     keys, dev, _ = fleet
-    data = envelope.seal_model(keys, 3, b"WEIGHTS-SECRET", block_hash=b"h" * 32, block_index=9)
+    secret = b"WEIGHTS-SECRET"
+    data = envelope.seal_model(keys, 3, secret, block=model_block(tmp_path, keys, 3, secret))
     header, weights = envelope.open_model(data, dev, max_bytes=LIMIT)
-    assert (header.round, header.block_index, weights) == (3, 9, b"WEIGHTS-SECRET")
-    assert b"WEIGHTS-SECRET" not in data
+    assert (header.round, weights) == (3, secret)
+    assert secret not in data
+    impostor = CoordinatorKeys("f1", crypto.ed25519_generate()[0], keys.enc_seed, keys.model_key_id, keys.model_key)
+    forged = envelope.seal_model(impostor, 4, b"evil", block=model_block(tmp_path, impostor, 4, b"evil", "x"))
+    with pytest.raises(EnvelopeError) as err:
+        envelope.open_model(forged, dev, max_bytes=LIMIT)
+    assert err.value.reason == "bad_signature"
+
+
+def test_model_must_match_the_ledger_block_it_names(fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    keys, dev, _ = fleet
+    # A genuine block, but for other weights: a replayed or swapped model is refused.
+    other_block = model_block(tmp_path, keys, 3, b"other weights")
+    with pytest.raises(EnvelopeError) as err:
+        envelope.open_model(envelope.seal_model(keys, 3, b"these weights", block=other_block), dev, max_bytes=LIMIT)
+    assert err.value.reason == "ledger_mismatch"
+    # The right weights but the block of another round.
+    with pytest.raises(EnvelopeError) as err:
+        envelope.open_model(envelope.seal_model(keys, 5, b"w", block=model_block(tmp_path, keys, 4, b"w", "r")),
+                            dev, max_bytes=LIMIT)
+    assert err.value.reason == "ledger_mismatch"
+    # A block signed by another key.
     impostor = CoordinatorKeys("f1", crypto.ed25519_generate()[0], keys.enc_seed, keys.model_key_id, keys.model_key)
     with pytest.raises(EnvelopeError) as err:
-        envelope.open_model(envelope.seal_model(impostor, 4, b"evil", block_hash=b"h" * 32, block_index=1),
+        envelope.open_model(envelope.seal_model(keys, 2, b"w", block=model_block(tmp_path, impostor, 2, b"w", "i")),
                             dev, max_bytes=LIMIT)
     assert err.value.reason == "bad_signature"
 
