@@ -1,0 +1,358 @@
+"""Faults injected into a real federation: coordinator, agents and brokers are real processes
+(or the embedded amqtt broker in this process), faults are real signals and restarts.
+
+1. the coordinator SIGKILLed at random moments over several rounds (amqtt with passwords, so
+   persistent sessions survive): the ledger verifies, every update counts exactly once;
+2. mosquitto restarted mid-round, with and without persistence: everyone reconnects, the
+   coordinator republishes the retained model the broker lost, training completes;
+3. an agent killed (Last Will: offline in the status), rounds close at the deadline with a
+   quorum, a late update is stale_round, the agent rejoins and contributes again;
+4. a model bigger than mosquitto's max_packet_size: chunked it goes through, unchunked nothing does.
+
+Measured results are in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Mosquitto
+from federation_run import Federation
+
+from federation import envelope
+from federation.codec import encode_tensors
+from federation.keys import CoordinatorKeys, DeviceBundle
+from federation.mqtt import BrokerConfig, MqttLink
+from federation.topics import Topics
+from fledger import keytool
+from fledger.broker import EmbeddedBroker
+from ledger import Ledger, LedgerError, verify_file
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float, fed: Federation | None = None,
+             poll: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{fed.log_tail() if fed else ''}")
+
+
+def ledger_records(fed: Federation) -> list[dict[str, Any]]:
+    path = fed.state / "ledger.log"
+    try:
+        return [b.data for b in Ledger.open(path)]  # read-only: a torn tail of a killed writer is skipped
+    except (FileNotFoundError, LedgerError):
+        return []  # not created yet, or no genesis block yet
+
+
+def aggregates(fed: Federation) -> list[dict[str, Any]]:
+    return [r for r in ledger_records(fed) if r["type"] == "aggregate"]
+
+
+def log_text(fed: Federation, name: str) -> str:
+    path = fed.logs / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def check_final_ledger(fed: Federation, rounds: int, participants: list[str] | None = None) -> list[dict[str, Any]]:
+    """The chain verifies; rounds 1..N aggregated once each; no (device, round) accepted twice;
+    each aggregate's participants are exactly that round's accepted updates."""
+    report = verify_file(fed.state / "ledger.log")
+    assert report.ok, report
+    records = ledger_records(fed)
+    aggs = [r for r in records if r["type"] == "aggregate"]
+    assert [a["round"] for a in aggs] == list(range(1, rounds + 1))
+    accepted = Counter((r["device"], r["round"]) for r in records if r["type"] == "update")
+    assert all(n == 1 for n in accepted.values()), accepted
+    for agg in aggs:
+        in_round = sorted(d for d, r in accepted if r == agg["round"])
+        assert agg["participants"] == in_round, (agg, in_round)
+        if participants is not None:
+            assert agg["participants"] == participants, agg
+    return records
+
+
+def finish(fed: Federation, timeout: float = 120) -> None:
+    assert fed.wait("coordinator", timeout) == 0, fed.log_tail()
+    for device in fed.devices:
+        assert fed.wait(device, 60) == 0, fed.log_tail()
+
+
+class StatusWatcher:
+    """Reads the coordinator's signed, retained status over MQTT, like an operator's dashboard."""
+
+    def __init__(self, fed: Federation, host: str, port: int, **broker: Any) -> None:
+        self.topics = Topics(fed.fleet)
+        self.sign_public = CoordinatorKeys.load(fed.keys / keytool.COORDINATOR_FILE).public.sign_public
+        self.link = MqttLink(BrokerConfig(broker_host=host, broker_port=port, **broker),
+                             f"test-status-{os.getpid()}-{random.randrange(1 << 30)}",
+                             subscriptions=[self.topics.status])
+        self.link.start(timeout=20)
+        self.latest: dict[str, Any] = {}
+
+    def poll(self) -> dict[str, Any]:
+        while not self.link.inbox.empty():
+            message = self.link.inbox.get_nowait()
+            if message.topic == self.topics.status:
+                with contextlib.suppress(envelope.EnvelopeError):
+                    self.latest = envelope.open_status(message.payload, self.sign_public)
+        return self.latest
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+# -- 1. coordinator crashes -------------------------------------------------------------------------
+
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, dict[str, Path]]]:
+    """amqtt with a password file: only then does it keep persistent sessions (brokers.md)."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    password_file = secrets / "amqtt.passwd"
+    files = {}
+    for user in ("coordinator", "agent"):
+        password = f"{user}-{random.randrange(1 << 60):x}"
+        keytool.write_broker_password(password_file, user, password)
+        files[user] = secrets / f"{user}.password"
+        files[user].write_text(password + "\n")
+    broker = EmbeddedBroker(password_file=password_file).start()
+    try:
+        yield broker, files
+    finally:
+        broker.stop()
+
+
+def test_coordinator_sigkilled_at_random_moments(password_broker: tuple[EmbeddedBroker, dict[str, Path]],
+                                                 tmp_path: Path) -> None:
+    broker, passwords = password_broker
+    rounds, kills_wanted = 10, 6
+    rng = random.Random(20261124)
+    fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds, limit=300,
+                     extra_coordinator=["--username", "coordinator", "--password-file", str(passwords["coordinator"])],
+                     extra_agent=["--username", "agent", "--password-file", str(passwords["agent"])])
+    kills: list[dict[str, Any]] = []
+    try:
+        fed.start_all()
+        while len(kills) < kills_wanted:
+            proc = fed.procs["coordinator"]
+            # Kill points alternate: right after a round closed (the new model is out, so agents
+            # train and publish while the coordinator is down), or at a random moment after
+            # (re)connecting (restoring, waiting, accepting, aggregating, whatever it is doing).
+            text = log_text(fed, "coordinator")
+            if len(kills) % 2 == 0:
+                closed = text.count(" aggregated from ")
+                wait_for("a round to close", lambda c=closed, p=proc: p.poll() is not None or log_text(
+                    fed, "coordinator").count(" aggregated from ") > c, 90, fed, poll=0.01)
+                time.sleep(rng.uniform(0.0, 0.05))
+            else:
+                connects = text.count("connected to")
+                wait_for("the coordinator to connect", lambda c=connects, p=proc: p.poll() is not None or log_text(
+                    fed, "coordinator").count("connected to") > c, 60, fed, poll=0.01)
+                time.sleep(rng.uniform(0.0, 0.5))
+            if proc.poll() is not None:
+                break  # it finished all rounds before we got to kill it
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_at = time.time()
+            height = len(ledger_records(fed))
+            time.sleep(rng.uniform(1.0, 3.0))  # down: agents keep publishing and resending
+            restarted_at = time.time()
+            kills.append({"killed_at": killed_at, "restarted_at": restarted_at, "height": height})
+            fed.start_coordinator()
+        finish(fed, 180)
+    finally:
+        fed.stop()
+    records = check_final_ledger(fed, rounds, participants=list(fed.devices))
+    aggs = [r for r in records if r["type"] == "aggregate"]
+    assert all(a["num_samples"] == 300 * len(fed.devices) for a in aggs)  # every update counted once
+    assert len(kills) >= 4, kills
+    # Updates made while the coordinator was dead were accepted after its restart (the signed
+    # statement carries the device's clock; same machine here).
+    created = [_created(r) for r in records if r["type"] == "update"]
+    during_outage = [c for c in created if any(k["killed_at"] <= c <= k["restarted_at"] for k in kills)]
+    assert during_outage, (created, kills)
+    print(f"\ncoordinator crash: {rounds} rounds, {len(kills)} SIGKILLs at heights "
+          f"{[k['height'] for k in kills]}, {len(during_outage)} updates made during an outage, "
+          f"{len(created)} accepted = {rounds} x {len(fed.devices)}, lost 0")
+
+
+def _created(record: dict[str, Any]) -> float:
+    import msgpack
+
+    return float(msgpack.unpackb(record["statement"], raw=False)["created"])
+
+
+# -- 2. broker restart ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistent", "volatile"])
+def test_broker_restart_mid_round(tmp_path: Path, persistence: bool) -> None:
+    store = tmp_path / "mosquitto-db"
+    store.mkdir()
+    extra = f"persistence true\npersistence_location {store}/\n" if persistence else "persistence false\n"
+    broker = Mosquitto(tmp_path / "mosquitto", extra).start()
+    rounds = 3
+    fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds, limit=300)
+    try:
+        fed.start_all()
+        wait_for("round 1 to close", lambda: log_text(fed, "coordinator").count(" aggregated from ") >= 1, 90, fed,
+                 poll=0.02)
+        broker.stop()  # mid-round 2: agents are training or sending
+        time.sleep(2.0)
+        # Hold the agents while the broker comes back, so no new model can be published and the
+        # only model a newcomer can get is the retained one: kept by mosquitto (persistent) or
+        # republished by the coordinator on reconnecting (volatile: the broker lost it).
+        agents = [fed.procs[d] for d in fed.devices]
+        for proc in agents:
+            proc.send_signal(signal.SIGSTOP)
+        try:
+            connects = log_text(fed, "coordinator").count("connected to")
+            broker = Mosquitto(tmp_path / "mosquitto", extra, port=broker.port).start()
+            wait_for("the coordinator to reconnect",
+                     lambda: log_text(fed, "coordinator").count("connected to") > connects, 60, fed)
+            topics = Topics(fed.fleet)
+            watcher = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port), "test-newcomer",
+                               subscriptions=[topics.model])
+            watcher.start(timeout=20)
+            try:
+                message = watcher.inbox.get(timeout=30)
+            finally:
+                watcher.stop()
+        finally:
+            for proc in agents:
+                proc.send_signal(signal.SIGCONT)
+        assert message.topic == topics.model and message.retain
+        header, _ = envelope.open_model(message.payload, DeviceBundle.load(keytool.bundle_path(fed.keys, "edge-1")),
+                                        max_bytes=1 << 24)
+        open_round = max(a["round"] for a in aggregates(fed)) + 1
+        assert header.round == open_round and not header.done
+        finish(fed, 120)
+    finally:
+        fed.stop()
+        broker.stop()
+    check_final_ledger(fed, rounds, participants=list(fed.devices))
+    for name in ("coordinator", *fed.devices):
+        assert log_text(fed, name).count("connected to") >= 2, name  # each reconnected to the new broker
+    print(f"\nbroker restart ({'persistent' if persistence else 'volatile'}): {rounds} rounds completed")
+
+
+# -- 3. dropouts, stragglers, rejoin --------------------------------------------------------------------
+
+def test_dropout_deadline_quorum_stale_update_and_rejoin(mosquitto_path: Mosquitto, tmp_path: Path) -> None:
+    broker = mosquitto_path
+    rounds = 12  # rounds with all three take milliseconds; the margin is for a slow rejoin
+    fed = Federation(tmp_path, broker.host, broker.port, devices=("edge-1", "edge-2", "edge-3"), rounds=rounds,
+                     limit=300, extra_coordinator=["--quorum", "2", "--round-deadline", "3"],
+                     extra_agent=["--heartbeat", "1"])
+    status = None
+    try:
+        fed.start_all()
+        status = StatusWatcher(fed, broker.host, broker.port)
+        # (The deadline runs from the round's opening, so round 1 may close with the two agents
+        # that started first.)
+        wait_for("a round with all three", lambda: [a for a in aggregates(fed) if len(a["participants"]) == 3],
+                 90, fed)
+        wait_for("edge-3 online", lambda: status.poll().get("presence", {}).get("edge-3") == "online", 20, fed)
+        # Drop edge-3 hard: no DISCONNECT, so mosquitto publishes its Last Will.
+        fed.procs["edge-3"].send_signal(signal.SIGKILL)
+        fed.procs["edge-3"].wait()
+        killed_at_round = max(a["round"] for a in aggregates(fed))
+        wait_for("edge-3 offline in the status", lambda: status.poll().get("presence", {}).get("edge-3") == "offline",
+                 20, fed)
+        # Rounds go on with two, closed by the deadline.
+        wait_for("two rounds without edge-3", lambda: len([a for a in aggregates(fed) if a["round"] > killed_at_round
+                                                           and a["participants"] == ["edge-1", "edge-2"]]) >= 2,
+                 60, fed)
+        # A straggler's late update for a closed round (genuinely signed by edge-3) is stale.
+        bundle = DeviceBundle.load(keytool.bundle_path(fed.keys, "edge-3"))
+        late = envelope.seal_update(bundle, 1, encode_tensors({"w": np.zeros(2, np.float32)}), 300,
+                                    {"train_loss": 1.0}, dataset_sha256=bytes(32))
+        status.link.publish(Topics(fed.fleet).update("edge-3"), late, wait=5)
+        wait_for("the late update rejected as stale_round",
+                 lambda: status.poll().get("rejections", {}).get("stale_round", 0) >= 1, 20, fed)
+        rejoin_after = max(a["round"] for a in aggregates(fed))
+        fed.start_agent(2)  # same state directory: outbox, last trained round, data registration
+        wait_for("edge-3 contributing again", lambda: [a for a in aggregates(fed) if a["round"] > rejoin_after
+                                                      and "edge-3" in a["participants"]], 90, fed)
+        wait_for("edge-3 online again", lambda: status.poll().get("presence", {}).get("edge-3") == "online", 20, fed)
+        finish(fed, 120)
+    finally:
+        if status is not None:
+            status.stop()
+        fed.stop()
+    records = check_final_ledger(fed, rounds)
+    stale = [r for r in records if r["type"] == "update.rejected" and r["reason"] == "stale_round"]
+    # Ours (edge-3, round 1), plus any natural straggler (an agent that started after round 1 closed).
+    assert any(r["device"] == "edge-3" and r["round"] == 1 for r in stale), stale
+    aggs = [r for r in records if r["type"] == "aggregate"]
+    without = [a["round"] for a in aggs if a["participants"] == ["edge-1", "edge-2"]]
+    rejoined = [a["round"] for a in aggs if a["round"] > rejoin_after and "edge-3" in a["participants"]]
+    # An agent trains the round of the model it holds, so an accepted update for a round after
+    # its restart means it took the then current global model.
+    assert without and rejoined
+    print(f"\ndropout: {rounds} rounds, without edge-3: {without}, edge-3 back in {rejoined}, "
+          f"stale updates rejected: {[(r['device'], r['round']) for r in stale]}")
+
+
+@pytest.fixture
+def mosquitto_path(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+# -- 4. payload limits -----------------------------------------------------------------------------------
+
+LIMIT = 200_000
+
+
+def test_model_larger_than_max_packet_size_goes_through_in_chunks(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "mosquitto", f"max_packet_size {LIMIT}\n").start()
+    chunked = ["--max-payload", str(LIMIT - 10_000)]
+    fed = Federation(tmp_path, broker.host, broker.port, task="mnist", rounds=1, limit=300,
+                     extra_coordinator=chunked, extra_agent=chunked)
+    try:
+        fed.start_all()
+        finish(fed, 150)
+    finally:
+        fed.stop()
+        broker.stop()
+    check_final_ledger(fed, 1, participants=list(fed.devices))
+    model = (fed.state / "models" / "global-000002.safetensors").stat().st_size
+    assert model > LIMIT  # the model really is bigger than one packet may be
+    assert "oversize" not in (tmp_path / "mosquitto" / "mosquitto.log").read_text(errors="replace")
+
+
+def test_model_larger_than_max_packet_size_without_chunking_gets_nowhere(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "mosquitto", f"max_packet_size {LIMIT}\n").start()
+    fed = Federation(tmp_path, broker.host, broker.port, task="mnist", rounds=1, limit=300)
+    mosquitto_log = tmp_path / "mosquitto" / "mosquitto.log"
+    try:
+        fed.start_all()
+        wait_for("mosquitto to refuse an oversize packet",
+                 lambda: "oversize" in mosquitto_log.read_text(errors="replace"), 60, fed)
+        time.sleep(12)
+        assert fed.procs["coordinator"].poll() is None
+        assert not aggregates(fed)
+        assert not [r for r in ledger_records(fed) if r["type"] == "update"]
+    finally:
+        fed.stop()
+        broker.stop()
+    assert re.search(r"oversize", mosquitto_log.read_text(errors="replace"))
