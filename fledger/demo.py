@@ -94,7 +94,7 @@ def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: d
     keys_dir = workdir / spec.task / "keys"
     keytool.init_fleet(keys_dir, fleet, force=True)
     for device in DEVICES:
-        keytool.add_device(keys_dir, device)
+        keytool.add_device(keys_dir, device, force=True)  # a re-run in the same --workdir starts afresh
     state = workdir / spec.task / "coordinator"
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
