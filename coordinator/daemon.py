@@ -49,6 +49,8 @@ class CoordinatorConfig(BrokerConfig):
     evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
     seed: int = setting(0, "seed for the initial model")
     client_id: str = setting("", "MQTT client id (default: fledger-coordinator-<fleet>)")
+    presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
+                                            "(0: only its Last Will)")
 
 
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None) -> Coordinator:
@@ -151,6 +153,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
             if now - last_tick >= 0.5:
                 last_tick = now
                 coordinator.tick()
+                if _expire_presence(coordinator.presence, config.presence_timeout):
+                    coordinator.publish_status()
                 link.expire_partial()
             if coordinator.done:
                 log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
@@ -166,6 +170,20 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     return 0
 
 
+def _expire_presence(presence: dict[str, Any], timeout: float) -> bool:
+    """Mark devices whose heartbeats stopped as offline: some brokers (amqtt) never fire the
+    Last Will of a client that just goes silent. True when any state changed."""
+    now = time.monotonic()
+    changed = False
+    for device, body in presence.items():
+        if body.get("state") == "online" and timeout > 0 and now - body.get("received", now) > timeout:
+            body["state"] = "offline"
+            body["reason"] = f"no heartbeat for {timeout:.0f}s"
+            log.warning("device %s is offline: no heartbeat for %.0fs", device, timeout)
+            changed = True
+    return changed
+
+
 def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload: bytes) -> bool:
     """Record a device's heartbeat or Last Will; True when its state changed."""
     device = topics.device_of(topic)
@@ -179,6 +197,7 @@ def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload
     if not isinstance(body, dict):
         return False
     changed = presence.get(device, {}).get("state") != body.get("state")
+    body["received"] = time.monotonic()  # our clock, not the device's
     presence[device] = body
     if changed:
         log.info("device %s is %s", device, body.get("state"))

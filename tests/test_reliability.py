@@ -356,3 +356,30 @@ def test_model_larger_than_max_packet_size_without_chunking_gets_nowhere(tmp_pat
         fed.stop()
         broker.stop()
     assert re.search(r"oversize", mosquitto_log.read_text(errors="replace"))
+
+
+# -- 5. a silent agent on a broker that never fires its Will -------------------------------------------
+
+def test_silent_agent_marked_offline_by_heartbeat_timeout(embedded_broker: Any, tmp_path: Path) -> None:
+    """amqtt does not enforce keepalive, so a frozen agent's Last Will never fires; the
+    coordinator's heartbeat timeout marks it offline, and its next heartbeat online again."""
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=0, limit=200,
+                     extra_coordinator=["--presence-timeout", "3"], extra_agent=["--heartbeat", "1"])
+    status = None
+    try:
+        fed.start_all()
+        status = StatusWatcher(fed, embedded_broker.host, embedded_broker.port)
+        wait_for("edge-1 online", lambda: status.poll().get("presence", {}).get("edge-1") == "online", 60, fed)
+        fed.procs["edge-1"].send_signal(signal.SIGSTOP)  # frozen: no heartbeat, no DISCONNECT, no Will
+        wait_for("edge-1 offline", lambda: status.poll().get("presence", {}).get("edge-1") == "offline", 20, fed)
+        assert status.poll()["presence"]["edge-2"] == "online"
+        fed.procs["edge-1"].send_signal(signal.SIGCONT)
+        wait_for("edge-1 online again", lambda: status.poll().get("presence", {}).get("edge-1") == "online", 20, fed)
+    finally:
+        if status is not None:
+            status.stop()
+        for proc in fed.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+        fed.stop()
+    assert "no heartbeat for 3s" in log_text(fed, "coordinator")
