@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from federation import durable
 from federation.codec import TensorDict
 
 
@@ -24,25 +25,10 @@ class StorageError(OSError):
     """The coordinator cannot persist what it must; it stops accepting rather than lie."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename with fsyncs: after a crash the file is either old or new, never torn."""
+    """Durable write-then-rename; a failure becomes a StorageError naming the file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        durable.atomic_write(path, data)
     except OSError as exc:
         raise StorageError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
 
@@ -67,7 +53,7 @@ class ModelStore:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-            _fsync_dir(self.directory)
+            durable.fsync_dir(self.directory)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot save model {path}: {exc.strerror or exc}") from exc
         return path

@@ -8,9 +8,10 @@ accepts each (device, round) once, so a resend is harmless.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from federation.durable import atomic_write
 
 _NAME = re.compile(r"^round-(\d{6,})\.update$")
 
@@ -24,13 +25,7 @@ class Outbox:
         return self.directory / f"round-{round_number:06d}.update"
 
     def put(self, round_number: int, payload: bytes) -> None:
-        path = self._path(round_number)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write(self._path(round_number), payload)
 
     def get(self, round_number: int) -> bytes | None:
         path = self._path(round_number)

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from federation import crypto
+from federation.durable import atomic_write
 
 
 class KeyFileError(ValueError):
@@ -25,14 +25,7 @@ class KeyFileError(ValueError):
 
 def write_secret_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically with 0600 permissions from the start (never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(Path(path), json.dumps(payload, indent=2, sort_keys=True).encode(), mode=0o600)
 
 
 def read_json(path: Path) -> dict[str, Any]:

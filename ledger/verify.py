@@ -215,15 +215,19 @@ class ChainState:
             self._check_aggregate(block)
         # any other type: open, stored and hashed, nothing more to check
 
-    def _check_dataset_statement(self, device: str, sha256: bytes, data: dict[str, Any]) -> None:
-        key_id = _need(data, "key_id", str)
-        statement = _need(data, "statement", bytes)
-        device_sig = _need(data, "device_sig", bytes, 64)
+    def _active_device_key(self, device: str, key_id: str) -> tuple[str, bytes]:
         owner = self.device_keys.get(key_id)
         if owner is None or owner[0] != device:
             raise ValueError(f"device {device!r} key {key_id} is not registered earlier in the chain")
         if key_id in self.revoked:
             raise ValueError(f"device {device!r} key {key_id} was revoked")
+        return owner
+
+    def _check_dataset_statement(self, device: str, sha256: bytes, data: dict[str, Any]) -> None:
+        key_id = _need(data, "key_id", str)
+        statement = _need(data, "statement", bytes)
+        device_sig = _need(data, "device_sig", bytes, 64)
+        owner = self._active_device_key(device, key_id)
         try:
             fields = msgpack.unpackb(statement, raw=False)
         except Exception:
@@ -243,11 +247,7 @@ class ChainState:
         _need(data, "weights_sha256", bytes, 32)
         _need(data, "num_samples", int)
         _need(data, "metrics", dict)
-        owner = self.device_keys.get(key_id)
-        if owner is None or owner[0] != device:
-            raise ValueError(f"device {device!r} key {key_id} is not registered earlier in the chain")
-        if key_id in self.revoked:
-            raise ValueError(f"device {device!r} key {key_id} was revoked")
+        owner = self._active_device_key(device, key_id)
         try:
             fields = records.decode_statement(statement)
         except ValueError as exc:
