@@ -164,6 +164,9 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                 break
             if coordinator.halted:
                 log.critical("halted: %s", coordinator.halted)
+                # Tell devices and operators (retained), so nobody waits for an acknowledgement.
+                link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True,
+                             wait=10)
                 return 3
     finally:
         link.stop()

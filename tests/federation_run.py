@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class Federation:
     extra_coordinator: list[str] = field(default_factory=list)
     extra_agent: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    preexec: dict[str, Callable[[], None]] = field(default_factory=dict)  # per process, e.g. resource limits
 
     def __post_init__(self) -> None:
         self.keys = self.workdir / "keys"
@@ -57,7 +59,7 @@ class Federation:
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the process owns it)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec.get(name))
         self.procs[name] = proc
         return proc
 

@@ -383,3 +383,43 @@ def test_silent_agent_marked_offline_by_heartbeat_timeout(embedded_broker: Any, 
                 proc.send_signal(signal.SIGCONT)
         fed.stop()
     assert "no heartbeat for 3s" in log_text(fed, "coordinator")
+
+
+# -- 6. the disk fills up under a running coordinator -------------------------------------------------
+
+def _small_disk() -> None:
+    import resource
+
+    # Every file the coordinator writes may grow to 48 KiB: past that, writes fail with EFBIG
+    # (CPython ignores SIGXFSZ), as they would with ENOSPC on a full disk.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+
+def test_full_disk_halts_the_coordinator_without_acknowledging(embedded_broker: Any, tmp_path: Path) -> None:
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=40, limit=100,
+                     extra_agent=["--resend-interval", "2"])
+    fed.preexec["coordinator"] = _small_disk
+    status = None
+    try:
+        fed.start_all()
+        status = StatusWatcher(fed, embedded_broker.host, embedded_broker.port)
+        code = fed.wait("coordinator", 180)
+        final = wait_for("a halted status", lambda: status.poll().get("state") == "halted" and status.latest, 20,
+                         fed)
+    finally:
+        if status is not None:
+            status.stop()
+        fed.stop()
+    assert code == 3, fed.log_tail()  # stopped with a clear error, not a crash
+    log = log_text(fed, "coordinator")
+    assert "no longer accepting" in log and "File too large" in log
+    assert "cannot write the ledger" in final["halted"] and "File too large" in final["halted"]
+    # What it did persist is a valid chain, and nothing it could not persist was acknowledged:
+    # every device the status lists as accepted has its update in the ledger.
+    report = verify_file(fed.state / "ledger.log")
+    assert report.ok, report
+    records = ledger_records(fed)
+    open_round = final["round"]
+    in_ledger = {r["device"] for r in records if r["type"] == "update" and r["round"] == open_round}
+    assert set(final["accepted"]) <= in_ledger
+    assert len([r for r in records if r["type"] == "aggregate"]) < 40
