@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     keytool.add_parser(sub)
     ledger_cli.add_parser(sub)
 
-    from fledger import demo
+    from fledger import demo, predict
 
+    predict.add_parser(sub)
     demo.add_parser(sub)
     return parser
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         result: Any = args.func(args)
-    except (cfg.ConfigError, FileNotFoundError, ValueError, ConnectionError) as exc:
+    except (cfg.ConfigError, OSError, ValueError, ConnectionError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

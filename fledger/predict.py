@@ -1,0 +1,118 @@
+"""``fledger predict``: predictions from a saved global model, in the data's own units.
+
+The model file is checked against the ledger when one is given (its SHA-256 must be the
+model hash of an aggregation or initial-model block), so a prediction can always name the
+round and block that produced the model: the basis for paid predictions with receipts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from federation.codec import TensorDict, encode_tensors
+from federation.datasets import Standardizer
+from federation.tasks import CaliforniaTask, get_task
+
+
+class PredictError(ValueError):
+    pass
+
+
+def load_model_file(path: Path) -> TensorDict:
+    """A global model saved by the coordinator (safetensors: loading never runs code)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    if not path.exists():
+        raise PredictError(f"model file not found: {path}")
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+    tensors = load_file(str(path))
+    order = json.loads(metadata.get("fledger.order", "[]")) or sorted(tensors)
+    return {name: tensors[name] for name in order}
+
+
+def ledger_block_for(model: TensorDict, ledger_path: Path) -> Any:
+    """The ledger block that records this exact model, or PredictError."""
+    from ledger import Ledger
+
+    digest = hashlib.sha256(encode_tensors(model)).digest()
+    with Ledger.open(ledger_path) as ledger:
+        for block in ledger:
+            if block.data.get("type") in ("aggregate", "model.published") and block.data.get("model_sha256") == digest:
+                return block
+    raise PredictError(f"this model ({digest.hex()[:16]}) is not recorded in {ledger_path}: refusing to use it")
+
+
+def read_rows(path: Path, columns: list[str]) -> tuple[np.ndarray, list[dict[str, str]]]:
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise PredictError(f"cannot read {path}: {exc}") from exc
+    if not rows:
+        raise PredictError(f"{path} has no data rows")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise PredictError(f"{path} lacks the model's feature columns {missing}")
+    try:
+        values = np.array([[float(row[c]) for c in columns] for row in rows], dtype=np.float32)
+    except ValueError as exc:
+        raise PredictError(f"{path}: a feature value is not a number: {exc}") from exc
+    if not np.isfinite(values).all():
+        raise PredictError(f"{path}: features contain NaN or Inf")
+    return values, rows
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="predict with a saved global model (regression tasks)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="global model file (models/global-RRRRRR.safetensors)")
+    p.add_argument("--data", type=Path, required=True, help="CSV with the model's feature columns")
+    p.add_argument("--task", default="california", choices=["california", "csv"], help="default: california")
+    p.add_argument("--scaler", type=Path, default=None,
+                   help="an agent's scaler.json (feature and target standardisers); required for task csv; "
+                        "for california the whole training split's standardisers are used by default")
+    p.add_argument("--ledger", type=Path, default=None,
+                   help="refuse a model that this ledger does not record; name its round and block")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.scaler is not None:
+        scaler = json.loads(args.scaler.read_text())
+        x_scaler, y_scaler = Standardizer.from_dict(scaler["features"]), Standardizer.from_dict(scaler["target"])
+        columns = list(scaler["feature_names"])
+    elif args.task == "california":
+        task = CaliforniaTask()
+        x_scaler, y_scaler = task.central_scalers()
+        columns = list(task.table().feature_names)
+    else:
+        raise PredictError("task csv needs --scaler (the agent's scaler.json)")
+    model_weights = load_model_file(args.model)
+    provenance = ""
+    if args.ledger is not None:
+        block = ledger_block_for(model_weights, args.ledger)
+        provenance = f" (model of round {block.data['round']}, ledger block {block.index} {block.hash.hex()[:16]})"
+    model = (get_task("csv", n_features=len(columns)) if args.task == "csv" else get_task(args.task)).build_model()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in model_weights.items()})
+    model.eval()
+    values, rows = read_rows(args.data, columns)
+    with torch.no_grad():
+        out = model(torch.from_numpy(x_scaler.transform(values))).reshape(-1).numpy()
+    predictions = y_scaler.inverse_transform(out)
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["row", "prediction"])
+    for i, value in enumerate(predictions):
+        writer.writerow([i, f"{float(value):.6g}"])
+    print(f"# {len(rows)} predictions{provenance}", file=sys.stderr)
+    return 0
