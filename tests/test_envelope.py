@@ -36,8 +36,8 @@ def test_update_round_trip(fleet) -> None:  # type: ignore[no-untyped-def]
 
 def test_two_seals_differ_and_ids_are_fresh(fleet) -> None:  # type: ignore[no-untyped-def]
     _, dev, _ = fleet
-    a = envelope.parse_update(envelope.seal_update(dev, 1, b"w", 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
-    b = envelope.parse_update(envelope.seal_update(dev, 1, b"w", 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
+    a = envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 64, 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
+    b = envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 64, 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
     assert a.header.msg_id != b.header.msg_id and a.ciphertext != b.ciphertext
 
 
