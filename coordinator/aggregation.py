@@ -63,7 +63,8 @@ class WeightedAverage:
             acc = self._sum[name]
             if acc.shape != array.shape:
                 raise AggregationError(f"tensor {name!r}: shape {array.shape} != {acc.shape}")
-            acc += weight * array  # in place: no per-client copies kept
+            # In float64 (NumPy 2 would keep weight * float16 in float16 and overflow); in place.
+            acc += weight * array.astype(np.float64, copy=False)
         self._total += weight
         self._count += 1
 
@@ -77,6 +78,8 @@ class WeightedAverage:
         out: TensorDict = {}
         for name, acc in self._sum.items():
             mean = acc / self._total
+            if not np.isfinite(mean).all():
+                raise AggregationError(f"aggregate of tensor {name!r} is not finite")
             dtype = self._dtypes[name]
             out[name] = (np.rint(mean) if dtype.kind in "iu" else mean).astype(dtype)
         return out

@@ -133,29 +133,23 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                 message = link.inbox.get(timeout=0.5)
             except queue.Empty:
                 message = None
-            if link.connect_count != connects:
-                # The broker may have restarted and lost retained messages: publish them again.
-                connects = link.connect_count
-                coordinator.publish_model()
-                coordinator.publish_status()
-            if message is not None:
-                device = topics.device_of(message.topic)
-                if device and message.topic == topics.update(device):
-                    coordinator.handle_update(message.topic, message.payload)
-                elif device and message.topic == topics.register(device):
-                    coordinator.handle_registration(message.topic, message.payload)
-                elif "/presence/" in message.topic:
-                    if _note_presence(coordinator.presence, topics, message.topic, message.payload):
-                        coordinator.publish_status()
-                elif message.topic == topics.ledger_replay:
-                    _replay(coordinator, link, topics, message.payload)
-            now = time.monotonic()
-            if now - last_tick >= 0.5:
-                last_tick = now
-                coordinator.tick()
-                if _expire_presence(coordinator.presence, config.presence_timeout):
+            try:
+                if link.connect_count != connects:
+                    # The broker may have restarted and lost retained messages: publish them again.
+                    connects = link.connect_count
+                    coordinator.publish_model()
                     coordinator.publish_status()
-                link.expire_partial()
+                if message is not None:
+                    _dispatch(coordinator, link, topics, message.topic, message.payload)
+                now = time.monotonic()
+                if now - last_tick >= 0.5:
+                    last_tick = now
+                    coordinator.tick()
+                    if _expire_presence(coordinator.presence, config.presence_timeout):
+                        coordinator.publish_status()
+                    link.expire_partial()
+            except Exception:  # one bad message or a bug must not end the daemon
+                log.exception("unexpected error in the coordinator loop; continuing")
             if coordinator.done:
                 log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
                 # Let the last publishes reach the broker before leaving.
@@ -171,6 +165,22 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     finally:
         link.stop()
     return 0
+
+
+def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes) -> None:
+    device = topics.device_of(topic)
+    if device and topic == topics.update(device):
+        coordinator.handle_update(topic, payload)
+    elif device and topic == topics.register(device):
+        coordinator.handle_registration(topic, payload)
+    elif device and topic == topics.presence(device):
+        if device not in coordinator.registry.devices:
+            log.warning("ignored presence of unknown device %r", device)
+        elif _note_presence(coordinator.presence, topics, topic, payload):
+            coordinator.publish_status()
+    elif topic == topics.ledger_replay:
+        _replay(coordinator, link, topics, payload)
+    # anything else (amqtt hands out retained messages of other topics) is ignored
 
 
 def _expire_presence(presence: dict[str, Any], timeout: float) -> bool:
@@ -193,12 +203,14 @@ def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload
     if device is None:
         return False
     try:
-        body = json.loads(payload)
+        body = json.loads(payload) if len(payload) <= 1024 else None
     except ValueError:
+        body = None
+    if not isinstance(body, dict) or body.get("state") not in ("online", "offline"):
         log.warning("malformed presence message from %s", device)
         return False
-    if not isinstance(body, dict):
-        return False
+    # Keep only what the status shows: a device cannot make the signed status large.
+    body = {"state": body["state"], "round": body.get("round") if isinstance(body.get("round"), int) else None}
     changed = presence.get(device, {}).get("state") != body.get("state")
     body["received"] = time.monotonic()  # our clock, not the device's
     presence[device] = body
@@ -210,9 +222,11 @@ def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload
 def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes) -> None:
     """A monitor asked for blocks from some height: re-send them on the ledger topic."""
     try:
-        request = json.loads(payload)
-        start = max(0, int(request.get("from", 0)))
-    except (ValueError, TypeError, AttributeError):
+        request = json.loads(payload) if len(payload) <= 256 else None
+        start = request.get("from", 0) if isinstance(request, dict) else None
+    except ValueError:
+        start = None
+    if type(start) is not int or start < 0:
         log.warning("malformed ledger replay request")
         return
     count = 0

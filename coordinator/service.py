@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -102,6 +103,7 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.presence: dict[str, dict[str, Any]] = {}
         self.datasets: dict[str, bytes] = {}  # device -> SHA-256 of its registered data set
+        self.registered_at: dict[str, float] = {}  # device -> 'created' of that registration
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +121,8 @@ class Coordinator:
                 accepted_records.append(data)
             elif kind == records.DATASET:
                 self.datasets[data["device"]] = data["sha256"]
+                if isinstance(data.get("statement"), bytes):
+                    self.registered_at[data["device"]] = float(_statement_field(data, "created"))
             elif kind == "update.rejected" and isinstance(data.get("msg_id"), bytes):
                 self.recorded_rejections.add(data["msg_id"])
             elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
@@ -305,10 +309,10 @@ class Coordinator:
             return rejected(round_problem, f"open round is {self.round.number}", record=round_problem != "replay")
         if self.done:
             return rejected("training_done", "the federation has finished its rounds")
-        if header.num_samples <= 0:
+        if not 0 < header.num_samples <= MAX_SAMPLES:
             return rejected("bad_sample_count", f"num_samples={header.num_samples}")
-        if not all(map(_finite, header.metrics.values())):
-            return rejected("bad_metrics", "metrics contain NaN or Inf")
+        if len(header.metrics) > MAX_METRICS or not all(_sane(v) for v in header.metrics.values()):
+            return rejected("bad_metrics", f"need <= {MAX_METRICS} finite metrics of magnitude <= {METRIC_LIMIT:g}")
         if self.datasets.get(header.device) != header.dataset_sha256:
             return rejected("dataset_not_registered", "the update names a data set this device has not registered")
         try:
@@ -334,7 +338,16 @@ class Coordinator:
         return Outcome(True, "accepted", header.device, header.round)
 
     def handle_registration(self, topic: str, payload: bytes) -> Outcome:
-        """A device's signed dataset registration: recorded in the ledger once per new digest."""
+        """A device's signed dataset registration: recorded in the ledger once per new digest.
+
+        Never raises for bad input: every failure becomes a counted rejection."""
+        try:
+            return self._handle_registration(topic, payload)
+        except Exception as exc:
+            log.exception("unexpected error while checking a registration")
+            return self._reject("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _handle_registration(self, topic: str, payload: bytes) -> Outcome:
         try:
             statement = envelope.open_dataset(payload, self.registry.public_key)
         except EnvelopeError as exc:
@@ -346,6 +359,10 @@ class Coordinator:
         if self.datasets.get(statement.device) == statement.sha256:
             self.publish_status()  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
+        if statement.created <= self.registered_at.get(statement.device, float("-inf")):
+            # An older registration replayed: it must not switch the device back to old data.
+            return self._reject("registration_stale", "not newer than the device's current registration",
+                                device=statement.device)
         try:
             self._append(records.dataset(statement.device, statement.sha256, statement.size, statement.schema,
                                          key_id=statement.key_id, statement=statement.statement,
@@ -354,6 +371,7 @@ class Coordinator:
             self.halted = str(exc)
             return self._reject("storage_error", str(exc))
         self.datasets[statement.device] = statement.sha256
+        self.registered_at[statement.device] = statement.created
         log.info("device %s registered data set %s (%d bytes, %s)", statement.device, statement.sha256.hex()[:16],
                  statement.size, statement.schema.get("task"))
         self.publish_status()
@@ -375,6 +393,11 @@ class Coordinator:
         except StorageError as exc:
             self.halted = str(exc)
             log.critical("cannot persist round %d: %s; no longer accepting updates", self.round.number, exc)
+            self.publish_status()
+            return False
+        except Exception as exc:  # e.g. a non-finite aggregate: stop, never publish a broken model
+            self.halted = f"cannot close round {self.round.number}: {type(exc).__name__}: {exc}"
+            log.exception("%s; no longer accepting updates", self.halted)
             self.publish_status()
             return False
         return True
@@ -413,8 +436,15 @@ class Coordinator:
         self.maybe_close_round()
 
 
-def _finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))
+# Bounds on what a device may claim: sums and weighted means of them must stay finite and
+# encodable in the ledger (a 1e308 metric times a sample count is Inf; counts beyond 2**63 wrap).
+MAX_SAMPLES = 2**40
+MAX_METRICS = 32
+METRIC_LIMIT = 1e30
+
+
+def _sane(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= METRIC_LIMIT
 
 
 def _statement_field(record: dict[str, Any], name: str) -> Any:

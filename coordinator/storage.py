@@ -47,7 +47,8 @@ class ModelStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             save_file(
-                {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                # np.require, not ascontiguousarray: that turns 0-d tensors into 1-d ones.
+                {k: np.require(v, requirements="C") for k, v in tensors.items()}, str(tmp),
                 metadata={"fledger.round": str(round_number), "fledger.order": json.dumps(order)},
             )
             with open(tmp, "rb+") as handle:

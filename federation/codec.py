@@ -8,6 +8,7 @@ from the network cannot make us allocate without limit or build odd arrays.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,7 +96,7 @@ def decode_tensors(data: bytes, *, max_bytes: int | None = None) -> TensorDict:
         if not isinstance(raw, bytes):
             raise CodecError(f"tensor {name!r}: data is not bytes")
         dtype = _ALLOWED_DTYPES[dtype_name]
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # exact: np.prod in int64 wraps for huge shapes
         if count * dtype.itemsize != len(raw):
             raise CodecError(
                 f"tensor {name!r}: {len(raw)} bytes do not match shape {shape} of {dtype_name}"

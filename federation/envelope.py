@@ -27,6 +27,7 @@ import msgpack
 
 from federation import crypto
 from federation.keys import CoordinatorKeys, DeviceBundle
+from ledger import canonical
 from ledger.block import Block  # the ledger is a pure library: devices check model blocks with it
 
 ENVELOPE_VERSION = 1
@@ -90,6 +91,11 @@ class ModelHeader:
     info: dict[str, Any]
 
 
+MAX_HEADER_BYTES = 4096
+_UPDATE_FIELDS = {"fleet", "device", "round", "key_id", "msg_id", "epk", "to", "iv", "weights_sha256", "num_samples",
+                  "metrics", "codec", "created", "dataset_sha256"}
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -147,12 +153,18 @@ def parse_update(data: bytes, *, max_bytes: int) -> SealedUpdate:
     """Parse the outer layer and header; no key is needed and nothing is trusted yet."""
     outer = _unpack_outer(data, UPDATE_FORMAT, max_bytes)
     header_bytes = outer["hdr"]
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        # The header is recorded in the ledger verbatim: its size must not be the sender's choice.
+        raise EnvelopeError("malformed", f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         hdr = msgpack.unpackb(header_bytes, raw=False, max_map_len=32, max_str_len=256)
     except Exception as exc:
         raise EnvelopeError("malformed", "header is not msgpack") from exc
     if not isinstance(hdr, dict):
         raise EnvelopeError("malformed", "header is not a map")
+    unknown = set(hdr) - _UPDATE_FIELDS
+    if unknown:
+        raise EnvelopeError("malformed", f"unknown header fields {sorted(map(str, unknown))}")
     metrics = _field(hdr, "metrics", dict)
     if not all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items()):
         raise EnvelopeError("malformed", "metrics must map names to floats")
@@ -320,6 +332,8 @@ class DatasetStatement:
     schema: dict[str, Any]
     statement: bytes
     signature: bytes
+    created: float
+    msg_id: bytes
 
 
 def seal_dataset(bundle: DeviceBundle, sha256: bytes, size: int, schema: dict[str, Any],
@@ -346,11 +360,18 @@ def open_dataset(data: bytes, public_key_of: Any, *, max_bytes: int = 64 * 1024)
         raise EnvelopeError("malformed", "not a dataset registration")
     if outer.get("v") != ENVELOPE_VERSION:
         raise EnvelopeError("unsupported_version", f"version {outer.get('v')!r}")
+    if len(outer["hdr"]) > MAX_HEADER_BYTES:
+        raise EnvelopeError("malformed", f"registration of {len(outer['hdr'])} bytes exceeds {MAX_HEADER_BYTES}")
     statement = DatasetStatement(
         fleet=_field(hdr, "fleet", str), device=_field(hdr, "device", str), key_id=_field(hdr, "key_id", str),
         sha256=_field(hdr, "sha256", bytes), size=_field(hdr, "size", int), schema=_field(hdr, "schema", dict),
-        statement=outer["hdr"], signature=_field(outer, "sig", bytes),
+        statement=outer["hdr"], signature=_field(outer, "sig", bytes), created=_field(hdr, "created", float),
+        msg_id=_field(hdr, "msg_id", bytes),
     )
+    try:
+        canonical.normalize(statement.schema)  # it goes into a ledger block: no NaN, no odd types
+    except ValueError as exc:
+        raise EnvelopeError("malformed", f"schema: {exc}") from exc
     public_key = public_key_of(statement.device, statement.key_id)
     if public_key is None:
         raise EnvelopeError("unknown_key", f"device {statement.device!r} key {statement.key_id!r}")

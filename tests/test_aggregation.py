@@ -60,3 +60,25 @@ def test_errors() -> None:
         strategy.add({"w": np.zeros(3, np.float32)}, 1)
     with pytest.raises(AggregationError, match="unknown"):
         make_strategy("nope")
+
+
+def test_float16_and_huge_weights_are_summed_in_float64() -> None:
+    strategy = make_strategy("fedavg")
+    for _ in range(3):
+        strategy.add({"w": np.full(3, 1.5, np.float16)}, 60_000)  # 60000 * 1.5 overflows float16
+    result = strategy.result()["w"]
+    assert result.dtype == np.float16
+    np.testing.assert_allclose(result.astype(np.float64), 1.5)
+
+
+def test_non_finite_aggregate_is_refused() -> None:
+    strategy = make_strategy("fedavg")
+    strategy.add({"w": np.full(2, 3e38, np.float32)}, 1)
+    strategy.add({"w": np.full(2, 3e38, np.float32)}, 1)
+    np.testing.assert_allclose(strategy.result()["w"], 3e38, rtol=1e-6)  # float64 sum: no overflow
+    big = make_strategy("fedavg")
+    with np.errstate(over="ignore"):
+        big.add({"w": np.full(2, np.finfo(np.float64).max, np.float64)}, 2)
+        big.add({"w": np.full(2, np.finfo(np.float64).max, np.float64)}, 2)
+    with pytest.raises(AggregationError, match="not finite"):
+        big.result()

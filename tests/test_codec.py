@@ -80,3 +80,11 @@ def test_spec_check_rejects_wrong_shape_names_and_nan() -> None:
     bad["conv.bias"][0] = np.nan
     with pytest.raises(CodecError, match="NaN"):
         check_against_spec(bad, spec)
+
+
+def test_huge_declared_shape_is_a_codec_error_not_a_crash() -> None:
+    message = msgpack.unpackb(encode_tensors({"w": np.zeros(0, np.float32)}))
+    for shape in ([2**62, 4], [2**64 - 1]):
+        message["tensors"][0][2] = shape
+        with pytest.raises(CodecError):
+            decode_tensors(msgpack.packb(message))

@@ -54,7 +54,7 @@ class Harness:
         self.published: list[tuple[str, bytes, bool]] = []
         self.coordinator = self.build()
 
-    def build(self) -> Coordinator:
+    def build(self, register: bool = True) -> Coordinator:
         if hasattr(self, "ledger"):
             self.ledger.close()  # as if the old process had exited
         ledger = Ledger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
@@ -66,7 +66,7 @@ class Harness:
             topics=TOPICS, now=self.clock,
         )
         coordinator.start()
-        for name, bundle in self.devices.items():
+        for name, bundle in self.devices.items() if register else ():
             payload = envelope.seal_dataset(bundle, DATASET, 1234, {"task": "unit"})
             coordinator.handle_registration(TOPICS.register(name), payload)
         return coordinator
@@ -275,3 +275,46 @@ def test_ledger_refuses_a_dataset_record_with_a_forged_device_signature(tmp_path
     with pytest.raises(ValueError, match="differs"):
         h.ledger.append(swapped)
     assert verify_file(tmp_path / "ledger.log").ok
+
+
+def _resealed(h: Harness, device: str, **header_changes: Any) -> bytes:
+    """A genuine device signing a header it built itself (a buggy or malicious device)."""
+    outer = msgpack.unpackb(h.update(device, 1, weights(1.0)))
+    hdr = msgpack.unpackb(outer["hdr"])
+    hdr.update(header_changes)
+    outer["hdr"] = msgpack.packb(hdr)
+    outer["sig"] = h.devices[device].sign(outer["hdr"])
+    return msgpack.packb(outer)
+
+
+def test_claims_that_would_overflow_the_aggregate_are_refused(h: Harness) -> None:
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1), metrics={"train_loss": 1e308})).reason == "bad_metrics"
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1), n=2**62)).reason == "bad_sample_count"
+    too_many = {f"m{i}": 1.0 for i in range(100)}
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1), metrics=too_many)).reason == "malformed"  # > 32 keys
+    # The sender chooses what the ledger stores verbatim only within the protocol's fields and size.
+    assert h.send("dev-a", _resealed(h, "dev-a", pad=b"x" * 1000)).reason == "malformed"
+    assert h.send("dev-a", _resealed(h, "dev-a", fleet="x" * 200)).reason in ("malformed", "wrong_fleet")
+    assert h.coordinator.round is not None and not h.coordinator.round.accepted
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
+
+
+def test_registration_replay_cannot_switch_a_device_back(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    old = envelope.seal_dataset(h.devices["dev-a"], DATASET, 1234, {"task": "unit"}, now=1.0)
+    newer = hashlib.sha256(b"new data").digest()
+    assert h.coordinator.handle_registration(
+        TOPICS.register("dev-a"), envelope.seal_dataset(h.devices["dev-a"], newer, 99, {"v": 2})).accepted
+    height = h.ledger.head.index
+    outcome = h.coordinator.handle_registration(TOPICS.register("dev-a"), old)
+    assert outcome.reason == "registration_stale" and h.ledger.head.index == height
+    assert h.coordinator.datasets["dev-a"] == newer
+    # ... and that survives a restart (the ledger holds the signed registration times).
+    h.coordinator = h.build(register=False)
+    assert h.coordinator.handle_registration(TOPICS.register("dev-a"), old).reason == "registration_stale"
+
+
+def test_registration_with_unencodable_schema_is_rejected_not_fatal(h: Harness) -> None:
+    bad = envelope.seal_dataset(h.devices["dev-a"], bytes(32), 1, {"x": float("nan")})
+    outcome = h.coordinator.handle_registration(TOPICS.register("dev-a"), bad)
+    assert not outcome.accepted and outcome.reason == "registration_malformed"
