@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class EdgeAgent:
         self.refused_models = 0
         self._last_send: dict[int, float] = {}
         self._last_heartbeat = 0.0
+        self._heartbeat_lock = threading.Lock()
         self.done = False
         self.dataset = dataset
         self.registration_pending = register
@@ -119,6 +121,12 @@ class EdgeAgent:
     def step(self, timeout: float = 1.0) -> None:
         self.drain(timeout)
         self._heartbeat()
+        listed = self.status.get("datasets", {}).get(self.bundle.device_id) if self.status else None
+        if not self.registration_pending and self.status and listed != self.dataset.sha256.hex():
+            # A coordinator with fresh state, or one that lost our registration: register again.
+            log.warning("the coordinator does not list our data set %s; registering again",
+                        self.dataset.sha256.hex()[:16])
+            self.registration_pending = True
         if self.latest is None:
             return
         if self.registration_pending and not self._registered():
@@ -195,16 +203,31 @@ class EdgeAgent:
             self._send(round_number, payload)
 
     def _heartbeat(self) -> None:
-        now = self._now()
-        if now - self._last_heartbeat < self.settings.heartbeat_s:
-            return
-        self._last_heartbeat = now
+        with self._heartbeat_lock:  # called by the loop and by the heartbeat thread
+            now = self._now()
+            if now - self._last_heartbeat < self.settings.heartbeat_s:
+                return
+            self._last_heartbeat = now
         body = {"device": self.bundle.device_id, "state": "online", "time": now,
                 "round": self.latest[0].round if self.latest else None}
         self.link.publish(self.topics.presence(self.bundle.device_id), json.dumps(body).encode(), retain=True)
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
-        while not stop():
-            self.step()
-            if self.done and self.settings.exit_when_done:
-                return
+        finished = threading.Event()
+
+        def beat() -> None:
+            # Heartbeats go on while a long local training round holds the main loop.
+            while not finished.wait(min(1.0, self.settings.heartbeat_s)):
+                try:
+                    self._heartbeat()
+                except Exception:
+                    log.exception("heartbeat failed")
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+        try:
+            while not stop():
+                self.step()
+                if self.done and self.settings.exit_when_done:
+                    return
+        finally:
+            finished.set()

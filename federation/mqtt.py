@@ -5,8 +5,8 @@
   would reconnect in lock-step after a broker restart);
 - TCP_NODELAY (Nagle's algorithm otherwise holds small packets for ~40-70 ms);
 - TLS and username/password read from a file;
-- subscriptions re-made on every connect; messages handed to a queue, never processed on
-  paho's network thread.
+- subscriptions re-made on every connect; messages handed to a queue and processed by the
+  owner's thread (paho's network thread only reassembles chunks and checks their SHA-256).
 """
 
 from __future__ import annotations
@@ -98,10 +98,12 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_socket_open = self._on_socket_open
-        # paho's own retry (after a successful first connect) gets backoff; we add jitter by
-        # randomising the bounds per client.
+        # paho's own retry (after a successful first connect) doubles its delay from min to max
+        # with no jitter; randomising both bounds per client spreads a fleet's reconnects after a
+        # broker restart instead of having every device retry in lock-step.
         low, high = backoff
-        self._client.reconnect_delay_set(min_delay=max(1, round(low + random.random())), max_delay=int(high))
+        self._client.reconnect_delay_set(min_delay=random.randint(max(1, int(low)), max(2, int(low) + 3)),
+                                         max_delay=random.randint(max(2, int(high) // 2), max(2, int(high))))
 
     # -- paho callbacks (network thread: keep them tiny) --------------------------------------
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:

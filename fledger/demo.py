@@ -11,6 +11,7 @@ import argparse
 import os
 import queue
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -91,10 +92,12 @@ def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: d
 
     fleet = f"demo-{spec.task}"
     topics = Topics(fleet)
+    # A re-run in the same --workdir starts afresh: new keys, ledger, models and agent state.
+    shutil.rmtree(workdir / spec.task, ignore_errors=True)
     keys_dir = workdir / spec.task / "keys"
-    keytool.init_fleet(keys_dir, fleet, force=True)
+    keytool.init_fleet(keys_dir, fleet)
     for device in DEVICES:
-        keytool.add_device(keys_dir, device, force=True)  # a re-run in the same --workdir starts afresh
+        keytool.add_device(keys_dir, device)
     state = workdir / spec.task / "coordinator"
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import queue
 import sys
 import time
@@ -147,9 +148,14 @@ class ReplicaFile:
         while pos + 4 <= len(data):
             size = int.from_bytes(data[pos:pos + 4], "big")
             if pos + 4 + size > len(data):
-                break  # torn tail: the block will be fetched again
+                break
             out.append(data[pos + 4:pos + 4 + size])
             pos += 4 + size
+        if pos < len(data):
+            # A torn tail from a crash mid-write: cut it off (the block is fetched again), or the
+            # next append would land after garbage.
+            log.warning("%s: cut a torn tail of %d bytes", self.path, len(data) - pos)
+            os.truncate(self.path, pos)
         return out
 
     def append(self, raw: bytes) -> None:
@@ -157,6 +163,8 @@ class ReplicaFile:
             return
         with open(self.path, "ab") as handle:
             handle.write(len(raw).to_bytes(4, "big") + raw)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def follow(args: argparse.Namespace) -> int:

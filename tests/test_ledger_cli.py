@@ -129,3 +129,16 @@ def test_follow_alerts_when_the_coordinator_rewrites_history(finished_round: Har
     _, err = _publish_to(follower, embedded_broker, forged.to_bytes())
     assert follower.returncode == 2
     assert "ALERT" in err and "rewrite" in err and "block 2" in err
+
+
+def test_replica_file_recovers_from_a_torn_write(tmp_path: Path) -> None:
+    from fledger.ledger_cli import ReplicaFile
+
+    store = ReplicaFile(tmp_path / "replica")
+    store.append(b"block-0")
+    store.append(b"block-1")
+    with open(tmp_path / "replica", "ab") as handle:
+        handle.write((100).to_bytes(4, "big") + b"half a blo")  # killed mid-write
+    assert store.load() == [b"block-0", b"block-1"]
+    store.append(b"block-2")
+    assert store.load() == [b"block-0", b"block-1", b"block-2"]
