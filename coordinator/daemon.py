@@ -219,6 +219,13 @@ def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload
     return changed
 
 
+# Replays re-send blocks from the worker thread: bounded, so a monitor (or anyone on a broker
+# without ACLs) cannot make the coordinator queue the whole ledger again and again.
+REPLAY_INTERVAL_S = 2.0
+MAX_REPLAY_BLOCKS = 10_000
+_last_replay = [float("-inf")]
+
+
 def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes) -> None:
     """A monitor asked for blocks from some height: re-send them on the ledger topic."""
     try:
@@ -229,9 +236,13 @@ def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: b
     if type(start) is not int or start < 0:
         log.warning("malformed ledger replay request")
         return
+    now = time.monotonic()
+    if now - _last_replay[0] < REPLAY_INTERVAL_S:
+        log.warning("ledger replay request ignored: at most one every %.0fs", REPLAY_INTERVAL_S)
+        return
+    _last_replay[0] = now
     count = 0
-    for block in coordinator.ledger:
-        if block.index >= start:
-            link.publish(topics.ledger_blocks, block.to_bytes())
-            count += 1
+    for block in coordinator.ledger.blocks(start, start + MAX_REPLAY_BLOCKS):
+        link.publish(topics.ledger_blocks, block.to_bytes())
+        count += 1
     log.info("replayed %d ledger blocks from height %d", count, start)

@@ -47,6 +47,8 @@ class LedgerLike(Protocol):
 
     def __iter__(self) -> Any: ...
 
+    def blocks(self, start: int = 0, end: int | None = None) -> list[Any]: ...
+
     @property
     def head(self) -> Any: ...
 
@@ -93,6 +95,9 @@ class Coordinator:
         # Message ids whose rejection is already in the ledger: the ciphertext and tag are not
         # signed, so anyone who saw one genuine update can make endless variants of it.
         self.recorded_rejections: set[bytes] = set()
+        # Ledger records of rejections per (device, round), capped: even a stolen key, making
+        # fresh message ids, cannot grow the ledger without bound.
+        self.rejection_records: Counter[tuple[str, int | None]] = Counter()
         self.round: RoundState | None = None
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
@@ -113,6 +118,7 @@ class Coordinator:
         blocks = list(self.ledger)
         last_model_block = None
         accepted_records: list[dict[str, Any]] = []
+        opened_at: dict[Any, float] = {}
         for block in blocks:
             data = block.data
             kind = data.get("type")
@@ -123,8 +129,12 @@ class Coordinator:
                 self.datasets[data["device"]] = data["sha256"]
                 if isinstance(data.get("statement"), bytes):
                     self.registered_at[data["device"]] = float(_statement_field(data, "created"))
-            elif kind == "update.rejected" and isinstance(data.get("msg_id"), bytes):
-                self.recorded_rejections.add(data["msg_id"])
+            elif kind == "update.rejected":
+                if isinstance(data.get("msg_id"), bytes):
+                    self.recorded_rejections.add(data["msg_id"])
+                self.rejection_records[(str(data.get("device")), data.get("round"))] += 1
+            elif kind == "round.opened":
+                opened_at[data.get("round")] = block.timestamp
             elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
                 last_model_block = block
         if last_model_block is None:
@@ -151,8 +161,9 @@ class Coordinator:
         self.global_model = model
         self.spec = {n: (a.dtype.name, tuple(a.shape)) for n, a in model.items()}
         self._model_block = last_model_block
-        self._open_round(round_number, announce=not any(
-            b.data.get("type") == "round.opened" and b.data.get("round") == round_number for b in blocks))
+        self._open_round(round_number, announce=round_number not in opened_at)
+        if round_number in opened_at and self.round is not None:
+            self.round.opened_at = opened_at[round_number]  # a restart does not extend the deadline
         # Re-add this round's already accepted updates (their envelopes are in the spool).
         for record in accepted_records:
             if record.get("round") != round_number:
@@ -193,6 +204,9 @@ class Coordinator:
             raise StorageError(2, f"update of {device} for round {self.round.number} is in the ledger but "
                                   "missing from the spool")
         sealed = envelope.parse_update(raw, max_bytes=self.settings.max_update_bytes)
+        if sealed.header_bytes != record["statement"]:
+            raise StorageError(5, f"spooled update of {device} for round {self.round.number} is not the one the "
+                                  "ledger records")
         weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
         self._strategy.add(weights, sealed.header.num_samples)
         self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
@@ -251,13 +265,15 @@ class Coordinator:
                 msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
         self.rejections[reason] += 1
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
-        if record and device is not None and not self.halted and msg_id not in self.recorded_rejections:
+        if (record and device is not None and not self.halted and msg_id not in self.recorded_rejections
+                and self.rejection_records[(device, round_number)] < MAX_REJECTION_RECORDS):
             # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
             # One record per message id: resends and altered copies are counted, not recorded again.
             self._append(records.update_rejected(device, round_number, reason, hashlib.sha256(payload).digest(),
                                                  msg_id=msg_id))
             if msg_id is not None:
                 self.recorded_rejections.add(msg_id)
+            self.rejection_records[(device, round_number)] += 1
         return Outcome(False, reason, device, round_number)
 
     def handle_update(self, topic: str, payload: bytes) -> Outcome:
@@ -439,6 +455,7 @@ class Coordinator:
 # Bounds on what a device may claim: sums and weighted means of them must stay finite and
 # encodable in the ledger (a 1e308 metric times a sample count is Inf; counts beyond 2**63 wrap).
 MAX_SAMPLES = 2**40
+MAX_REJECTION_RECORDS = 8  # per device and round
 MAX_METRICS = 32
 METRIC_LIMIT = 1e30
 

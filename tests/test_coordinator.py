@@ -57,7 +57,8 @@ class Harness:
     def build(self, register: bool = True) -> Coordinator:
         if hasattr(self, "ledger"):
             self.ledger.close()  # as if the old process had exited
-        ledger = Ledger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
+        ledger = Ledger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET,
+                             now=self.clock)
         self.ledger = ledger
         coordinator = Coordinator(
             CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20),
@@ -318,3 +319,25 @@ def test_registration_with_unencodable_schema_is_rejected_not_fatal(h: Harness) 
     bad = envelope.seal_dataset(h.devices["dev-a"], bytes(32), 1, {"x": float("nan")})
     outcome = h.coordinator.handle_registration(TOPICS.register("dev-a"), bad)
     assert not outcome.accepted and outcome.reason == "registration_malformed"
+
+
+def test_rejection_records_are_capped_per_device_and_round(h: Harness) -> None:
+    """Even a stolen key making fresh message ids cannot grow the ledger without bound."""
+    from coordinator.service import MAX_REJECTION_RECORDS
+
+    height = h.ledger.head.index
+    for _ in range(3 * MAX_REJECTION_RECORDS):
+        assert h.send("dev-a", h.update("dev-a", 7, weights(1))).reason == "future_round"
+    assert h.ledger.head.index - height == MAX_REJECTION_RECORDS
+    assert h.coordinator.rejections["future_round"] == 3 * MAX_REJECTION_RECORDS  # all counted
+    h.coordinator = h.build(register=False)
+    h.send("dev-a", h.update("dev-a", 7, weights(1)))
+    assert h.ledger.head.index - height == MAX_REJECTION_RECORDS  # the cap survives a restart
+
+
+def test_restart_keeps_the_round_deadline(tmp_path: Path) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=60))
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
+    h.clock.t += 61
+    h.coordinator = h.build(register=False)  # restarted after the deadline passed
+    assert h.coordinator.round is not None and h.coordinator.round.number == 2  # closed at once with the quorum
