@@ -140,6 +140,12 @@ class EdgeAgent:
                 log.info("the coordinator finished training at round %d", header.round)
             self.done = True
             return
+        if header.round < self.last_trained_round and not self.outbox.rounds():
+            # The coordinator is behind what we trained: its state was reset (a new ledger).
+            # Follow it rather than wait for a round number it may never reach.
+            log.warning("the coordinator is at round %d but we trained up to %d: following it",
+                        header.round, self.last_trained_round)
+            self.last_trained_round = header.round - 1
         if self.outbox.get(header.round) is None and header.round > self.last_trained_round:
             self._train_round(header, weights)
         self._resend_if_needed(header.round)
