@@ -20,7 +20,9 @@ Every frame starts with ``FLC1`` (magic + version) and a kind byte:
 Chunk header: ``{"id": 16 random bytes, "i": index, "n": count, "cs": chunk size,
 "size": total bytes, "sha256": of the whole message}``; the manifest has the same fields
 without ``i``. Every chunk carries the whole description, so chunks may arrive in any order
-and the first one seen is enough to reject a transfer that is too large or over budget.
+and the first one seen is enough to reject a transfer that is too large. The reassembly
+budget counts only bytes actually received, never a declared size (a header costs the sender
+nothing to forge).
 """
 
 from __future__ import annotations
@@ -287,8 +289,16 @@ class _Transfer:
 class Reassembler:
     """Rebuilds chunked messages with bounded memory. Thread-safe.
 
-    - ``max_bytes_in_flight``: the declared sizes of all partial messages together never
-      exceed this; a transfer that would go over is refused at its first frame (``over_budget``).
+    - ``max_bytes_in_flight``: the chunk bytes actually buffered, all partial messages
+      together, never exceed this. Bytes are counted as chunks arrive, not reserved from a
+      declared size, so a sender can only take budget with bytes it has really sent (four tiny
+      frames declaring huge sizes hold a few hundred bytes, not the whole budget). A chunk that
+      would go over refuses *its own* transfer (``over_budget``): the transfer is dropped, its
+      bytes freed and its later chunks ignored. Transfers already in progress are never
+      evicted to make room, so whoever fills the budget cannot destroy other senders' nearly
+      complete messages; the refused sender's outbox resends under a new id. A message whose
+      declared size alone exceeds the budget could never complete and is refused at its first
+      frame.
     - ``max_message_bytes``: a declared size above it is refused at the first frame, before
       anything is buffered (``too_large``); whole and unframed payloads are held to it too.
     - ``timeout_s``: a partial message older than this (since its first frame) is dropped
@@ -322,18 +332,18 @@ class Reassembler:
         self._transfers: dict[tuple[str, bytes], _Transfer] = {}  # insertion order = start order
         # ids no longer in progress -> "done" / "failed" / "refused": later frames are ignored
         self._finished: OrderedDict[tuple[str, bytes], str] = OrderedDict()
-        self._reserved = 0
+        self._buffered = 0  # chunk bytes held by all partial messages (what the budget counts)
         self._lock = threading.Lock()
 
     # -- introspection ----------------------------------------------------------------------
     @property
     def bytes_in_flight(self) -> int:
-        """Declared sizes of the partial messages held (what the budget counts)."""
-        return self._reserved
+        """Chunk bytes held by the partial messages (what the budget counts)."""
+        return self._buffered
 
     @property
     def bytes_buffered(self) -> int:
-        """Chunk bytes actually held (never more than :attr:`bytes_in_flight`)."""
+        """Chunk bytes actually held, summed over the transfers (equals :attr:`bytes_in_flight`)."""
         with self._lock:
             return sum(t.received for t in self._transfers.values())
 
@@ -382,7 +392,7 @@ class Reassembler:
 
     def _drop(self, tid: tuple[str, bytes], outcome: str) -> None:
         transfer = self._transfers.pop(tid)
-        self._reserved -= transfer.header.size
+        self._buffered -= transfer.received
         self._remember(tid, outcome)
 
     def _remember(self, tid: tuple[str, bytes], outcome: str) -> None:
@@ -438,8 +448,15 @@ class Reassembler:
                                                "arrived twice with different bytes")
             self.events["duplicate"] += 1
             return None
+        if self._buffered + len(parsed.data) > self.max_bytes_in_flight:
+            # Refuse the transfer this chunk belongs to rather than evict one in progress.
+            self._drop(tid, "refused")
+            raise ChunkError(OVER_BUDGET, f"chunk {header.index} of message {header.id.hex()[:8]} "
+                                          f"({header.size} bytes) would exceed the reassembly budget "
+                                          f"({self._buffered} of {self.max_bytes_in_flight} bytes buffered)")
         transfer.chunks[header.index] = parsed.data
         transfer.received += len(parsed.data)
+        self._buffered += len(parsed.data)
         self.events["chunks"] += 1
         if len(transfer.chunks) < header.count:
             return None
@@ -454,17 +471,16 @@ class Reassembler:
         return message
 
     def _start(self, key: str, header: Header) -> _Transfer:
+        # Nothing is reserved here: the declared size is only checked against the limits, and
+        # the budget is charged chunk by chunk as bytes arrive (see _feed_locked).
         self._check_size(header.size)
+        if header.size > self.max_bytes_in_flight:
+            raise ChunkError(OVER_BUDGET, f"message of {header.size} bytes can never fit the reassembly budget "
+                                          f"of {self.max_bytes_in_flight} bytes")
         same_key = [t for t in self._transfers if t[0] == key]
-        superseded = same_key[:max(0, len(same_key) - self.max_transfers_per_key + 1)]
-        freed = sum(self._transfers[t].header.size for t in superseded)
-        if self._reserved - freed + header.size > self.max_bytes_in_flight:
-            raise ChunkError(OVER_BUDGET, f"message of {header.size} bytes would exceed the reassembly budget "
-                                          f"({self._reserved} of {self.max_bytes_in_flight} bytes in use)")
-        for old in superseded:  # the sender gave up on those (e.g. it restarted): keep the newest
-            self._drop(old, "failed")
+        for old in same_key[:max(0, len(same_key) - self.max_transfers_per_key + 1)]:
+            self._drop(old, "failed")  # the sender gave up on those (e.g. it restarted): keep the newest
             self.events["superseded"] += 1
         transfer = _Transfer(key, header, self.now())
         self._transfers[(key, header.id)] = transfer
-        self._reserved += header.size
         return transfer

@@ -130,7 +130,8 @@ def test_missing_chunk_times_out_and_frees_memory() -> None:
     frames = split(os.urandom(40_000), 1000)
     missing = frames.pop(17)
     assert feed_all(r, "t/a", frames) == []
-    assert r.bytes_in_flight == 40_000 and r.partial_count == 1
+    held = 40_000 - len(parse_frame(missing).data)  # what actually arrived, not the declared size
+    assert r.bytes_in_flight == r.bytes_buffered == held and r.partial_count == 1
     clock.t += 9.9
     assert r.expire() == []
     clock.t += 0.2
@@ -145,13 +146,15 @@ def test_missing_chunk_times_out_and_frees_memory() -> None:
 def test_feed_expires_lazily() -> None:
     clock = Clock()
     r = make(budget=50_000, timeout=5.0, clock=clock)
-    r.feed("t/a", split(os.urandom(40_000), 1000)[0])
+    assert feed_all(r, "t/a", split(os.urandom(40_000), 1000)[:-1]) == []  # ~39 KB really buffered
     frames = split(os.urandom(40_000), 1000)
-    assert reason_of(lambda: r.feed("t/b", frames[0])) == "over_budget"
+    fits = (50_000 - r.bytes_in_flight) // len(parse_frame(frames[0]).data)
+    assert fits >= 5 and feed_all(r, "t/b", frames[:fits]) == []  # chunks are charged as they arrive
+    assert reason_of(lambda: r.feed("t/b", frames[fits])) == "over_budget"  # this one would not fit
     clock.t += 6
-    frames = split(os.urandom(40_000), 1000)
-    assert r.feed("t/b", frames[0]) is None  # the stale transfer was dropped first
-    assert r.errors == {"over_budget": 1, "timeout": 1}
+    fresh = os.urandom(40_000)
+    assert feed_all(r, "t/b", split(fresh, 1000)) == [fresh]  # the stale transfer was dropped first
+    assert r.errors == {"over_budget": 1, "timeout": 1} and r.bytes_in_flight == 0
 
 
 def test_corrupt_chunk_is_digest_mismatch() -> None:
@@ -192,27 +195,94 @@ def test_bounded_memory_under_many_concurrent_partial_transfers() -> None:
     r = make(budget=budget, limit=200_000, timeout=20.0, clock=clock)
     messages = {f"fleet/update/dev-{k}": os.urandom(100_000) for k in range(200)}
     split_frames = {key: split(m, 4096) for key, m in messages.items()}
-    accepted, refused = [], []
-    for key, frames in split_frames.items():
-        try:
-            r.feed(key, frames[0])
-            accepted.append(key)
-        except ChunkError as exc:
-            assert exc.reason == "over_budget"
-            refused.append(key)
-        assert r.bytes_buffered <= r.bytes_in_flight <= budget
-    assert len(accepted) == 10 and len(refused) == 190 and r.errors["over_budget"] == 190
-    # Refused transfers stay refused (their later chunks are ignored and hold nothing).
-    for key in refused[:20]:
-        assert feed_all(r, key, split_frames[key][1:]) == []
-        assert r.bytes_in_flight <= budget
-    # Accepted ones complete and release their share.
-    done = feed_all(r, accepted[0], split_frames[accepted[0]][1:])
-    assert done == [messages[accepted[0]]] and r.bytes_in_flight == 900_000
-    clock.t += 21
-    assert len(r.expire()) == 9 and r.bytes_in_flight == 0
+    count = len(next(iter(split_frames.values())))
+    # 200 senders interleave their chunks: 20 MB offered against a 1 MB budget.
+    done: dict[str, bytes] = {}
+    refused: list[str] = []
+    for i in range(count):
+        for key, frames in split_frames.items():
+            try:
+                if (out := r.feed(key, frames[i])) is not None:
+                    done[key] = out
+            except ChunkError as exc:
+                assert exc.reason == "over_budget"
+                refused.append(key)
+            assert r.bytes_buffered == r.bytes_in_flight <= budget
+    # Every sender either completed or was refused once (the chunk over budget refuses its own
+    # transfer; its later chunks are ignored, not counted again); nothing is left half-held.
+    assert len(refused) == len(set(refused)) == r.errors["over_budget"] and not set(refused) & set(done)
+    assert len(done) + len(refused) == 200 and len(done) >= 10
+    assert all(done[key] == messages[key] for key in done)
+    assert r.partial_count == 0 and r.bytes_in_flight == 0 and r.events["ignored_refused"] > 0
+    # A refused sender's resend (the outbox draws a new id) goes through.
     fresh = os.urandom(100_000)
     assert feed_all(r, refused[0], split(fresh, 4096)) == [fresh]
+
+
+def test_chunk_over_budget_refuses_its_own_transfer_not_older_ones() -> None:
+    r = make(budget=30_000, limit=30_000)
+    a, b = os.urandom(20_000), os.urandom(20_000)
+    fa, fb = split(a, 1000), split(b, 1000)
+    cs = len(parse_frame(fa[0]).data)
+    na = 15
+    nb = (30_000 - na * cs) // cs  # b then fills the budget to within one chunk
+    assert feed_all(r, "t/a", fa[:na]) == [] and feed_all(r, "t/b", fb[:nb]) == []
+    before = r.bytes_in_flight
+    assert before == (na + nb) * cs <= 30_000 < before + cs
+    # The chunk that would go over refuses the transfer it belongs to (here the older one, a)...
+    assert reason_of(lambda: r.feed("t/a", fa[na])) == "over_budget"
+    assert r.partial_count == 1 and r.bytes_in_flight == r.bytes_buffered < before
+    assert feed_all(r, "t/a", fa) == [] and r.errors == {"over_budget": 1}  # rest of a: ignored
+    # ...and b, which was not evicted, completes.
+    assert feed_all(r, "t/b", fb[nb:]) == [b] and r.bytes_in_flight == 0
+    # A declared size that could never fit the budget is refused at once, holding nothing.
+    big = split(os.urandom(30_001), 1000)
+    r2 = make(budget=30_000, limit=100_000)
+    assert reason_of(lambda: r2.feed("t/c", big[7])) == "over_budget" and r2.partial_count == 0
+    assert feed_all(r2, "t/c", big) == [] and r2.errors == {"over_budget": 1}
+
+
+def forged_chunk(declared: int, index: int = 0, cs: int = 200) -> bytes:
+    """A ~300-byte chunk frame whose header claims a ``declared``-byte message."""
+    head = msgpack.packb({"id": os.urandom(16), "i": index, "n": -(-declared // cs), "cs": cs,
+                          "size": declared, "sha256": os.urandom(32)})
+    return b"FLC1C" + len(head).to_bytes(2, "big") + head + os.urandom(cs)
+
+
+def test_tiny_frames_declaring_huge_sizes_do_not_take_the_budget() -> None:
+    """The attack: frames of ~300 bytes, each declaring max_message_bytes, on two update topics.
+
+    With the budget charged from declared sizes, four of them reserved 4 x 64 MB (the whole
+    budget the MQTT client uses) and every genuine chunked update was refused as over_budget
+    until they timed out. Now they hold only the bytes really sent.
+    """
+    limit = 64 << 20
+    clock = Clock()
+    r = make(budget=4 * limit, limit=limit, timeout=30.0, clock=clock)  # as federation.mqtt builds it
+    for round_ in range(3):  # the attacker simply repeats (new ids supersede its own old ones)
+        for topic in ("fleet/update/evil-1", "fleet/update/evil-2"):
+            for _ in range(2):
+                frame = forged_chunk(limit)
+                assert len(frame) < 400 and r.feed(topic, frame) is None
+        assert r.partial_count == 4
+        message = os.urandom(5 << 20)
+        frames = split(message, 65536 - 1024)
+        assert feed_all(r, f"fleet/update/dev-{round_}/chunk/0", frames) == [message]
+        assert r.bytes_in_flight == r.bytes_buffered == 4 * 200  # only what the attacker sent
+        clock.t += 1
+    assert not r.errors and r.events["completed"] == 3
+    # Forged chunks on many topics still hold only their bytes; a genuine update completes.
+    for k in range(100):
+        r.feed(f"fleet/update/evil-{k}", forged_chunk(limit))
+    assert r.bytes_in_flight <= 104 * 200
+    message = os.urandom(1 << 20)
+    assert feed_all(r, "fleet/update/dev-x", split(message, 4096)) == [message]
+    # A sender can only fill the budget with bytes it really sends; even then, a full budget
+    # refuses the newcomer and leaves the transfers in progress alone.
+    small = make(budget=50_000, limit=40_000)
+    assert small.feed("t/evil", forged_chunk(40_000, cs=10_000)) is None
+    assert small.bytes_in_flight == 10_000
+    assert feed_all(small, "t/dev", split(message[:35_000], 1000)) == [message[:35_000]]
 
 
 def test_one_stream_keeps_at_most_max_transfers_per_key() -> None:
@@ -220,7 +290,8 @@ def test_one_stream_keeps_at_most_max_transfers_per_key() -> None:
     firsts = [split(os.urandom(20_000), 1000)[0] for _ in range(3)]
     for frame in firsts:
         r.feed("t/a", frame)
-    assert r.partial_count == 2 and r.events["superseded"] == 1 and r.bytes_in_flight == 40_000
+    held = sum(len(parse_frame(f).data) for f in firsts[1:])  # the superseded one's bytes are freed
+    assert r.partial_count == 2 and r.events["superseded"] == 1 and r.bytes_in_flight == held
 
 
 def test_inconsistent_and_malformed_frames() -> None:
@@ -306,7 +377,8 @@ def test_manifest_without_its_chunks_times_out() -> None:
     clock = Clock()
     r = make(timeout=5, clock=clock)
     pubs = retained_topics("f/model", split(os.urandom(9000), 1000))
-    assert r.feed(*pubs[-1]) is None and r.bytes_in_flight == 9000
+    assert r.feed(*pubs[-1]) is None and r.partial_count == 1
+    assert r.bytes_in_flight == 0  # a manifest carries no data, so it holds no budget
     clock.t += 6
     assert [e.reason for e in r.expire()] == ["timeout"]
 
