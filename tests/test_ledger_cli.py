@@ -142,3 +142,36 @@ def test_replica_file_recovers_from_a_torn_write(tmp_path: Path) -> None:
     assert store.load() == [b"block-0", b"block-1"]
     store.append(b"block-2")
     assert store.load() == [b"block-0", b"block-1", b"block-2"]
+
+
+def test_new_monitor_catches_up_by_replay_from_a_running_coordinator(embedded_broker: BrokerInfo,
+                                                                      tmp_path: Path) -> None:
+    """No file: the monitor learns the head (retained), asks the coordinator to replay from 0,
+    and verifies the whole chain it is sent."""
+    from federation_run import Federation
+
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=0, limit=200)  # runs on
+    try:
+        fed.start_all()
+        deadline = time.monotonic() + 120
+        height = 0
+        while time.monotonic() < deadline and height == 0:
+            time.sleep(0.5)
+            try:
+                with Ledger.open(fed.state / "ledger.log") as ledger:
+                    if any(b.data["type"] == "aggregate" for b in ledger):
+                        height = ledger.height
+            except (FileNotFoundError, ValueError):
+                pass
+        assert height, fed.log_tail()
+        follower = subprocess.run(
+            [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, "--broker-host",
+             embedded_broker.host, "--broker-port", str(embedded_broker.port), "--until-height", str(height),
+             "--timeout", "60", "--replica", str(tmp_path / "replica")],
+            capture_output=True, text=True, timeout=90)
+    finally:
+        fed.stop()
+    assert follower.returncode == 0, follower.stderr[-2000:]
+    reached = int(follower.stdout.split("replica verified to height ")[1].split(",")[0])
+    assert reached >= height  # the chain may have grown while it caught up
+    assert (tmp_path / "replica").stat().st_size > 0
