@@ -216,10 +216,10 @@ def test_agent_refuses_a_forged_retained_model_and_trains_nothing(embedded_broke
             assert fed.procs["edge-1"].poll() is None, fed.log_tail()  # refused, did not crash
             # (amqtt may also hand the watcher retained messages of other topics: only ours count.)
             sent = [m for m in _drain(watcher) if "/update/" in m[0] or "/register/" in m[0]]
-            assert sent == [], "the agent published an update or registration"
+            assert sent == [], f"the agent published an update or registration: {sent}\n{fed.log_tail()}"
             outbox = fed.workdir / "edge-1" / "outbox"
-            assert not outbox.exists() or not any(outbox.iterdir())
-            assert not (fed.workdir / "edge-1" / "last_trained_round").exists()
+            assert not outbox.exists() or not any(outbox.iterdir()), fed.log_tail()
+            assert not (fed.workdir / "edge-1" / "last_trained_round").exists(), fed.log_tail()
 
             fed.start_coordinator()
             assert fed.wait("coordinator", 120) == 0, fed.log_tail()
