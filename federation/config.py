@@ -81,10 +81,16 @@ def load(cls: type[T], args: argparse.Namespace | None, *, section: str, config_
             raise ConfigError(f"config file not found: {config_file}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file}: {exc}") from exc
-        table = {**document.get("broker", {}), **document.get(section, {})}
-        for key, raw in table.items():
-            name = key.replace("-", "_")
-            if name in names:
+        for table_name in ("broker", section):
+            table = document.get(table_name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"config file {config_file}: [{table_name}] must be a table")
+            for key, raw in table.items():
+                name = key.replace("-", "_")
+                if name not in names:
+                    # A typo must not be silently ignored (e.g. "min_client = 10").
+                    raise ConfigError(f"config file {config_file}: unknown setting {key!r} in [{table_name}]; "
+                                      f"known: {', '.join(sorted(names))}")
                 values[name] = raw
     for name in names:
         env_value = environ.get(f"FLEDGER_{name.upper()}")

@@ -62,3 +62,16 @@ def test_help_explains_every_option(command: str, cls: type) -> None:
 def test_password_never_on_the_command_line() -> None:
     flags = {f.name for f in dataclasses.fields(AgentConfig)}
     assert "password" not in flags and "password_file" in flags
+
+
+def test_unknown_settings_are_errors_and_the_shipped_examples_load(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[coordinator]\nmin_client = 10\n")
+    with pytest.raises(cfg.ConfigError, match="unknown setting 'min_client'"):
+        cfg.load(CoordinatorConfig, None, section="coordinator", config_file=typo)
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "fledger"
+    coordinator = cfg.load(CoordinatorConfig, None, section="coordinator", config_file=deploy / "coordinator.toml",
+                           environ={})
+    assert coordinator.fleet == "plant7" and coordinator.broker_port == 8883 and coordinator.tls_ca is not None
+    agent = cfg.load(AgentConfig, None, section="agent", config_file=deploy / "agent.toml", environ={})
+    assert agent.task == "csv" and agent.target == "y"
