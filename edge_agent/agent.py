@@ -229,11 +229,15 @@ class EdgeAgent:
                 except Exception:
                     log.exception("heartbeat failed")
 
-        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+        beater = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        beater.start()
         try:
             while not stop():
                 self.step()
                 if self.done and self.settings.exit_when_done:
                     return
         finally:
+            # Stop and join it before the caller disconnects: a thread still publishing while
+            # the link closes or the interpreter exits is how processes hang or abort at exit.
             finished.set()
+            beater.join(timeout=10)

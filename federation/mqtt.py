@@ -214,9 +214,15 @@ class MqttLink:
         for error in self.reassembler.expire():
             log.warning("chunked message expired: %s", error)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect and stop the network thread, waiting at most ``timeout`` seconds."""
         self._stopping = True
         try:
             self._client.disconnect()
         finally:
-            self._client.loop_stop()
+            # paho's loop_stop() joins without a timeout; never let shutdown hang on it.
+            stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
+            stopper.start()
+            stopper.join(timeout)
+            if stopper.is_alive():
+                log.warning("MQTT network thread did not stop within %.0fs", timeout)

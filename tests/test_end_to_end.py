@@ -15,9 +15,11 @@ def test_federated_rounds_over_a_real_broker(any_broker: BrokerInfo, tmp_path: P
     fed = Federation(tmp_path, any_broker.host, any_broker.port, rounds=2, limit=400)
     try:
         fed.start_all()
-        assert fed.wait("coordinator", 240) == 0, fed.log_tail()
+        code = fed.wait("coordinator", 240)
+        assert code == 0, f"coordinator exited with {code}\n{fed.log_tail()}"
         for device in fed.devices:
-            assert fed.wait(device, 60) == 0, fed.log_tail()
+            code = fed.wait(device, 60)
+            assert code == 0, f"{device} exited with {code}\n{fed.log_tail()}"
     finally:
         fed.stop()
     report = verify_file(fed.state / "ledger.log")

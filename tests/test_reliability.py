@@ -89,9 +89,9 @@ def check_final_ledger(fed: Federation, rounds: int, participants: list[str] | N
 
 
 def finish(fed: Federation, timeout: float = 120) -> None:
-    assert fed.wait("coordinator", timeout) == 0, fed.log_tail()
-    for device in fed.devices:
-        assert fed.wait(device, 60) == 0, fed.log_tail()
+    for name, limit in (("coordinator", timeout), *((device, 60.0) for device in fed.devices)):
+        code = fed.wait(name, limit)
+        assert code == 0, f"{name} exited with {code}\n{fed.log_tail()}"
 
 
 class StatusWatcher:
