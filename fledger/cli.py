@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import io
 import logging
 import sys
 from pathlib import Path
@@ -118,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    faulthandler.enable()  # a crash in native code (torch, ssl) still leaves a traceback in the log
+    # A crash in native code (torch, ssl) still leaves a traceback in the log. (Not possible when
+    # stderr is no real file, as under an in-process test's capture.)
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.enable()
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
