@@ -28,7 +28,15 @@ from coordinator.aggregation import Strategy, make_strategy
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope
-from federation.codec import CodecError, TensorDict, TensorSpec, check_against_spec, decode_tensors, encode_tensors
+from federation.codec import (
+    CodecError,
+    TensorDict,
+    TensorSpec,
+    check_against_spec,
+    decode_tensors,
+    encode_tensors,
+    spec_of,
+)
 from federation.envelope import EnvelopeError
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.topics import Topics
@@ -114,8 +122,8 @@ class Coordinator:
     def start(self) -> None:
         """Load or initialise the global model and rebuild the open round from the ledger."""
         self.spool.check_writable()
-        self._sync_device_keys()
         blocks = list(self.ledger)
+        self._sync_device_keys(blocks)  # appends only key records, which the scan below does not use
         last_model_block = None
         accepted_records: list[dict[str, Any]] = []
         opened_at: dict[Any, float] = {}
@@ -159,7 +167,7 @@ class Coordinator:
                 raise StorageError(5, f"{self.models.path(round_number)} does not match the ledger's model hash")
             log.info("resumed at round %d from %s", round_number, self.models.path(round_number))
         self.global_model = model
-        self.spec = {n: (a.dtype.name, tuple(a.shape)) for n, a in model.items()}
+        self.spec = spec_of(model)
         self._model_block = last_model_block
         self._open_round(round_number, announce=round_number not in opened_at)
         if round_number in opened_at and self.round is not None:
@@ -175,12 +183,12 @@ class Coordinator:
         self.publish_status()
         self.maybe_close_round()
 
-    def _sync_device_keys(self) -> None:
+    def _sync_device_keys(self, blocks: list[Any]) -> None:
         """Record in the ledger every device key the registry knows and every revocation, once:
         anyone verifying the chain then checks device signatures with keys from the chain itself."""
         registered: set[tuple[str, str]] = set()
         revoked: set[tuple[str, str]] = set()
-        for block in self.ledger:
+        for block in blocks:
             kind = block.data.get("type")
             if kind == records.DEVICE_KEY:
                 registered.add((block.data["device"], block.data["key_id"]))
@@ -401,9 +409,7 @@ class Coordinator:
             return False
         now = self._now()
         if not self.round.ready(now):
-            if self.round.deadline_passed(now) and self.round.accepted:
-                pass  # below quorum: keep waiting, the status says for how many
-            return False
+            return False  # below min_clients, or past the deadline below quorum: the status says
         try:
             self._close_round()
         except StorageError as exc:
