@@ -17,6 +17,7 @@ done, and the fleet model key id; encrypted with the fleet model key, signed by 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -92,15 +93,14 @@ class ModelHeader:
 
 
 MAX_HEADER_BYTES = 4096
-_UPDATE_FIELDS = {"fleet", "device", "round", "key_id", "msg_id", "epk", "to", "iv", "weights_sha256", "num_samples",
-                  "metrics", "codec", "created", "dataset_sha256"}
 
 
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _unpack_outer(data: bytes, fmt: str, max_bytes: int) -> dict[str, Any]:
+def _unpack_outer(data: bytes, fmt: str, max_bytes: int,
+                  fields: tuple[str, ...] = ("hdr", "sig", "ct", "tag")) -> dict[str, Any]:
     if len(data) > max_bytes:
         raise EnvelopeError("oversized", f"{len(data)} bytes exceeds the limit of {max_bytes}")
     try:
@@ -111,9 +111,9 @@ def _unpack_outer(data: bytes, fmt: str, max_bytes: int) -> dict[str, Any]:
         raise EnvelopeError("malformed", f"not a {fmt} envelope")
     if outer.get("v") != ENVELOPE_VERSION:
         raise EnvelopeError("unsupported_version", f"envelope version {outer.get('v')!r}")
-    for name, kind in (("hdr", bytes), ("sig", bytes), ("ct", bytes), ("tag", bytes)):
-        if not isinstance(outer.get(name), kind):
-            raise EnvelopeError("malformed", f"field {name!r} missing or not {kind.__name__}")
+    for name in fields:
+        if not isinstance(outer.get(name), bytes):
+            raise EnvelopeError("malformed", f"field {name!r} missing or not bytes")
     return outer
 
 
@@ -162,7 +162,7 @@ def parse_update(data: bytes, *, max_bytes: int) -> SealedUpdate:
         raise EnvelopeError("malformed", "header is not msgpack") from exc
     if not isinstance(hdr, dict):
         raise EnvelopeError("malformed", "header is not a map")
-    unknown = set(hdr) - _UPDATE_FIELDS
+    unknown = set(hdr) - {f.name for f in dataclasses.fields(UpdateHeader)}
     if unknown:
         raise EnvelopeError("malformed", f"unknown header fields {sorted(map(str, unknown))}")
     metrics = _field(hdr, "metrics", dict)
@@ -349,19 +349,15 @@ def seal_dataset(bundle: DeviceBundle, sha256: bytes, size: int, schema: dict[st
 
 def open_dataset(data: bytes, public_key_of: Any, *, max_bytes: int = 64 * 1024) -> DatasetStatement:
     """Parse and verify a registration; ``public_key_of(device, key_id)`` gives the device's key or None."""
-    if len(data) > max_bytes:
-        raise EnvelopeError("oversized", f"{len(data)} bytes exceeds the limit of {max_bytes}")
-    try:
-        outer = msgpack.unpackb(data, raw=False, max_map_len=16)
-        hdr = msgpack.unpackb(outer["hdr"], raw=False)
-    except Exception as exc:
-        raise EnvelopeError("malformed", f"not a dataset registration: {type(exc).__name__}") from exc
-    if not isinstance(outer, dict) or outer.get("fmt") != DATASET_FORMAT or not isinstance(hdr, dict):
-        raise EnvelopeError("malformed", "not a dataset registration")
-    if outer.get("v") != ENVELOPE_VERSION:
-        raise EnvelopeError("unsupported_version", f"version {outer.get('v')!r}")
+    outer = _unpack_outer(data, DATASET_FORMAT, max_bytes, fields=("hdr", "sig"))
     if len(outer["hdr"]) > MAX_HEADER_BYTES:
         raise EnvelopeError("malformed", f"registration of {len(outer['hdr'])} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        hdr = msgpack.unpackb(outer["hdr"], raw=False)
+    except Exception as exc:
+        raise EnvelopeError("malformed", f"registration header is not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(hdr, dict):
+        raise EnvelopeError("malformed", "registration header is not a map")
     statement = DatasetStatement(
         fleet=_field(hdr, "fleet", str), device=_field(hdr, "device", str), key_id=_field(hdr, "key_id", str),
         sha256=_field(hdr, "sha256", bytes), size=_field(hdr, "size", int), schema=_field(hdr, "schema", dict),
