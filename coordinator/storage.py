@@ -61,15 +61,19 @@ class ModelStore:
 
     def load(self, round_number: int) -> TensorDict | None:
         path = self.path(round_number)
-        if not path.exists():
-            return None
-        from safetensors import safe_open
+        return read_model_file(path) if path.exists() else None
 
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-        loaded = load_file(str(path))
-        order = json.loads(metadata.get("fledger.order", "[]")) or sorted(loaded)
-        return {name: loaded[name] for name in order}
+
+def read_model_file(path: Path) -> TensorDict:
+    """A model saved by :meth:`ModelStore.save`, in its original tensor order (safetensors:
+    loading never runs code)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+    loaded = load_file(str(path))
+    order = json.loads(metadata.get("fledger.order", "[]")) or sorted(loaded)
+    return {name: loaded[name] for name in order}
 
 
 class Spool:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.storage import read_model_file
 from federation.codec import TensorDict, encode_tensors
 from federation.datasets import Standardizer
 from federation.tasks import CaliforniaTask, get_task
@@ -28,17 +29,10 @@ class PredictError(ValueError):
 
 
 def load_model_file(path: Path) -> TensorDict:
-    """A global model saved by the coordinator (safetensors: loading never runs code)."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
+    """A global model saved by the coordinator."""
     if not path.exists():
         raise PredictError(f"model file not found: {path}")
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-    tensors = load_file(str(path))
-    order = json.loads(metadata.get("fledger.order", "[]")) or sorted(tensors)
-    return {name: tensors[name] for name in order}
+    return read_model_file(path)
 
 
 def ledger_block_for(model: TensorDict, ledger_path: Path) -> Any:
