@@ -23,7 +23,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import evaluate, train_local
 from federation import envelope
-from federation.codec import CodecError, check_against_spec, decode_tensors, encode_tensors, spec_of
+from federation.codec import CodecError, TensorDict, check_against_spec, decode_tensors, encode_tensors, spec_of
 from federation.envelope import EnvelopeError, ModelHeader
 from federation.keys import DeviceBundle
 from federation.mqtt import Message
@@ -66,7 +66,7 @@ class EdgeAgent:
         self._now = now
         self.model = task.build_model()
         self.spec = spec_of(self.model.state_dict())
-        self.latest: tuple[ModelHeader, bytes] | None = None
+        self.latest: tuple[ModelHeader, TensorDict] | None = None  # checked and decoded once
         self.trained_rounds: list[int] = []
         # The last round trained survives a restart, so a restarted agent never trains a round twice.
         self._last_round_file = self.state_dir / "last_trained_round"
@@ -95,8 +95,9 @@ class EdgeAgent:
 
     def _on_model(self, payload: bytes) -> None:
         try:
-            header, weights = envelope.open_model(payload, self.bundle, max_bytes=self.settings.max_model_bytes)
-            check_against_spec(decode_tensors(weights), self.spec)
+            header, weights_bytes = envelope.open_model(payload, self.bundle, max_bytes=self.settings.max_model_bytes)
+            weights = decode_tensors(weights_bytes)
+            check_against_spec(weights, self.spec)
         except (EnvelopeError, CodecError) as exc:
             self.refused_models += 1
             log.error("refused a global model: %s", exc)
@@ -164,9 +165,9 @@ class EdgeAgent:
             log.info("registering data set %s (%d bytes)", self.dataset.sha256.hex()[:16], self.dataset.size)
         return False
 
-    def _train_round(self, header: ModelHeader, weights: bytes) -> None:
+    def _train_round(self, header: ModelHeader, weights: TensorDict) -> None:
         round_number = header.round
-        state = {name: torch.from_numpy(array.copy()) for name, array in decode_tensors(weights).items()}
+        state = {name: torch.from_numpy(array.copy()) for name, array in weights.items()}
         self.model.load_state_dict(state)
         hp = self.task.hyperparameters
         global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
