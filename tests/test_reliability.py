@@ -142,26 +142,41 @@ def password_broker(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, dict[str, 
 def test_coordinator_sigkilled_at_random_moments(password_broker: tuple[EmbeddedBroker, dict[str, Path]],
                                                  tmp_path: Path) -> None:
     broker, passwords = password_broker
-    rounds, kills_wanted = 10, 6
+    rounds, kills_wanted = 40, 6  # a round takes milliseconds here: enough rounds to kill 6 times
     rng = random.Random(20261124)
     fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds, limit=300,
                      extra_coordinator=["--username", "coordinator", "--password-file", str(passwords["coordinator"])],
                      extra_agent=["--username", "agent", "--password-file", str(passwords["agent"])])
     kills: list[dict[str, Any]] = []
+    agents_frozen = False
+
+    def freeze_agents(frozen: bool) -> None:
+        nonlocal agents_frozen
+        for device in fed.devices:
+            fed.procs[device].send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+        agents_frozen = frozen
+
     try:
         fed.start_all()
         while len(kills) < kills_wanted:
             proc = fed.procs["coordinator"]
-            # Kill points alternate: right after a round closed (the new model is out, so agents
-            # train and publish while the coordinator is down), or at a random moment after
-            # (re)connecting (restoring, waiting, accepting, aggregating, whatever it is doing).
             text = log_text(fed, "coordinator")
             if len(kills) % 2 == 0:
+                # Kill with the next round's model out and the agents not yet done with it, so they
+                # train and publish while the coordinator is down. Agents train 300 samples in a few
+                # milliseconds, faster than this test can react, so they are paused (SIGSTOP) from
+                # the moment a round closes until the coordinator is dead.
                 closed = text.count(" aggregated from ")
                 wait_for("a round to close", lambda c=closed, p=proc: p.poll() is not None or log_text(
                     fed, "coordinator").count(" aggregated from ") > c, 90, fed, poll=0.01)
-                time.sleep(rng.uniform(0.0, 0.05))
+                freeze_agents(True)
+                next_round = aggregates(fed)[-1]["round"] + 1  # appended before the log line
+                wait_for(f"the model of round {next_round} to be published", lambda r=next_round, p=proc:
+                         p.poll() is not None or any(b["type"] == "model.published" and b["round"] == r
+                                                     for b in ledger_records(fed)), 30, fed, poll=0.01)
+                time.sleep(0.2)  # recorded after the publish call: let the MQTT thread send it
             else:
+                # A random moment after (re)connecting: restoring, waiting, accepting, aggregating.
                 connects = text.count("connected to")
                 wait_for("the coordinator to connect", lambda c=connects, p=proc: p.poll() is not None or log_text(
                     fed, "coordinator").count("connected to") > c, 60, fed, poll=0.01)
@@ -172,12 +187,16 @@ def test_coordinator_sigkilled_at_random_moments(password_broker: tuple[Embedded
             proc.wait()
             killed_at = time.time()
             height = len(ledger_records(fed))
+            if agents_frozen:
+                freeze_agents(False)
             time.sleep(rng.uniform(1.0, 3.0))  # down: agents keep publishing and resending
             restarted_at = time.time()
             kills.append({"killed_at": killed_at, "restarted_at": restarted_at, "height": height})
             fed.start_coordinator()
         finish(fed, 180)
     finally:
+        if agents_frozen:
+            freeze_agents(False)  # a stopped process would not act on the SIGTERM of stop()
         fed.stop()
     records = check_final_ledger(fed, rounds, participants=list(fed.devices))
     aggs = [r for r in records if r["type"] == "aggregate"]
