@@ -50,7 +50,7 @@ def add_parser(sub: Any) -> None:
     a.add_argument("file", type=Path)
     a.add_argument("--coordinator-key", help=key_help)
     a.add_argument("--signatures", choices=["all", "head", "none"], default="all",
-                   help="all: every coordinator and device signature (~0.3 ms each); head: the last block's "
+                   help="all: every coordinator and device signature (~0.07 ms each); head: the last block's "
                         "coordinator signature, which covers all history through the hash links (fast on "
                         "long chains); none (default: all)")
 

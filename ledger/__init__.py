@@ -1,6 +1,6 @@
 """fledger's ledger: a signed, append-only, verifiable log of every model update.
 
-A pure library (stdlib, msgpack, pycryptodome). See docs/ledger.md.
+A pure library (stdlib, msgpack, pycryptodome, PyNaCl). See docs/ledger.md.
 """
 
 from ledger import records

@@ -129,7 +129,7 @@ class Ledger:
 
         An existing file is checked block by block (hashes, links, proofs of work, record rules,
         Merkle roots) and its signatures per ``verify`` (default: the head's coordinator signature,
-        which commits to the whole chain; ``"all"`` checks every signature, at ~0.5 ms each).
+        which commits to the whole chain; ``"all"`` checks every signature, at ~0.07 ms each).
         Without a signer the ledger is read-only (never truncated, never created). A torn last
         frame is truncated with a WARNING by a writer; other damage raises :class:`LedgerCorrupt`.
         ``sync_every``: fsync after this many appends (1: every append; 0: only on :meth:`sync`/close)."""

@@ -1,4 +1,8 @@
-"""Ed25519 signing (pycryptodome) for blocks and device statements.
+"""Ed25519 signing for blocks and device statements.
+
+Signing and verifying go through libsodium (PyNaCl): its Ed25519 is about ten times faster
+than pycryptodome's, which matters to a monitor checking every signature of a long chain.
+Key files (PKCS#8 PEM) and point validation stay with pycryptodome.
 
 A key id is the first 8 bytes of SHA-256 of the raw 32-byte public key, in hex (16 chars),
 the same naming the rest of fledger uses.
@@ -11,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import nacl.exceptions
+import nacl.signing
 from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
 
@@ -40,8 +46,8 @@ class Ed25519Signer:
         if len(seed) != 32:
             raise ValueError("an Ed25519 seed is 32 bytes")
         self._key = eddsa.import_private_key(bytes(seed))
-        self._signer = eddsa.new(self._key, "rfc8032")
-        self._public = self._key.public_key().export_key(format="raw")
+        self._signer = nacl.signing.SigningKey(bytes(seed))
+        self._public = bytes(self._signer.verify_key)
         self._key_id = key_id_of(self._public)
 
     @classmethod
@@ -83,7 +89,7 @@ class Ed25519Signer:
         return self._public
 
     def sign(self, msg: bytes) -> bytes:
-        return bytes(self._signer.sign(msg))
+        return bytes(self._signer.sign(msg).signature)
 
 
 # The coordinator daemon constructs its block signer from a raw seed under this name.
@@ -102,19 +108,21 @@ def public_key_from_pem(pem: str | bytes) -> bytes:
 
 
 class Verifier:
-    """Signature checks with the decoded public keys cached (decoding a point is not free)."""
+    """Signature checks with the public keys validated once and cached."""
 
     def __init__(self) -> None:
-        self._cache: dict[bytes, object | None] = {}
+        self._cache: dict[bytes, nacl.signing.VerifyKey | None] = {}
 
-    def _get(self, public_key: bytes) -> object | None:
+    def _get(self, public_key: bytes) -> nacl.signing.VerifyKey | None:
         try:
             return self._cache[public_key]
         except KeyError:
             pass
+        verifier: nacl.signing.VerifyKey | None
         try:
-            verifier: object | None = eddsa.new(eddsa.import_public_key(public_key), "rfc8032")
-        except (ValueError, TypeError):
+            eddsa.import_public_key(public_key)  # a point on the curve, or refuse the key
+            verifier = nacl.signing.VerifyKey(public_key)
+        except (ValueError, TypeError, nacl.exceptions.CryptoError):
             verifier = None
         self._cache[public_key] = verifier
         return verifier
@@ -129,8 +137,8 @@ class Verifier:
         if verifier is None:
             return False
         try:
-            verifier.verify(msg, signature)  # type: ignore[attr-defined]
-        except ValueError:
+            verifier.verify(msg, signature)
+        except nacl.exceptions.BadSignatureError:
             return False
         return True
 

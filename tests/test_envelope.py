@@ -151,3 +151,28 @@ def test_registry_revocation() -> None:
     assert registry.public_key("d", key_id) == b"k" * 32
     registry.revoke("d", key_id)
     assert registry.public_key("d", key_id) is None
+
+
+def test_ed25519_signatures_are_standard_and_bad_keys_refused() -> None:
+    """Signing moved from pycryptodome to libsodium: signatures in existing ledgers and bundles
+    (RFC 8032, deterministic) must verify unchanged, and keys that are not usable points must
+    be refused rather than accepted."""
+    from Crypto.Signature import eddsa
+
+    from ledger.keys import Ed25519Signer, Verifier
+
+    seed, public = crypto.ed25519_generate()
+    message = b"round 7 update digest"
+    old = eddsa.new(eddsa.import_private_key(seed), "rfc8032").sign(message)  # as written before the switch
+    assert crypto.ed25519_sign(seed, message) == old == Ed25519Signer(seed).sign(message)
+    assert crypto.ed25519_public(seed) == public == Ed25519Signer(seed).public_key
+    verifier = Verifier()
+    assert crypto.ed25519_verify(public, message, old) and verifier.verify(public, message, old)
+    assert not crypto.ed25519_verify(public, message + b"!", old)
+    assert not verifier.verify(public, message + b"!", old)
+    identity = bytes([1]) + bytes(31)  # a small-order point: any "signature" math is degenerate
+    not_a_point = bytes([2]) + bytes(31)
+    for bad in (identity, not_a_point, public[:31], b""):
+        assert not crypto.ed25519_verify(bad, message, old)
+        assert not verifier.verify(bad, message, old)
+    assert not verifier.valid_key(not_a_point) and not verifier.valid_key(public[:31])
