@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
 from coordinator.storage import ModelStore, Spool
@@ -36,7 +37,8 @@ class CoordinatorConfig(BrokerConfig):
     fleet: str = setting("demo", "fleet name (a topic level; letters, digits, '_' and '-')")
     state_dir: Path = setting(Path("state/coordinator"), "directory for ledger, models and spool")
     keys: Path = setting(Path("keys/coordinator.json"), "coordinator key file (from `fledger keys init`)")
-    devices: Path = setting(Path("keys/devices.json"), "device registry (public keys; `fledger keys add-device`)")
+    devices: Path = setting(Path("keys/devices.json"), "device registry (public keys; `fledger keys add-device`); "
+                                                       "re-read every 2 s and on SIGHUP: changes apply live")
     task: str = setting("california", "model/task: california, mnist, or csv")
     csv_features: int = setting(0, "for task csv: number of feature columns of the model")
     min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
@@ -100,6 +102,9 @@ def make_evaluator(task_name: str) -> Evaluate:
     return run_eval
 
 
+REGISTRY_CHECK_S = 2.0  # how often devices.json is checked for added, rotated or revoked keys
+
+
 def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
     stop = stop or threading.Event()
@@ -119,14 +124,17 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         else:
             link.publish(topic, payload, retain=retain)
 
+    reload_now = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: reload_now.set())  # `systemctl reload`
     link.start(timeout=60)
+    registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
     coordinator = build_coordinator(config, publish)
     coordinator.start()
     connects = link.connect_count
-    last_tick = 0.0
+    last_tick = last_registry_check = 0.0
     try:
         while not stop.is_set():
             try:
@@ -148,6 +156,12 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     if _expire_presence(coordinator.presence, config.presence_timeout):
                         coordinator.publish_status()
                     link.expire_partial()
+                if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
+                    reload_now.clear()
+                    last_registry_check = now
+                    registry = registry_file.changed()
+                    if registry is not None:
+                        coordinator.reload_registry(registry)
             except Exception:  # one bad message or a bug must not end the daemon
                 log.exception("unexpected error in the coordinator loop; continuing")
             if coordinator.done:

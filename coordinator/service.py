@@ -117,6 +117,8 @@ class Coordinator:
         self.presence: dict[str, dict[str, Any]] = {}
         self.datasets: dict[str, bytes] = {}  # device -> SHA-256 of its registered data set
         self.registered_at: dict[str, float] = {}  # device -> 'created' of that registration
+        self._keys_in_ledger: set[tuple[str, str]] = set()  # (device, key id) with a device.key record
+        self._revoked_in_ledger: set[tuple[str, str]] = set()
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
@@ -184,25 +186,48 @@ class Coordinator:
         self.maybe_close_round()
 
     def _sync_device_keys(self, blocks: list[Any]) -> None:
-        """Record in the ledger every device key the registry knows and every revocation, once:
-        anyone verifying the chain then checks device signatures with keys from the chain itself."""
-        registered: set[tuple[str, str]] = set()
-        revoked: set[tuple[str, str]] = set()
+        """Learn which device keys and revocations the ledger holds, then record the registry's."""
         for block in blocks:
             kind = block.data.get("type")
             if kind == records.DEVICE_KEY:
-                registered.add((block.data["device"], block.data["key_id"]))
+                self._keys_in_ledger.add((block.data["device"], block.data["key_id"]))
             elif kind == records.DEVICE_KEY_REVOKED:
-                revoked.add((block.data["device"], block.data["key_id"]))
-        for device, record in sorted(self.registry.devices.items()):
+                self._revoked_in_ledger.add((block.data["device"], block.data["key_id"]))
+        self._record_keys(self.registry)
+
+    def _record_keys(self, registry: DeviceRegistry) -> None:
+        """Record in the ledger every device key the registry knows and every revocation, once:
+        anyone verifying the chain then checks device signatures with keys from the chain itself.
+        A revocation in the ledger is final: it is applied to ``registry`` whatever its file says."""
+        for device, record in sorted(registry.devices.items()):
             for key_id, public_key in sorted(record.keys.items()):
-                if (device, key_id) not in registered:
+                if (device, key_id) not in self._keys_in_ledger:
                     self._append(records.device_key(device, public_key))
+                    self._keys_in_ledger.add((device, key_id))
                     log.info("registered key %s of device %s in the ledger", key_id, device)
             for key_id in sorted(record.revoked):
-                if (device, key_id) not in revoked:
+                if (device, key_id) not in self._revoked_in_ledger:
                     self._append(records.device_key_revoked(device, key_id, "revoked by the operator"))
+                    self._revoked_in_ledger.add((device, key_id))
                     log.info("recorded revocation of key %s of device %s", key_id, device)
+        for device, key_id in self._revoked_in_ledger:
+            entry = registry.devices.get(device)
+            if entry is not None and key_id in entry.keys and key_id not in entry.revoked:
+                entry.revoked.add(key_id)
+                log.warning("key %s of device %s is revoked in the ledger; the registry file lists it as "
+                            "active, it stays revoked", key_id, device)
+
+    def reload_registry(self, registry: DeviceRegistry) -> None:
+        """Adopt a changed device registry (devices added, keys rotated or revoked) while running.
+
+        The ledger records come first: if appending fails, the old registry stays in force, so
+        no update is ever accepted under a key the ledger does not hold."""
+        self._record_keys(registry)
+        before = {(d, k) for d, r in self.registry.devices.items() for k in r.keys if k not in r.revoked}
+        after = {(d, k) for d, r in registry.devices.items() for k in r.keys if k not in r.revoked}
+        self.registry = registry
+        log.info("device registry reloaded: %d active keys (%d new, %d no longer active)",
+                 len(after), len(after - before), len(before - after))
 
     def _restore_accepted(self, record: dict[str, Any]) -> None:
         assert self.round is not None and self._strategy is not None

@@ -201,13 +201,19 @@ class DeviceRegistry:
     def load(cls, path: Path) -> DeviceRegistry:
         if not Path(path).exists():
             return cls()
-        data = read_json(path)
+        return cls.from_json(read_json(path))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceRegistry:
+        """Parse devices.json; raises :class:`KeyFileError` naming what is wrong."""
         registry = cls()
-        for device_id, entry in dict(data.get("devices", {})).items():
-            record = DeviceRecord(
-                device_id,
-                {k: bytes.fromhex(v) for k, v in dict(entry.get("keys", {})).items()},
-                set(entry.get("revoked", [])),
-            )
-            registry.devices[device_id] = record
+        try:
+            for device_id, entry in dict(data.get("devices", {})).items():
+                keys = {str(k): bytes.fromhex(v) for k, v in dict(entry.get("keys", {})).items()}
+                for key_id, public_key in keys.items():
+                    if len(public_key) != crypto.KEY_BYTES or crypto.key_id_of(public_key) != key_id:
+                        raise ValueError(f"key {key_id} of device {device_id} does not match its public key")
+                registry.devices[str(device_id)] = DeviceRecord(str(device_id), keys, set(entry.get("revoked", [])))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise KeyFileError(f"malformed device registry: {exc}") from exc
         return registry

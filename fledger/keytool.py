@@ -155,9 +155,10 @@ def add_parser(sub: Any) -> None:
                       description="Make a new Ed25519 key for DEVICE: a new bundle (0600, replacing "
                                   "device-DEVICE.json), the new key registered in devices.json and every "
                                   "previously active key of the device revoked. Copy devices.json to the "
-                                  "coordinator and restart it: it records the new key and the revocation in "
-                                  "the ledger and rejects the old key's updates as revoked_key. Install the "
-                                  "new bundle on the device.")
+                                  "coordinator's --devices path: a running coordinator notices within 2 s (or "
+                                  "at once on SIGHUP), records the new key and the revocation in the ledger and "
+                                  "rejects the old key's updates as revoked_key. Install the new bundle on the "
+                                  "device.")
     a.add_argument("device")
     a = ks.add_parser("revoke", help="revoke a device key (its updates are rejected from then on)")
     a.add_argument("device")
@@ -197,11 +198,12 @@ def _main(args: argparse.Namespace) -> int:
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "
-              f"Copy {directory / REGISTRY_FILE} to the coordinator and restart it, install the new bundle on "
-              "the device only")
+              f"Copy {directory / REGISTRY_FILE} to the coordinator's --devices path (a running coordinator "
+              "applies it within 2 s), install the new bundle on the device only")
     elif args.keys_command == "revoke":
         revoke_device_key(directory, args.device, args.key_id)
-        print(f"revoked key {args.key_id} of {args.device}; restart the coordinator to apply")
+        print(f"revoked key {args.key_id} of {args.device}; a running coordinator reading {directory / REGISTRY_FILE} "
+              "applies it within 2 s")
     elif args.keys_command == "list":
         registry = DeviceRegistry.load(directory / REGISTRY_FILE)
         for device, record in sorted(registry.devices.items()):

@@ -341,3 +341,41 @@ def test_restart_keeps_the_round_deadline(tmp_path: Path) -> None:
     h.clock.t += 61
     h.coordinator = h.build(register=False)  # restarted after the deadline passed
     assert h.coordinator.round is not None and h.coordinator.round.number == 2  # closed at once with the quorum
+
+
+def test_registry_reload_adds_devices_and_a_ledger_revocation_is_final(h: Harness) -> None:
+    """A running coordinator adopts a changed registry: a new device's key is recorded in the
+    ledger before its first update is accepted; a key revoked in the ledger stays revoked even
+    if the registry file later lists it as active again (a restored backup, a hand edit)."""
+    seed, public = crypto.ed25519_generate()
+    bundle = DeviceBundle(FLEET, "dev-new", seed, h.keys.public, h.keys.model_key_id, h.keys.model_key)
+    h.devices["dev-new"] = bundle
+    assert h.send("dev-new", h.update("dev-new", 1, weights(1))).reason == "unknown_key"
+
+    grown = DeviceRegistry.from_json({"devices": {d: {"keys": {k: v.hex() for k, v in r.keys.items()}}
+                                                  for d, r in h.registry.devices.items()}})
+    grown.add("dev-new", public)
+    grown.revoke("dev-c", h.devices["dev-c"].key_id)
+    h.coordinator.reload_registry(grown)
+    payload = envelope.seal_dataset(bundle, DATASET, 1234, {"task": "unit"})
+    assert h.coordinator.handle_registration(TOPICS.register("dev-new"), payload).accepted
+    assert h.send("dev-new", h.update("dev-new", 1, weights(1))).accepted
+    assert h.send("dev-c", h.update("dev-c", 1, weights(1))).reason == "revoked_key"
+
+    # The file "un-revokes" dev-c's key: the ledger's revocation wins, live and after a restart.
+    restored = DeviceRegistry.from_json({"devices": {d: {"keys": {k: v.hex() for k, v in r.keys.items()}}
+                                                     for d, r in grown.devices.items()}})
+    h.coordinator.reload_registry(restored)
+    assert h.send("dev-c", h.update("dev-c", 1, weights(1))).reason == "revoked_key"
+    h.registry = DeviceRegistry.from_json({"devices": {d: {"keys": {k: v.hex() for k, v in r.keys.items()}}
+                                                       for d, r in grown.devices.items()}})
+    h.coordinator = h.build(register=False)
+    assert h.send("dev-c", h.update("dev-c", 1, weights(1))).reason == "revoked_key"
+    assert h.send("dev-a", h.update("dev-a", 1, weights(3))).accepted  # closes round 1 with dev-new
+    aggregate = next(b for b in h.ledger if b.data["type"] == "aggregate")
+    assert aggregate.data["participants"] == ["dev-a", "dev-new"]
+    kinds = [(b.data["type"], b.data.get("device")) for b in h.ledger]
+    assert kinds.index(("device.key", "dev-new")) < kinds.index(("update", "dev-new"))
+    assert kinds.count(("device.key_revoked", "dev-c")) == 1
+    # Every signature checks out against the keys the chain itself records.
+    assert verify_file(h.tmp / "ledger.log", h.keys.public.sign_public).ok

@@ -28,6 +28,7 @@ from conftest import BrokerInfo, Mosquitto
 from federation_run import Federation
 from test_broker_security import Client, SecureBroker, make_pki, test_config_from_deploy, token
 
+from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
@@ -282,15 +283,25 @@ class Fleet:
                                     dataset_sha256=DATASET)
 
 
-def test_a_stolen_key_is_rejected_after_rotation_and_the_ledger_records_the_revocation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("apply", ["restart", "live"])
+def test_a_stolen_key_is_rejected_after_rotation_and_the_ledger_records_the_revocation(tmp_path: Path,
+                                                                                       apply: str) -> None:
     fleet = Fleet(tmp_path)
     stolen = fleet.bundle("edge-1")  # the thief copies edge-1's bundle
     assert fleet.coordinator.handle_update(TOPICS.update("edge-2"), fleet.update(fleet.bundle("edge-2"), 1)).accepted
 
-    # The operator notices: `fledger keys rotate edge-1`, then restarts the coordinator.
+    # The operator notices: `fledger keys rotate edge-1`; the coordinator is restarted, or the
+    # running one picks up the changed devices.json (as the daemon's RegistryFile poll does).
+    registry_file = RegistryFile(fleet.keys_dir / keytool.REGISTRY_FILE)
+    assert registry_file.changed() is None
     _path, new_id, revoked = keytool.rotate_device_key(fleet.keys_dir, "edge-1")
     assert revoked == [stolen.key_id] and new_id != stolen.key_id
-    fleet.coordinator = fleet.start()
+    if apply == "restart":
+        fleet.coordinator = fleet.start()
+    else:
+        registry = registry_file.changed()
+        assert registry is not None and registry_file.changed() is None  # adopted once
+        fleet.coordinator.reload_registry(registry)
     assert fleet.ledger is not None
     height = fleet.ledger.head.index
 
@@ -325,6 +336,39 @@ def test_a_stolen_key_is_rejected_after_rotation_and_the_ledger_records_the_revo
     assert [a["participants"] for a in aggregates] == [sorted(DEVICES)]
     # A monitor re-checks every signature, the device keys and the revocation from the chain.
     assert verify_file(tmp_path / "ledger.log", trusted_coordinator_key=fleet.keys.public.sign_public).ok
+
+
+def test_a_running_coordinator_takes_a_device_added_to_devices_json(embedded_broker: BrokerInfo,
+                                                                    tmp_path: Path) -> None:
+    """Real processes: edge-2 is provisioned while the coordinator runs (its key written to
+    devices.json after the coordinator loaded it). The coordinator notices the file, records
+    the key in the ledger, and edge-2's registration and updates are accepted: no restart."""
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=2, limit=300)
+    registry_path = fed.keys / keytool.REGISTRY_FILE
+    full = registry_path.read_bytes()
+    registry = DeviceRegistry.load(registry_path)
+    del registry.devices["edge-2"]
+    registry.save(registry_path)  # as if edge-2 were not provisioned yet
+    try:
+        fed.start_coordinator()
+        fed.start_agent(0)
+        coordinator_log = fed.logs / "coordinator.log"
+        wait_for(lambda: "device edge-1 registered data set" in coordinator_log.read_text(), 60,
+                 "edge-1's registration", fed)
+        assert "edge-2" not in coordinator_log.read_text()
+        registry_path.write_bytes(full)  # `fledger keys add-device edge-2` on the operator's side
+        wait_for(lambda: "device registry reloaded" in coordinator_log.read_text(), 30, "the reload", fed)
+        fed.start_agent(1)
+        for name in ("coordinator", *fed.devices):
+            assert fed.wait(name, 90) == 0, fed.log_tail()
+    finally:
+        fed.stop()
+    data = blocks_of(fed)
+    kinds = [(d["type"], d.get("device")) for d in data]
+    assert kinds.index(("device.key", "edge-2")) < kinds.index(("dataset", "edge-2"))
+    assert [d["participants"] for d in data if d["type"] == "aggregate"] == [["edge-1", "edge-2"]] * 2
+    assert not [d for d in data if d["type"] == "update.rejected"]
+    assert verify_file(fed.state / "ledger.log").ok
 
 
 # -- d. a replay on the wire ---------------------------------------------------------------------
