@@ -47,6 +47,32 @@ def hash_password(password: str) -> str:
     return PasswordHash((Argon2Hasher(),)).hash(password)
 
 
+class _SnapshotIterDict(dict[str, Any]):
+    """amqtt 0.12.1 iterates its subscription table across ``await``s (sending retained
+    messages to a connecting client, broadcasting), so a SUBSCRIBE from another client in
+    between raises "dictionary changed size during iteration": the connecting client's session
+    dies (it reconnects; seen in the demo) or a broadcast is cut short. Iterating a snapshot is
+    what the loops need; lookups and updates are unchanged."""
+
+    def __iter__(self) -> Any:
+        return iter(list(dict.keys(self)))
+
+    def keys(self) -> Any:
+        return list(dict.keys(self))
+
+    def items(self) -> Any:
+        return list(dict.items(self))
+
+
+def _guard_subscription_table(broker: Any) -> None:
+    table = getattr(broker, "_subscriptions", None)
+    if type(table) is dict:  # amqtt's private table; left alone if a later amqtt changes it
+        broker._subscriptions = _SnapshotIterDict(table)
+    else:
+        log.warning("amqtt's subscription table is not a dict (%s): the iteration guard is not applied",
+                    type(table).__name__)
+
+
 class EmbeddedBroker:
     """amqtt running on its own event loop in a background thread."""
 
@@ -81,6 +107,7 @@ class EmbeddedBroker:
 
             # Broker() must be built inside a running loop (amqtt 0.12.1).
             self._broker = Broker(broker_config(self.host, self.port, self.password_file))
+            _guard_subscription_table(self._broker)
             await self._broker.start()
 
         try:
