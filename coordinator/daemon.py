@@ -153,7 +153,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                 if now - last_tick >= 0.5:
                     last_tick = now
                     coordinator.tick()
-                    if _expire_presence(coordinator.presence, config.presence_timeout):
+                    if coordinator.presence.expire(config.presence_timeout):
                         coordinator.publish_status()
                     link.expire_partial()
                 if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
@@ -188,49 +188,11 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
     elif device and topic == topics.register(device):
         coordinator.handle_registration(topic, payload)
     elif device and topic == topics.presence(device):
-        if device not in coordinator.registry.devices:
-            log.warning("ignored presence of unknown device %r", device)
-        elif _note_presence(coordinator.presence, topics, topic, payload):
+        if coordinator.handle_presence(topic, payload):
             coordinator.publish_status()
     elif topic == topics.ledger_replay:
         _replay(coordinator, link, topics, payload)
     # anything else (amqtt hands out retained messages of other topics) is ignored
-
-
-def _expire_presence(presence: dict[str, Any], timeout: float) -> bool:
-    """Mark devices whose heartbeats stopped as offline: some brokers (amqtt) never fire the
-    Last Will of a client that just goes silent. True when any state changed."""
-    now = time.monotonic()
-    changed = False
-    for device, body in presence.items():
-        if body.get("state") == "online" and timeout > 0 and now - body.get("received", now) > timeout:
-            body["state"] = "offline"
-            body["reason"] = f"no heartbeat for {timeout:.0f}s"
-            log.warning("device %s is offline: no heartbeat for %.0fs", device, timeout)
-            changed = True
-    return changed
-
-
-def _note_presence(presence: dict[str, Any], topics: Topics, topic: str, payload: bytes) -> bool:
-    """Record a device's heartbeat or Last Will; True when its state changed."""
-    device = topics.device_of(topic)
-    if device is None:
-        return False
-    try:
-        body = json.loads(payload) if len(payload) <= 1024 else None
-    except ValueError:
-        body = None
-    if not isinstance(body, dict) or body.get("state") not in ("online", "offline"):
-        log.warning("malformed presence message from %s", device)
-        return False
-    # Keep only what the status shows: a device cannot make the signed status large.
-    body = {"state": body["state"], "round": body.get("round") if isinstance(body.get("round"), int) else None}
-    changed = presence.get(device, {}).get("state") != body.get("state")
-    body["received"] = time.monotonic()  # our clock, not the device's
-    presence[device] = body
-    if changed:
-        log.info("device %s is %s", device, body.get("state"))
-    return changed
 
 
 # Replays re-send blocks from the worker thread: bounded, so a monitor (or anyone on a broker

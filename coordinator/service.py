@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import msgpack
 
 from coordinator.aggregation import Strategy, make_strategy
+from coordinator.presence import PresenceBook
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope
@@ -114,7 +115,8 @@ class Coordinator:
         self.halted: str | None = None  # set when storage fails: stop accepting
         self._strategy: Strategy | None = None
         self.history: list[dict[str, Any]] = []
-        self.presence: dict[str, dict[str, Any]] = {}
+        self.presence = PresenceBook(now)
+        self.presence_rejections: Counter[str] = Counter()
         self.datasets: dict[str, bytes] = {}  # device -> SHA-256 of its registered data set
         self.registered_at: dict[str, float] = {}  # device -> 'created' of that registration
         self._keys_in_ledger: set[tuple[str, str]] = set()  # (device, key id) with a device.key record
@@ -285,10 +287,27 @@ class Coordinator:
             "min_clients": self.settings.policy.min_clients,
             "height": head.index + 1, "head": head.hash.hex(),
             "rejections": dict(self.rejections), "accepted_total": self.accepted_total,
-            "presence": {d: p.get("state", "?") for d, p in sorted(self.presence.items())},
+            "presence": self.presence.states(), "presence_rejections": dict(self.presence_rejections),
             "datasets": {d: h.hex() for d, h in sorted(self.datasets.items())},
             "time": self._now(),
         }
+
+    def handle_presence(self, topic: str, payload: bytes) -> bool:
+        """A device's signed heartbeat or Last Will. True when the status should be republished."""
+        device = self.topics.device_of(topic)
+        try:
+            statement = envelope.open_presence(payload, self.registry.public_key, fleet=self.settings.fleet)
+            if statement.device != device:
+                raise EnvelopeError("topic_mismatch", f"presence of {statement.device!r} on {topic}")
+        except EnvelopeError as exc:
+            self.presence_rejections[exc.reason] += 1
+            log.warning("ignored presence message on %s: %s: %s", topic, exc.reason, exc)
+            return False
+        outcome = self.presence.note(statement)
+        if outcome in ("stale_session", "replay"):
+            self.presence_rejections[outcome] += 1
+            log.warning("ignored presence of %s: %s", device, outcome)
+        return outcome == "changed"
 
     def publish_status(self) -> None:
         self._publish(self.topics.status, envelope.seal_status(self.keys, self.status()), True)

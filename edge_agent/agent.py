@@ -7,7 +7,6 @@ network thread keeps the connection alive and queues what arrives.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from edge_agent.outbox import Outbox
+from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import evaluate, train_local
 from federation import envelope
@@ -53,7 +53,7 @@ class EdgeAgent:
     def __init__(
         self, bundle: DeviceBundle, task: Task, data: LocalData, link: Link, topics: Topics,
         state_dir: Path, settings: AgentSettings | None = None, now: Callable[[], float] = time.time,
-        *, dataset: Fingerprint, register: bool = True,
+        *, dataset: Fingerprint, register: bool = True, presence: PresenceSession | None = None,
     ) -> None:
         self.bundle = bundle
         self.task = task
@@ -76,6 +76,7 @@ class EdgeAgent:
         self.refused_models = 0
         self._last_send: dict[int, float] = {}
         self._last_heartbeat = 0.0
+        self.presence = presence or PresenceSession(bundle)
         self._heartbeat_lock = threading.Lock()
         self.done = False
         self.dataset = dataset
@@ -215,9 +216,8 @@ class EdgeAgent:
             if now - self._last_heartbeat < self.settings.heartbeat_s:
                 return
             self._last_heartbeat = now
-        body = {"device": self.bundle.device_id, "state": "online", "time": now,
-                "round": self.latest[0].round if self.latest else None}
-        self.link.publish(self.topics.presence(self.bundle.device_id), json.dumps(body).encode(), retain=True)
+        heartbeat = self.presence.statement("online", self.latest[0].round if self.latest else None)
+        self.link.publish(self.topics.presence(self.bundle.device_id), heartbeat, retain=True)
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
         finished = threading.Event()

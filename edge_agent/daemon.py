@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from edge_agent.agent import AgentSettings, EdgeAgent
+from edge_agent.presence import PresenceSession
 from edge_agent.registration import check_registration, fingerprint
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
@@ -68,10 +69,10 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     dataset = fingerprint(task, data, config.shard, config.limit or None)
     check_registration(state_dir, dataset, reregister=config.reregister)
     topics = Topics(bundle.fleet, config.topic_prefix)
-    offline = json.dumps({"device": bundle.device_id, "state": "offline"}).encode()
+    presence = PresenceSession(bundle)
     link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",
                     subscriptions=[topics.model, topics.model_chunks, topics.status],
-                    will=(topics.presence(bundle.device_id), offline, True))
+                    will=(topics.presence(bundle.device_id), presence.last_will(), True))
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -79,10 +80,10 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
                                     exit_when_done=config.exit_when_done, seed=config.seed),
-                      dataset=dataset, register=True)
+                      dataset=dataset, register=True, presence=presence)
     try:
         agent.run(stop=stop.is_set)
-        link.publish(topics.presence(bundle.device_id), offline, retain=True, wait=5)
+        link.publish(topics.presence(bundle.device_id), presence.statement("offline"), retain=True, wait=5)
     finally:
         link.stop()
     log.info("device %s: stopped after rounds %s", bundle.device_id, agent.trained_rounds)

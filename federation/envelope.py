@@ -376,3 +376,70 @@ def open_dataset(data: bytes, public_key_of: Any, *, max_bytes: int = 64 * 1024)
     if len(statement.sha256) != 32 or statement.size < 0:
         raise EnvelopeError("malformed", "bad dataset digest or size")
     return statement
+
+
+# --- presence ---------------------------------------------------------------------------------
+# Heartbeats and the Last Will, signed by the device so that a leaked broker password (or a
+# broker without ACLs) cannot mark a device online or offline. Freshness without trusting the
+# device's clock for ordering: a random session id per process, its start time (orders
+# sessions) and a counter within the session.
+
+PRESENCE_FORMAT = "fledger.presence"
+PRESENCE_CONTEXT = b"fledger/presence/v1\n"  # the device key also signs updates: keep them apart
+MAX_PRESENCE_BYTES = 1024
+PRESENCE_STATES = ("online", "offline")
+
+
+@dataclass(frozen=True)
+class PresenceStatement:
+    fleet: str
+    device: str
+    key_id: str
+    state: str
+    session: bytes
+    started: float
+    seq: int
+    round: int | None
+
+
+def seal_presence(bundle: DeviceBundle, state: str, *, session: bytes, started: float, seq: int,
+                  round_number: int | None = None) -> bytes:
+    if state not in PRESENCE_STATES:
+        raise ValueError(f"presence state must be one of {PRESENCE_STATES}, not {state!r}")
+    header_bytes = _pack({
+        "fleet": bundle.fleet, "device": bundle.device_id, "key_id": bundle.key_id, "state": state,
+        "session": bytes(session), "started": float(started), "seq": int(seq), "round": round_number,
+    })
+    return _pack({"fmt": PRESENCE_FORMAT, "v": ENVELOPE_VERSION, "hdr": header_bytes,
+                  "sig": bundle.sign(PRESENCE_CONTEXT + header_bytes)})
+
+
+def open_presence(data: bytes, public_key_of: Any, *, fleet: str,
+                  max_bytes: int = MAX_PRESENCE_BYTES) -> PresenceStatement:
+    """Parse and verify a heartbeat or Last Will; ``public_key_of(device, key_id)`` gives the
+    device's active key or None. Ordering (stale sessions, replays) is the caller's."""
+    outer = _unpack_outer(data, PRESENCE_FORMAT, max_bytes, fields=("hdr", "sig"))
+    try:
+        hdr = msgpack.unpackb(outer["hdr"], raw=False, max_map_len=16)
+    except Exception as exc:
+        raise EnvelopeError("malformed", f"presence header is not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(hdr, dict):
+        raise EnvelopeError("malformed", "presence header is not a map")
+    round_number = hdr.get("round")
+    if round_number is not None and (not isinstance(round_number, int) or isinstance(round_number, bool)):
+        raise EnvelopeError("malformed", "presence round is not an integer")
+    statement = PresenceStatement(
+        fleet=_field(hdr, "fleet", str), device=_field(hdr, "device", str), key_id=_field(hdr, "key_id", str),
+        state=_field(hdr, "state", str), session=_field(hdr, "session", bytes),
+        started=_field(hdr, "started", float), seq=_field(hdr, "seq", int), round=round_number,
+    )
+    if statement.state not in PRESENCE_STATES or len(statement.session) != 16:
+        raise EnvelopeError("malformed", "bad presence state or session id")
+    if statement.fleet != fleet:
+        raise EnvelopeError("wrong_fleet", f"presence for fleet {statement.fleet!r}")
+    public_key = public_key_of(statement.device, statement.key_id)
+    if public_key is None:
+        raise EnvelopeError("unknown_key", f"device {statement.device!r} key {statement.key_id!r}")
+    if not crypto.ed25519_verify(public_key, PRESENCE_CONTEXT + outer["hdr"], outer["sig"]):
+        raise EnvelopeError("bad_signature", f"presence of {statement.device!r} is not signed by it")
+    return statement

@@ -379,3 +379,22 @@ def test_registry_reload_adds_devices_and_a_ledger_revocation_is_final(h: Harnes
     assert kinds.count(("device.key_revoked", "dev-c")) == 1
     # Every signature checks out against the keys the chain itself records.
     assert verify_file(h.tmp / "ledger.log", h.keys.public.sign_public).ok
+
+
+def test_presence_must_be_signed_by_the_device_of_its_topic(h: Harness) -> None:
+    from edge_agent.presence import PresenceSession
+
+    index, head, model = h.snapshot()
+    session = PresenceSession(h.devices["dev-a"])
+    assert h.coordinator.handle_presence(TOPICS.presence("dev-a"), session.statement("online", 1))
+    assert not h.coordinator.handle_presence(TOPICS.presence("dev-a"), session.statement("online", 1))  # refresh
+    # dev-a's genuine heartbeat re-published on dev-b's topic; a forged JSON one; an unknown device.
+    assert not h.coordinator.handle_presence(TOPICS.presence("dev-b"), session.statement("online"))
+    assert not h.coordinator.handle_presence(TOPICS.presence("dev-b"), b'{"state": "online"}')
+    seed, _public = crypto.ed25519_generate()
+    stranger = DeviceBundle(FLEET, "dev-x", seed, h.keys.public, h.keys.model_key_id, h.keys.model_key)
+    assert not h.coordinator.handle_presence(TOPICS.presence("dev-x"), PresenceSession(stranger).statement("online"))
+    status = h.coordinator.status()
+    assert status["presence"] == {"dev-a": "online"}
+    assert status["presence_rejections"] == {"topic_mismatch": 1, "malformed": 1, "unknown_key": 1}
+    assert h.snapshot() == (index, head, model)  # presence never touches the ledger or the model
