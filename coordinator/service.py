@@ -474,7 +474,7 @@ class Coordinator:
         new_model = self._strategy.result()
         model_bytes = encode_tensors(new_model)
         next_round = state.number + 1
-        eval_metrics = self._evaluate(new_model) if self._evaluate else {}
+        eval_metrics = self._evaluation(state.number, new_model)
         train = state.train_summary()
         self.models.save(next_round, new_model)
         # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
@@ -496,6 +496,27 @@ class Coordinator:
         self.publish_model()
         self._append(records.model_published(next_round, block.data["model_sha256"]))
         self.publish_status()
+
+    def _evaluation(self, round_number: int, model: TensorDict) -> dict[str, float | None]:
+        """Central evaluation is informative: whatever it gives (a diverged model's Inf or NaN,
+        an exception), the round closes. Unusable values are recorded as None, because the ledger
+        takes only finite numbers and a refused aggregate would halt the fleet for good."""
+        if self._evaluate is None:
+            return {}
+        try:
+            metrics = self._evaluate(model)
+        except Exception:
+            log.exception("evaluating the model of round %d failed; recorded without test metrics", round_number)
+            return {}
+        out: dict[str, float | None] = {}
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and _sane(float(value)):
+                out[name] = float(value)
+            else:
+                log.warning("round %d: central evaluation gave %s=%r (diverged model?); recorded as None",
+                            round_number, name, value)
+                out[name] = None
+        return out
 
     def tick(self) -> None:
         """Called periodically by the daemon: closes a round whose deadline passed."""

@@ -78,10 +78,15 @@ def _credentials(workdir: Path) -> tuple[Path, dict[str, Path]]:
     return password_db, files
 
 
+def _number(value: Any) -> float:
+    """A metric for printing: the ledger records None where evaluation gave no finite number."""
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
 def _format_round(data: dict[str, Any], block: Any, metric: str) -> str:
     metrics = data.get("metrics", {})
-    train = metrics.get("clients_train_loss", float("nan"))
-    test = metrics.get(metric, metrics.get(f"clients_{metric}", float("nan")))
+    train = _number(metrics.get("clients_train_loss"))
+    test = _number(metrics.get(metric, metrics.get(f"clients_{metric}")))
     return (f"  round {data['round']:>2} | clients {len(data['participants'])} | train loss {train:8.4f} | "
             f"{metric} {test:7.4f} | block {block.index:>3} {block.hash.hex()[:16]}")
 
@@ -185,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
             results.append(run_task(spec, workdir, broker, passwords, args.timeout))
     print("\nsummary")
     for spec, result in zip(tasks, results, strict=True):
-        value = result["final"].get(spec.metric, float("nan"))
+        value = _number(result["final"].get(spec.metric))
         print(f"  {spec.task:<10} {spec.metric} {value:.4f} after {spec.rounds} rounds "
               f"({result['seconds']:.0f}s; target {spec.target})")
     return 0

@@ -52,6 +52,7 @@ class Harness:
         self.max_rounds = max_rounds
         self.clock = Clock()
         self.published: list[tuple[str, bytes, bool]] = []
+        self.evaluate: Any = None
         self.coordinator = self.build()
 
     def build(self, register: bool = True) -> Coordinator:
@@ -64,7 +65,7 @@ class Harness:
             CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20),
             self.keys, self.registry, ledger, ModelStore(self.tmp / "models"), Spool(self.tmp / "spool"),
             initial_model=initial_model, publish=lambda t, p, r: self.published.append((t, p, r)),
-            topics=TOPICS, now=self.clock,
+            topics=TOPICS, now=self.clock, evaluate=self.evaluate,
         )
         coordinator.start()
         for name, bundle in self.devices.items() if register else ():
@@ -398,3 +399,31 @@ def test_presence_must_be_signed_by_the_device_of_its_topic(h: Harness) -> None:
     assert status["presence"] == {"dev-a": "online"}
     assert status["presence_rejections"] == {"topic_mismatch": 1, "malformed": 1, "unknown_key": 1}
     assert h.snapshot() == (index, head, model)  # presence never touches the ledger or the model
+
+
+def test_a_diverged_model_is_recorded_not_fatal(h: Harness) -> None:
+    """Finite but huge weights pass every input check; the central evaluation of the averaged
+    model then gives Inf/NaN, or fails outright. The round still closes, the metric is recorded
+    as None (the ledger takes only finite numbers), and the fleet goes on, also after a restart."""
+    results: list[Any] = [{"mse": float("inf"), "loss": float("nan"), "r2": 0.5}, RuntimeError("bad input")]
+
+    def evaluate(model: dict[str, np.ndarray]) -> dict[str, float]:
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return dict(result)
+
+    h.evaluate = evaluate
+    h.coordinator = h.build(register=False)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1e20))).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(1.0))).accepted
+    assert h.coordinator.halted is None and h.coordinator.round is not None and h.coordinator.round.number == 2
+    assert h.send("dev-a", h.update("dev-a", 2, weights(1.0))).accepted
+    assert h.send("dev-b", h.update("dev-b", 2, weights(1.0))).accepted
+    assert h.coordinator.halted is None and h.coordinator.round.number == 3
+    metrics = [b.data["metrics"] for b in h.ledger if b.data["type"] == "aggregate"]
+    assert (metrics[0]["test_mse"], metrics[0]["test_loss"], metrics[0]["test_r2"]) == (None, None, 0.5)
+    assert not [k for k in metrics[1] if k.startswith("test_")]
+    h.coordinator = h.build(register=False)
+    assert h.coordinator.halted is None and h.coordinator.round is not None and h.coordinator.round.number == 3
+    assert verify_file(h.tmp / "ledger.log").ok
