@@ -149,6 +149,9 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     coordinator.publish_status()
                 if message is not None:
                     _dispatch(coordinator, link, topics, message.topic, message.payload)
+            except Exception:  # one bad message or a bug must not end the daemon
+                log.exception("unexpected error handling a message; continuing")
+            try:  # apart from message handling, so that no stream of messages can starve it
                 now = time.monotonic()
                 if now - last_tick >= 0.5:
                     last_tick = now
@@ -161,9 +164,14 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     last_registry_check = now
                     registry = registry_file.changed()
                     if registry is not None:
-                        coordinator.reload_registry(registry)
-            except Exception:  # one bad message or a bug must not end the daemon
-                log.exception("unexpected error in the coordinator loop; continuing")
+                        try:
+                            coordinator.reload_registry(registry)
+                        except Exception as exc:  # KeyFileError, or storage: nothing adopted
+                            registry_file.refused(f"{type(exc).__name__}: {exc}")
+                        else:
+                            registry_file.adopted()
+            except Exception:  # a bug must not end the daemon
+                log.exception("unexpected error in the coordinator's periodic work; continuing")
             if coordinator.done:
                 log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
                 # Let the last publishes reach the broker before leaving.

@@ -23,6 +23,7 @@ class RegistryFile:
         self.path = Path(path)
         self._adopted = hashlib.sha256(self._read()).digest()  # what the coordinator started with
         self._refused: bytes | None = None  # digest of content already reported as unusable
+        self._pending = self._adopted  # digest of what changed() returned last
 
     def _read(self) -> bytes:
         try:
@@ -31,7 +32,8 @@ class RegistryFile:
             return b""  # at start-up: no devices yet; later: refused below, never "no devices"
 
     def changed(self) -> DeviceRegistry | None:
-        """The new registry if the file's content changed and parses; else None.
+        """The new registry if the file's content changed and parses; else None. The caller
+        then says :meth:`adopted` or :meth:`refused`; until it does, the change is offered again.
 
         A file that cannot be read or parsed is logged once per distinct content and ignored:
         the registry in force stays in force."""
@@ -51,8 +53,16 @@ class RegistryFile:
                 raise KeyFileError("not a JSON object")
             registry = DeviceRegistry.from_json(data)
         except (ValueError, KeyFileError) as exc:
-            self._refused = digest
-            log.error("device registry %s changed but is unusable (%s); keeping the one in force", self.path, exc)
+            self._pending = digest
+            self.refused(str(exc))
             return None
-        self._adopted = digest
+        self._pending = digest
         return registry
+
+    def adopted(self) -> None:
+        self._adopted = self._pending
+
+    def refused(self, reason: str) -> None:
+        """Log once and stop offering this content; the registry in force stays."""
+        self._refused = self._pending
+        log.error("device registry %s changed but is unusable (%s); keeping the one in force", self.path, reason)

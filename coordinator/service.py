@@ -39,7 +39,7 @@ from federation.codec import (
     spec_of,
 )
 from federation.envelope import EnvelopeError
-from federation.keys import CoordinatorKeys, DeviceRegistry
+from federation.keys import CoordinatorKeys, DeviceRegistry, KeyFileError
 from federation.topics import Topics
 from ledger import records
 
@@ -200,7 +200,17 @@ class Coordinator:
     def _record_keys(self, registry: DeviceRegistry) -> None:
         """Record in the ledger every device key the registry knows and every revocation, once:
         anyone verifying the chain then checks device signatures with keys from the chain itself.
-        A revocation in the ledger is final: it is applied to ``registry`` whatever its file says."""
+        A revocation in the ledger is final: it is applied to ``registry`` whatever its file says.
+        A registry the ledger would refuse raises KeyFileError before anything is appended."""
+        owner_in_ledger = {key_id: device for device, key_id in self._keys_in_ledger}
+        for device, record in registry.devices.items():
+            for key_id in record.keys:
+                if owner_in_ledger.get(key_id, device) != device:
+                    raise KeyFileError(f"key {key_id} of {device} is registered in the ledger to "
+                                       f"{owner_in_ledger[key_id]}: a key belongs to one device")
+            for key_id in record.revoked:
+                if key_id not in record.keys:
+                    raise KeyFileError(f"{device} revokes key {key_id}, which it does not list")
         for device, record in sorted(registry.devices.items()):
             for key_id, public_key in sorted(record.keys.items()):
                 if (device, key_id) not in self._keys_in_ledger:

@@ -207,12 +207,18 @@ class DeviceRegistry:
     def from_json(cls, data: dict[str, Any]) -> DeviceRegistry:
         """Parse devices.json; raises :class:`KeyFileError` naming what is wrong."""
         registry = cls()
+        owners: dict[str, str] = {}  # key id -> device: a key belongs to one device only
         try:
             for device_id, entry in dict(data.get("devices", {})).items():
                 keys = {str(k): bytes.fromhex(v) for k, v in dict(entry.get("keys", {})).items()}
                 for key_id, public_key in keys.items():
                     if len(public_key) != crypto.KEY_BYTES or crypto.key_id_of(public_key) != key_id:
                         raise ValueError(f"key {key_id} of device {device_id} does not match its public key")
+                    if not crypto.ed25519_valid_public(public_key):
+                        raise ValueError(f"key {key_id} of device {device_id} is not a valid Ed25519 public key")
+                    if key_id in owners:
+                        raise ValueError(f"key {key_id} is listed for both {owners[key_id]} and {device_id}")
+                    owners[key_id] = str(device_id)
                 registry.devices[str(device_id)] = DeviceRecord(str(device_id), keys, set(entry.get("revoked", [])))
         except (ValueError, TypeError, AttributeError) as exc:
             raise KeyFileError(f"malformed device registry: {exc}") from exc

@@ -79,10 +79,14 @@ class Topics:
         return f"{self.base}/presence/+"
 
     def device_of(self, topic: str) -> str | None:
-        """The device id in an update or presence topic, or None."""
+        """The device id in an update, presence or registration topic; None if there is none or
+        it is not a valid id (a wildcard subscription also matches such topics)."""
         parts = topic.split("/")
         base = self.base.split("/")
         kinds = ("update", "presence", "register")
         if len(parts) == len(base) + 2 and parts[: len(base)] == base and parts[-2] in kinds:
-            return parts[-1]
+            try:
+                return check_name("device id", parts[-1])
+            except ValueError:
+                return None
         return None

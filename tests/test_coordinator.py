@@ -427,3 +427,37 @@ def test_a_diverged_model_is_recorded_not_fatal(h: Harness) -> None:
     h.coordinator = h.build(register=False)
     assert h.coordinator.halted is None and h.coordinator.round is not None and h.coordinator.round.number == 3
     assert verify_file(h.tmp / "ledger.log").ok
+
+
+def test_a_registry_the_ledger_would_refuse_is_refused_whole(h: Harness) -> None:
+    """One edit revokes dev-a's key and (a copy-paste slip) gives dev-b's key to a new device:
+    the ledger cannot record that, so nothing of the edit is appended or adopted, the error
+    names the key, and a restart with the registry in force still works."""
+    from federation.keys import KeyFileError
+
+    height = h.ledger.head.index
+    edited = DeviceRegistry.from_json({"devices": {d: {"keys": {k: v.hex() for k, v in r.keys.items()}}
+                                                   for d, r in h.registry.devices.items()}})
+    edited.revoke("dev-a", h.devices["dev-a"].key_id)
+    dev_b_key = h.registry.devices["dev-b"].keys[h.devices["dev-b"].key_id]
+    edited.devices["dev-z"] = type(edited.devices["dev-a"])("dev-z", {h.devices["dev-b"].key_id: dev_b_key}, set())
+    with pytest.raises(KeyFileError, match="registered in the ledger to dev-b"):
+        h.coordinator.reload_registry(edited)
+    assert h.ledger.head.index == height
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted  # the old registry is in force
+    h.coordinator = h.build(register=False)
+    assert h.coordinator.round is not None and verify_file(h.tmp / "ledger.log").ok
+
+
+def test_topics_with_an_invalid_device_id_are_ignored_not_raised(h: Harness) -> None:
+    """update/+ also matches update/a.b: such a message is dropped quietly. (It used to raise
+    in the worker, so a stream of them kept the daemon from ticking and reloading keys.)"""
+    from coordinator.daemon import _dispatch
+
+    before = h.snapshot()
+    for topic in (f"fledger/{FLEET}/update/a.b", f"fledger/{FLEET}/presence/x y",
+                  f"fledger/{FLEET}/register/" + "a" * 65):
+        assert TOPICS.device_of(topic) is None
+        _dispatch(h.coordinator, None, TOPICS, topic, h.update("dev-a", 1, weights(1)))  # type: ignore[arg-type]
+    assert h.snapshot() == before and not h.coordinator.rejections
+    assert TOPICS.device_of(TOPICS.update("dev-a")) == "dev-a"

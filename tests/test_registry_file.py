@@ -28,6 +28,8 @@ def test_a_change_is_adopted_once(keys_dir: Path) -> None:
     registry = watch.changed()
     assert registry is not None and set(registry.devices) == {"pump-01", "pump-02"}
     assert registry.public_key("pump-02", key_id) is not None
+    assert watch.changed() is not None  # offered again until the coordinator has taken it
+    watch.adopted()
     assert watch.changed() is None
 
 
@@ -61,3 +63,18 @@ def test_a_deleted_file_is_not_an_empty_fleet(keys_dir: Path) -> None:
     watch = RegistryFile(path)
     path.unlink()
     assert watch.changed() is None
+
+
+def test_a_key_listed_for_two_devices_or_off_the_curve_is_refused(keys_dir: Path) -> None:
+    from federation.keys import DeviceRegistry, KeyFileError
+
+    path = keys_dir / keytool.REGISTRY_FILE
+    data = json.loads(path.read_text())
+    (key_id, public_hex), = data["devices"]["pump-01"]["keys"].items()
+    twice = {"devices": {**data["devices"], "pump-02": {"keys": {key_id: public_hex}}}}
+    with pytest.raises(KeyFileError, match="listed for both"):
+        DeviceRegistry.from_json(twice)
+    off_curve = bytes([2]) + bytes(31)  # not a point: the ledger would refuse it
+    bad = {"devices": {"pump-03": {"keys": {crypto.key_id_of(off_curve): off_curve.hex()}}}}
+    with pytest.raises(KeyFileError, match="not a valid Ed25519"):
+        DeviceRegistry.from_json(bad)
