@@ -104,9 +104,11 @@ class Coordinator:
         # Message ids whose rejection is already in the ledger: the ciphertext and tag are not
         # signed, so anyone who saw one genuine update can make endless variants of it.
         self.recorded_rejections: set[bytes] = set()
-        # Ledger records of rejections per (device, round), capped: even a stolen key, making
-        # fresh message ids, cannot grow the ledger without bound.
-        self.rejection_records: Counter[tuple[str, int | None]] = Counter()
+        # Ledger records per device while the current round is open, capped: even a stolen key,
+        # making fresh message ids, naming any round it likes, or registering data set after
+        # data set, adds at most a few blocks per round (rounds advance only by aggregation).
+        self.rejection_records: Counter[str] = Counter()
+        self.registration_records: Counter[tuple[str, str]] = Counter()  # by (device, key id)
         self.round: RoundState | None = None
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
@@ -119,6 +121,7 @@ class Coordinator:
         self.presence_rejections: Counter[str] = Counter()
         self.datasets: dict[str, bytes] = {}  # device -> SHA-256 of its registered data set
         self.registered_at: dict[str, float] = {}  # device -> 'created' of that registration
+        self.registered_key: dict[str, str] = {}  # device -> key id that signed that registration
         self._keys_in_ledger: set[tuple[str, str]] = set()  # (device, key id) with a device.key record
         self._revoked_in_ledger: set[tuple[str, str]] = set()
 
@@ -141,12 +144,16 @@ class Coordinator:
                 self.datasets[data["device"]] = data["sha256"]
                 if isinstance(data.get("statement"), bytes):
                     self.registered_at[data["device"]] = float(_statement_field(data, "created"))
+                    self.registered_key[data["device"]] = str(data.get("key_id"))
+                self.registration_records[(data["device"], str(data.get("key_id")))] += 1
             elif kind == "update.rejected":
                 if isinstance(data.get("msg_id"), bytes):
                     self.recorded_rejections.add(data["msg_id"])
-                self.rejection_records[(str(data.get("device")), data.get("round"))] += 1
+                self.rejection_records[str(data.get("device"))] += 1
             elif kind == "round.opened":
                 opened_at[data.get("round")] = block.timestamp
+                self.rejection_records.clear()  # the caps count from the open round's start
+                self.registration_records.clear()
             elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
                 last_model_block = block
         if last_model_block is None:
@@ -261,6 +268,9 @@ class Coordinator:
     def _open_round(self, number: int, *, announce: bool) -> None:
         self.round = RoundState(number, self._now(), self.settings.policy)
         self._strategy = make_strategy(self.settings.strategy)
+        if announce:  # a new round (not one resumed after a restart): the per-round caps start over
+            self.rejection_records.clear()
+            self.registration_records.clear()
         if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
             self._append(records.round_opened(number))
 
@@ -328,14 +338,14 @@ class Coordinator:
         self.rejections[reason] += 1
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
         if (record and device is not None and not self.halted and msg_id not in self.recorded_rejections
-                and self.rejection_records[(device, round_number)] < MAX_REJECTION_RECORDS):
+                and self.rejection_records[device] < MAX_REJECTION_RECORDS):
             # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
             # One record per message id: resends and altered copies are counted, not recorded again.
             self._append(records.update_rejected(device, round_number, reason, hashlib.sha256(payload).digest(),
                                                  msg_id=msg_id))
             if msg_id is not None:
                 self.recorded_rejections.add(msg_id)
-            self.rejection_records[(device, round_number)] += 1
+            self.rejection_records[device] += 1
         return Outcome(False, reason, device, round_number)
 
     def handle_update(self, topic: str, payload: bytes) -> Outcome:
@@ -437,10 +447,21 @@ class Coordinator:
         if self.datasets.get(statement.device) == statement.sha256:
             self.publish_status()  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
-        if statement.created <= self.registered_at.get(statement.device, float("-inf")):
+        if statement.created > self._now() + MAX_CLOCK_AHEAD_S:
+            # Ordering uses the device's clock; a statement from the far future would make every
+            # later genuine registration look stale.
+            return self._reject("registration_from_future", f"created {statement.created - self._now():.0f}s "
+                                "ahead of the coordinator's clock", device=statement.device)
+        current_key = self.registered_key.get(statement.device)
+        superseded = current_key is not None and current_key != statement.key_id and \
+            self.registry.public_key(statement.device, current_key) is None  # made with a revoked key
+        if statement.created <= self.registered_at.get(statement.device, float("-inf")) and not superseded:
             # An older registration replayed: it must not switch the device back to old data.
             return self._reject("registration_stale", "not newer than the device's current registration",
                                 device=statement.device)
+        if self.registration_records[(statement.device, statement.key_id)] >= MAX_REGISTRATIONS_PER_ROUND:
+            return self._reject("registration_rate", f"more than {MAX_REGISTRATIONS_PER_ROUND} new data sets "
+                                "in one round; try again next round", device=statement.device)
         try:
             self._append(records.dataset(statement.device, statement.sha256, statement.size, statement.schema,
                                          key_id=statement.key_id, statement=statement.statement,
@@ -450,6 +471,8 @@ class Coordinator:
             return self._reject("storage_error", str(exc))
         self.datasets[statement.device] = statement.sha256
         self.registered_at[statement.device] = statement.created
+        self.registered_key[statement.device] = statement.key_id
+        self.registration_records[(statement.device, statement.key_id)] += 1
         log.info("device %s registered data set %s (%d bytes, %s)", statement.device, statement.sha256.hex()[:16],
                  statement.size, statement.schema.get("task"))
         self.publish_status()
@@ -536,7 +559,9 @@ class Coordinator:
 # Bounds on what a device may claim: sums and weighted means of them must stay finite and
 # encodable in the ledger (a 1e308 metric times a sample count is Inf; counts beyond 2**63 wrap).
 MAX_SAMPLES = 2**40
-MAX_REJECTION_RECORDS = 8  # per device and round
+MAX_REJECTION_RECORDS = 8  # per device while a round is open
+MAX_REGISTRATIONS_PER_ROUND = 3  # per device key (a rotated key starts afresh): first, new data, a fix
+MAX_CLOCK_AHEAD_S = 300.0  # how far ahead of ours a device's clock may be for registrations
 MAX_METRICS = 32
 METRIC_LIMIT = 1e30
 

@@ -4,6 +4,7 @@ the global model and the ledger as they were; good input aggregates correctly, a
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def initial_model() -> dict[str, np.ndarray]:
 
 class Clock:
     def __init__(self) -> None:
-        self.t = 1000.0
+        self.t = time.time()  # registrations carry the real clock; deadlines are relative
 
     def __call__(self) -> float:
         return self.t
@@ -74,9 +75,9 @@ class Harness:
         return coordinator
 
     def update(self, device: str, round_number: int, weights: dict[str, np.ndarray], n: int = 10,
-               metrics: dict[str, float] | None = None) -> bytes:
+               metrics: dict[str, float] | None = None, dataset: bytes = DATASET) -> bytes:
         return envelope.seal_update(self.devices[device], round_number, encode_tensors(weights), n,
-                                    metrics or {"train_loss": 0.5}, dataset_sha256=DATASET)
+                                    metrics or {"train_loss": 0.5}, dataset_sha256=dataset)
 
     def send(self, device: str, payload: bytes) -> Any:
         return self.coordinator.handle_update(TOPICS.update(device), payload)
@@ -461,3 +462,62 @@ def test_topics_with_an_invalid_device_id_are_ignored_not_raised(h: Harness) -> 
         _dispatch(h.coordinator, None, TOPICS, topic, h.update("dev-a", 1, weights(1)))  # type: ignore[arg-type]
     assert h.snapshot() == before and not h.coordinator.rejections
     assert TOPICS.device_of(TOPICS.update("dev-a")) == "dev-a"
+
+
+def test_one_device_cannot_grow_the_ledger_without_bound(h: Harness) -> None:
+    """A device (or a thief of its key) signs whatever it likes: updates naming round after
+    round, registration after registration. The ledger takes a few records per device per open
+    round; the rest is counted only."""
+    from coordinator.service import MAX_REGISTRATIONS_PER_ROUND, MAX_REJECTION_RECORDS
+
+    height = h.ledger.head.index
+    for round_number in range(2, 60):  # future rounds, each with a fresh message id
+        assert h.send("dev-a", h.update("dev-a", round_number, weights(1))).reason == "future_round"
+    for i in range(20):
+        digest = hashlib.sha256(b"data %d" % i).digest()
+        h.coordinator.handle_registration(TOPICS.register("dev-a"), envelope.seal_dataset(
+            h.devices["dev-a"], digest, 10, {"task": "unit"}, now=time.time() + 1 + i))
+    assert h.coordinator.rejections["future_round"] == 58
+    registered = MAX_REGISTRATIONS_PER_ROUND - 1  # the harness registered each device once already
+    assert h.coordinator.rejections["registration_rate"] == 20 - registered
+    assert h.ledger.head.index - height == MAX_REJECTION_RECORDS + registered
+    # The caps hold across a restart (rebuilt from the ledger) and start over with a new round.
+    h.coordinator = h.build(register=False)
+    assert h.send("dev-a", h.update("dev-a", 77, weights(1))).reason == "future_round"
+    assert h.ledger.head.index - height == MAX_REJECTION_RECORDS + registered
+    current = h.coordinator.datasets["dev-a"]
+    for device in ("dev-a", "dev-b"):
+        h.coordinator.handle_registration(TOPICS.register(device), envelope.seal_dataset(
+            h.devices[device], current if device == "dev-a" else DATASET, 10, {"task": "unit"}))
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1), dataset=current)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(1))).accepted  # round 2 opens
+    before = h.ledger.head.index
+    assert h.send("dev-a", h.update("dev-a", 9, weights(1))).reason == "future_round"
+    assert h.ledger.head.index == before + 1  # recorded again: a new round
+    assert verify_file(h.tmp / "ledger.log").ok
+
+
+def test_a_registration_from_the_future_cannot_lock_a_device_out(h: Harness) -> None:
+    """Registrations are ordered by the device's signed clock. A thief with the device's key
+    cannot post one dated far ahead (it would make every genuine one look stale); one dated a
+    little ahead is superseded as soon as the operator rotates the stolen key."""
+    thief = h.devices["dev-a"]
+    bogus = hashlib.sha256(b"bogus").digest()
+    far = envelope.seal_dataset(thief, bogus, 1, {"task": "x"}, now=h.clock.t + 10 * 86400)
+    assert h.coordinator.handle_registration(TOPICS.register("dev-a"), far).reason == "registration_from_future"
+    near = envelope.seal_dataset(thief, bogus, 1, {"task": "x"}, now=h.clock.t + 200)
+    assert h.coordinator.handle_registration(TOPICS.register("dev-a"), near).accepted
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).reason == "dataset_not_registered"
+
+    # The operator rotates dev-a's key; the device, with its new key, registers its real data.
+    seed, public = crypto.ed25519_generate()
+    rotated = DeviceRegistry.from_json({"devices": {d: {"keys": {k: v.hex() for k, v in r.keys.items()}}
+                                                    for d, r in h.registry.devices.items()}})
+    rotated.add("dev-a", public)
+    rotated.revoke("dev-a", thief.key_id)
+    h.coordinator.reload_registry(rotated)
+    h.devices["dev-a"] = DeviceBundle(FLEET, "dev-a", seed, h.keys.public, h.keys.model_key_id, h.keys.model_key)
+    genuine = envelope.seal_dataset(h.devices["dev-a"], DATASET, 1234, {"task": "unit"}, now=h.clock.t)
+    assert h.coordinator.handle_registration(TOPICS.register("dev-a"), genuine).accepted
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
+    assert verify_file(h.tmp / "ledger.log").ok

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ FLEET = "fuzz"
 TOPICS = Topics(FLEET)
 DATASET = hashlib.sha256(b"fuzz data").digest()
 DEVICES = ("dev-a", "dev-b")
+START = time.time()  # a fixed coordinator clock, near the real one that registrations carry
 BATCH = 16  # cases per hypothesis example
 
 
@@ -70,7 +72,7 @@ class Target:
         self.coordinator = Coordinator(
             CoordinatorSettings(FLEET, RoundPolicy(min_clients=3, quorum=3, deadline_s=0), max_update_bytes=1 << 16),
             self.keys, self.registry, self.ledger, ModelStore(tmp / "models"), Spool(tmp / "spool"),
-            initial_model=_model, publish=lambda t, p, r: None, topics=TOPICS, now=lambda: 1000.0,
+            initial_model=_model, publish=lambda t, p, r: None, topics=TOPICS, now=lambda: START,
         )
         self.coordinator.start()
         for name, bundle in self.bundles.items():
