@@ -24,6 +24,7 @@ from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import evaluate, train_local
 from federation import envelope
 from federation.codec import CodecError, TensorDict, check_against_spec, decode_tensors, encode_tensors, spec_of
+from federation.durable import atomic_write
 from federation.envelope import EnvelopeError, ModelHeader
 from federation.keys import DeviceBundle
 from federation.mqtt import Message
@@ -71,7 +72,7 @@ class EdgeAgent:
         # The last round trained survives a restart, so a restarted agent never trains a round twice.
         self._last_round_file = self.state_dir / "last_trained_round"
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.last_trained_round = int(self._last_round_file.read_text()) if self._last_round_file.exists() else 0
+        self.last_trained_round = _read_round(self._last_round_file)
         self.status: dict[str, Any] = {}
         self.refused_models = 0
         self._last_send: dict[int, float] = {}
@@ -184,9 +185,7 @@ class EdgeAgent:
         self.outbox.put(round_number, payload)  # durable before it is sent
         self.trained_rounds.append(round_number)
         self.last_trained_round = round_number
-        tmp = self._last_round_file.with_suffix(".tmp")
-        tmp.write_text(str(round_number))
-        tmp.replace(self._last_round_file)
+        atomic_write(self._last_round_file, str(round_number).encode())  # fsynced: survives a power cut
         log.info("round %d: trained on %d samples in %.1fs, loss %.4f, %s", round_number, result.num_samples,
                  result.seconds, result.train_loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in local_metrics.items()))
@@ -242,3 +241,18 @@ class EdgeAgent:
             # the link closes or the interpreter exits is how processes hang or abort at exit.
             finished.set()
             beater.join(timeout=10)
+
+
+def _read_round(path: Path) -> int:
+    """The last round trained, 0 if none. Unreadable content (a file left empty by a power cut
+    on an older version, a hand edit) is logged and read as 0: at worst a round is trained
+    twice and the coordinator refuses the second update as duplicate_in_round."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return 0
+    try:
+        return max(0, int(text))
+    except ValueError:
+        log.warning("%s holds %r, not a round number; starting as if no round was trained", path, text[:40])
+        return 0
