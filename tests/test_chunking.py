@@ -8,6 +8,7 @@ import queue
 import random
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from federation.chunking import (
+    CHUNK_OVERHEAD,
     MIN_MAX_PAYLOAD,
     ChunkError,
     Header,
@@ -148,8 +150,8 @@ def test_feed_expires_lazily() -> None:
     r = make(budget=50_000, timeout=5.0, clock=clock)
     assert feed_all(r, "t/a", split(os.urandom(40_000), 1000)[:-1]) == []  # ~39 KB really buffered
     frames = split(os.urandom(40_000), 1000)
-    fits = (50_000 - r.bytes_in_flight) // len(parse_frame(frames[0]).data)
-    assert fits >= 5 and feed_all(r, "t/b", frames[:fits]) == []  # chunks are charged as they arrive
+    fits = (50_000 - r.bytes_charged) // (len(parse_frame(frames[0]).data) + CHUNK_OVERHEAD)
+    assert fits >= 3 and feed_all(r, "t/b", frames[:fits]) == []  # chunks are charged as they arrive
     assert reason_of(lambda: r.feed("t/b", frames[fits])) == "over_budget"  # this one would not fit
     clock.t += 6
     fresh = os.urandom(40_000)
@@ -207,11 +209,11 @@ def test_bounded_memory_under_many_concurrent_partial_transfers() -> None:
             except ChunkError as exc:
                 assert exc.reason == "over_budget"
                 refused.append(key)
-            assert r.bytes_buffered == r.bytes_in_flight <= budget
+            assert r.bytes_buffered == r.bytes_in_flight <= r.bytes_charged <= budget
     # Every sender either completed or was refused once (the chunk over budget refuses its own
     # transfer; its later chunks are ignored, not counted again); nothing is left half-held.
     assert len(refused) == len(set(refused)) == r.errors["over_budget"] and not set(refused) & set(done)
-    assert len(done) + len(refused) == 200 and len(done) >= 10
+    assert len(done) + len(refused) == 200 and len(done) >= budget // (100_000 + count * CHUNK_OVERHEAD)
     assert all(done[key] == messages[key] for key in done)
     assert r.partial_count == 0 and r.bytes_in_flight == 0 and r.events["ignored_refused"] > 0
     # A refused sender's resend (the outbox draws a new id) goes through.
@@ -224,14 +226,16 @@ def test_chunk_over_budget_refuses_its_own_transfer_not_older_ones() -> None:
     a, b = os.urandom(20_000), os.urandom(20_000)
     fa, fb = split(a, 1000), split(b, 1000)
     cs = len(parse_frame(fa[0]).data)
-    na = 15
-    nb = (30_000 - na * cs) // cs  # b then fills the budget to within one chunk
+    charge = cs + CHUNK_OVERHEAD  # what each chunk costs the budget
+    na = 12
+    nb = (30_000 - na * charge) // charge  # b then fills the budget to within one chunk
     assert feed_all(r, "t/a", fa[:na]) == [] and feed_all(r, "t/b", fb[:nb]) == []
-    before = r.bytes_in_flight
-    assert before == (na + nb) * cs <= 30_000 < before + cs
+    before = r.bytes_charged
+    assert before == (na + nb) * charge <= 30_000 < before + charge
+    assert r.bytes_in_flight == (na + nb) * cs
     # The chunk that would go over refuses the transfer it belongs to (here the older one, a)...
     assert reason_of(lambda: r.feed("t/a", fa[na])) == "over_budget"
-    assert r.partial_count == 1 and r.bytes_in_flight == r.bytes_buffered < before
+    assert r.partial_count == 1 and r.bytes_in_flight == r.bytes_buffered == nb * cs
     assert feed_all(r, "t/a", fa) == [] and r.errors == {"over_budget": 1}  # rest of a: ignored
     # ...and b, which was not evicted, completes.
     assert feed_all(r, "t/b", fb[nb:]) == [b] and r.bytes_in_flight == 0
@@ -279,7 +283,7 @@ def test_tiny_frames_declaring_huge_sizes_do_not_take_the_budget() -> None:
     assert feed_all(r, "fleet/update/dev-x", split(message, 4096)) == [message]
     # A sender can only fill the budget with bytes it really sends; even then, a full budget
     # refuses the newcomer and leaves the transfers in progress alone.
-    small = make(budget=50_000, limit=40_000)
+    small = make(budget=50_000 + 40 * CHUNK_OVERHEAD, limit=40_000)  # data + per-chunk overhead
     assert small.feed("t/evil", forged_chunk(40_000, cs=10_000)) is None
     assert small.bytes_in_flight == 10_000
     assert feed_all(small, "t/dev", split(message[:35_000], 1000)) == [message[:35_000]]
@@ -292,6 +296,123 @@ def test_one_stream_keeps_at_most_max_transfers_per_key() -> None:
         r.feed("t/a", frame)
     held = sum(len(parse_frame(f).data) for f in firsts[1:])  # the superseded one's bytes are freed
     assert r.partial_count == 2 and r.events["superseded"] == 1 and r.bytes_in_flight == held
+
+
+# -- fairness between streams and real memory ----------------------------------------------------
+
+def chunks_of(size: int, cs: int) -> tuple[bytes, list[bytes]]:
+    """A random message and valid frames of it in ``cs``-byte chunks (split() never goes this small)."""
+    message, ident = os.urandom(size), os.urandom(16)
+    digest, n = hashlib.sha256(message).digest(), -(-size // cs)
+    frames = []
+    for i in range(n):
+        head = msgpack.packb({"id": ident, "i": i, "n": n, "cs": cs, "size": size, "sha256": digest})
+        frames.append(b"FLC1C" + len(head).to_bytes(2, "big") + head + message[i * cs:(i + 1) * cs])
+    return message, frames
+
+
+@pytest.mark.parametrize(("hog_topics", "budget_factor"), [
+    (["fleet/update/evil"], 2),
+    # One device on every topic it may write, with the budget MqttLink uses (4 x max).
+    (["fleet/update/evil", "fleet/register/evil", "fleet/presence/evil"], 4),
+])
+def test_a_stream_abandoning_transfers_cannot_fail_another_streams_message(hog_topics: list[str],
+                                                                           budget_factor: int) -> None:
+    """The hog starts max-size messages and never finishes them, round after round.
+
+    With one budget shared by all, its partials (2 per topic) filled it and every other
+    sender's chunked message was refused as over_budget until they timed out. Now a stream
+    holds at most its share, the hog's newer message displaces its own older one, and the
+    displaced ones are reported.
+    """
+    limit = 200_000
+    clock = Clock()
+    r = make(budget=budget_factor * limit, limit=limit, timeout=30.0, clock=clock)
+    for round_ in range(4):
+        for topic in hog_topics:
+            for frame in split(os.urandom(limit), 4096)[:-1]:  # all but the last chunk
+                assert r.feed(topic, frame) is None
+            assert r.stream_bytes_charged(topic) <= r.max_stream_bytes < 1.2 * limit
+        message = os.urandom(80_000)
+        assert feed_all(r, f"fleet/update/dev-{round_}", split(message, 4096)) == [message]
+        assert r.bytes_charged <= r.max_bytes_in_flight
+        clock.t += 1
+    reports = r.expire()  # what MqttLink logs: each of the hog's displaced messages
+    assert len(reports) == 3 * len(hog_topics) and {e.reason for e in reports} == {"superseded"}
+    assert {e.key for e in reports} == set(hog_topics) and not r.errors
+    assert r.partial_count == len(hog_topics)  # only the hog's latest, never completed
+
+
+def test_a_streams_new_transfer_evicts_its_own_stale_one() -> None:
+    """A sender that restarts mid-message leaves a partial one behind; its new message displaces
+    that one (never another stream's) and the displaced one is reported."""
+    r = make(budget=200_000, limit=100_000)
+    other = os.urandom(60_000)
+    fo = split(other, 4096)
+    assert feed_all(r, "fleet/update/dev-b", fo[:8]) == []  # another device, halfway through
+    stale = split(os.urandom(100_000), 4096)
+    assert feed_all(r, "fleet/update/dev-a", stale[:-3]) == []  # dev-a restarts before the end
+    fresh = os.urandom(100_000)  # a max-size message in 4 KB chunks fits its stream's share
+    # Both of dev-a's would exceed its share (and with dev-b's, the budget): the stale one goes.
+    assert feed_all(r, "fleet/update/dev-a", split(fresh, 4096)) == [fresh]
+    reports = r.expire()
+    assert [(e.reason, e.key) for e in reports] == [("superseded", "fleet/update/dev-a")]
+    assert f"{len(stale) - 3} of {len(stale)} chunks" in str(reports[0])
+    assert feed_all(r, "fleet/update/dev-a", stale[-3:]) == [] and r.partial_count == 1  # late: ignored
+    assert feed_all(r, "fleet/update/dev-b", fo[8:]) == [other]
+    assert r.partial_count == 0 and r.bytes_charged == 0 and not r.errors
+    # A new message on a stream that already has max_transfers_per_key partials evicts its oldest.
+    messages = [os.urandom(20_000) for _ in range(3)]
+    frames = [split(m, 4096) for m in messages]
+    for f in frames:
+        assert r.feed("fleet/update/dev-c", f[0]) is None
+    reports = r.expire()
+    assert [(e.reason, e.key) for e in reports] == [("superseded", "fleet/update/dev-c")]
+    oldest = parse_frame(frames[0][0]).header
+    assert oldest is not None and oldest.id.hex()[:8] in str(reports[0])
+    assert feed_all(r, "fleet/update/dev-c", frames[0][1:]) == []  # the evicted one is ignored
+    assert feed_all(r, "fleet/update/dev-c", frames[1][1:] + frames[2][1:]) == messages[1:]
+    assert r.partial_count == 0 and not r.errors
+
+
+def test_tiny_chunks_exhaust_the_budget_by_their_overhead() -> None:
+    """Each chunk is charged its bytes plus CHUNK_OVERHEAD: tiny chunks hit the budget early.
+
+    Counting data alone, 10 KB in 10-byte chunks took a fifth of a 50 KB budget while holding
+    ~125 KB of Python objects.
+    """
+    budget = 50_000
+    r = make(budget=budget, limit=1 << 20)
+    _, frames = chunks_of(10_000, 10)
+    fits = budget // (10 + CHUNK_OVERHEAD)
+    assert fits < len(frames) and feed_all(r, "t/tiny", frames[:fits]) == []
+    assert r.bytes_in_flight == 10 * fits and r.bytes_charged == fits * (10 + CHUNK_OVERHEAD)
+    assert r.stream_bytes_charged("t/tiny/chunk/3") == r.bytes_charged
+    assert reason_of(lambda: r.feed("t/tiny", frames[fits])) == "over_budget"
+    assert r.partial_count == 0 and r.bytes_charged == 0 and r.bytes_in_flight == 0
+    assert feed_all(r, "t/tiny", frames) == []  # the refused message's other chunks are ignored
+    # The same data in real-sized chunks goes through.
+    message = os.urandom(10_000)
+    assert feed_all(r, "t/tiny", split(message, 1000)) == [message]
+
+    # The charge bounds what the chunks really take: 20 streams of 8-byte chunks, never completed.
+    budget = 200_000
+    r = make(budget=budget, limit=1 << 20)
+    streams = [chunks_of(3200, 8)[1][:-1] for _ in range(20)]
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for k, frames in enumerate(streams):
+            for frame in frames:
+                try:
+                    r.feed(f"t/{k}", frame)
+                except ChunkError as exc:
+                    assert exc.reason == "over_budget"
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert r.bytes_charged <= budget and r.errors["over_budget"] > 0
+    assert grown <= budget  # about 0.6 x here; counting data alone it was 4 x the budget
 
 
 def test_inconsistent_and_malformed_frames() -> None:
