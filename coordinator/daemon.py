@@ -13,6 +13,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,7 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
 REPLAY_INTERVAL_S = 2.0
 MAX_REPLAY_BLOCKS = 10_000
 _last_replay = [float("-inf")]
+_replay_delivered: list[Callable[[], bool]] = [lambda: True]
 
 
 def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes) -> None:
@@ -224,9 +226,12 @@ def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: b
     if now - _last_replay[0] < REPLAY_INTERVAL_S:
         log.warning("ledger replay request ignored: at most one every %.0fs", REPLAY_INTERVAL_S)
         return
+    if not _replay_delivered[0]():
+        # Requests must not pile up blocks in the MQTT client's (unbounded) outgoing queue
+        # faster than the broker takes them.
+        log.warning("ledger replay request ignored: the previous replay is still being delivered")
+        return
     _last_replay[0] = now
-    count = 0
-    for block in coordinator.ledger.blocks(start, start + MAX_REPLAY_BLOCKS):
-        link.publish(topics.ledger_blocks, block.to_bytes())
-        count += 1
-    log.info("replayed %d ledger blocks from height %d", count, start)
+    blocks = [block.to_bytes() for block in coordinator.ledger.blocks(start, start + MAX_REPLAY_BLOCKS)]
+    _replay_delivered[0] = link.publish_all(topics.ledger_blocks, blocks)
+    log.info("replayed %d ledger blocks from height %d", len(blocks), start)

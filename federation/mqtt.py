@@ -19,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,23 @@ class MqttLink:
         except (RuntimeError, ValueError):
             return False
         return all(info.is_published() for info in infos)
+
+    def publish_all(self, topic: str, payloads: Iterable[bytes], *, qos: int = 1) -> Callable[[], bool]:
+        """Queue several messages on one topic; returns a check of whether the broker has
+        acknowledged all of them, so a caller can hold back more until it has (paho's queue
+        is unbounded)."""
+        infos = [self._client.publish(topic, payload, qos=qos) for payload in payloads]
+
+        def acknowledged() -> bool:
+            for info in infos:
+                try:
+                    if not info.is_published():
+                        return False
+                except (RuntimeError, ValueError):
+                    continue  # queued while disconnected (paho cannot tell us more), or not queued
+            return True
+
+        return acknowledged
 
     def expire_partial(self) -> None:
         """Drop chunked messages that did not complete in time (call about once a second)."""

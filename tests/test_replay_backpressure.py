@@ -1,0 +1,53 @@
+"""Ledger replay requests cannot pile blocks up in the coordinator's MQTT client faster than
+the broker takes them: a request while the previous replay is unacknowledged is refused.
+A real mosquitto, frozen with SIGSTOP (connected but acknowledging nothing, like a congested
+link); the coordinator core from test_coordinator."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Mosquitto
+from test_coordinator import TOPICS, Harness
+
+from coordinator import daemon
+from federation.mqtt import BrokerConfig, MqttLink
+
+
+def test_a_replay_waits_for_the_previous_one_to_be_delivered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(daemon, "REPLAY_INTERVAL_S", 0.0)  # the rate limit is not what is under test
+    monkeypatch.setattr(daemon, "_last_replay", [float("-inf")])
+    monkeypatch.setattr(daemon, "_replay_delivered", [lambda: True])
+    h = Harness(tmp_path)
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    assert broker.proc is not None
+    link = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port, keepalive=60), "replayer")
+    link.start(timeout=10)
+    request = b'{"from": 0}'
+    try:
+        broker.proc.send_signal(signal.SIGSTOP)
+        with caplog.at_level(logging.INFO, logger="coordinator.daemon"):
+            daemon._replay(h.coordinator, link, TOPICS, request)
+            time.sleep(0.5)
+            daemon._replay(h.coordinator, link, TOPICS, request)
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("replayed" in m for m in messages) == 1, messages
+        assert any("previous replay is still being delivered" in m for m in messages), messages
+
+        broker.proc.send_signal(signal.SIGCONT)  # acknowledgements flow again
+        deadline = time.monotonic() + 20
+        while not daemon._replay_delivered[0]() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="coordinator.daemon"):
+            daemon._replay(h.coordinator, link, TOPICS, request)
+        assert any("replayed" in r.getMessage() for r in caplog.records)
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+        link.stop()
+        broker.stop()
