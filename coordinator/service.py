@@ -134,6 +134,7 @@ class Coordinator:
         last_model_block = None
         accepted_records: list[dict[str, Any]] = []
         opened_at: dict[Any, float] = {}
+        published: set[Any] = set()  # rounds with a model.published record
         for block in blocks:
             data = block.data
             kind = data.get("type")
@@ -156,6 +157,8 @@ class Coordinator:
                 self.registration_records.clear()
             elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
                 last_model_block = block
+            if kind == "model.published":
+                published.add(data.get("round"))
         if last_model_block is None:
             round_number = 1
             model = self._initial_model()
@@ -190,7 +193,12 @@ class Coordinator:
             self._restore_accepted(record)
         if self.settings.max_rounds and round_number > self.settings.max_rounds:
             self.done = True
+        dropped = self.spool.drop_before(round_number)
+        if dropped:
+            log.info("removed the spools of closed rounds %s (a crash interrupted their removal)", dropped)
         self.publish_model()
+        if round_number not in published:  # a crash came between the aggregate and this record
+            self._append(records.model_published(round_number, last_model_block.data["model_sha256"]))
         self.publish_status()
         self.maybe_close_round()
 

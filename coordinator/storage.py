@@ -93,6 +93,20 @@ class Spool:
     def drop_round(self, round_number: int) -> None:
         shutil.rmtree(self._round_dir(round_number), ignore_errors=True)
 
+    def drop_before(self, round_number: int) -> list[int]:
+        """Remove the spools of rounds before ``round_number`` (closed rounds whose removal a
+        crash interrupted); returns their numbers."""
+        dropped = []
+        for path in sorted(self.directory.glob("round-*")):
+            try:
+                number = int(path.name.removeprefix("round-"))
+            except ValueError:
+                continue
+            if number < round_number:
+                self.drop_round(number)
+                dropped.append(number)
+        return dropped
+
     def check_writable(self) -> None:
         """Fail early (at start) if the spool cannot be written."""
         atomic_write(self.directory / ".probe", b"ok")

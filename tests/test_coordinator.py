@@ -521,3 +521,29 @@ def test_a_registration_from_the_future_cannot_lock_a_device_out(h: Harness) -> 
     assert h.coordinator.handle_registration(TOPICS.register("dev-a"), genuine).accepted
     assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
     assert verify_file(h.tmp / "ledger.log").ok
+
+
+def test_a_crash_right_after_the_aggregate_block_is_completed_at_restart(h: Harness,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between appending round 1's aggregate and opening round 2 (and before removing
+    round 1's spool): the restart opens round 2, records model.published for it, and clears
+    the closed round's spool."""
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(Coordinator, "_open_round", crash)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
+    with pytest.raises(SystemExit):
+        h.send("dev-b", h.update("dev-b", 1, weights(3)))
+    assert h.ledger.head.data["type"] == "aggregate"
+    leftover = h.tmp / "spool" / "round-000001"
+    leftover.mkdir(parents=True, exist_ok=True)
+    (leftover / "dev-a.update").write_bytes(b"left by the crash")
+    monkeypatch.undo()
+
+    h.coordinator = h.build(register=False)
+    tail = [(b.data["type"], b.data.get("round")) for b in h.ledger][-3:]
+    assert tail == [("aggregate", 1), ("round.opened", 2), ("model.published", 2)]
+    assert not leftover.exists()
+    assert h.send("dev-a", h.update("dev-a", 2, weights(1))).accepted
+    assert verify_file(h.tmp / "ledger.log").ok
