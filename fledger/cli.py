@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from federation import config as cfg
+from ledger import LedgerError
 
 log = logging.getLogger("fledger")
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         result: Any = args.func(args)
-    except (cfg.ConfigError, OSError, ValueError, ConnectionError) as exc:
+    except (cfg.ConfigError, OSError, ValueError, ConnectionError, LedgerError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

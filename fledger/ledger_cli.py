@@ -15,7 +15,7 @@ from typing import Any
 from federation import config as cfg
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
-from ledger import Block, Ledger, ProofError, Replica, ReplicaAlert, format_table, to_json, verify_file
+from ledger import Ledger, ProofError, Replica, ReplicaAlert, format_table, to_json, verify_file
 from ledger.merkle import verify_consistency
 
 log = logging.getLogger("fledger.ledger")
@@ -26,9 +26,12 @@ def _trusted_key(args: argparse.Namespace) -> bytes | None:
     if getattr(args, "coordinator_key", None):
         text = str(args.coordinator_key)
         if Path(text).exists():
-            data = json.loads(Path(text).read_text())
-            if "coordinator" in data:  # a device bundle
-                return bytes.fromhex(data["coordinator"]["sign_public"])
+            try:
+                data = json.loads(Path(text).read_text())
+                if "coordinator" in data:  # a device bundle
+                    return bytes.fromhex(data["coordinator"]["sign_public"])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"{text}: not a key file with a coordinator signing key ({exc!r})") from None
             if "sign_seed" in data:  # the coordinator's own key file
                 from federation.crypto import ed25519_public
 
@@ -175,11 +178,13 @@ def follow(args: argparse.Namespace) -> int:
     try:
         for raw in store.load():
             replica.ingest(raw)
+        # From here on, store each block as verified and applied (never the bytes that merely
+        # arrived at its index: a forged candidate may have come first).
+        replica.on_append = lambda block: store.append(block.to_bytes())
         if args.from_file:
             with Ledger.open(args.from_file) as copy:
                 for block in copy.blocks(replica.height):
                     replica.ingest(block)
-                    store.append(block.to_bytes())
     except ReplicaAlert as alert:
         print(f"ALERT: {alert}", file=sys.stderr)
         return 2
@@ -189,7 +194,6 @@ def follow(args: argparse.Namespace) -> int:
     link.start(timeout=60)
     started = time.monotonic()
     last_request = 0.0
-    raw_by_index: dict[int, bytes] = {}
     try:
         link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
         while True:
@@ -208,17 +212,12 @@ def follow(args: argparse.Namespace) -> int:
                 continue
             try:
                 before = replica.height
-                block = Block.from_bytes(message.payload)
-                if block.index >= before:
-                    raw_by_index[block.index] = message.payload
-                event = replica.ingest(block)
+                event = replica.ingest(message.payload)
             except (ReplicaAlert, ValueError) as alert:
                 log.error("ALERT: %s", alert)
                 print(f"ALERT: {alert}", file=sys.stderr)
                 return 2
             if replica.height > before:
-                for index in range(before, replica.height):
-                    store.append(raw_by_index.pop(index))
                 log.info("block %d verified", replica.height - 1)
             if event.kind == "gap" and time.monotonic() - last_request > 2.0:
                 last_request = time.monotonic()

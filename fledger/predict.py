@@ -60,8 +60,8 @@ def read_rows(path: Path, columns: list[str]) -> tuple[np.ndarray, list[dict[str
         raise PredictError(f"{path} lacks the model's feature columns {missing}")
     try:
         values = np.array([[float(row[c]) for c in columns] for row in rows], dtype=np.float32)
-    except ValueError as exc:
-        raise PredictError(f"{path}: a feature value is not a number: {exc}") from exc
+    except (ValueError, TypeError) as exc:  # TypeError: a short row leaves cells None
+        raise PredictError(f"{path}: a feature value is missing or not a number: {exc}") from exc
     if not np.isfinite(values).all():
         raise PredictError(f"{path}: features contain NaN or Inf")
     return values, rows
@@ -83,9 +83,12 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.scaler is not None:
-        scaler = json.loads(args.scaler.read_text())
-        x_scaler, y_scaler = Standardizer.from_dict(scaler["features"]), Standardizer.from_dict(scaler["target"])
-        columns = list(scaler["feature_names"])
+        try:
+            scaler = json.loads(args.scaler.read_text())
+            x_scaler, y_scaler = Standardizer.from_dict(scaler["features"]), Standardizer.from_dict(scaler["target"])
+            columns = list(scaler["feature_names"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise PredictError(f"{args.scaler}: not an agent's scaler.json ({exc!r})") from None
     elif args.task == "california":
         task = CaliforniaTask()
         x_scaler, y_scaler = task.central_scalers()

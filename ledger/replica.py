@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ledger.block import Block, BlockFormatError
@@ -33,6 +33,9 @@ class Event:
     message: str = ""
 
 
+MAX_UNVERIFIED_CANDIDATES = 16  # per index, while no coordinator key is known (anyone may publish)
+
+
 class Replica:
     """Verified copy of the chain's hashes and state, fed block by block (no I/O).
 
@@ -40,7 +43,8 @@ class Replica:
     :attr:`height`) and applied as soon as the missing blocks arrive."""
 
     def __init__(self, trusted_coordinator_key: bytes | None = None, keyring: Keyring | None = None, *,
-                 strict_gaps: bool = False, max_pending: int = 100_000, device_signatures: bool = True) -> None:
+                 strict_gaps: bool = False, max_pending: int = 100_000, device_signatures: bool = True,
+                 on_append: Callable[[Block], None] | None = None) -> None:
         self.state = ChainState(trusted_coordinator_key=trusted_coordinator_key, keyring=keyring,
                                 device_signatures=device_signatures)
         self.trusted_coordinator_key = trusted_coordinator_key
@@ -51,6 +55,9 @@ class Replica:
         self._verified: set[bytes] = set()  # hashes of held-back blocks whose signature was checked
         self.strict_gaps = strict_gaps
         self.max_pending = max_pending
+        # Called with each block once it is verified and applied, in chain order: what a
+        # monitor stores must be what it verified, never bytes merely received at that index.
+        self.on_append = on_append
 
     @property
     def height(self) -> int:
@@ -78,7 +85,7 @@ class Replica:
             except VerifyError as exc:
                 raise ReplicaAlert("bad_signature", i, exc.reason) from None
             signed = True
-        elif self.trusted_coordinator_key is not None and i > 0:
+        elif self.trusted_coordinator_key is not None:  # pinned: also a genesis must carry its signature
             if not self.state.verifier.verify(self.trusted_coordinator_key, block.hash, block.signature):
                 raise ReplicaAlert("bad_signature", i, "not signed by the trusted coordinator key")
             signed = True
@@ -96,6 +103,9 @@ class Replica:
                 raise ReplicaAlert("fork", i, "two different signed blocks at this index")
             if self.strict_gaps:
                 raise ReplicaAlert("gap", i, f"blocks {self.height}..{i - 1} missing")
+            if not signed and len(held) >= MAX_UNVERIFIED_CANDIDATES and block.hash not in held:
+                raise ReplicaAlert("gap", i, f"more than {MAX_UNVERIFIED_CANDIDATES} different unverified blocks "
+                                             "at this index (pin the coordinator key to tell them apart)")
             if len(self.pending) >= self.max_pending and i not in self.pending:
                 raise ReplicaAlert("gap", i, f"blocks {self.height}..{min(self.pending) - 1} still missing "
                                              f"with {len(self.pending)} blocks held back")
@@ -109,24 +119,25 @@ class Replica:
         while self.height in self.pending:
             candidates = self.pending.pop(self.height)
             self._verified.difference_update(candidates)
-            self._take(self._choose(candidates))
+            chosen = self._choose(candidates)
+            if chosen is None:
+                break  # only junk was held for this index: it stays missing until the replay brings it
+            self._take(chosen)
         return Event("appended", i, self.height)
 
-    def _choose(self, candidates: dict[bytes, Block]) -> Block:
-        """The one held-back candidate the coordinator signed."""
+    def _choose(self, candidates: dict[bytes, Block]) -> Block | None:
+        """The one held-back candidate the coordinator signed; None if none is (blocks held while
+        no key was known may be anyone's: on a broker without ACLs anyone can publish)."""
         good: list[Block] = []
-        reason = ""
         for block in candidates.values():
             try:
                 self.state.check_signature(block)
                 good.append(block)
-            except VerifyError as exc:
-                reason = exc.reason
-        if not good:
-            raise ReplicaAlert("bad_signature", self.height, reason)
+            except VerifyError:
+                pass
         if len(good) > 1:
             raise ReplicaAlert("fork", self.height, "two different signed blocks at this index")
-        return good[0]
+        return good[0] if good else None
 
     def _take(self, block: Block) -> None:
         try:
@@ -140,6 +151,8 @@ class Replica:
         self.state.apply(block)
         self.hashes.append(block.hash)
         self.head = block
+        if self.on_append is not None:
+            self.on_append(block)
 
     def ingest_all(self, blocks: Iterable[Block | bytes]) -> int:
         n = 0

@@ -123,23 +123,30 @@ class ChainState:
             raise
         except ValueError as exc:
             raise VerifyError(i, str(exc)) from None
+        except (TypeError, KeyError, AttributeError) as exc:  # a record of the wrong shape
+            raise VerifyError(i, f"malformed {block.data.get('type')!r} record: {type(exc).__name__}: {exc}") from None
         if signature if signature is not None else self.coordinator_signatures:
             self.check_signature(block)
 
     def check_signature(self, block: Block) -> None:
         key_id = block.key_id
-        expected = self.coordinator_key_id if block.index else self._genesis_key(block)[0]
+        public: bytes | None
+        if block.index or self.height:  # after genesis (another genesis too): the coordinator we know
+            expected, public = self.coordinator_key_id, self.keyring.get(self.coordinator_key_id)
+        elif self.trusted_coordinator_key is not None:  # pinned: the genesis must be signed by that key
+            expected, public = key_id_of(self.trusted_coordinator_key), self.trusted_coordinator_key
+        else:  # trust on first use: the genesis names its own key
+            expected, public = self._genesis_key(block)
         if key_id != expected:
             raise VerifyError(block.index, f"signed by key {key_id!r}, not the coordinator's {expected!r}")
-        public = self.keyring.get(key_id) if block.index else self._genesis_key(block)[1]
         if public is None or not self.verifier.verify(public, block.hash, block.signature):
             raise VerifyError(block.index, f"bad coordinator signature (key {key_id})")
 
     def _genesis_key(self, block: Block) -> tuple[str, bytes]:
         ck = block.data.get("coordinator_key")
-        if not isinstance(ck, dict):
-            raise VerifyError(0, "genesis has no coordinator_key")
-        return str(ck.get("key_id")), bytes(ck.get("public_key") or b"")
+        if not isinstance(ck, dict) or not isinstance(ck.get("public_key"), bytes):
+            raise VerifyError(0, "genesis has no coordinator_key with a public_key")
+        return str(ck.get("key_id")), ck["public_key"]
 
     def _check_genesis(self, block: Block) -> None:
         data = block.data
@@ -270,6 +277,8 @@ class ChainState:
         data = block.data
         round_number = _need(data, "round", int)
         participants = _need(data, "participants", list)
+        if not all(isinstance(p, str) for p in participants):
+            raise ValueError("participants must be device ids (strings)")
         root = _need(data, "merkle_root", bytes, 32)
         _need(data, "model_sha256", bytes, 32)
         info = self.rounds.get(round_number, RoundInfo())

@@ -461,6 +461,80 @@ def test_replica_bad_signature_and_bad_hash(tmp_path: Path) -> None:
     replica.ingest(blocks[4])  # the real block is still accepted
 
 
+def test_replica_stores_what_it_verified_not_what_arrived_first(tmp_path: Path) -> None:
+    """A new monitor without a pinned key sees live blocks ahead of its replay; someone posts a
+    forged block at a missing index before the genuine one arrives. What the monitor keeps
+    (on_append) must be the genuine block: a stored forgery would later look like a coordinator
+    misbehaving."""
+    blocks = list(build(tmp_path / "l", rounds=1))
+    stored: list[Block] = []
+    replica = Replica(on_append=stored.append)
+    mallory = Ed25519Signer.generate()
+    forged = make_block(3, 1.0, {"type": "note"}, blocks[2].hash, signer=mallory)
+    replica.ingest(blocks[3])  # live, ahead of the replay: gaps
+    replica.ingest(blocks[4])
+    replica.ingest(forged)  # unverifiable yet: held as a second candidate for index 3
+    for b in blocks:
+        replica.ingest(b)
+    assert [b.hash for b in stored] == [b.hash for b in blocks]
+    # Junk held alone for an index is dropped once the key is known; the index stays missing.
+    alone: list[Block] = []
+    lonely = Replica(on_append=alone.append)
+    lonely.ingest(forged)
+    lonely.ingest_all(blocks[:3])
+    assert lonely.height == 3 and lonely.missing() is None
+    lonely.ingest_all(blocks[3:])
+    assert [b.hash for b in alone] == [b.hash for b in blocks]
+    # Candidates per index are bounded while no key is known.
+    flood = Replica()
+    with pytest.raises(ReplicaAlert) as info:
+        for n in range(100):
+            flood.ingest(make_block(3, float(n), {"type": "note"}, blocks[2].hash, signer=mallory))
+    assert info.value.kind == "gap" and "unverified" in info.value.reason
+
+
+def test_a_forged_genesis_is_a_bad_signature_not_a_rewrite(tmp_path: Path) -> None:
+    blocks = list(build(tmp_path / "l", rounds=1))
+    mallory = Ed25519Signer.generate()
+    fake_genesis = make_block(0, 1.0, records.genesis(FLEET, mallory.public_key), ZERO_HASH,
+                              signer=mallory)
+    fake_chain = [fake_genesis, *(make_block(b.index, b.timestamp, b.data, ZERO_HASH, signer=mallory)
+                                  for b in blocks[1:2])]
+    pinned = verify_chain(fake_chain, COORD.public_key)
+    assert not pinned.ok and pinned.bad_index == 0
+    replica = Replica()
+    replica.ingest_all(blocks)  # trust on first use: the genuine genesis came first
+    with pytest.raises(ReplicaAlert) as info:
+        replica.ingest(fake_genesis)
+    assert info.value.kind == "bad_signature" and info.value.index == 0
+    with pytest.raises(ReplicaAlert) as info:
+        Replica(trusted_coordinator_key=COORD.public_key).ingest(fake_genesis)
+    assert info.value.kind == "bad_signature"
+
+
+def test_malformed_records_are_verify_errors_not_crashes(tmp_path: Path) -> None:
+    """A dishonest coordinator signs records of the wrong shape: verification names the block
+    (and a monitor alerts) instead of raising TypeError."""
+    genesis = make_block(0, 1.0, {"type": "genesis", "fleet": FLEET, "difficulty": 0, "version": 1,
+                                  "coordinator_key": {"key_id": COORD.key_id, "public_key": "not bytes"}},
+                         ZERO_HASH, signer=COORD)
+    report = verify_chain([genesis])
+    assert not report.ok and report.bad_index == 0
+    with pytest.raises(ReplicaAlert):
+        Replica().ingest(genesis)
+    blocks = list(build(tmp_path / "l", rounds=1))
+    agg_index = next(b.index for b in blocks if b.data["type"] == "aggregate")
+    bad = make_block(agg_index, 1.0, {**blocks[agg_index].data, "participants": [{}]}, blocks[agg_index - 1].hash,
+                     signer=COORD)
+    report = verify_chain([*blocks[:agg_index], bad])
+    assert not report.ok and report.bad_index == agg_index and "participants" in report.reason
+    replica = Replica()
+    replica.ingest_all(blocks[:agg_index])
+    with pytest.raises(ReplicaAlert) as info:
+        replica.ingest(bad)
+    assert info.value.kind == "invalid"
+
+
 # -- output -----------------------------------------------------------------------------------------
 
 

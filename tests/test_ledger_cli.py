@@ -175,3 +175,23 @@ def test_new_monitor_catches_up_by_replay_from_a_running_coordinator(embedded_br
     reached = int(follower.stdout.split("replica verified to height ")[1].split(",")[0])
     assert reached >= height  # the chain may have grown while it caught up
     assert (tmp_path / "replica").stat().st_size > 0
+
+
+def test_bad_files_give_a_clear_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from fledger.cli import main
+
+    corrupt = tmp_path / "ledger.log"
+    corrupt.write_bytes(b"FLB1" + bytes(40))
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text('{"coordinator": {}}')
+    scaler = tmp_path / "scaler.json"
+    scaler.write_text('{"features": {"mean": [0], "std": [1]}}')
+    rows = tmp_path / "rows.csv"
+    rows.write_text("a,b\n1\n")
+    for argv in (["ledger", "show", str(corrupt)],
+                 ["ledger", "verify", str(corrupt), "--coordinator-key", str(bundle)],
+                 ["predict", "--task", "csv", "--model", str(corrupt), "--data", str(rows), "--scaler", str(scaler)]):
+        caplog.clear()
+        assert main(argv) == 2, argv
+        assert caplog.records and caplog.records[-1].levelname == "ERROR", argv
