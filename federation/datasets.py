@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import math
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -104,38 +105,69 @@ def _parse_float(text: str) -> float | None:
         return None
 
 
-def _table_from_rows(header: list[str], rows: list[list[str]], target: str, source: str) -> TabularData:
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_header(header: list[str], source: str) -> None:
+    """Raise :class:`DatasetError` when a (non-empty) column name appears more than once."""
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(header, start=1):
+        if name:
+            positions.setdefault(name, []).append(index)
+    duplicates = {name: where for name, where in positions.items() if len(where) > 1}
+    if duplicates:
+        listed = "; ".join(f"{name!r} (columns {', '.join(map(str, where))})" for name, where in duplicates.items())
+        raise DatasetError(f"{source}: duplicate column names in the header: {listed}; "
+                           "give every column a unique name")
+
+
+def _table_from_rows(header: list[str], rows: list[tuple[int, list[str]]], target: str,
+                     source: str) -> TabularData:
+    """Build the numeric table; ``rows`` are (line number in the file, cells)."""
     header = [name.strip() for name in header]
+    _check_header(header, source)
     if target not in header:
         raise DatasetError(f"{source}: no target column {target!r}; columns are {', '.join(header)}")
     if not rows:
-        raise DatasetError(f"{source}: no data rows")
+        raise DatasetError(f"{source}: no data rows (only a header)")
     width = len(header)
-    for number, row in enumerate(rows, start=2):
+    for line, row in rows:
         if len(row) != width:
-            raise DatasetError(f"{source}: line {number} has {len(row)} fields, the header has {width}")
+            raise DatasetError(f"{source}: line {line} has {len(row)} fields, the header has {width}")
+    lines = np.array([line for line, _ in rows], dtype=np.int64)
     columns: dict[str, list[float]] = {}
-    non_numeric: list[str] = []
+    non_numeric: dict[str, str] = {}  # column -> why it is not numeric
     for index, name in enumerate(header):
         values: list[float] = []
-        for row in rows:
+        for line, row in rows:
             value = _parse_float(row[index])
             if value is None:
-                non_numeric.append(name)
+                non_numeric[name] = f"line {line} has {row[index].strip()[:40]!r}"
                 break
             values.append(value)
         else:
             if all(math.isnan(v) for v in values):
-                non_numeric.append(name)
+                non_numeric[name] = "no values"
             else:
                 columns[name] = values
     if target in non_numeric:
-        raise DatasetError(f"{source}: target column {target!r} is not numeric")
+        raise DatasetError(f"{source}: target column {target!r} is not numeric ({non_numeric[target]})")
+    if "" in columns:
+        raise DatasetError(f"{source}: column {header.index('') + 1} has numbers but no name in the header; "
+                           "name it, or delete it if it is a row index (e.g. pandas to_csv without index=False)")
     if non_numeric:
-        log.info("%s: dropped non-numeric columns: %s", source, ", ".join(non_numeric))
+        log.info("%s: dropped non-numeric columns: %s", source,
+                 ", ".join(f"{name or '(unnamed)'} ({why})" for name, why in non_numeric.items()))
     feature_names = [name for name in header if name in columns and name != target]
     if not feature_names:
         raise DatasetError(f"{source}: no numeric feature columns besides the target {target!r}")
+    for name in [*feature_names, target]:
+        column = np.array(columns[name], dtype=np.float64)
+        too_big = np.isfinite(column) & (np.abs(column) > FLOAT32_MAX)
+        if too_big.any():
+            first = int(np.argmax(too_big))
+            raise DatasetError(f"{source}: line {lines[first]}, column {name!r}: {column[first]:g} is too large "
+                               f"(the limit is {FLOAT32_MAX:.3g}); rescale the column")
     features = np.array([columns[name] for name in feature_names], dtype=np.float64).T
     target_values = np.array(columns[target], dtype=np.float64)
     keep = np.isfinite(features).all(axis=1) & np.isfinite(target_values)
@@ -143,38 +175,61 @@ def _table_from_rows(header: list[str], rows: list[list[str]], target: str, sour
     if dropped:
         log.info("%s: dropped %d of %d rows with missing or non-finite values", source, dropped, len(keep))
     if not keep.any():
-        raise DatasetError(f"{source}: every row has a missing value")
+        raise DatasetError(f"{source}: every row has a missing or non-finite value")
     return TabularData(features[keep].astype(np.float32), target_values[keep].astype(np.float32),
                        feature_names, target)
 
 
 def _read_csv_text(text: str, target: str, source: str) -> TabularData:
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \n, \r\n and lone \r all end a line
+    header: list[str] | None = None
+    rows: list[tuple[int, list[str]]] = []
+    previous_line = 0
     try:
-        header = next(reader)
-    except StopIteration:
-        raise DatasetError(f"{source}: the file is empty") from None
-    rows = [row for row in reader if row and any(cell.strip() for cell in row)]
+        for row in reader:
+            first_line, previous_line = previous_line + 1, reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            if header is None:
+                header = row
+            else:
+                rows.append((first_line, row))
+    except csv.Error as exc:
+        raise DatasetError(f"{source}: line {reader.line_num}: malformed CSV ({exc})") from None
+    if header is None:
+        raise DatasetError(f"{source}: the file is empty (no header row)")
     return _table_from_rows(header, rows, target, source)
 
 
 def load_csv(path: str | Path, target: str) -> TabularData:
     """Load a user CSV (header row; ``.csv`` or ``.csv.gz``) with ``target`` as the label column.
 
-    Non-numeric columns (e.g. an address) are dropped and named in a log line; rows with a
-    missing value are dropped and counted. Raises :class:`DatasetError` with a clear message for
-    a missing file, a missing or non-numeric target, or no usable data.
+    Non-numeric columns (e.g. an address) are dropped and named in a log line. Rows with a
+    missing or non-finite value (an empty cell, ``NA``, ``NaN``, ``inf``) in the target or a kept
+    feature column are dropped and counted in a log line, so no NaN or inf reaches training.
+    Raises :class:`DatasetError` naming the file (and line or column where it applies) for a
+    missing, unreadable, corrupt or truncated file, text that is not UTF-8, malformed CSV, a
+    duplicate column name, a row whose field count differs from the header's, a missing or
+    non-numeric target, a value too large for float32, or no usable data.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"CSV file not found: {path}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{path}: corrupt or truncated gzip file ({exc}); copy or compress it again") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc})") from None
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DatasetError(f"{path}: line {line} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                           "save the file as UTF-8") from None
     return _read_csv_text(text, target, str(path))
 
 

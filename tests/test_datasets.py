@@ -105,6 +105,91 @@ def test_csv_errors(tmp_path: Path) -> None:
         load_csv(write_csv(tmp_path / "e.csv", ""), "y")
 
 
+def test_csv_duplicate_header_names(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"dup\.csv: duplicate column names in the header: 'x' \(columns 1, 2\)"):
+        load_csv(write_csv(tmp_path / "dup.csv", "x,x,y\n1,100,0\n2,200,1\n3,300,0\n"), "y")
+    with pytest.raises(DatasetError, match=r"'y' \(columns 2, 3\)"):  # the target, after stripping spaces
+        load_csv(write_csv(tmp_path / "t.csv", "x,y, y\n1,2,3\n4,5,6\n"), "y")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "crc", "deflate", "trailing"])
+def test_csv_corrupt_gzip(tmp_path: Path, damage: str) -> None:
+    data = gzip.compress(b"a,b,y\n" + b"1,2,3\n" * 1000)
+    damaged = {"truncated": data[:-10], "crc": data[:-8] + bytes([data[-8] ^ 1]) + data[-7:],
+               "deflate": data[:10] + b"\xff" * 8, "trailing": data + b"junk"}[damage]
+    path = tmp_path / "d.csv.gz"
+    path.write_bytes(damaged)
+    with pytest.raises(DatasetError, match=r"d\.csv\.gz: corrupt or truncated gzip file"):
+        load_csv(path, "y")
+
+
+def test_csv_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_csv(tmp_path / "ok.csv", "a,y\n1,2\n")
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DatasetError, match=r"ok\.csv: cannot read the file"):
+        load_csv(path, "y")
+
+
+def test_csv_errors_name_the_line(tmp_path: Path) -> None:
+    # blank lines and a quoted field spanning two lines still give the line number in the file
+    with pytest.raises(DatasetError, match="line 4 has 2 fields, the header has 3"):
+        load_csv(write_csv(tmp_path / "b.csv", "a,b,y\n\n1,2,3\n4,5\n"), "y")
+    with pytest.raises(DatasetError, match="line 4 has 2 fields"):
+        load_csv(write_csv(tmp_path / "m.csv", 'a,n,y\n1,"x\ny",3\n4,5\n'), "y")
+    with pytest.raises(DatasetError, match="line 4 has 4 fields"):
+        load_csv(write_csv(tmp_path / "l.csv", "a,b,y\n1,2,3\n\n4,5,6,7\n"), "y")
+    with pytest.raises(DatasetError, match=r"target column 'y' is not numeric \(line 3 has 'cheap'\)"):
+        load_csv(write_csv(tmp_path / "t.csv", "a,y\n1,2\n2,cheap\n"), "y")
+    with pytest.raises(DatasetError, match=r"target column 'y' is not numeric \(no values\)"):
+        load_csv(write_csv(tmp_path / "n.csv", "a,y\n1,\n2,NA\n"), "y")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("a,b,y\n1,2,3\ncaf\xe9,5,6\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin\.csv: line 3 is not UTF-8"):
+        load_csv(latin, "y")
+
+
+def test_csv_malformed_and_blank(tmp_path: Path) -> None:
+    huge = write_csv(tmp_path / "f.csv", "a,b,y\n1,2,3\n4," + "9" * 200_000 + ",6\n")
+    with pytest.raises(DatasetError, match=r"f\.csv: line 3: malformed CSV"):
+        load_csv(huge, "y")
+    with pytest.raises(DatasetError, match="empty"):
+        load_csv(write_csv(tmp_path / "blank.csv", "\n \n\n"), "y")
+    old_mac = tmp_path / "cr.csv"  # lone CR line endings
+    old_mac.write_bytes(b"a,b,y\r1,2,3\r4,5,6\r")
+    np.testing.assert_array_equal(load_csv(old_mac, "y").target, [3, 6])
+
+
+def test_csv_value_too_large_for_float32(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"line 3, column 'b': 1e\+39 is too large"):
+        load_csv(write_csv(tmp_path / "big.csv", "a,b,y\n1,2,3\n4,1e39,6\n"), "y")
+    with pytest.raises(DatasetError, match="column 'y'"):
+        load_csv(write_csv(tmp_path / "bigy.csv", "a,b,y\n1,2,-5e40\n4,5,6\n"), "y")
+
+
+def test_csv_nan_and_inf_rows_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_csv(tmp_path / "n.csv", "a,b,y\n1,nan,3\n4,inf,6\n7,8,-Infinity\n10,11,12\n13,14,15\n")
+    with caplog.at_level(logging.INFO, logger="federation.datasets"):
+        table = load_csv(path, "y")
+    assert np.isfinite(table.features).all() and np.isfinite(table.target).all()
+    np.testing.assert_array_equal(table.target, [12, 15])
+    assert "dropped 3 of 5 rows" in caplog.text
+    with pytest.raises(DatasetError, match="every row has a missing"):
+        load_csv(write_csv(tmp_path / "all.csv", "a,y\n1,nan\ninf,2\n"), "y")
+
+
+def test_csv_unnamed_columns(tmp_path: Path) -> None:
+    # a numeric column without a name (e.g. a pandas index) must not silently become a feature
+    with pytest.raises(DatasetError, match="column 1 has numbers but no name"):
+        load_csv(write_csv(tmp_path / "idx.csv", ",a,y\n0,1,2\n1,3,4\n"), "y")
+    # an empty trailing column (a comma at the end of every line) is dropped as before
+    table = load_csv(write_csv(tmp_path / "trail.csv", "a,b,y,,\n1,2,3,,\n4,5,6,,\n"), "y")
+    assert table.feature_names == ["a", "b"]
+
+
 def test_csv_task(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     rows = "\n".join(f"{a:.3f},{b:.3f},x{i},{a + 2 * b:.3f}" for i, (a, b) in enumerate(rng.normal(size=(50, 2))))
