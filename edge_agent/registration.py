@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from federation.durable import atomic_write
 from federation.tasks import LocalData, Task
+
+log = logging.getLogger(__name__)
 
 
 class DatasetChanged(ValueError):
@@ -57,21 +61,38 @@ def check_registration(state_dir: Path, current: Fingerprint, *, reregister: boo
 
     Raises DatasetChanged if the data differs and ``reregister`` is not set."""
     path = Path(state_dir) / "dataset.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
+    stored = _read(path)
+    if stored is None and path.exists() and not reregister:
+        raise DatasetChanged(f"{path} is unreadable, so the data cannot be checked against this device's "
+                             "registration; start with --reregister to register the current data")
+    if stored is not None:
         if stored.get("sha256") == current.sha256.hex():
             return not stored.get("acknowledged", False)
         if not reregister:
             raise DatasetChanged(
                 f"local data differs from this device's registration (registered {stored.get('sha256', '?')[:16]}, "
                 f"now {current.sha256.hex()[:16]}); start with --reregister to register the new data")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**current.to_json(), "acknowledged": False}, indent=2))
+    atomic_write(path, json.dumps({**current.to_json(), "acknowledged": False}, indent=2).encode())
     return True
 
 
 def mark_acknowledged(state_dir: Path) -> None:
     path = Path(state_dir) / "dataset.json"
-    stored = json.loads(path.read_text())
+    stored = _read(path)
+    if stored is None:
+        return  # written by check_registration at start; unreadable now means it is sent again
     stored["acknowledged"] = True
-    path.write_text(json.dumps(stored, indent=2))
+    atomic_write(path, json.dumps(stored, indent=2).encode())
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """The stored registration; None if missing or unreadable (e.g. left empty by a power cut
+    on an older version, which wrote it without fsync)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable: %s", path, exc)
+        return None
+    return data if isinstance(data, dict) else None

@@ -22,8 +22,11 @@ def bundle_path(directory: Path, device: str) -> Path:
 def init_fleet(directory: Path, fleet: str, *, force: bool = False) -> CoordinatorKeys:
     check_name("fleet", fleet)
     path = Path(directory) / COORDINATOR_FILE
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; refusing to replace the fleet's keys (use --force)")
+    registry = Path(directory) / REGISTRY_FILE
+    for existing in (path, registry):
+        if existing.exists() and not force:
+            raise FileExistsError(f"{existing} exists; refusing to replace the fleet's keys and device registry "
+                                  "(use --force: every device then needs a new bundle)")
     keys = CoordinatorKeys.generate(fleet)
     keys.save(path)
     DeviceRegistry().save(Path(directory) / REGISTRY_FILE)

@@ -69,12 +69,24 @@ class Ed25519Signer:
         return str(self._key.export_key(format="PEM"))
 
     def save(self, path: str | Path) -> None:
-        """Write the private key as PKCS#8 PEM, readable by the owner only."""
+        """Write the private key as PKCS#8 PEM, readable by the owner only: a new file, never
+        over an existing key (FileExistsError), fsynced before it is visible."""
         import os
 
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(self.to_pem())
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; refusing to overwrite a private key")
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # an old .tmp keeps its mode under O_CREAT: set it
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.to_pem())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, path)  # fails if the key appeared meanwhile: never replaces one
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @property
     def seed(self) -> bytes:

@@ -206,3 +206,14 @@ def test_rotated_registry_round_trips_through_json(fleet: Path) -> None:
     entry = data["devices"]["pump-01"]
     assert entry["revoked"] == revoked and len(revoked) == 1
     assert set(entry["keys"]) == {new_id, *revoked}
+
+
+def test_init_never_wipes_an_existing_device_registry(tmp_path: Path) -> None:
+    """coordinator.json lost (or not copied yet) but devices.json there: a plain init must not
+    replace the registry with an empty one."""
+    keytool.init_fleet(tmp_path, "plant7")
+    _path, key_id = keytool.add_device(tmp_path, "pump-01")
+    (tmp_path / keytool.COORDINATOR_FILE).unlink()
+    with pytest.raises(FileExistsError, match=r"devices\.json"):
+        keytool.init_fleet(tmp_path, "plant7")
+    assert DeviceRegistry.load(tmp_path / keytool.REGISTRY_FILE).public_key("pump-01", key_id) is not None

@@ -174,6 +174,14 @@ def test_signer_pem_roundtrip(tmp_path: Path) -> None:
     loaded = Ed25519Signer.load(tmp_path / "k.pem")
     assert loaded.public_key == signer.public_key and loaded.key_id == key_id_of(signer.public_key)
     assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0
+    # Never over an existing key, and 0600 even when a stale world-readable .tmp lies around.
+    with pytest.raises(FileExistsError):
+        Ed25519Signer.generate().save(tmp_path / "k.pem")
+    assert Ed25519Signer.load(tmp_path / "k.pem").public_key == signer.public_key
+    (tmp_path / "k2.pem.tmp").write_text("stale")
+    (tmp_path / "k2.pem.tmp").chmod(0o644)
+    signer.save(tmp_path / "k2.pem")
+    assert (tmp_path / "k2.pem").stat().st_mode & 0o077 == 0 and not (tmp_path / "k2.pem.tmp").exists()
 
 
 # -- ledger and verification ------------------------------------------------------------------------

@@ -45,3 +45,20 @@ def test_changed_data_is_refused_unless_reregistered(tmp_path: Path) -> None:
     assert check_registration(state, changed, reregister=True)
     # The new data is now the registered one: no refusal, and it is sent until acknowledged.
     assert check_registration(state, changed, reregister=False)
+
+
+@pytest.mark.parametrize("content", ["", "{trunc", "[]"])
+def test_an_unreadable_registration_file_needs_reregister_not_a_traceback(tmp_path: Path, content: str) -> None:
+    """dataset.json left empty or garbled (a power cut on an older version): the agent cannot
+    check its data against the registration, says so, and --reregister recovers."""
+    data_file, state = tmp_path / "local.csv", tmp_path / "state"
+    write_csv(data_file, 30)
+    task = csv_task(data_file, "y")
+    current = fingerprint(task, task.load(0, 1), "0/1", None)
+    state.mkdir()
+    (state / "dataset.json").write_text(content)
+    with pytest.raises(DatasetChanged, match=r"unreadable.*--reregister"):
+        check_registration(state, current, reregister=False)
+    assert check_registration(state, current, reregister=True)
+    mark_acknowledged(state)
+    assert not check_registration(state, current, reregister=False)
