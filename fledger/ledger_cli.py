@@ -75,6 +75,9 @@ def add_parser(sub: Any) -> None:
     a.add_argument("file", type=Path)
     a.add_argument("--old", type=int, required=True, help="height a monitor saw before")
     a.add_argument("--new", type=int, default=None, help="height to compare with (default: current)")
+    a.add_argument("--old-root", default=None,
+                   help="the chain root (hex) you recorded at height OLD: the proof is checked against it, "
+                        "which is what detects a rewritten history; without it, against this file's own root")
 
     a = ls.add_parser("follow", help="subscribe to the ledger topic, keep a verified replica, alert on misbehaviour",
                       description="Independent monitor: replays the chain from the coordinator, verifies every "
@@ -128,9 +131,12 @@ def main(args: argparse.Namespace) -> int:
             new = ledger.height if args.new is None else args.new
             path = ledger.consistency_proof(args.old, new)
             old_root, new_root = ledger.chain_root(args.old), ledger.chain_root(new)
-        ok = verify_consistency(args.old, new, old_root, new_root, path)
-        print(json.dumps({"old": args.old, "new": new, "old_root": old_root.hex(), "new_root": new_root.hex(),
-                          "proof": [p.hex() for p in path], "verified": ok}, indent=2))
+        recorded = bytes.fromhex(args.old_root) if args.old_root else old_root
+        ok = verify_consistency(args.old, new, recorded, new_root, path)
+        print(json.dumps({"old": args.old, "new": new, "old_root": recorded.hex(), "new_root": new_root.hex(),
+                          "proof": [p.hex() for p in path], "verified": ok,
+                          "checked_against": "the given --old-root" if args.old_root else
+                          "this file's own root at OLD (give --old-root to detect a rewrite)"}, indent=2))
         return 0 if ok else 1
     if command == "follow":
         return follow(args)

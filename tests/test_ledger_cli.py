@@ -51,6 +51,13 @@ def test_verify_show_prove_consistency(finished_round: Harness, tmp_path: Path) 
 
     consistency = cli("ledger", "consistency", str(path), "--old", "3")
     assert consistency.returncode == 0 and json.loads(consistency.stdout)["verified"] is True
+    # A monitor that recorded the root at height 3 checks a later file against that root: a
+    # file whose history differs from what it saw does not verify.
+    recorded = json.loads(consistency.stdout)["old_root"]
+    good = cli("ledger", "consistency", str(path), "--old", "3", "--old-root", recorded)
+    assert good.returncode == 0 and json.loads(good.stdout)["verified"] is True
+    other = cli("ledger", "consistency", str(path), "--old", "3", "--old-root", "00" * 32)
+    assert other.returncode == 1 and json.loads(other.stdout)["verified"] is False
 
 
 def test_verify_names_the_tampered_block(finished_round: Harness, tmp_path: Path) -> None:
