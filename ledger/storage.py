@@ -4,11 +4,17 @@ Frame = magic ``b"FLB1"`` (4) | payload length u32 BE (4) | CRC-32 of (length fi
 | payload (``Block.to_bytes()``).
 
 At open, a *torn tail* is truncated with a logging WARNING (the bytes are saved to
-``<file>.torn-<offset>`` first). A tail is torn when it is the last thing in the file and
-no whole frame follows it, and it is one of: fewer bytes than a frame header; a header whose
-length runs past the end of the file; a frame reaching exactly the end of the file whose CRC
-fails; or only zero bytes (a file extended by the filesystem but never written). Anything
-else raises :class:`LedgerCorrupt` naming the block index, the byte offset and the problem.
+``<file>.torn-<offset>`` first). A tail, from the first bad frame to the end of the file, is torn
+when it has the shape a crash in the middle of one append leaves -- a prefix of one frame, the
+rest of the file reading as zeros -- which is one of: fewer bytes than a frame header; a header
+whose length runs past the end of the file; a frame whose CRC fails followed only by zero bytes
+(if any); or the first bytes of a header (a prefix of the magic, then maybe part of the length)
+followed only by zeros, down to no header byte at all (a file extended by the filesystem but
+never written). Bytes inside the bad frame, even if they look like whole frames, prove nothing:
+a block's data is partly chosen by devices. The one thing that does is the bad frame's own CRC,
+which covers the length field: if it matches with the frame ending where a later frame header
+(or the end of the file) starts, the frame is whole and its length field was damaged -- not torn.
+Anything else raises :class:`LedgerCorrupt` naming the block index, the byte offset and the problem.
 History is never rewritten: the only write besides appending is that truncation.
 """
 
@@ -88,13 +94,80 @@ def _check_frame(buf: bytes | memoryview, pos: int) -> tuple[int, str, str]:
     return end, "", ""
 
 
-def _whole_frame_after(buf: bytes, pos: int) -> int | None:
-    at = buf.find(MAGIC, pos + 1)
+_POLY = 0xEDB88320  # CRC-32 polynomial, bit-reflected as zlib uses it
+_ZEROS = memoryview(bytes(1 << 16))
+
+
+def _crc_of_zeros(count: int, value: int) -> int:
+    """``zlib.crc32(bytes(count), value)`` without allocating ``count`` bytes."""
+    while count:
+        step = min(count, len(_ZEROS))
+        value = zlib.crc32(_ZEROS[:step], value)
+        count -= step
+    return value
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial, in zlib's reflected representation (x**0 = 1 << 31)."""
+    m, p = 1 << 31, 0
+    while a:
+        if a & m:
+            p ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return p
+
+
+def _true_length(buf: bytes, pos: int) -> int | None:
+    """The payload length with which the frame at ``pos`` passes its CRC, if its length field is the
+    only damage: tried with the frame ending at each later frame magic (also one cut short by the end
+    of the file) and at the end of the file.
+
+    Found in one pass, not one CRC per candidate: with c0 = crc32(4 zero bytes) and m the payload
+    length, crc32(len(m) || p[:m]) = crc32(p[:m], c0) ^ (crc32(len(m)) ^ c0) * x**(8m) (CRC-32 is
+    affine; crc32(bytes(k), v) ^ crc32(bytes(k), 0) = v * x**(8k)), and both crc32(p[:m], c0) and
+    x**(8m) are carried forward from one candidate to the next."""
+    n, hsize = len(buf), HEADER.size
+    stored = HEADER.unpack_from(buf, pos)[2]
+    first, last = pos + hsize + 1, min(n, pos + hsize + MAX_FRAME)
+    candidates: list[int] = []
+    at = buf.find(MAGIC, first, last + len(MAGIC))
     while at != -1:
-        if _check_frame(buf, at)[1] == "":
-            return at
-        at = buf.find(MAGIC, at + 1)
+        candidates.append(at)
+        at = buf.find(MAGIC, at + 1, last + len(MAGIC))
+    for cut in range(len(MAGIC) - 1, -1, -1):  # a magic cut short by the end of the file, or the end itself
+        if first <= n - cut <= last and buf.endswith(MAGIC[:cut]) and (not candidates or candidates[-1] < n - cut):
+            candidates.append(n - cut)
+    view = memoryview(buf)
+    c0 = zlib.crc32(bytes(4))
+    running, shift, done = c0, 1 << 31, pos + hsize  # crc32(payload[:m], c0), x**(8m), pos + hsize + m
+    for q in candidates:
+        running = zlib.crc32(view[done:q], running)
+        shift = _crc_of_zeros(q - done, shift) ^ _crc_of_zeros(q - done, 0)  # shift * x**(8 (q - done))
+        done = q
+        length = q - pos - hsize
+        if running ^ _multmodp(shift, zlib.crc32(struct.pack(">I", length)) ^ c0) == stored:
+            return length
     return None
+
+
+def _zero_filled_header(buf: bytes, pos: int) -> str:
+    """Why the tail from ``pos`` is the start of a frame header followed only by zeros ('' if not):
+    what a crash leaves when the file grew but only the first bytes of a header reached the disk."""
+    n, hsize = len(buf), HEADER.size
+    if n - pos < hsize or buf.count(0, pos + hsize) != n - pos - hsize:
+        return ""
+    written = len(buf[pos:pos + hsize].rstrip(b"\0"))
+    if written == hsize or buf[pos:pos + min(written, 4)] != MAGIC[:written]:
+        return ""
+    if written > 4:
+        length = int.from_bytes(buf[pos + 4:pos + 8], "big")  # unwritten low bytes read as zero
+        if length > MAX_FRAME or (written >= 8 and not length):
+            return ""
+    if not written:
+        return f"{n - pos} zero bytes"
+    return f"{written} bytes of a frame header, then {n - pos - written} zero bytes"
 
 
 def scan(buf: bytes, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ScanResult:
@@ -120,16 +193,24 @@ def scan(buf: bytes, path: str | os.PathLike[str] | None = None, *, strict: bool
                 continue
         end, kind, reason = _check_frame(buf, pos)
         index = len(payloads)
-        later = _whole_frame_after(buf, pos)
-        torn = later is None and (
-            kind in ("short", "past_eof")
-            or (kind == "crc" and end == n)
-            or (kind == "magic" and buf.count(0, pos) == n - pos)
-        )
+        # A torn tail is a prefix of the frame the last append was writing, the rest reading as zeros.
+        zeros = _zero_filled_header(buf, pos)
+        torn = bool(zeros) or kind in ("short", "past_eof") or (kind == "crc" and buf.count(0, end) == n - end)
+        if torn and kind in ("past_eof", "crc"):
+            # Frame-shaped bytes after ``pos`` may be device-chosen data inside the torn frame, so
+            # they do not count as later frames. The frame's own CRC (over the length field and
+            # the payload, which ends with the coordinator's signature) does: if it matches a
+            # length ending at a later frame header or at the end of the file, this frame is
+            # whole and its length field is damaged (a chance of 2**-32 for a torn frame). A length
+            # field damaged together with the CRC or payload of the same frame still reads as torn.
+            true_length = _true_length(buf, pos)
+            if true_length is not None:
+                torn = False
+                reason = (f"frame length field damaged: it says {HEADER.unpack_from(buf, pos)[1]} bytes, but "
+                          f"the frame's checksum matches {true_length} bytes, ending at byte "
+                          f"{pos + HEADER.size + true_length} (so this is not a torn tail)")
         if torn:
-            return ScanResult(payloads, offsets, pos, TornTail(pos, n - pos, reason))
-        if later is not None:
-            reason += f" (a whole frame follows at byte {later}, so this is not a torn tail)"
+            return ScanResult(payloads, offsets, pos, TornTail(pos, n - pos, zeros or reason))
         error = LedgerCorrupt(index, reason, pos, path)
         if strict:
             raise error

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,130 @@ def test_zero_filled_tail_is_torn_but_garbage_is_not(tmp_path: Path) -> None:
     path.write_bytes(bytes(damaged))
     with pytest.raises(LedgerCorrupt, match=r"block 3.*not a torn tail"):
         Ledger.open(path, signer=COORD)
+
+
+def _utf8_frame(tag: str) -> str:
+    """A whole, valid frame whose bytes are valid UTF-8, so a device can put it in a schema string."""
+    for x in range(100_000):
+        try:
+            return storage.frame(f"{tag}{x}".encode()).decode()
+        except UnicodeDecodeError:
+            pass
+    raise AssertionError("no UTF-8 frame found")
+
+
+def _assert_torn_and_recovered(path: Path, keep: bytes, height: int, caplog: pytest.LogCaptureFixture) -> None:
+    """``path`` ends in a torn tail after the whole frames ``keep`` (``height`` blocks): reported, then truncated."""
+    damaged = path.read_bytes()
+    report = verify_file(path, signatures="none")
+    assert report.ok and report.height == height and "torn tail" in report.warnings[0], report
+    assert Ledger.open(path).height == height and path.read_bytes() == damaged  # a reader does not truncate
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ledger.storage"):
+        ledger = Ledger.open(path, signer=COORD)
+    assert ledger.height == height
+    assert any("torn tail" in r.getMessage() for r in caplog.records)
+    ledger.close()
+    assert path.read_bytes() == keep
+    assert path.with_name(f"{path.name}.torn-{len(keep)}").read_bytes() == damaged[len(keep):]
+
+
+def test_torn_frame_whose_payload_embeds_whole_frames_is_torn(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # A device's dataset schema holds a run of whole, valid frames, and binary metadata holds the
+    # exact frame of a real, signed earlier block: when the crash tears the block recording it,
+    # those frames sit inside the torn frame and must not make the tail look like damage.
+    base = tmp_path / "base.log"
+    t = iter(range(1, 1000))
+    ledger = Ledger.open(base, signer=COORD, fleet="f", now=lambda: float(next(t)))
+    _fill(ledger, rounds=1)
+    real = storage.frame(ledger.block(2).to_bytes())
+    run = "".join(_utf8_frame(tag) for tag in ("a", "bb", "ccc"))
+    ledger.append(records.dataset("dev1", bytes(32), 10, {"csv": run}, replay=real))
+    ledger.close()
+    data = base.read_bytes()
+    scanned = storage.scan(data)
+    last, n = scanned.offsets[-1], len(scanned.offsets)
+    inner = [data.find(run.encode(), last), data.find(real, last)]
+    assert -1 not in inner
+    ends = {inner[0] + len(run.encode()[:i]) for i in range(1, len(run.encode()) + 1)
+            if storage.scan(run.encode()[:i]).torn is None} | {inner[1] + len(real)}
+    assert len(ends) == 4  # the cuts where the embedded frames run exactly to the end of the file
+    cuts = sorted(ends | set(range(min(ends), len(data), 7)))
+    for cut in cuts:
+        path = tmp_path / f"cut-{cut}.log"
+        path.write_bytes(data[:cut])
+        _assert_torn_and_recovered(path, data[:last], n - 1, caplog)
+    # the recovered ledger carries on
+    ledger = Ledger.open(path, signer=COORD)
+    ledger.append({"type": "note"})
+    ledger.close()
+    assert verify_file(path).ok
+
+
+def test_zero_filled_partial_header_is_torn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The file grew by a whole frame, but only its first k header bytes reached the disk (the rest
+    # reads as zeros): k = 1..3 a prefix of the magic, 4 the magic, 5..7 part of the length field
+    # (read as zero, or as a shorter length), 8..11 part of the checksum.
+    data, offsets = sample_file()
+    small = storage.frame(b"s" * 193)  # length field 00 00 00 c1
+    big = storage.frame(b"b" * 0x010203)  # length field 00 01 02 03: partly written, it reads shorter
+    for fr in (small, big):
+        for k in range(1, storage.HEADER.size):
+            path = tmp_path / f"zeros-{len(fr)}-{k}.log"
+            path.write_bytes(data + fr[:k] + bytes(len(fr) - k))
+            _assert_torn_and_recovered(path, data, len(offsets), caplog)
+    # what no header prefix looks like is still damage
+    for tail in (b"FX" + bytes(20), b"FLB1\x7f" + bytes(20), b"\x00FLB1" + bytes(20), b"FLB1" + bytes(8) + b"x"):
+        path = tmp_path / "garbage.log"
+        path.write_bytes(data + tail)
+        with pytest.raises(LedgerCorrupt, match=rf"block {len(offsets)} at byte {len(data)}"):
+            Ledger.open(path, signer=COORD)
+        assert path.read_bytes() == data + tail
+
+
+def test_damaged_length_field_is_refused_not_torn(tmp_path: Path) -> None:
+    # A length field raised past the end of the file is a whole frame's damage, not a torn tail: the
+    # frame's checksum names its true length, also when the file's last frame is torn as well.
+    data, offsets = sample_file()
+    n = len(offsets)
+    for k in range(n):
+        for cut in (len(data), (offsets[-1] + len(data)) // 2):
+            if k == n - 1 and cut != len(data):
+                continue
+            for length in (len(data), 10**6, storage.MAX_FRAME):
+                damaged = bytearray(data[:cut])
+                damaged[offsets[k] + 4:offsets[k] + 8] = length.to_bytes(4, "big")
+                path = tmp_path / f"len-{k}-{cut}-{length}.log"
+                path.write_bytes(bytes(damaged))
+                true_length = (offsets[k + 1] if k + 1 < n else len(data)) - offsets[k] - storage.HEADER.size
+                with pytest.raises(LedgerCorrupt, match=rf"block {k} at byte {offsets[k]}: frame length field "
+                                   rf"damaged: it says {length} bytes.* matches {true_length} bytes.*not a torn tail"):
+                    Ledger.open(path, signer=COORD)
+                assert path.read_bytes() == bytes(damaged)
+                report = verify_file(path, signatures="none")
+                assert not report.ok and report.bad_index == k
+
+
+def test_true_length_search_matches_brute_force() -> None:
+    rng = random.Random(7)
+    hsize = storage.HEADER.size
+    for _ in range(300):
+        frames = [storage.frame(rng.randbytes(rng.randrange(1, 400))) for _ in range(rng.randrange(1, 5))]
+        buf = bytearray(b"".join(frames))
+        if rng.random() < 0.5:
+            buf = buf[:rng.randrange(hsize, len(buf))]
+        buf[4:8] = rng.randrange(1, 1 << 24).to_bytes(4, "big")
+        stored, want = int.from_bytes(buf[8:12], "big"), None
+        for q in range(hsize + 1, len(buf) + 1):  # each later magic (cut short only by the end) and the end
+            length = (q - hsize).to_bytes(4, "big")
+            at_magic = buf[q:q + 4] == storage.MAGIC[:len(buf) - q]
+            if at_magic and zlib.crc32(bytes(buf[hsize:q]), zlib.crc32(length)) == stored:
+                want = q - hsize
+                break
+        assert storage._true_length(bytes(buf), 0) == want
+        if len(buf) >= len(frames[0]):  # the frame is whole: its true length is found
+            assert want == len(frames[0]) - hsize
 
 
 def test_failed_write_leaves_no_partial_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
