@@ -52,6 +52,8 @@ class CoordinatorConfig(BrokerConfig):
     evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
     seed: int = setting(0, "seed for the initial model")
     client_id: str = setting("", "MQTT client id (default: fledger-coordinator-<fleet>)")
+    replay_batch: int = setting(10_000, "ledger blocks sent per replay request from a monitor (it asks again for "
+                                        "the rest)")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
 
@@ -149,7 +151,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     coordinator.publish_model()
                     coordinator.publish_status()
                 if message is not None:
-                    _dispatch(coordinator, link, topics, message.topic, message.payload)
+                    _dispatch(coordinator, link, topics, message.topic, message.payload,
+                              replay_batch=config.replay_batch)
             except Exception:  # one bad message or a bug must not end the daemon
                 log.exception("unexpected error handling a message; continuing")
             try:  # apart from message handling, so that no stream of messages can starve it
@@ -190,7 +193,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     return 0
 
 
-def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes) -> None:
+def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes, *,
+              replay_batch: int = 10_000) -> None:
     device = topics.device_of(topic)
     if device and topic == topics.update(device):
         coordinator.handle_update(topic, payload)
@@ -200,19 +204,19 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
         if coordinator.handle_presence(topic, payload):
             coordinator.publish_status()
     elif topic == topics.ledger_replay:
-        _replay(coordinator, link, topics, payload)
+        _replay(coordinator, link, topics, payload, batch=replay_batch)
     # anything else (amqtt hands out retained messages of other topics) is ignored
 
 
 # Replays re-send blocks from the worker thread: bounded, so a monitor (or anyone on a broker
 # without ACLs) cannot make the coordinator queue the whole ledger again and again.
 REPLAY_INTERVAL_S = 2.0
-MAX_REPLAY_BLOCKS = 10_000
 _last_replay = [float("-inf")]
 _replay_delivered: list[Callable[[], bool]] = [lambda: True]
 
 
-def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes) -> None:
+def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes, *,
+            batch: int = 10_000) -> None:
     """A monitor asked for blocks from some height: re-send them on the ledger topic."""
     try:
         request = json.loads(payload) if len(payload) <= 256 else None
@@ -232,6 +236,6 @@ def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: b
         log.warning("ledger replay request ignored: the previous replay is still being delivered")
         return
     _last_replay[0] = now
-    blocks = [block.to_bytes() for block in coordinator.ledger.blocks(start, start + MAX_REPLAY_BLOCKS)]
+    blocks = [block.to_bytes() for block in coordinator.ledger.blocks(start, start + max(1, batch))]
     _replay_delivered[0] = link.publish_all(topics.ledger_blocks, blocks)
     log.info("replayed %d ledger blocks from height %d", len(blocks), start)

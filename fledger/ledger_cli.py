@@ -213,6 +213,11 @@ def follow(args: argparse.Namespace) -> int:
             try:
                 message = link.inbox.get(timeout=0.5)
             except queue.Empty:
+                # Idle but still behind a block we hold (a replay is capped per request, and the
+                # fleet may be quiet): ask for the rest rather than wait for the next new block.
+                if replica.missing() is not None and time.monotonic() - last_request > 2.0:
+                    last_request = time.monotonic()
+                    link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
                 continue
             if message.topic not in (topics.ledger_blocks, topics.ledger_head):
                 continue

@@ -202,3 +202,34 @@ def test_bad_files_give_a_clear_error_not_a_traceback(tmp_path: Path, capsys: py
         caplog.clear()
         assert main(argv) == 2, argv
         assert caplog.records and caplog.records[-1].levelname == "ERROR", argv
+
+
+def test_a_monitor_catches_up_in_batches_on_a_quiet_fleet(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    """A replay is capped per request (here 2 blocks) and no agent is running, so no new block
+    will prompt the monitor: it must ask again by itself until it holds the whole chain."""
+    from federation_run import Federation
+
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=0,
+                     extra_coordinator=["--replay-batch", "2"])
+    try:
+        fed.start_coordinator()
+        deadline = time.monotonic() + 60
+        height = 0
+        while time.monotonic() < deadline and not height:
+            time.sleep(0.3)
+            try:
+                with Ledger.open(fed.state / "ledger.log") as ledger:
+                    if any(b.data["type"] == "round.opened" for b in ledger):
+                        height = ledger.height
+            except (FileNotFoundError, ValueError):
+                pass
+        assert height >= 5, fed.log_tail()
+        follower = subprocess.run(
+            [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, "--broker-host",
+             embedded_broker.host, "--broker-port", str(embedded_broker.port), "--until-height", str(height),
+             "--timeout", "60", "--replica", str(tmp_path / "replica")],
+            capture_output=True, text=True, timeout=90)
+    finally:
+        fed.stop()
+    assert follower.returncode == 0, follower.stderr[-2000:]
+    assert f"replica verified to height {height}" in follower.stdout
