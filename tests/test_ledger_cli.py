@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BrokerInfo
@@ -160,22 +161,9 @@ def test_new_monitor_catches_up_by_replay_from_a_running_coordinator(embedded_br
     fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=0, limit=200)  # runs on
     try:
         fed.start_all()
-        deadline = time.monotonic() + 120
-        height = 0
-        while time.monotonic() < deadline and height == 0:
-            time.sleep(0.5)
-            try:
-                with Ledger.open(fed.state / "ledger.log") as ledger:
-                    if any(b.data["type"] == "aggregate" for b in ledger):
-                        height = ledger.height
-            except (FileNotFoundError, ValueError):
-                pass
+        height = _height_once(fed, "aggregate", 120)
         assert height, fed.log_tail()
-        follower = subprocess.run(
-            [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, "--broker-host",
-             embedded_broker.host, "--broker-port", str(embedded_broker.port), "--until-height", str(height),
-             "--timeout", "60", "--replica", str(tmp_path / "replica")],
-            capture_output=True, text=True, timeout=90)
+        follower = _follow(fed, embedded_broker, height, tmp_path / "replica")
     finally:
         fed.stop()
     assert follower.returncode == 0, follower.stderr[-2000:]
@@ -213,23 +201,32 @@ def test_a_monitor_catches_up_in_batches_on_a_quiet_fleet(embedded_broker: Broke
                      extra_coordinator=["--replay-batch", "2"])
     try:
         fed.start_coordinator()
-        deadline = time.monotonic() + 60
-        height = 0
-        while time.monotonic() < deadline and not height:
-            time.sleep(0.3)
-            try:
-                with Ledger.open(fed.state / "ledger.log") as ledger:
-                    if any(b.data["type"] == "round.opened" for b in ledger):
-                        height = ledger.height
-            except (FileNotFoundError, ValueError):
-                pass
+        height = _height_once(fed, "round.opened", 60)
         assert height >= 5, fed.log_tail()
-        follower = subprocess.run(
-            [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, "--broker-host",
-             embedded_broker.host, "--broker-port", str(embedded_broker.port), "--until-height", str(height),
-             "--timeout", "60", "--replica", str(tmp_path / "replica")],
-            capture_output=True, text=True, timeout=90)
+        follower = _follow(fed, embedded_broker, height, tmp_path / "replica")
     finally:
         fed.stop()
     assert follower.returncode == 0, follower.stderr[-2000:]
     assert f"replica verified to height {height}" in follower.stdout
+
+
+def _height_once(fed: Any, record_type: str, timeout: float) -> int:
+    """The coordinator's ledger height once it holds a ``record_type`` block (0 on timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            with Ledger.open(fed.state / "ledger.log") as ledger:
+                if any(b.data["type"] == record_type for b in ledger):
+                    return ledger.height
+        except (FileNotFoundError, ValueError):
+            pass
+    return 0
+
+
+def _follow(fed: Any, broker: BrokerInfo, height: int, replica: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, "--broker-host",
+         broker.host, "--broker-port", str(broker.port), "--until-height", str(height),
+         "--timeout", "60", "--replica", str(replica)],
+        capture_output=True, text=True, timeout=90)
