@@ -35,7 +35,7 @@ from federation.envelope import decrypt_update, parse_update, seal_update, verif
 from federation.keys import CoordinatorKeys, DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
-from fledger.broker import EmbeddedBroker
+from fledger.broker import EmbeddedBroker, free_port
 from fledger.keytool import write_broker_password
 from tests.conftest import Mosquitto
 
@@ -59,7 +59,7 @@ def make_pki(directory: Path, *users: str) -> Path:
     return directory
 
 
-def test_config_from_deploy(pki: Path, state: Path) -> str:
+def test_config_from_deploy(pki: Path, state: Path, *, standalone: bool = True) -> str:
     """deploy/mosquitto/fledger.conf with paths pointed at ``pki``/``state``.
 
     The `listener 8883` line is dropped: conftest's Mosquitto writes its own listener line
@@ -83,6 +83,8 @@ def test_config_from_deploy(pki: Path, state: Path) -> str:
         lines.append(line)
     missing = {"allow_anonymous", "password_file", "acl_file", "cafile", "certfile", "keyfile"} - seen
     assert not missing, f"deploy config lacks {missing}"
+    if standalone:  # what Debian's main mosquitto.conf supplies when it includes ours
+        lines.append(f"persistence_location {state}/")
     assert "allow_anonymous false" in lines
     # Running as root, mosquitto would drop to user `mosquitto`, which cannot read the 0600
     # test files; the production unit runs it as its packaged user with 0640 root:mosquitto.
@@ -125,6 +127,37 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
         yield SecureBroker(broker.host, broker.port, pki, wrong / "ca.crt")
     finally:
         broker.stop()
+
+
+def test_deploy_config_loads_as_debian_includes_it(tmp_path: Path) -> None:
+    """deploy/README installs fledger.conf into conf.d, included by Debian's mosquitto.conf,
+    which sets persistence and its location itself: the pair must load (a duplicate
+    persistence_location is fatal) and the TLS listener must take a login."""
+    from tests.conftest import MOSQUITTO, wait_port
+
+    assert MOSQUITTO is not None, "mosquitto is not installed (scripts/setup.sh installs it)"
+    pki = make_pki(tmp_path / "pki", "coordinator")
+    state = tmp_path / "state"
+    state.mkdir()
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    port = free_port()
+    included = test_config_from_deploy(pki, state, standalone=False)
+    (conf_d / "fledger.conf").write_text(f"listener {port} 127.0.0.1\n{included}")  # as deploy's `listener 8883`
+    main = tmp_path / "mosquitto.conf"  # the parts of Debian's main file that matter here
+    main.write_text(f"persistence true\npersistence_location {state}/\nlog_dest stderr\ninclude_dir {conf_d}\n")
+    with open(tmp_path / "mosquitto.log", "wb") as log:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(main)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_port("127.0.0.1", port)
+        except Exception:
+            raise AssertionError((tmp_path / "mosquitto.log").read_text()) from None
+        with Client(SecureBroker("127.0.0.1", port, pki, pki / "ca.crt"), "coordinator"):
+            pass  # a TLS login as the coordinator works
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 # -- a small synchronous paho client (waits for CONNACK, SUBACK and PUBACK) ---------------------
