@@ -29,6 +29,7 @@ _ALLOWED_DTYPES: dict[str, np.dtype[Any]] = {
 }
 MAX_TENSORS = 4096
 MAX_NDIM = 8
+MAX_DIM = 2**31  # per dimension
 
 TensorDict = dict[str, np.ndarray]
 
@@ -90,7 +91,9 @@ def decode_tensors(data: bytes, *, max_bytes: int | None = None) -> TensorDict:
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            # bool is an int to Python; a dimension beyond MAX_DIM (2**31) cannot be real here
+            # and numpy refuses huge ones even when another dimension is 0
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
         ):
             raise CodecError(f"tensor {name!r}: bad shape {shape!r}")
         if not isinstance(raw, bytes):

@@ -84,7 +84,9 @@ def test_spec_check_rejects_wrong_shape_names_and_nan() -> None:
 
 def test_huge_declared_shape_is_a_codec_error_not_a_crash() -> None:
     message = msgpack.unpackb(encode_tensors({"w": np.zeros(0, np.float32)}))
-    for shape in ([2**62, 4], [2**64 - 1]):
+    # [2**63, 0] has 0 elements, so the byte count (0) matches: numpy would then refuse the
+    # dimension with its own ValueError; [True, 0] is a bool posing as an int.
+    for shape in ([2**62, 4], [2**64 - 1], [2**63, 0], [0, 2**40], [True, 0], [False]):
         message["tensors"][0][2] = shape
         with pytest.raises(CodecError):
             decode_tensors(msgpack.packb(message))

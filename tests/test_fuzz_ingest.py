@@ -288,6 +288,18 @@ def test_fuzz_summary_and_chain(target: Target) -> None:
     kinds = [b.data["type"] for b in target.ledger]
     assert kinds.count("update") == target.accepted
     # Many reasons were exercised, each counted.
+    # Each well-typed wrong value once, deterministically, from dev-b (whose genuine update is
+    # never sent, so no duplicate_in_round hides the later checks): which reasons the random
+    # cases reach depends on their order (once dev-a's genuine update is in, its later ones
+    # stop at duplicate_in_round), and that order is not the same in every checkout.
+    genuine_b = msgpack.unpackb(envelope.seal_update(target.bundles["dev-b"], 1, encode_tensors(_weights(2.0)), 10,
+                                                     {"train_loss": 0.5}, dataset_sha256=DATASET), raw=False)
+    for name, value in RESIGNED_VALUES:
+        hdr = msgpack.unpackb(genuine_b["hdr"], raw=False)
+        hdr.update({name: value, "msg_id": hashlib.sha256(repr((name, value)).encode()).digest()[:16]})
+        outer = dict(genuine_b, hdr=msgpack.packb(hdr, use_bin_type=True))
+        outer["sig"] = target.bundles["dev-b"].sign(outer["hdr"])
+        target.check_update(TOPICS.update("dev-b"), msgpack.packb(outer, use_bin_type=True))
     for reason in ("malformed", "unsupported_version", "wrong_fleet", "topic_mismatch", "unknown_key",
                    "bad_signature", "replay", "stale_round", "future_round", "duplicate_in_round", "decrypt_failed",
                    "bad_sample_count", "bad_metrics", "dataset_not_registered", "wrong_key",
