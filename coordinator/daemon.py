@@ -58,7 +58,16 @@ class CoordinatorConfig(BrokerConfig):
                                             "(0: only its Last Will)")
 
 
+def round_policy(config: CoordinatorConfig) -> RoundPolicy:
+    """The round settings, checked (ValueError) before anything is opened or connected."""
+    if config.quorum > config.min_clients:
+        raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
+                         "closes as soon as min_clients updates are in")
+    return RoundPolicy(config.min_clients, config.quorum, config.round_deadline)
+
+
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None) -> Coordinator:
+    round_policy(config)
     keys = CoordinatorKeys.load(config.keys)
     if keys.fleet != config.fleet:
         raise ValueError(f"key file {config.keys} is for fleet {keys.fleet!r}, not {config.fleet!r}")
@@ -79,7 +88,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         evaluate = make_evaluator(config.task)
     settings = CoordinatorSettings(
         fleet=config.fleet,
-        policy=RoundPolicy(config.min_clients, min(config.quorum, config.min_clients), config.round_deadline),
+        policy=round_policy(config),
         strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
@@ -110,6 +119,7 @@ REGISTRY_CHECK_S = 2.0  # how often devices.json is checked for added, rotated o
 
 def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
+    round_policy(config)  # bad settings fail now, not after connecting to the broker
     stop = stop or threading.Event()
     topics = Topics(config.fleet, config.topic_prefix)
     # Reassemble no chunked message larger than the largest update we would accept anyway.

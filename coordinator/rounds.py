@@ -6,6 +6,7 @@ labels, counted by the coordinator and written to the ledger for authenticated s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -18,8 +19,8 @@ class RoundPolicy:
     def __post_init__(self) -> None:
         if self.min_clients < 1 or self.quorum < 1 or self.quorum > self.min_clients:
             raise ValueError("need 1 <= quorum <= min_clients")
-        if self.deadline_s < 0:
-            raise ValueError("deadline must be >= 0")
+        if not 0 <= self.deadline_s < math.inf:  # NaN fails too: a NaN deadline would never pass
+            raise ValueError(f"round deadline must be a finite number of seconds >= 0 (0: none), not {self.deadline_s}")
 
 
 @dataclass(frozen=True)

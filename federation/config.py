@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -20,6 +21,9 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+TABLES = ("broker", "coordinator", "agent", "monitor")  # one file may serve every role
 
 
 def setting(default: Any, help: str, *, secret_file: bool = False) -> Any:
@@ -49,6 +53,18 @@ def _convert(kind: type, raw: Any, name: str) -> Any:
             raise ValueError(raw)
         if kind is Path:
             return Path(raw).expanduser()
+        if kind is int:
+            # TOML gives 2.9 or true; int() would quietly make them 2 and 1
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # a NaN deadline never passes; Inf is what 0 means
+                raise ConfigError(f"setting {name}: {raw!r} is not a finite number")
+            return value
         return kind(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting {name}: cannot read {raw!r} as {kind.__name__}") from exc
@@ -81,6 +97,11 @@ def load(cls: type[T], args: argparse.Namespace | None, *, section: str, config_
             raise ConfigError(f"config file not found: {config_file}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file}: {exc}") from exc
+        for key, value in document.items():
+            if key not in TABLES:
+                where = f"table [{key}]" if isinstance(value, dict) else f"setting {key!r} outside any table"
+                raise ConfigError(f"config file {config_file}: unknown {where}; settings go in the tables "
+                                  f"{', '.join(f'[{t}]' for t in TABLES)}")
         for table_name in ("broker", section):
             table = document.get(table_name, {})
             if not isinstance(table, dict):

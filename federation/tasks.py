@@ -307,11 +307,12 @@ def get_task(name: str, **options: Any) -> Task:
     if name == "csv":
         unknown = set(given) - {"path", "target", "n_features"}
         if unknown:
-            raise TypeError(f"task csv: unknown options {sorted(unknown)}")
+            raise ValueError(f"task csv: unknown options {sorted(unknown)}")
         return CsvTask(given.get("path"), given.get("target"), given.get("n_features"))
     if name in ("california", "mnist"):
         if given:
-            raise TypeError(f"task {name} takes no options, got {sorted(given)}")
+            raise ValueError(f"task {name} takes no options (such as --csv-features, --data, --target), "
+                             f"got {sorted(given)}")
         return CaliforniaTask() if name == "california" else MnistTask()
     raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
 

@@ -75,3 +75,37 @@ def test_unknown_settings_are_errors_and_the_shipped_examples_load(tmp_path: Pat
     assert coordinator.fleet == "plant7" and coordinator.broker_port == 8883 and coordinator.tls_ca is not None
     agent = cfg.load(AgentConfig, None, section="agent", config_file=deploy / "agent.toml", environ={})
     assert agent.task == "csv" and agent.target == "y"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("min_clients = 10\n[coordinator]\nfleet = 'x'\n", "setting 'min_clients' outside any table"),
+    ("[coordinater]\nmin_clients = 10\n", r"unknown table \[coordinater\]"),
+    ("[coordinator]\nmin_clients = 2.9\n", "min_clients"),
+    ("[coordinator]\nmin_clients = true\n", "min_clients"),
+    ("[coordinator]\nround_deadline = nan\n", "round_deadline"),
+    ("[coordinator]\nround_deadline = inf\n", "round_deadline"),
+])
+def test_settings_are_never_silently_misread(tmp_path: Path, text: str, message: str) -> None:
+    """A misplaced key, a misspelt table, a fraction or a bool for a count, a NaN deadline:
+    each used to be dropped or coerced (min_clients 2.9 -> 2, true -> 1, a NaN deadline that
+    never passes); each is now an error naming it."""
+    path = tmp_path / "fledger.toml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.load(CoordinatorConfig, None, section="coordinator", config_file=path, environ={})
+    # The same values from the environment.
+    with pytest.raises(cfg.ConfigError, match="round_deadline"):
+        cfg.load(CoordinatorConfig, None, section="coordinator", environ={"FLEDGER_ROUND_DEADLINE": "nan"})
+    # One file may serve every role: the other roles' tables are fine.
+    shared = tmp_path / "shared.toml"
+    shared.write_text("[broker]\nbroker_port = 1884\n[agent]\ntask = 'mnist'\n[monitor]\n[coordinator]\nquorum = 1\n")
+    assert cfg.load(CoordinatorConfig, None, section="coordinator", config_file=shared, environ={}).broker_port == 1884
+
+
+def test_quorum_above_min_clients_is_refused() -> None:
+    from coordinator.daemon import build_coordinator
+
+    config = cfg.load(CoordinatorConfig, None, section="coordinator",
+                      environ={"FLEDGER_MIN_CLIENTS": "2", "FLEDGER_QUORUM": "5"})
+    with pytest.raises(ValueError, match=r"quorum \(5\) cannot exceed min_clients \(2\)"):
+        build_coordinator(config, lambda *a: None)
