@@ -40,7 +40,6 @@ FLEET = "fuzz"
 TOPICS = Topics(FLEET)
 DATASET = hashlib.sha256(b"fuzz data").digest()
 DEVICES = ("dev-a", "dev-b")
-START = time.time()  # a fixed coordinator clock, near the real one that registrations carry
 BATCH = 16  # cases per hypothesis example
 
 
@@ -69,10 +68,11 @@ class Target:
                                   sync_every=0)  # fsync per block is not what is under test here
         # min_clients above the number of devices and no deadline: the round never closes, so
         # the global model may only change if something wrongly got accepted.
+        start = time.time()  # a fixed coordinator clock, near the real one registrations carry
         self.coordinator = Coordinator(
             CoordinatorSettings(FLEET, RoundPolicy(min_clients=3, quorum=3, deadline_s=0), max_update_bytes=1 << 16),
             self.keys, self.registry, self.ledger, ModelStore(tmp / "models"), Spool(tmp / "spool"),
-            initial_model=_model, publish=lambda t, p, r: None, topics=TOPICS, now=lambda: START,
+            initial_model=_model, publish=lambda t, p, r: None, topics=TOPICS, now=lambda: start,
         )
         self.coordinator.start()
         for name, bundle in self.bundles.items():

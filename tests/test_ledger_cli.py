@@ -15,7 +15,7 @@ from conftest import BrokerInfo
 from test_coordinator import FLEET, TOPICS, Harness, weights
 
 from federation.mqtt import BrokerConfig, MqttLink
-from ledger import Ed25519Signer, Ledger, records
+from ledger import Ed25519Signer, Ledger, LedgerError, records
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -101,9 +101,13 @@ def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: byte
     publisher.start(timeout=20)
     try:
         _wait_for(follower, "connected to")
-        time.sleep(0.5)
-        publisher.publish(TOPICS.ledger_blocks, block, wait=10)
-        return follower.communicate(timeout=60)
+        # Not retained: a publish before the broker has the follower's subscription is lost, so
+        # send it again every second until the follower is done (a duplicate is harmless).
+        deadline = time.monotonic() + 60
+        while follower.poll() is None and time.monotonic() < deadline:
+            publisher.publish(TOPICS.ledger_blocks, block, wait=10)
+            time.sleep(1.0)
+        return follower.communicate(timeout=30)
     finally:
         publisher.stop()
         if follower.poll() is None:
@@ -219,7 +223,7 @@ def _height_once(fed: Any, record_type: str, timeout: float) -> int:
             with Ledger.open(fed.state / "ledger.log") as ledger:
                 if any(b.data["type"] == record_type for b in ledger):
                     return ledger.height
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, LedgerError):  # not created yet, or no genesis yet
             pass
     return 0
 

@@ -16,6 +16,7 @@ import hashlib
 import os
 import queue
 import re
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -413,7 +414,18 @@ def test_a_captured_update_replayed_byte_identical_is_counted_and_not_recorded(
             else:
                 raise AssertionError(f"never saw edge-1's update accepted\n{fed.log_tail()}")
             assert envelope.parse_update(captured, max_bytes=1 << 26).header.round == 1
-            tap.publish(topics.update("edge-1"), captured)  # the replay, byte for byte
+            # Rounds take ~100 ms here: the coordinator could finish round 2 and exit before the
+            # replay reaches it. Pause the agents until it has been handled.
+            for device in DEVICES:
+                fed.procs[device].send_signal(signal.SIGSTOP)
+            try:
+                tap.publish(topics.update("edge-1"), captured)  # the replay, byte for byte
+                wait_for(lambda: re.search(r"rejected update from edge-1 \(round 1\): replay",
+                                           (fed.logs / "coordinator.log").read_text(errors="replace")),
+                         60, "the coordinator to reject the replay", fed)
+            finally:
+                for device in DEVICES:
+                    fed.procs[device].send_signal(signal.SIGCONT)
 
             assert fed.wait("coordinator", 120) == 0, fed.log_tail()
             for device in DEVICES:
