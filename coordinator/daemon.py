@@ -33,6 +33,9 @@ from ledger import Ed25519Signer, Ledger
 log = logging.getLogger(__name__)
 
 
+DEFAULT_REPLAY_BATCH = 10_000  # ledger blocks per replay request: bounded, the monitor asks again
+
+
 @dataclass
 class CoordinatorConfig(BrokerConfig):
     fleet: str = setting("demo", "fleet name (a topic level; letters, digits, '_' and '-')")
@@ -52,8 +55,8 @@ class CoordinatorConfig(BrokerConfig):
     evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
     seed: int = setting(0, "seed for the initial model")
     client_id: str = setting("", "MQTT client id (default: fledger-coordinator-<fleet>)")
-    replay_batch: int = setting(10_000, "ledger blocks sent per replay request from a monitor (it asks again for "
-                                        "the rest)")
+    replay_batch: int = setting(DEFAULT_REPLAY_BATCH, "ledger blocks sent per replay request from a monitor "
+                                                      "(it asks again for the rest)")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
 
@@ -67,7 +70,7 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
 
 
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None) -> Coordinator:
-    round_policy(config)
+    policy = round_policy(config)  # checked before any file is opened
     keys = CoordinatorKeys.load(config.keys)
     if keys.fleet != config.fleet:
         raise ValueError(f"key file {config.keys} is for fleet {keys.fleet!r}, not {config.fleet!r}")
@@ -88,7 +91,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         evaluate = make_evaluator(config.task)
     settings = CoordinatorSettings(
         fleet=config.fleet,
-        policy=round_policy(config),
+        policy=policy,
         strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
@@ -204,7 +207,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes, *,
-              replay_batch: int = 10_000) -> None:
+              replay_batch: int = DEFAULT_REPLAY_BATCH) -> None:
     device = topics.device_of(topic)
     if device and topic == topics.update(device):
         coordinator.handle_update(topic, payload)
@@ -226,7 +229,7 @@ _replay_delivered: list[Callable[[], bool]] = [lambda: True]
 
 
 def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes, *,
-            batch: int = 10_000) -> None:
+            batch: int = DEFAULT_REPLAY_BATCH) -> None:
     """A monitor asked for blocks from some height: re-send them on the ledger topic."""
     try:
         request = json.loads(payload) if len(payload) <= 256 else None

@@ -153,8 +153,7 @@ class Coordinator:
                 self.rejection_records[str(data.get("device"))] += 1
             elif kind == "round.opened":
                 opened_at[data.get("round")] = block.timestamp
-                self.rejection_records.clear()  # the caps count from the open round's start
-                self.registration_records.clear()
+                self._reset_round_caps()  # the caps count from the open round's start
             elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
                 last_model_block = block
             if kind == "model.published":
@@ -277,10 +276,13 @@ class Coordinator:
         self.round = RoundState(number, self._now(), self.settings.policy)
         self._strategy = make_strategy(self.settings.strategy)
         if announce:  # a new round (not one resumed after a restart): the per-round caps start over
-            self.rejection_records.clear()
-            self.registration_records.clear()
+            self._reset_round_caps()
         if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
             self._append(records.round_opened(number))
+
+    def _reset_round_caps(self) -> None:
+        self.rejection_records.clear()
+        self.registration_records.clear()
 
     # -- ledger and publishing ------------------------------------------------------------------
     def _append(self, data: dict[str, Any]) -> Any:

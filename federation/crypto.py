@@ -17,7 +17,6 @@ from Crypto.Protocol.DH import import_x25519_private_key, import_x25519_public_k
 from Crypto.Protocol.KDF import HKDF
 from Crypto.PublicKey import ECC
 from Crypto.Random import get_random_bytes
-from Crypto.Signature import eddsa
 
 KEY_BYTES = 32
 GCM_NONCE_BYTES = 12
@@ -52,15 +51,6 @@ def ed25519_public(seed: bytes) -> bytes:
 
 # Signing and verifying use libsodium (PyNaCl): about ten times faster than pycryptodome's
 # Ed25519, and the coordinator verifies one device signature per update it ingests.
-def ed25519_valid_public(public_key: bytes) -> bool:
-    """A 32-byte encoding of a point on the curve (pycryptodome decodes and checks it)."""
-    try:
-        eddsa.import_public_key(bytes(public_key))
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
 def ed25519_sign(seed: bytes, message: bytes) -> bytes:
     return bytes(nacl.signing.SigningKey(seed).sign(message).signature)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from federation import crypto
 from federation.durable import atomic_write
+from ledger.keys import valid_public_key
 
 
 class KeyFileError(ValueError):
@@ -214,7 +215,7 @@ class DeviceRegistry:
                 for key_id, public_key in keys.items():
                     if len(public_key) != crypto.KEY_BYTES or crypto.key_id_of(public_key) != key_id:
                         raise ValueError(f"key {key_id} of device {device_id} does not match its public key")
-                    if not crypto.ed25519_valid_public(public_key):
+                    if not valid_public_key(public_key):
                         raise ValueError(f"key {key_id} of device {device_id} is not a valid Ed25519 public key")
                     if key_id in owners:
                         raise ValueError(f"key {key_id} is listed for both {owners[key_id]} and {device_id}")

@@ -119,6 +119,15 @@ def public_key_from_pem(pem: str | bytes) -> bytes:
     return bytes(key.public_key().export_key(format="raw"))
 
 
+def valid_public_key(public_key: bytes) -> bool:
+    """32 bytes encoding a point on the curve (pycryptodome decodes and checks it)."""
+    try:
+        eddsa.import_public_key(bytes(public_key))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 class Verifier:
     """Signature checks with the public keys validated once and cached."""
 
@@ -130,12 +139,12 @@ class Verifier:
             return self._cache[public_key]
         except KeyError:
             pass
-        verifier: nacl.signing.VerifyKey | None
-        try:
-            eddsa.import_public_key(public_key)  # a point on the curve, or refuse the key
-            verifier = nacl.signing.VerifyKey(public_key)
-        except (ValueError, TypeError, nacl.exceptions.CryptoError):
-            verifier = None
+        verifier: nacl.signing.VerifyKey | None = None
+        if valid_public_key(public_key):  # a point on the curve, or refuse the key
+            try:
+                verifier = nacl.signing.VerifyKey(public_key)
+            except (ValueError, TypeError, nacl.exceptions.CryptoError):
+                verifier = None
         self._cache[public_key] = verifier
         return verifier
 
