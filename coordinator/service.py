@@ -166,6 +166,7 @@ class Coordinator:
             block = self._append(records.model_published(
                 round_number, hashlib.sha256(model_bytes).digest(), initial=True, task=self.task_info))
             last_model_block = block
+            published.add(round_number)
             log.info("initialised global model for round 1 (%d tensors)", len(model))
         else:
             data = last_model_block.data

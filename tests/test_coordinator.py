@@ -547,3 +547,18 @@ def test_a_crash_right_after_the_aggregate_block_is_completed_at_restart(h: Harn
     assert not leftover.exists()
     assert h.send("dev-a", h.update("dev-a", 2, weights(1))).accepted
     assert verify_file(h.tmp / "ledger.log").ok
+
+
+def test_each_round_has_exactly_one_model_published_record_across_restarts(h: Harness) -> None:
+    """The first start records the initial model once; restarts and rounds add no duplicates
+    (a monitor or auditor reading the chain sees one publication per round)."""
+    def published_rounds() -> list[Any]:
+        return [b.data["round"] for b in h.ledger if b.data["type"] == "model.published"]
+
+    assert published_rounds() == [1]
+    h.coordinator = h.build(register=False)
+    assert published_rounds() == [1]
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(3))).accepted
+    h.coordinator = h.build(register=False)
+    assert published_rounds() == [1, 2]
