@@ -19,6 +19,7 @@ from ledger import Ledger, ProofError, Replica, ReplicaAlert, format_table, to_j
 from ledger.merkle import verify_consistency
 
 log = logging.getLogger("fledger.ledger")
+REPLAY_RETRY_S = 2.0  # a monitor behind asks again at most this often
 
 
 def _trusted_key(args: argparse.Namespace) -> bytes | None:
@@ -199,9 +200,20 @@ def follow(args: argparse.Namespace) -> int:
                     subscriptions=[topics.ledger_blocks, topics.ledger_head])
     link.start(timeout=60)
     started = time.monotonic()
-    last_request = 0.0
-    try:
+    last_request = 0.0  # of a request for more: the first one below does not hold them back
+
+    def request_replay() -> None:
         link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
+
+    def request_more() -> None:
+        """Ask again from our height, at most every REPLAY_RETRY_S (the coordinator ignores more)."""
+        nonlocal last_request
+        if time.monotonic() - last_request > REPLAY_RETRY_S:
+            last_request = time.monotonic()
+            request_replay()
+
+    try:
+        request_replay()
         while True:
             if args.until_height and replica.height >= args.until_height:
                 head = replica.head.hash.hex()[:16] if replica.head else "-"
@@ -215,9 +227,8 @@ def follow(args: argparse.Namespace) -> int:
             except queue.Empty:
                 # Idle but still behind a block we hold (a replay is capped per request, and the
                 # fleet may be quiet): ask for the rest rather than wait for the next new block.
-                if replica.missing() is not None and time.monotonic() - last_request > 2.0:
-                    last_request = time.monotonic()
-                    link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
+                if replica.missing() is not None:
+                    request_more()
                 continue
             if message.topic not in (topics.ledger_blocks, topics.ledger_head):
                 continue
@@ -230,8 +241,7 @@ def follow(args: argparse.Namespace) -> int:
                 return 2
             if replica.height > before:
                 log.info("block %d verified", replica.height - 1)
-            if event.kind == "gap" and time.monotonic() - last_request > 2.0:
-                last_request = time.monotonic()
-                link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
+            if event.kind == "gap":
+                request_more()
     finally:
         link.stop()
