@@ -18,6 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from manual_clock import ManualClock
 from paho.mqtt.enums import CallbackAPIVersion
 
 from federation.chunking import (
@@ -36,17 +37,9 @@ from federation.chunking import (
 from tests.conftest import Mosquitto
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def make(budget: int = 10 << 20, limit: int = 8 << 20, timeout: float = 30.0,
          clock: Callable[[], float] | None = None, **kw: int | bool) -> Reassembler:
-    return Reassembler(budget, limit, timeout, clock or Clock(), **kw)  # type: ignore[arg-type]
+    return Reassembler(budget, limit, timeout, clock or ManualClock(), **kw)  # type: ignore[arg-type]
 
 
 def feed_all(r: Reassembler, key: str, frames: list[bytes]) -> list[bytes]:
@@ -127,7 +120,7 @@ def test_streams_on_different_keys_never_mix() -> None:
 # -- failures ------------------------------------------------------------------------------------
 
 def test_missing_chunk_times_out_and_frees_memory() -> None:
-    clock = Clock()
+    clock = ManualClock()
     r = make(timeout=10.0, clock=clock)
     frames = split(os.urandom(40_000), 1000)
     missing = frames.pop(17)
@@ -146,7 +139,7 @@ def test_missing_chunk_times_out_and_frees_memory() -> None:
 
 
 def test_feed_expires_lazily() -> None:
-    clock = Clock()
+    clock = ManualClock()
     r = make(budget=50_000, timeout=5.0, clock=clock)
     assert feed_all(r, "t/a", split(os.urandom(40_000), 1000)[:-1]) == []  # ~39 KB really buffered
     frames = split(os.urandom(40_000), 1000)
@@ -192,7 +185,7 @@ def test_declared_size_over_limit_rejected_at_first_frame() -> None:
 
 
 def test_bounded_memory_under_many_concurrent_partial_transfers() -> None:
-    clock = Clock()
+    clock = ManualClock()
     budget = 1_000_000
     r = make(budget=budget, limit=200_000, timeout=20.0, clock=clock)
     messages = {f"fleet/update/dev-{k}": os.urandom(100_000) for k in range(200)}
@@ -261,7 +254,7 @@ def test_tiny_frames_declaring_huge_sizes_do_not_take_the_budget() -> None:
     until they timed out. Now they hold only the bytes really sent.
     """
     limit = 64 << 20
-    clock = Clock()
+    clock = ManualClock()
     r = make(budget=4 * limit, limit=limit, timeout=30.0, clock=clock)  # as federation.mqtt builds it
     for round_ in range(3):  # the attacker simply repeats (new ids supersede its own old ones)
         for topic in ("fleet/update/evil-1", "fleet/update/evil-2"):
@@ -326,7 +319,7 @@ def test_a_stream_abandoning_transfers_cannot_fail_another_streams_message(hog_t
     displaced ones are reported.
     """
     limit = 200_000
-    clock = Clock()
+    clock = ManualClock()
     r = make(budget=budget_factor * limit, limit=limit, timeout=30.0, clock=clock)
     for round_ in range(4):
         for topic in hog_topics:
@@ -473,7 +466,7 @@ def test_retained_topics_layout_and_stale_chunk_cleanup() -> None:
 def test_retained_delivery_in_any_order_with_stale_chunks() -> None:
     """A new subscriber gets the retained manifest, current chunks and stale ones, in any order."""
     rng = random.Random(7)
-    clock = Clock()
+    clock = ManualClock()
     old, new = os.urandom(30_000), os.urandom(12_000)
     old_pubs = retained_topics("f/model", split(old, 1000))
     new_pubs = retained_topics("f/model", split(new, 1000))
@@ -495,7 +488,7 @@ def test_retained_delivery_in_any_order_with_stale_chunks() -> None:
 
 
 def test_manifest_without_its_chunks_times_out() -> None:
-    clock = Clock()
+    clock = ManualClock()
     r = make(timeout=5, clock=clock)
     pubs = retained_topics("f/model", split(os.urandom(9000), 1000))
     assert r.feed(*pubs[-1]) is None and r.partial_count == 1

@@ -11,6 +11,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from manual_clock import ManualClock
 
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
@@ -30,14 +31,6 @@ def initial_model() -> dict[str, np.ndarray]:
     return {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = time.time()  # registrations carry the real clock; deadlines are relative
-
-    def __call__(self) -> float:
-        return self.t
-
-
 class Harness:
     def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0) -> None:
         self.tmp = tmp
@@ -51,7 +44,7 @@ class Harness:
                                               self.keys.model_key)
         self.policy = policy or RoundPolicy(min_clients=2, quorum=1, deadline_s=0)
         self.max_rounds = max_rounds
-        self.clock = Clock()
+        self.clock = ManualClock(time.time())  # registrations carry the real clock; deadlines are relative
         self.published: list[tuple[str, bytes, bool]] = []
         self.evaluate: Any = None
         self.coordinator = self.build()

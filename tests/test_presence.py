@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from manual_clock import ManualClock
 
 from coordinator.presence import PresenceBook
 from edge_agent.presence import PresenceSession
@@ -13,14 +14,6 @@ from federation.envelope import EnvelopeError
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 
 FLEET = "unit"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -77,7 +70,7 @@ def test_a_heartbeat_verifies_and_forgeries_do_not(fleet: tuple[DeviceRegistry, 
 
 def test_only_fresh_statements_change_presence(fleet: tuple[DeviceRegistry, dict[str, DeviceBundle]]) -> None:
     registry, bundles = fleet
-    clock = Clock()
+    clock = ManualClock()
     book = PresenceBook(clock)
     first = PresenceSession(bundles["pump-01"], now=1000.0)
     beat1, beat2 = first.statement("online"), first.statement("online")
