@@ -1,0 +1,119 @@
+"""C2SP signed notes and tlog-checkpoints: the Go reference vector, the ledger's own checkpoints,
+and what a verifier must refuse."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from ledger import Ed25519Signer, Ledger, LedgerError, records
+from ledger.checkpoint import (
+    Checkpoint,
+    NoteError,
+    key_id,
+    open_checkpoint,
+    open_note,
+    parse_verifier_key,
+    sign_checkpoint,
+    sign_note,
+    verifier_key,
+)
+from ledger.merkle import EMPTY_ROOT, check_consistency
+
+# The example key and note of golang.org/x/mod/sumdb/note (note_test.go), the reference
+# implementation of signed notes: Ed25519 is deterministic, so signing the same text with the
+# same seed must give the published note byte for byte.
+GO_SKEY = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"
+GO_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
+GO_TEXT = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
+GO_NOTE = GO_TEXT + ("\n\u2014 PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfq"
+                     "dngotpRZb6KE6RyyBwJnAM=\n")
+
+
+def go_signer() -> Ed25519Signer:
+    raw = base64.b64decode(GO_SKEY.split("+", 4)[4])
+    assert raw[0] == 1
+    return Ed25519Signer(raw[1:])
+
+
+def test_reference_note_vector() -> None:
+    signer = go_signer()
+    name, public = parse_verifier_key(GO_VKEY)
+    assert name == "PeterNeumann" and public == signer.public_key
+    assert key_id(name, public).hex() == "c74f20a3"
+    assert verifier_key(name, public) == GO_VKEY
+    assert sign_note(GO_TEXT, name, signer) == GO_NOTE
+    assert open_note(GO_NOTE, name, public) == GO_TEXT
+    assert open_note(GO_NOTE.encode(), name, public) == GO_TEXT
+
+
+def test_note_verification_refuses_what_the_spec_refuses() -> None:
+    name, public = parse_verifier_key(GO_VKEY)
+    other = Ed25519Signer(bytes(range(32)))
+    witness_line = sign_note(GO_TEXT, "witness.example", other).split("\n\n")[-1]
+    # another key's signature is ignored, ours still decides
+    assert open_note(GO_NOTE + witness_line, name, public) == GO_TEXT
+    bad = {
+        "changed text": GO_NOTE.replace("cryptography", "cryptographY"),
+        "only another key": GO_TEXT + "\n" + witness_line,
+        "no blank line": GO_NOTE.replace("\n\n", "\n"),
+        "hyphen, not em dash": GO_NOTE.replace("\u2014", "-"),
+        "bad base64": GO_NOTE.replace("x08go", "x08g!"),
+        "truncated signature": GO_NOTE.replace("JnAM=", "Jn=="),
+        "control character": GO_NOTE.replace("answer", "ans\twer"),
+        "no signatures": GO_TEXT + "\n",
+        "same name, other key id": GO_TEXT + "\n" + sign_note(GO_TEXT, name, other).split("\n\n")[-1],
+        "too many signatures": GO_NOTE + witness_line * 100,
+        "not utf-8": GO_NOTE.encode() + b"\xff",
+    }
+    for why, note in bad.items():
+        with pytest.raises(NoteError):
+            open_note(note, name, public)
+        assert why
+    forged = GO_NOTE.replace("x08go", "y08go")  # same key id, wrong signature bytes
+    with pytest.raises(NoteError):
+        open_note(forged, name, public)
+    for vkey in (GO_VKEY.replace("c74f20a3", "c74f20a4"), "PeterNeumann+c74f20a3", GO_VKEY[:-2], "a b+00+AA=="):
+        with pytest.raises(NoteError):
+            parse_verifier_key(vkey)
+
+
+def test_checkpoint_text_round_trip_and_strict_parsing() -> None:
+    cp = Checkpoint("example.com/log", 12, bytes(range(32)))
+    assert cp.text() == f"example.com/log\n12\n{base64.b64encode(bytes(range(32))).decode()}\n"
+    assert Checkpoint.parse(cp.text()) == cp
+    root = base64.b64encode(bytes(32)).decode()
+    for text in (f"o\n012\n{root}\n", f"o\n-1\n{root}\n", f"o\n1\n{root}", "o\n1\n\n", f"\n1\n{root}\n",
+                 f"o\n1\n{base64.b64encode(bytes(31)).decode()}\n", f"o\n1\n{root}\n\n", f"o\n0\n{root}\n",
+                 f"o\n١\n{root}\n"):
+        with pytest.raises(NoteError):
+            Checkpoint.parse(text)
+    assert Checkpoint.parse(f"o\n0\n{base64.b64encode(EMPTY_ROOT).decode()}\n").size == 0
+
+
+def test_ledger_checkpoints_verify_and_prove_consistency(tmp_path: Path) -> None:
+    signer = Ed25519Signer(bytes(32))
+    ledger = Ledger.open(tmp_path / "l.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
+    first = ledger.signed_checkpoint()
+    for r in range(1, 6):
+        ledger.append(records.round_opened(r))
+    second = ledger.signed_checkpoint()
+    name, public = parse_verifier_key(ledger.verifier_key())
+    assert name == ledger.origin and public == signer.public_key
+    assert ledger.origin.startswith("fledger/demo/")
+    old, new = open_checkpoint(first, ledger.origin, public), open_checkpoint(second, ledger.origin, public)
+    assert (old.size, new.size) == (1, 6) and new.root == ledger.chain_root() and old.root == ledger.chain_root(1)
+    check_consistency(old.size, new.size, old.root, new.root, ledger.consistency_proof(old.size, new.size))
+    # another log's checkpoint, or the same text under another key, is refused
+    other = Ledger.open(tmp_path / "m.log", signer=signer, fleet="demo", now=lambda: 1.8e9)
+    with pytest.raises(NoteError):
+        open_checkpoint(other.signed_checkpoint(), ledger.origin, public)
+    with pytest.raises(NoteError):
+        open_checkpoint(sign_checkpoint(ledger.checkpoint(), Ed25519Signer(bytes([1]) * 32)), ledger.origin, public)
+    ledger.close()
+    with Ledger.open(tmp_path / "l.log") as reader:
+        assert reader.checkpoint() == new and reader.checkpoint(1) == old
+        with pytest.raises(LedgerError, match="read-only"):
+            reader.signed_checkpoint()
