@@ -117,3 +117,22 @@ def test_ledger_checkpoints_verify_and_prove_consistency(tmp_path: Path) -> None
         assert reader.checkpoint() == new and reader.checkpoint(1) == old
         with pytest.raises(LedgerError, match="read-only"):
             reader.signed_checkpoint()
+
+
+def test_the_coordinator_publishes_a_signed_checkpoint_after_every_block(tmp_path: Path) -> None:
+    from test_coordinator import TOPICS, Harness, weights
+
+    h = Harness(tmp_path)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(2.0), n=20)).accepted  # closes round 1
+    notes = [p for t, p, retain in h.published if t == TOPICS.ledger_checkpoint and retain]
+    blocks = [p for t, p, _ in h.published if t == TOPICS.ledger_blocks]
+    assert len(notes) == len(blocks) > 0
+    origin, public = parse_verifier_key(h.ledger.verifier_key())
+    sizes = [open_checkpoint(note, origin, public).size for note in notes]
+    assert sizes == sorted(sizes) and sizes[-1] == h.ledger.height
+    latest = open_checkpoint(notes[-1], origin, public)
+    assert latest == h.ledger.checkpoint()
+    first = open_checkpoint(notes[0], origin, public)
+    check_consistency(first.size, latest.size, first.root, latest.root,
+                      h.ledger.consistency_proof(first.size, latest.size))
