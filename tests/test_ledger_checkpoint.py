@@ -4,6 +4,7 @@ and what a verifier must refuse."""
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,78 @@ def test_the_coordinator_publishes_a_signed_checkpoint_after_every_block(tmp_pat
     first = open_checkpoint(notes[0], origin, public)
     check_consistency(first.size, latest.size, first.root, latest.root,
                       h.ledger.consistency_proof(first.size, latest.size))
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from fledger.cli import main
+
+    code = main(["--log-level", "WARNING", "ledger", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def forked(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An honest ledger, a fork of it (same genesis and key, rewritten after block 3), and the coordinator key file."""
+    from federation.keys import CoordinatorKeys
+
+    keys = CoordinatorKeys.generate("demo")
+    keys.save(tmp_path / "coordinator.json")
+    signer = Ed25519Signer(keys.sign_seed)
+    honest = Ledger.open(tmp_path / "honest.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
+    for r in range(1, 3):
+        honest.append(records.round_opened(r))
+    honest.close()
+    (tmp_path / "fork.log").write_bytes((tmp_path / "honest.log").read_bytes())
+    for name, start in (("honest", 3), ("fork", 30)):
+        with Ledger.open(tmp_path / f"{name}.log", signer=signer, now=lambda: 1.7e9) as ledger:
+            for r in range(start, start + 5):
+                ledger.append(records.round_opened(r))
+    return tmp_path / "honest.log", tmp_path / "fork.log", tmp_path / "coordinator.json"
+
+
+def test_cli_checkpoints_and_consistency_between_them(forked: tuple[Path, Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    honest, fork, key = forked
+    notes = {}
+    for name, path, size in (("a", honest, "3"), ("b", honest, "8"), ("fork", fork, "8")):
+        code, out, _ = run(capsys, "checkpoint", str(path), "--size", size, "--key", str(key))
+        assert code == 0 and out.count("\n\n\u2014 ") == 1
+        notes[name] = tmp_path / f"{name}.note"
+        notes[name].write_text(out)
+    code, vkey, _ = run(capsys, "checkpoint", str(honest), "--verifier-key")
+    origin, public = parse_verifier_key(vkey)
+    assert open_checkpoint(notes["b"].read_text(), origin, public).size == 8
+
+    code, out, _ = run(capsys, "consistency", str(honest), "--old-checkpoint", str(notes["a"]),
+                       "--new-checkpoint", str(notes["b"]))
+    result = json.loads(out)
+    assert code == 0 and result["verified"] is True and (result["old"], result["new"]) == (3, 8)
+    # The coordinator signed two heads that cannot both be true (a split view): a monitor holding
+    # both checkpoints and the honest file proves it, and the file's own root tells which it matches.
+    code, out, _ = run(capsys, "consistency", str(honest), "--old-checkpoint", str(notes["a"]),
+                       "--new-checkpoint", str(notes["fork"]))
+    result = json.loads(out)
+    assert code == 1 and result["verified"] is False and result["file_matches_new"] is False
+    code, _, err = run(capsys, "checkpoint", str(honest), "--verify", str(notes["fork"]))
+    assert code == 1 and "DIFFERENT HISTORIES" in err
+    assert run(capsys, "checkpoint", str(fork), "--verify", str(notes["fork"]))[0] == 0
+    # a note altered in transit does not verify
+    notes["a"].write_text(notes["a"].read_text().replace("\n3\n", "\n4\n"))
+    code, _, err = run(capsys, "checkpoint", str(honest), "--verify", str(notes["a"]))
+    assert code == 1 and "DOES NOT VERIFY" in err
+
+
+def test_cli_consistency_bad_requests_are_one_line_usage_errors(forked: tuple[Path, Path, Path],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    honest = str(forked[0])
+    for argv in (("--old", "2", "--old-root", "not-hex"), ("--old", "2", "--old-root", "00" * 31),
+                 ("--old", "0"), ("--old", "0", "--old-root", "11" * 32), ("--old", "99"),
+                 ("--old", "5", "--new", "4")):
+        code, out, err = run(capsys, "consistency", honest, *argv)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, argv
+    code, out, _ = run(capsys, "consistency", honest, "--old", "3", "--old-root", "11" * 32)
+    assert code == 1 and json.loads(out)["verified"] is False
