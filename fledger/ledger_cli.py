@@ -63,7 +63,9 @@ def add_parser(sub: Any) -> None:
 
     a = ls.add_parser("show", help="print the blocks as a table (or JSON)")
     a.add_argument("file", type=Path)
-    a.add_argument("--json", action="store_true", help="JSON for machines (bytes as hex)")
+    a.add_argument("--json", action="store_true",
+                   help="JSON for machines: decoded fields with bytes as hex, plus each block's exact encodings "
+                        "body_hex (what its hash is SHA-256 of) and wire_hex (as on the topic and in the file)")
     a.add_argument("--from", dest="start", type=int, default=0, help="first block index (default 0)")
     a.add_argument("--to", dest="end", type=int, default=None, help="last block index, exclusive")
 
