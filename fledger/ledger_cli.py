@@ -17,7 +17,15 @@ from federation import exit_codes
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from ledger import Ledger, ProofError, Replica, ReplicaAlert, format_table, to_json, verify_file
-from ledger.checkpoint import Checkpoint, NoteError, open_checkpoint, sign_checkpoint
+from ledger.checkpoint import (
+    Checkpoint,
+    CheckpointWatch,
+    NoteError,
+    SplitView,
+    open_checkpoint,
+    origin_of,
+    sign_checkpoint,
+)
 from ledger.keys import Ed25519Signer
 from ledger.merkle import HASH_SIZE, check_consistency
 
@@ -116,7 +124,9 @@ def add_parser(sub: Any) -> None:
     a = ls.add_parser("follow", help="subscribe to the ledger topic, keep a verified replica, alert on misbehaviour",
                       description="Independent monitor: replays the chain from the coordinator, verifies every "
                                   "block as it arrives, appends it to a replica file, and exits 2 on a fork, a "
-                                  "rewrite, a bad signature or a gap that is never filled.")
+                                  "rewrite, a bad signature or a gap that is never filled. It also checks the "
+                                  "coordinator's signed checkpoints (ledger/checkpoint) against the replica and exits "
+                                  "1 if one gives another root for the same height (a split view).")
     a.add_argument("--fleet", required=True, help="fleet name")
     a.add_argument("--replica", type=Path, default=None, help="file of verified blocks (msgpack frames, one "
                    "per line of length-prefixed bytes); resumed if present")
@@ -271,6 +281,46 @@ def checkpoint(args: argparse.Namespace) -> int:
         return exit_codes.OK
 
 
+class FollowedCheckpoints:
+    """``follow``'s check of the coordinator's signed checkpoints (ledger/checkpoint) against the
+    replica's verified blocks: a note not signed by the coordinator is ignored (anyone may publish
+    on a broker without ACLs); a signed one whose root is not the replica's raises SplitView."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.watch: CheckpointWatch | None = None
+        self.early: bytes | None = None  # the newest note that came before the genesis block
+
+    def _ready(self) -> CheckpointWatch | None:
+        if self.watch is None and self.replica.height:
+            state = self.replica.state
+            self.watch = CheckpointWatch(origin_of(state.fleet, self.replica.hashes[0]),
+                                         state.keyring[state.coordinator_key_id])
+        return self.watch
+
+    def note(self, raw: bytes) -> None:
+        watch = self._ready()
+        if watch is None:
+            self.early = raw
+            return
+        try:
+            checkpoint = watch.note(raw, self.replica.hashes)
+        except NoteError as exc:
+            log.warning("ignored a checkpoint not signed by the coordinator: %s", exc)
+            return
+        log.debug("checkpoint at size %d received", checkpoint.size)
+
+    def blocks(self) -> None:
+        watch = self._ready()
+        if watch is None:
+            return
+        if self.early is not None:
+            raw, self.early = self.early, None
+            self.note(raw)
+        for checkpoint in watch.blocks(self.replica.hashes):
+            log.info("checkpoint at size %d matches the replica", checkpoint.size)
+
+
 class ReplicaFile:
     """Verified blocks, appended as [4-byte length][block bytes]; re-verified when resumed."""
 
@@ -308,6 +358,7 @@ def follow(args: argparse.Namespace) -> int:
     broker = cfg.load(BrokerConfig, args, section="monitor")
     topics = Topics(args.fleet, broker.topic_prefix)
     replica = Replica(_trusted_key(args))
+    checkpoints = FollowedCheckpoints(replica)
     store = ReplicaFile(args.replica)
     try:
         for raw in store.load():
@@ -324,7 +375,7 @@ def follow(args: argparse.Namespace) -> int:
         return 2
     log.info("replica at height %d; following %s", replica.height, topics.ledger_blocks)
     link = MqttLink(broker, args.client_id or f"fledger-monitor-{args.fleet}",
-                    subscriptions=[topics.ledger_blocks, topics.ledger_head])
+                    subscriptions=[topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint])
     link.start(timeout=60)
     started = time.monotonic()
     last_request = 0.0  # of a request for more: the first one below does not hold them back
@@ -357,11 +408,19 @@ def follow(args: argparse.Namespace) -> int:
                 if replica.missing() is not None:
                     request_more()
                 continue
-            if message.topic not in (topics.ledger_blocks, topics.ledger_head):
+            if message.topic not in (topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint):
                 continue
             try:
                 before = replica.height
+                if message.topic == topics.ledger_checkpoint:
+                    checkpoints.note(message.payload)
+                    continue
                 event = replica.ingest(message.payload)
+                checkpoints.blocks()
+            except SplitView as alert:
+                log.error("ALERT: split view: %s", alert)
+                print(f"ALERT: split view: {alert}", file=sys.stderr)
+                return exit_codes.TAMPERED
             except (ReplicaAlert, ValueError) as alert:
                 log.error("ALERT: %s", alert)
                 print(f"ALERT: {alert}", file=sys.stderr)

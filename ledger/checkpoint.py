@@ -27,10 +27,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ledger.keys import Signer, Verifier
-from ledger.merkle import EMPTY_ROOT, HASH_SIZE
+from ledger.merkle import EMPTY_ROOT, HASH_SIZE, Frontier, leaf_hash, root
 
 ED25519 = 0x01  # signature type byte of Ed25519 in signed-note
 MAX_SIGNATURES = 100  # as golang.org/x/mod/sumdb/note (the spec requires accepting at least 16)
@@ -209,3 +210,59 @@ def open_checkpoint(note: str | bytes, origin: str, public_key: bytes) -> Checkp
         raise NoteError(f"checkpoint is for log {checkpoint.origin!r}, not {origin!r}")
     return checkpoint
 
+
+
+def origin_of(fleet: str, genesis_hash: bytes) -> str:
+    """A fledger ledger's checkpoint origin: ``fledger/<fleet>/<first 8 bytes of the genesis hash, hex>``."""
+    return check_name(f"fledger/{fleet}/{genesis_hash[:8].hex()}")
+
+
+class SplitView(Exception):
+    """The log signed a checkpoint whose root is not the root of the blocks it signed: two histories."""
+
+
+class CheckpointWatch:
+    """A monitor's check of the log's signed checkpoints against the blocks it verified itself.
+
+    Feed it the verified block hashes (``blocks``) and the notes as they arrive (``note``): a
+    note not signed by the log's key raises :class:`NoteError` (anyone may publish junk: the
+    caller ignores it); a signed note is compared with the root of the monitor's own chain at
+    its size — now if the monitor has that many blocks, else when it does — and a mismatch
+    raises :class:`SplitView`. Pure; O(log n) per block."""
+
+    MAX_PENDING = 64  # signed notes ahead of our chain, kept until we catch up (newest kept)
+
+    def __init__(self, origin: str, public_key: bytes) -> None:
+        self.origin, self.public_key = origin, public_key
+        self._frontier = Frontier()
+        self._pending: dict[int, Checkpoint] = {}
+        self.latest: Checkpoint | None = None  # the largest checkpoint confirmed against our blocks
+
+    def note(self, raw: str | bytes, hashes: Sequence[bytes]) -> Checkpoint:
+        checkpoint = open_checkpoint(raw, self.origin, self.public_key)
+        self._pending[checkpoint.size] = checkpoint
+        while len(self._pending) > self.MAX_PENDING:
+            del self._pending[min(self._pending)]
+        self.blocks(hashes)
+        return checkpoint
+
+    def blocks(self, hashes: Sequence[bytes]) -> list[Checkpoint]:
+        """Catch up with the chain (``hashes``: every verified block hash, in order); returns the
+        checkpoints confirmed by it."""
+        confirmed = []
+        for size in sorted(s for s in self._pending if s <= self._frontier.size):  # at or below our height
+            ours = self._frontier.root() if size == self._frontier.size else root([leaf_hash(h) for h in hashes[:size]])
+            confirmed.append(self._confirm(self._pending.pop(size), ours))
+        while self._frontier.size < len(hashes):
+            self._frontier.append(leaf_hash(hashes[self._frontier.size]))
+            if self._frontier.size in self._pending:
+                confirmed.append(self._confirm(self._pending.pop(self._frontier.size), self._frontier.root()))
+        return confirmed
+
+    def _confirm(self, checkpoint: Checkpoint, ours: bytes) -> Checkpoint:
+        if ours != checkpoint.root:
+            raise SplitView(f"the log signed a checkpoint at size {checkpoint.size} with root {checkpoint.root.hex()} "
+                            f"but its signed blocks give {ours.hex()}: two different histories")
+        if self.latest is None or checkpoint.size >= self.latest.size:
+            self.latest = checkpoint
+        return checkpoint

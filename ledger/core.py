@@ -315,7 +315,7 @@ class Ledger:
     @property
     def origin(self) -> str:
         """The log's name in its checkpoints: ``fledger/<fleet>/<first 8 bytes of the genesis hash, hex>``."""
-        return checkpoints.check_name(f"fledger/{self.fleet}/{self._blocks[0].hash[:8].hex()}")
+        return checkpoints.origin_of(self.fleet, self._blocks[0].hash)
 
     def checkpoint(self, size: int | None = None) -> checkpoints.Checkpoint:
         """The (unsigned) tree head of the chain at height ``size`` (default: now)."""

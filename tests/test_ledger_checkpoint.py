@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import BrokerInfo
+from test_coordinator import TOPICS
 
 from ledger import Ed25519Signer, Ledger, LedgerError, records
 from ledger.checkpoint import (
@@ -121,7 +123,7 @@ def test_ledger_checkpoints_verify_and_prove_consistency(tmp_path: Path) -> None
 
 
 def test_the_coordinator_publishes_a_signed_checkpoint_after_every_block(tmp_path: Path) -> None:
-    from test_coordinator import TOPICS, Harness, weights
+    from test_coordinator import Harness, weights
 
     h = Harness(tmp_path)
     assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
@@ -212,3 +214,67 @@ def test_cli_consistency_bad_requests_are_one_line_usage_errors(forked: tuple[Pa
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, argv
     code, out, _ = run(capsys, "consistency", honest, "--old", "3", "--old-root", "11" * 32)
     assert code == 1 and json.loads(out)["verified"] is False
+
+
+def test_checkpoint_watch_confirms_notes_and_catches_a_split_view(tmp_path: Path) -> None:
+    from ledger.checkpoint import CheckpointWatch, SplitView
+
+    signer = Ed25519Signer(bytes(32))
+    ledger = Ledger.open(tmp_path / "l.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
+    notes = [ledger.signed_checkpoint()]
+    for r in range(1, 6):
+        ledger.append(records.round_opened(r))
+        notes.append(ledger.signed_checkpoint())
+    hashes = [b.hash for b in ledger]
+    watch = CheckpointWatch(ledger.origin, signer.public_key)
+    # notes ahead of the monitor wait for its blocks; one at its height or below is checked at once
+    assert watch.note(notes[4], hashes[:2]).size == 5 and watch.latest is None
+    assert [c.size for c in watch.blocks(hashes)] == [5]
+    watch.note(notes[1], hashes)
+    watch.note(notes[5], hashes)
+    assert watch.latest is not None and watch.latest.size == 6
+    with pytest.raises(NoteError):  # someone else's note: the caller ignores it
+        watch.note(sign_checkpoint(ledger.checkpoint(), Ed25519Signer(bytes([7]) * 32)), hashes)
+    # the coordinator signs a head for another history with the same origin (a fork of this file)
+    fork_path = tmp_path / "fork.log"
+    ledger.close()
+    fork_path.write_bytes((tmp_path / "l.log").read_bytes())
+    with Ledger.open(fork_path, signer=signer, now=lambda: 1.7e9) as fork:
+        fork.append(records.round_opened(99))
+        forked_note = fork.signed_checkpoint()  # size 7: ahead of the monitor
+    watch.note(forked_note, hashes)
+    with Ledger.open(tmp_path / "l.log", signer=signer, now=lambda: 1.7e9) as honest:
+        honest.append(records.round_opened(6))
+        with pytest.raises(SplitView, match="size 7"):
+            watch.blocks([b.hash for b in honest])
+
+
+def test_follow_alerts_on_a_signed_checkpoint_of_another_history(tmp_path: Path, embedded_broker: BrokerInfo) -> None:
+    """The coordinator publishes blocks of one history but signs a checkpoint of another (what it
+    would show someone else): the monitor's replica disagrees with the signed root and it says so."""
+    from test_coordinator import FLEET, Harness, weights
+    from test_ledger_cli import _follower, _publish_to
+
+    (tmp_path / "coordinator").mkdir()
+    h = Harness(tmp_path / "coordinator")
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    copy = tmp_path / "seen.log"
+    copy.write_bytes(h.ledger.path.read_bytes())
+    fork = tmp_path / "fork.log"
+    fork.write_bytes(h.ledger.path.read_bytes()[: _frame_end(h.ledger.path.read_bytes(), 3)])
+    with Ledger.open(fork, signer=Ed25519Signer(h.keys.sign_seed), fleet=FLEET) as other:
+        while other.height < h.ledger.height:
+            other.append(records.round_opened(100 + other.height))
+        note = other.signed_checkpoint()
+    follower = _follower(embedded_broker, copy)
+    _, err = _publish_to(follower, embedded_broker, note.encode(), TOPICS.ledger_checkpoint)
+    assert follower.returncode == 1, err
+    assert "ALERT: split view" in err and f"size {h.ledger.height}" in err
+
+
+def _frame_end(data: bytes, count: int) -> int:
+    """Byte offset just after the first ``count`` frames of a ledger file."""
+    pos = 0
+    for _ in range(count):
+        pos += 12 + int.from_bytes(data[pos + 4:pos + 8], "big")
+    return pos
