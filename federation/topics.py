@@ -63,6 +63,11 @@ class Topics:
         return f"{self.base}/ledger/head"
 
     @property
+    def ledger_head_chunks(self) -> str:
+        """Retained chunks of a ledger head block larger than the broker's payload limit."""
+        return f"{self.ledger_head}/chunk/+"
+
+    @property
     def ledger_replay(self) -> str:
         """Monitors publish ``{"from": N}`` here to have blocks N.. re-sent on ledger/blocks."""
         return f"{self.base}/ledger/replay"
@@ -70,6 +75,11 @@ class Topics:
     @property
     def status(self) -> str:
         return f"{self.base}/status"
+
+    @property
+    def status_chunks(self) -> str:
+        """Retained chunks of a status larger than the broker's payload limit (a large fleet)."""
+        return f"{self.status}/chunk/+"
 
     def presence(self, device_id: str) -> str:
         return f"{self.base}/presence/{check_name('device id', device_id)}"
