@@ -11,7 +11,7 @@ For the California/csv MLP and the MNIST CNN (sealed messages as fledger sends t
 3. rounds: a coordinator and two agents as processes (``--rounds`` rounds, 300 samples each),
    the median time between consecutive aggregate blocks in the ledger.
 
-    python bench/chunking.py [--repeat 20] [--rounds 3] [--no-rounds]
+    python bench/chunking.py [--repeat 50] [--rounds 5] [--no-rounds]
         -> table on stdout, bench/results/chunking.json
 """
 
@@ -163,8 +163,8 @@ def round_seconds(port: int, workdir: Path, task_name: str, rounds: int, extra: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=20, help="transfers per measurement (default 20)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per federation run (default 3)")
+    parser.add_argument("--repeat", type=int, default=50, help="transfers per measurement (default 50)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per federation run (default 5)")
     parser.add_argument("--no-rounds", action="store_true", help="skip the federation runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chunking.json")
     args = parser.parse_args()

@@ -365,7 +365,7 @@ def offers_mqtt5(config: BrokerConfig, client_id: str, timeout: float = PROBE_TI
     """Whether the broker speaks MQTT 5: one short connection with a clean session of its own.
 
     A plain MQTT 5 CONNECT (no properties) gets a clear answer from 3.1.1-only brokers:
-    amqtt and RabbitMQ refuse the protocol version, others close the connection; silence
+    amqtt and NATS refuse the protocol version at once, others may close the connection; silence
     until ``timeout`` also means no. (amqtt does not answer a CONNECT with properties at all,
     which is why the real connection is not the probe.) Raises OSError if unreachable.
     """
