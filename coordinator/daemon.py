@@ -22,7 +22,7 @@ from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
 from coordinator.storage import ModelStore, Spool
-from federation import envelope
+from federation import envelope, exit_codes
 from federation.config import setting
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.mqtt import BrokerConfig, MqttLink
@@ -190,6 +190,9 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                             registry_file.adopted()
             except Exception:  # a bug must not end the daemon
                 log.exception("unexpected error in the coordinator's periodic work; continuing")
+            if link.failed is not None:
+                log.critical("stopped: the MQTT link gave up (see above)")
+                return exit_codes.UNREACHABLE
             if coordinator.done:
                 log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
                 # Let the last publishes reach the broker before leaving.

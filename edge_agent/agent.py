@@ -39,7 +39,7 @@ class Link(Protocol):
     inbox: queue.Queue[Message]
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                wait: float | None = None, chunked: bool = False) -> bool: ...
+                wait: float | None = None, chunked: bool = True) -> bool: ...
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import check_registration, fingerprint
+from federation import exit_codes
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
@@ -82,9 +83,13 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
                                     exit_when_done=config.exit_when_done, seed=config.seed),
                       dataset=dataset, register=True, presence=presence)
     try:
-        agent.run(stop=stop.is_set)
-        link.publish(topics.presence(bundle.device_id), presence.statement("offline"), retain=True, wait=5)
+        agent.run(stop=lambda: stop.is_set() or link.failed is not None)
+        if link.failed is None:
+            link.publish(topics.presence(bundle.device_id), presence.statement("offline"), retain=True, wait=5)
     finally:
         link.stop()
     log.info("device %s: stopped after rounds %s", bundle.device_id, agent.trained_rounds)
+    if link.failed is not None:
+        log.error("device %s: stopped because the MQTT link gave up (see above)", bundle.device_id)
+        return exit_codes.UNREACHABLE
     return 0

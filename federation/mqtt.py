@@ -1,6 +1,12 @@
 """The MQTT edge of both roles: a paho client with the settings fledger needs.
 
-- persistent session (clean_session=False) with a stable client id, QoS 1;
+- persistent session (clean_session=False, or in MQTT 5 clean_start=False with a session that
+  never expires) with a stable client id, QoS 1;
+- MQTT 5 when the broker offers it (``mqtt_version = "auto"``), so the broker's maximum
+  packet size is known; MQTT 3.1.1 otherwise;
+- every message split into frames below the broker's packet limit (federation/chunking.py,
+  federation/packet_limit.py), and a disconnect caused by an oversized publish diagnosed
+  once and never re-sent in a loop;
 - reconnect with exponential backoff plus random jitter (paho's own has none, so a fleet
   would reconnect in lock-step after a broker restart);
 - TCP_NODELAY (Nagle's algorithm otherwise holds small packets for ~40-70 ms);
@@ -25,10 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from federation.chunking import ChunkError, Reassembler, chunk_count, retained_topics, split, stream_key
-from federation.config import read_secret, setting
+from federation.config import ConfigError, read_secret, setting
+from federation.packet_limit import (
+    DEFAULT_MAX_PAYLOAD,
+    PACKET_TOO_LARGE,
+    UNSUPPORTED_PROTOCOL,
+    OversizeWatch,
+    payload_limit,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +60,14 @@ class BrokerConfig:
     tls_key: Path | None = setting(None, "client private key (PEM) for mutual TLS")
     keepalive: int = setting(30, "MQTT keepalive in seconds")
     topic_prefix: str = setting("fledger", "first level of every topic")
-    max_payload: int = setting(0, "largest MQTT payload the broker takes; bigger models and updates are sent in "
-                                  "chunks (set ~1 KB under the broker's limit, e.g. 1047552 for a 1 MiB cap; "
-                                  "0: no chunking)")
+    max_payload: int = setting(DEFAULT_MAX_PAYLOAD, "largest MQTT payload sent in one packet; bigger messages "
+                                                    "(models, updates, ledger blocks, status) go in chunks. The "
+                                                    "default fits every common broker (AWS IoT Core: 128 KB); an "
+                                                    "MQTT 5 broker's stated limit lowers it further. Set ~1 KB "
+                                                    "under your broker's packet limit if that is lower; 0: no "
+                                                    "chunking (the broker must take the largest model)")
+    mqtt_version: str = setting("auto", "MQTT protocol: auto (MQTT 5 if the broker offers it, so its packet limit "
+                                        "is known, else 3.1.1), 5, or 3.1.1")
     max_message_bytes: int = setting(256 * 1024 * 1024, "largest chunked message reassembled")
     chunk_timeout: float = setting(120.0, "seconds a partly received chunked message is kept")
 
@@ -79,32 +100,48 @@ class MqttLink:
         # Bounded reassembly of chunked messages: at most a few large messages in flight.
         self.reassembler = Reassembler(4 * config.max_message_bytes, config.max_message_bytes, config.chunk_timeout)
         self._chunk_counts: dict[str, int] = {}
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
-            protocol=paho.MQTTv311,
-        )
-        self._client.max_inflight_messages_set(20)
-        self._client.max_queued_messages_set(0)  # unbounded: QoS 1 messages queue while offline
-        if config.username:
-            self._client.username_pw_set(config.username, read_secret(config.password_file, "MQTT password"))
-        if config.tls_ca:
-            context = ssl.create_default_context(cafile=str(config.tls_ca))
-            if config.tls_cert:
-                context.load_cert_chain(str(config.tls_cert), str(config.tls_key) if config.tls_key else None)
-            self._client.tls_set_context(context)
-        if will:
-            topic, payload, retain = will
-            self._client.will_set(topic, payload, qos=1, retain=retain)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_socket_open = self._on_socket_open
+        self._will = will
+        # The broker's packet limit and what to do about oversized publishes (see packet_limit).
+        self.broker_max_packet: int | None = None  # from an MQTT 5 CONNACK
+        self.failed: str | None = None  # set when the link gave up (the owner stops with an error)
+        self._oversize = OversizeWatch(config.max_payload)
+        self._auto_protocol = _protocol_setting(config.mqtt_version) is None  # decided by a probe in start()
+        self._client = self._new_client(_protocol_setting(config.mqtt_version) or paho.MQTTv311)
+
+    @property
+    def mqtt5(self) -> bool:
+        return bool(self._client.protocol == paho.MQTTv5)
+
+    def _new_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
+        client = _configured_client(self.config, self.client_id, protocol)
+        client.max_inflight_messages_set(20)
+        client.max_queued_messages_set(0)  # unbounded: QoS 1 messages queue while offline
+        if self._will:
+            topic, payload, retain = self._will
+            client.will_set(topic, payload, qos=1, retain=retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
         # paho's own retry (after a successful first connect) doubles its delay from min to max
         # with no jitter; randomising both bounds per client spreads a fleet's reconnects after a
         # broker restart instead of having every device retry in lock-step.
-        low, high = backoff
-        self._client.reconnect_delay_set(min_delay=random.randint(max(1, int(low)), max(2, int(low) + 3)),
-                                         max_delay=random.randint(max(2, int(high) // 2), max(2, int(high))))
+        low, high = self._backoff
+        client.reconnect_delay_set(min_delay=random.randint(max(1, int(low)), max(2, int(low) + 3)),
+                                   max_delay=random.randint(max(2, int(high) // 2), max(2, int(high))))
+        return client
+
+    def _connect(self) -> None:
+        if self.mqtt5:
+            # The MQTT 5 form of clean_session=False: keep the session (and the QoS 1 messages
+            # queued for us while offline) across disconnects, and never let it expire.
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
+            self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive,
+                                 clean_start=False, properties=props)
+        else:
+            self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive)
 
     # -- paho callbacks (network thread: keep them tiny) --------------------------------------
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
@@ -117,16 +154,35 @@ class MqttLink:
             log.error("broker refused connection: %s", reason)
             return
         self.refused = None
+        self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self.connect_count += 1
         self.connected.set()
-        log.info("connected to %s:%s as %s", self.config.broker_host, self.config.broker_port, self.client_id)
+        limit = f", broker's maximum packet size {self.broker_max_packet:,} bytes" if self.broker_max_packet else ""
+        log.info("connected to %s:%s as %s (MQTT %s%s)", self.config.broker_host, self.config.broker_port,
+                 self.client_id, "5" if self.mqtt5 else "3.1.1", limit)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
-        if not self._stopping:
+        if self._stopping:
+            return
+        too_large = self.mqtt5 and getattr(reason, "value", None) == PACKET_TOO_LARGE
+        diagnosis, repeat = self._oversize.disconnected(too_large=too_large)
+        if diagnosis is not None and repeat:
+            # paho would re-send the message after every reconnect and be dropped again, for ever.
+            self.failed = diagnosis
+            log.error("%s; stopping rather than re-sending it", diagnosis)
+            self._stopping = True
+            client.disconnect()  # from the network thread: paho's loop then ends, no reconnect
+        elif diagnosis is not None:
+            log.warning("disconnected from broker (%s) with a large publish unacknowledged; reconnecting; "
+                        "if the re-sent message is dropped again, it is over the broker's packet limit", reason)
+        else:
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._oversize.acknowledged(mid)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:
@@ -148,7 +204,11 @@ class MqttLink:
         delay = self._backoff[0]
         while True:
             try:
-                self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive)
+                if self._auto_protocol:
+                    if offers_mqtt5(self.config, self.client_id):
+                        self._client = self._new_client(paho.MQTTv5)
+                    self._auto_protocol = False
+                self._connect()
                 break
             except (OSError, ssl.SSLError) as exc:
                 if deadline is not None and time.monotonic() + delay > deadline:
@@ -179,14 +239,19 @@ class MqttLink:
         self._client.subscribe(topic, qos=1)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                wait: float | None = None, chunked: bool = False, clear_stale_chunks: bool = False) -> bool:
+                wait: float | None = None, chunked: bool = True, clear_stale_chunks: bool = False) -> bool:
         """Publish; with ``wait`` block up to that many seconds for the broker's PUBACK(s).
 
-        ``chunked``: the payload may exceed the broker's limit (models, updates); with
-        ``max_payload`` set it is sent as frames (see federation.chunking), a retained one as
-        chunk topics plus a manifest. ``clear_stale_chunks`` deletes chunk topics a previous
-        process may have left for a larger retained message."""
-        limit = self.config.max_payload
+        ``chunked`` (the default, for every fledger message): with ``max_payload`` set (the
+        default) the payload is sent as frames no bigger than it, or than the broker's stated
+        limit (see federation.chunking and federation.packet_limit), a retained one as chunk
+        topics plus a manifest; ``chunked=False`` sends the bytes as they are (for readers
+        that are not fledger). ``clear_stale_chunks`` deletes chunk topics a previous process
+        may have left for a larger retained message. Returns False, without sending, when
+        the broker has said it would drop the unchunked payload (``failed`` is then set)."""
+        limit = payload_limit(self.config.max_payload, self.broker_max_packet, topic, mqtt5=self.mqtt5)
+        if not (chunked and limit) and not self._may_send_whole(topic, payload):
+            return False
         if chunked and limit:
             frames = split(payload, limit)
             if retain:
@@ -199,7 +264,7 @@ class MqttLink:
                 pubs = [(topic, frame) for frame in frames]
         else:
             pubs = [(topic, payload)]
-        infos = [self._client.publish(t, p, qos=qos, retain=retain) for t, p in pubs]
+        infos = [self._publish_one(t, p, qos=qos, retain=retain) for t, p in pubs]
         if wait is None:
             return True
         deadline = time.monotonic() + wait
@@ -214,7 +279,12 @@ class MqttLink:
         """Queue several messages on one topic; returns a check of whether the broker has
         acknowledged all of them, so a caller can hold back more until it has (paho's queue
         is unbounded)."""
-        infos = [self._client.publish(topic, payload, qos=qos) for payload in payloads]
+        limit = payload_limit(self.config.max_payload, self.broker_max_packet, topic, mqtt5=self.mqtt5)
+        if limit:
+            framed = [frame for payload in payloads for frame in split(payload, limit)]
+        else:
+            framed = [payload for payload in payloads if self._may_send_whole(topic, payload)]
+        infos = [self._publish_one(topic, frame, qos=qos) for frame in framed]
 
         def acknowledged() -> bool:
             for info in infos:
@@ -226,6 +296,22 @@ class MqttLink:
             return True
 
         return acknowledged
+
+    def _publish_one(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> paho.MQTTMessageInfo:
+        watched = self._oversize.sending(topic, len(payload)) if qos > 0 else None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        self._oversize.sent(watched, info.mid)
+        return info
+
+    def _may_send_whole(self, topic: str, payload: bytes) -> bool:
+        """False (and the link failed) when the broker said it would drop this unchunked payload."""
+        reason = refusal(len(payload), topic, self.broker_max_packet, mqtt5=self.mqtt5)
+        if reason is None:
+            return True
+        if self.failed is None:
+            self.failed = reason
+            log.error("%s", reason)
+        return False
 
     def expire_partial(self) -> None:
         """Drop chunked messages that did not complete in time (call about once a second)."""
@@ -244,3 +330,58 @@ class MqttLink:
             stopper.join(timeout)
             if stopper.is_alive():
                 log.warning("MQTT network thread did not stop within %.0fs", timeout)
+
+
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5 Session Expiry Interval: as 3.1.1's clean_session=False
+PROBE_TIMEOUT_S = 5.0
+_PROTOCOLS = {"auto": None, "5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
+
+
+def _protocol_setting(value: str) -> MQTTProtocolVersion | None:
+    """The paho protocol for the ``mqtt_version`` setting (None: auto)."""
+    try:
+        return _PROTOCOLS[str(value).strip()]
+    except KeyError:
+        raise ConfigError(f"setting mqtt_version: {value!r} is not one of {', '.join(_PROTOCOLS)}") from None
+
+
+def _configured_client(config: BrokerConfig, client_id: str, protocol: MQTTProtocolVersion) -> paho.Client:
+    """A paho client with fledger's identity, credentials and TLS (no callbacks)."""
+    if protocol == paho.MQTTv5:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    else:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=protocol)
+    if config.username:
+        client.username_pw_set(config.username, read_secret(config.password_file, "MQTT password"))
+    if config.tls_ca:
+        context = ssl.create_default_context(cafile=str(config.tls_ca))
+        if config.tls_cert:
+            context.load_cert_chain(str(config.tls_cert), str(config.tls_key) if config.tls_key else None)
+        client.tls_set_context(context)
+    return client
+
+
+def offers_mqtt5(config: BrokerConfig, client_id: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the broker speaks MQTT 5: one short connection with a clean session of its own.
+
+    A plain MQTT 5 CONNECT (no properties) gets a clear answer from 3.1.1-only brokers:
+    amqtt and NATS refuse the protocol version at once, others may close the connection; silence
+    until ``timeout`` also means no. (amqtt does not answer a CONNECT with properties at all,
+    which is why the real connection is not the probe.) Raises OSError if unreachable.
+    """
+    client = _configured_client(config, f"{client_id}-probe", paho.MQTTv5)
+    answer: list[bool] = []
+    client.on_connect = lambda c, u, f, reason, p: answer.append(reason.value not in UNSUPPORTED_PROTOCOL)
+    client.connect(config.broker_host, config.broker_port, config.keepalive, clean_start=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not answer and time.monotonic() < deadline:
+            if client.loop(0.1) != paho.MQTT_ERR_SUCCESS:
+                break  # the broker closed the connection: not MQTT 5
+    finally:
+        with contextlib.suppress(Exception):
+            client.disconnect()
+    offered = bool(answer and answer[0])
+    log.info("broker %s:%s %s MQTT 5", config.broker_host, config.broker_port,
+             "speaks" if offered else "does not speak")
+    return offered

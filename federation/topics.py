@@ -69,6 +69,11 @@ class Topics:
         return f"{self.base}/ledger/checkpoint"
 
     @property
+    def ledger_head_chunks(self) -> str:
+        """Retained chunks of a ledger head block larger than the broker's payload limit."""
+        return f"{self.ledger_head}/chunk/+"
+
+    @property
     def ledger_replay(self) -> str:
         """Monitors publish ``{"from": N}`` here to have blocks N.. re-sent on ledger/blocks."""
         return f"{self.base}/ledger/replay"
@@ -81,6 +86,11 @@ class Topics:
         """Retained, coordinator-signed: what the coordinator knows of this one device (its
         registration, the verdicts on its updates). Each device reads only its own."""
         return f"{self.base}/ack/{check_name('device id', device_id)}"
+
+    @property
+    def status_chunks(self) -> str:
+        """Retained chunks of a status larger than the broker's payload limit (a large fleet)."""
+        return f"{self.status}/chunk/+"
 
     def presence(self, device_id: str) -> str:
         return f"{self.base}/presence/{check_name('device id', device_id)}"

@@ -1,7 +1,8 @@
 """The embedded MQTT broker (amqtt, pure Python): zero setup for a laptop or a test.
 
 Production fleets use mosquitto or a clustered broker (see deploy/); fledger speaks plain
-MQTT 3.1.1, so the roles do not care which. amqtt pitfalls we design around are listed in
+MQTT 3.1.1 (MQTT 5 where the broker offers it, which amqtt does not), so the roles do not
+care which. amqtt pitfalls we design around are listed in
 docs/protocol.md (retained messages leak across subscriptions, so every payload is
 encrypted and signed; anonymous mode drops persistent sessions, so use a password file).
 """
@@ -73,6 +74,22 @@ def _guard_subscription_table(broker: Any) -> None:
                     type(table).__name__)
 
 
+class _QuietMqtt5Probe(logging.Filter):
+    """amqtt (3.1.1 only) warns twice each time it refuses an MQTT 5 CONNECT, which every
+    fledger process sends once to learn whether the broker speaks MQTT 5 (federation.mqtt,
+    offers_mqtt5). That refusal is expected: drop those two lines, keep every other one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Invalid connection from"):
+            return False  # always followed by the line with the reason, checked below
+        return not (message.startswith("Failed to initialize client session: Invalid protocol")
+                    and message.endswith(": 5"))
+
+
+_PROBE_FILTER = _QuietMqtt5Probe()
+
+
 class EmbeddedBroker:
     """amqtt running on its own event loop in a background thread."""
 
@@ -107,6 +124,7 @@ class EmbeddedBroker:
 
             # Broker() must be built inside a running loop (amqtt 0.12.1).
             self._broker = Broker(broker_config(self.host, self.port, self.password_file))
+            self._broker.logger.addFilter(_PROBE_FILTER)  # the same object: added once
             _guard_subscription_table(self._broker)
             await self._broker.start()
 

@@ -375,7 +375,8 @@ def follow(args: argparse.Namespace) -> int:
         return 2
     log.info("replica at height %d; following %s", replica.height, topics.ledger_blocks)
     link = MqttLink(broker, args.client_id or f"fledger-monitor-{args.fleet}",
-                    subscriptions=[topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint])
+                    subscriptions=[topics.ledger_blocks, topics.ledger_head, topics.ledger_head_chunks,
+                                   topics.ledger_checkpoint])
     link.start(timeout=60)
     started = time.monotonic()
     last_request = 0.0  # of a request for more: the first one below does not hold them back
@@ -397,6 +398,9 @@ def follow(args: argparse.Namespace) -> int:
                 head = replica.head.hash.hex()[:16] if replica.head else "-"
                 print(f"replica verified to height {replica.height}, head {head}")
                 return 0
+            if link.failed is not None:
+                log.error("stopped: the MQTT link gave up (see above)")
+                return exit_codes.UNREACHABLE
             if args.timeout and time.monotonic() - started > args.timeout:
                 log.error("timeout at height %d", replica.height)
                 return 3

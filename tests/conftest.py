@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -69,6 +70,16 @@ class Mosquitto:
         self.log.close()
 
 
+@contextlib.contextmanager
+def running(broker: Mosquitto) -> Iterator[Mosquitto]:
+    """Start ``broker`` and stop it on leaving, whatever happens."""
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
 @pytest.fixture
 def embedded_broker() -> Iterator[BrokerInfo]:
     broker = EmbeddedBroker().start()
@@ -80,11 +91,8 @@ def embedded_broker() -> Iterator[BrokerInfo]:
 
 @pytest.fixture
 def mosquitto_broker(tmp_path: Path) -> Iterator[BrokerInfo]:
-    broker = Mosquitto(tmp_path / "mosquitto").start()
-    try:
+    with running(Mosquitto(tmp_path / "mosquitto")) as broker:
         yield BrokerInfo("mosquitto", broker.host, broker.port)
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(params=["amqtt", "mosquitto"])

@@ -31,6 +31,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from federation import codec
+from federation.chunking import parse_frame
 from federation.envelope import decrypt_update, parse_update, seal_update, verify_update_signature
 from federation.keys import CoordinatorKeys, DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
@@ -363,8 +364,9 @@ def test_device_update_over_tls_reaches_only_the_coordinator_and_never_in_clear(
         drain(monitor, QUIET)  # anything the spies got was queued before the coordinator's copy
         spied = [m for spy in (monitor, other_device) for m in _all(spy)]
 
-    assert topic == TOPICS.update(DEV_A) and payload == envelope
-    sealed = parse_update(payload, max_bytes=1 << 20)
+    frame = parse_frame(payload)  # fledger frames every message: this one fits whole (FLC1W + envelope)
+    assert topic == TOPICS.update(DEV_A) and frame.kind == "whole" and frame.data == envelope
+    sealed = parse_update(frame.data, max_bytes=1 << 20)
     verify_update_signature(sealed, bundle.sign_public)
     assert decrypt_update(sealed, keys) == weights
     assert sealed.header.weights_sha256 == hashlib.sha256(weights).digest()

@@ -7,7 +7,8 @@
    coordinator republishes the retained model the broker lost, training completes;
 3. an agent killed (Last Will: offline in the status), rounds close at the deadline with a
    quorum, a late update is stale_round, the agent rejoins and contributes again;
-4. a model bigger than mosquitto's max_packet_size: chunked it goes through, unchunked nothing does.
+4. a model bigger than mosquitto's max_packet_size goes through in chunks, by default
+   (unchunked: tests/test_packet_limit.py).
 
 Measured results are in docs/reliability.md.
 """
@@ -18,7 +19,6 @@ import contextlib
 import os
 import queue
 import random
-import re
 import signal
 import time
 from collections import Counter
@@ -358,9 +358,8 @@ LIMIT = 200_000
 
 def test_model_larger_than_max_packet_size_goes_through_in_chunks(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path / "mosquitto", f"max_packet_size {LIMIT}\n").start()
-    chunked = ["--max-payload", str(LIMIT - 10_000)]
-    fed = Federation(tmp_path, broker.host, broker.port, task="mnist", rounds=1, limit=300,
-                     extra_coordinator=chunked, extra_agent=chunked)
+    # Every setting at its default: chunking is on (tests/test_packet_limit.py has the rest).
+    fed = Federation(tmp_path, broker.host, broker.port, task="mnist", rounds=1, limit=300)
     try:
         fed.start_all()
         finish(fed, 150)
@@ -371,24 +370,6 @@ def test_model_larger_than_max_packet_size_goes_through_in_chunks(tmp_path: Path
     model = (fed.state / "models" / "global-000002.safetensors").stat().st_size
     assert model > LIMIT  # the model really is bigger than one packet may be
     assert "oversize" not in (tmp_path / "mosquitto" / "mosquitto.log").read_text(errors="replace")
-
-
-def test_model_larger_than_max_packet_size_without_chunking_gets_nowhere(tmp_path: Path) -> None:
-    broker = Mosquitto(tmp_path / "mosquitto", f"max_packet_size {LIMIT}\n").start()
-    fed = Federation(tmp_path, broker.host, broker.port, task="mnist", rounds=1, limit=300)
-    mosquitto_log = tmp_path / "mosquitto" / "mosquitto.log"
-    try:
-        fed.start_all()
-        wait_for("mosquitto to refuse an oversize packet",
-                 lambda: "oversize" in mosquitto_log.read_text(errors="replace"), 60, fed)
-        time.sleep(12)
-        assert fed.procs["coordinator"].poll() is None
-        assert not aggregates(fed)
-        assert not [r for r in ledger_records(fed) if r["type"] == "update"]
-    finally:
-        fed.stop()
-        broker.stop()
-    assert re.search(r"oversize", mosquitto_log.read_text(errors="replace"))
 
 
 # -- 5. a silent agent on a broker that never fires its Will -------------------------------------------

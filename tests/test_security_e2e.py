@@ -34,6 +34,7 @@ from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
 from federation import envelope
+from federation.chunking import parse_frame
 from federation.codec import encode_tensors
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.topics import Topics
@@ -161,12 +162,17 @@ def _drain(client: Client) -> list[tuple[str, bytes, bool]]:
 
 
 def _first_on(client: Client, topic: str, timeout: float = 10.0) -> bytes:
-    """The first payload on ``topic`` (amqtt may deliver retained messages of other topics first)."""
+    """The first message on ``topic`` (amqtt may deliver retained messages of other topics first),
+    out of fledger's frame (every message it publishes is framed; these fit in one)."""
     deadline = time.monotonic() + timeout
     while True:
         got_topic, payload, _ = client.messages.get(timeout=max(0.01, deadline - time.monotonic()))
         if got_topic == topic:
-            return payload
+            return parse_frame(payload).data
+
+
+def _update(frame: bytes) -> envelope.SealedUpdate:
+    return envelope.parse_update(parse_frame(frame).data, max_bytes=1 << 26)
 
 
 # -- b. a forged retained global model --------------------------------------------------------
@@ -404,16 +410,16 @@ def test_a_captured_update_replayed_byte_identical_is_counted_and_not_recorded(
                 except queue.Empty:
                     continue
                 if topic == topics.update("edge-1") and captured is None:
-                    captured = payload
+                    captured = payload  # the frame as sent, replayed byte for byte below
                 elif topic == topics.ledger_blocks:
-                    data = Block.from_bytes(payload).data
+                    data = Block.from_bytes(parse_frame(payload).data).data
                     if data["type"] == "update":
                         recorded.add(data["statement"])
-                if captured is not None and envelope.parse_update(captured, max_bytes=1 << 26).header_bytes in recorded:
+                if captured is not None and _update(captured).header_bytes in recorded:
                     break  # accepted and recorded
             else:
                 raise AssertionError(f"never saw edge-1's update accepted\n{fed.log_tail()}")
-            assert envelope.parse_update(captured, max_bytes=1 << 26).header.round == 1
+            assert _update(captured).header.round == 1
             # Rounds take ~100 ms here: the coordinator could finish round 2 and exit before the
             # replay reaches it. Pause the agents until it has been handled.
             for device in DEVICES:
