@@ -176,6 +176,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     connects = link.connect_count
                     coordinator.publish_model()
                     coordinator.publish_status()
+                    coordinator.publish_acks()
                 if message is not None:
                     _dispatch(coordinator, link, topics, message.topic, message.payload, replay)
             except Exception:  # one bad message or a bug must not end the daemon
