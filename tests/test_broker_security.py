@@ -262,8 +262,8 @@ def test_device_cannot_publish_to_another_devices_update_topic(secure_broker: Se
 
 
 def reader_of(topic: str) -> str:
-    """A user the ACL lets read ``topic`` (devices read model and status; monitors the ledger)."""
-    return DEV_B if topic.startswith(TOPICS.model) or topic == TOPICS.status else "monitor"
+    """A user the ACL lets read ``topic`` (devices read the model; monitors the ledger and status)."""
+    return DEV_B if topic.startswith(TOPICS.model) else "monitor"
 
 
 def drain(client: Client, quiet: float = 0.3) -> None:
@@ -522,7 +522,8 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     assert writers[TOPICS.update(DEV_A)] == {DEV_A} and readers[TOPICS.update(DEV_A)] == {"coordinator"}
     assert writers[TOPICS.ledger_replay("monitor")] == {"monitor"}
     assert readers[TOPICS.ledger_replay("monitor")] >= {"coordinator"}
-    assert readers[f"{TOPICS.base}/ack/{DEV_A}"] == {DEV_A}
+    assert readers[f"{TOPICS.base}/ack/{DEV_A}"] == {DEV_A}  # a device learns about itself only
+    assert readers[TOPICS.status] == {"coordinator", "monitor", "operator"}  # the fleet-wide status
     assert readers[TOPICS.ledger_blocks] == {"monitor", "operator"}
     assert not writers[f"{TOPICS.base}/junk"] and not writers["outside/topic"]
 
