@@ -16,7 +16,7 @@ from federation import config as cfg
 from federation import exit_codes
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
-from ledger import Event, Ledger, ProofError, Replica, ReplicaAlert, format_table, to_json, verify_file
+from ledger import Event, Ledger, ProofError, Replica, ReplicaAlert, format_table, records, to_json, verify_file
 from ledger.merkle import verify_consistency
 
 log = logging.getLogger("fledger.ledger")
@@ -73,6 +73,15 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--round", type=int, required=True)
     a.add_argument("--device", required=True)
     a.add_argument("--json", action="store_true", help="print the proof as JSON")
+
+    a = ls.add_parser("dataset", help="check a device's opening of its data set commitment against the ledger",
+                      description="Devices register a salted commitment SHA-256(salt || data SHA-256), not the "
+                                  "bare hash (docs/security.md). Given the device's opening (its state directory's "
+                                  "dataset.json: salt and SHA-256), check that it opens DEVICE's latest dataset "
+                                  "record in FILE and print the data set's SHA-256. Exit 1 if it does not.")
+    a.add_argument("file", type=Path)
+    a.add_argument("--device", required=True)
+    a.add_argument("--opening", type=Path, required=True, help="the device's dataset.json")
 
     a = ls.add_parser("consistency", help="prove the chain at height NEW extends the chain at height OLD")
     a.add_argument("file", type=Path)
@@ -147,6 +156,8 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  path[{i}] {node.hex()}")
             print("proof verified" if ok else "PROOF DOES NOT VERIFY")
         return exit_codes.OK if ok else exit_codes.TAMPERED
+    if command == "dataset":
+        return _check_dataset_opening(args)
     if command == "consistency":
         with Ledger.open(args.file) as ledger:
             new = ledger.height if args.new is None else args.new
@@ -162,6 +173,27 @@ def main(args: argparse.Namespace) -> int:
     if command == "follow":
         return follow(args)
     raise ValueError(f"unknown ledger action {command}")
+
+
+def _check_dataset_opening(args: argparse.Namespace) -> int:
+    from edge_agent.registration import opening_matches
+
+    opening = json.loads(args.opening.read_text())
+    if not isinstance(opening, dict):
+        raise ValueError(f"{args.opening} is not a device's dataset.json")
+    with Ledger.open(args.file) as ledger:
+        registered = [b for b in ledger
+                      if b.data.get("type") == records.DATASET and b.data.get("device") == args.device]
+    if not registered:
+        print(f"no dataset record of {args.device} in {args.file}", file=sys.stderr)
+        return exit_codes.TAMPERED
+    block = registered[-1]
+    if not opening_matches(opening, block.data["sha256"]):
+        print(f"the opening does NOT match {args.device}'s data set commitment in block {block.index}")
+        return exit_codes.TAMPERED
+    print(f"{args.device}: block {block.index} commits to data set SHA-256 {opening['sha256']} "
+          f"({block.data.get('size')} bytes)")
+    return exit_codes.OK
 
 
 class ReplicaFile:
