@@ -189,6 +189,7 @@ def test_follow_exit_codes_tell_usage_broker_and_tampering_apart(finished_round:
     bad_genesis = cli(*base, "--genesis", "12ab")
     assert bad_genesis.returncode == 2 and "--genesis" in bad_genesis.stderr
     assert cli("ledger", "verify", str(tmp_path / "missing.log")).returncode == 2
+    assert cli("ledger", "consistency", str(copy), "--old", "999").returncode == 2  # usage, not tampering
 
 
 def test_follow_alerts_when_the_coordinator_rewrites_history(finished_round: Harness,
