@@ -549,3 +549,33 @@ def test_embedded_broker_hands_retained_messages_only_to_matching_readable_subsc
                 device.subscribe(f"fledger/{FLEET}/#")
                 got = device.collect_until(model)
     assert got == [(TOPICS.model, model, True)]
+
+
+def test_fledger_broker_uses_the_fleets_logins_and_runs_open_only_when_asked(tmp_path: Path) -> None:
+    """`fledger broker` as a user runs it: with no password file it refuses to start (exit 2,
+    saying how to get one) unless --anonymous; in a fleet made by `fledger keys init` it checks
+    logins against keys/broker/passwords."""
+    import sys
+
+    from fledger import keytool
+    from tests.conftest import wait_port
+
+    cli = [sys.executable, "-m", "fledger.cli", "broker", "--keys", str(tmp_path / "keys")]
+    refused = subprocess.run([*cli, "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "fledger keys" in refused.stderr and "--anonymous" in refused.stderr
+    keytool.init_fleet(tmp_path / "keys", FLEET)
+    keytool.add_device(tmp_path / "keys", DEV_A)
+    port = free_port()
+    with open(tmp_path / "broker.log", "wb") as log:
+        proc = subprocess.Popen([*cli, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        address = ("127.0.0.1", port)
+        password = (tmp_path / "keys" / "broker" / f"{DEV_A}.password").read_text().strip()
+        assert not Client(address, None).connect(timeout=15)  # anonymous
+        assert not Client(address, DEV_A, "wrong").connect(timeout=15)
+        with Client(address, DEV_A, password):
+            pass
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
