@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ def parse_request(payload: bytes) -> int | None:
 @dataclass
 class ReplayLimiter:
     limits: ReplayLimits = field(default_factory=ReplayLimits)
-    clock: Callable[[], float] = field(default=lambda: 0.0)
+    clock: Callable[[], float] = time.monotonic
     refused: Counter[str] = field(default_factory=Counter)  # reason -> requests dropped
     _last_served: dict[str, float] = field(default_factory=dict)
     _window_start: float = float("-inf")

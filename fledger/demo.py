@@ -174,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
         tasks = [t for t in tasks if t.task == args.only]
     print(f"fledger demo in {workdir}")
     with EmbeddedBroker(password_file=password_db) as broker:
-        print(f"embedded MQTT broker (amqtt) on {broker.host}:{broker.port}, password auth")
+        print(f"embedded MQTT broker (amqtt) on {broker.host}:{broker.port}, password auth and the fleet ACL")
         results = []
         for spec in tasks:
             print(f"\n== {spec.task}: {len(DEVICES)} agents, {spec.rounds} rounds (target {spec.target})")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from federation_run import Federation
@@ -31,7 +32,7 @@ def chain(n: int = 1000) -> list[bytes]:
     return [BLOCK] * n
 
 
-def blocks_of(blocks: list[bytes]):  # type: ignore[no-untyped-def]
+def blocks_of(blocks: list[bytes]) -> Callable[[int, int], Iterator[bytes]]:
     return lambda start, end: iter(blocks[start:end])
 
 
