@@ -216,7 +216,8 @@ def add_parser(sub: Any) -> None:
                                   "(`fledger broker --password-file`): one user:argon2-hash line per user, "
                                   "file mode 0600. The password is read from --password-file, never from the "
                                   "command line. For mosquitto use mosquitto_passwd.")
-    a.add_argument("user", help="broker user name: a device id, 'coordinator' or 'monitor'")
+    a.add_argument("user", help="broker user name: a device id, 'coordinator', 'monitor', 'operator' or another "
+                                "monitor account named in the ACL")
     a.add_argument("--password-file", type=Path, required=True,
                    help="file whose first line is the password (keep it 0600; the client reads the same file)")
     a.add_argument("--out", type=Path, required=True, help="the amqtt password file to update")
@@ -237,10 +238,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.keys_command == "init":
         keys = init_fleet(directory, args.fleet, force=args.force)
         print(f"fleet {keys.fleet}: coordinator keys in {directory / COORDINATOR_FILE} "
-              f"(signing key id {keys.public.sign_key_id})")
+              f"(signing key id {keys.public.sign_key_id}); broker logins for {', '.join(ROLE_USERS)} in "
+              f"{directory / BROKER_DIR} (`fledger broker` enforces them)")
     elif args.keys_command == "add-device":
         path, key_id = add_device(directory, args.device, force=args.force)
-        print(f"device {args.device}: bundle {path} (key id {key_id}); install it on the device only")
+        print(f"device {args.device}: bundle {path} (key id {key_id}) and broker password "
+              f"{directory / BROKER_DIR / (args.device + '.password')}; install both on the device only")
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "
