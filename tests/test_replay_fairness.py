@@ -84,8 +84,7 @@ def test_an_honest_monitor_catches_up_while_another_account_floods(tmp_path: Pat
                                         "topic write fledger/+/ledger/replay/auditor\n")
     with EmbeddedBroker(password_file=keytool.broker_password_db(fed.keys), acl_file=acl) as broker:
         fed.port = broker.port
-        fed.extra_coordinator += ["--username", "coordinator",
-                                  "--password-file", str(broker_dir / "coordinator.password")]
+        fed.logins["coordinator"] = broker_dir / "coordinator.password"
         stop = threading.Event()
         flooder = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port, username="auditor",
                                         password_file=broker_dir / "auditor.password"), "flooder")
