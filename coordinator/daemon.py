@@ -7,18 +7,17 @@ decryption, aggregation and disk writes, so a slow step never stalls the MQTT co
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coordinator.registry_file import RegistryFile
+from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
 from coordinator.storage import ModelStore, Spool
@@ -57,8 +56,21 @@ class CoordinatorConfig(BrokerConfig):
     client_id: str = setting("", "MQTT client id (default: fledger-coordinator-<fleet>)")
     replay_batch: int = setting(DEFAULT_REPLAY_BATCH, "ledger blocks sent per replay request from a monitor "
                                                       "(it asks again for the rest)")
+    replay_bytes: int = setting(ReplayLimits.max_bytes, "bytes of blocks sent per replay request at most")
+    replay_interval: float = setting(ReplayLimits.interval_s, "seconds between two served replay requests of one "
+                                                              "requester (others are counted and dropped)")
+    replay_requester_window_bytes: int = setting(ReplayLimits.requester_window_bytes,
+                                                 "bytes of replayed blocks per requester per 10 s window")
+    replay_window_bytes: int = setting(ReplayLimits.window_bytes,
+                                       "bytes of replayed blocks for all requesters together per 10 s window")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
+
+
+def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
+    return ReplayLimits(interval_s=config.replay_interval, max_blocks=config.replay_batch,
+                        max_bytes=config.replay_bytes, requester_window_bytes=config.replay_requester_window_bytes,
+                        window_bytes=config.replay_window_bytes)
 
 
 def round_policy(config: CoordinatorConfig) -> RoundPolicy:
@@ -128,7 +140,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     # Reassemble no chunked message larger than the largest update we would accept anyway.
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, config.client_id or f"fledger-coordinator-{config.fleet}",
-                    subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replay])
+                    subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays])
+    replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
     first_model = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
@@ -165,8 +178,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     coordinator.publish_status()
                     coordinator.publish_acks()
                 if message is not None:
-                    _dispatch(coordinator, link, topics, message.topic, message.payload,
-                              replay_batch=config.replay_batch)
+                    _dispatch(coordinator, link, topics, message.topic, message.payload, replay)
             except Exception:  # one bad message or a bug must not end the daemon
                 log.exception("unexpected error handling a message; continuing")
             try:  # apart from message handling, so that no stream of messages can starve it
@@ -210,8 +222,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     return 0
 
 
-def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes, *,
-              replay_batch: int = DEFAULT_REPLAY_BATCH) -> None:
+def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes,
+              replay: ReplayLimiter) -> None:
     device = topics.device_of(topic)
     if device and topic == topics.update(device):
         coordinator.handle_update(topic, payload)
@@ -220,39 +232,17 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
     elif device and topic == topics.presence(device):
         if coordinator.handle_presence(topic, payload):
             coordinator.publish_status()
-    elif topic == topics.ledger_replay:
-        _replay(coordinator, link, topics, payload, batch=replay_batch)
+    elif (requester := topics.replay_requester_of(topic)) is not None:
+        _replay(coordinator, link, topics, requester, payload, replay)
     # anything else (amqtt hands out retained messages of other topics) is ignored
 
 
-# Replays re-send blocks from the worker thread: bounded, so a monitor (or anyone on a broker
-# without ACLs) cannot make the coordinator queue the whole ledger again and again.
-REPLAY_INTERVAL_S = 2.0
-_last_replay = [float("-inf")]
-_replay_delivered: list[Callable[[], bool]] = [lambda: True]
-
-
-def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, payload: bytes, *,
-            batch: int = DEFAULT_REPLAY_BATCH) -> None:
-    """A monitor asked for blocks from some height: re-send them on the ledger topic."""
-    try:
-        request = json.loads(payload) if len(payload) <= 256 else None
-        start = request.get("from", 0) if isinstance(request, dict) else None
-    except ValueError:
-        start = None
-    if type(start) is not int or start < 0:
-        log.warning("malformed ledger replay request")
-        return
-    now = time.monotonic()
-    if now - _last_replay[0] < REPLAY_INTERVAL_S:
-        log.warning("ledger replay request ignored: at most one every %.0fs", REPLAY_INTERVAL_S)
-        return
-    if not _replay_delivered[0]():
-        # Requests must not pile up blocks in the MQTT client's (unbounded) outgoing queue
-        # faster than the broker takes them.
-        log.warning("ledger replay request ignored: the previous replay is still being delivered")
-        return
-    _last_replay[0] = now
-    blocks = [block.to_bytes() for block in coordinator.ledger.blocks(start, start + max(1, batch))]
-    _replay_delivered[0] = link.publish_all(topics.ledger_blocks, blocks)
-    log.info("replayed %d ledger blocks from height %d", len(blocks), start)
+def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, requester: str, payload: bytes,
+            limiter: ReplayLimiter) -> None:
+    """A monitor asked for blocks from some height: re-send them on the ledger topic, within
+    the limiter's per-requester and per-window bounds."""
+    blocks = limiter.request(requester, payload,
+                             lambda start, end: (block.to_bytes() for block in coordinator.ledger.blocks(start, end)))
+    if blocks:
+        limiter.sent(link.publish_all(topics.ledger_blocks, blocks))
+        log.info("replayed %d ledger blocks (%d bytes) for %s", len(blocks), sum(map(len, blocks)), requester)

@@ -13,7 +13,7 @@ import torch
 
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.presence import PresenceSession
-from edge_agent.registration import check_registration, fingerprint
+from edge_agent.registration import check_registration, fingerprint, published_fingerprint
 from federation import exit_codes
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
@@ -67,8 +67,9 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
         (state_dir / "scaler.json").write_text(json.dumps(data.scaler, indent=2))
     log.info("device %s: task %s, shard %d/%d, %d train / %d test samples", bundle.device_id, task.name,
              shard, num_shards, len(data.train_y), len(data.test_y))
-    dataset = fingerprint(task, data, config.shard, config.limit or None)
-    check_registration(state_dir, dataset, reregister=config.reregister)
+    raw = fingerprint(task, data, config.shard, config.limit or None)
+    check_registration(state_dir, raw, reregister=config.reregister)
+    dataset = published_fingerprint(state_dir, raw)  # the salted commitment, never the bare SHA-256
     topics = Topics(bundle.fleet, config.topic_prefix)
     presence = PresenceSession(bundle)
     link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",

@@ -3,6 +3,14 @@
 The fingerprint is the SHA-256 over the task's data files (plus which shard this device
 uses), their size and schema. The agent keeps its registration in its state directory and
 refuses to train if the data changed, unless started with ``--reregister``.
+
+What leaves the device is not that SHA-256 but a salted commitment to it,
+SHA-256(salt || SHA-256 of the data), with 32 random bytes of salt kept in the state
+directory (``dataset.json``). A public data set's hash is guessable: published as is, it
+would tell every reader of the ledger or status which data a device holds. The commitment
+binds the device to its data just as well (the ledger records it, updates name it), and the
+device can open it on request by handing over ``dataset.json`` (salt and SHA-256):
+``fledger ledger dataset`` checks an opening against the ledger. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,40 @@ class Fingerprint:
 
     def to_json(self) -> dict[str, Any]:
         return {"sha256": self.sha256.hex(), "size": self.size, "schema": self.schema}
+
+    def committed(self, salt: bytes) -> Fingerprint:
+        """What the device publishes: the salted commitment in place of the SHA-256, and the
+        schema marked so that a reader of the ledger knows what the digest is."""
+        return Fingerprint(dataset_commitment(salt, self.sha256), self.size, {**self.schema, "digest": COMMITMENT})
+
+
+SALT_BYTES = 32
+COMMITMENT = "sha256(salt||sha256)"  # the schema's "digest" field names the scheme
+
+
+def dataset_commitment(salt: bytes, sha256: bytes) -> bytes:
+    if len(salt) != SALT_BYTES or len(sha256) != 32:
+        raise ValueError(f"a commitment takes a {SALT_BYTES}-byte salt and a 32-byte SHA-256")
+    return hashlib.sha256(salt + sha256).digest()
+
+
+def opening_matches(opening: dict[str, Any], committed: bytes) -> bool:
+    """Does ``opening`` (a device's dataset.json: hex ``salt`` and ``sha256``) open ``committed``?"""
+    try:
+        return dataset_commitment(bytes.fromhex(opening["salt"]), bytes.fromhex(opening["sha256"])) == committed
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def published_fingerprint(state_dir: Path, current: Fingerprint) -> Fingerprint:
+    """``current`` as this device publishes it, committed with the salt stored by
+    :func:`check_registration` (call that first)."""
+    stored = _read(Path(state_dir) / "dataset.json") or {}
+    try:
+        salt = bytes.fromhex(stored["salt"])
+    except (KeyError, TypeError, ValueError):
+        raise DatasetChanged(f"{Path(state_dir) / 'dataset.json'} holds no salt; start with --reregister") from None
+    return current.committed(salt)
 
 
 def fingerprint(task: Task, data: LocalData, shard: str, limit: int | None) -> Fingerprint:
@@ -67,12 +110,21 @@ def check_registration(state_dir: Path, current: Fingerprint, *, reregister: boo
                              "registration; start with --reregister to register the current data")
     if stored is not None:
         if stored.get("sha256") == current.sha256.hex():
-            return not stored.get("acknowledged", False)
+            if isinstance(stored.get("salt"), str):
+                return not stored.get("acknowledged", False)
+            # Registered by a version that published the bare SHA-256: commit afresh (a new
+            # registration, which the coordinator records once).
+            atomic_write(path, json.dumps({**stored, "salt": secrets.token_hex(SALT_BYTES), "acknowledged": False},
+                                          indent=2).encode(), mode=0o600)
+            return True
         if not reregister:
             raise DatasetChanged(
                 f"local data differs from this device's registration (registered {stored.get('sha256', '?')[:16]}, "
                 f"now {current.sha256.hex()[:16]}); start with --reregister to register the new data")
-    atomic_write(path, json.dumps({**current.to_json(), "acknowledged": False}, indent=2).encode())
+    # A new salt with every new registration: commitments to the same data cannot be linked.
+    # 0600: the salt is what keeps the commitment from being checked against guessed data.
+    atomic_write(path, json.dumps({**current.to_json(), "salt": secrets.token_hex(SALT_BYTES), "acknowledged": False},
+                                  indent=2).encode(), mode=0o600)
     return True
 
 
@@ -82,7 +134,7 @@ def mark_acknowledged(state_dir: Path) -> None:
     if stored is None:
         return  # written by check_registration at start; unreadable now means it is sent again
     stored["acknowledged"] = True
-    atomic_write(path, json.dumps(stored, indent=2).encode())
+    atomic_write(path, json.dumps(stored, indent=2).encode(), mode=0o600)
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -62,6 +62,12 @@ class Topics:
         """Retained: the latest block, so a new monitor knows the height at once."""
         return f"{self.base}/ledger/head"
 
+    def ledger_replay(self, requester: str) -> str:
+        """A monitor publishes ``{"from": N}`` here to have blocks N.. re-sent on ledger/blocks.
+        ``requester`` is its broker user: the ACL lets only that user write the topic, so the
+        coordinator can rate-limit each requester (MQTT 3.1.1 does not name a publisher)."""
+        return f"{self.base}/ledger/replay/{check_name('replay requester', requester)}"
+
     @property
     def ledger_checkpoint(self) -> str:
         """Retained: the latest tree head as a C2SP tlog-checkpoint signed note (UTF-8 text), for
@@ -74,9 +80,18 @@ class Topics:
         return f"{self.ledger_head}/chunk/+"
 
     @property
-    def ledger_replay(self) -> str:
-        """Monitors publish ``{"from": N}`` here to have blocks N.. re-sent on ledger/blocks."""
-        return f"{self.base}/ledger/replay"
+    def ledger_replays(self) -> str:
+        return f"{self.base}/ledger/replay/+"
+
+    def replay_requester_of(self, topic: str) -> str | None:
+        """The requester named by a replay topic; None if ``topic`` is none or names no valid user."""
+        prefix = f"{self.base}/ledger/replay/"
+        if not topic.startswith(prefix):
+            return None
+        try:
+            return check_name("replay requester", topic[len(prefix):])
+        except ValueError:
+            return None
 
     @property
     def status(self) -> str:

@@ -2,9 +2,10 @@
 
 Production fleets use mosquitto or a clustered broker (see deploy/); fledger speaks plain
 MQTT 3.1.1 (MQTT 5 where the broker offers it, which amqtt does not), so the roles do not
-care which. amqtt pitfalls we design around are listed in
-docs/protocol.md (retained messages leak across subscriptions, so every payload is
-encrypted and signed; anonymous mode drops persistent sessions, so use a password file).
+care which. With a password file (what `fledger keys init` makes) the embedded broker enforces the same ACL as mosquitto (fledger/fledger.acl, through
+:class:`AclTopicPlugin`) and hands out retained messages only to subscriptions that match
+them (:class:`FledgerBroker`). Anonymous mode has no user names and so no roles: it is for
+tests only. Payloads are encrypted and signed whatever the broker does.
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ import asyncio
 import logging
 import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseTopicPlugin
+from amqtt.session import Session
+
+from fledger.acl import READ, WRITE, Acl
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +35,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def broker_config(host: str, port: int, password_file: Path | None = None,
-                  certfile: Path | None = None, keyfile: Path | None = None) -> dict[str, Any]:
+                  certfile: Path | None = None, keyfile: Path | None = None,
+                  acl_file: Path | None = None) -> dict[str, Any]:
+    """amqtt's configuration. With ``password_file``, the ACL (``acl_file`` or fledger's
+    shipped one) is enforced too: roles need user names."""
     listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}"}
     if certfile:
         listener.update({"ssl": True, "certfile": str(certfile), "keyfile": str(keyfile)})
@@ -34,7 +46,8 @@ def broker_config(host: str, port: int, password_file: Path | None = None,
     if password_file:
         # FileAuthPlugin alone: adding AnonymousAuthPlugin(allow_anonymous=False) would let
         # any user name in (amqtt 0.12.1).
-        plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)}}
+        plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)},
+                   f"{__name__}.AclTopicPlugin": {"acl_file": str(acl_file or "")}}
     else:
         plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     return {"listeners": {"default": listener}, "plugins": plugins}
@@ -46,6 +59,79 @@ def hash_password(password: str) -> str:
     from pwdlib.hashers.argon2 import Argon2Hasher
 
     return PasswordHash((Argon2Hasher(),)).hash(password)
+
+
+class AclTopicPlugin(BaseTopicPlugin):
+    """amqtt topic filter enforcing a mosquitto ACL file (fledger/acl.py) like mosquitto 2.0:
+    PUBLISH needs write access, every delivery (RECEIVE, and retained messages through
+    :class:`FledgerBroker`) read access; a SUBSCRIBE is always granted, as mosquitto 2.0.11
+    grants it, so a wildcard subscriber simply receives what it may read."""
+
+    @dataclass
+    class Config:
+        acl_file: str = ""  # empty: fledger's shipped ACL
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.acl = Acl.load(Path(self.config.acl_file) if self.config.acl_file else None)
+
+    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
+                              action: Action | None = None) -> bool:
+        if action == Action.SUBSCRIBE:
+            return True
+        if session is None or topic is None:
+            return False
+        access = WRITE if action == Action.PUBLISH else READ
+        allowed = self.acl.allows(session.username, topic, access, session.client_id or "")
+        if not allowed:
+            log.info("ACL: %s (user %s) may not %s %s", session.client_id, session.username, access, topic)
+        return allowed
+
+
+class FledgerBroker(Broker):
+    """amqtt's Broker with two holes closed (amqtt 0.12.1, private methods; checked by
+    tests/test_broker_security.py so a changed amqtt fails loudly).
+
+    1. On CONNECT amqtt sends the connecting client the retained messages matching EVERY
+       client's subscriptions (it loops over the whole subscription table), and on any
+       path without a READ check. Here a retained message goes only to a session that holds
+       a matching subscription and may read the topic, as mosquitto does.
+    2. A Last Will is broadcast and retained without the PUBLISH check a normal message
+       gets; here it is checked (mosquitto refuses a will the ACL does not allow)."""
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, [])
+        if not any(held.client_id == session.client_id for held, _ in holders):
+            return  # another client's subscription, or a SUBSCRIBE that was refused
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                continue
+            tasks.append(asyncio.ensure_future(
+                handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _broadcast_message(self, session: Session | None, topic: str | None, data: Any,
+                                 force_qos: int | None = None) -> None:
+        if session is not None and topic is not None and \
+                not await self._topic_filtering(session, topic=topic, action=Action.PUBLISH):
+            return  # a Last Will to a topic its client may not write
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def retain_message(self, source_session: Session | None, topic_name: str | None, data: Any,
+                             qos: int | None = None) -> None:
+        if source_session is not None and topic_name is not None and \
+                not await self._topic_filtering(source_session, topic=topic_name, action=Action.PUBLISH):
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
 
 
 class _SnapshotIterDict(dict[str, Any]):
@@ -94,10 +180,15 @@ class EmbeddedBroker:
     """amqtt running on its own event loop in a background thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None,
-                 password_file: Path | None = None) -> None:
+                 password_file: Path | None = None, acl_file: Path | None = None) -> None:
+        """Without ``password_file`` the broker is anonymous and open (tests only); with it,
+        logins are checked and ``acl_file`` (default: fledger's shipped ACL) is enforced."""
+        if acl_file is not None and password_file is None:
+            raise ValueError("an ACL needs user names: give a password file too")
         self.host = host
         self.port = port or free_port(host)
         self.password_file = password_file
+        self.acl_file = acl_file
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
@@ -120,10 +211,9 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
 
         async def boot() -> None:
-            from amqtt.broker import Broker
-
             # Broker() must be built inside a running loop (amqtt 0.12.1).
-            self._broker = Broker(broker_config(self.host, self.port, self.password_file))
+            self._broker = FledgerBroker(broker_config(self.host, self.port, self.password_file,
+                                                       acl_file=self.acl_file))
             self._broker.logger.addFilter(_PROBE_FILTER)  # the same object: added once
             _guard_subscription_table(self._broker)
             await self._broker.start()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from federation import config as cfg
+from federation import exit_codes
 from ledger import LedgerError
 
 log = logging.getLogger("fledger")
@@ -34,10 +35,25 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from fledger import keytool
     from fledger.broker import EmbeddedBroker
 
-    broker = EmbeddedBroker(args.host, args.port, args.password_file).start()
-    print(f"embedded MQTT broker on {broker.host}:{broker.port} (Ctrl-C to stop)", flush=True)
+    password_file = args.password_file
+    if password_file is None and not args.anonymous:
+        password_file = keytool.broker_password_db(args.keys)
+        if not password_file.exists():
+            raise cfg.ConfigError(f"no broker password file {password_file}: run `fledger keys --dir {args.keys} "
+                                  "init` (or give --password-file), or --anonymous for a test broker without "
+                                  "logins or access control")
+    if args.anonymous:
+        if password_file is not None or args.acl_file is not None:
+            raise cfg.ConfigError("--anonymous has no user names, so no --password-file or --acl-file")
+        log.warning("anonymous broker: no logins and NO access control (any client may publish anything); "
+                    "for tests only")
+    broker = EmbeddedBroker(args.host, args.port, password_file, args.acl_file).start()
+    mode = "anonymous, no access control" if args.anonymous else \
+        f"logins from {password_file}, ACL {args.acl_file or 'fledger/fledger.acl'}"
+    print(f"embedded MQTT broker on {broker.host}:{broker.port} ({mode}; Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -89,12 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt)",
                        description="Run the embedded pure-Python MQTT broker (for laptops and tests; "
-                                   "use mosquitto in production, see deploy/).")
+                                   "use mosquitto in production, see deploy/). It checks logins against the "
+                                   "fleet's password file (made by `fledger keys init` and `add-device`) and "
+                                   "enforces the same ACL as the mosquitto deployment (fledger/fledger.acl).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=1883, help="TCP port (default: 1883)")
+    p.add_argument("--keys", type=Path, default=Path("keys"),
+                   help="the fleet's key directory: its broker/passwords is used unless --password-file is "
+                        "given (default: ./keys)")
     p.add_argument("--password-file", type=Path, default=None,
-                   help="amqtt password file (user:argon2-hash lines; see `fledger keys broker-password`); "
-                        "without it the broker is anonymous and persistent sessions are not kept")
+                   help="amqtt password file (user:argon2-hash lines; see `fledger keys broker-password`)")
+    p.add_argument("--acl-file", type=Path, default=None,
+                   help="mosquitto-format ACL file to enforce (default: fledger's, as deploy/mosquitto ships)")
+    p.add_argument("--anonymous", action="store_true",
+                   help="no logins and no access control: any client may publish anything (tests only)")
     p.set_defaults(func=_cmd_broker)
 
     for name, config_cls, func, text in (
@@ -130,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         result: Any = args.func(args)
-    except (cfg.ConfigError, OSError, ValueError, ConnectionError, LedgerError) as exc:
+    except ConnectionError as exc:  # before OSError, its base: a broker problem, not a usage one
         log.error("%s", exc)
-        return 2
+        return exit_codes.UNREACHABLE
+    except (cfg.ConfigError, OSError, ValueError, LedgerError) as exc:
+        log.error("%s", exc)
+        return exit_codes.USAGE
     except KeyboardInterrupt:
-        return 130
+        return exit_codes.INTERRUPTED
+    except Exception:  # a bug: say so, with the traceback, under its own code
+        log.exception("internal error")
+        return exit_codes.INTERNAL
     return int(result or 0)
 
 

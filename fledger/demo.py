@@ -8,9 +8,7 @@ the embedded broker runs inside the demo process.
 from __future__ import annotations
 
 import argparse
-import os
 import queue
-import secrets
 import shutil
 import subprocess
 import sys
@@ -63,18 +61,11 @@ def _python() -> list[str]:
 
 
 def _credentials(workdir: Path) -> tuple[Path, dict[str, Path]]:
-    """Broker users with random passwords: amqtt keeps persistent sessions only with auth."""
-    password_db = workdir / "broker" / "passwords"
-    files: dict[str, Path] = {}
-    for user in ("coordinator", "monitor", *DEVICES):
-        password = secrets.token_urlsafe(18)
-        path = workdir / "broker" / f"{user}.password"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(password + "\n")
-        keytool.write_broker_password(password_db, user, password)
-        files[user] = path
+    """Broker users with random passwords: the broker enforces the ACL by user name, and amqtt
+    keeps persistent sessions only with auth."""
+    broker_dir = workdir / "broker"
+    files = {user: keytool.new_broker_user(broker_dir, user) for user in ("coordinator", "monitor", *DEVICES)}
+    password_db = broker_dir / keytool.BROKER_PASSWORDS
     return password_db, files
 
 
@@ -183,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
         tasks = [t for t in tasks if t.task == args.only]
     print(f"fledger demo in {workdir}")
     with EmbeddedBroker(password_file=password_db) as broker:
-        print(f"embedded MQTT broker (amqtt) on {broker.host}:{broker.port}, password auth")
+        print(f"embedded MQTT broker (amqtt) on {broker.host}:{broker.port}, password auth and the fleet ACL")
         results = []
         for spec in tasks:
             print(f"\n== {spec.task}: {len(DEVICES)} agents, {spec.rounds} rounds (target {spec.target})")

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
+from federation.durable import atomic_write
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry, write_secret_json
 from federation.topics import check_name
 
 COORDINATOR_FILE = "coordinator.json"
 REGISTRY_FILE = "devices.json"
+BROKER_DIR = "broker"  # the embedded broker's password file and one password file per broker user
+BROKER_PASSWORDS = "passwords"
+# Broker users that are roles, not devices (fledger/fledger.acl). A device's broker user is
+# its id, so a device with one of these ids would get that role's rights.
+ROLE_USERS = ("coordinator", "monitor", "operator")
 
 
 def bundle_path(directory: Path, device: str) -> Path:
@@ -30,7 +36,40 @@ def init_fleet(directory: Path, fleet: str, *, force: bool = False) -> Coordinat
     keys = CoordinatorKeys.generate(fleet)
     keys.save(path)
     DeviceRegistry().save(Path(directory) / REGISTRY_FILE)
+    for user in ROLE_USERS:
+        new_broker_user(Path(directory) / BROKER_DIR, user)
     return keys
+
+
+def broker_password_db(directory: Path) -> Path:
+    """The embedded broker's password file of the fleet in ``directory`` (`fledger broker` uses it)."""
+    return Path(directory) / BROKER_DIR / BROKER_PASSWORDS
+
+
+def new_broker_user(broker_dir: Path, user: str) -> Path:
+    """A random password for broker ``user``: written to ``broker_dir/<user>.password`` (0600,
+    what the client's --password-file reads) and its hash to ``broker_dir/passwords``."""
+    password = secrets.token_urlsafe(24)
+    path = Path(broker_dir) / f"{check_name('broker user', user)}.password"
+    atomic_write(path, (password + "\n").encode(), mode=0o600)
+    write_broker_password(Path(broker_dir) / BROKER_PASSWORDS, user, password)
+    return path
+
+
+def check_device_id(directory: Path, device: str) -> str:
+    """``device`` as a new device id: valid, and not the name of another broker user (a role,
+    or a user in the fleet's broker password file that is no device)."""
+    check_name("device id", device)
+    if device.casefold() in ROLE_USERS:
+        raise ValueError(f"device id {device!r} is reserved: it is the broker user of a role "
+                         f"({', '.join(ROLE_USERS)}) and would get that role's rights")
+    registry = DeviceRegistry.load(Path(directory) / REGISTRY_FILE)
+    db = broker_password_db(directory)
+    if device not in registry.devices and db.exists() and \
+            any(line.split(":", 1)[0] == device for line in db.read_text().splitlines()):
+        raise ValueError(f"device id {device!r} is already a broker user in {db} that is no device: "
+                         "a device with this id would get that user's rights")
+    return device
 
 
 def _new_bundle(directory: Path, device: str) -> tuple[DeviceBundle, bytes]:
@@ -53,8 +92,9 @@ def add_device(directory: Path, device: str, *, force: bool = False) -> tuple[Pa
 
     Refuses (FileExistsError) when the device already has a bundle here or an active key in
     the registry: replacing a device's key is `rotate`, which also revokes the old key. With
-    ``force`` it does exactly that (the previous active keys are revoked)."""
-    check_name("device id", device)
+    ``force`` it does exactly that (the previous active keys are revoked). A new device also
+    gets a broker password (``broker/<device>.password``, and its hash in ``broker/passwords``)."""
+    check_device_id(directory, device)
     path = bundle_path(directory, device)
     registry = DeviceRegistry.load(Path(directory) / REGISTRY_FILE)
     if not force:
@@ -72,6 +112,8 @@ def add_device(directory: Path, device: str, *, force: bool = False) -> tuple[Pa
     bundle.save(path)
     key_id = registry.add(device, public)
     registry.save(Path(directory) / REGISTRY_FILE)
+    if not (Path(directory) / BROKER_DIR / f"{device}.password").exists():
+        new_broker_user(Path(directory) / BROKER_DIR, device)
     return path, key_id
 
 
@@ -119,14 +161,7 @@ def write_broker_password(path: Path, user: str, password: str) -> None:
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith(f"{user}:")]
     lines.append(f"{user}:{hash_password(password)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o600)
 
 
 def read_password_file(path: Path) -> str:
@@ -147,11 +182,19 @@ def add_parser(sub: Any) -> None:
                        description="Provision keys. Secret files are written with 0600 permissions.")
     p.add_argument("--dir", type=Path, default=Path("keys"), help="key directory (default: ./keys)")
     ks = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    a = ks.add_parser("init", help="create the coordinator's keys for a new fleet")
+    a = ks.add_parser("init", help="create the coordinator's keys for a new fleet",
+                      description="Create coordinator.json (signing, decryption and fleet model keys), an empty "
+                                  "devices.json, and broker logins for the roles: broker/passwords (what `fledger "
+                                  "broker` enforces, with the ACL) and broker/{coordinator,monitor,operator}.password "
+                                  "(each client's --password-file). Every file is 0600.")
     a.add_argument("--fleet", required=True, help="fleet name")
     a.add_argument("--force", action="store_true", help="replace existing keys (devices must be re-provisioned)")
-    a = ks.add_parser("add-device", help="create a device's key bundle and register its public key")
-    a.add_argument("device", help="device id (letters, digits, '_' and '-')")
+    a = ks.add_parser("add-device", help="create a device's key bundle and register its public key",
+                      description="Create device-DEVICE.json (0600), register its public key in devices.json and "
+                                  "give it a broker login (broker/DEVICE.password; its hash in broker/passwords). "
+                                  "The device id is its broker user name, so role names (coordinator, monitor, "
+                                  "operator) and other broker users' names are refused.")
+    a.add_argument("device", help="device id (letters, digits, '_' and '-'; not a role's name)")
     a.add_argument("--force", action="store_true",
                    help="replace an existing bundle; the device's previous keys are revoked (as rotate)")
     a = ks.add_parser("rotate", help="give a device a new key and revoke its old one(s)",
@@ -173,7 +216,8 @@ def add_parser(sub: Any) -> None:
                                   "(`fledger broker --password-file`): one user:argon2-hash line per user, "
                                   "file mode 0600. The password is read from --password-file, never from the "
                                   "command line. For mosquitto use mosquitto_passwd.")
-    a.add_argument("user", help="broker user name: a device id, 'coordinator' or 'monitor'")
+    a.add_argument("user", help="broker user name: a device id, 'coordinator', 'monitor', 'operator' or another "
+                                "monitor account named in the ACL")
     a.add_argument("--password-file", type=Path, required=True,
                    help="file whose first line is the password (keep it 0600; the client reads the same file)")
     a.add_argument("--out", type=Path, required=True, help="the amqtt password file to update")
@@ -194,10 +238,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.keys_command == "init":
         keys = init_fleet(directory, args.fleet, force=args.force)
         print(f"fleet {keys.fleet}: coordinator keys in {directory / COORDINATOR_FILE} "
-              f"(signing key id {keys.public.sign_key_id})")
+              f"(signing key id {keys.public.sign_key_id}); broker logins for {', '.join(ROLE_USERS)} in "
+              f"{directory / BROKER_DIR} (`fledger broker` enforces them)")
     elif args.keys_command == "add-device":
         path, key_id = add_device(directory, args.device, force=args.force)
-        print(f"device {args.device}: bundle {path} (key id {key_id}); install it on the device only")
+        print(f"device {args.device}: bundle {path} (key id {key_id}) and broker password "
+              f"{directory / BROKER_DIR / (args.device + '.password')}; install both on the device only")
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "
@@ -222,5 +268,6 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["active_keys", "add_device", "bundle_path", "init_fleet", "read_password_file", "revoke_device_key",
+__all__ = ["active_keys", "add_device", "broker_password_db", "bundle_path", "check_device_id", "init_fleet",
+           "new_broker_user", "read_password_file", "revoke_device_key",
            "rotate_device_key", "write_broker_password", "write_secret_json"]

@@ -16,7 +16,7 @@ from federation import config as cfg
 from federation import exit_codes
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
-from ledger import Ledger, ProofError, Replica, ReplicaAlert, format_table, to_json, verify_file
+from ledger import Event, Ledger, ProofError, Replica, ReplicaAlert, format_table, records, to_json, verify_file
 from ledger.checkpoint import (
     Checkpoint,
     CheckpointWatch,
@@ -31,6 +31,7 @@ from ledger.merkle import HASH_SIZE, check_consistency
 
 log = logging.getLogger("fledger.ledger")
 REPLAY_RETRY_S = 2.0  # a monitor behind asks again at most this often
+GAP_TIMEOUT_S = 120.0  # default: a gap the coordinator's replays have not filled by then is an alert
 
 
 def _trusted_key(args: argparse.Namespace) -> bytes | None:
@@ -85,6 +86,15 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--device", required=True)
     a.add_argument("--json", action="store_true", help="print the proof as JSON")
 
+    a = ls.add_parser("dataset", help="check a device's opening of its data set commitment against the ledger",
+                      description="Devices register a salted commitment SHA-256(salt || data SHA-256), not the "
+                                  "bare hash (docs/security.md). Given the device's opening (its state directory's "
+                                  "dataset.json: salt and SHA-256), check that it opens DEVICE's latest dataset "
+                                  "record in FILE and print the data set's SHA-256. Exit 1 if it does not.")
+    a.add_argument("file", type=Path)
+    a.add_argument("--device", required=True)
+    a.add_argument("--opening", type=Path, required=True, help="the device's dataset.json")
+
     a = ls.add_parser("consistency", help="prove the chain at height NEW extends the chain at height OLD",
                       description="Print (JSON, fields in docs/ledger.md) and check the RFC 6962 consistency proof "
                                   "that the chain at NEW extends the chain at OLD. Give what you recorded before "
@@ -122,15 +132,31 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--coordinator-key", help=key_help)
 
     a = ls.add_parser("follow", help="subscribe to the ledger topic, keep a verified replica, alert on misbehaviour",
-                      description="Independent monitor: replays the chain from the coordinator, verifies every "
-                                  "block as it arrives, appends it to a replica file, and exits 2 on a fork, a "
-                                  "rewrite, a bad signature or a gap that is never filled. It also checks the "
-                                  "coordinator's signed checkpoints (ledger/checkpoint) against the replica and exits "
-                                  "1 if one gives another root for the same height (a split view).")
+                      description="Independent monitor: has the chain replayed by the coordinator, verifies every "
+                                  "block as it arrives against the PINNED coordinator key, appends it to a replica "
+                                  "file, and exits 1 (ALERT) only when the coordinator itself signed a "
+                                  "contradiction: a fork, a rewrite, an invalid block, or a gap its replays do not "
+                                  "fill. Anything not signed by that key (junk, another key's blocks) is counted, "
+                                  "logged and ignored. Pin with --coordinator-key or --genesis; a resumed --replica "
+                                  "pins its own genesis; --trust-on-first-use takes the first self-signed genesis "
+                                  "(unsafe where others can publish). Exit codes: 0 --until-height reached, 1 alert, "
+                                  "2 usage, 3 --timeout, 4 broker unreachable, 5 replica file does not verify. It "
+                                  "also checks the coordinator's signed checkpoints (ledger/checkpoint) against the "
+                                  "replica and exits 1 if one gives another root for the same height (a split view).",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--fleet", required=True, help="fleet name")
     a.add_argument("--replica", type=Path, default=None, help="file of verified blocks (msgpack frames, one "
                    "per line of length-prefixed bytes); resumed if present")
-    a.add_argument("--coordinator-key", help=key_help)
+    a.add_argument("--coordinator-key", help="pin the coordinator's signing key: hex, a device bundle, or the "
+                                             "coordinator key file")
+    a.add_argument("--genesis", default=None, help="pin the chain by its genesis block hash (hex, 64 digits): the "
+                                                   "coordinator key is the one that genesis names")
+    a.add_argument("--trust-on-first-use", action="store_true",
+                   help="with nothing pinned, trust the first genesis that signs itself (anyone able to publish "
+                        "on the ledger topic first can then impersonate the coordinator)")
+    a.add_argument("--gap-timeout", type=float, default=GAP_TIMEOUT_S,
+                   help=f"seconds a gap may stay unfilled while asking for replays before it is an alert "
+                        f"(default: {GAP_TIMEOUT_S:.0f})")
     a.add_argument("--from-file", type=Path, default=None,
                    help="catch up from a copy of the ledger file first (verified block by block)")
     a.add_argument("--until-height", type=int, default=0, help="exit 0 once the replica has this many blocks")
@@ -143,9 +169,11 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     command = args.ledger_command
     if command == "verify":
+        if not args.file.is_file():  # nothing to verify is a usage error (2), not tampering (1)
+            raise FileNotFoundError(f"no ledger file {args.file}")
         report = verify_file(args.file, _trusted_key(args), signatures=args.signatures)
         print(report)
-        return 0 if report.ok else 1
+        return exit_codes.OK if report.ok else exit_codes.TAMPERED
     if command == "show":
         with Ledger.open(args.file) as ledger:
             blocks = ledger.blocks(args.start, args.end)
@@ -157,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
                 proof = ledger.inclusion_proof(args.round, args.device)
             except ProofError as exc:
                 print(f"no proof: {exc}", file=sys.stderr)
-                return 1
+                return exit_codes.TAMPERED
             aggregate = ledger.block(proof.aggregate_index)
             ok = proof.verify(aggregate, ledger.coordinator_key)
         if args.json:
@@ -169,7 +197,9 @@ def main(args: argparse.Namespace) -> int:
             for i, node in enumerate(proof.path):
                 print(f"  path[{i}] {node.hex()}")
             print("proof verified" if ok else "PROOF DOES NOT VERIFY")
-        return 0 if ok else 1
+        return exit_codes.OK if ok else exit_codes.TAMPERED
+    if command == "dataset":
+        return _check_dataset_opening(args)
     if command == "consistency":
         return consistency(args)
     if command == "checkpoint":
@@ -321,6 +351,27 @@ class FollowedCheckpoints:
             log.info("checkpoint at size %d matches the replica", checkpoint.size)
 
 
+def _check_dataset_opening(args: argparse.Namespace) -> int:
+    from edge_agent.registration import opening_matches
+
+    opening = json.loads(args.opening.read_text())
+    if not isinstance(opening, dict):
+        raise ValueError(f"{args.opening} is not a device's dataset.json")
+    with Ledger.open(args.file) as ledger:
+        registered = [b for b in ledger
+                      if b.data.get("type") == records.DATASET and b.data.get("device") == args.device]
+    if not registered:
+        print(f"no dataset record of {args.device} in {args.file}", file=sys.stderr)
+        return exit_codes.TAMPERED
+    block = registered[-1]
+    if not opening_matches(opening, block.data["sha256"]):
+        print(f"the opening does NOT match {args.device}'s data set commitment in block {block.index}")
+        return exit_codes.TAMPERED
+    print(f"{args.device}: block {block.index} commits to data set SHA-256 {opening['sha256']} "
+          f"({block.data.get('size')} bytes)")
+    return exit_codes.OK
+
+
 class ReplicaFile:
     """Verified blocks, appended as [4-byte length][block bytes]; re-verified when resumed."""
 
@@ -354,35 +405,79 @@ class ReplicaFile:
             os.fsync(handle.fileno())
 
 
+def _pins(args: argparse.Namespace) -> tuple[bytes | None, bytes | None]:
+    """(coordinator key, genesis hash) from the command line; ValueError on a bad value."""
+    genesis = None
+    if args.genesis:
+        try:
+            genesis = bytes.fromhex(args.genesis)
+        except ValueError:
+            genesis = b""
+        if len(genesis) != 32:
+            raise ValueError(f"--genesis {args.genesis!r} is not a 64-digit hex SHA-256")
+    return _trusted_key(args), genesis
+
+
+class IgnoredLog:
+    """Warn about messages the replica ignored, with running counts, without one line per
+    message under a flood (the 1st, 2nd, 4th, 8th... of each reason)."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def note(self, topic: str, event: Event) -> None:
+        reason = event.message.split(":", 1)[0]
+        count = self.replica.ignored[reason]
+        if count & (count - 1) == 0:
+            log.warning("ignored a message on %s that the coordinator did not sign: %s (ignored so far: %s)",
+                        topic, event.message, dict(self.replica.ignored))
+
+
 def follow(args: argparse.Namespace) -> int:
     broker = cfg.load(BrokerConfig, args, section="monitor")
     topics = Topics(args.fleet, broker.topic_prefix)
-    replica = Replica(_trusted_key(args))
-    checkpoints = FollowedCheckpoints(replica)
+    key, genesis = _pins(args)
     store = ReplicaFile(args.replica)
+    stored = store.load()
+    if key is None and genesis is None and not stored and not args.trust_on_first_use:
+        raise ValueError("pin the coordinator: --coordinator-key (hex, a device bundle or coordinator.json), "
+                         "--genesis HASH, a --replica that holds the chain, or --trust-on-first-use")
+    replica = Replica(key, genesis_hash=genesis, trust_on_first_use=args.trust_on_first_use)
+    checkpoints = FollowedCheckpoints(replica)
     try:
-        for raw in store.load():
+        for raw in stored:  # our own file, verified when written: it pins the chain if nothing else does
             replica.ingest(raw)
-        # From here on, store each block as verified and applied (never the bytes that merely
-        # arrived at its index: a forged candidate may have come first).
-        replica.on_append = lambda block: store.append(block.to_bytes())
+        if genesis is not None and replica.hashes and replica.hashes[0] != genesis:
+            raise ReplicaAlert("rewrite", 0, f"the replica's genesis is {replica.hashes[0].hex()[:16]}, "
+                                             f"not the pinned {genesis.hex()[:16]}")
+    except ReplicaAlert as alert:
+        log.error("replica %s does not verify against the pinned coordinator: %s", args.replica, alert)
+        return exit_codes.STATE
+    # From here on, store each block as verified and applied (never the bytes that merely
+    # arrived at its index: a forged candidate may have come first).
+    replica.on_append = lambda block: store.append(block.to_bytes())
+    try:
         if args.from_file:
             with Ledger.open(args.from_file) as copy:
                 for block in copy.blocks(replica.height):
-                    replica.ingest(block)
+                    replica.offer(block.to_bytes())
     except ReplicaAlert as alert:
         print(f"ALERT: {alert}", file=sys.stderr)
-        return 2
+        return exit_codes.TAMPERED
     log.info("replica at height %d; following %s", replica.height, topics.ledger_blocks)
-    link = MqttLink(broker, args.client_id or f"fledger-monitor-{args.fleet}",
-                    subscriptions=[topics.ledger_blocks, topics.ledger_head, topics.ledger_head_chunks,
-                                   topics.ledger_checkpoint])
-    link.start(timeout=60)
+    client_id = args.client_id or f"fledger-monitor-{args.fleet}"
+    link = MqttLink(broker, client_id, subscriptions=[topics.ledger_blocks, topics.ledger_head,
+                                                       topics.ledger_head_chunks, topics.ledger_checkpoint])
+    link.start(timeout=min(60.0, args.timeout) if args.timeout else 60.0)  # ConnectionError: exit 4
+    # The ACL lets each monitor account ask on its own topic only; the coordinator limits each.
+    replay_topic = topics.ledger_replay(broker.username or client_id)
     started = time.monotonic()
     last_request = 0.0  # of a request for more: the first one below does not hold them back
+    ignored = IgnoredLog(replica)
+    gap_since: tuple[int, float] | None = None  # (first missing index, since when)
 
     def request_replay() -> None:
-        link.publish(topics.ledger_replay, json.dumps({"from": replica.height}).encode())
+        link.publish(replay_topic, json.dumps({"from": replica.height}).encode())
 
     def request_more() -> None:
         """Ask again from our height, at most every REPLAY_RETRY_S (the coordinator ignores more)."""
@@ -397,19 +492,31 @@ def follow(args: argparse.Namespace) -> int:
             if args.until_height and replica.height >= args.until_height:
                 head = replica.head.hash.hex()[:16] if replica.head else "-"
                 print(f"replica verified to height {replica.height}, head {head}")
-                return 0
+                return exit_codes.OK
             if link.failed is not None:
                 log.error("stopped: the MQTT link gave up (see above)")
                 return exit_codes.UNREACHABLE
             if args.timeout and time.monotonic() - started > args.timeout:
-                log.error("timeout at height %d", replica.height)
-                return 3
+                log.error("timeout at height %d (ignored messages: %s)", replica.height, dict(replica.ignored))
+                return exit_codes.TIMEOUT
+            missing = replica.missing()
+            if missing is None:
+                gap_since = None
+            elif gap_since is None or gap_since[0] != missing[0]:
+                gap_since = (missing[0], time.monotonic())
+            elif time.monotonic() - gap_since[1] > args.gap_timeout:
+                gap = ReplicaAlert("gap", missing[0], f"blocks {missing[0]}..{missing[1]} still missing after "
+                                                        f"{args.gap_timeout:.0f}s of replay requests, while the "
+                                                        "coordinator signed later blocks")
+                log.error("ALERT: %s", gap)
+                print(f"ALERT: {gap}", file=sys.stderr)
+                return exit_codes.TAMPERED
             try:
                 message = link.inbox.get(timeout=0.5)
             except queue.Empty:
                 # Idle but still behind a block we hold (a replay is capped per request, and the
-                # fleet may be quiet): ask for the rest rather than wait for the next new block.
-                if replica.missing() is not None:
+                # fleet may be quiet), or still without the genesis that tells us the key: ask.
+                if missing is not None or (replica.height == 0 and replica.ignored):
                     request_more()
                 continue
             if message.topic not in (topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint):
@@ -419,19 +526,21 @@ def follow(args: argparse.Namespace) -> int:
                 if message.topic == topics.ledger_checkpoint:
                     checkpoints.note(message.payload)
                     continue
-                event = replica.ingest(message.payload)
+                event = replica.offer(message.payload)
                 checkpoints.blocks()
             except SplitView as alert:
                 log.error("ALERT: split view: %s", alert)
                 print(f"ALERT: split view: {alert}", file=sys.stderr)
                 return exit_codes.TAMPERED
-            except (ReplicaAlert, ValueError) as alert:
+            except ReplicaAlert as alert:  # the coordinator's own signed contradiction
                 log.error("ALERT: %s", alert)
                 print(f"ALERT: {alert}", file=sys.stderr)
-                return 2
+                return exit_codes.TAMPERED
             if replica.height > before:
                 log.info("block %d verified", replica.height - 1)
-            if event.kind == "gap":
+            if event.kind == "ignored":
+                ignored.note(message.topic, event)
+            elif event.kind == "gap":
                 request_more()
     finally:
         link.stop()

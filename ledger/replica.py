@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ledger.block import Block, BlockFormatError
-from ledger.keys import Keyring
+from ledger.keys import Keyring, key_id_of
 from ledger.verify import ChainState, VerifyError
 
 
@@ -27,7 +28,7 @@ class ReplicaAlert(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "appended", "duplicate" or "gap"
+    kind: str  # "appended", "duplicate", "gap", or "ignored" (by offer(): not the coordinator's)
     index: int
     height: int  # replica height after this block
     message: str = ""
@@ -44,7 +45,8 @@ class Replica:
 
     def __init__(self, trusted_coordinator_key: bytes | None = None, keyring: Keyring | None = None, *,
                  strict_gaps: bool = False, max_pending: int = 100_000, device_signatures: bool = True,
-                 on_append: Callable[[Block], None] | None = None) -> None:
+                 on_append: Callable[[Block], None] | None = None, genesis_hash: bytes | None = None,
+                 trust_on_first_use: bool = False) -> None:
         self.state = ChainState(trusted_coordinator_key=trusted_coordinator_key, keyring=keyring,
                                 device_signatures=device_signatures)
         self.trusted_coordinator_key = trusted_coordinator_key
@@ -58,6 +60,52 @@ class Replica:
         # Called with each block once it is verified and applied, in chain order: what a
         # monitor stores must be what it verified, never bytes merely received at that index.
         self.on_append = on_append
+        # How offer() learns the coordinator key when it is not given: from the genesis block
+        # with this hash, or (only if asked for) from the first genesis that signs itself.
+        self.genesis_hash = genesis_hash
+        self.trust_on_first_use = trust_on_first_use
+        self.ignored: Counter[str] = Counter()  # reason -> messages offer() dropped
+
+    def coordinator_key(self) -> bytes | None:
+        """The key every block must be signed with: the pinned one, or the genesis's once applied."""
+        if self.height:
+            return self.state.keyring.get(self.state.coordinator_key_id)
+        return self.trusted_coordinator_key
+
+    def offer(self, raw: bytes) -> Event:
+        """Take a message from an untrusted channel (an MQTT topic anyone with rights, or a
+        broker without ACLs, may publish to). Only blocks the pinned coordinator key signed
+        reach :meth:`ingest`; anything else (junk, a bad hash, another key, a block that cannot
+        be checked yet) is counted in :attr:`ignored` and returned as an "ignored" event, never
+        an alert. A :class:`ReplicaAlert` therefore always means the coordinator itself signed
+        a contradiction (fork, rewrite, invalid block) or withholds blocks (gap)."""
+        try:
+            block = Block.from_bytes(raw)
+        except BlockFormatError as exc:
+            return self._ignore("malformed", -1, str(exc))
+        if block.computed_hash() != block.hash:
+            return self._ignore("bad_hash", block.index, "hash does not match the block's contents")
+        key = self.coordinator_key()
+        if key is not None:
+            if block.key_id != key_id_of(key) or not self.state.verifier.verify(key, block.hash, block.signature):
+                return self._ignore("not_coordinator_signed", block.index, f"signed by key {block.key_id!r}")
+            return self.ingest(block)
+        if block.index != 0:
+            return self._ignore("unverifiable", block.index, "the coordinator key is not known before the genesis")
+        if self.genesis_hash is not None:
+            if block.hash != self.genesis_hash:
+                return self._ignore("not_pinned_genesis", 0, f"genesis {block.hash.hex()[:16]} is not the pinned one")
+            return self.ingest(block)  # authentic by its hash: a bad one is the coordinator's own
+        if not self.trust_on_first_use:
+            return self._ignore("unverifiable", 0, "no coordinator key or genesis hash pinned")
+        try:
+            return self.ingest(block)
+        except ReplicaAlert as exc:  # a genesis that does not even verify itself is junk
+            return self._ignore("bad_genesis", 0, str(exc))
+
+    def _ignore(self, reason: str, index: int, detail: str) -> Event:
+        self.ignored[reason] += 1
+        return Event("ignored", index, self.height, f"{reason}: {detail}")
 
     @property
     def height(self) -> int:

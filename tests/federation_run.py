@@ -26,6 +26,9 @@ class Federation:
     extra_agent: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     preexec: dict[str, Callable[[], None]] = field(default_factory=dict)  # per process, e.g. resource limits
+    # broker user -> password file: each process logs in as its own user (coordinator, device id),
+    # as a broker that enforces the ACL requires
+    logins: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keys = self.workdir / "keys"
@@ -42,11 +45,14 @@ class Federation:
     def broker_args(self) -> list[str]:
         return ["--broker-host", self.host, "--broker-port", str(self.port)]
 
+    def login_args(self, user: str) -> list[str]:
+        return ["--username", user, "--password-file", str(self.logins[user])] if user in self.logins else []
+
     def start_coordinator(self) -> subprocess.Popen[bytes]:
         cmd = [*self._cli(), "coordinator", *self.broker_args(), "--fleet", self.fleet, "--task", self.task,
                "--state-dir", str(self.state), "--keys", str(self.keys / keytool.COORDINATOR_FILE),
                "--devices", str(self.keys / keytool.REGISTRY_FILE), "--rounds", str(self.rounds),
-               "--min-clients", str(len(self.devices)), *self.extra_coordinator]
+               "--min-clients", str(len(self.devices)), *self.login_args("coordinator"), *self.extra_coordinator]
         return self._spawn("coordinator", cmd)
 
     def start_agent(self, index: int) -> subprocess.Popen[bytes]:
@@ -54,7 +60,7 @@ class Federation:
         cmd = [*self._cli(), "agent", *self.broker_args(), "--bundle", str(keytool.bundle_path(self.keys, device)),
                "--task", self.task, "--shard", f"{index}/{len(self.devices)}", "--limit", str(self.limit),
                "--state-dir", str(self.workdir / device), "--threads", "1", "--resend-interval", "3",
-               *self.extra_agent]
+               *self.login_args(device), *self.extra_agent]
         return self._spawn(device, cmd)
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:

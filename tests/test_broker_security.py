@@ -43,11 +43,11 @@ from tests.conftest import Mosquitto
 ROOT = Path(__file__).resolve().parent.parent
 PKI_SCRIPT = ROOT / "scripts" / "make-test-pki.sh"
 CONF = ROOT / "deploy" / "mosquitto" / "fledger.conf"
-ACL = ROOT / "deploy" / "mosquitto" / "fledger.acl"
+ACL = ROOT / "deploy" / "mosquitto" / "fledger.acl"  # a link to fledger/fledger.acl, what amqtt enforces
 
 FLEET = "plant7"
 DEV_A, DEV_B = "pump-01", "pump-02"
-USERS = ("coordinator", "monitor", DEV_A, DEV_B)
+USERS = ("coordinator", "monitor", "operator", DEV_A, DEV_B)
 TOPICS = Topics(FLEET)
 QUIET = 0.5  # seconds to keep listening after the sentinel, for stragglers
 
@@ -263,8 +263,8 @@ def test_device_cannot_publish_to_another_devices_update_topic(secure_broker: Se
 
 
 def reader_of(topic: str) -> str:
-    """A user the ACL lets read ``topic`` (devices read model and status; monitors the ledger)."""
-    return DEV_B if topic.startswith(TOPICS.model) or topic == TOPICS.status else "monitor"
+    """A user the ACL lets read ``topic`` (devices read the model; monitors the ledger and status)."""
+    return DEV_B if topic.startswith(TOPICS.model) else "monitor"
 
 
 def drain(client: Client, quiet: float = 0.3) -> None:
@@ -299,14 +299,17 @@ def test_only_the_coordinator_publishes_model_status_and_ledger(secure_broker: S
 
 
 def test_ledger_replay_requests_come_from_monitors_only(secure_broker: SecureBroker) -> None:
+    """A replay request names its requester by topic; nobody can ask in a monitor's name."""
     forged, genuine = token("device-replay"), token("monitor-replay")
     with Client(secure_broker, "coordinator") as coordinator, Client(secure_broker, "monitor") as monitor, \
             Client(secure_broker, DEV_A) as device:
-        coordinator.subscribe(TOPICS.ledger_replay)
-        device.publish(TOPICS.ledger_replay, forged)
-        monitor.publish(TOPICS.ledger_replay, genuine)
+        coordinator.subscribe(TOPICS.ledger_replays)
+        device.publish(TOPICS.ledger_replay("monitor"), forged)
+        device.publish(TOPICS.ledger_replay(DEV_A), forged)
+        monitor.publish(TOPICS.ledger_replay("operator"), forged)
+        monitor.publish(TOPICS.ledger_replay("monitor"), genuine)
         got = coordinator.collect_until(genuine)
-    assert [p for _, p, _ in got] == [genuine]
+    assert [(t, p) for t, p, _ in got] == [(TOPICS.ledger_replay("monitor"), genuine)]
 
 
 # -- a real update over TLS: delivered to the coordinator, and to nobody else in clear --------
@@ -444,3 +447,138 @@ def test_embedded_amqtt_broker_password_file(tmp_path: Path) -> None:
             coordinator.subscribe(TOPICS.updates)
             device.publish(TOPICS.update(DEV_A), b"hello")
             assert coordinator.messages.get(timeout=10)[1] == b"hello"
+
+
+# -- the same roles on the embedded broker and on mosquitto: every role x every topic ------------
+
+ROLES = ("coordinator", "monitor", "operator", DEV_A, DEV_B)
+MATRIX_TOPICS = (
+    TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head,
+    TOPICS.ledger_replay("monitor"), TOPICS.ledger_replay(DEV_A), f"{TOPICS.base}/ledger/replay",
+    TOPICS.update(DEV_A), TOPICS.update(DEV_B), TOPICS.register(DEV_A), TOPICS.register(DEV_B),
+    TOPICS.presence(DEV_A), TOPICS.presence(DEV_B), f"{TOPICS.base}/ack/{DEV_A}", f"{TOPICS.base}/ack/{DEV_B}",
+    Topics("otherfleet").update(DEV_A), Topics("otherfleet").model, f"{TOPICS.base}/junk", "outside/topic",
+)
+
+
+def embedded_with_passwords(passwords: dict[str, str], directory: Path) -> EmbeddedBroker:
+    db = directory / "passwords"
+    for user, password in passwords.items():
+        write_broker_password(db, user, password)
+    return EmbeddedBroker(password_file=db)
+
+
+def observe_matrix(connect: Any) -> set[tuple[str, str, str]]:
+    """(publisher, receiver, topic) for every message delivered when every role subscribes to
+    every topic (one subscription each, exact names) and then publishes to every topic.
+
+    A delivery proves both that the publisher may write the topic and that the receiver may
+    read it; the broker's SUBACK and PUBACK prove nothing (mosquitto 2.0.11 grants and acks
+    denied ones). A final message from the coordinator on the model topic, which every user
+    may read, marks the end for each receiver."""
+    run = uuid.uuid4().hex[:8]
+    clients = {role: connect(role) for role in ROLES}
+    try:
+        for client in clients.values():
+            for topic in MATRIX_TOPICS:
+                client.subscribe(topic)
+        for role, client in clients.items():
+            for topic in MATRIX_TOPICS:
+                client.publish(topic, f"{run}|{role}|{topic}".encode())
+        end = f"{run}|end".encode()
+        clients["coordinator"].publish(TOPICS.model, end)
+        seen: set[tuple[str, str, str]] = set()
+        for receiver, client in clients.items():
+            for topic, payload, retained in client.collect_until(end):
+                parts = payload.decode(errors="replace").split("|")
+                if retained or parts[0] != run or len(parts) != 3:
+                    continue  # a retained message of another test, or the end marker
+                assert parts[2] == topic, f"{payload!r} arrived on {topic}"
+                seen.add((parts[1], receiver, topic))
+        return seen
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    """The must-have: the zero-setup broker is as strict as the hardened deployment. Every role
+    (coordinator, monitor, operator, two devices) publishes to and subscribes to every topic
+    on both brokers; the deliveries are identical, and they are what fledger.acl says."""
+    from fledger.acl import Acl
+
+    passwords = {user: secure_broker.password(user) for user in ROLES}
+    on_mosquitto = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
+    with embedded_with_passwords(passwords, tmp_path) as embedded:
+        address = (embedded.host, embedded.port)
+        on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
+
+    acl = Acl.load(ACL)
+    expected = {(p, r, t) for p in ROLES for r in ROLES for t in MATRIX_TOPICS
+                if acl.allows(p, t, "write") and acl.allows(r, t, "read")}
+    assert on_amqtt == on_mosquitto
+    assert on_mosquitto == expected
+    writers = {t: {p for p, _, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
+    readers = {t: {r for _, r, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
+    for topic in (TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head):
+        assert writers[topic] == {"coordinator"}, topic
+    assert writers[TOPICS.update(DEV_A)] == {DEV_A} and readers[TOPICS.update(DEV_A)] == {"coordinator"}
+    assert writers[TOPICS.ledger_replay("monitor")] == {"monitor"}
+    assert readers[TOPICS.ledger_replay("monitor")] >= {"coordinator"}
+    assert readers[f"{TOPICS.base}/ack/{DEV_A}"] == {DEV_A}  # a device learns about itself only
+    assert readers[TOPICS.status] == {"coordinator", "monitor", "operator"}  # the fleet-wide status
+    assert readers[TOPICS.ledger_blocks] == {"monitor", "operator"}
+    assert not writers[f"{TOPICS.base}/junk"] and not writers["outside/topic"]
+
+
+def test_embedded_broker_hands_retained_messages_only_to_matching_readable_subscriptions(tmp_path: Path) -> None:
+    """amqtt 0.12.1 on its own sends a connecting client the retained messages of EVERY
+    client's subscriptions, with no read check (docs/security.md). FledgerBroker does not."""
+    passwords = {user: f"pw-{user}-{uuid.uuid4().hex}" for user in ("coordinator", "monitor", DEV_A)}
+    model, head = token("model"), token("head")
+    with embedded_with_passwords(passwords, tmp_path) as broker:
+        address = (broker.host, broker.port)
+        with Client(address, "coordinator", passwords["coordinator"]) as coordinator, \
+                Client(address, "monitor", passwords["monitor"]) as monitor:
+            monitor.subscribe(TOPICS.ledger_head)
+            monitor.subscribe(TOPICS.model)  # a subscription the monitor may hold (the ACL lets all read it)
+            coordinator.publish(TOPICS.ledger_head, head, retain=True)
+            coordinator.publish(TOPICS.model, model, retain=True)
+            assert {monitor.messages.get(timeout=10)[1] for _ in range(2)} == {head, model}
+            # A device connects while the monitor's subscriptions exist and subscribes to everything:
+            # it gets the model it may read, once, and not the ledger head of the monitor's
+            # subscription (amqtt would send both on CONNECT, and the head again on SUBSCRIBE).
+            with Client(address, DEV_A, passwords[DEV_A]) as device:
+                device.subscribe(f"fledger/{FLEET}/#")
+                got = device.collect_until(model)
+    assert got == [(TOPICS.model, model, True)]
+
+
+def test_fledger_broker_uses_the_fleets_logins_and_runs_open_only_when_asked(tmp_path: Path) -> None:
+    """`fledger broker` as a user runs it: with no password file it refuses to start (exit 2,
+    saying how to get one) unless --anonymous; in a fleet made by `fledger keys init` it checks
+    logins against keys/broker/passwords."""
+    import sys
+
+    from fledger import keytool
+    from tests.conftest import wait_port
+
+    cli = [sys.executable, "-m", "fledger.cli", "broker", "--keys", str(tmp_path / "keys")]
+    refused = subprocess.run([*cli, "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "fledger keys" in refused.stderr and "--anonymous" in refused.stderr
+    keytool.init_fleet(tmp_path / "keys", FLEET)
+    keytool.add_device(tmp_path / "keys", DEV_A)
+    port = free_port()
+    with open(tmp_path / "broker.log", "wb") as log:
+        proc = subprocess.Popen([*cli, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        address = ("127.0.0.1", port)
+        password = (tmp_path / "keys" / "broker" / f"{DEV_A}.password").read_text().strip()
+        assert not Client(address, None).connect(timeout=15)  # anonymous
+        assert not Client(address, DEV_A, "wrong").connect(timeout=15)
+        with Client(address, DEV_A, password):
+            pass
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -447,12 +447,14 @@ def test_topics_with_an_invalid_device_id_are_ignored_not_raised(h: Harness) -> 
     """update/+ also matches update/a.b: such a message is dropped quietly. (It used to raise
     in the worker, so a stream of them kept the daemon from ticking and reloading keys.)"""
     from coordinator.daemon import _dispatch
+    from coordinator.replay import ReplayLimiter
 
     before = h.snapshot()
+    limiter = ReplayLimiter()
     for topic in (f"fledger/{FLEET}/update/a.b", f"fledger/{FLEET}/presence/x y",
-                  f"fledger/{FLEET}/register/" + "a" * 65):
-        assert TOPICS.device_of(topic) is None
-        _dispatch(h.coordinator, None, TOPICS, topic, h.update("dev-a", 1, weights(1)))  # type: ignore[arg-type]
+                  f"fledger/{FLEET}/register/" + "a" * 65, f"fledger/{FLEET}/ledger/replay/a.b"):
+        assert TOPICS.device_of(topic) is None and TOPICS.replay_requester_of(topic) is None
+        _dispatch(h.coordinator, None, TOPICS, topic, h.update("dev-a", 1, weights(1)), limiter)  # type: ignore[arg-type]
     assert h.snapshot() == before and not h.coordinator.rejections
     assert TOPICS.device_of(TOPICS.update("dev-a")) == "dev-a"
 

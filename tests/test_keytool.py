@@ -217,3 +217,35 @@ def test_init_never_wipes_an_existing_device_registry(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match=r"devices\.json"):
         keytool.init_fleet(tmp_path, "plant7")
     assert DeviceRegistry.load(tmp_path / keytool.REGISTRY_FILE).public_key("pump-01", key_id) is not None
+
+
+def test_init_and_add_device_make_broker_logins(fleet: Path) -> None:
+    """What the embedded broker enforces by default: one login per role and per device, each
+    password in its own 0600 file and only its argon2 hash in the broker's password file."""
+    assert keys_cli(fleet, "add-device", "pump-01") == 0
+    broker_dir = fleet / keytool.BROKER_DIR
+    db = keytool.broker_password_db(fleet)
+    users = [line.split(":", 1)[0] for line in db.read_text().splitlines()]
+    assert sorted(users) == sorted([*keytool.ROLE_USERS, "pump-01"])
+    for user in users:
+        password_file = broker_dir / f"{user}.password"
+        assert mode(password_file) == 0o600 and mode(db) == 0o600
+        assert password_file.read_text().strip() not in db.read_text()
+
+
+@pytest.mark.parametrize("device", ["coordinator", "monitor", "operator", "Monitor", "auditor"])
+def test_add_device_refuses_ids_of_broker_roles(fleet: Path, device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A device's broker user is its id: `coordinator` as a device would get the coordinator's
+    rights on the broker. So are other broker users that are no device (here an extra monitor
+    account made with `keys broker-password`)."""
+    password = fleet / "auditor.pw"
+    password.write_text("a-long-password\n")
+    password.chmod(0o600)
+    assert keys_cli(fleet, "broker-password", "auditor", "--password-file", str(password),
+                    "--out", str(keytool.broker_password_db(fleet))) == 0
+    before = (fleet / keytool.REGISTRY_FILE).read_bytes()
+    assert keys_cli(fleet, "add-device", device) == 2
+    err = capsys.readouterr().err
+    assert ("already a broker user" if device == "auditor" else "reserved") in err
+    assert (fleet / keytool.REGISTRY_FILE).read_bytes() == before
+    assert not keytool.bundle_path(fleet, device).exists()

@@ -574,3 +574,46 @@ def test_ledger_imports_nothing_from_the_project() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top in allowed or top in stdlib or top == "__future__", f"{path.name} imports {name}"
+
+
+def test_replica_offer_acts_only_on_what_the_pinned_coordinator_signed(tmp_path: Path) -> None:
+    """What a monitor does with messages off the ledger topics: junk, bad hashes, other keys'
+    blocks and a forged genesis are counted and ignored (never an alert) and never stored;
+    the genuine chain is taken; a contradiction the coordinator signed is still an alert."""
+    ledger = build(tmp_path / "l", rounds=1)
+    blocks = list(ledger)
+    mallory = Ed25519Signer.generate()
+    forged = make_block(3, 1.0, {"type": "note"}, blocks[2].hash, signer=mallory)
+    fake_genesis = make_block(0, 1.0, records.genesis(FLEET, mallory.public_key), ZERO_HASH, signer=mallory)
+    bad_hash = msgpack.packb([blocks[1].body, bytes(32), COORD.key_id, blocks[1].signature])
+    junk = [b"twelve bytes", bad_hash, forged.to_bytes(), fake_genesis.to_bytes()]
+
+    stored: list[Block] = []
+    pinned = Replica(COORD.public_key, on_append=stored.append)
+    for raw in junk:
+        assert pinned.offer(raw).kind == "ignored"
+    for b in blocks:
+        pinned.offer(b.to_bytes())
+        for raw in junk:  # also interleaved with the genuine chain
+            assert pinned.offer(raw).kind == "ignored"
+    assert pinned.height == len(blocks) and [b.hash for b in stored] == [b.hash for b in blocks]
+    assert pinned.ignored["malformed"] and pinned.ignored["bad_hash"] and pinned.ignored["not_coordinator_signed"]
+    with pytest.raises(ReplicaAlert) as info:  # signed by the coordinator, and contradicting: an alert
+        pinned.offer(_rewrite_from(blocks, 2)[2].to_bytes())
+    assert info.value.kind == "rewrite"
+
+    # Pinned by the genesis hash: nothing is taken before that genesis, no other genesis is.
+    by_genesis = Replica(genesis_hash=blocks[0].hash)
+    assert by_genesis.offer(blocks[3].to_bytes()).message.startswith("unverifiable")
+    assert by_genesis.offer(fake_genesis.to_bytes()).message.startswith("not_pinned_genesis")
+    for b in blocks:
+        by_genesis.offer(b.to_bytes())
+    assert by_genesis.height == len(blocks) and by_genesis.offer(forged.to_bytes()).kind == "ignored"
+
+    # Nothing pinned: nothing is taken, unless trust on first use was asked for, which takes
+    # the first genesis that signs itself (so a forger who is first wins: hence the flag).
+    assert Replica().offer(blocks[0].to_bytes()).kind == "ignored"
+    tofu = Replica(trust_on_first_use=True)
+    unsigned = dataclasses.replace(fake_genesis, signature=bytes(64))
+    assert tofu.offer(unsigned.to_bytes()).message.startswith("bad_genesis")
+    assert tofu.offer(blocks[0].to_bytes()).kind == "appended"

@@ -88,16 +88,18 @@ def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> No
     raise AssertionError(f"follower never said {text!r}")
 
 
-def _follower(broker: BrokerInfo, copy: Path, *extra: str) -> subprocess.Popen[str]:
+def _follower(broker: BrokerInfo, copy: Path, key: bytes, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", FLEET, "--broker-host", broker.host,
-         "--broker-port", str(broker.port), "--from-file", str(copy), "--timeout", "60", *extra],
+         "--broker-port", str(broker.port), "--from-file", str(copy), "--timeout", "60",
+         "--coordinator-key", key.hex(), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: bytes,
-                topic: str = TOPICS.ledger_blocks) -> tuple[str, str]:
-    """Once the follower is connected, publish one block (or another payload on ``topic``); its output."""
+                before: tuple[bytes, ...] = (), topic: str = TOPICS.ledger_blocks) -> tuple[str, str]:
+    """Once the follower is connected, publish ``before`` (e.g. forgeries) and one block as the
+    coordinator would (or another payload on ``topic``); the follower's output."""
     publisher = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port), "test-block-publisher")
     publisher.start(timeout=20)
     try:
@@ -106,6 +108,8 @@ def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: byte
         # send it again every second until the follower is done (a duplicate is harmless).
         deadline = time.monotonic() + 60
         while follower.poll() is None and time.monotonic() < deadline:
+            for junk in before:
+                publisher.publish(TOPICS.ledger_blocks, junk, wait=10)
             publisher.publish(topic, block, wait=10)
             time.sleep(1.0)
         return follower.communicate(timeout=30)
@@ -121,10 +125,71 @@ def test_follow_verifies_new_blocks_live(finished_round: Harness, embedded_broke
     copy = tmp_path / "seen.log"
     shutil.copy(h.ledger.path, copy)
     block = h.ledger.append({"type": "operator.note", "text": "open record types are fine"})
-    follower = _follower(embedded_broker, copy, "--until-height", str(h.ledger.height))
+    follower = _follower(embedded_broker, copy, h.keys.public.sign_public, "--until-height", str(h.ledger.height))
     out, err = _publish_to(follower, embedded_broker, block.to_bytes())
     assert follower.returncode == 0, err
     assert f"replica verified to height {h.ledger.height}" in out
+
+
+def test_follow_ignores_and_counts_what_the_coordinator_did_not_sign(
+        finished_round: Harness, embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    """On a broker where anyone may publish (the anonymous embedded one): junk as the retained
+    ledger head before the monitor starts, 12 junk bytes on the blocks topic, and a valid-looking
+    next block signed by another key. None is an alert or an exit; the monitor verifies the
+    coordinator's next block, counts the rest and stores only what the coordinator signed."""
+    h = finished_round
+    copy = tmp_path / "seen.log"
+    shutil.copy(h.ledger.path, copy)
+    with Ledger.open(tmp_path / "forged.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
+        while other.height <= h.ledger.height:
+            other.append(records.round_opened(other.height))
+        foreign = other.block(h.ledger.height)  # at the very index the monitor waits for
+    block = h.ledger.append({"type": "operator.note", "text": "the genuine next block"})
+    junk_head = MqttLink(BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port), "junk")
+    junk_head.start(timeout=20)
+    try:
+        assert junk_head.publish(TOPICS.ledger_head, b"\x00junk-head\xff", retain=True, wait=10)
+    finally:
+        junk_head.stop()
+    replica = tmp_path / "replica"
+    follower = _follower(embedded_broker, copy, h.keys.public.sign_public, "--until-height", str(h.ledger.height),
+                         "--replica", str(replica))
+    out, err = _publish_to(follower, embedded_broker, block.to_bytes(), before=(b"twelve bytes", foreign.to_bytes()))
+    assert follower.returncode == 0, err
+    assert f"replica verified to height {h.ledger.height}" in out
+    assert "ALERT" not in err
+    assert "did not sign: malformed" in err and "did not sign: not_coordinator_signed" in err
+    from fledger.ledger_cli import ReplicaFile
+
+    stored = ReplicaFile(replica).load()
+    assert stored == [b.to_bytes() for b in h.ledger]  # the coordinator's blocks, and only those
+
+
+def test_follow_exit_codes_tell_usage_broker_and_tampering_apart(finished_round: Harness, tmp_path: Path) -> None:
+    """2: nothing pinned (usage); 4: no broker; 5: a replica file that another key wrote;
+    1 for tampering is asserted by the rewrite test below and by `ledger verify`."""
+    from fledger.broker import free_port
+
+    h = finished_round
+    copy = tmp_path / "seen.log"
+    shutil.copy(h.ledger.path, copy)
+    port = str(free_port())  # nothing listens there
+    base = ("ledger", "follow", "--fleet", FLEET, "--broker-host", "127.0.0.1", "--broker-port", port)
+    unpinned = cli(*base)
+    assert unpinned.returncode == 2 and "pin the coordinator" in unpinned.stderr
+    unreachable = cli(*base, "--coordinator-key", h.keys.public.sign_public.hex(), "--timeout", "3")
+    assert unreachable.returncode == 4, unreachable.stderr
+    other_replica = tmp_path / "other-replica"
+    from fledger.ledger_cli import ReplicaFile
+
+    with Ledger.open(tmp_path / "other.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
+        ReplicaFile(other_replica).append(other.block(0).to_bytes())
+    forked = cli(*base, "--coordinator-key", h.keys.public.sign_public.hex(), "--replica", str(other_replica))
+    assert forked.returncode == 5 and "does not verify" in forked.stderr
+    bad_genesis = cli(*base, "--genesis", "12ab")
+    assert bad_genesis.returncode == 2 and "--genesis" in bad_genesis.stderr
+    assert cli("ledger", "verify", str(tmp_path / "missing.log")).returncode == 2
+    assert cli("ledger", "consistency", str(copy), "--old", "999").returncode == 2  # usage, not tampering
 
 
 def test_follow_alerts_when_the_coordinator_rewrites_history(finished_round: Harness,
@@ -138,9 +203,9 @@ def test_follow_alerts_when_the_coordinator_rewrites_history(finished_round: Har
             other.append(records.round_opened(100 + i))
         forged = other.block(2)
     assert forged.hash != h.ledger.block(2).hash
-    follower = _follower(embedded_broker, copy)
+    follower = _follower(embedded_broker, copy, h.keys.public.sign_public)
     _, err = _publish_to(follower, embedded_broker, forged.to_bytes())
-    assert follower.returncode == 2
+    assert follower.returncode == 1
     assert "ALERT" in err and "rewrite" in err and "block 2" in err
 
 
@@ -233,5 +298,5 @@ def _follow(fed: Any, broker: BrokerInfo, height: int, replica: Path) -> subproc
     return subprocess.run(
         [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, "--broker-host",
          broker.host, "--broker-port", str(broker.port), "--until-height", str(height),
-         "--timeout", "60", "--replica", str(replica)],
+         "--timeout", "60", "--replica", str(replica), "--coordinator-key", str(fed.keys / "coordinator.json")],
         capture_output=True, text=True, timeout=90)

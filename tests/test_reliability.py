@@ -122,12 +122,13 @@ class StatusWatcher:
 
 @pytest.fixture
 def password_broker(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, dict[str, Path]]]:
-    """amqtt with a password file: only then does it keep persistent sessions (brokers.md)."""
+    """amqtt with a password file: only then does it keep persistent sessions (brokers.md); it
+    then enforces the ACL too, so each process logs in as its own user."""
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     password_file = secrets / "amqtt.passwd"
     files = {}
-    for user in ("coordinator", "agent"):
+    for user in ("coordinator", "edge-1", "edge-2"):
         password = f"{user}-{random.randrange(1 << 60):x}"
         keytool.write_broker_password(password_file, user, password)
         files[user] = secrets / f"{user}.password"
@@ -144,9 +145,7 @@ def test_coordinator_sigkilled_at_random_moments(password_broker: tuple[Embedded
     broker, passwords = password_broker
     rounds, kills_wanted = 40, 6  # a round takes milliseconds here: enough rounds to kill 6 times
     rng = random.Random(20261124)
-    fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds, limit=300,
-                     extra_coordinator=["--username", "coordinator", "--password-file", str(passwords["coordinator"])],
-                     extra_agent=["--username", "agent", "--password-file", str(passwords["agent"])])
+    fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds, limit=300, logins=passwords)
     kills: list[dict[str, Any]] = []
     agents_frozen = False
 

@@ -15,14 +15,12 @@ from conftest import Mosquitto
 from test_coordinator import TOPICS, Harness
 
 from coordinator import daemon
+from coordinator.replay import ReplayLimiter, ReplayLimits
 from federation.mqtt import BrokerConfig, MqttLink
 
 
-def test_a_replay_waits_for_the_previous_one_to_be_delivered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(daemon, "REPLAY_INTERVAL_S", 0.0)  # the rate limit is not what is under test
-    monkeypatch.setattr(daemon, "_last_replay", [float("-inf")])
-    monkeypatch.setattr(daemon, "_replay_delivered", [lambda: True])
+def test_a_replay_waits_for_the_previous_one_to_be_delivered(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    limiter = ReplayLimiter(ReplayLimits(interval_s=0.0), clock=time.monotonic)  # the rate is not under test
     h = Harness(tmp_path)
     broker = Mosquitto(tmp_path / "mosquitto").start()
     assert broker.proc is not None
@@ -32,20 +30,20 @@ def test_a_replay_waits_for_the_previous_one_to_be_delivered(tmp_path: Path, mon
     try:
         broker.proc.send_signal(signal.SIGSTOP)
         with caplog.at_level(logging.INFO, logger="coordinator.daemon"):
-            daemon._replay(h.coordinator, link, TOPICS, request)
+            daemon._replay(h.coordinator, link, TOPICS, "monitor", request, limiter)
             time.sleep(0.5)
-            daemon._replay(h.coordinator, link, TOPICS, request)
+            daemon._replay(h.coordinator, link, TOPICS, "monitor", request, limiter)
         messages = [r.getMessage() for r in caplog.records]
         assert sum("replayed" in m for m in messages) == 1, messages
-        assert any("previous replay is still being delivered" in m for m in messages), messages
+        assert limiter.refused["previous_replay_in_flight"] == 1, messages
 
         broker.proc.send_signal(signal.SIGCONT)  # acknowledgements flow again
         deadline = time.monotonic() + 20
-        while not daemon._replay_delivered[0]() and time.monotonic() < deadline:
+        while not limiter._delivered() and time.monotonic() < deadline:
             time.sleep(0.05)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="coordinator.daemon"):
-            daemon._replay(h.coordinator, link, TOPICS, request)
+            daemon._replay(h.coordinator, link, TOPICS, "monitor", request, limiter)
         assert any("replayed" in r.getMessage() for r in caplog.records)
     finally:
         broker.proc.send_signal(signal.SIGCONT)

@@ -13,10 +13,13 @@ amqtt broker), real keys made by `fledger keys`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,9 +105,11 @@ class TlsFederation(Federation):
 def test_full_federation_over_tls_with_passwords_and_the_deploy_acl(
         tls_broker: tuple[SecureBroker, Mosquitto], tmp_path: Path) -> None:
     """The roles work under the shipped ACL: each device registers its data set (register/<self>),
-    sends updates (update/<self>) and presence, reads the model and status; the coordinator
-    reads those and alone writes model, status and ledger. Agents refuse to train before their
-    registration is acknowledged, so completed rounds also prove the register ACL."""
+    sends updates (update/<self>) and presence, reads the model and its own ack; the coordinator
+    reads those and alone writes model, status, acks and ledger. Agents refuse to train before
+    their registration is acknowledged, so completed rounds also prove the register ACL. The
+    ledger holds each device's salted data set commitment, never the bare SHA-256, and the
+    device's dataset.json opens it (`fledger ledger dataset`)."""
     secure, mosquitto = tls_broker
     fed = TlsFederation(tmp_path, secure.host, secure.port, devices=DEVICES, rounds=2, limit=300, pki=secure.pki)
     try:
@@ -125,6 +130,14 @@ def test_full_federation_over_tls_with_passwords_and_the_deploy_acl(
     assert [d["round"] for d in data if d["type"] == "aggregate"] == [1, 2]
     assert all(d["participants"] == list(DEVICES) for d in data if d["type"] == "aggregate")
     assert sorted(d["device"] for d in data if d["type"] == records.DATASET) == list(DEVICES)
+    for device in DEVICES:
+        opening = fed.workdir / device / "dataset.json"
+        bare = bytes.fromhex(json.loads(opening.read_text())["sha256"])
+        assert all(d.get("sha256") != bare and bare not in d.get("statement", b"") for d in data), "bare hash published"
+        opened = subprocess.run([sys.executable, "-m", "fledger.cli", "ledger", "dataset",
+                                 str(fed.state / "ledger.log"), "--device", device, "--opening", str(opening)],
+                                capture_output=True, text=True)
+        assert opened.returncode == 0 and bare.hex() in opened.stdout, opened.stderr
     assert len([d for d in data if d["type"] == "update"]) == 4
     assert not [d for d in data if d["type"] == "update.rejected"]
     # Each process was logged in as its own broker user, over the TLS listener.
