@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import queue
 import signal
 import threading
@@ -18,17 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator import state_check, state_guard
 from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
+from coordinator.state_check import StateRefused
 from coordinator.storage import ModelStore, Spool
-from federation import envelope
-from federation.config import setting
+from federation import envelope, exit_codes
+from federation.config import ConfigError, setting
+from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.tasks import get_task
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger
+from ledger import Ed25519Signer, Ledger, LedgerCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,13 @@ class CoordinatorConfig(BrokerConfig):
                                                       "(it asks again for the rest)")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
+    new_chain: bool = setting(False, "start a new ledger although the broker shows this fleet's earlier chain "
+                                     "(every agent must then accept the reset); refused if the state directory "
+                                     "is not empty")
+    head_wait: float = setting(3.0, "seconds to wait at start for the fleet's retained ledger head on the broker "
+                                    "(compared with the local ledger: a coordinator never starts behind it)")
+    heartbeat: float = setting(15.0, "seconds between status republications; if not even our own status comes "
+                                     "back for 4 of them while the broker still answers pings, reconnect")
 
 
 def round_policy(config: CoordinatorConfig) -> RoundPolicy:
@@ -69,16 +80,34 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
     return RoundPolicy(config.min_clients, config.quorum, config.round_deadline)
 
 
-def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None) -> Coordinator:
-    policy = round_policy(config)  # checked before any file is opened
+def load_keys(config: CoordinatorConfig) -> CoordinatorKeys:
     keys = CoordinatorKeys.load(config.keys)
     if keys.fleet != config.fleet:
         raise ValueError(f"key file {config.keys} is for fleet {keys.fleet!r}, not {config.fleet!r}")
-    registry = DeviceRegistry.load(config.devices)
+    return keys
+
+
+def load_registry(config: CoordinatorConfig) -> DeviceRegistry:
+    if not Path(config.devices).is_file():  # a typo must not start a fleet that accepts no device
+        raise ConfigError(f"device registry {config.devices} not found (create it with `fledger keys add-device`)")
+    return DeviceRegistry.load(config.devices)
+
+
+def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> Ledger:
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
-                         difficulty=config.difficulty)
+    return Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
+                       difficulty=config.difficulty)
+
+
+def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None,
+                      ledger: Ledger | None = None) -> Coordinator:
+    policy = round_policy(config)  # checked before any file is opened
+    keys = load_keys(config)
+    registry = load_registry(config)
+    state = Path(config.state_dir)
+    if ledger is None:
+        ledger = open_ledger(config, keys)
     task = get_task(config.task, n_features=config.csv_features or None)
 
     def initial_model() -> dict[str, Any]:
@@ -122,12 +151,49 @@ REGISTRY_CHECK_S = 2.0  # how often devices.json is checked for added, rotated o
 
 def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
-    round_policy(config)  # bad settings fail now, not after connecting to the broker
-    stop = stop or threading.Event()
+    # Everything local is checked before connecting: settings, keys, registry, task, state.
+    round_policy(config)
+    keys = load_keys(config)
+    load_registry(config)
+    get_task(config.task, n_features=config.csv_features or None)
+    state_dir = Path(config.state_dir)
+    try:
+        lock = state_guard.lock_state_dir(state_dir)
+    except StateRefused as exc:
+        log.error("start refused: %s", exc)
+        return exit_codes.STATE
+    try:
+        return _run_locked(config, keys, stop or threading.Event())
+    except (StateRefused, LedgerCorrupt) as exc:
+        log.error("start refused: %s", exc)
+        return exit_codes.STATE
+    finally:
+        os.close(lock)
+
+
+def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threading.Event) -> int:
+    state_dir = Path(config.state_dir)
+    coordinator_key = ed25519_public(keys.sign_seed)
+    heads = [h for h in [state_guard.read_checkpoint(state_dir, coordinator_key)] if h is not None]
+    log_path = state_dir / "ledger.log"
+    # An empty or missing ledger.log is not opened yet: opening writes a new genesis block.
+    ledger = open_ledger(config, keys) if log_path.exists() and log_path.stat().st_size else None
     topics = Topics(config.fleet, config.topic_prefix)
+    client_id = config.client_id or f"fledger-coordinator-{config.fleet}"
+    head = state_guard.broker_head(config, topics, f"{client_id}-probe", coordinator_key, config.head_wait)
+    if head is not None:
+        heads.append(head)
+    try:
+        note = state_check.check(state_guard.evidence(state_dir, ledger, heads), new_chain=config.new_chain)
+    except StateRefused:
+        if ledger is not None:
+            ledger.close()
+        raise
+    if note:
+        log.info("state check: %s", note)
     # Reassemble no chunked message larger than the largest update we would accept anyway.
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
-    link = MqttLink(link_config, config.client_id or f"fledger-coordinator-{config.fleet}",
+    link = MqttLink(link_config, client_id,
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replay])
     first_model = [True]
 
@@ -139,6 +205,11 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
             first_model[0] = False
         else:
             link.publish(topic, payload, retain=retain)
+        if topic == topics.ledger_head:
+            try:
+                state_guard.write_checkpoint(state_dir, payload)
+            except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
+                log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
 
     reload_now = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -147,7 +218,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         signal.signal(signal.SIGHUP, lambda *_: reload_now.set())  # `systemctl reload`
     link.start(timeout=60)
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
-    coordinator = build_coordinator(config, publish)
+    coordinator = build_coordinator(config, publish, ledger=ledger)
     coordinator.start()
     connects = link.connect_count
     last_tick = last_registry_check = 0.0

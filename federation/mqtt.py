@@ -28,7 +28,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from federation.chunking import ChunkError, Reassembler, chunk_count, retained_topics, split, stream_key
-from federation.config import read_secret, setting
+from federation.config import ConfigError, read_secret, setting
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ class BrokerConfig:
     max_message_bytes: int = setting(256 * 1024 * 1024, "largest chunked message reassembled")
     chunk_timeout: float = setting(120.0, "seconds a partly received chunked message is kept")
 
+    def __post_init__(self) -> None:
+        # Caught when the settings are read, not 60 s later when connecting fails.
+        if not 0 < self.broker_port < 65536:
+            raise ConfigError(f"broker port {self.broker_port} is not in 1..65535")
+
 
 @dataclass(frozen=True)
 class Message:
@@ -65,7 +70,7 @@ class MqttLink:
     def __init__(
         self, config: BrokerConfig, client_id: str, *, subscriptions: list[str] | None = None,
         will: tuple[str, bytes, bool] | None = None, inbox_size: int = 10_000,
-        backoff: tuple[float, float] = (0.5, 30.0),
+        backoff: tuple[float, float] = (0.5, 30.0), persistent: bool = True,
     ) -> None:
         self.config = config
         self.client_id = client_id
@@ -80,7 +85,7 @@ class MqttLink:
         self.reassembler = Reassembler(4 * config.max_message_bytes, config.max_message_bytes, config.chunk_timeout)
         self._chunk_counts: dict[str, int] = {}
         self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
             protocol=paho.MQTTv311,
         )
         self._client.max_inflight_messages_set(20)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from federation import config as cfg
+from federation import exit_codes
 from ledger import LedgerError
 
 log = logging.getLogger("fledger")
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         result: Any = args.func(args)
-    except (cfg.ConfigError, OSError, ValueError, ConnectionError, LedgerError) as exc:
+    except ConnectionError as exc:  # before OSError, of which it is a kind
+        log.error("%s", exc)
+        return exit_codes.UNREACHABLE
+    except (cfg.ConfigError, OSError, ValueError, LedgerError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:
