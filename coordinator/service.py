@@ -130,6 +130,7 @@ class Coordinator:
         """Load or initialise the global model and rebuild the open round from the ledger."""
         self.spool.check_writable()
         blocks = list(self.ledger)
+        self._genesis: bytes = blocks[0].hash  # named in every model: agents pin the chain they follow
         self._sync_device_keys(blocks)  # appends only key records, which the scan below does not use
         last_model_block = None
         accepted_records: list[dict[str, Any]] = []
@@ -302,7 +303,7 @@ class Coordinator:
         weights = encode_tensors(self.global_model)
         self.model_message = envelope.seal_model(
             self.keys, self.round.number, weights, block=self._model_block.to_bytes(), done=self.done,
-            info=self.task_info, now=self._now(),
+            info={**self.task_info, "genesis": self._genesis.hex()}, now=self._now(),
         )
         self._publish(self.topics.model, self.model_message, True)
 

@@ -39,6 +39,8 @@ class AgentConfig(BrokerConfig):
     exit_when_done: bool = setting(True, "exit once the coordinator says training is finished")
     client_id: str = setting("", "MQTT client id (default: fledger-agent-<device>)")
     reregister: bool = setting(False, "register changed local data instead of refusing to train on it")
+    accept_reset: bool = setting(False, "follow a coordinator that started a new chain or went back to an earlier "
+                                        "round (an intended reset; otherwise the agent logs an ERROR and waits)")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -79,7 +81,8 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     link.start(timeout=120)
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
-                                    exit_when_done=config.exit_when_done, seed=config.seed),
+                                    exit_when_done=config.exit_when_done, seed=config.seed,
+                                    accept_reset=config.accept_reset),
                       dataset=dataset, register=True, presence=presence)
     try:
         agent.run(stop=stop.is_set)
