@@ -29,7 +29,7 @@ from federation import envelope, exit_codes
 from federation.config import ConfigError, setting
 from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
-from federation.mqtt import BrokerConfig, MqttLink
+from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
 from federation.tasks import get_task
 from federation.topics import Topics
 from ledger import Ed25519Signer, Ledger, LedgerCorrupt
@@ -74,6 +74,8 @@ class CoordinatorConfig(BrokerConfig):
 
 def round_policy(config: CoordinatorConfig) -> RoundPolicy:
     """The round settings, checked (ValueError) before anything is opened or connected."""
+    if not config.heartbeat > 0:
+        raise ValueError(f"heartbeat must be > 0 seconds, not {config.heartbeat}")
     if config.quorum > config.min_clients:
         raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
                          "closes as soon as min_clients updates are in")
@@ -211,6 +213,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
             except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
                 log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
 
+    link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo
     reload_now = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -222,6 +225,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
     coordinator.start()
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
+    last_status = time.monotonic()
     try:
         while not stop.is_set():
             try:
@@ -247,6 +251,9 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
                     if coordinator.presence.expire(config.presence_timeout):
                         coordinator.publish_status()
                     link.expire_partial()
+                if now - last_status >= config.heartbeat:  # a heartbeat for agents, an echo for us
+                    last_status = now
+                    coordinator.publish_status()
                 if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
                     reload_now.clear()
                     last_registry_check = now

@@ -16,7 +16,7 @@ from edge_agent.presence import PresenceSession
 from edge_agent.registration import check_registration, fingerprint
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
-from federation.mqtt import BrokerConfig, MqttLink
+from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
 from federation.tasks import get_task
 from federation.topics import Topics
 
@@ -35,7 +35,8 @@ class AgentConfig(BrokerConfig):
     threads: int = setting(1, "torch threads (several agents on one machine compete for cores)")
     seed: int = setting(0, "seed for local training")
     resend_interval: float = setting(20.0, "seconds before an unacknowledged update is sent again")
-    heartbeat: float = setting(15.0, "seconds between presence heartbeats")
+    heartbeat: float = setting(15.0, "seconds between presence heartbeats; if not even our own comes back for 4 "
+                                     "of them while the broker still answers pings, reconnect")
     exit_when_done: bool = setting(True, "exit once the coordinator says training is finished")
     client_id: str = setting("", "MQTT client id (default: fledger-agent-<device>)")
     reregister: bool = setting(False, "register changed local data instead of refusing to train on it")
@@ -78,6 +79,8 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    # Our own heartbeat is the echo: when not even it comes back, the path is dead.
+    link.watch(topics.presence(bundle.device_id), LIVENESS_PERIODS * config.heartbeat)
     link.start(timeout=120)
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,

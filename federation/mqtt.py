@@ -32,6 +32,8 @@ from federation.config import ConfigError, read_secret, setting
 
 log = logging.getLogger(__name__)
 
+LIVENESS_PERIODS = 4  # heartbeats without even a role's own echo before its link is re-made
+
 
 @dataclass
 class BrokerConfig:
@@ -54,6 +56,24 @@ class BrokerConfig:
         # Caught when the settings are read, not 60 s later when connecting fails.
         if not 0 < self.broker_port < 65536:
             raise ConfigError(f"broker port {self.broker_port} is not in 1..65535")
+
+
+class LivenessWatchdog:
+    """When did anything last arrive; silent for longer than ``timeout``? (Pure: times passed in.)"""
+
+    def __init__(self, timeout: float, now: float) -> None:
+        if not timeout > 0:
+            raise ValueError(f"liveness timeout must be > 0 seconds, not {timeout}")
+        self.timeout = timeout
+        self.last = now
+
+    def note(self, now: float) -> None:
+        self.last = max(self.last, now)
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds of silence if past the timeout, else None."""
+        silent = now - self.last
+        return silent if silent > self.timeout else None
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,8 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_socket_open = self._on_socket_open
+        self.liveness: LivenessWatchdog | None = None  # see watch()
+        self.forced_reconnects = 0
         # paho's own retry (after a successful first connect) doubles its delay from min to max
         # with no jitter; randomising both bounds per client spreads a fleet's reconnects after a
         # broker restart instead of having every device retry in lock-step.
@@ -125,6 +147,8 @@ class MqttLink:
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self.connect_count += 1
+        if self.liveness is not None:
+            self.liveness.note(time.monotonic())  # a fresh connection gets a full timeout
         self.connected.set()
         log.info("connected to %s:%s as %s", self.config.broker_host, self.config.broker_port, self.client_id)
 
@@ -134,6 +158,8 @@ class MqttLink:
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if self.liveness is not None:
+            self.liveness.note(time.monotonic())
         try:
             whole = self.reassembler.feed(msg.topic, bytes(msg.payload))
         except ChunkError as exc:
@@ -177,6 +203,30 @@ class MqttLink:
             raise ConnectionError(
                 f"MQTT broker {self.config.broker_host}:{self.config.broker_port} did not accept the connection"
             )
+
+    def watch(self, echo_topic: str, timeout: float) -> None:
+        """Application-level liveness: subscribe to ``echo_topic``, which the owner publishes to
+        itself periodically, and reconnect when nothing at all has arrived for ``timeout``
+        seconds. A path that still carries keepalive pings but no data (a faulty proxy or
+        middlebox) otherwise stalls the link for good: paho only notices missing PINGRESPs."""
+        self.liveness = LivenessWatchdog(timeout, time.monotonic())
+        self.subscribe(echo_topic)
+        threading.Thread(target=self._watchdog, name="mqtt-liveness", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        assert self.liveness is not None
+        while not self._stopping:
+            time.sleep(min(1.0, self.liveness.timeout / 4))
+            silent = self.liveness.silent_for(time.monotonic())
+            if silent is None or not self.connected.is_set() or self._stopping:
+                continue
+            log.warning("nothing received for %.0fs, not even our own echo, although the connection is up: "
+                        "reconnecting", silent)
+            self.liveness.note(time.monotonic())
+            self.forced_reconnects += 1
+            sock: Any = self._client.socket()
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)  # paho sees the connection lost and reconnects
 
     def subscribe(self, topic: str) -> None:
         if topic not in self.subscriptions:
