@@ -238,6 +238,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
                     connects = link.connect_count
                     coordinator.publish_model()
                     coordinator.publish_status()
+                    coordinator.publish_acks()
                 if message is not None:
                     _dispatch(coordinator, link, topics, message.topic, message.payload,
                               replay_batch=config.replay_batch)

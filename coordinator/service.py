@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from coordinator.acks import DeviceAcks
 from coordinator.aggregation import Strategy, make_strategy
 from coordinator.presence import PresenceBook
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
@@ -41,6 +42,7 @@ from federation.codec import (
 from federation.envelope import EnvelopeError
 from federation.keys import CoordinatorKeys, DeviceRegistry, KeyFileError
 from federation.topics import Topics
+from federation.verdicts import ACCEPTED
 from ledger import records
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,8 @@ class Coordinator:
         self.registered_key: dict[str, str] = {}  # device -> key id that signed that registration
         self._keys_in_ledger: set[tuple[str, str]] = set()  # (device, key id) with a device.key record
         self._revoked_in_ledger: set[tuple[str, str]] = set()
+        self.acks = DeviceAcks(settings.fleet)
+        self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
@@ -144,6 +148,7 @@ class Coordinator:
                 accepted_records.append(data)
             elif kind == records.DATASET:
                 self.datasets[data["device"]] = data["sha256"]
+                self.acks.registered(data["device"], data["sha256"])
                 if isinstance(data.get("statement"), bytes):
                     self.registered_at[data["device"]] = float(_statement_field(data, "created"))
                     self.registered_key[data["device"]] = str(data.get("key_id"))
@@ -192,6 +197,8 @@ class Coordinator:
             if record.get("round") != round_number:
                 continue
             self._restore_accepted(record)
+        for device in sorted(self.round.accepted if self.round else ()):
+            self.publish_ack(device)  # a crash may have come before the acknowledgement went out
         if self.settings.max_rounds and round_number > self.settings.max_rounds:
             self.done = True
         dropped = self.spool.drop_before(round_number)
@@ -272,6 +279,7 @@ class Coordinator:
         self._strategy.add(weights, sealed.header.num_samples)
         self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
                                    sealed.header.num_samples, sealed.header.metrics))
+        self.acks.verdict(device, self.round.number, sealed.header.msg_id, ACCEPTED)
         log.info("restored accepted update of %s for round %d", device, self.round.number)
 
     def _open_round(self, number: int, *, announce: bool) -> None:
@@ -344,6 +352,27 @@ class Coordinator:
     def publish_status(self) -> None:
         self._publish(self.topics.status, envelope.seal_status(self.keys, self.status()), True)
 
+    def publish_ack(self, device: str) -> None:
+        """Tell one device (retained, signed) what the coordinator knows of it."""
+        assert self.round is not None
+        body = self.acks.body(device, open_round=self.round.number, now=self._now())
+        self._publish(self.topics.ack(device), envelope.seal_ack(self.keys, body), True)
+        self._ack_sent_at[device] = self._now()
+
+    def publish_acks(self) -> None:
+        """Every known device's acknowledgement again (after a reconnect: a broker restart loses
+        retained messages)."""
+        for device in sorted(self._ack_sent_at):
+            self.publish_ack(device)
+
+    def _ack_verdict(self, device: str, round_number: int, msg_id: bytes, verdict: str) -> None:
+        if self.acks.verdict(device, round_number, msg_id, verdict):
+            self.publish_ack(device)
+        elif self._now() - self._ack_sent_at.get(device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
+            # A resend of something already answered: the device missed the answer. Bounded,
+            # because anyone who saw a genuine update can replay it.
+            self.publish_ack(device)
+
     # -- updates ----------------------------------------------------------------------------------
     def _reject(self, reason: str, detail: str, *, device: str | None = None, round_number: int | None = None,
                 msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
@@ -399,6 +428,8 @@ class Coordinator:
             return self._reject(exc.reason, exc.detail, device=header.device, round_number=header.round)
         # From here on the sender is authenticated: rejections go to the ledger too.
         def rejected(reason: str, detail: str, *, record: bool = True) -> Outcome:
+            # Only accepted updates' ids are in seen_msg_ids: a replay's answer is "accepted".
+            self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED if reason == "replay" else reason)
             return self._reject(reason, detail, device=header.device, round_number=header.round,
                                 msg_id=header.msg_id, payload=payload, record=record)
 
@@ -431,6 +462,7 @@ class Coordinator:
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                    header.metrics))
         self.accepted_total += 1
+        self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED)
         log.info("accepted update from %s for round %d (%d samples); %d/%d in", header.device, header.round,
                  header.num_samples, len(self.round.accepted), self.settings.policy.min_clients)
         self.publish_status()
@@ -457,7 +489,8 @@ class Coordinator:
         if self.halted:
             return self._reject("halted", self.halted)
         if self.datasets.get(statement.device) == statement.sha256:
-            self.publish_status()  # a resend: the device has not seen our acknowledgement
+            if self._now() - self._ack_sent_at.get(statement.device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
+                self.publish_ack(statement.device)  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
         if statement.created > self._now() + MAX_CLOCK_AHEAD_S:
             # Ordering uses the device's clock; a statement from the far future would make every
@@ -485,6 +518,8 @@ class Coordinator:
         self.registered_at[statement.device] = statement.created
         self.registered_key[statement.device] = statement.key_id
         self.registration_records[(statement.device, statement.key_id)] += 1
+        self.acks.registered(statement.device, statement.sha256)
+        self.publish_ack(statement.device)
         log.info("device %s registered data set %s (%d bytes, %s)", statement.device, statement.sha256.hex()[:16],
                  statement.size, statement.schema.get("task"))
         self.publish_status()
@@ -575,6 +610,7 @@ MAX_REJECTION_RECORDS = 8  # per device while a round is open
 MAX_REGISTRATIONS_PER_ROUND = 3  # per device key (a rotated key starts afresh): first, new data, a fix
 MAX_CLOCK_AHEAD_S = 300.0  # how far ahead of ours a device's clock may be for registrations
 MAX_METRICS = 32
+ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
 METRIC_LIMIT = 1e30
 
 

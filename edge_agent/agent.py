@@ -32,6 +32,7 @@ from federation.keys import DeviceBundle
 from federation.mqtt import Message
 from federation.tasks import LocalData, Task
 from federation.topics import Topics
+from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,10 @@ class EdgeAgent:
         self._last_round_file = self.state_dir / "last_trained_round"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.last_trained_round = _read_round(self._last_round_file)
-        self.status: dict[str, Any] = {}
+        # The coordinator's signed acknowledgement for this device: registration and verdicts.
+        self.ack: dict[str, Any] = {}
+        self._outbox_msg_ids: dict[int, str] = {}  # round -> hex msg_id of the update in the outbox
+        self._told: set[tuple[str, str]] = set()  # (msg_id, verdict) already logged
         self.refused_models = 0
         self._last_send: dict[int, float] = {}
         self._last_heartbeat = 0.0
@@ -97,11 +101,15 @@ class EdgeAgent:
     def _on_message(self, message: Message) -> None:
         if message.topic == self.topics.model:
             self._on_model(message.payload)
-        elif message.topic == self.topics.status:
+        elif message.topic == self.topics.ack(self.bundle.device_id):
             try:
-                self.status = envelope.open_status(message.payload, self.bundle.coordinator.sign_public)
+                ack = envelope.open_ack(message.payload, self.bundle.coordinator.sign_public,
+                                        fleet=self.bundle.fleet, device=self.bundle.device_id)
             except EnvelopeError as exc:
-                log.warning("ignored a status message: %s", exc)
+                log.warning("ignored an acknowledgement message: %s", exc)
+                return
+            if not self.ack or _number(ack.get("time")) >= _number(self.ack.get("time")):
+                self.ack = ack  # an older one (replayed, or retained from before) tells nothing new
         # Anything else (amqtt may deliver retained messages of other topics) is ignored.
 
     def _on_model(self, payload: bytes) -> None:
@@ -159,8 +167,8 @@ class EdgeAgent:
     def step(self, timeout: float = 1.0) -> None:
         self.drain(timeout)
         self._heartbeat()
-        listed = self.status.get("datasets", {}).get(self.bundle.device_id) if self.status else None
-        if not self.registration_pending and self.status and listed != self.dataset.sha256.hex():
+        listed = self.ack.get("registered") if self.ack else None
+        if not self.registration_pending and self.ack and listed != self.dataset.sha256.hex():
             # A coordinator with fresh state, or one that lost our registration: register again.
             log.warning("the coordinator does not list our data set %s; registering again",
                         self.dataset.sha256.hex()[:16])
@@ -194,8 +202,8 @@ class EdgeAgent:
         self._resend_if_needed(header.round)
 
     def _registered(self) -> bool:
-        """Send the dataset registration until the coordinator's signed status lists it."""
-        if self.status.get("datasets", {}).get(self.bundle.device_id) == self.dataset.sha256.hex():
+        """Send the dataset registration until the coordinator's acknowledgement lists it."""
+        if self.ack.get("registered") == self.dataset.sha256.hex():
             self.registration_pending = False
             mark_acknowledged(self.state_dir)
             log.info("data set %s registered in the ledger", self.dataset.sha256.hex()[:16])
@@ -239,15 +247,40 @@ class EdgeAgent:
         payload = self.outbox.get(round_number)
         if payload is None:
             return
-        if self.status.get("round") == round_number and self.bundle.device_id in self.status.get("accepted", []):
+        verdict = self._verdict(round_number, payload)
+        if verdict == ACCEPTED:
             self.outbox.remove(round_number)
             log.info("round %d: the coordinator accepted our update", round_number)
             return
+        if verdict is not None and verdict in FINAL_REASONS:
+            self.outbox.remove(round_number)
+            log.warning("round %d: the coordinator did not count our update: %s (%s); dropped it", round_number,
+                        verdict, EXPLANATIONS.get(verdict, "sending it again cannot help"))
+            return
+        if verdict == "dataset_not_registered" and not self.registration_pending:
+            self.registration_pending = True
+        if verdict is not None and (self._outbox_msg_ids[round_number], verdict) not in self._told:
+            self._told.add((self._outbox_msg_ids[round_number], verdict))
+            log.warning("round %d: the coordinator did not count our update yet: %s (%s); will send it again",
+                        round_number, verdict, EXPLANATIONS.get(verdict, "it may be temporary"))
         last = self._last_send.get(round_number)
         if last is None or self._now() - last >= self.settings.resend_interval_s:
             if last is not None:
                 log.info("round %d: no acknowledgement yet; resending our update", round_number)
             self._send(round_number, payload)
+
+    def _verdict(self, round_number: int, payload: bytes) -> str | None:
+        """The coordinator's verdict on the update in the outbox for this round; None if none yet."""
+        msg_id = self._outbox_msg_ids.get(round_number)
+        if msg_id is None:
+            try:
+                msg_id = envelope.parse_update(payload, max_bytes=len(payload)).header.msg_id.hex()
+            except EnvelopeError:
+                return None  # our own sealed update: cannot happen short of a corrupt outbox file
+            self._outbox_msg_ids[round_number] = msg_id
+        entry = self.ack.get("updates", {}).get(msg_id) if self.ack else None
+        verdict = entry.get("verdict") if isinstance(entry, dict) else None
+        return verdict if isinstance(verdict, str) else None
 
     def _heartbeat(self) -> None:
         with self._heartbeat_lock:  # called by the loop and by the heartbeat thread
@@ -281,6 +314,10 @@ class EdgeAgent:
             # the link closes or the interpreter exits is how processes hang or abort at exit.
             finished.set()
             beater.join(timeout=10)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
 
 
 def _read_round(path: Path) -> int:

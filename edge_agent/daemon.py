@@ -74,7 +74,7 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     topics = Topics(bundle.fleet, config.topic_prefix)
     presence = PresenceSession(bundle)
     link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",
-                    subscriptions=[topics.model, topics.model_chunks, topics.status],
+                    subscriptions=[topics.model, topics.model_chunks, topics.ack(bundle.device_id)],
                     will=(topics.presence(bundle.device_id), presence.last_will(), True))
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

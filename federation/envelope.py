@@ -285,33 +285,60 @@ def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[Mo
     return header, weights
 
 
-# --- status ---------------------------------------------------------------------------------
-# JSON so that operators can read it with any MQTT tool; signed because agents act on it
-# (an agent drops an update from its outbox once the status lists it as accepted).
+# --- status and acknowledgements -------------------------------------------------------------
+# JSON so that operators can read them with any MQTT tool; signed because their readers act on
+# them. The fleet status is for the operator and monitors; each device gets its own
+# acknowledgement (an agent drops an update from its outbox once its acknowledgement lists the
+# update as accepted). Each kind has its own signing context: one cannot pass for the other.
 
 STATUS_CONTEXT = b"fledger/status/v1\n"
+ACK_CONTEXT = b"fledger/ack/v1\n"
+MAX_SIGNED_JSON_BYTES = 1 << 20
 
 
-def _status_bytes(body: dict[str, Any]) -> bytes:
+def _json_bytes(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def seal_status(keys: CoordinatorKeys, body: dict[str, Any]) -> bytes:
-    signature = keys.sign(STATUS_CONTEXT + _status_bytes(body))
-    return json.dumps({"status": body, "key_id": keys.public.sign_key_id, "sig": signature.hex()},
+def _seal_signed_json(keys: CoordinatorKeys, context: bytes, field: str, body: dict[str, Any]) -> bytes:
+    signature = keys.sign(context + _json_bytes(body))
+    return json.dumps({field: body, "key_id": keys.public.sign_key_id, "sig": signature.hex()},
                       sort_keys=True).encode()
+
+
+def _open_signed_json(data: bytes, coordinator_sign_public: bytes, context: bytes, field: str) -> dict[str, Any]:
+    if len(data) > MAX_SIGNED_JSON_BYTES:
+        raise EnvelopeError("oversized", f"{field} message of {len(data)} bytes")
+    try:
+        message = json.loads(data)
+        body, signature = message[field], bytes.fromhex(message["sig"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EnvelopeError("malformed", f"not a signed {field} message") from exc
+    if not isinstance(body, dict) or not crypto.ed25519_verify(
+            coordinator_sign_public, context + _json_bytes(body), signature):
+        raise EnvelopeError("bad_signature", f"{field} is not signed by the fleet's coordinator")
+    return body
+
+
+def seal_status(keys: CoordinatorKeys, body: dict[str, Any]) -> bytes:
+    return _seal_signed_json(keys, STATUS_CONTEXT, "status", body)
 
 
 def open_status(data: bytes, coordinator_sign_public: bytes) -> dict[str, Any]:
     """The status body if the coordinator signed it; EnvelopeError otherwise."""
-    try:
-        message = json.loads(data)
-        body, signature = message["status"], bytes.fromhex(message["sig"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EnvelopeError("malformed", "not a signed status message") from exc
-    if not isinstance(body, dict) or not crypto.ed25519_verify(
-            coordinator_sign_public, STATUS_CONTEXT + _status_bytes(body), signature):
-        raise EnvelopeError("bad_signature", "status is not signed by the fleet's coordinator")
+    return _open_signed_json(data, coordinator_sign_public, STATUS_CONTEXT, "status")
+
+
+def seal_ack(keys: CoordinatorKeys, body: dict[str, Any]) -> bytes:
+    return _seal_signed_json(keys, ACK_CONTEXT, "ack", body)
+
+
+def open_ack(data: bytes, coordinator_sign_public: bytes, *, fleet: str, device: str) -> dict[str, Any]:
+    """A device's acknowledgement body if the coordinator signed it for this fleet and device."""
+    body = _open_signed_json(data, coordinator_sign_public, ACK_CONTEXT, "ack")
+    if body.get("fleet") != fleet or body.get("device") != device:
+        raise EnvelopeError("wrong_recipient", f"acknowledgement for {body.get('device')!r} of fleet "
+                                               f"{body.get('fleet')!r}")
     return body
 
 

@@ -71,6 +71,11 @@ class Topics:
     def status(self) -> str:
         return f"{self.base}/status"
 
+    def ack(self, device_id: str) -> str:
+        """Retained, coordinator-signed: what the coordinator knows of this one device (its
+        registration, the verdicts on its updates). Each device reads only its own."""
+        return f"{self.base}/ack/{check_name('device id', device_id)}"
+
     def presence(self, device_id: str) -> str:
         return f"{self.base}/presence/{check_name('device id', device_id)}"
 
