@@ -52,6 +52,9 @@ class CoordinatorConfig(BrokerConfig):
     min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
     quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
     round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
+    deadline_factor: float = setting(1.5, "adaptive deadline: a round stays open at least this many times the "
+                                          "90th percentile of the devices' reported training times (0: fixed)")
+    round_deadline_max: float = setting(0.0, "upper bound of the adaptive deadline (0: 10 x round_deadline)")
     rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
     strategy: str = setting("fedavg", "aggregation: fedavg (weighted by samples) or mean")
     max_update_bytes: int = setting(64 * 1024 * 1024, "largest update accepted, checked before decoding")
@@ -79,7 +82,8 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
     if config.quorum > config.min_clients:
         raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
                          "closes as soon as min_clients updates are in")
-    return RoundPolicy(config.min_clients, config.quorum, config.round_deadline)
+    return RoundPolicy(config.min_clients, config.quorum, config.round_deadline, config.deadline_factor,
+                       config.round_deadline_max)
 
 
 def load_keys(config: CoordinatorConfig) -> CoordinatorKeys:

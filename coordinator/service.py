@@ -13,6 +13,7 @@ A restart rebuilds the open round from the ledger's accepted records and the spo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -112,6 +113,7 @@ class Coordinator:
         self.rejection_records: Counter[str] = Counter()
         self.registration_records: Counter[tuple[str, str]] = Counter()  # by (device, key id)
         self.round: RoundState | None = None
+        self.train_seconds: dict[str, float] = {}  # device -> its latest reported training time (adaptive deadline)
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
         self.model_message = b""
@@ -283,7 +285,12 @@ class Coordinator:
         log.info("restored accepted update of %s for round %d", device, self.round.number)
 
     def _open_round(self, number: int, *, announce: bool) -> None:
-        self.round = RoundState(number, self._now(), self.settings.policy)
+        policy = self.settings.policy
+        deadline = policy.deadline_for(self.train_seconds.values())
+        if deadline != policy.deadline_s:
+            log.info("round %d stays open %.1fs: adapted to the devices' reported training times", number, deadline)
+            policy = dataclasses.replace(policy, deadline_s=deadline)
+        self.round = RoundState(number, self._now(), policy)
         self._strategy = make_strategy(self.settings.strategy)
         if announce:  # a new round (not one resumed after a restart): the per-round caps start over
             self._reset_round_caps()
@@ -427,6 +434,9 @@ class Coordinator:
         except EnvelopeError as exc:
             return self._reject(exc.reason, exc.detail, device=header.device, round_number=header.round)
         # From here on the sender is authenticated: rejections go to the ledger too.
+        seconds = header.metrics.get("train_seconds") if isinstance(header.metrics, dict) else None
+        if isinstance(seconds, (int, float)) and _sane(float(seconds)):
+            self.train_seconds[header.device] = float(seconds)  # also from a late update: it tells the most
         def rejected(reason: str, detail: str, *, record: bool = True) -> Outcome:
             # Only accepted updates' ids are in seen_msg_ids: a replay's answer is "accepted".
             self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED if reason == "replay" else reason)

@@ -37,6 +37,7 @@ from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
 log = logging.getLogger(__name__)
 
 
+MAX_AWAITED_VERDICTS = 16  # closed rounds whose verdict is still to be reported
 CHAIN_ERROR_EVERY_S = 60.0  # how often a refused chain is logged again (never silent, never a flood)
 
 
@@ -84,6 +85,7 @@ class EdgeAgent:
         self.ack: dict[str, Any] = {}
         self._outbox_msg_ids: dict[int, str] = {}  # round -> hex msg_id of the update in the outbox
         self._told: set[tuple[str, str]] = set()  # (msg_id, verdict) already logged
+        self._awaiting_verdict: dict[str, int] = {}  # hex msg_id -> round: closed without a verdict yet
         self.refused_models = 0
         self._last_send: dict[int, float] = {}
         self._last_heartbeat = 0.0
@@ -178,9 +180,8 @@ class EdgeAgent:
         if self.registration_pending and not self._registered():
             return  # train only on data the ledger knows about
         header, weights = self.latest
-        dropped = self.outbox.drop_before(header.round)
-        if dropped:
-            log.info("rounds %s closed; removed their updates from the outbox", dropped)
+        self._drop_closed_rounds(header.round)
+        self._explain_late_verdicts()
         if header.done:
             if not self.done:
                 log.info("the coordinator finished training at round %d", header.round)
@@ -268,6 +269,40 @@ class EdgeAgent:
             if last is not None:
                 log.info("round %d: no acknowledgement yet; resending our update", round_number)
             self._send(round_number, payload)
+
+    def _drop_closed_rounds(self, open_round: int) -> None:
+        """Remove updates for rounds that have closed. One the coordinator did not count is
+        reported with its reason; if that verdict has not arrived yet, it is awaited."""
+        for closed in [r for r in self.outbox.rounds() if r < open_round]:
+            payload = self.outbox.get(closed)
+            verdict = self._verdict(closed, payload) if payload is not None else None
+            self.outbox.remove(closed)
+            if verdict == ACCEPTED:
+                log.info("round %d closed; the coordinator counted our update", closed)
+            elif verdict is not None:
+                self._tell_not_counted(closed, verdict)
+            elif closed in self._outbox_msg_ids:
+                self._awaiting_verdict[self._outbox_msg_ids[closed]] = closed
+                while len(self._awaiting_verdict) > MAX_AWAITED_VERDICTS:  # a coordinator that never answers
+                    del self._awaiting_verdict[next(iter(self._awaiting_verdict))]
+                log.info("round %d closed before the coordinator acknowledged our update; waiting for its verdict",
+                         closed)
+            self._outbox_msg_ids.pop(closed, None)
+
+    def _explain_late_verdicts(self) -> None:
+        for msg_id, closed in list(self._awaiting_verdict.items()):
+            entry = self.ack.get("updates", {}).get(msg_id) if self.ack else None
+            verdict = entry.get("verdict") if isinstance(entry, dict) else None
+            if isinstance(verdict, str):
+                del self._awaiting_verdict[msg_id]
+                if verdict == ACCEPTED:
+                    log.info("round %d: the coordinator counted our update", closed)
+                else:
+                    self._tell_not_counted(closed, verdict)
+
+    def _tell_not_counted(self, round_number: int, verdict: str) -> None:
+        log.warning("round %d: the coordinator did not count our update: %s (%s)", round_number, verdict,
+                    EXPLANATIONS.get(verdict, "see the coordinator's log"))
 
     def _verdict(self, round_number: int, payload: bytes) -> str | None:
         """The coordinator's verdict on the update in the outbox for this round; None if none yet."""

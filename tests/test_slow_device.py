@@ -1,0 +1,42 @@
+"""A device that trains longer than the round deadline (real processes, mosquitto).
+
+With a fixed deadline its every update would arrive after its round closed (stale_round) and it
+would join no round. Here it is told why (its log names stale_round and what it means), and the
+coordinator's adaptive deadline, learnt from the devices' reported training times, lets it join.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import BrokerInfo
+from federation_run import Federation
+from test_reliability import aggregates, check_final_ledger, finish, log_text, wait_for
+
+
+def test_slow_device_is_told_why_and_joins_once_the_deadline_adapts(mosquitto_broker: BrokerInfo,
+                                                                    tmp_path: Path) -> None:
+    broker = mosquitto_broker
+    rounds = 5
+    fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds,
+                     extra_coordinator=["--quorum", "1", "--round-deadline", "0.5", "--deadline-factor", "3",
+                                        "--round-deadline-max", "60"])
+    try:
+        fed.start_coordinator()
+        fed.limit = 100  # edge-1: trains in milliseconds
+        fed.start_agent(0)
+        fed.limit = 5000  # edge-2: seconds, far beyond the 0.5 s deadline
+        fed.start_agent(1)
+        wait_for("edge-2 in a round", lambda: [a for a in aggregates(fed) if "edge-2" in a["participants"]],
+                 240, fed)
+        finish(fed, 240)
+    finally:
+        fed.stop()
+    records = check_final_ledger(fed, rounds)
+    late = [r for r in records if r["type"] == "update.rejected" and r["device"] == "edge-2"]
+    assert late and all(r["reason"] == "stale_round" for r in late), late
+    joined = [a["round"] for a in records if a["type"] == "aggregate" and "edge-2" in a["participants"]]
+    assert joined and min(joined) > min(r["round"] for r in late)
+    assert "did not count our update: stale_round (it arrived after its round had closed" in log_text(fed, "edge-2")
+    assert "adapted to the devices' reported training times" in log_text(fed, "coordinator")
+    print(f"\nslow device: stale in rounds {[r['round'] for r in late]}, joined rounds {joined}")
