@@ -52,6 +52,8 @@ class CoordinatorConfig(BrokerConfig):
     min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
     quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
     round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
+    keep_models: int = setting(10, "keep the model files of this many latest rounds, plus any the ledger marks as "
+                                   "restore targets (0: keep all); the ledger keeps every model's hash")
     deadline_factor: float = setting(1.5, "adaptive deadline: a round stays open at least this many times the "
                                           "90th percentile of the devices' reported training times (0: fixed)")
     round_deadline_max: float = setting(0.0, "upper bound of the adaptive deadline (0: 10 x round_deadline)")
@@ -128,6 +130,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         fleet=config.fleet,
         policy=policy,
         strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
+        keep_models=config.keep_models,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),

@@ -72,6 +72,7 @@ class CoordinatorSettings:
     strategy: str = "fedavg"
     max_rounds: int = 0  # 0: run until stopped
     max_update_bytes: int = 64 * 1024 * 1024
+    keep_models: int = 10  # model files kept besides restore targets (0: all)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class Coordinator:
         self.rejection_records: Counter[str] = Counter()
         self.registration_records: Counter[tuple[str, str]] = Counter()  # by (device, key id)
         self.round: RoundState | None = None
+        # Rounds whose model file is never pruned: restore targets the ledger names (add them here).
+        self.keep_model_rounds: set[int] = set()
         self.train_seconds: dict[str, float] = {}  # device -> its latest reported training time (adaptive deadline)
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
@@ -575,6 +578,10 @@ class Coordinator:
             num_samples=sum(u.num_samples for u in state.accepted.values()),
         ))
         self.spool.drop_round(state.number)
+        pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
+        if pruned:
+            log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
+                     pruned, self.settings.keep_models)
         self.global_model = new_model
         self._model_block = block
         self.history.append(block.data)

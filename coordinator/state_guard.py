@@ -15,11 +15,11 @@ import fcntl
 import logging
 import os
 import queue
-import re
 import time
 from pathlib import Path
 
 from coordinator.state_check import Evidence, Head, StateRefused, model_round_of, signed_head
+from coordinator.storage import ModelStore
 from federation import durable
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
@@ -28,7 +28,6 @@ from ledger import Ledger
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
-_MODEL = re.compile(r"^global-(\d{6,})\.safetensors$")
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -67,12 +66,6 @@ def read_checkpoint(state_dir: Path, coordinator_key: bytes) -> Head | None:
     return head
 
 
-def model_files(models_dir: Path) -> tuple[int, ...]:
-    if not models_dir.is_dir():
-        return ()
-    return tuple(sorted(int(m.group(1)) for p in models_dir.iterdir() if (m := _MODEL.match(p.name))))
-
-
 def broker_head(config: BrokerConfig, topics: Topics, client_id: str, coordinator_key: bytes,
                 wait: float) -> Head | None:
     """The fleet's retained ledger head, if the broker has one signed by our key (a short-lived
@@ -101,4 +94,4 @@ def broker_head(config: BrokerConfig, topics: Topics, client_id: str, coordinato
 def evidence(state_dir: Path, ledger: Ledger | None, heads: list[Head]) -> Evidence:
     blocks = list(ledger) if ledger is not None else []
     return Evidence(len(blocks), lambda i: blocks[i].hash, model_round_of(b.data for b in blocks) if blocks else None,
-                    tuple(heads), model_files(state_dir / "models"), str(state_dir / "models"))
+                    tuple(heads), tuple(ModelStore(state_dir / "models").rounds()), str(state_dir / "models"))

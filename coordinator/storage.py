@@ -59,6 +59,30 @@ class ModelStore:
             raise StorageError(exc.errno, f"cannot save model {path}: {exc.strerror or exc}") from exc
         return path
 
+    def rounds(self) -> list[int]:
+        """Rounds with a saved model, ascending."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.glob("global-*.safetensors"):
+            try:
+                found.append(int(path.name.removeprefix("global-").removesuffix(".safetensors")))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def prune(self, keep_last: int, keep_rounds: set[int]) -> list[int]:
+        """Delete model files except the newest ``keep_last`` (0: keep all) and ``keep_rounds``
+        (models the ledger marks as restore targets); returns the rounds deleted. The ledger
+        keeps every model's hash, so a deleted model can still be recognised if brought back."""
+        if keep_last <= 0:
+            return []
+        saved = self.rounds()
+        doomed = [r for r in saved[:-keep_last] if r not in keep_rounds]
+        for round_number in doomed:
+            self.path(round_number).unlink(missing_ok=True)
+        return doomed
+
     def load(self, round_number: int) -> TensorDict | None:
         path = self.path(round_number)
         return read_model_file(path) if path.exists() else None

@@ -120,7 +120,7 @@ def _check_models(state_dir: Path, blocks: list[Block], round_number: int | None
                     if (b.data.get("type") == "aggregate" and b.data["round"] + 1 == round_number)
                     or (b.data.get("type") == "model.published" and b.data.get("initial")))
     store = ModelStore(state_dir / "models")
-    newer = [r for r in state_guard.model_files(store.directory) if r > round_number]
+    newer = [r for r in store.rounds() if r > round_number]
     if newer:
         return _fail(exit_codes.STATE, f"{store.directory} holds models up to round {max(newer)}, beyond this "
                                        f"replica's round {round_number}: the replica is behind what was published; "

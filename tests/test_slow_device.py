@@ -20,7 +20,7 @@ def test_slow_device_is_told_why_and_joins_once_the_deadline_adapts(mosquitto_br
     rounds = 5
     fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds,
                      extra_coordinator=["--quorum", "1", "--round-deadline", "0.5", "--deadline-factor", "3",
-                                        "--round-deadline-max", "60"])
+                                        "--round-deadline-max", "60", "--keep-models", "2"])
     try:
         fed.start_coordinator()
         fed.limit = 100  # edge-1: trains in milliseconds
@@ -39,4 +39,8 @@ def test_slow_device_is_told_why_and_joins_once_the_deadline_adapts(mosquitto_br
     assert joined and min(joined) > min(r["round"] for r in late)
     assert "did not count our update: stale_round (it arrived after its round had closed" in log_text(fed, "edge-2")
     assert "adapted to the devices' reported training times" in log_text(fed, "coordinator")
+    # Model retention: the last two models stay; the ledger still names every model's hash.
+    assert sorted(p.name for p in (fed.state / "models").iterdir()) == [
+        f"global-{r:06d}.safetensors" for r in (rounds, rounds + 1)]
+    assert len([r for r in records if r["type"] == "aggregate" and len(r["model_sha256"]) == 32]) == rounds
     print(f"\nslow device: stale in rounds {[r['round'] for r in late]}, joined rounds {joined}")
