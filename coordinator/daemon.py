@@ -24,7 +24,7 @@ from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
 from coordinator.state_check import StateRefused
-from coordinator.storage import ModelStore, Spool
+from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
 from federation.config import ConfigError, setting
 from federation.crypto import ed25519_public
@@ -229,7 +229,11 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
     link.start(timeout=60)
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
     coordinator = build_coordinator(config, publish, ledger=ledger)
-    coordinator.start()
+    try:
+        coordinator.start()
+    except StorageError as exc:  # a missing or damaged model or spool file the ledger names
+        link.stop()
+        raise StateRefused(str(exc)) from None
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     last_status = time.monotonic()

@@ -29,7 +29,7 @@ from coordinator.acks import DeviceAcks
 from coordinator.aggregation import Strategy, make_strategy
 from coordinator.presence import PresenceBook
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
-from coordinator.storage import ModelStore, Spool, StorageError
+from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from federation import envelope
 from federation.codec import (
     CodecError,
@@ -182,7 +182,10 @@ class Coordinator:
         else:
             data = last_model_block.data
             round_number = int(data["round"]) + (1 if data["type"] == "aggregate" else 0)
-            loaded = self.models.load(round_number)
+            try:
+                loaded = self.models.load(round_number)
+            except ModelFileError as exc:
+                raise StorageError(5, str(exc)) from None
             if loaded is None:
                 raise StorageError(2, f"ledger names the model for round {round_number} but "
                                       f"{self.models.path(round_number)} is missing")

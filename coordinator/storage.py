@@ -91,13 +91,20 @@ class ModelStore:
 def read_model_file(path: Path) -> TensorDict:
     """A model saved by :meth:`ModelStore.save`, in its original tensor order (safetensors:
     loading never runs code)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-    loaded = load_file(str(path))
-    order = json.loads(metadata.get("fledger.order", "[]")) or sorted(loaded)
-    return {name: loaded[name] for name in order}
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        loaded = load_file(str(path))
+        order = json.loads(metadata.get("fledger.order", "[]")) or sorted(loaded)
+        return {name: loaded[name] for name in order}
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path} is not a model file saved by fledger (damaged?): {exc}") from None
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read back (truncated, damaged, not a fledger model)."""
 
 
 class Spool:
