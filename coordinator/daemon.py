@@ -130,7 +130,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         fleet=config.fleet,
         policy=policy,
         strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
-        keep_models=config.keep_models,
+        keep_models=config.keep_models, heartbeat_s=config.heartbeat,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
@@ -189,7 +189,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
     ledger = open_ledger(config, keys) if log_path.exists() and log_path.stat().st_size else None
     topics = Topics(config.fleet, config.topic_prefix)
     client_id = config.client_id or f"fledger-coordinator-{config.fleet}"
-    head = state_guard.broker_head(config, topics, f"{client_id}-probe", coordinator_key, config.head_wait)
+    head = state_guard.broker_head(config, topics, f"{client_id}-probe", coordinator_key, config.head_wait,
+                                   heartbeat=config.heartbeat)
     if head is not None:
         heads.append(head)
     try:
@@ -291,6 +292,10 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
                 link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True,
                              wait=10)
                 return 3
+        # Stopped by a signal: say so, so that a coordinator started next need not wait to see
+        # whether this one is still alive.
+        coordinator.stopped = True
+        link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True, wait=5)
     finally:
         link.stop()
     return 0

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -73,6 +74,7 @@ class CoordinatorSettings:
     max_rounds: int = 0  # 0: run until stopped
     max_update_bytes: int = 64 * 1024 * 1024
     keep_models: int = 10  # model files kept besides restore targets (0: all)
+    heartbeat_s: float = 0.0  # how often the daemon republishes the status (0: only on changes)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class Coordinator:
         self.spec: TensorSpec = {}
         self.model_message = b""
         self.done = False
+        self.stopped = False  # set by the daemon when it leaves: the status then says no one runs
+        self.session = os.urandom(8).hex()  # tells this process's status from another coordinator's
         self.halted: str | None = None  # set when storage fails: stop accepting
         self._strategy: Strategy | None = None
         self.history: list[dict[str, Any]] = []
@@ -333,8 +337,9 @@ class Coordinator:
         head = self.ledger.head
         return {
             "fleet": self.settings.fleet, "round": self.round.number,
-            "state": "halted" if self.halted else "done" if self.done else
+            "state": "halted" if self.halted else "done" if self.done else "stopped" if self.stopped else
                      ("waiting" if self.round.waiting_for() else "aggregating"),
+            "session": self.session, "heartbeat": self.settings.heartbeat_s,
             "halted": self.halted, "accepted": sorted(self.round.accepted),
             "waiting_for": 0 if self.done else self.round.waiting_for(),
             "min_clients": self.settings.policy.min_clients,

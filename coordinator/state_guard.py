@@ -17,10 +17,11 @@ import os
 import queue
 import time
 from pathlib import Path
+from typing import Any
 
 from coordinator.state_check import Evidence, Head, StateRefused, model_round_of, signed_head
 from coordinator.storage import ModelStore
-from federation import durable
+from federation import durable, envelope
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from ledger import Ledger
@@ -67,28 +68,69 @@ def read_checkpoint(state_dir: Path, coordinator_key: bytes) -> Head | None:
 
 
 def broker_head(config: BrokerConfig, topics: Topics, client_id: str, coordinator_key: bytes,
-                wait: float) -> Head | None:
+                wait: float, *, heartbeat: float) -> Head | None:
     """The fleet's retained ledger head, if the broker has one signed by our key (a short-lived
-    clean-session client, so the broker keeps nothing for it afterwards)."""
-    probe = MqttLink(config, client_id, subscriptions=[topics.ledger_head], persistent=False)
+    clean-session client, so the broker keeps nothing for it afterwards).
+
+    Also refuses (StateRefused) when another coordinator of this fleet is alive: its retained
+    status is recent and not final, and a fresh one arrives within two of its heartbeats. (Two
+    coordinators would fork the ledger, and with one client id they knock each other off.)"""
+    probe = MqttLink(config, client_id, subscriptions=[topics.ledger_head, topics.status], persistent=False)
     probe.start(timeout=60)
     try:
+        head: Head | None = None
+        status: dict[str, Any] | None = None
         deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and (head is None or status is None):
             try:
                 message = probe.inbox.get(timeout=left)
             except queue.Empty:
                 break
-            if message.topic != topics.ledger_head:
-                continue  # amqtt hands out retained messages of other topics too
-            head = signed_head(message.payload, coordinator_key, "the broker's retained ledger head")
-            if head is None:
-                log.warning("ignored a retained ledger head not signed by this coordinator's key")
-                continue
-            return head
-        return None
+            if message.topic == topics.ledger_head and head is None:
+                head = signed_head(message.payload, coordinator_key, "the broker's retained ledger head")
+                if head is None:
+                    log.warning("ignored a retained ledger head not signed by this coordinator's key")
+            elif message.topic == topics.status and status is None:
+                status = _signed_status(message.payload, coordinator_key)
+            # anything else: amqtt hands out retained messages of other topics too
+        if status is not None:
+            _refuse_if_alive(probe, topics, coordinator_key, status, heartbeat)
+        return head
     finally:
         probe.stop()
+
+
+LIVE_STATES = ("waiting", "aggregating")
+
+
+def _signed_status(payload: bytes, coordinator_key: bytes) -> dict[str, Any] | None:
+    try:
+        return envelope.open_status(payload, coordinator_key)
+    except envelope.EnvelopeError:
+        return None
+
+
+def _refuse_if_alive(probe: MqttLink, topics: Topics, coordinator_key: bytes, status: dict[str, Any],
+                     own_heartbeat: float) -> None:
+    period = status.get("heartbeat")
+    period = float(period) if isinstance(period, (int, float)) and 0 < period < 3600 else own_heartbeat
+    stamp = status.get("time")
+    age = time.time() - float(stamp) if isinstance(stamp, (int, float)) else float("inf")
+    if status.get("state") not in LIVE_STATES or age > 3 * period:
+        return  # it said it stopped, or it has been silent for long: nobody is running
+    log.info("the fleet's status is %.0fs old: waiting up to %.0fs to see whether its coordinator still runs",
+             age, 2 * period + 1)
+    deadline = time.monotonic() + 2 * period + 1
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = probe.inbox.get(timeout=left)
+        except queue.Empty:
+            return
+        fresh = _signed_status(message.payload, coordinator_key) if message.topic == topics.status else None
+        if fresh is not None and not message.retain and fresh.get("state") in LIVE_STATES:
+            raise StateRefused(f"another coordinator of fleet {topics.fleet} is running (its signed status is "
+                               f"being published, session {fresh.get('session')}): stop it first; two would fork "
+                               "the ledger")
 
 
 def evidence(state_dir: Path, ledger: Ledger | None, heads: list[Head]) -> Evidence:

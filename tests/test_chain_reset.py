@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,12 +19,15 @@ from conftest import BrokerInfo
 from federation_run import Federation
 from test_reliability import aggregates, finish, ledger_records, log_text, wait_for
 
+from federation import exit_codes
+from fledger import keytool
+
 
 def test_new_chain_gets_an_error_from_every_agent_and_accept_reset_follows_it(mosquitto_broker: BrokerInfo,
                                                                               tmp_path: Path) -> None:
     broker = mosquitto_broker
     fed = Federation(tmp_path, broker.host, broker.port, rounds=2, limit=200,
-                     extra_coordinator=["--head-wait", "1"], extra_agent=["--heartbeat", "1"])
+                     extra_coordinator=["--head-wait", "1", "--heartbeat", "1"], extra_agent=["--heartbeat", "1"])
     try:
         fed.start_all()
         # Round 1 closes; the agents are paused before they can train round 2 (they take
@@ -44,13 +48,22 @@ def test_new_chain_gets_an_error_from_every_agent_and_accept_reset_follows_it(mo
         outboxes = [tmp_path / device / "outbox" / "round-000002.update" for device in fed.devices]
         wait_for("updates in the outboxes", lambda: all(p.exists() for p in outboxes), 60, fed)
         shutil.move(fed.state, tmp_path / "lost-state")
-        fed.extra_coordinator = ["--head-wait", "1", "--new-chain"]
+        fed.extra_coordinator = ["--head-wait", "1", "--heartbeat", "1", "--new-chain"]
         fed.start_coordinator()
         for device in fed.devices:
             wait_for(f"{device}'s ERROR about the new chain", lambda d=device: [  # type: ignore[misc]
                 line for line in log_text(fed, d).splitlines()
                 if "ERROR" in line and "started a new chain" in line and "--accept-reset" in line], 90, fed)
         assert not aggregates(fed)  # nobody followed silently
+        # A second coordinator for the same fleet (another state directory) sees this one alive.
+        second = subprocess.run([*fed._cli(), "coordinator", *fed.broker_args(), "--fleet", fed.fleet,
+                                 "--task", fed.task, "--state-dir", str(tmp_path / "second"),
+                                 "--keys", str(fed.keys / keytool.COORDINATOR_FILE),
+                                 "--devices", str(fed.keys / keytool.REGISTRY_FILE), "--head-wait", "1"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == exit_codes.STATE and "another coordinator of fleet" in second.stderr, \
+            second.stderr
+        assert not (tmp_path / "second" / "ledger.log").exists()
         assert all(p.exists() for p in outboxes)  # nor dropped its outbox without saying why
         # Restarted with --accept-reset, both follow the new chain.
         for name in fed.devices:
