@@ -68,9 +68,9 @@ class CoordinatorConfig(BrokerConfig):
                                                       "(it asks again for the rest)")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
-    new_chain: bool = setting(False, "start a new ledger although the broker shows this fleet's earlier chain "
-                                     "(every agent must then accept the reset); refused if the state directory "
-                                     "is not empty")
+    new_chain: bool = setting(False, "start a new ledger in an empty state directory although the broker shows "
+                                     "this fleet's earlier chain (every agent must then accept the reset; refused "
+                                     "while models of the old chain are there; no effect on an existing ledger)")
     head_wait: float = setting(3.0, "seconds to wait at start for the fleet's retained ledger head on the broker "
                                     "(compared with the local ledger: a coordinator never starts behind it)")
     heartbeat: float = setting(15.0, "seconds between status republications; if not even our own status comes "
