@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import signal
 import threading
@@ -16,18 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator import state_check, state_guard
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
-from coordinator.storage import ModelStore, Spool
+from coordinator.state_check import StateRefused
+from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
-from federation.config import setting
+from federation.config import ConfigError, setting
+from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
-from federation.mqtt import BrokerConfig, MqttLink
+from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
 from federation.tasks import get_task
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger
+from ledger import Ed25519Signer, Ledger, LedgerCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,11 @@ class CoordinatorConfig(BrokerConfig):
     min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
     quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
     round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
+    keep_models: int = setting(10, "keep the model files of this many latest rounds, plus any the ledger marks as "
+                                   "restore targets (0: keep all); the ledger keeps every model's hash")
+    deadline_factor: float = setting(1.5, "adaptive deadline: a round stays open at least this many times the "
+                                          "90th percentile of the devices' reported training times (0: fixed)")
+    round_deadline_max: float = setting(0.0, "upper bound of the adaptive deadline (0: 10 x round_deadline)")
     rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
     strategy: str = setting("fedavg", "aggregation: fedavg (weighted by samples) or mean")
     max_update_bytes: int = setting(64 * 1024 * 1024, "largest update accepted, checked before decoding")
@@ -65,6 +74,13 @@ class CoordinatorConfig(BrokerConfig):
                                        "bytes of replayed blocks for all requesters together per 10 s window")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
+    new_chain: bool = setting(False, "start a new ledger in an empty state directory although the broker shows "
+                                     "this fleet's earlier chain (every agent must then accept the reset; refused "
+                                     "while models of the old chain are there; no effect on an existing ledger)")
+    head_wait: float = setting(3.0, "seconds to wait at start for the fleet's retained ledger head on the broker "
+                                    "(compared with the local ledger: a coordinator never starts behind it)")
+    heartbeat: float = setting(15.0, "seconds between status republications; if not even our own status comes "
+                                     "back for 4 of them while the broker still answers pings, reconnect")
 
 
 def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
@@ -75,22 +91,43 @@ def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
 
 def round_policy(config: CoordinatorConfig) -> RoundPolicy:
     """The round settings, checked (ValueError) before anything is opened or connected."""
+    if not config.heartbeat > 0:
+        raise ValueError(f"heartbeat must be > 0 seconds, not {config.heartbeat}")
     if config.quorum > config.min_clients:
         raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
                          "closes as soon as min_clients updates are in")
-    return RoundPolicy(config.min_clients, config.quorum, config.round_deadline)
+    return RoundPolicy(config.min_clients, config.quorum, config.round_deadline, config.deadline_factor,
+                       config.round_deadline_max)
 
 
-def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None) -> Coordinator:
-    policy = round_policy(config)  # checked before any file is opened
+def load_keys(config: CoordinatorConfig) -> CoordinatorKeys:
     keys = CoordinatorKeys.load(config.keys)
     if keys.fleet != config.fleet:
         raise ValueError(f"key file {config.keys} is for fleet {keys.fleet!r}, not {config.fleet!r}")
-    registry = DeviceRegistry.load(config.devices)
+    return keys
+
+
+def load_registry(config: CoordinatorConfig) -> DeviceRegistry:
+    if not Path(config.devices).is_file():  # a typo must not start a fleet that accepts no device
+        raise ConfigError(f"device registry {config.devices} not found (create it with `fledger keys add-device`)")
+    return DeviceRegistry.load(config.devices)
+
+
+def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> Ledger:
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
-                         difficulty=config.difficulty)
+    return Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
+                       difficulty=config.difficulty)
+
+
+def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None,
+                      ledger: Ledger | None = None) -> Coordinator:
+    policy = round_policy(config)  # checked before any file is opened
+    keys = load_keys(config)
+    registry = load_registry(config)
+    state = Path(config.state_dir)
+    if ledger is None:
+        ledger = open_ledger(config, keys)
     task = get_task(config.task, n_features=config.csv_features or None)
 
     def initial_model() -> dict[str, Any]:
@@ -105,6 +142,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         fleet=config.fleet,
         policy=policy,
         strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
+        keep_models=config.keep_models, heartbeat_s=config.heartbeat,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
@@ -134,12 +172,50 @@ REGISTRY_CHECK_S = 2.0  # how often devices.json is checked for added, rotated o
 
 def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
-    round_policy(config)  # bad settings fail now, not after connecting to the broker
-    stop = stop or threading.Event()
+    # Everything local is checked before connecting: settings, keys, registry, task, state.
+    round_policy(config)
+    keys = load_keys(config)
+    load_registry(config)
+    get_task(config.task, n_features=config.csv_features or None)
+    state_dir = Path(config.state_dir)
+    try:
+        lock = state_guard.lock_state_dir(state_dir)
+    except StateRefused as exc:
+        log.error("start refused: %s", exc)
+        return exit_codes.STATE
+    try:
+        return _run_locked(config, keys, stop or threading.Event())
+    except (StateRefused, LedgerCorrupt) as exc:
+        log.error("start refused: %s", exc)
+        return exit_codes.STATE
+    finally:
+        os.close(lock)
+
+
+def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threading.Event) -> int:
+    state_dir = Path(config.state_dir)
+    coordinator_key = ed25519_public(keys.sign_seed)
+    heads = [h for h in [state_guard.read_checkpoint(state_dir, coordinator_key)] if h is not None]
+    log_path = state_dir / "ledger.log"
+    # An empty or missing ledger.log is not opened yet: opening writes a new genesis block.
+    ledger = open_ledger(config, keys) if log_path.exists() and log_path.stat().st_size else None
     topics = Topics(config.fleet, config.topic_prefix)
+    client_id = config.client_id or f"fledger-coordinator-{config.fleet}"
+    head = state_guard.broker_head(config, topics, f"{client_id}-probe", coordinator_key, config.head_wait,
+                                   heartbeat=config.heartbeat)
+    if head is not None:
+        heads.append(head)
+    try:
+        note = state_check.check(state_guard.evidence(state_dir, ledger, heads), new_chain=config.new_chain)
+    except StateRefused:
+        if ledger is not None:
+            ledger.close()
+        raise
+    if note:
+        log.info("state check: %s", note)
     # Reassemble no chunked message larger than the largest update we would accept anyway.
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
-    link = MqttLink(link_config, config.client_id or f"fledger-coordinator-{config.fleet}",
+    link = MqttLink(link_config, client_id,
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays])
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
     first_model = [True]
@@ -152,7 +228,13 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
             first_model[0] = False
         else:
             link.publish(topic, payload, retain=retain)
+        if topic == topics.ledger_head:
+            try:
+                state_guard.write_checkpoint(state_dir, payload)
+            except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
+                log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
 
+    link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo
     reload_now = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -160,10 +242,15 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         signal.signal(signal.SIGHUP, lambda *_: reload_now.set())  # `systemctl reload`
     link.start(timeout=60)
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
-    coordinator = build_coordinator(config, publish)
-    coordinator.start()
+    coordinator = build_coordinator(config, publish, ledger=ledger)
+    try:
+        coordinator.start()
+    except StorageError as exc:  # a missing or damaged model or spool file the ledger names
+        link.stop()
+        raise StateRefused(str(exc)) from None
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
+    last_status = time.monotonic()
     try:
         while not stop.is_set():
             try:
@@ -189,6 +276,9 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     if coordinator.presence.expire(config.presence_timeout):
                         coordinator.publish_status()
                     link.expire_partial()
+                if now - last_status >= config.heartbeat:  # a heartbeat for agents, an echo for us
+                    last_status = now
+                    coordinator.publish_status()
                 if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
                     reload_now.clear()
                     last_registry_check = now
@@ -217,6 +307,10 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                 link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True,
                              wait=10)
                 return 3
+        # Stopped by a signal: say so, so that a coordinator started next need not wait to see
+        # whether this one is still alive.
+        coordinator.stopped = True
+        link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True, wait=5)
     finally:
         link.stop()
     return 0

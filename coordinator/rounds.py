@@ -7,6 +7,7 @@ labels, counted by the coordinator and written to the ledger for authenticated s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -15,12 +16,30 @@ class RoundPolicy:
     min_clients: int = 2  # aggregate as soon as this many updates are in
     quorum: int = 1  # after the deadline, aggregate with at least this many
     deadline_s: float = 300.0  # seconds after the round opens; 0 disables the deadline
+    # Adaptive deadline: the next round stays open max(deadline_s, adapt_factor x p90 of the
+    # devices' reported training times), at most deadline_max_s (0: 10 x deadline_s). 0: fixed.
+    adapt_factor: float = 0.0
+    deadline_max_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1 or self.quorum < 1 or self.quorum > self.min_clients:
             raise ValueError("need 1 <= quorum <= min_clients")
         if not 0 <= self.deadline_s < math.inf:  # NaN fails too: a NaN deadline would never pass
             raise ValueError(f"round deadline must be a finite number of seconds >= 0 (0: none), not {self.deadline_s}")
+        if not 0 <= self.adapt_factor < math.inf or not 0 <= self.deadline_max_s < math.inf:
+            raise ValueError("deadline factor and maximum deadline must be finite numbers >= 0")
+
+    def deadline_for(self, train_seconds: Iterable[float]) -> float:
+        """The deadline of the next round, given the devices' latest reported training times:
+        a device slower than the deadline would otherwise never join (every update stale)."""
+        if not self.deadline_s or not self.adapt_factor:
+            return self.deadline_s
+        times = sorted(t for t in train_seconds if math.isfinite(t) and t > 0)
+        if not times:
+            return self.deadline_s
+        p90 = times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
+        bound = self.deadline_max_s or 10 * self.deadline_s
+        return min(max(self.deadline_s, self.adapt_factor * p90), max(bound, self.deadline_s))
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,11 @@ A restart rebuilds the open round from the ledger's accepted records and the spo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from coordinator.acks import DeviceAcks
 from coordinator.aggregation import Strategy, make_strategy
 from coordinator.presence import PresenceBook
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
-from coordinator.storage import ModelStore, Spool, StorageError
+from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from federation import envelope
 from federation.codec import (
     CodecError,
@@ -73,6 +75,8 @@ class CoordinatorSettings:
     strategy: str = "fedavg"
     max_rounds: int = 0  # 0: run until stopped
     max_update_bytes: int = 64 * 1024 * 1024
+    keep_models: int = 10  # model files kept besides restore targets (0: all)
+    heartbeat_s: float = 0.0  # how often the daemon republishes the status (0: only on changes)
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,15 @@ class Coordinator:
         self.rejection_records: Counter[str] = Counter()
         self.registration_records: Counter[tuple[str, str]] = Counter()  # by (device, key id)
         self.round: RoundState | None = None
+        # Rounds whose model file is never pruned: restore targets the ledger names (add them here).
+        self.keep_model_rounds: set[int] = set()
+        self.train_seconds: dict[str, float] = {}  # device -> its latest reported training time (adaptive deadline)
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
         self.model_message = b""
         self.done = False
+        self.stopped = False  # set by the daemon when it leaves: the status then says no one runs
+        self.session = os.urandom(8).hex()  # tells this process's status from another coordinator's
         self.halted: str | None = None  # set when storage fails: stop accepting
         self._strategy: Strategy | None = None
         self.history: list[dict[str, Any]] = []
@@ -136,6 +145,7 @@ class Coordinator:
         """Load or initialise the global model and rebuild the open round from the ledger."""
         self.spool.check_writable()
         blocks = list(self.ledger)
+        self._genesis: bytes = blocks[0].hash  # named in every model: agents pin the chain they follow
         self._sync_device_keys(blocks)  # appends only key records, which the scan below does not use
         last_model_block = None
         accepted_records: list[dict[str, Any]] = []
@@ -178,7 +188,10 @@ class Coordinator:
         else:
             data = last_model_block.data
             round_number = int(data["round"]) + (1 if data["type"] == "aggregate" else 0)
-            loaded = self.models.load(round_number)
+            try:
+                loaded = self.models.load(round_number)
+            except ModelFileError as exc:
+                raise StorageError(5, str(exc)) from None
             if loaded is None:
                 raise StorageError(2, f"ledger names the model for round {round_number} but "
                                       f"{self.models.path(round_number)} is missing")
@@ -284,7 +297,12 @@ class Coordinator:
         log.info("restored accepted update of %s for round %d", device, self.round.number)
 
     def _open_round(self, number: int, *, announce: bool) -> None:
-        self.round = RoundState(number, self._now(), self.settings.policy)
+        policy = self.settings.policy
+        deadline = policy.deadline_for(self.train_seconds.values())
+        if deadline != policy.deadline_s:
+            log.info("round %d stays open %.1fs: adapted to the devices' reported training times", number, deadline)
+            policy = dataclasses.replace(policy, deadline_s=deadline)
+        self.round = RoundState(number, self._now(), policy)
         self._strategy = make_strategy(self.settings.strategy)
         if announce:  # a new round (not one resumed after a restart): the per-round caps start over
             self._reset_round_caps()
@@ -313,7 +331,7 @@ class Coordinator:
         weights = encode_tensors(self.global_model)
         self.model_message = envelope.seal_model(
             self.keys, self.round.number, weights, block=self._model_block.to_bytes(), done=self.done,
-            info=self.task_info, now=self._now(),
+            info={**self.task_info, "genesis": self._genesis.hex()}, now=self._now(),
         )
         self._publish(self.topics.model, self.model_message, True)
 
@@ -322,8 +340,9 @@ class Coordinator:
         head = self.ledger.head
         return {
             "fleet": self.settings.fleet, "round": self.round.number,
-            "state": "halted" if self.halted else "done" if self.done else
+            "state": "halted" if self.halted else "done" if self.done else "stopped" if self.stopped else
                      ("waiting" if self.round.waiting_for() else "aggregating"),
+            "session": self.session, "heartbeat": self.settings.heartbeat_s,
             "halted": self.halted, "accepted": sorted(self.round.accepted),
             "waiting_for": 0 if self.done else self.round.waiting_for(),
             "min_clients": self.settings.policy.min_clients,
@@ -429,6 +448,9 @@ class Coordinator:
         except EnvelopeError as exc:
             return self._reject(exc.reason, exc.detail, device=header.device, round_number=header.round)
         # From here on the sender is authenticated: rejections go to the ledger too.
+        seconds = header.metrics.get("train_seconds") if isinstance(header.metrics, dict) else None
+        if isinstance(seconds, (int, float)) and _sane(float(seconds)):
+            self.train_seconds[header.device] = float(seconds)  # also from a late update: it tells the most
         def rejected(reason: str, detail: str, *, record: bool = True) -> Outcome:
             # Only accepted updates' ids are in seen_msg_ids: a replay's answer is "accepted".
             self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED if reason == "replay" else reason)
@@ -567,6 +589,10 @@ class Coordinator:
             num_samples=sum(u.num_samples for u in state.accepted.values()),
         ))
         self.spool.drop_round(state.number)
+        pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
+        if pruned:
+            log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
+                     pruned, self.settings.keep_models)
         self.global_model = new_model
         self._model_block = block
         self.history.append(block.data)

@@ -59,6 +59,30 @@ class ModelStore:
             raise StorageError(exc.errno, f"cannot save model {path}: {exc.strerror or exc}") from exc
         return path
 
+    def rounds(self) -> list[int]:
+        """Rounds with a saved model, ascending."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.glob("global-*.safetensors"):
+            try:
+                found.append(int(path.name.removeprefix("global-").removesuffix(".safetensors")))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def prune(self, keep_last: int, keep_rounds: set[int]) -> list[int]:
+        """Delete model files except the newest ``keep_last`` (0: keep all) and ``keep_rounds``
+        (models the ledger marks as restore targets); returns the rounds deleted. The ledger
+        keeps every model's hash, so a deleted model can still be recognised if brought back."""
+        if keep_last <= 0:
+            return []
+        saved = self.rounds()
+        doomed = [r for r in saved[:-keep_last] if r not in keep_rounds]
+        for round_number in doomed:
+            self.path(round_number).unlink(missing_ok=True)
+        return doomed
+
     def load(self, round_number: int) -> TensorDict | None:
         path = self.path(round_number)
         return read_model_file(path) if path.exists() else None
@@ -67,13 +91,20 @@ class ModelStore:
 def read_model_file(path: Path) -> TensorDict:
     """A model saved by :meth:`ModelStore.save`, in its original tensor order (safetensors:
     loading never runs code)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-    loaded = load_file(str(path))
-    order = json.loads(metadata.get("fledger.order", "[]")) or sorted(loaded)
-    return {name: loaded[name] for name in order}
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        loaded = load_file(str(path))
+        order = json.loads(metadata.get("fledger.order", "[]")) or sorted(loaded)
+        return {name: loaded[name] for name in order}
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path} is not a model file saved by fledger (damaged?): {exc}") from None
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read back (truncated, damaged, not a fledger model)."""
 
 
 class Spool:

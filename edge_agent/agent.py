@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
+from edge_agent import chain_pin
+from edge_agent.chain_pin import ChainPin
 from edge_agent.outbox import Outbox
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
@@ -35,6 +37,10 @@ from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
 log = logging.getLogger(__name__)
 
 
+MAX_AWAITED_VERDICTS = 16  # closed rounds whose verdict is still to be reported
+CHAIN_ERROR_EVERY_S = 60.0  # how often a refused chain is logged again (never silent, never a flood)
+
+
 class Link(Protocol):
     inbox: queue.Queue[Message]
 
@@ -49,6 +55,7 @@ class AgentSettings:
     max_model_bytes: int = 256 * 1024 * 1024
     exit_when_done: bool = True
     seed: int = 0
+    accept_reset: bool = False  # follow a coordinator that started a new chain or went backwards
 
 
 class EdgeAgent:
@@ -78,6 +85,7 @@ class EdgeAgent:
         self.ack: dict[str, Any] = {}
         self._outbox_msg_ids: dict[int, str] = {}  # round -> hex msg_id of the update in the outbox
         self._told: set[tuple[str, str]] = set()  # (msg_id, verdict) already logged
+        self._awaiting_verdict: dict[str, int] = {}  # hex msg_id -> round: closed without a verdict yet
         self.refused_models = 0
         self._last_send: dict[int, float] = {}
         self._last_heartbeat = 0.0
@@ -87,6 +95,9 @@ class EdgeAgent:
         self.dataset = dataset
         self.registration_pending = register
         self._last_registration = 0.0
+        self.chain = chain_pin.load(self.state_dir)
+        self.chain_problem: str | None = None  # why the coordinator's model is refused, while it is
+        self._last_chain_error = float("-inf")
 
     # -- inbound ---------------------------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
@@ -112,6 +123,32 @@ class EdgeAgent:
             self.refused_models += 1
             log.error("refused a global model: %s", exc)
             return
+        seen = ChainPin(self.bundle.coordinator.sign_public.hex(), str(header.info.get("genesis", "")),
+                        header.round, header.block_index + 1)
+        problem = chain_pin.judge(self.chain, seen)
+        if problem is not None and not self.settings.accept_reset:
+            self.chain_problem = problem
+            if self._now() - self._last_chain_error >= CHAIN_ERROR_EVERY_S:
+                self._last_chain_error = self._now()
+                log.error("the coordinator of fleet %s %s; not following it. Fix: restore the coordinator's ledger "
+                          "(`fledger ledger restore`, see docs/reliability.md); if the reset is intended, restart "
+                          "this agent with --accept-reset (or delete %s)", header.fleet, problem,
+                          self.state_dir / chain_pin.FILE)
+            return
+        if problem is not None:
+            log.warning("the coordinator %s; following it (--accept-reset)", problem)
+            self.latest = None
+            for old in self.outbox.rounds():  # trained on the old chain's models: never accepted now
+                self.outbox.remove(old)
+                log.warning("dropped our update for round %d from the outbox: it belongs to the chain the "
+                            "coordinator left", old)
+            self.last_trained_round = header.round - 1
+            atomic_write(self._last_round_file, str(self.last_trained_round).encode())
+        self.chain_problem = None
+        pin = chain_pin.advance(self.chain, seen)
+        if pin != self.chain:
+            chain_pin.save(self.state_dir, pin)
+            self.chain = pin
         if self.latest is None or header.round >= self.latest[0].round:
             self.latest = (header, weights)
 
@@ -138,25 +175,29 @@ class EdgeAgent:
             log.warning("the coordinator does not list our data set %s; registering again",
                         self.dataset.sha256.hex()[:16])
             self.registration_pending = True
-        if self.latest is None:
-            return
+        if self.latest is None or self.chain_problem:
+            return  # (a refused chain: nothing it says is acted on, our outbox is not sent to it)
         if self.registration_pending and not self._registered():
             return  # train only on data the ledger knows about
         header, weights = self.latest
-        dropped = self.outbox.drop_before(header.round)
-        if dropped:
-            log.info("rounds %s closed; removed their updates from the outbox", dropped)
+        self._drop_closed_rounds(header.round)
+        self._explain_late_verdicts()
         if header.done:
             if not self.done:
                 log.info("the coordinator finished training at round %d", header.round)
             self.done = True
             return
-        if header.round < self.last_trained_round and not self.outbox.rounds():
-            # The coordinator is behind what we trained: its state was reset (a new ledger).
-            # Follow it rather than wait for a round number it may never reach.
+        if header.round < self.last_trained_round:
+            # The coordinator is behind what we trained and we follow it (a reset we accepted, or
+            # no pin yet): our updates for later rounds will never be accepted.
+            for later in [r for r in self.outbox.rounds() if r > header.round]:
+                self.outbox.remove(later)
+                log.warning("dropped our update for round %d from the outbox: the coordinator is at round %d "
+                            "and will not accept it", later, header.round)
             log.warning("the coordinator is at round %d but we trained up to %d: following it",
                         header.round, self.last_trained_round)
             self.last_trained_round = header.round - 1
+            atomic_write(self._last_round_file, str(self.last_trained_round).encode())
         if self.outbox.get(header.round) is None and header.round > self.last_trained_round:
             self._train_round(header, weights)
         self._resend_if_needed(header.round)
@@ -228,6 +269,40 @@ class EdgeAgent:
             if last is not None:
                 log.info("round %d: no acknowledgement yet; resending our update", round_number)
             self._send(round_number, payload)
+
+    def _drop_closed_rounds(self, open_round: int) -> None:
+        """Remove updates for rounds that have closed. One the coordinator did not count is
+        reported with its reason; if that verdict has not arrived yet, it is awaited."""
+        for closed in [r for r in self.outbox.rounds() if r < open_round]:
+            payload = self.outbox.get(closed)
+            verdict = self._verdict(closed, payload) if payload is not None else None
+            self.outbox.remove(closed)
+            if verdict == ACCEPTED:
+                log.info("round %d closed; the coordinator counted our update", closed)
+            elif verdict is not None:
+                self._tell_not_counted(closed, verdict)
+            elif closed in self._outbox_msg_ids:
+                self._awaiting_verdict[self._outbox_msg_ids[closed]] = closed
+                while len(self._awaiting_verdict) > MAX_AWAITED_VERDICTS:  # a coordinator that never answers
+                    del self._awaiting_verdict[next(iter(self._awaiting_verdict))]
+                log.info("round %d closed before the coordinator acknowledged our update; waiting for its verdict",
+                         closed)
+            self._outbox_msg_ids.pop(closed, None)
+
+    def _explain_late_verdicts(self) -> None:
+        for msg_id, closed in list(self._awaiting_verdict.items()):
+            entry = self.ack.get("updates", {}).get(msg_id) if self.ack else None
+            verdict = entry.get("verdict") if isinstance(entry, dict) else None
+            if isinstance(verdict, str):
+                del self._awaiting_verdict[msg_id]
+                if verdict == ACCEPTED:
+                    log.info("round %d: the coordinator counted our update", closed)
+                else:
+                    self._tell_not_counted(closed, verdict)
+
+    def _tell_not_counted(self, round_number: int, verdict: str) -> None:
+        log.warning("round %d: the coordinator did not count our update: %s (%s)", round_number, verdict,
+                    EXPLANATIONS.get(verdict, "see the coordinator's log"))
 
     def _verdict(self, round_number: int, payload: bytes) -> str | None:
         """The coordinator's verdict on the update in the outbox for this round; None if none yet."""

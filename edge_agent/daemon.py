@@ -17,7 +17,7 @@ from edge_agent.registration import check_registration, fingerprint, published_f
 from federation import exit_codes
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
-from federation.mqtt import BrokerConfig, MqttLink
+from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
 from federation.tasks import get_task
 from federation.topics import Topics
 
@@ -36,10 +36,13 @@ class AgentConfig(BrokerConfig):
     threads: int = setting(1, "torch threads (several agents on one machine compete for cores)")
     seed: int = setting(0, "seed for local training")
     resend_interval: float = setting(20.0, "seconds before an unacknowledged update is sent again")
-    heartbeat: float = setting(15.0, "seconds between presence heartbeats")
+    heartbeat: float = setting(15.0, "seconds between presence heartbeats; if not even our own comes back for 4 "
+                                     "of them while the broker still answers pings, reconnect")
     exit_when_done: bool = setting(True, "exit once the coordinator says training is finished")
     client_id: str = setting("", "MQTT client id (default: fledger-agent-<device>)")
     reregister: bool = setting(False, "register changed local data instead of refusing to train on it")
+    accept_reset: bool = setting(False, "follow a coordinator that started a new chain or went back to an earlier "
+                                        "round (an intended reset; otherwise the agent logs an ERROR and waits)")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -78,10 +81,13 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    # Our own heartbeat is the echo: when not even it comes back, the path is dead.
+    link.watch(topics.presence(bundle.device_id), LIVENESS_PERIODS * config.heartbeat)
     link.start(timeout=120)
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
-                                    exit_when_done=config.exit_when_done, seed=config.seed),
+                                    exit_when_done=config.exit_when_done, seed=config.seed,
+                                    accept_reset=config.accept_reset),
                       dataset=dataset, register=True, presence=presence)
     try:
         agent.run(stop=lambda: stop.is_set() or link.failed is not None)

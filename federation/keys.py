@@ -208,6 +208,8 @@ class DeviceRegistry:
     def from_json(cls, data: dict[str, Any]) -> DeviceRegistry:
         """Parse devices.json; raises :class:`KeyFileError` naming what is wrong."""
         registry = cls()
+        if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
+            raise KeyFileError("malformed device registry: no 'devices' map (make one with `fledger keys add-device`)")
         owners: dict[str, str] = {}  # key id -> device: a key belongs to one device only
         try:
             for device_id, entry in dict(data.get("devices", {})).items():

@@ -48,6 +48,8 @@ from federation.packet_limit import (
 
 log = logging.getLogger(__name__)
 
+LIVENESS_PERIODS = 4  # heartbeats without even a role's own echo before its link is re-made
+
 
 @dataclass
 class BrokerConfig:
@@ -71,6 +73,29 @@ class BrokerConfig:
     max_message_bytes: int = setting(256 * 1024 * 1024, "largest chunked message reassembled")
     chunk_timeout: float = setting(120.0, "seconds a partly received chunked message is kept")
 
+    def __post_init__(self) -> None:
+        # Caught when the settings are read, not 60 s later when connecting fails.
+        if not 0 < self.broker_port < 65536:
+            raise ConfigError(f"broker port {self.broker_port} is not in 1..65535")
+
+
+class LivenessWatchdog:
+    """When did anything last arrive; silent for longer than ``timeout``? (Pure: times passed in.)"""
+
+    def __init__(self, timeout: float, now: float) -> None:
+        if not timeout > 0:
+            raise ValueError(f"liveness timeout must be > 0 seconds, not {timeout}")
+        self.timeout = timeout
+        self.last = now
+
+    def note(self, now: float) -> None:
+        self.last = max(self.last, now)
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds of silence if past the timeout, else None."""
+        silent = now - self.last
+        return silent if silent > self.timeout else None
+
 
 @dataclass(frozen=True)
 class Message:
@@ -86,7 +111,7 @@ class MqttLink:
     def __init__(
         self, config: BrokerConfig, client_id: str, *, subscriptions: list[str] | None = None,
         will: tuple[str, bytes, bool] | None = None, inbox_size: int = 10_000,
-        backoff: tuple[float, float] = (0.5, 30.0),
+        backoff: tuple[float, float] = (0.5, 30.0), persistent: bool = True,
     ) -> None:
         self.config = config
         self.client_id = client_id
@@ -101,6 +126,9 @@ class MqttLink:
         self.reassembler = Reassembler(4 * config.max_message_bytes, config.max_message_bytes, config.chunk_timeout)
         self._chunk_counts: dict[str, int] = {}
         self._will = will
+        self._persistent = persistent
+        self.liveness: LivenessWatchdog | None = None  # see watch()
+        self.forced_reconnects = 0
         # The broker's packet limit and what to do about oversized publishes (see packet_limit).
         self.broker_max_packet: int | None = None  # from an MQTT 5 CONNACK
         self.failed: str | None = None  # set when the link gave up (the owner stops with an error)
@@ -113,7 +141,7 @@ class MqttLink:
         return bool(self._client.protocol == paho.MQTTv5)
 
     def _new_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
-        client = _configured_client(self.config, self.client_id, protocol)
+        client = _configured_client(self.config, self.client_id, protocol, persistent=self._persistent)
         client.max_inflight_messages_set(20)
         client.max_queued_messages_set(0)  # unbounded: QoS 1 messages queue while offline
         if self._will:
@@ -133,13 +161,16 @@ class MqttLink:
         return client
 
     def _connect(self) -> None:
-        if self.mqtt5:
+        if self.mqtt5 and self._persistent:
             # The MQTT 5 form of clean_session=False: keep the session (and the QoS 1 messages
             # queued for us while offline) across disconnects, and never let it expire.
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
             self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive,
                                  clean_start=False, properties=props)
+        elif self.mqtt5:
+            self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive,
+                                 clean_start=True)
         else:
             self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive)
 
@@ -158,6 +189,8 @@ class MqttLink:
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self.connect_count += 1
+        if self.liveness is not None:
+            self.liveness.note(time.monotonic())  # a fresh connection gets a full timeout
         self.connected.set()
         limit = f", broker's maximum packet size {self.broker_max_packet:,} bytes" if self.broker_max_packet else ""
         log.info("connected to %s:%s as %s (MQTT %s%s)", self.config.broker_host, self.config.broker_port,
@@ -185,6 +218,8 @@ class MqttLink:
         self._oversize.acknowledged(mid)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if self.liveness is not None:
+            self.liveness.note(time.monotonic())
         try:
             whole = self.reassembler.feed(msg.topic, bytes(msg.payload))
         except ChunkError as exc:
@@ -232,6 +267,30 @@ class MqttLink:
             raise ConnectionError(
                 f"MQTT broker {self.config.broker_host}:{self.config.broker_port} did not accept the connection"
             )
+
+    def watch(self, echo_topic: str, timeout: float) -> None:
+        """Application-level liveness: subscribe to ``echo_topic``, which the owner publishes to
+        itself periodically, and reconnect when nothing at all has arrived for ``timeout``
+        seconds. A path that still carries keepalive pings but no data (a faulty proxy or
+        middlebox) otherwise stalls the link for good: paho only notices missing PINGRESPs."""
+        self.liveness = LivenessWatchdog(timeout, time.monotonic())
+        self.subscribe(echo_topic)
+        threading.Thread(target=self._watchdog, name="mqtt-liveness", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        assert self.liveness is not None
+        while not self._stopping:
+            time.sleep(min(1.0, self.liveness.timeout / 4))
+            silent = self.liveness.silent_for(time.monotonic())
+            if silent is None or not self.connected.is_set() or self._stopping:
+                continue
+            log.warning("nothing received for %.0fs, not even our own echo, although the connection is up: "
+                        "reconnecting", silent)
+            self.liveness.note(time.monotonic())
+            self.forced_reconnects += 1
+            sock: Any = self._client.socket()
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)  # paho sees the connection lost and reconnects
 
     def subscribe(self, topic: str) -> None:
         if topic not in self.subscriptions:
@@ -345,12 +404,14 @@ def _protocol_setting(value: str) -> MQTTProtocolVersion | None:
         raise ConfigError(f"setting mqtt_version: {value!r} is not one of {', '.join(_PROTOCOLS)}") from None
 
 
-def _configured_client(config: BrokerConfig, client_id: str, protocol: MQTTProtocolVersion) -> paho.Client:
+def _configured_client(config: BrokerConfig, client_id: str, protocol: MQTTProtocolVersion, *,
+                       persistent: bool = True) -> paho.Client:
     """A paho client with fledger's identity, credentials and TLS (no callbacks)."""
     if protocol == paho.MQTTv5:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
     else:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=protocol)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
+                             protocol=protocol)
     if config.username:
         client.username_pw_set(config.username, read_secret(config.password_file, "MQTT password"))
     if config.tls_ca:

@@ -2,10 +2,11 @@
 
 Production fleets use mosquitto or a clustered broker (see deploy/); fledger speaks plain
 MQTT 3.1.1 (MQTT 5 where the broker offers it, which amqtt does not), so the roles do not
-care which. With a password file (what `fledger keys init` makes) the embedded broker enforces the same ACL as mosquitto (fledger/fledger.acl, through
-:class:`AclTopicPlugin`) and hands out retained messages only to subscriptions that match
-them (:class:`FledgerBroker`). Anonymous mode has no user names and so no roles: it is for
-tests only. Payloads are encrypted and signed whatever the broker does.
+care which. With a password file (what `fledger keys init` makes) the embedded broker
+enforces the same ACL as mosquitto (fledger/fledger.acl, through :class:`AclTopicPlugin`)
+and hands out retained messages only to subscriptions that match them
+(:class:`FledgerBroker`). Anonymous mode has no user names and so no roles: it is for tests
+only. Payloads are encrypted and signed whatever the broker does.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Any
 
 from federation import config as cfg
 from federation import exit_codes
+from federation.datasets import DatasetError
 from ledger import LedgerError
 
 log = logging.getLogger("fledger")
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:  # before OSError, its base: a broker problem, not a usage one
         log.error("%s", exc)
         return exit_codes.UNREACHABLE
-    except (cfg.ConfigError, OSError, ValueError, LedgerError) as exc:
+    except (cfg.ConfigError, OSError, ValueError, LedgerError, DatasetError) as exc:
         log.error("%s", exc)
         return exit_codes.USAGE
     except KeyboardInterrupt:

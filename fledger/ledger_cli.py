@@ -163,6 +163,9 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--timeout", type=float, default=0.0, help="exit 3 after this many seconds (0: never)")
     a.add_argument("--client-id", default="", help="MQTT client id (default: fledger-monitor-<fleet>)")
     cfg.add_arguments(a, BrokerConfig)
+    from fledger import ledger_restore
+
+    ledger_restore.add_parser(ls)
     p.set_defaults(func=main)
 
 
@@ -206,6 +209,10 @@ def main(args: argparse.Namespace) -> int:
         return checkpoint(args)
     if command == "follow":
         return follow(args)
+    if command == "restore":
+        from fledger import ledger_restore
+
+        return ledger_restore.main(args)
     raise ValueError(f"unknown ledger action {command}")
 
 

@@ -7,13 +7,16 @@ At open, a *torn tail* is truncated with a logging WARNING (the bytes are saved 
 ``<file>.torn-<offset>`` first). A tail, from the first bad frame to the end of the file, is torn
 when it has the shape a crash in the middle of one append leaves -- a prefix of one frame, the
 rest of the file reading as zeros -- which is one of: fewer bytes than a frame header; a header
-whose length runs past the end of the file; a frame whose CRC fails followed only by zero bytes
-(if any); or the first bytes of a header (a prefix of the magic, then maybe part of the length)
+whose length runs past the end of the file; a frame whose CRC fails, whose payload ends in zero
+bytes (the part never written) and which is followed only by zero bytes (if any); or the first
+bytes of a header (a prefix of the magic, then maybe part of the length)
 followed only by zeros, down to no header byte at all (a file extended by the filesystem but
 never written). Bytes inside the bad frame, even if they look like whole frames, prove nothing:
 a block's data is partly chosen by devices. The one thing that does is the bad frame's own CRC,
 which covers the length field: if it matches with the frame ending where a later frame header
 (or the end of the file) starts, the frame is whole and its length field was damaged -- not torn.
+A whole last frame whose checksum fails (one flipped bit) is not torn: that block was written
+and perhaps published, so it is never cut off.
 Anything else raises :class:`LedgerCorrupt` naming the block index, the byte offset and the problem.
 History is never rewritten: the only write besides appending is that truncation.
 """
@@ -170,6 +173,17 @@ def _zero_filled_header(buf: bytes, pos: int) -> str:
     return f"{written} bytes of a frame header, then {n - pos - written} zero bytes"
 
 
+UNWRITTEN_END = 16  # zero bytes ending a frame's payload that mark it as never fully written
+
+
+def _unwritten_end(buf: bytes, pos: int, end: int) -> bool:
+    """Whether the frame at ``pos`` ends in zero bytes: a block ends with the coordinator's
+    signature, which never does (a chance of 2**-128), so a frame whose CRC fails but whose end
+    is not zeros was written whole and damaged later."""
+    start = max(pos + HEADER.size, end - UNWRITTEN_END)
+    return end - start == UNWRITTEN_END and buf.count(0, start, end) == UNWRITTEN_END
+
+
 def scan(buf: bytes, path: str | os.PathLike[str] | None = None, *, strict: bool = True) -> ScanResult:
     """Split file contents into frame payloads; classify a bad tail as torn or raise LedgerCorrupt
     (with ``strict=False`` the error is returned with the whole frames before it)."""
@@ -195,7 +209,10 @@ def scan(buf: bytes, path: str | os.PathLike[str] | None = None, *, strict: bool
         index = len(payloads)
         # A torn tail is a prefix of the frame the last append was writing, the rest reading as zeros.
         zeros = _zero_filled_header(buf, pos)
-        torn = bool(zeros) or kind in ("short", "past_eof") or (kind == "crc" and buf.count(0, end) == n - end)
+        # A whole frame whose checksum fails is damage (a flipped bit), not a torn write, unless its
+        # payload ends in zeros: the part of the last append that never reached the disk.
+        torn = bool(zeros) or kind in ("short", "past_eof") or (
+            kind == "crc" and buf.count(0, end) == n - end and _unwritten_end(buf, pos, end))
         if torn and kind in ("past_eof", "crc"):
             # Frame-shaped bytes after ``pos`` may be device-chosen data inside the torn frame, so
             # they do not count as later frames. The frame's own CRC (over the length field and

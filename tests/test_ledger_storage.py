@@ -348,3 +348,30 @@ def test_sigkill_during_appends_loses_nothing_acknowledged(tmp_path: Path, caplo
     assert len(acknowledged) > 20
     torn = sum("torn tail" in r.getMessage() for r in caplog.records)
     print(f"{len(acknowledged)} acknowledged blocks over 6 kills; {torn} torn tails truncated")
+
+
+def test_bit_flip_in_last_block_is_corruption_not_a_torn_tail(tmp_path: Path) -> None:
+    # A complete last frame whose checksum fails was written (and maybe published and acknowledged):
+    # it is refused by block index, never truncated as if a crash had torn it.
+    data, offsets = sample_file()
+    last = len(offsets) - 1
+    for position in (offsets[-1] + 20, len(data) - 1):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x04
+        path = tmp_path / f"flip-{position}.log"
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(LedgerCorrupt, match=rf"block {last}\b.*checksum"):
+            Ledger.open(path, signer=COORD)
+        assert path.read_bytes() == bytes(damaged)
+    # whereas a last frame whose end never reached the disk (zeros) is torn and truncated
+    torn = bytearray(data)
+    torn[-UNWRITTEN:] = bytes(UNWRITTEN)
+    path = tmp_path / "unwritten.log"
+    path.write_bytes(bytes(torn))
+    ledger = Ledger.open(path, signer=COORD)
+    assert ledger.height == last
+    ledger.close()
+    assert path.read_bytes() == data[:offsets[-1]]
+
+
+UNWRITTEN = storage.UNWRITTEN_END + 5

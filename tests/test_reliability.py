@@ -145,7 +145,8 @@ def test_coordinator_sigkilled_at_random_moments(password_broker: tuple[Embedded
     broker, passwords = password_broker
     rounds, kills_wanted = 40, 6  # a round takes milliseconds here: enough rounds to kill 6 times
     rng = random.Random(20261124)
-    fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds, limit=300, logins=passwords)
+    fed = Federation(tmp_path, broker.host, broker.port, rounds=rounds, limit=300, logins=passwords,
+                     extra_coordinator=["--heartbeat", "1"])  # a restart waits <= 2 heartbeats for a live twin
     kills: list[dict[str, Any]] = []
     agents_frozen = False
 

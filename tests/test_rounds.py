@@ -43,3 +43,19 @@ def test_policy_validation() -> None:
         RoundPolicy(min_clients=2, quorum=3)
     with pytest.raises(ValueError):
         RoundPolicy(min_clients=0)
+
+
+def test_adaptive_deadline_follows_the_slow_devices_within_bounds() -> None:
+    fixed = RoundPolicy(1, 1, 10.0)
+    assert fixed.deadline_for([100.0]) == 10.0  # not adaptive unless asked
+    policy = RoundPolicy(1, 1, 10.0, adapt_factor=1.5, deadline_max_s=60.0)
+    assert policy.deadline_for([]) == 10.0
+    assert policy.deadline_for([1.0, 2.0, 3.0]) == 10.0  # fast devices never shorten it
+    assert policy.deadline_for([0.1, 20.0]) == 30.0  # with few devices p90 is the slowest
+    assert policy.deadline_for([1.0] * 8 + [20.0, 20.0]) == 30.0
+    assert policy.deadline_for([1.0] * 19 + [1000.0]) == 10.0  # one outlier in twenty does not stretch it
+    assert policy.deadline_for([1000.0, float("nan"), -5.0]) == 60.0  # bounded; junk ignored
+    assert RoundPolicy(1, 1, 10.0, adapt_factor=2.0).deadline_for([80.0]) == 100.0  # default bound 10 x
+    assert RoundPolicy(1, 1, 0.0, adapt_factor=2.0).deadline_for([80.0]) == 0.0  # no deadline stays none
+    with pytest.raises(ValueError):
+        RoundPolicy(1, 1, 10.0, adapt_factor=float("nan"))

@@ -1,0 +1,124 @@
+"""No silent fork: a coordinator never resumes behind a history it published (real processes, mosquitto).
+
+A fleet runs two rounds while a monitor keeps a verified replica. Then, as an operator might:
+the ledger is truncated at a block boundary (an old backup), a bit is flipped in its last block,
+the state directory is wiped, ledger.log is emptied beside its models. Each start is refused with
+exit code 5 and one line saying what happened and how to fix it; `fledger ledger restore` from the
+monitor's replica brings the coordinator back where it was; --new-chain starts afresh on purpose.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import BrokerInfo
+from federation_run import Federation
+from test_reliability import finish, wait_for
+
+from federation import exit_codes
+from fledger import keytool
+from ledger import Block, Ledger, storage
+
+
+def coordinator_once(fed: Federation, *extra: str, timeout: float = 90) -> tuple[int, str]:
+    """Start the coordinator on the fleet's state directory and wait for it to exit."""
+    cmd = [sys.executable, "-m", "fledger.cli", "--log-level", "INFO", "coordinator", *fed.broker_args(),
+           "--fleet", fed.fleet, "--task", fed.task, "--state-dir", str(fed.state),
+           "--keys", str(fed.keys / keytool.COORDINATOR_FILE), "--devices", str(fed.keys / keytool.REGISTRY_FILE),
+           "--rounds", str(fed.rounds), "--min-clients", "2", "--head-wait", "2", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stderr
+
+
+def refusal(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "start refused" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def restore(fed: Federation, replica: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fledger.cli", "ledger", "restore", "--replica", str(replica),
+                           "--state-dir", str(fed.state), "--keys", str(fed.keys / keytool.COORDINATOR_FILE)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosquitto_broker: BrokerInfo,
+                                                                            tmp_path: Path) -> None:
+    broker = mosquitto_broker
+    fed = Federation(tmp_path, broker.host, broker.port, rounds=2, limit=200,
+                     extra_coordinator=["--head-wait", "2"])
+    replica = tmp_path / "monitor.replica"
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, *fed.broker_args(),
+         "--replica", str(replica), "--coordinator-key", str(fed.keys / keytool.COORDINATOR_FILE)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        fed.start_all()
+        finish(fed)
+        height = Ledger.open(fed.state / "ledger.log").height
+        from fledger.ledger_cli import ReplicaFile
+
+        wait_for("the monitor's replica at the ledger's height",
+                 lambda: len(ReplicaFile(replica).load()) == height, 30, fed)
+    finally:
+        monitor.send_signal(signal.SIGTERM)
+        monitor.wait(10)
+        fed.stop()
+    log_path = fed.state / "ledger.log"
+    good = log_path.read_bytes()
+    offsets = storage.scan(good).offsets
+
+    # A consistent state resumes (the fleet is done, so it exits 0 at once).
+    code, err = coordinator_once(fed)
+    assert code == 0, err
+
+    # An older copy of the ledger (cut at a block boundary): the checkpoint and broker show more.
+    log_path.write_bytes(good[:offsets[-3]])
+    code, err = coordinator_once(fed)
+    line = refusal(err)
+    assert code == exit_codes.STATE and f"has {height - 3} blocks" in line and f"height {height}" in line, err
+    assert "ledger restore" in line
+    assert log_path.read_bytes() == good[:offsets[-3]]  # nothing appended, nothing overwritten
+
+    # Restore from the monitor's replica, then the coordinator resumes where it was.
+    done = restore(fed, replica)
+    assert done.returncode == 0, done.stderr
+    assert log_path.read_bytes() == good
+    code, err = coordinator_once(fed)
+    assert code == 0 and "resumed at round 3" in err, err
+
+    # One bit flipped in the last block: corruption named by block, not a torn tail to cut off.
+    flipped = bytearray(good)
+    flipped[offsets[-1] + 30] ^= 0x10
+    log_path.write_bytes(bytes(flipped))
+    code, err = coordinator_once(fed)
+    line = refusal(err)
+    assert code == exit_codes.STATE and f"block {height - 1}" in line and "checksum" in line, err
+    assert log_path.read_bytes() == bytes(flipped)
+
+    # An empty ledger.log beside the models of a published chain never silently gets a new genesis.
+    log_path.write_bytes(b"")
+    code, err = coordinator_once(fed)
+    assert code == exit_codes.STATE and "empty" in refusal(err), err
+    assert log_path.read_bytes() == b""
+
+    # The whole state directory lost: the broker's retained head shows the fleet's chain.
+    shutil.move(fed.state, tmp_path / "old-state")
+    code, err = coordinator_once(fed)
+    line = refusal(err)
+    assert code == exit_codes.STATE and "broker" in line and "--new-chain" in line, err
+    assert not (fed.state / "ledger.log").exists()
+    # ... unless the operator asks for a new chain explicitly.
+    fed.extra_coordinator = ["--head-wait", "2", "--new-chain"]
+    proc = fed.start_coordinator()
+    wait_for("a new chain", lambda: log_path.exists() and Ledger.open(log_path).height >= 2, 60, fed)
+    proc.terminate()
+    proc.wait(20)
+    new = Ledger.open(log_path)
+    assert new.block(0).hash != Block.from_bytes(storage.scan(good).payloads[0]).hash
