@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
 from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
@@ -49,7 +50,21 @@ class CoordinatorConfig(BrokerConfig):
     quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
     round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
     rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
-    strategy: str = setting("fedavg", "aggregation: fedavg (weighted by samples) or mean")
+    strategy: str = setting(DEFAULT_STRATEGY, "aggregation: clipped-fedavg (FedAvg with each update's distance from "
+                            "the global model bounded), median, trimmed-mean, krum, multi-krum, or the unbounded "
+                            "fedavg and mean (trusted fleets only); see docs/robustness.md")
+    clip_factor: float = setting(StrategyParams.clip_factor, "clipped-fedavg: clip updates farther from the global "
+                                 "model than this x the round's median distance, and cap sample counts at this x "
+                                 "the median count (0: off)")
+    exclude_factor: float = setting(StrategyParams.exclude_factor, "clipped-fedavg: leave out updates farther than "
+                                    "this x the median distance (0: never; else >= 1 and >= clip_factor)")
+    clip_norm: float = setting(StrategyParams.clip_norm, "clipped-fedavg: absolute bound on an update's L2 distance "
+                               "from the global model (0: none)")
+    trim_fraction: float = setting(StrategyParams.trim_fraction, "trimmed-mean: fraction of values cut at each end, "
+                                   "per coordinate (0 to < 0.5)")
+    krum_byzantine: int = setting(StrategyParams.byzantine, "krum, multi-krum: hostile updates tolerated "
+                                  "(-1: the most possible, (n - 3) // 2)")
+    krum_select: int = setting(StrategyParams.krum_select, "multi-krum: updates averaged (0: n - krum_byzantine)")
     max_update_bytes: int = setting(64 * 1024 * 1024, "largest update accepted, checked before decoding")
     difficulty: int = setting(0, "ledger proof of work: leading zero bits per block (0: off)")
     evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
@@ -69,8 +84,18 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
     return RoundPolicy(config.min_clients, config.quorum, config.round_deadline)
 
 
+def strategy_params(config: CoordinatorConfig) -> StrategyParams:
+    """The strategy and its settings, checked (ValueError) before anything is opened."""
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
+    return StrategyParams(clip_factor=config.clip_factor, exclude_factor=config.exclude_factor,
+                          clip_norm=config.clip_norm, trim_fraction=config.trim_fraction,
+                          byzantine=config.krum_byzantine, krum_select=config.krum_select)
+
+
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None) -> Coordinator:
     policy = round_policy(config)  # checked before any file is opened
+    params = strategy_params(config)
     keys = CoordinatorKeys.load(config.keys)
     if keys.fleet != config.fleet:
         raise ValueError(f"key file {config.keys} is for fleet {keys.fleet!r}, not {config.fleet!r}")
@@ -92,7 +117,8 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
     settings = CoordinatorSettings(
         fleet=config.fleet,
         policy=policy,
-        strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
+        strategy=config.strategy, strategy_params=params, max_rounds=config.rounds,
+        max_update_bytes=config.max_update_bytes,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
@@ -123,6 +149,7 @@ REGISTRY_CHECK_S = 2.0  # how often devices.json is checked for added, rotated o
 def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
     round_policy(config)  # bad settings fail now, not after connecting to the broker
+    strategy_params(config)
     stop = stop or threading.Event()
     topics = Topics(config.fleet, config.topic_prefix)
     # Reassemble no chunked message larger than the largest update we would accept anyway.

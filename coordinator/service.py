@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from coordinator.aggregation import Strategy, make_strategy
+from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
 from coordinator.presence import PresenceBook
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelStore, Spool, StorageError
@@ -66,7 +66,8 @@ class LedgerLike(Protocol):
 class CoordinatorSettings:
     fleet: str
     policy: RoundPolicy
-    strategy: str = "fedavg"
+    strategy: str = DEFAULT_STRATEGY
+    strategy_params: StrategyParams = StrategyParams()
     max_rounds: int = 0  # 0: run until stopped
     max_update_bytes: int = 64 * 1024 * 1024
 
@@ -268,14 +269,17 @@ class Coordinator:
             raise StorageError(5, f"spooled update of {device} for round {self.round.number} is not the one the "
                                   "ledger records")
         weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
-        self._strategy.add(weights, sealed.header.num_samples)
+        self._strategy.add(weights, sealed.header.num_samples, device)
         self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
                                    sealed.header.num_samples, sealed.header.metrics))
         log.info("restored accepted update of %s for round %d", device, self.round.number)
 
     def _open_round(self, number: int, *, announce: bool) -> None:
         self.round = RoundState(number, self._now(), self.settings.policy)
-        self._strategy = make_strategy(self.settings.strategy)
+        # Robust strategies measure distances from the model this round trains from, and keep
+        # the round's updates in a memory-mapped file beside the spool.
+        self._strategy = make_strategy(self.settings.strategy, self.settings.strategy_params,
+                                       global_model=self.global_model, workdir=self.spool.directory)
         if announce:  # a new round (not one resumed after a restart): the per-round caps start over
             self._reset_round_caps()
         if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
@@ -426,7 +430,7 @@ class Coordinator:
         self.spool.put(header.round, header.device, payload)
         self._append(records.update(sealed.header_bytes, sealed.signature))
         self.seen_msg_ids.add(header.msg_id)
-        self._strategy.add(weights, header.num_samples)
+        self._strategy.add(weights, header.num_samples, header.device)
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                    header.metrics))
         self.accepted_total += 1
@@ -521,12 +525,22 @@ class Coordinator:
         eval_metrics = self._evaluation(state.number, new_model)
         train = state.train_summary()
         self.models.save(next_round, new_model)
+        decisions = self._strategy.decisions
+        excluded = {d: why for d, why in decisions.items() if why.get("action") == "excluded"}
+        clipped = {d: why for d, why in decisions.items() if why.get("action") == "clipped"}
+        for device, why in sorted(decisions.items()):
+            log.warning("round %d: update of %s %s (%s)", state.number, device, why.get("action"),
+                        ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in why.items() if k != "action"))
         # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
-        # The ledger fills in the Merkle root over this round's accepted updates.
+        # participants = accepted minus excluded; the ledger fills in the Merkle root over all of
+        # this round's accepted updates (excluded ones too: they were accepted, then left out).
         block = self._append(records.aggregate(
-            state.number, sorted(state.accepted), hashlib.sha256(model_bytes).digest(), self._strategy.name,
+            state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
+            self._strategy.name,
             {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}},
-            num_samples=sum(u.num_samples for u in state.accepted.values()),
+            num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
+            excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
         ))
         self.spool.drop_round(state.number)
         self.global_model = new_model
@@ -579,6 +593,12 @@ METRIC_LIMIT = 1e30
 
 def _sane(value: float) -> bool:
     return math.isfinite(value) and abs(value) <= METRIC_LIMIT
+
+
+def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Decisions as the ledger takes them: floats finite (an unbounded value becomes None)."""
+    return {device: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in why.items()}
+            for device, why in decisions.items()}
 
 
 def _statement_field(record: dict[str, Any], name: str) -> Any:

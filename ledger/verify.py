@@ -284,9 +284,23 @@ class ChainState:
         info = self.rounds.get(round_number, RoundInfo())
         if info.aggregate is not None:
             raise ValueError(f"round {round_number} was already aggregated in block {info.aggregate}")
-        if sorted(map(str, participants)) != sorted(info.devices) or len(set(participants)) != len(participants):
-            raise ValueError(f"participants {participants} are not the devices with accepted updates in round "
-                             f"{round_number} ({info.devices})")
+        _need(data, "strategy", str)
+        if "strategy_params" in data:
+            _need(data, "strategy_params", dict)
+        # What was used: participants = the round's accepted devices minus the excluded ones;
+        # a clipped update was used (scaled), so its device is a participant. Records older than
+        # the "excluded"/"clipped" fields have neither: participants = accepted, as before.
+        excluded = _decisions(data, "excluded")
+        clipped = _decisions(data, "clipped")
+        used = sorted(map(str, participants))
+        if len(set(participants)) != len(participants) or set(used) & set(excluded):
+            raise ValueError(f"participants {participants} repeat a device or include an excluded one")
+        if sorted(used + list(excluded)) != sorted(info.devices):
+            raise ValueError(f"participants {participants} plus excluded {sorted(excluded)} are not the devices with "
+                             f"accepted updates in round {round_number} ({info.devices})")
+        if not set(clipped) <= set(used):
+            raise ValueError(f"clipped devices {sorted(set(clipped) - set(used))} are not participants of round "
+                             f"{round_number}")
         expected = merkle.root(info.leaves)
         if root != expected:
             raise ValueError(f"merkle_root {root.hex()[:16]} is not the root of round {round_number}'s "
@@ -324,6 +338,17 @@ class ChainState:
     def merkle_root_for(self, round_number: int) -> bytes:
         info = self.rounds.get(round_number)
         return merkle.root(info.leaves if info else [])
+
+
+def _decisions(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """An aggregate's ``excluded`` or ``clipped`` map: device -> {"reason": str, ...}."""
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"field {name!r} must be a map of device -> reason")
+    for device, why in value.items():
+        if not isinstance(why, dict) or not isinstance(why.get("reason"), str):
+            raise ValueError(f"{name} entry of {device!r} must give its reason")
+    return value
 
 
 def _state_for(mode: Signatures | str, trusted_coordinator_key: bytes | None,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from manual_clock import ManualClock
 
+from coordinator.aggregation import DEFAULT_STRATEGY
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
@@ -32,8 +33,10 @@ def initial_model() -> dict[str, np.ndarray]:
 
 
 class Harness:
-    def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0) -> None:
+    def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0,
+                 strategy: str = DEFAULT_STRATEGY) -> None:
         self.tmp = tmp
+        self.strategy = strategy
         self.keys = CoordinatorKeys.generate(FLEET)
         self.registry = DeviceRegistry()
         self.devices: dict[str, DeviceBundle] = {}
@@ -56,7 +59,8 @@ class Harness:
                              now=self.clock)
         self.ledger = ledger
         coordinator = Coordinator(
-            CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20),
+            CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20,
+                                strategy=self.strategy),
             self.keys, self.registry, ledger, ModelStore(self.tmp / "models"), Spool(self.tmp / "spool"),
             initial_model=initial_model, publish=lambda t, p, r: self.published.append((t, p, r)),
             topics=TOPICS, now=self.clock, evaluate=self.evaluate,
@@ -89,7 +93,8 @@ def h(tmp_path: Path) -> Harness:
     return Harness(tmp_path)
 
 
-def test_round_aggregates_weighted_by_samples_and_records_blocks(h: Harness) -> None:
+def test_round_aggregates_weighted_by_samples_and_records_blocks(tmp_path: Path) -> None:
+    h = Harness(tmp_path, strategy="fedavg")  # unbounded: the plain weighted mean
     assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
     assert h.send("dev-b", h.update("dev-b", 1, weights(4.0), n=30)).accepted
     assert h.coordinator.round is not None and h.coordinator.round.number == 2
@@ -191,10 +196,14 @@ def test_restart_mid_round_counts_each_update_once(tmp_path: Path) -> None:
     assert h.coordinator.round is not None and sorted(h.coordinator.round.accepted) == ["dev-a"]
     assert h.send("dev-a", first).reason == "replay"  # the resend after restart is harmless
     assert h.send("dev-b", h.update("dev-b", 1, weights(4.0), n=30)).accepted
-    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.25)
+    # The default clipped-fedavg rebuilt its update matrix from the spool: dev-b (4x dev-a's
+    # distance from the zero model, beyond 3x the median) is scaled back to 3.0: (10*1 + 30*3) / 40.
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.5)
+    aggregate = next(b for b in h.ledger if b.data["type"] == "aggregate")
+    assert aggregate.data["participants"] == ["dev-a", "dev-b"] and list(aggregate.data["clipped"]) == ["dev-b"]
     h.coordinator = h.build()
     assert h.coordinator.round is not None and h.coordinator.round.number == 2
-    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.25)
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.5)
     assert verify_file(tmp_path / "ledger.log").ok
 
 
