@@ -118,10 +118,11 @@ def run(task: Task, shards: list[LocalData], test: tuple[torch.Tensor, torch.Ten
                 history.append({"round": round_number, "accuracy": None, "error": str(exc)})
                 break
             decisions_per_round.append({c: d["action"] for c, d in strategy.decisions.items()})
-            model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_model.items()})
-            metrics = evaluate(model, test[0], test[1], task.kind)
-            history.append({"round": round_number, "accuracy": metrics["accuracy"]})
-    final = history[-1].get("accuracy")
+            if round_number == rounds:  # evaluation does not change training: only the final model
+                model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_model.items()})
+                metrics = evaluate(model, test[0], test[1], task.kind)
+                history.append({"round": round_number, "accuracy": metrics["accuracy"]})
+    final = history[-1].get("accuracy") if history else None
     return {"strategy": strategy_name, "attack": attack, "accuracy": final, "history": history,
             "decisions": decisions_per_round}
 
@@ -138,7 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "poisoning.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="no runs: merge the results of earlier runs (e.g. two processes, each given some "
+                             "--strategies) into one table and --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        reports = [json.loads(path.read_text()) for path in args.merge]
+        merged = {**reports[0], "results": [r for report in reports for r in report["results"]],
+                  "seconds": sum(report["seconds"] for report in reports), "merged_from": [str(p) for p in args.merge]}
+        present = {r["strategy"] for r in merged["results"]}
+        table, verdicts = summarise(merged["results"], [s for s in sorted(STRATEGIES) if s in present], list(ATTACKS))
+        merged.update(table_markdown=table, verdicts=verdicts)
+        merged["settings"]["strategies"] = sorted(present)
+        print(table + "\n" + "\n".join(verdicts))
+        args.out.write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+        return 0
     torch.set_num_threads(args.threads)
     task = get_task("mnist")
     shards = [task.load(i, args.agents, seed=args.seed, limit=args.limit) for i in range(args.agents)]

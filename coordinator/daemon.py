@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator import restore
 from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
 from coordinator.registry_file import RegistryFile
+from coordinator.restore import RestoreError
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
 from coordinator.storage import ModelStore, Spool
@@ -206,6 +208,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                 if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
                     reload_now.clear()
                     last_registry_check = now
+                    apply_restore_request(coordinator, Path(config.state_dir))
                     registry = registry_file.changed()
                     if registry is not None:
                         try:
@@ -231,6 +234,20 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     finally:
         link.stop()
     return 0
+
+
+def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
+    """Apply a `fledger restore-model` request left in the state directory, if there is one."""
+    try:
+        request = restore.read_request(state_dir)
+        if request is None:
+            return
+        coordinator.restore_model(request.round, request.reason, request_id=request.request_id)
+    except RestoreError as exc:
+        log.error("restore request refused: %s", exc)
+        restore.clear_request(state_dir, refused=str(exc))
+        return
+    restore.clear_request(state_dir)
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes, *,

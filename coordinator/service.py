@@ -24,8 +24,10 @@ from typing import Any, Protocol
 
 import msgpack
 
+from coordinator import restore
 from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
 from coordinator.presence import PresenceBook
+from coordinator.restore import RestoreError
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope
@@ -155,8 +157,8 @@ class Coordinator:
             elif kind == "round.opened":
                 opened_at[data.get("round")] = block.timestamp
                 self._reset_round_caps()  # the caps count from the open round's start
-            elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
-                last_model_block = block
+            elif kind == "aggregate" or (kind == "model.published" and (data.get("initial") or "restores" in data)):
+                last_model_block = block  # the model the newest round trains from
             if kind == "model.published":
                 published.add(data.get("round"))
         if last_model_block is None:
@@ -576,6 +578,40 @@ class Coordinator:
                 out[name] = None
         return out
 
+    # -- undoing a round ------------------------------------------------------------------------
+    def restore_model(self, round_to_restore: int, reason: str, *, request_id: str = "") -> Any:
+        """Republish the ledger-recorded global model of an earlier round as the next round.
+
+        The open round is abandoned (its accepted updates are in the ledger, never aggregated);
+        the restored model opens round N+1 with a signed ``model.published`` record naming the
+        round it restores, so agents, which only follow higher rounds, take it. Returns that
+        block, or None if ``request_id`` was applied already. Raises RestoreError if the ledger
+        has no such model or the saved file is not it."""
+        assert self.round is not None
+        if self.halted:
+            raise RestoreError(f"the coordinator is halted ({self.halted}); fix that first")
+        blocks = list(self.ledger)
+        if request_id and request_id in restore.applied_requests(blocks):
+            return None  # applied before a crash removed the request file
+        if round_to_restore > self.round.number:
+            raise RestoreError(f"round {round_to_restore} is not before the open round {self.round.number}")
+        model, digest = restore.checked_model(self.models, restore.recorded_models(blocks), round_to_restore)
+        abandoned, new_round = self.round.number, self.round.number + 1
+        self.models.save(new_round, model)
+        block = self._append(records.model_published(
+            new_round, digest, restores=round_to_restore, abandoned_round=abandoned, reason=reason,
+            **({"request_id": request_id} if request_id else {})))
+        self.spool.drop_round(abandoned)
+        self.global_model = model
+        self._model_block = block
+        log.warning("restored the global model of round %d as round %d (round %d abandoned): %s -> block %d",
+                    round_to_restore, new_round, abandoned, reason, block.index)
+        self.done = bool(self.settings.max_rounds and new_round > self.settings.max_rounds)
+        self._open_round(new_round, announce=True)
+        self.publish_model()
+        self.publish_status()
+        return block
+
     def tick(self) -> None:
         """Called periodically by the daemon: closes a round whose deadline passed."""
         self.maybe_close_round()
@@ -588,7 +624,7 @@ MAX_REJECTION_RECORDS = 8  # per device while a round is open
 MAX_REGISTRATIONS_PER_ROUND = 3  # per device key (a rotated key starts afresh): first, new data, a fix
 MAX_CLOCK_AHEAD_S = 300.0  # how far ahead of ours a device's clock may be for registrations
 MAX_METRICS = 32
-METRIC_LIMIT = 1e30
+METRIC_LIMIT = envelope.METRIC_LIMIT
 
 
 def _sane(value: float) -> bool:

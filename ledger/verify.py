@@ -98,6 +98,7 @@ class ChainState:
         self.device_keys: dict[str, tuple[str, bytes]] = {}  # key_id -> (device, public key)
         self.revoked: set[str] = set()
         self.rounds: dict[int, RoundInfo] = {}
+        self.published_models: dict[int, bytes] = {}  # round -> model it trains from (model.published)
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, block: Block, *, signature: bool | None = None) -> None:
@@ -216,8 +217,15 @@ class ChainState:
         elif kind == records.ROUND_OPENED:
             _need(data, "round", int)
         elif kind == records.MODEL_PUBLISHED:
-            _need(data, "round", int)
-            _need(data, "model_sha256", bytes, 32)
+            round_number = _need(data, "round", int)
+            digest = _need(data, "model_sha256", bytes, 32)
+            if "restores" in data:  # an operator's undo: an earlier recorded model, as a new round
+                restored = _need(data, "restores", int)
+                if self.published_models.get(restored) != digest:
+                    raise ValueError(f"restores round {restored}, but that is not the model the chain recorded "
+                                     "for that round")
+                if round_number <= max(self.published_models, default=0):
+                    raise ValueError(f"a restored model must open a new round, above {max(self.published_models)}")
         elif kind == records.AGGREGATE:
             self._check_aggregate(block)
         # any other type: open, stored and hashed, nothing more to check
@@ -328,6 +336,8 @@ class ChainState:
             info.blocks.append(block.index)
         elif kind == records.AGGREGATE:
             self.rounds.setdefault(data["round"], RoundInfo()).aggregate = block.index
+        elif kind == records.MODEL_PUBLISHED:
+            self.published_models[data["round"]] = data["model_sha256"]
         self.height = block.index + 1
         self.head_hash = block.hash
 
