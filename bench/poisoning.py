@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             acc = outcome["accuracy"]
             print(f"  {strategy_name:>14} {attack:>9}: {'halted' if acc is None else f'{100 * acc:6.2f} %'} "
                   f"({outcome['seconds']:.0f}s)", flush=True)
+            partial = args.out.with_name(args.out.name + ".partial")  # a killed run keeps what it measured
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                           "results": results}, indent=1) + "\n")
     table, verdicts = summarise(results, args.strategies, args.attacks)
     print("\n" + table)
     for line in verdicts:
