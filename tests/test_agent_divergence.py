@@ -57,9 +57,9 @@ def test_divergence_skips_the_round_and_the_next_model_is_trained(tmp_path: Path
     healthy = {k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()}
     ledger = Ledger.open(tmp_path / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=FLEET)
 
-    def deliver(round_number: int, weights: dict[str, Any]) -> None:
+    def deliver(round_number: int, weights: dict[str, Any], **extra: Any) -> None:
         body = encode_tensors(weights)
-        block = ledger.append(records.model_published(round_number, hashlib.sha256(body).digest()))
+        block = ledger.append(records.model_published(round_number, hashlib.sha256(body).digest(), **extra))
         sealed = envelope.seal_model(keys, round_number, body, block=block.to_bytes())
         link.inbox.put(Message(TOPICS.model, sealed, True, 0.0))
 
@@ -67,17 +67,19 @@ def test_divergence_skips_the_round_and_the_next_model_is_trained(tmp_path: Path
         return [envelope.parse_update(p, max_bytes=1 << 24).header.round for t, p in link.sent
                 if t == TOPICS.update("dev-1")]
 
-    # A poisoned global model reaches the agent: finite, but its loss is astronomically large.
-    deliver(1, {k: (v * 1e12).astype(np.float32) for k, v in healthy.items()})
+    # Round 1's model was healthy (this agent was not around); round 2's is poisoned: finite, but
+    # its loss is astronomically large.
+    ledger.append(records.model_published(1, hashlib.sha256(encode_tensors(healthy)).digest()))
+    deliver(2, {k: (v * 1e12).astype(np.float32) for k, v in healthy.items()})
     with caplog.at_level(logging.ERROR):
         for _ in range(3):
             agent.step(timeout=0.01)  # no exception, and the round is not retried
-    assert agent.skipped_rounds == [1] and updates() == []
-    assert any("round 1: training diverged" in r.getMessage() and "skipping" in r.getMessage()
+    assert agent.skipped_rounds == [2] and updates() == []
+    assert any("round 2: training diverged" in r.getMessage() and "skipping" in r.getMessage()
                for r in caplog.records)
-    assert (tmp_path / "agent" / "last_trained_round").read_text() == "1"  # survives a restart
-    # The operator restores a good model as round 2: the agent trains it and sends its update.
-    deliver(2, healthy)
+    assert (tmp_path / "agent" / "last_trained_round").read_text() == "2"  # survives a restart
+    # The operator restores round 1's model as round 3: the agent trains it and sends its update.
+    deliver(3, healthy, restores=1, abandoned_round=2, reason="poisoned")
     agent.step(timeout=0.01)
-    assert updates() == [2] and agent.trained_rounds == [2]
+    assert updates() == [3] and agent.trained_rounds == [3]
     ledger.close()
