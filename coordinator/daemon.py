@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator import state_check, state_guard
+from coordinator import restore, state_check, state_guard
+from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
+from coordinator.restore import RestoreError
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
 from coordinator.state_check import StateRefused
@@ -57,7 +59,21 @@ class CoordinatorConfig(BrokerConfig):
                                           "90th percentile of the devices' reported training times (0: fixed)")
     round_deadline_max: float = setting(0.0, "upper bound of the adaptive deadline (0: 10 x round_deadline)")
     rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
-    strategy: str = setting("fedavg", "aggregation: fedavg (weighted by samples) or mean")
+    strategy: str = setting(DEFAULT_STRATEGY, "aggregation: clipped-fedavg (FedAvg with each update's distance from "
+                            "the global model bounded), median, trimmed-mean, krum, multi-krum, or the unbounded "
+                            "fedavg and mean (trusted fleets only); see docs/robustness.md")
+    clip_factor: float = setting(StrategyParams.clip_factor, "clipped-fedavg: clip updates farther from the global "
+                                 "model than this x the round's median distance, and cap sample counts at this x "
+                                 "the median count (0: off)")
+    exclude_factor: float = setting(StrategyParams.exclude_factor, "clipped-fedavg: leave out updates farther than "
+                                    "this x the median distance (0: never; else >= 1 and >= clip_factor)")
+    clip_norm: float = setting(StrategyParams.clip_norm, "clipped-fedavg: absolute bound on an update's L2 distance "
+                               "from the global model (0: none)")
+    trim_fraction: float = setting(StrategyParams.trim_fraction, "trimmed-mean: fraction of values cut at each end, "
+                                   "per coordinate (0 to < 0.5)")
+    krum_byzantine: int = setting(StrategyParams.byzantine, "krum, multi-krum: hostile updates tolerated "
+                                  "(-1: the most possible, (n - 3) // 2)")
+    krum_select: int = setting(StrategyParams.krum_select, "multi-krum: updates averaged (0: n - krum_byzantine)")
     max_update_bytes: int = setting(64 * 1024 * 1024, "largest update accepted, checked before decoding")
     difficulty: int = setting(0, "ledger proof of work: leading zero bits per block (0: off)")
     evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
@@ -100,6 +116,15 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
                        config.round_deadline_max)
 
 
+def strategy_params(config: CoordinatorConfig) -> StrategyParams:
+    """The strategy and its settings, checked (ValueError) before anything is opened."""
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
+    return StrategyParams(clip_factor=config.clip_factor, exclude_factor=config.exclude_factor,
+                          clip_norm=config.clip_norm, trim_fraction=config.trim_fraction,
+                          byzantine=config.krum_byzantine, krum_select=config.krum_select)
+
+
 def load_keys(config: CoordinatorConfig) -> CoordinatorKeys:
     keys = CoordinatorKeys.load(config.keys)
     if keys.fleet != config.fleet:
@@ -123,6 +148,7 @@ def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> Ledger:
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None,
                       ledger: Ledger | None = None) -> Coordinator:
     policy = round_policy(config)  # checked before any file is opened
+    params = strategy_params(config)
     keys = load_keys(config)
     registry = load_registry(config)
     state = Path(config.state_dir)
@@ -141,8 +167,8 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
     settings = CoordinatorSettings(
         fleet=config.fleet,
         policy=policy,
-        strategy=config.strategy, max_rounds=config.rounds, max_update_bytes=config.max_update_bytes,
-        keep_models=config.keep_models, heartbeat_s=config.heartbeat,
+        strategy=config.strategy, strategy_params=params, max_rounds=config.rounds,
+        max_update_bytes=config.max_update_bytes, keep_models=config.keep_models, heartbeat_s=config.heartbeat,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
@@ -174,6 +200,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
     # Everything local is checked before connecting: settings, keys, registry, task, state.
     round_policy(config)
+    strategy_params(config)
     keys = load_keys(config)
     load_registry(config)
     get_task(config.task, n_features=config.csv_features or None)
@@ -282,6 +309,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
                 if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
                     reload_now.clear()
                     last_registry_check = now
+                    apply_restore_request(coordinator, Path(config.state_dir))
                     registry = registry_file.changed()
                     if registry is not None:
                         try:
@@ -314,6 +342,20 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
     finally:
         link.stop()
     return 0
+
+
+def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
+    """Apply a `fledger restore-model` request left in the state directory, if there is one."""
+    try:
+        request = restore.read_request(state_dir)
+        if request is None:
+            return
+        coordinator.restore_model(request.round, request.reason, request_id=request.request_id)
+    except RestoreError as exc:
+        log.error("restore request refused: %s", exc)
+        restore.clear_request(state_dir, refused=str(exc))
+        return
+    restore.clear_request(state_dir)
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes,

@@ -26,9 +26,11 @@ from typing import Any, Protocol
 
 import msgpack
 
+from coordinator import restore
 from coordinator.acks import DeviceAcks
-from coordinator.aggregation import Strategy, make_strategy
+from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
 from coordinator.presence import PresenceBook
+from coordinator.restore import RestoreError
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from federation import envelope
@@ -72,7 +74,8 @@ class LedgerLike(Protocol):
 class CoordinatorSettings:
     fleet: str
     policy: RoundPolicy
-    strategy: str = "fedavg"
+    strategy: str = DEFAULT_STRATEGY
+    strategy_params: StrategyParams = StrategyParams()
     max_rounds: int = 0  # 0: run until stopped
     max_update_bytes: int = 64 * 1024 * 1024
     keep_models: int = 10  # model files kept besides restore targets (0: all)
@@ -118,7 +121,7 @@ class Coordinator:
         self.rejection_records: Counter[str] = Counter()
         self.registration_records: Counter[tuple[str, str]] = Counter()  # by (device, key id)
         self.round: RoundState | None = None
-        # Rounds whose model file is never pruned: restore targets the ledger names (add them here).
+        # Rounds whose model file is never pruned: restore sources and results the ledger names.
         self.keep_model_rounds: set[int] = set()
         self.train_seconds: dict[str, float] = {}  # device -> its latest reported training time (adaptive deadline)
         self.global_model: TensorDict = {}
@@ -171,10 +174,12 @@ class Coordinator:
             elif kind == "round.opened":
                 opened_at[data.get("round")] = block.timestamp
                 self._reset_round_caps()  # the caps count from the open round's start
-            elif kind == "aggregate" or (kind == "model.published" and data.get("initial")):
-                last_model_block = block
+            elif kind == "aggregate" or (kind == "model.published" and (data.get("initial") or "restores" in data)):
+                last_model_block = block  # the model the newest round trains from
             if kind == "model.published":
                 published.add(data.get("round"))
+                if "restores" in data:  # a model an operator restored stays restorable
+                    self.keep_model_rounds.update({int(data["restores"]), int(data["round"])})
         if last_model_block is None:
             round_number = 1
             model = self._initial_model()
@@ -290,7 +295,7 @@ class Coordinator:
             raise StorageError(5, f"spooled update of {device} for round {self.round.number} is not the one the "
                                   "ledger records")
         weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
-        self._strategy.add(weights, sealed.header.num_samples)
+        self._strategy.add(weights, sealed.header.num_samples, device)
         self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
                                    sealed.header.num_samples, sealed.header.metrics))
         self.acks.verdict(device, self.round.number, sealed.header.msg_id, ACCEPTED)
@@ -303,7 +308,10 @@ class Coordinator:
             log.info("round %d stays open %.1fs: adapted to the devices' reported training times", number, deadline)
             policy = dataclasses.replace(policy, deadline_s=deadline)
         self.round = RoundState(number, self._now(), policy)
-        self._strategy = make_strategy(self.settings.strategy)
+        # Robust strategies measure distances from the model this round trains from, and keep
+        # the round's updates in a memory-mapped file beside the spool.
+        self._strategy = make_strategy(self.settings.strategy, self.settings.strategy_params,
+                                       global_model=self.global_model, workdir=self.spool.directory)
         if announce:  # a new round (not one resumed after a restart): the per-round caps start over
             self._reset_round_caps()
         if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
@@ -482,7 +490,7 @@ class Coordinator:
         self.spool.put(header.round, header.device, payload)
         self._append(records.update(sealed.header_bytes, sealed.signature))
         self.seen_msg_ids.add(header.msg_id)
-        self._strategy.add(weights, header.num_samples)
+        self._strategy.add(weights, header.num_samples, header.device)
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                    header.metrics))
         self.accepted_total += 1
@@ -581,12 +589,22 @@ class Coordinator:
         eval_metrics = self._evaluation(state.number, new_model)
         train = state.train_summary()
         self.models.save(next_round, new_model)
+        decisions = self._strategy.decisions
+        excluded = {d: why for d, why in decisions.items() if why.get("action") == "excluded"}
+        clipped = {d: why for d, why in decisions.items() if why.get("action") == "clipped"}
+        for device, why in sorted(decisions.items()):
+            log.warning("round %d: update of %s %s (%s)", state.number, device, why.get("action"),
+                        ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in why.items() if k != "action"))
         # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
-        # The ledger fills in the Merkle root over this round's accepted updates.
+        # participants = accepted minus excluded; the ledger fills in the Merkle root over all of
+        # this round's accepted updates (excluded ones too: they were accepted, then left out).
         block = self._append(records.aggregate(
-            state.number, sorted(state.accepted), hashlib.sha256(model_bytes).digest(), self._strategy.name,
+            state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
+            self._strategy.name,
             {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}},
-            num_samples=sum(u.num_samples for u in state.accepted.values()),
+            num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
+            excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
         ))
         self.spool.drop_round(state.number)
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
@@ -626,6 +644,41 @@ class Coordinator:
                 out[name] = None
         return out
 
+    # -- undoing a round ------------------------------------------------------------------------
+    def restore_model(self, round_to_restore: int, reason: str, *, request_id: str = "") -> Any:
+        """Republish the ledger-recorded global model of an earlier round as the next round.
+
+        The open round is abandoned (its accepted updates are in the ledger, never aggregated);
+        the restored model opens round N+1 with a signed ``model.published`` record naming the
+        round it restores, so agents, which only follow higher rounds, take it. Returns that
+        block, or None if ``request_id`` was applied already. Raises RestoreError if the ledger
+        has no such model or the saved file is not it."""
+        assert self.round is not None
+        if self.halted:
+            raise RestoreError(f"the coordinator is halted ({self.halted}); fix that first")
+        blocks = list(self.ledger)
+        if request_id and request_id in restore.applied_requests(blocks):
+            return None  # applied before a crash removed the request file
+        if round_to_restore > self.round.number:
+            raise RestoreError(f"round {round_to_restore} is not before the open round {self.round.number}")
+        model, digest = restore.checked_model(self.models, restore.recorded_models(blocks), round_to_restore)
+        abandoned, new_round = self.round.number, self.round.number + 1
+        self.models.save(new_round, model)
+        block = self._append(records.model_published(
+            new_round, digest, restores=round_to_restore, abandoned_round=abandoned, reason=reason,
+            **({"request_id": request_id} if request_id else {})))
+        self.spool.drop_round(abandoned)
+        self.keep_model_rounds.update({round_to_restore, new_round})
+        self.global_model = model
+        self._model_block = block
+        log.warning("restored the global model of round %d as round %d (round %d abandoned): %s -> block %d",
+                    round_to_restore, new_round, abandoned, reason, block.index)
+        self.done = bool(self.settings.max_rounds and new_round > self.settings.max_rounds)
+        self._open_round(new_round, announce=True)
+        self.publish_model()
+        self.publish_status()
+        return block
+
     def tick(self) -> None:
         """Called periodically by the daemon: closes a round whose deadline passed."""
         self.maybe_close_round()
@@ -639,11 +692,17 @@ MAX_REGISTRATIONS_PER_ROUND = 3  # per device key (a rotated key starts afresh):
 MAX_CLOCK_AHEAD_S = 300.0  # how far ahead of ours a device's clock may be for registrations
 MAX_METRICS = 32
 ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
-METRIC_LIMIT = 1e30
+METRIC_LIMIT = envelope.METRIC_LIMIT
 
 
 def _sane(value: float) -> bool:
     return math.isfinite(value) and abs(value) <= METRIC_LIMIT
+
+
+def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Decisions as the ledger takes them: floats finite (an unbounded value becomes None)."""
+    return {device: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in why.items()}
+            for device, why in decisions.items()}
 
 
 def _statement_field(record: dict[str, Any], name: str) -> Any:

@@ -8,6 +8,7 @@ network thread keeps the connection alive and queues what arrives.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,7 +24,7 @@ from edge_agent.chain_pin import ChainPin
 from edge_agent.outbox import Outbox
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
-from edge_agent.training import evaluate, train_local
+from edge_agent.training import TrainingDivergedError, evaluate, train_local
 from federation import envelope
 from federation.codec import CodecError, TensorDict, check_against_spec, decode_tensors, encode_tensors, spec_of
 from federation.durable import atomic_write
@@ -77,6 +78,7 @@ class EdgeAgent:
         self.spec = spec_of(self.model.state_dict())
         self.latest: tuple[ModelHeader, TensorDict] | None = None  # checked and decoded once
         self.trained_rounds: list[int] = []
+        self.skipped_rounds: list[int] = []  # rounds whose training diverged: nothing was sent
         # The last round trained survives a restart, so a restarted agent never trains a round twice.
         self._last_round_file = self.state_dir / "last_trained_round"
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -222,13 +224,25 @@ class EdgeAgent:
         self.model.load_state_dict(state)
         hp = self.task.hyperparameters
         global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
-        result = train_local(self.model, self.data.train_x, self.data.train_y, kind=self.task.kind,
-                             epochs=hp.local_epochs, optimizer=hp.optimizer, lr=hp.lr,
-                             batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number)
+        try:
+            result = train_local(self.model, self.data.train_x, self.data.train_y, kind=self.task.kind,
+                                 epochs=hp.local_epochs, optimizer=hp.optimizer, lr=hp.lr,
+                                 batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number)
+        except TrainingDivergedError as exc:
+            self._skip_round(round_number, str(exc))
+            return
         local_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
         metrics = {"train_loss": result.train_loss, "train_seconds": result.seconds,
                    **{f"test_{k}": v for k, v in local_metrics.items()},
                    **{f"global_test_{k}": v for k, v in global_metrics.items()}}
+        unusable = sorted(k for k, v in metrics.items() if not (math.isfinite(v) and abs(v) <= envelope.METRIC_LIMIT))
+        if unusable or not all(torch.isfinite(t).all() for t in self.model.state_dict().values()
+                               if t.is_floating_point()):
+            # A global model broken before it reached us (or our own blow-up): the coordinator
+            # would refuse such an update for ever; skip and wait for the next or a restored model.
+            self._skip_round(round_number, "non-finite weights or metrics beyond "
+                             f"{envelope.METRIC_LIMIT:g}: {', '.join(f'{k}={metrics[k]:g}' for k in unusable)}")
+            return
         payload = envelope.seal_update(self.bundle, round_number, encode_tensors(self.model.state_dict()),
                                        result.num_samples, metrics, dataset_sha256=self.dataset.sha256)
         self.outbox.put(round_number, payload)  # durable before it is sent
@@ -239,6 +253,15 @@ class EdgeAgent:
                  result.seconds, result.train_loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in local_metrics.items()))
         self._send(round_number, payload)
+
+    def _skip_round(self, round_number: int, why: str) -> None:
+        """Training diverged: send nothing for this round, never retry it (no crash loop), and
+        wait for the next global model (a later round, or one an operator restored)."""
+        self.skipped_rounds.append(round_number)
+        self.last_trained_round = round_number
+        atomic_write(self._last_round_file, str(round_number).encode())
+        log.error("round %d: training diverged (%s); skipping this round and waiting for the next global model",
+                  round_number, why)
 
     def _send(self, round_number: int, payload: bytes) -> None:
         self.link.publish(self.topics.update(self.bundle.device_id), payload, qos=1, chunked=True)

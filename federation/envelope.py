@@ -124,6 +124,12 @@ def _field(hdr: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
     return value
 
 
+METRIC_LIMIT = 1e30
+"""Largest magnitude of a metric in an update: the coordinator refuses larger or non-finite ones
+(sums and weighted means of them must stay finite in the ledger); an agent whose own metrics
+exceed it treats its training as diverged and skips the round instead of sending."""
+
+
 def seal_update(
     bundle: DeviceBundle, round_number: int, weights: bytes, num_samples: int,
     metrics: dict[str, float], *, dataset_sha256: bytes, now: float | None = None,

@@ -138,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     keytool.add_parser(sub)
     ledger_cli.add_parser(sub)
 
-    from fledger import demo, predict
+    from fledger import demo, predict, restore_cli
 
     predict.add_parser(sub)
+    restore_cli.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

@@ -94,12 +94,13 @@ def verify_round_proof(proof: RoundProof, aggregate: Block | None = None, coordi
             raise ProofError(f"block {aggregate.index} is not the aggregate of round {proof.round}")
         if data.get("merkle_root") != proof.root:
             raise ProofError(f"root differs from block {aggregate.index}'s merkle_root")
-        participants = data.get("participants", [])
+        # The tree holds every accepted update: the participants and the excluded ones.
+        participants = list(data.get("participants", [])) + list(data.get("excluded", {}))
         if proof.device not in participants:
             raise ProofError(f"{proof.device!r} is not among round {proof.round}'s participants")
         if proof.tree_size != len(participants):  # the root alone does not fix the tree size
             raise ProofError(f"tree size {proof.tree_size} but round {proof.round} has {len(participants)} "
-                             "participants")
+                             "accepted updates")
         if coordinator_key is not None and not Verifier().verify(coordinator_key, aggregate.hash,
                                                                  aggregate.signature):
             raise ProofError(f"block {aggregate.index}: bad coordinator signature")

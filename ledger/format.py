@@ -56,8 +56,10 @@ def summary(block: Block) -> str:
         return f"round={d.get('round')} device={d.get('device')} n={d.get('num_samples')} {metrics}".rstrip()
     if kind == "aggregate":
         root = d.get("merkle_root")
+        left_out = "".join(f" {name}={','.join(map(str, d[name]))}" for name in ("excluded", "clipped")
+                           if isinstance(d.get(name), dict) and d[name])
         return (f"round={d.get('round')} participants={','.join(map(str, d.get('participants') or []))} "
-                f"root={root.hex()[:12] if isinstance(root, bytes) else root} strategy={d.get('strategy')}")
+                f"root={root.hex()[:12] if isinstance(root, bytes) else root} strategy={d.get('strategy')}{left_out}")
     parts = []
     for key, value in d.items():
         if key == "type":

@@ -98,6 +98,7 @@ class ChainState:
         self.device_keys: dict[str, tuple[str, bytes]] = {}  # key_id -> (device, public key)
         self.revoked: set[str] = set()
         self.rounds: dict[int, RoundInfo] = {}
+        self.published_models: dict[int, bytes] = {}  # round -> model it trains from (model.published)
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, block: Block, *, signature: bool | None = None) -> None:
@@ -216,8 +217,15 @@ class ChainState:
         elif kind == records.ROUND_OPENED:
             _need(data, "round", int)
         elif kind == records.MODEL_PUBLISHED:
-            _need(data, "round", int)
-            _need(data, "model_sha256", bytes, 32)
+            round_number = _need(data, "round", int)
+            digest = _need(data, "model_sha256", bytes, 32)
+            if "restores" in data:  # an operator's undo: an earlier recorded model, as a new round
+                restored = _need(data, "restores", int)
+                if self.published_models.get(restored) != digest:
+                    raise ValueError(f"restores round {restored}, but that is not the model the chain recorded "
+                                     "for that round")
+                if round_number <= max(self.published_models, default=0):
+                    raise ValueError(f"a restored model must open a new round, above {max(self.published_models)}")
         elif kind == records.AGGREGATE:
             self._check_aggregate(block)
         # any other type: open, stored and hashed, nothing more to check
@@ -284,9 +292,23 @@ class ChainState:
         info = self.rounds.get(round_number, RoundInfo())
         if info.aggregate is not None:
             raise ValueError(f"round {round_number} was already aggregated in block {info.aggregate}")
-        if sorted(map(str, participants)) != sorted(info.devices) or len(set(participants)) != len(participants):
-            raise ValueError(f"participants {participants} are not the devices with accepted updates in round "
-                             f"{round_number} ({info.devices})")
+        _need(data, "strategy", str)
+        if "strategy_params" in data:
+            _need(data, "strategy_params", dict)
+        # What was used: participants = the round's accepted devices minus the excluded ones;
+        # a clipped update was used (scaled), so its device is a participant. Records older than
+        # the "excluded"/"clipped" fields have neither: participants = accepted, as before.
+        excluded = _decisions(data, "excluded")
+        clipped = _decisions(data, "clipped")
+        used = sorted(map(str, participants))
+        if len(set(participants)) != len(participants) or set(used) & set(excluded):
+            raise ValueError(f"participants {participants} repeat a device or include an excluded one")
+        if sorted(used + list(excluded)) != sorted(info.devices):
+            raise ValueError(f"participants {participants} plus excluded {sorted(excluded)} are not the devices with "
+                             f"accepted updates in round {round_number} ({info.devices})")
+        if not set(clipped) <= set(used):
+            raise ValueError(f"clipped devices {sorted(set(clipped) - set(used))} are not participants of round "
+                             f"{round_number}")
         expected = merkle.root(info.leaves)
         if root != expected:
             raise ValueError(f"merkle_root {root.hex()[:16]} is not the root of round {round_number}'s "
@@ -314,6 +336,8 @@ class ChainState:
             info.blocks.append(block.index)
         elif kind == records.AGGREGATE:
             self.rounds.setdefault(data["round"], RoundInfo()).aggregate = block.index
+        elif kind == records.MODEL_PUBLISHED:
+            self.published_models[data["round"]] = data["model_sha256"]
         self.height = block.index + 1
         self.head_hash = block.hash
 
@@ -324,6 +348,17 @@ class ChainState:
     def merkle_root_for(self, round_number: int) -> bytes:
         info = self.rounds.get(round_number)
         return merkle.root(info.leaves if info else [])
+
+
+def _decisions(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """An aggregate's ``excluded`` or ``clipped`` map: device -> {"reason": str, ...}."""
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"field {name!r} must be a map of device -> reason")
+    for device, why in value.items():
+        if not isinstance(why, dict) or not isinstance(why.get("reason"), str):
+            raise ValueError(f"{name} entry of {device!r} must give its reason")
+    return value
 
 
 def _state_for(mode: Signatures | str, trusted_coordinator_key: bytes | None,

@@ -82,3 +82,115 @@ def test_non_finite_aggregate_is_refused() -> None:
         big.add({"w": np.full(2, np.finfo(np.float64).max, np.float64)}, 2)
     with pytest.raises(AggregationError, match="not finite"):
         big.result()
+
+
+# -- robust strategies -------------------------------------------------------------------------------
+from coordinator.aggregation import StrategyParams  # noqa: E402
+
+
+def fleet(n_honest: int, seed: int = 1) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """A global model and honest updates close to it (small local steps)."""
+    rng = np.random.default_rng(seed)
+    global_model = {"w": rng.standard_normal((4, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    honest = [{k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in global_model.items()}
+              for _ in range(n_honest)]
+    return global_model, honest
+
+
+def run(name: str, global_model: dict[str, np.ndarray], items: list[tuple[str, dict[str, np.ndarray], int]],
+        params: StrategyParams | None = None, tmp_path: object = None) -> tuple[dict[str, np.ndarray], object]:
+    strategy = make_strategy(name, params, global_model=global_model, workdir=tmp_path)  # type: ignore[arg-type]
+    for client, weights, n in items:
+        strategy.add(weights, n, client)
+    return strategy.result(), strategy
+
+
+def test_median_and_trimmed_mean_match_numpy(tmp_path: object) -> None:
+    global_model, honest = fleet(7)
+    items = [(f"d{i}", w, 10 + i) for i, w in enumerate(honest)]
+    median, _ = run("median", global_model, items, tmp_path=tmp_path)
+    trimmed, strategy = run("trimmed-mean", global_model, items, StrategyParams(trim_fraction=0.3), tmp_path)
+    for name in ("w", "b"):
+        stack = np.stack([w[name] for w in honest]).astype(np.float64)
+        np.testing.assert_allclose(median[name], np.median(stack, axis=0), rtol=1e-6)
+        np.testing.assert_allclose(trimmed[name], np.sort(stack, axis=0)[2:5].mean(axis=0), rtol=1e-6)
+        assert median[name].dtype == np.float32
+    assert strategy.parameters() == {"trim_fraction": 0.3, "trimmed_each_end": 2}  # type: ignore[attr-defined]
+
+
+def test_median_is_not_moved_by_two_scaled_updates(tmp_path: object) -> None:
+    global_model, honest = fleet(8)
+    items = [(f"h{i}", w, 100) for i, w in enumerate(honest)]
+    items += [(f"evil{i}", {k: v * 1e6 for k, v in honest[i].items()}, 100) for i in range(2)]
+    for name in ("median", "trimmed-mean", "krum", "multi-krum"):
+        result, _ = run(name, global_model, items, tmp_path=tmp_path)
+        assert max(float(np.abs(result[k] - global_model[k]).max()) for k in result) < 0.1, name
+
+
+def test_multi_krum_excludes_the_outliers_and_records_why(tmp_path: object) -> None:
+    global_model, honest = fleet(8)
+    items = [(f"h{i}", w, 100) for i, w in enumerate(honest)]
+    items += [("evil", {k: -20 * v for k, v in honest[0].items()}, 100)]
+    result, strategy = run("multi-krum", global_model, items, StrategyParams(byzantine=1), tmp_path)
+    assert set(strategy.decisions) == {"evil"}  # type: ignore[attr-defined]
+    assert strategy.decisions["evil"]["reason"] == "krum_score"  # type: ignore[attr-defined]
+    for k in result:
+        np.testing.assert_allclose(result[k], np.mean([w[k] for w in honest], axis=0), rtol=1e-5)
+    single, krum = run("krum", global_model, items, tmp_path=tmp_path)
+    assert len(krum.decisions) == len(items) - 1  # type: ignore[attr-defined]
+    assert any(all(np.array_equal(single[k], w[k]) for k in single) for w in honest)  # one honest update, as is
+
+
+def test_clipped_fedavg_leaves_honest_rounds_alone(tmp_path: object) -> None:
+    global_model, honest = fleet(5)
+    items = [(f"h{i}", w, 50) for i, w in enumerate(honest)]
+    result, strategy = run("clipped-fedavg", global_model, items, tmp_path=tmp_path)
+    assert strategy.decisions == {}  # type: ignore[attr-defined]
+    for k in result:
+        np.testing.assert_allclose(result[k], np.mean([w[k] for w in honest], axis=0), rtol=1e-5)
+
+
+def test_clipped_fedavg_excludes_a_scaled_update_and_clips_a_far_one(tmp_path: object) -> None:
+    global_model, honest = fleet(5)
+    items = [(f"h{i}", w, 50) for i, w in enumerate(honest)]
+    far = {k: global_model[k] + 5 * (honest[0][k] - global_model[k]) for k in global_model}  # 5 x an honest step
+    items += [("scaled", {k: v * 1e6 for k, v in honest[1].items()}, 50), ("far", far, 50)]
+    result, strategy = run("clipped-fedavg", global_model, items, tmp_path=tmp_path)
+    decisions = strategy.decisions  # type: ignore[attr-defined]
+    assert decisions["scaled"]["action"] == "excluded" and decisions["scaled"]["factor"] > 1e5
+    assert decisions["far"]["action"] == "clipped" and 0 < decisions["far"]["scale"] < 1
+    assert set(decisions) == {"scaled", "far"}
+    assert max(float(np.abs(result[k] - global_model[k]).max()) for k in result) < 0.1
+
+
+def test_clipped_fedavg_caps_claimed_sample_counts_and_absolute_norm(tmp_path: object) -> None:
+    global_model, honest = fleet(4)
+    items = [(f"h{i}", w, 50) for i, w in enumerate(honest[:3])] + [("greedy", honest[3], 10**9)]
+    _, strategy = run("clipped-fedavg", global_model, items, tmp_path=tmp_path)
+    assert strategy.decisions["greedy"] == {**strategy.decisions["greedy"], "reason": "samples", "weight": 150.0}  # type: ignore[attr-defined]
+    result, strategy = run("clipped-fedavg", global_model, items[:3], StrategyParams(clip_norm=1e-6),
+                           tmp_path=tmp_path)
+    assert all(d["action"] == "clipped" for d in strategy.decisions.values())  # type: ignore[attr-defined]
+    distance = np.sqrt(sum(float(((result[k] - global_model[k]).astype(np.float64) ** 2).sum()) for k in result))
+    assert distance <= 1.01e-6
+
+
+def test_robust_strategies_keep_updates_on_disk_not_in_memory(tmp_path: object) -> None:
+    global_model, honest = fleet(3)
+    strategy = make_strategy("median", global_model=global_model, workdir=tmp_path)  # type: ignore[arg-type]
+    for i, w in enumerate(honest):
+        strategy.add(w, 1, f"d{i}")
+    matrix = strategy._matrix  # type: ignore[attr-defined]
+    assert matrix.view().shape == (3, 25)  # one float32 row per update, memory-mapped
+    assert not any(isinstance(v, np.ndarray) for v in vars(strategy).values())
+
+
+def test_strategy_parameters_are_checked() -> None:
+    for bad in ({"trim_fraction": 0.5}, {"clip_factor": -1.0}, {"exclude_factor": 0.5}, {"byzantine": -2},
+                {"clip_factor": float("nan")}):
+        with pytest.raises(AggregationError):
+            StrategyParams(**bad)  # type: ignore[arg-type]
+    with pytest.raises(AggregationError, match="global model"):
+        strategy = make_strategy("clipped-fedavg")
+        strategy.add({"w": np.zeros(2, np.float32)}, 1)
+        strategy.result()

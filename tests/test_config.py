@@ -32,7 +32,7 @@ def test_precedence(tmp_path: Path) -> None:
     assert config.fleet == "plant7" and config.evaluate is True and config.round_deadline == 12.5
     assert config.min_clients == 7  # env beats the file
     assert config.quorum == 2  # flags beat env
-    assert config.strategy == "fedavg"  # default
+    assert config.strategy == "clipped-fedavg"  # default: bounded (issue 13)
     assert isinstance(config.state_dir, Path)
 
 
@@ -109,3 +109,19 @@ def test_quorum_above_min_clients_is_refused() -> None:
                       environ={"FLEDGER_MIN_CLIENTS": "2", "FLEDGER_QUORUM": "5"})
     with pytest.raises(ValueError, match=r"quorum \(5\) cannot exceed min_clients \(2\)"):
         build_coordinator(config, lambda *a: None)
+
+
+def test_strategy_and_its_parameters_from_toml_and_flags(tmp_path: Path) -> None:
+    from coordinator.daemon import strategy_params
+
+    toml = tmp_path / "fledger.toml"
+    toml.write_text('[coordinator]\nstrategy = "trimmed-mean"\ntrim_fraction = 0.1\nclip-factor = 4\n')
+    config = cfg.load(CoordinatorConfig, parse(CoordinatorConfig, ["--trim-fraction", "0.3", "--krum-select", "5"]),
+                      section="coordinator", config_file=toml, environ={})
+    params = strategy_params(config)
+    assert config.strategy == "trimmed-mean"
+    assert (params.trim_fraction, params.clip_factor, params.krum_select) == (0.3, 4.0, 5)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        strategy_params(dataclasses.replace(config, strategy="avg"))
+    with pytest.raises(ValueError, match="trim_fraction"):
+        strategy_params(dataclasses.replace(config, trim_fraction=0.5))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from manual_clock import ManualClock
 
+from coordinator.aggregation import DEFAULT_STRATEGY
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
@@ -32,8 +33,10 @@ def initial_model() -> dict[str, np.ndarray]:
 
 
 class Harness:
-    def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0) -> None:
+    def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0,
+                 strategy: str = DEFAULT_STRATEGY) -> None:
         self.tmp = tmp
+        self.strategy = strategy
         self.keys = CoordinatorKeys.generate(FLEET)
         self.registry = DeviceRegistry()
         self.devices: dict[str, DeviceBundle] = {}
@@ -56,7 +59,8 @@ class Harness:
                              now=self.clock)
         self.ledger = ledger
         coordinator = Coordinator(
-            CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20),
+            CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20,
+                                strategy=self.strategy),
             self.keys, self.registry, ledger, ModelStore(self.tmp / "models"), Spool(self.tmp / "spool"),
             initial_model=initial_model, publish=lambda t, p, r: self.published.append((t, p, r)),
             topics=TOPICS, now=self.clock, evaluate=self.evaluate,
@@ -89,7 +93,8 @@ def h(tmp_path: Path) -> Harness:
     return Harness(tmp_path)
 
 
-def test_round_aggregates_weighted_by_samples_and_records_blocks(h: Harness) -> None:
+def test_round_aggregates_weighted_by_samples_and_records_blocks(tmp_path: Path) -> None:
+    h = Harness(tmp_path, strategy="fedavg")  # unbounded: the plain weighted mean
     assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
     assert h.send("dev-b", h.update("dev-b", 1, weights(4.0), n=30)).accepted
     assert h.coordinator.round is not None and h.coordinator.round.number == 2
@@ -191,10 +196,14 @@ def test_restart_mid_round_counts_each_update_once(tmp_path: Path) -> None:
     assert h.coordinator.round is not None and sorted(h.coordinator.round.accepted) == ["dev-a"]
     assert h.send("dev-a", first).reason == "replay"  # the resend after restart is harmless
     assert h.send("dev-b", h.update("dev-b", 1, weights(4.0), n=30)).accepted
-    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.25)
+    # The default clipped-fedavg rebuilt its update matrix from the spool: dev-b (4x dev-a's
+    # distance from the zero model, beyond 3x the median) is scaled back to 3.0: (10*1 + 30*3) / 40.
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.5)
+    aggregate = next(b for b in h.ledger if b.data["type"] == "aggregate")
+    assert aggregate.data["participants"] == ["dev-a", "dev-b"] and list(aggregate.data["clipped"]) == ["dev-b"]
     h.coordinator = h.build()
     assert h.coordinator.round is not None and h.coordinator.round.number == 2
-    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.25)
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.5)
     assert verify_file(tmp_path / "ledger.log").ok
 
 
@@ -557,3 +566,70 @@ def test_each_round_has_exactly_one_model_published_record_across_restarts(h: Ha
     assert h.send("dev-b", h.update("dev-b", 1, weights(3))).accepted
     h.coordinator = h.build(register=False)
     assert published_rounds() == [1, 2]
+
+
+# -- hostile members (issue 13) ------------------------------------------------------------------------
+def test_a_scaled_update_is_excluded_recorded_and_the_fleet_goes_on(tmp_path: Path) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    for round_number in (1, 2):
+        base = float(round_number)
+        assert h.send("dev-a", h.update("dev-a", round_number, weights(base + 0.1))).accepted
+        assert h.send("dev-b", h.update("dev-b", round_number, weights(base + 0.2))).accepted
+        assert h.send("dev-c", h.update("dev-c", round_number, weights((base + 0.1) * 1e6))).accepted
+    # Each round averaged the two honest updates only (global 0 -> 1.15 -> 2.15).
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.15, rtol=1e-6)
+    aggregates = [b.data for b in h.ledger if b.data["type"] == "aggregate"]
+    for data in aggregates:
+        assert data["participants"] == ["dev-a", "dev-b"] and list(data["excluded"]) == ["dev-c"]
+        why = data["excluded"]["dev-c"]
+        assert why["reason"] == "distance" and why["factor"] > 1e5 and why["threshold"] < why["distance"]
+        assert data["strategy"] == "clipped-fedavg" and data["strategy_params"]["exclude_factor"] == 10.0
+    assert verify_file(tmp_path / "ledger.log").ok
+
+
+def test_restore_republishes_an_earlier_model_as_a_new_round(tmp_path: Path) -> None:
+    from coordinator.restore import ModelMismatch, RestoreError
+
+    h = Harness(tmp_path, strategy="fedavg")  # unbounded: the poisoning gets through
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0))).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(1.0))).accepted
+    assert h.send("dev-a", h.update("dev-a", 2, weights(1e6))).accepted
+    assert h.send("dev-b", h.update("dev-b", 2, weights(1.0))).accepted  # round 3 trains from a poisoned model
+    assert h.send("dev-a", h.update("dev-a", 3, weights(2.0))).accepted  # round 3 open, one update in
+    with pytest.raises(RestoreError, match="no global model for round 0"):
+        h.coordinator.restore_model(0, "typo")
+    with pytest.raises(RestoreError, match="not before"):
+        h.coordinator.restore_model(9, "typo")
+    block = h.coordinator.restore_model(2, "dev-a poisoned round 2", request_id="r1")
+    assert block.data["type"] == "model.published" and block.data["round"] == 4 and block.data["restores"] == 2
+    assert block.data["abandoned_round"] == 3
+    assert h.coordinator.round is not None and h.coordinator.round.number == 4
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 1.0)
+    assert h.coordinator.restore_model(2, "again", request_id="r1") is None  # a request applies once
+    header, body = envelope.open_model([p for t, p, r in h.published if t == TOPICS.model][-1], h.devices["dev-b"],
+                                       max_bytes=1 << 20)  # agents accept it: a genuine, higher round
+    assert header.round == 4 and decode_tensors(body)["w"][0, 0] == 1.0
+    assert verify_file(tmp_path / "ledger.log").ok
+    h.coordinator = h.build()  # a restart resumes from the restored model
+    assert h.coordinator.round is not None and h.coordinator.round.number == 4
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 1.0)
+    assert h.send("dev-b", h.update("dev-b", 4, weights(1.5))).accepted
+    # A model file that is not the ledger's is refused.
+    path = h.coordinator.models.path(1)
+    h.coordinator.models.save(1, weights(7.0))
+    with pytest.raises(ModelMismatch):
+        h.coordinator.restore_model(1, "tampered file")
+    assert path.exists()
+
+
+def test_a_restore_record_must_name_a_recorded_model(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    digest = hashlib.sha256(encode_tensors(h.coordinator.global_model)).digest()
+    from ledger import VerifyError, records
+
+    with pytest.raises(VerifyError, match="restores round 1"):
+        h.ledger.append(records.model_published(2, bytes(32), restores=1))
+    with pytest.raises(VerifyError, match="new round"):
+        h.ledger.append(records.model_published(1, digest, restores=1))
+    h.ledger.append(records.model_published(2, digest, restores=1))
+    assert verify_file(tmp_path / "ledger.log").ok

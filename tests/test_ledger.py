@@ -217,6 +217,40 @@ def test_aggregate_merkle_root_filled_in_and_checked(tmp_path: Path) -> None:
         ledger.append(records.aggregate(2, ["dev1", "dev2"], bytes(32), "fedavg", {}))
 
 
+def test_aggregate_states_what_was_used_excluded_and_clipped(tmp_path: Path) -> None:
+    """participants = accepted minus excluded; every excluded or clipped device was accepted in
+    that round and says why. A coordinator that signs anything else fails verification."""
+    ledger = build(tmp_path / "l", rounds=1, devices=("dev1", "dev2", "dev3"))
+    ledger.append(records.round_opened(2))
+    for d in ("dev1", "dev2", "dev3"):
+        ledger.append(signed_update(d, 2))
+    why = {"reason": "distance", "distance": 1e6, "median_distance": 1.0}
+    lies = [
+        ({"participants": ["dev1", "dev2"]}, "participants"),  # dev3 silently dropped
+        ({"participants": ["dev1", "dev2"], "excluded": {"dev4": why}}, "participants"),  # not accepted
+        ({"participants": ["dev1", "dev2", "dev3"], "excluded": {"dev3": why}}, "excluded"),  # both
+        ({"participants": ["dev1", "dev2"], "excluded": {"dev3": {"distance": 1.0}}}, "reason"),
+        ({"participants": ["dev1", "dev2"], "excluded": {"dev3": why}, "clipped": {"dev3": why}}, "clipped"),
+        ({"participants": ["dev1", "dev2"], "excluded": ["dev3"]}, "excluded"),
+    ]
+    for fields, reason in lies:
+        participants = fields.pop("participants")
+        with pytest.raises(VerifyError, match=reason):
+            ledger.append(records.aggregate(2, participants, bytes(32), "clipped-fedavg", {}, **fields))
+    honest = ledger.append(records.aggregate(2, ["dev1", "dev2"], bytes(32), "clipped-fedavg", {},
+                                             excluded={"dev3": why}, clipped={"dev2": {**why, "scale": 0.5}},
+                                             strategy_params={"clip_factor": 3.0}))
+    assert verify_file(tmp_path / "l").ok
+    proof = ledger.inclusion_proof(2, "dev3")  # an excluded update was accepted: it is in the root
+    assert proof.verify(honest)
+    # The same record re-signed without its exclusion: the chain no longer verifies.
+    blocks = list(ledger)
+    edited = {k: v for k, v in honest.data.items() if k != "excluded"}
+    forged = make_block(honest.index, honest.timestamp, edited, blocks[honest.index - 1].hash, signer=COORD)
+    report = verify_chain([*blocks[:honest.index], forged])
+    assert not report.ok and report.bad_index == honest.index and "participants" in report.reason
+
+
 def test_wrong_signer_fleet_and_trusted_key(tmp_path: Path) -> None:
     build(tmp_path / "l", rounds=1).close()
     with pytest.raises(LedgerError, match="coordinator key"):

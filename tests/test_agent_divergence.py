@@ -1,0 +1,85 @@
+"""An agent whose training diverges skips the round and keeps running: no exception, no crash
+loop, no update for the coordinator to refuse for ever; the next (or a restored) model is trained.
+
+The agent core gets its link passed in; here the link is an in-memory inbox and a list of what
+was published (the MQTT behaviour is tested on real brokers elsewhere)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.registration import Fingerprint
+from federation import crypto, envelope
+from federation.codec import encode_tensors
+from federation.keys import CoordinatorKeys, DeviceBundle
+from federation.mqtt import Message
+from federation.tasks import LocalData, get_task
+from federation.topics import Topics
+from ledger import Ed25519Signer, Ledger, records
+
+FLEET = "diverge"
+TOPICS = Topics(FLEET)
+
+
+class MemoryLink:
+    def __init__(self) -> None:
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
+                wait: float | None = None, chunked: bool = False) -> bool:
+        self.sent.append((topic, payload))
+        return True
+
+
+def test_divergence_skips_the_round_and_the_next_model_is_trained(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    keys = CoordinatorKeys.generate(FLEET)
+    seed, _ = crypto.ed25519_generate()
+    bundle = DeviceBundle(FLEET, "dev-1", seed, keys.public, keys.model_key_id, keys.model_key)
+    task = get_task("csv", n_features=3)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((64, 3)).astype(np.float32))
+    y = torch.from_numpy(rng.standard_normal(64).astype(np.float32))
+    data = LocalData(x, y, x[:16], y[:16], "regression")
+    link = MemoryLink()
+    agent = EdgeAgent(bundle, task, data, link, TOPICS, tmp_path / "agent",
+                      dataset=Fingerprint(hashlib.sha256(b"d").digest(), 1, {}), register=False)
+    healthy = {k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()}
+    ledger = Ledger.open(tmp_path / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=FLEET)
+
+    def deliver(round_number: int, weights: dict[str, Any], **extra: Any) -> None:
+        body = encode_tensors(weights)
+        block = ledger.append(records.model_published(round_number, hashlib.sha256(body).digest(), **extra))
+        sealed = envelope.seal_model(keys, round_number, body, block=block.to_bytes())
+        link.inbox.put(Message(TOPICS.model, sealed, True, 0.0))
+
+    def updates() -> list[int]:
+        return [envelope.parse_update(p, max_bytes=1 << 24).header.round for t, p in link.sent
+                if t == TOPICS.update("dev-1")]
+
+    # Round 1's model was healthy (this agent was not around); round 2's is poisoned: finite, but
+    # its loss is astronomically large.
+    ledger.append(records.model_published(1, hashlib.sha256(encode_tensors(healthy)).digest()))
+    deliver(2, {k: (v * 1e12).astype(np.float32) for k, v in healthy.items()})
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            agent.step(timeout=0.01)  # no exception, and the round is not retried
+    assert agent.skipped_rounds == [2] and updates() == []
+    assert any("round 2: training diverged" in r.getMessage() and "skipping" in r.getMessage()
+               for r in caplog.records)
+    assert (tmp_path / "agent" / "last_trained_round").read_text() == "2"  # survives a restart
+    # The operator restores round 1's model as round 3: the agent trains it and sends its update.
+    deliver(3, healthy, restores=1, abandoned_round=2, reason="poisoned")
+    agent.step(timeout=0.01)
+    assert updates() == [3] and agent.trained_rounds == [3]
+    ledger.close()
