@@ -25,8 +25,9 @@ from coordinator.storage import ModelStore, Spool
 from federation import envelope
 from federation.config import setting
 from federation.keys import CoordinatorKeys, DeviceRegistry
+from federation.model_init import initial_weights, task_layers
 from federation.mqtt import BrokerConfig, MqttLink
-from federation.tasks import get_task
+from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, Ledger
 
@@ -79,13 +80,11 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
     state.mkdir(parents=True, exist_ok=True)
     ledger = Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
                          difficulty=config.difficulty)
-    task = get_task(config.task, n_features=config.csv_features or None)
+    task_layers(config.task, config.csv_features)  # an unknown task or missing --csv-features fails now
 
     def initial_model() -> dict[str, Any]:
-        import torch
-
-        torch.manual_seed(config.seed)
-        return {k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()}
+        # numpy, not torch: a coordinator that does not evaluate runs without torch installed.
+        return initial_weights(config.task, config.csv_features, config.seed)
 
     if evaluate is None and config.evaluate:
         evaluate = make_evaluator(config.task)
@@ -104,7 +103,7 @@ def make_evaluator(task_name: str) -> Evaluate:
     import torch
 
     from federation.evaluation import evaluate
-    from federation.tasks import central_test_set
+    from federation.tasks import central_test_set, get_task
 
     task = get_task(task_name)
     test_x, test_y = central_test_set(task)
@@ -145,14 +144,18 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, lambda *_: reload_now.set())  # `systemctl reload`
-    link.start(timeout=60)
+    notifier = Notifier()
+    if not link.start(timeout=60, stop=stop):
+        return 0  # stopped while connecting
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
     coordinator = build_coordinator(config, publish)
     coordinator.start()
+    notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     try:
         while not stop.is_set():
+            notifier.alive()
             try:
                 message = link.inbox.get(timeout=0.5)
             except queue.Empty:
@@ -203,7 +206,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                              wait=10)
                 return 3
     finally:
-        link.stop()
+        notifier.stopping()
+        link.stop(timeout=2)
     return 0
 
 

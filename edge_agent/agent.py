@@ -35,6 +35,10 @@ from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
 log = logging.getLogger(__name__)
 
 
+class TrainingStopped(Exception):
+    """Training was aborted because the agent was told to stop (its round is trained again later)."""
+
+
 class Link(Protocol):
     inbox: queue.Queue[Message]
 
@@ -87,6 +91,8 @@ class EdgeAgent:
         self.dataset = dataset
         self.registration_pending = register
         self._last_registration = 0.0
+        self._stop: Callable[[], bool] = lambda: False
+        self._alive: Callable[[], None] = lambda: None
 
     # -- inbound ---------------------------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
@@ -112,7 +118,10 @@ class EdgeAgent:
             self.refused_models += 1
             log.error("refused a global model: %s", exc)
             return
-        if self.latest is None or header.round >= self.latest[0].round:
+        if self.latest is None or header.round >= self.latest[0].round or (
+                self.latest[0].done and not header.done and header.created > self.latest[0].created):
+            # The last case: after a finished run, a newer run from round 1 (a coordinator with
+            # fresh state), which a long-running agent (--no-exit-when-done) joins.
             self.latest = (header, weights)
 
     def drain(self, timeout: float) -> None:
@@ -151,6 +160,9 @@ class EdgeAgent:
                 log.info("the coordinator finished training at round %d", header.round)
             self.done = True
             return
+        if self.done:
+            log.info("the coordinator started a new run at round %d", header.round)
+            self.done = False
         if header.round < self.last_trained_round and not self.outbox.rounds():
             # The coordinator is behind what we trained: its state was reset (a new ledger).
             # Follow it rather than wait for a round number it may never reach.
@@ -183,7 +195,8 @@ class EdgeAgent:
         global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
         result = train_local(self.model, self.data.train_x, self.data.train_y, kind=self.task.kind,
                              epochs=hp.local_epochs, optimizer=hp.optimizer, lr=hp.lr,
-                             batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number)
+                             batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number,
+                             on_batch=self._on_batch)
         local_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
         metrics = {"train_loss": result.train_loss, "train_seconds": result.seconds,
                    **{f"test_{k}": v for k, v in local_metrics.items()},
@@ -198,6 +211,11 @@ class EdgeAgent:
                  result.seconds, result.train_loss,
                  ", ".join(f"{k} {v:.4f}" for k, v in local_metrics.items()))
         self._send(round_number, payload)
+
+    def _on_batch(self) -> None:
+        self._alive()
+        if self._stop():
+            raise TrainingStopped()
 
     def _send(self, round_number: int, payload: bytes) -> None:
         self.link.publish(self.topics.update(self.bundle.device_id), payload, qos=1, chunked=True)
@@ -251,7 +269,10 @@ class EdgeAgent:
         heartbeat = self.presence.statement("online", self.latest[0].round if self.latest else None)
         self.link.publish(self.topics.presence(self.bundle.device_id), heartbeat, retain=True)
 
-    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+    def run(self, stop: Callable[[], bool] = lambda: False, alive: Callable[[], None] = lambda: None) -> None:
+        """Step until ``stop()`` (checked between mini-batches too) or, with exit_when_done, the end of
+        training. ``alive`` is called from this loop, also during training (systemd's watchdog)."""
+        self._stop, self._alive = stop, alive
         finished = threading.Event()
 
         def beat() -> None:
@@ -266,9 +287,12 @@ class EdgeAgent:
         beater.start()
         try:
             while not stop():
+                alive()
                 self.step()
                 if self.done and self.settings.exit_when_done:
                     return
+        except TrainingStopped:
+            log.info("stopped during local training; the round is trained again after a restart")
         finally:
             # Stop and join it before the caller disconnects: a thread still publishing while
             # the link closes or the interpreter exits is how processes hang or abort at exit.
