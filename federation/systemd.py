@@ -58,6 +58,7 @@ class Notifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)  # never hang the main loop on a reader that is behind
                 sock.connect(self.address)
                 sock.sendall("\n".join(states).encode())
         except OSError as exc:
