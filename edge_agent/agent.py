@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStopped(Exception):
-    """Training was aborted because the agent was told to stop (its round is trained again later)."""
+    """Training or evaluation was aborted because the agent was told to stop (its round is trained
+    again later)."""
 
 
 class Link(Protocol):
@@ -192,12 +193,14 @@ class EdgeAgent:
         state = {name: torch.from_numpy(array.copy()) for name, array in weights.items()}
         self.model.load_state_dict(state)
         hp = self.task.hyperparameters
-        global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
+        global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind,
+                                  on_batch=self._on_batch)
         result = train_local(self.model, self.data.train_x, self.data.train_y, kind=self.task.kind,
                              epochs=hp.local_epochs, optimizer=hp.optimizer, lr=hp.lr,
                              batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number,
                              on_batch=self._on_batch)
-        local_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
+        local_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind,
+                                 on_batch=self._on_batch)
         metrics = {"train_loss": result.train_loss, "train_seconds": result.seconds,
                    **{f"test_{k}": v for k, v in local_metrics.items()},
                    **{f"global_test_{k}": v for k, v in global_metrics.items()}}

@@ -275,3 +275,26 @@ def test_units_are_notify_services_with_watchdog_reload_and_start_limits(unit: P
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout)
     assert match, out.stdout[-2000:] + out.stderr[-2000:]
     assert float(match.group(1)) <= 1.5
+
+
+def test_sigterm_during_local_training_ends_within_5s(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    """A round on a device may train for minutes; a stop must not wait for it (it is retrained later)."""
+    from federation_run import Federation
+
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, task="mnist", devices=("edge-1",),
+                     rounds=1, limit=30_000)
+    try:
+        fed.start_coordinator()
+        agent = fed.start_agent(0)
+        agent_log = fed.logs / "edge-1.log"
+        deadline = time.monotonic() + 180
+        while "registered in the ledger" not in agent_log.read_text() and time.monotonic() < deadline:
+            assert agent.poll() is None, fed.log_tail()
+            time.sleep(0.2)
+        time.sleep(2.0)  # well into one epoch over 30,000 images
+        assert "round 1: trained" not in agent_log.read_text(), "training ended before the signal: test too weak"
+        assert stop_within_5s(agent, agent_log) == 0
+        assert "stopped during local training" in agent_log.read_text()
+        assert not list((tmp_path / "edge-1" / "outbox").glob("*")), "a half-trained update must not be queued"
+    finally:
+        fed.stop()
