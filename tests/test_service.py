@@ -298,3 +298,29 @@ def test_sigterm_during_local_training_ends_within_5s(embedded_broker: BrokerInf
         assert not list((tmp_path / "edge-1" / "outbox").glob("*")), "a half-trained update must not be queued"
     finally:
         fed.stop()
+
+
+def test_every_third_party_import_is_declared() -> None:
+    """Each module the code imports is a dependency or an extra in pyproject.toml."""
+    import ast
+    import importlib.metadata
+    import itertools
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[\[<>=!~ ]", spec)[0].lower().replace("_", "-")
+                for spec in [*project["dependencies"], *itertools.chain(*project["optional-dependencies"].values())]}
+    distributions = importlib.metadata.packages_distributions()
+    ours = {"federation", "edge_agent", "coordinator", "ledger", "fledger"}
+    imported: set[str] = set()
+    for package in ours:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported - ours if name not in sys.stdlib_module_names}
+    undeclared = {name: distributions.get(name) for name in third_party
+                  if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & declared}
+    assert undeclared == {}
