@@ -203,5 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
+def entry() -> None:
+    """The ``fledger`` program (console script and ``python -m fledger.cli``)."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if _chosen_command(argv) == "agent":
+        # The agent has saved its state (outbox and last round written and fsynced) and closed its
+        # link. With torch loaded the interpreter's teardown alone takes ~3 s on a small or busy
+        # machine, and SIGTERM must end the service within 5 s: skip it.
+        logging.shutdown()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
