@@ -30,8 +30,9 @@ from federation import envelope, exit_codes
 from federation.config import ConfigError, setting
 from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
+from federation.model_init import initial_weights, task_layers
 from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
-from federation.tasks import get_task
+from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, Ledger, LedgerCorrupt
 
@@ -154,13 +155,11 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
     state = Path(config.state_dir)
     if ledger is None:
         ledger = open_ledger(config, keys)
-    task = get_task(config.task, n_features=config.csv_features or None)
+    task_layers(config.task, config.csv_features)  # an unknown task or missing --csv-features fails now
 
     def initial_model() -> dict[str, Any]:
-        import torch
-
-        torch.manual_seed(config.seed)
-        return {k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()}
+        # numpy, not torch: a coordinator that does not evaluate runs without torch installed.
+        return initial_weights(config.task, config.csv_features, config.seed)
 
     if evaluate is None and config.evaluate:
         evaluate = make_evaluator(config.task)
@@ -180,7 +179,7 @@ def make_evaluator(task_name: str) -> Evaluate:
     import torch
 
     from federation.evaluation import evaluate
-    from federation.tasks import central_test_set
+    from federation.tasks import central_test_set, get_task
 
     task = get_task(task_name)
     test_x, test_y = central_test_set(task)
@@ -203,7 +202,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     strategy_params(config)
     keys = load_keys(config)
     load_registry(config)
-    get_task(config.task, n_features=config.csv_features or None)
+    task_layers(config.task, config.csv_features)
     state_dir = Path(config.state_dir)
     try:
         lock = state_guard.lock_state_dir(state_dir)
@@ -267,7 +266,9 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, lambda *_: reload_now.set())  # `systemctl reload`
-    link.start(timeout=60)
+    notifier = Notifier()
+    if not link.start(timeout=60, stop=stop):
+        return 0  # stopped while connecting
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
     coordinator = build_coordinator(config, publish, ledger=ledger)
     try:
@@ -275,11 +276,13 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
     except StorageError as exc:  # a missing or damaged model or spool file the ledger names
         link.stop()
         raise StateRefused(str(exc)) from None
+    notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     last_status = time.monotonic()
     try:
         while not stop.is_set():
+            notifier.alive()
             try:
                 message = link.inbox.get(timeout=0.5)
             except queue.Empty:
@@ -334,13 +337,14 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
                 # Tell devices and operators (retained), so nobody waits for an acknowledgement.
                 link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True,
                              wait=10)
-                return 3
+                return exit_codes.STATE  # storage failed: restarting will not help until fixed
         # Stopped by a signal: say so, so that a coordinator started next need not wait to see
         # whether this one is still alive.
         coordinator.stopped = True
         link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True, wait=5)
     finally:
-        link.stop()
+        notifier.stopping()
+        link.stop(timeout=2)
     return 0
 
 

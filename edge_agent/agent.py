@@ -42,6 +42,11 @@ MAX_AWAITED_VERDICTS = 16  # closed rounds whose verdict is still to be reported
 CHAIN_ERROR_EVERY_S = 60.0  # how often a refused chain is logged again (never silent, never a flood)
 
 
+class TrainingStopped(Exception):
+    """Training or evaluation was aborted because the agent was told to stop (its round is trained
+    again later)."""
+
+
 class Link(Protocol):
     inbox: queue.Queue[Message]
 
@@ -100,6 +105,8 @@ class EdgeAgent:
         self.chain = chain_pin.load(self.state_dir)
         self.chain_problem: str | None = None  # why the coordinator's model is refused, while it is
         self._last_chain_error = float("-inf")
+        self._stop: Callable[[], bool] = lambda: False
+        self._alive: Callable[[], None] = lambda: None
 
     # -- inbound ---------------------------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
@@ -151,7 +158,10 @@ class EdgeAgent:
         if pin != self.chain:
             chain_pin.save(self.state_dir, pin)
             self.chain = pin
-        if self.latest is None or header.round >= self.latest[0].round:
+        if self.latest is None or header.round >= self.latest[0].round or (
+                self.latest[0].done and not header.done and header.created > self.latest[0].created):
+            # The last case: after a finished run, a newer run from round 1 (a coordinator with
+            # fresh state), which a long-running agent (--no-exit-when-done) joins.
             self.latest = (header, weights)
 
     def drain(self, timeout: float) -> None:
@@ -189,6 +199,9 @@ class EdgeAgent:
                 log.info("the coordinator finished training at round %d", header.round)
             self.done = True
             return
+        if self.done:
+            log.info("the coordinator started a new run at round %d", header.round)
+            self.done = False
         if header.round < self.last_trained_round:
             # The coordinator is behind what we trained and we follow it (a reset we accepted, or
             # no pin yet): our updates for later rounds will never be accepted.
@@ -223,15 +236,18 @@ class EdgeAgent:
         state = {name: torch.from_numpy(array.copy()) for name, array in weights.items()}
         self.model.load_state_dict(state)
         hp = self.task.hyperparameters
-        global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
+        global_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind,
+                                  on_batch=self._on_batch)
         try:
             result = train_local(self.model, self.data.train_x, self.data.train_y, kind=self.task.kind,
                                  epochs=hp.local_epochs, optimizer=hp.optimizer, lr=hp.lr,
-                                 batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number)
+                                 batch_size=hp.batch_size, seed=self.settings.seed * 100_003 + round_number,
+                                 on_batch=self._on_batch)
         except TrainingDivergedError as exc:
             self._skip_round(round_number, str(exc))
             return
-        local_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind)
+        local_metrics = evaluate(self.model, self.data.test_x, self.data.test_y, self.task.kind,
+                                 on_batch=self._on_batch)
         metrics = {"train_loss": result.train_loss, "train_seconds": result.seconds,
                    **{f"test_{k}": v for k, v in local_metrics.items()},
                    **{f"global_test_{k}": v for k, v in global_metrics.items()}}
@@ -262,6 +278,11 @@ class EdgeAgent:
         atomic_write(self._last_round_file, str(round_number).encode())
         log.error("round %d: training diverged (%s); skipping this round and waiting for the next global model",
                   round_number, why)
+
+    def _on_batch(self) -> None:
+        self._alive()
+        if self._stop():
+            raise TrainingStopped()
 
     def _send(self, round_number: int, payload: bytes) -> None:
         self.link.publish(self.topics.update(self.bundle.device_id), payload, qos=1, chunked=True)
@@ -349,7 +370,10 @@ class EdgeAgent:
         heartbeat = self.presence.statement("online", self.latest[0].round if self.latest else None)
         self.link.publish(self.topics.presence(self.bundle.device_id), heartbeat, retain=True)
 
-    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+    def run(self, stop: Callable[[], bool] = lambda: False, alive: Callable[[], None] = lambda: None) -> None:
+        """Step until ``stop()`` (checked between mini-batches too) or, with exit_when_done, the end of
+        training. ``alive`` is called from this loop, also during training (systemd's watchdog)."""
+        self._stop, self._alive = stop, alive
         finished = threading.Event()
 
         def beat() -> None:
@@ -364,9 +388,12 @@ class EdgeAgent:
         beater.start()
         try:
             while not stop():
+                alive()
                 self.step()
                 if self.done and self.settings.exit_when_done:
                     return
+        except TrainingStopped:
+            log.info("stopped during local training; the round is trained again after a restart")
         finally:
             # Stop and join it before the caller disconnects: a thread still publishing while
             # the link closes or the interpreter exits is how processes hang or abort at exit.

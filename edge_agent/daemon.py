@@ -9,16 +9,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.presence import PresenceSession
-from edge_agent.registration import check_registration, fingerprint, published_fingerprint
 from federation import exit_codes
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
 from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
-from federation.tasks import get_task
+from federation.systemd import Notifier
 from federation.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -56,6 +52,13 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
+    # torch only here: the CLI builds its parser from AgentConfig without loading it.
+    import torch
+
+    from edge_agent.agent import AgentSettings, EdgeAgent
+    from edge_agent.registration import check_registration, fingerprint, published_fingerprint
+    from federation.tasks import get_task
+
     stop = stop or threading.Event()
     torch.set_num_threads(max(1, config.threads))
     bundle = DeviceBundle.load(config.bundle)
@@ -81,22 +84,34 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, _on_sighup)
     # Our own heartbeat is the echo: when not even it comes back, the path is dead.
     link.watch(topics.presence(bundle.device_id), LIVENESS_PERIODS * config.heartbeat)
-    link.start(timeout=120)
+    notifier = Notifier()
+    if not link.start(timeout=120, stop=stop):
+        return 0  # stopped while connecting
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
                                     exit_when_done=config.exit_when_done, seed=config.seed,
                                     accept_reset=config.accept_reset),
                       dataset=dataset, register=True, presence=presence)
+    notifier.ready(f"device {bundle.device_id}: connected, {len(agent.outbox.rounds())} updates in the outbox")
     try:
-        agent.run(stop=lambda: stop.is_set() or link.failed is not None)
+        agent.run(stop=lambda: stop.is_set() or link.failed is not None, alive=notifier.alive)
+        notifier.stopping()
         if link.failed is None:
-            link.publish(topics.presence(bundle.device_id), presence.statement("offline"), retain=True, wait=5)
+            # Waiting for the broker's acknowledgement only makes sense while connected.
+            link.publish(topics.presence(bundle.device_id), presence.statement("offline"), retain=True,
+                         wait=2 if link.connected.is_set() else None)
     finally:
-        link.stop()
+        link.stop(timeout=2)
     log.info("device %s: stopped after rounds %s", bundle.device_id, agent.trained_rounds)
     if link.failed is not None:
         log.error("device %s: stopped because the MQTT link gave up (see above)", bundle.device_id)
         return exit_codes.UNREACHABLE
     return 0
+
+
+def _on_sighup(signum: int, frame: object) -> None:
+    # `systemctl reload` must never kill a device (Python's default for SIGHUP is to die).
+    log.info("SIGHUP: the agent has nothing to reload; restart it to apply changed settings")

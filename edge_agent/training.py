@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +52,15 @@ def train_local(
     batch_size: int,
     seed: int,
     kind: str | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over the training data.
 
     ``data`` is either a :class:`LocalData` (its train part and kind are used) or the training
     inputs, with the targets in ``y`` and ``kind`` given. Mini-batches are shuffled with a
     generator seeded by ``seed``, so the result is reproducible. Raises
-    :class:`TrainingDivergedError` if the loss becomes NaN/Inf.
+    :class:`TrainingDivergedError` if the loss becomes NaN/Inf. ``on_batch`` runs after every
+    mini-batch (a service's watchdog ping and stop check; an exception it raises aborts training).
     """
     if isinstance(data, LocalData):
         if y is not None:
@@ -97,6 +100,8 @@ def train_local(
                 loss.backward()
                 opt.step()
                 total += value * len(batch)
+                if on_batch is not None:
+                    on_batch()
             epoch_loss = total / n
     finally:
         model.train(was_training)

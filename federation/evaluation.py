@@ -3,6 +3,8 @@ coordinator (held-out test set of the global model), so it lives in the shared p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -27,8 +29,9 @@ def model_outputs(model: nn.Module, x: torch.Tensor, kind: Kind) -> torch.Tensor
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
-             batch_size: int = 1024) -> dict[str, float]:
-    """Metrics of ``model`` on (x, y), batched to bound memory.
+             batch_size: int = 1024, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on (x, y), batched to bound memory. ``on_batch`` runs after every
+    batch (a service's watchdog ping and stop check; an exception it raises aborts).
 
     Regression: ``{"mse": ...}`` (in the units of ``y``, i.e. the standardised target);
     classification: ``{"accuracy": ..., "loss": ...}`` (fraction correct, mean cross-entropy).
@@ -52,6 +55,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
                 else:
                     loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
                     correct += int((out.argmax(dim=1) == yb).sum())
+                if on_batch is not None:
+                    on_batch()
     finally:
         model.train(was_training)
     if task_kind == "regression":

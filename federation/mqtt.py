@@ -142,6 +142,8 @@ class MqttLink:
 
     def _new_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
         client = _configured_client(self.config, self.client_id, protocol, persistent=self._persistent)
+        # A TCP connect to a silent address must not outlast a SIGTERM's 5 s (paho's default is 5 s).
+        client.connect_timeout = 3.0
         client.max_inflight_messages_set(20)
         client.max_queued_messages_set(0)  # unbounded: QoS 1 messages queue while offline
         if self._will:
@@ -233,11 +235,17 @@ class MqttLink:
             log.error("inbox full: dropped a message on %s", msg.topic)
 
     # -- API ------------------------------------------------------------------------------------
-    def start(self, timeout: float | None = 30.0) -> None:
-        """Connect (retrying with jittered backoff until ``timeout``) and start the network loop."""
+    def start(self, timeout: float | None = 30.0, *, stop: threading.Event | None = None) -> bool:
+        """Connect (retrying with jittered backoff until ``timeout``) and start the network loop.
+
+        Returns False, not connected, as soon as ``stop`` is set (a SIGTERM while the broker is
+        unreachable must not wait out the backoff)."""
+        stop = stop or threading.Event()
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = self._backoff[0]
         while True:
+            if stop.is_set():
+                return False
             try:
                 if self._auto_protocol:
                     if offers_mqtt5(self.config, self.client_id):
@@ -252,10 +260,13 @@ class MqttLink:
                     ) from exc
                 log.warning("broker %s:%s unreachable (%s); retrying in %.1fs",
                             self.config.broker_host, self.config.broker_port, exc, delay)
-                time.sleep(delay * (0.5 + random.random()))
+                stop.wait(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self._backoff[1])
         self._client.loop_start()
         while not self.connected.wait(0.1):
+            if stop.is_set():
+                self.stop(timeout=2)
+                return False
             if self.refused is not None:
                 self.stop()
                 raise ConnectionError(f"MQTT broker {self.config.broker_host}:{self.config.broker_port} refused "
@@ -267,6 +278,7 @@ class MqttLink:
             raise ConnectionError(
                 f"MQTT broker {self.config.broker_host}:{self.config.broker_port} did not accept the connection"
             )
+        return True
 
     def watch(self, echo_topic: str, timeout: float) -> None:
         """Application-level liveness: subscribe to ``echo_topic``, which the owner publishes to

@@ -161,18 +161,36 @@ def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: d
     return result
 
 
-def main(args: argparse.Namespace) -> int:
+# Loggers of the code running inside the demo process: the embedded broker (amqtt and what it
+# uses) and the demo's ledger monitor. Their messages, tracebacks included (amqtt logs e.g.
+# "Timeout waiting for PUBACK" on a loaded machine, and recovers), go to a log file.
+LIBRARY_LOGGERS = ("amqtt", "transitions", "asyncio", "websockets", "fledger.broker", "federation.mqtt")
+
+
+def send_library_logs_to(path: Path) -> None:
+    """The demo prints fleet lines only; everything the libraries log goes to ``path``."""
     import logging
 
-    for name in ("federation.mqtt", "fledger.broker"):  # the demo prints its own lines
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from fledger.logs import FleetFormatter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(FleetFormatter())
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+
+
+def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
+    send_library_logs_to(workdir / "logs" / "broker.log")
     password_db, passwords = _credentials(workdir)
     tasks = demo_tasks(args.quick, args.california_rounds, args.mnist_rounds)
     if args.only:
         tasks = [t for t in tasks if t.task == args.only]
-    print(f"fledger demo in {workdir}")
+    print(f"fledger demo in {workdir} (broker and library logs: {workdir / 'logs' / 'broker.log'})")
     with EmbeddedBroker(password_file=password_db) as broker:
         print(f"embedded MQTT broker (amqtt) on {broker.host}:{broker.port}, password auth and the fleet ACL")
         results = []

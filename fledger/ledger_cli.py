@@ -172,7 +172,7 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     command = args.ledger_command
     if command == "verify":
-        if not args.file.is_file():  # nothing to verify is a usage error (2), not tampering (1)
+        if not Path(args.file).is_file():  # nothing to verify is a usage error (2), not a failed check (1)
             raise FileNotFoundError(f"no ledger file {args.file}")
         report = verify_file(args.file, _trusted_key(args), signatures=args.signatures)
         print(report)

