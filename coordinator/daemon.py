@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.dashboard import DashboardConfig
+from coordinator.observe import Observatory
 from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
-from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
+from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.storage import ModelStore, Spool
 from federation import envelope
 from federation.config import setting
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.mqtt import BrokerConfig, MqttLink
+from federation.observability import MetricsConfig
 from federation.tasks import get_task
 from federation.topics import Topics
 from ledger import Ed25519Signer, Ledger
@@ -37,7 +40,7 @@ DEFAULT_REPLAY_BATCH = 10_000  # ledger blocks per replay request: bounded, the 
 
 
 @dataclass
-class CoordinatorConfig(BrokerConfig):
+class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
     fleet: str = setting("demo", "fleet name (a topic level; letters, digits, '_' and '-')")
     state_dir: Path = setting(Path("state/coordinator"), "directory for ledger, models and spool")
     keys: Path = setting(Path("keys/coordinator.json"), "coordinator key file (from `fledger keys init`)")
@@ -123,8 +126,13 @@ REGISTRY_CHECK_S = 2.0  # how often devices.json is checked for added, rotated o
 def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
     round_policy(config)  # bad settings fail now, not after connecting to the broker
-    stop = stop or threading.Event()
     topics = Topics(config.fleet, config.topic_prefix)
+    with Observatory(topics, task=config.task, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
+                     dashboard_host=config.dashboard_host, dashboard_port=config.dashboard_port) as observatory:
+        return _run(config, topics, observatory, stop or threading.Event())
+
+
+def _run(config: CoordinatorConfig, topics: Topics, observatory: Observatory, stop: threading.Event) -> int:
     # Reassemble no chunked message larger than the largest update we would accept anyway.
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, config.client_id or f"fledger-coordinator-{config.fleet}",
@@ -132,6 +140,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     first_model = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
+        observatory.published(topic, payload)
         if topic == topics.model:
             # The model may exceed the broker's payload limit: chunked; stale chunks of a model
             # published before a restart are cleared on the first publish.
@@ -148,6 +157,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     link.start(timeout=60)
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
     coordinator = build_coordinator(config, publish)
+    observatory.catch_up(coordinator.ledger)
     coordinator.start()
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
@@ -165,8 +175,9 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     coordinator.publish_status()
                     coordinator.publish_acks()
                 if message is not None:
-                    _dispatch(coordinator, link, topics, message.topic, message.payload,
-                              replay_batch=config.replay_batch)
+                    kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload,
+                                              replay_batch=config.replay_batch)
+                    observatory.outcome(kind, outcome, message.received)
             except Exception:  # one bad message or a bug must not end the daemon
                 log.exception("unexpected error handling a message; continuing")
             try:  # apart from message handling, so that no stream of messages can starve it
@@ -208,18 +219,20 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes, *,
-              replay_batch: int = DEFAULT_REPLAY_BATCH) -> None:
+              replay_batch: int = DEFAULT_REPLAY_BATCH) -> tuple[str, Outcome | None]:
+    """Hand one message to the coordinator; returns what kind it was and the Outcome if any."""
     device = topics.device_of(topic)
     if device and topic == topics.update(device):
-        coordinator.handle_update(topic, payload)
-    elif device and topic == topics.register(device):
-        coordinator.handle_registration(topic, payload)
-    elif device and topic == topics.presence(device):
+        return "update", coordinator.handle_update(topic, payload)
+    if device and topic == topics.register(device):
+        return "registration", coordinator.handle_registration(topic, payload)
+    if device and topic == topics.presence(device):
         if coordinator.handle_presence(topic, payload):
             coordinator.publish_status()
     elif topic == topics.ledger_replay:
         _replay(coordinator, link, topics, payload, batch=replay_batch)
     # anything else (amqtt hands out retained messages of other topics) is ignored
+    return "other", None
 
 
 # Replays re-send blocks from the worker thread: bounded, so a monitor (or anyone on a broker

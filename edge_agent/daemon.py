@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from edge_agent.agent import AgentSettings, EdgeAgent
+from edge_agent.metrics import NO_EVENTS, AgentEvents, AgentMetrics
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import check_registration, fingerprint
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
+from federation.observability import Endpoints, MetricsConfig, serve_metrics
 from federation.tasks import get_task
 from federation.topics import Topics
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class AgentConfig(BrokerConfig):
+class AgentConfig(MetricsConfig, BrokerConfig):
     bundle: Path = setting(Path("keys/device.json"), "this device's key bundle (from `fledger keys add-device`)")
     task: str = setting("california", "task: california, mnist, or csv (your own file, see --data)")
     data: Path | None = setting(None, "for task csv: path of the local CSV file")
@@ -76,15 +78,32 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    link.start(timeout=120)
+    endpoints = Endpoints()
+    events = _metrics(config, bundle.fleet, bundle.device_id, task.name, endpoints)  # a bad port fails before MQTT
+    try:
+        link.start(timeout=120)
+    except BaseException:
+        endpoints.stop()
+        raise
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
                                     exit_when_done=config.exit_when_done, seed=config.seed),
                       dataset=dataset, register=True, presence=presence)
+    agent.events = events
     try:
         agent.run(stop=stop.is_set)
         link.publish(topics.presence(bundle.device_id), presence.statement("offline"), retain=True, wait=5)
     finally:
         link.stop()
+        endpoints.stop()
     log.info("device %s: stopped after rounds %s", bundle.device_id, agent.trained_rounds)
     return 0
+
+
+def _metrics(config: AgentConfig, fleet: str, device: str, task: str, endpoints: Endpoints) -> AgentEvents:
+    """Prometheus metrics on --metrics-port, or nothing."""
+    if not config.metrics_port:
+        return NO_EVENTS
+    metrics = AgentMetrics(fleet, device, task)
+    endpoints.add(serve_metrics(metrics.registry, config.metrics_host, config.metrics_port))
+    return metrics
