@@ -65,7 +65,7 @@ class MqttLink:
     def __init__(
         self, config: BrokerConfig, client_id: str, *, subscriptions: list[str] | None = None,
         will: tuple[str, bytes, bool] | None = None, inbox_size: int = 10_000,
-        backoff: tuple[float, float] = (0.5, 30.0),
+        backoff: tuple[float, float] = (0.5, 30.0), clean_session: bool = False,
     ) -> None:
         self.config = config
         self.client_id = client_id
@@ -80,7 +80,8 @@ class MqttLink:
         self.reassembler = Reassembler(4 * config.max_message_bytes, config.max_message_bytes, config.chunk_timeout)
         self._chunk_counts: dict[str, int] = {}
         self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+            # A one-shot reader (fledger status) asks for a clean session: nothing queued for it.
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
             protocol=paho.MQTTv311,
         )
         self._client.max_inflight_messages_set(20)

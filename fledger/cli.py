@@ -113,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     keytool.add_parser(sub)
     ledger_cli.add_parser(sub)
 
-    from fledger import demo, predict
+    from fledger import demo, predict, report, status_cli
 
+    status_cli.add_parser(sub)
+    report.add_parser(sub)
     predict.add_parser(sub)
     demo.add_parser(sub)
     return parser
