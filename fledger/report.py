@@ -53,6 +53,7 @@ class RunSummary:
     head: str
     rounds: list[RoundRow]
     rejected_open_round: Counter[str]  # rejections recorded in the round still open (no aggregate yet)
+    confusion: list[list[int]] | None = None  # rows: true class, columns: predicted (current model)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class RunSummary:
                         "metrics": r.metrics, "model_sha256": r.model_sha256.hex(), "block": r.block,
                         "rejected": dict(r.rejected)} for r in self.rounds],
             "rejected_in_open_round": dict(self.rejected_open_round),
+            "confusion_matrix": self.confusion,
         }
 
 
@@ -172,20 +174,44 @@ def _title(summary: RunSummary, what: str) -> str:
     return f"fleet {summary.fleet}" + (f", task {summary.task}" if summary.task else "") + f": {what}"
 
 
+QUALITY_METRICS = ("accuracy", "mse")
+_PREFIXES = ("clients_global_test_", "clients_test_", "clients_", "test_")
+
+
+def base_metric(name: str) -> str:
+    """``clients_test_mse`` -> ``mse``: what is measured, whoever measured it on what."""
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return name.removeprefix(prefix)
+    return name
+
+
+def metric_label(name: str) -> str:
+    """What a recorded metric name means, for a legend."""
+    if name.startswith("clients_global_test_"):
+        return f"{name.removeprefix('clients_global_test_')}: devices' local test data, global model before training"
+    if name.startswith("clients_test_"):
+        return f"{name.removeprefix('clients_test_')}: devices' local test data, after local training"
+    if name.startswith("clients_"):
+        return f"{name.removeprefix('clients_')}: devices' mean"
+    if name.startswith("test_"):
+        return f"{name.removeprefix('test_')}: new global model, held-out test set"
+    return name
+
+
 def plot_metric(summary: RunSummary, out: Path) -> Path:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     rounds = [r.round for r in summary.rounds]
     names = sorted({k for r in summary.rounds for k, v in r.metrics.items() if v is not None})
-    quality = [n for n in names if n.startswith("test_") or (n.startswith("clients_") and "test_" in n)]
-    losses = [n for n in names if n.endswith("train_loss")]
-    for ax, chosen, title in ((axes[0], quality, "model quality per round"), (axes[1], losses, "training loss")):
+    quality = [n for n in names if base_metric(n) in QUALITY_METRICS]
+    losses = [n for n in names if base_metric(n).endswith("loss")]
+    for ax, chosen, title in ((axes[0], quality, "model quality per round"), (axes[1], losses, "loss")):
         for name in chosen:
             points = [(r.round, r.metrics[name]) for r in summary.rounds if r.metrics.get(name) is not None]
-            label = name.replace("clients_", "devices' ").replace("test_", "test ")
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=metric_label(name))
         if chosen:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no metric recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("round")
@@ -201,15 +227,18 @@ def plot_participation(summary: RunSummary, out: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
     rounds = [r.round for r in summary.rounds]
-    ax.bar(rounds, [len(r.participants) for r in summary.rounds], color="#2f6fde", label="devices")
+    devices = [len(r.participants) for r in summary.rounds]
+    bars = ax.bar(rounds, devices, color="#2f6fde", label="devices in the aggregate")
     ax.set_xlabel("round")
-    ax.set_ylabel("devices in the aggregate")
+    ax.set_ylabel("devices")
+    ax.set_ylim(0, max(devices, default=1) * 1.35)  # headroom for the legend
     ax.yaxis.get_major_locator().set_params(integer=True)
     samples = ax.twinx()
-    samples.plot(rounds, [r.num_samples for r in summary.rounds], color="#b07800", marker="o", label="samples")
+    line = samples.plot(rounds, [r.num_samples for r in summary.rounds], color="#b07800", marker="o",
+                        label="training samples")
     samples.set_ylabel("training samples")
-    samples.set_ylim(bottom=0)
-    fig.legend(loc="upper right", fontsize=8)
+    samples.set_ylim(0, max((r.num_samples for r in summary.rounds), default=1) * 1.2)
+    ax.legend(handles=[bars, *line], loc="upper left", fontsize=8)
     ax.set_title(_title(summary, "participation per round"))
     if not rounds:
         ax.text(0.5, 0.5, "no round aggregated", ha="center", va="center", transform=ax.transAxes)
@@ -231,7 +260,7 @@ def plot_rejections(summary: RunSummary, out: Path) -> Path:
     if reasons:
         ax.legend(fontsize=8)
     else:
-        ax.bar([r for r, _ in rows], [0] * len(rows))
+        ax.set_ylim(0, 1)
         ax.text(0.5, 0.5, "no rejected update recorded in the ledger", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set_xlabel("round")
@@ -310,8 +339,9 @@ def main(args: argparse.Namespace) -> int:
         with torch.no_grad():
             predicted = _torch_model(task, weights)(test_x).argmax(dim=1)
         classes = int(max(int(test_y.max()), int(predicted.max())) + 1)
-        written.append(plot_confusion(summary, confusion_matrix(predicted.numpy(), test_y.numpy(), classes),
-                                      row.round, out))
+        matrix = confusion_matrix(predicted.numpy(), test_y.numpy(), classes)
+        summary.confusion = matrix.tolist()
+        written.append(plot_confusion(summary, matrix, row.round, out))
     (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     for path in written:
         print(f"wrote {path}")

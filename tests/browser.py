@@ -42,6 +42,8 @@ def run_chromium(url: str, workdir: Path, *, screenshot: Path | None = None, siz
     done = subprocess.run([*args, url], capture_output=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise AssertionError(f"chromium exited {done.returncode}: {done.stderr.decode(errors='replace')[-2000:]}")
+    if screenshot is not None and not screenshot.exists():
+        raise AssertionError(f"chromium wrote no screenshot of {url}: {done.stderr.decode(errors='replace')[-2000:]}")
     return done.stdout.decode()
 
 
