@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from browser import assert_not_blank, count_color, load_png, run_chromium
@@ -21,6 +22,9 @@ from conftest import BrokerInfo
 from federation_run import Federation
 from paho.mqtt.enums import CallbackAPIVersion
 
+from federation import envelope
+from federation.codec import encode_tensors
+from federation.keys import DeviceBundle
 from fledger import cli, keytool
 from fledger.broker import free_port
 from ledger import Ledger
@@ -98,11 +102,16 @@ def test_metrics_status_dashboard_and_report_of_a_real_run(embedded_broker: Brok
         client.connect(embedded_broker.host, embedded_broker.port)
         client.loop_start()
         client.publish(f"fledger/{fed.fleet}/update/edge-1", b"not an update", qos=1).wait_for_publish(10)
+        # A genuine device's update for a round long closed: authenticated, so recorded in the ledger.
+        stale = envelope.seal_update(DeviceBundle.load(keytool.bundle_path(fed.keys, "edge-2")), 1,
+                                     encode_tensors({"w": np.zeros(2, np.float32)}), 10, {}, dataset_sha256=bytes(32))
+        client.publish(f"fledger/{fed.fleet}/update/edge-2", stale, qos=1).wait_for_publish(10)
         client.loop_stop()
         client.disconnect()
-        wait_for("the forged update counted",
-                 lambda: value(scrape(metrics_port), "fledger_coordinator_updates_rejected_total",
-                               reason="malformed") == 1, fed)
+        for reason in ("malformed", "stale_round"):
+            wait_for(f"the {reason} update counted",
+                     lambda r=reason: value(scrape(metrics_port), "fledger_coordinator_updates_rejected_total",
+                                            reason=r) == 1, fed)
         wait_for("both devices online",
                  lambda: value(scrape(metrics_port), "fledger_coordinator_devices_online") == 2, fed)
 
@@ -129,6 +138,7 @@ def test_metrics_status_dashboard_and_report_of_a_real_run(embedded_broker: Brok
         dom = run_chromium(dashboard, tmp_path, screenshot=shot, size=(1280, 900), budget_ms=4000)
         page = re.sub(r"<[^>]+>", " ", dom)
         assert "edge-1" in page and "edge-2" in page and "test_mse" in page and "malformed" in page
+        assert "stale_round 1" in page  # in the row of the round open when it was recorded
         shown_round = int(re.search(r'id="round">(\d+)<', dom).group(1))  # type: ignore[union-attr]
         assert shown_round >= 3
         pixels = load_png(shot)
@@ -169,6 +179,8 @@ def test_metrics_status_dashboard_and_report_of_a_real_run(embedded_broker: Brok
     assert made.returncode == 0, made.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [a["round"] for a in aggregates]
+    recorded = [r["rejected"] for r in summary["rounds"]] + [summary["rejected_in_open_round"]]
+    assert sum(r.get("stale_round", 0) for r in recorded) == 1
     for name in ("metric.png", "participation.png", "rejections.png"):
         pixels = load_png(out / name)
         assert pixels.shape[0] >= 300 and pixels.shape[1] >= 600
