@@ -63,6 +63,8 @@ class LedgerLike(Protocol):
     @property
     def head(self) -> Any: ...
 
+    def signed_checkpoint(self) -> str: ...
+
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
@@ -303,6 +305,7 @@ class Coordinator:
             raise StorageError(exc.errno or 5, self.halted) from exc
         self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
         self._publish(self.topics.ledger_head, block.to_bytes(), True)
+        self._publish(self.topics.ledger_checkpoint, self.ledger.signed_checkpoint().encode(), True)
         return block
 
     def publish_model(self) -> None:

@@ -63,6 +63,12 @@ class Topics:
         return f"{self.base}/ledger/head"
 
     @property
+    def ledger_checkpoint(self) -> str:
+        """Retained: the latest tree head as a C2SP tlog-checkpoint signed note (UTF-8 text), for
+        witnesses and monitors using standard transparency tooling (docs/ledger.md)."""
+        return f"{self.base}/ledger/checkpoint"
+
+    @property
     def ledger_replay(self) -> str:
         """Monitors publish ``{"from": N}`` here to have blocks N.. re-sent on ledger/blocks."""
         return f"{self.base}/ledger/replay"

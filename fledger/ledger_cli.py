@@ -1,4 +1,4 @@
-"""``fledger ledger``: verify, show, prove, consistency and follow (a live, independent monitor)."""
+"""``fledger ledger``: verify, show, prove, consistency, checkpoint and follow (a live, independent monitor)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from federation import config as cfg
+from federation import exit_codes
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from ledger import Ledger, ProofError, Replica, ReplicaAlert, format_table, to_json, verify_file
-from ledger.merkle import verify_consistency
+from ledger.checkpoint import (
+    Checkpoint,
+    CheckpointWatch,
+    NoteError,
+    SplitView,
+    open_checkpoint,
+    origin_of,
+    sign_checkpoint,
+)
+from ledger.keys import Ed25519Signer
+from ledger.merkle import HASH_SIZE, check_consistency
 
 log = logging.getLogger("fledger.ledger")
 REPLAY_RETRY_S = 2.0  # a monitor behind asks again at most this often
@@ -60,7 +71,9 @@ def add_parser(sub: Any) -> None:
 
     a = ls.add_parser("show", help="print the blocks as a table (or JSON)")
     a.add_argument("file", type=Path)
-    a.add_argument("--json", action="store_true", help="JSON for machines (bytes as hex)")
+    a.add_argument("--json", action="store_true",
+                   help="JSON for machines: decoded fields with bytes as hex, plus each block's exact encodings "
+                        "body_hex (what its hash is SHA-256 of) and wire_hex (as on the topic and in the file)")
     a.add_argument("--from", dest="start", type=int, default=0, help="first block index (default 0)")
     a.add_argument("--to", dest="end", type=int, default=None, help="last block index, exclusive")
 
@@ -72,18 +85,48 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--device", required=True)
     a.add_argument("--json", action="store_true", help="print the proof as JSON")
 
-    a = ls.add_parser("consistency", help="prove the chain at height NEW extends the chain at height OLD")
+    a = ls.add_parser("consistency", help="prove the chain at height NEW extends the chain at height OLD",
+                      description="Print (JSON, fields in docs/ledger.md) and check the RFC 6962 consistency proof "
+                                  "that the chain at NEW extends the chain at OLD. Give what you recorded before "
+                                  "(--old-root, or the coordinator's signed --old-checkpoint) to detect a rewritten "
+                                  "history. Exit 1 if it does not verify, 2 for a bad request.")
     a.add_argument("file", type=Path)
-    a.add_argument("--old", type=int, required=True, help="height a monitor saw before")
+    old = a.add_mutually_exclusive_group(required=True)
+    old.add_argument("--old", type=int, help="height a monitor saw before (>= 1)")
+    old.add_argument("--old-checkpoint", type=Path, metavar="NOTE",
+                     help="a signed checkpoint note you kept (from the ledger/checkpoint topic or `ledger "
+                          "checkpoint`): its size and root are OLD and the root to check against")
     a.add_argument("--new", type=int, default=None, help="height to compare with (default: current)")
+    a.add_argument("--new-checkpoint", type=Path, metavar="NOTE",
+                   help="a later signed checkpoint note: its size and root are NEW (so two checkpoints the "
+                        "coordinator published can be checked against each other)")
     a.add_argument("--old-root", default=None,
-                   help="the chain root (hex) you recorded at height OLD: the proof is checked against it, "
-                        "which is what detects a rewritten history; without it, against this file's own root")
+                   help="the chain root (64 hex digits) you recorded at height OLD: the proof is checked against "
+                        "it, which is what detects a rewritten history; without it, against this file's own root")
+    a.add_argument("--coordinator-key", help=key_help)
+
+    a = ls.add_parser("checkpoint", help="the chain's signed tree head as a C2SP tlog-checkpoint note",
+                      description="Print the checkpoint (origin, tree size, root) of the chain in FILE: signed with "
+                                  "--key, the note the coordinator publishes on ledger/checkpoint. --verify checks a "
+                                  "published note against this file; --verifier-key prints the key that standard "
+                                  "note tooling needs to check the notes. Exit 1 if a note does not verify.")
+    a.add_argument("file", type=Path)
+    a.add_argument("--size", type=int, default=None, help="tree size (blocks) of the checkpoint (default: all)")
+    a.add_argument("--key", type=Path, default=None,
+                   help="the coordinator's key file (keys/coordinator.json), to sign the note; without it the "
+                        "unsigned checkpoint text is printed")
+    action = a.add_mutually_exclusive_group()
+    action.add_argument("--verify", type=Path, metavar="NOTE", help="check this checkpoint note against the file")
+    action.add_argument("--verifier-key", action="store_true",
+                        help="print the note verifier key <origin>+<key id>+<base64 key> and exit")
+    a.add_argument("--coordinator-key", help=key_help)
 
     a = ls.add_parser("follow", help="subscribe to the ledger topic, keep a verified replica, alert on misbehaviour",
                       description="Independent monitor: replays the chain from the coordinator, verifies every "
                                   "block as it arrives, appends it to a replica file, and exits 2 on a fork, a "
-                                  "rewrite, a bad signature or a gap that is never filled.")
+                                  "rewrite, a bad signature or a gap that is never filled. It also checks the "
+                                  "coordinator's signed checkpoints (ledger/checkpoint) against the replica and exits "
+                                  "1 if one gives another root for the same height (a split view).")
     a.add_argument("--fleet", required=True, help="fleet name")
     a.add_argument("--replica", type=Path, default=None, help="file of verified blocks (msgpack frames, one "
                    "per line of length-prefixed bytes); resumed if present")
@@ -128,20 +171,154 @@ def main(args: argparse.Namespace) -> int:
             print("proof verified" if ok else "PROOF DOES NOT VERIFY")
         return 0 if ok else 1
     if command == "consistency":
-        with Ledger.open(args.file) as ledger:
-            new = ledger.height if args.new is None else args.new
-            path = ledger.consistency_proof(args.old, new)
-            old_root, new_root = ledger.chain_root(args.old), ledger.chain_root(new)
-        recorded = bytes.fromhex(args.old_root) if args.old_root else old_root
-        ok = verify_consistency(args.old, new, recorded, new_root, path)
-        print(json.dumps({"old": args.old, "new": new, "old_root": recorded.hex(), "new_root": new_root.hex(),
-                          "proof": [p.hex() for p in path], "verified": ok,
-                          "checked_against": "the given --old-root" if args.old_root else
-                          "this file's own root at OLD (give --old-root to detect a rewrite)"}, indent=2))
-        return 0 if ok else 1
+        return consistency(args)
+    if command == "checkpoint":
+        return checkpoint(args)
     if command == "follow":
         return follow(args)
     raise ValueError(f"unknown ledger action {command}")
+
+
+def _root_hex(text: str) -> bytes | None:
+    """A recorded root given in hex: exactly 32 bytes, else None."""
+    try:
+        root = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return root if len(root) == HASH_SIZE else None
+
+
+def _open_ledger(args: argparse.Namespace) -> Ledger:
+    return Ledger.open(args.file, trusted_coordinator_key=_trusted_key(args))
+
+
+def _read_checkpoint(ledger: Ledger, path: Path) -> Checkpoint:
+    """A checkpoint note from a file, verified with this ledger's origin and coordinator key."""
+    return open_checkpoint(path.read_bytes(), ledger.origin, ledger.coordinator_key)
+
+
+def _usage(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return exit_codes.USAGE
+
+
+def consistency(args: argparse.Namespace) -> int:
+    """``ledger consistency``: the proof from this file, checked against recorded roots or signed checkpoints."""
+    if args.old_checkpoint and args.old_root is not None:
+        return _usage("give --old-root or --old-checkpoint (which carries its root), not both")
+    recorded = None if args.old_root is None else _root_hex(args.old_root)
+    if args.old_root is not None and recorded is None:
+        return _usage(f"--old-root {args.old_root[:80]!r} is not a root: expected {2 * HASH_SIZE} hex digits")
+    with _open_ledger(args) as ledger:
+        try:
+            old_cp = _read_checkpoint(ledger, args.old_checkpoint) if args.old_checkpoint else None
+            new_cp = _read_checkpoint(ledger, args.new_checkpoint) if args.new_checkpoint else None
+        except NoteError as exc:
+            print(f"CHECKPOINT DOES NOT VERIFY: {exc}", file=sys.stderr)
+            return exit_codes.TAMPERED
+        old = old_cp.size if old_cp else int(args.old)
+        new = new_cp.size if new_cp else ledger.height if args.new is None else args.new
+        if old == 0:
+            return _usage("no consistency proof from height 0: every chain extends the empty one, so there is "
+                          "nothing to prove (RFC 6962 §2.1.2); verify the whole file instead")
+        if not 0 < old <= new <= ledger.height:
+            return _usage(f"need 0 < old ({old}) <= new ({new}) <= this file's height ({ledger.height})")
+        path = ledger.consistency_proof(old, new)
+        file_old_root, file_new_root = ledger.chain_root(old), ledger.chain_root(new)
+    old_root = old_cp.root if old_cp else recorded if recorded is not None else file_old_root
+    new_root = new_cp.root if new_cp else file_new_root
+    try:
+        check_consistency(old, new, old_root, new_root, path)
+        reason = None
+    except ProofError as exc:
+        reason = str(exc)
+    against = ("the signed --old-checkpoint" if old_cp else "the given --old-root" if recorded is not None
+               else "this file's own root at OLD (give --old-root or --old-checkpoint to detect a rewrite)")
+    print(json.dumps({"old": old, "new": new, "old_root": old_root.hex(), "new_root": new_root.hex(),
+                      "proof": [p.hex() for p in path], "verified": reason is None, "reason": reason,
+                      "checked_against": against, "file_matches_old": file_old_root == old_root,
+                      "file_matches_new": file_new_root == new_root}, indent=2))
+    return exit_codes.OK if reason is None else exit_codes.TAMPERED
+
+
+def checkpoint(args: argparse.Namespace) -> int:
+    """``ledger checkpoint``: print (signed with --key), verify, or name the key of the chain's checkpoints."""
+    with _open_ledger(args) as ledger:
+        if args.verifier_key:
+            print(ledger.verifier_key())
+            return exit_codes.OK
+        if args.verify:
+            try:
+                cp = _read_checkpoint(ledger, args.verify)
+            except NoteError as exc:
+                print(f"CHECKPOINT DOES NOT VERIFY: {exc}", file=sys.stderr)
+                return exit_codes.TAMPERED
+            if cp.size > ledger.height:
+                print(f"checkpoint verified, but it is at size {cp.size} and this file has only {ledger.height} "
+                      "blocks: fetch a newer copy to compare", file=sys.stderr)
+                return exit_codes.STATE
+            mine = ledger.chain_root(cp.size)
+            if mine != cp.root:
+                print(f"DIFFERENT HISTORIES: the signed checkpoint's root at size {cp.size} is {cp.root.hex()}, "
+                      f"this file's is {mine.hex()}", file=sys.stderr)
+                return exit_codes.TAMPERED
+            print(f"checkpoint verified: {cp.origin}, size {cp.size}, root {cp.root.hex()} matches this file")
+            return exit_codes.OK
+        size = ledger.height if args.size is None else args.size
+        if not 0 < size <= ledger.height:
+            return _usage(f"--size must be 1..{ledger.height}")
+        cp = ledger.checkpoint(size)
+        if args.key is None:
+            print(cp.text(), end="")
+            print("(unsigned: give --key with the coordinator's key file to sign it)", file=sys.stderr)
+            return exit_codes.OK
+        from federation.keys import CoordinatorKeys
+
+        signer = Ed25519Signer(CoordinatorKeys.load(args.key).sign_seed)
+        if signer.public_key != ledger.coordinator_key:
+            return _usage(f"{args.key} is not this ledger's coordinator key")
+        print(sign_checkpoint(cp, signer), end="")
+        return exit_codes.OK
+
+
+class FollowedCheckpoints:
+    """``follow``'s check of the coordinator's signed checkpoints (ledger/checkpoint) against the
+    replica's verified blocks: a note not signed by the coordinator is ignored (anyone may publish
+    on a broker without ACLs); a signed one whose root is not the replica's raises SplitView."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.watch: CheckpointWatch | None = None
+        self.early: bytes | None = None  # the newest note that came before the genesis block
+
+    def _ready(self) -> CheckpointWatch | None:
+        if self.watch is None and self.replica.height:
+            state = self.replica.state
+            self.watch = CheckpointWatch(origin_of(state.fleet, self.replica.hashes[0]),
+                                         state.keyring[state.coordinator_key_id])
+        return self.watch
+
+    def note(self, raw: bytes) -> None:
+        watch = self._ready()
+        if watch is None:
+            self.early = raw
+            return
+        try:
+            checkpoint = watch.note(raw, self.replica.hashes)
+        except NoteError as exc:
+            log.warning("ignored a checkpoint not signed by the coordinator: %s", exc)
+            return
+        log.debug("checkpoint at size %d received", checkpoint.size)
+
+    def blocks(self) -> None:
+        watch = self._ready()
+        if watch is None:
+            return
+        if self.early is not None:
+            raw, self.early = self.early, None
+            self.note(raw)
+        for checkpoint in watch.blocks(self.replica.hashes):
+            log.info("checkpoint at size %d matches the replica", checkpoint.size)
 
 
 class ReplicaFile:
@@ -181,6 +358,7 @@ def follow(args: argparse.Namespace) -> int:
     broker = cfg.load(BrokerConfig, args, section="monitor")
     topics = Topics(args.fleet, broker.topic_prefix)
     replica = Replica(_trusted_key(args))
+    checkpoints = FollowedCheckpoints(replica)
     store = ReplicaFile(args.replica)
     try:
         for raw in store.load():
@@ -197,7 +375,7 @@ def follow(args: argparse.Namespace) -> int:
         return 2
     log.info("replica at height %d; following %s", replica.height, topics.ledger_blocks)
     link = MqttLink(broker, args.client_id or f"fledger-monitor-{args.fleet}",
-                    subscriptions=[topics.ledger_blocks, topics.ledger_head])
+                    subscriptions=[topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint])
     link.start(timeout=60)
     started = time.monotonic()
     last_request = 0.0  # of a request for more: the first one below does not hold them back
@@ -230,11 +408,19 @@ def follow(args: argparse.Namespace) -> int:
                 if replica.missing() is not None:
                     request_more()
                 continue
-            if message.topic not in (topics.ledger_blocks, topics.ledger_head):
+            if message.topic not in (topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint):
                 continue
             try:
                 before = replica.height
+                if message.topic == topics.ledger_checkpoint:
+                    checkpoints.note(message.payload)
+                    continue
                 event = replica.ingest(message.payload)
+                checkpoints.blocks()
+            except SplitView as alert:
+                log.error("ALERT: split view: %s", alert)
+                print(f"ALERT: split view: {alert}", file=sys.stderr)
+                return exit_codes.TAMPERED
             except (ReplicaAlert, ValueError) as alert:
                 log.error("ALERT: %s", alert)
                 print(f"ALERT: {alert}", file=sys.stderr)

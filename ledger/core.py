@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger import checkpoint as checkpoints
 from ledger import merkle, records, storage
 from ledger.block import Block, BlockFormatError, make_block
 from ledger.keys import Keyring, Signer, Verifier
@@ -119,6 +120,9 @@ class Ledger:
         self._now = now
         self._lock = threading.RLock()
         self._chain_leaves = [merkle.leaf_hash(b.hash) for b in blocks]
+        self._frontier = merkle.Frontier()  # the chain root in O(log n) per append, for checkpoints
+        for leaf in self._chain_leaves:
+            self._frontier.append(leaf)
 
     @classmethod
     def open(cls, path: str | Path, signer: Signer | None = None, keyring: Keyring | None = None,
@@ -216,6 +220,7 @@ class Ledger:
         self._state.apply(block)
         self._blocks.append(block)
         self._chain_leaves.append(merkle.leaf_hash(block.hash))
+        self._frontier.append(self._chain_leaves[-1])
         return block
 
     def sync(self) -> None:
@@ -290,18 +295,43 @@ class Ledger:
 
     def chain_root(self, size: int | None = None) -> bytes:
         """RFC 6962 root over the hashes of the first ``size`` blocks (default: all)."""
-        leaves = self._chain_leaves[: len(self._chain_leaves) if size is None else size]
-        if size is not None and not 0 <= size <= len(self._chain_leaves):
-            raise ValueError(f"size {size} not in 0..{len(self._chain_leaves)}")
-        return merkle.root(leaves)
+        with self._lock:
+            if size is None or size == self._frontier.size:
+                return self._frontier.root()
+            if not 0 <= size <= len(self._chain_leaves):
+                raise ValueError(f"size {size} not in 0..{len(self._chain_leaves)}")
+            return merkle.root(self._chain_leaves[:size])
 
     def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
-        """RFC 6962 proof that the chain at height ``new_size`` extends the chain at ``old_size``."""
-        new_size = len(self._chain_leaves) if new_size is None else new_size
-        if not 0 <= old_size <= new_size <= len(self._chain_leaves):
-            raise ValueError(f"need 0 <= old {old_size} <= new {new_size} <= height {len(self._chain_leaves)}")
-        return merkle.consistency_proof(self._chain_leaves[:new_size], old_size)
+        """RFC 6962 proof that the chain at height ``new_size`` extends the chain at ``old_size``
+        (0 < old_size <= new_size <= height; :class:`ProofError` otherwise)."""
+        with self._lock:
+            new_size = len(self._chain_leaves) if new_size is None else new_size
+            if not 0 < old_size <= new_size <= len(self._chain_leaves):
+                raise ProofError(f"need 0 < old {old_size} <= new {new_size} <= height {len(self._chain_leaves)}")
+            return merkle.consistency_proof(self._chain_leaves[:new_size], old_size)
 
+    # -- checkpoints (C2SP tlog-checkpoint signed notes) ----------------------------------------------
+    @property
+    def origin(self) -> str:
+        """The log's name in its checkpoints: ``fledger/<fleet>/<first 8 bytes of the genesis hash, hex>``."""
+        return checkpoints.origin_of(self.fleet, self._blocks[0].hash)
+
+    def checkpoint(self, size: int | None = None) -> checkpoints.Checkpoint:
+        """The (unsigned) tree head of the chain at height ``size`` (default: now)."""
+        with self._lock:
+            size = len(self._blocks) if size is None else size
+            return checkpoints.Checkpoint(self.origin, size, self.chain_root(size))
+
+    def signed_checkpoint(self) -> str:
+        """The current tree head as a signed note, signed by the writer's coordinator key."""
+        if self._signer is None:
+            raise LedgerError(f"{self.path} is open read-only: no key to sign a checkpoint")
+        return checkpoints.sign_checkpoint(self.checkpoint(), self._signer)
+
+    def verifier_key(self) -> str:
+        """The note verifier key (``<origin>+<key id>+<base64 key>``) that checks this ledger's checkpoints."""
+        return checkpoints.verifier_key(self.origin, self.coordinator_key)
 
 def chain_root_of(blocks: list[Block]) -> bytes:
     """Chain-level tree root over block hashes (what :meth:`Ledger.chain_root` computes)."""

@@ -21,8 +21,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def block_to_json_dict(block: Block) -> dict[str, Any]:
-    """A block as JSON-ready values (bytes as hex; a statement is decoded alongside)."""
+    """A block as JSON-ready values (bytes as hex; a statement is decoded alongside), with its exact
+    encodings: ``body_hex`` (the canonical bytes its hash is SHA-256 of) and ``wire_hex``
+    (:meth:`Block.to_bytes`, as on the MQTT topic and in the file's frames). The decoded fields
+    are a convenience; the bytes are what verifies."""
     out = _jsonable(block.to_dict())
+    out["body_hex"] = block.body.hex()
+    out["wire_hex"] = block.to_bytes().hex()
     statement = block.data.get("statement")
     if block.type == "update" and isinstance(statement, bytes):
         try:

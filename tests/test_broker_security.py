@@ -277,6 +277,7 @@ def drain(client: Client, quiet: float = 0.3) -> None:
 
 @pytest.mark.parametrize("topic", [
     TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head,
+    TOPICS.ledger_checkpoint,
 ])
 def test_only_the_coordinator_publishes_model_status_and_ledger(secure_broker: SecureBroker, topic: str) -> None:
     """Above all, nobody else can overwrite the retained global model that every device loads."""

@@ -369,10 +369,12 @@ def test_round_proof_for_device_outside_round(tmp_path: Path) -> None:
 def test_chain_consistency_between_heights(tmp_path: Path) -> None:
     ledger = build(tmp_path / "l", rounds=3)
     n = ledger.height
-    for old in range(0, n + 1):
+    for old in range(1, n + 1):
         old_root = ledger.chain_root(old)
         proof = ledger.consistency_proof(old)
         assert verify_consistency(old, n, old_root, ledger.chain_root(), proof)
+    with pytest.raises(ProofError):  # nothing to prove from the empty chain (RFC 6962 §2.1.2)
+        ledger.consistency_proof(0)
     # a rewritten history is not consistent
     other = build(tmp_path / "m", rounds=3, start=1.8e9)  # different timestamps -> different hashes
     assert not verify_consistency(5, n, other.chain_root(5), ledger.chain_root(), ledger.consistency_proof(5))

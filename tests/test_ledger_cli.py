@@ -95,8 +95,9 @@ def _follower(broker: BrokerInfo, copy: Path, *extra: str) -> subprocess.Popen[s
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: bytes) -> tuple[str, str]:
-    """Once the follower is connected, publish one block as the coordinator would; its output."""
+def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: bytes,
+                topic: str = TOPICS.ledger_blocks) -> tuple[str, str]:
+    """Once the follower is connected, publish one block (or another payload on ``topic``); its output."""
     publisher = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port), "test-block-publisher")
     publisher.start(timeout=20)
     try:
@@ -105,7 +106,7 @@ def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: byte
         # send it again every second until the follower is done (a duplicate is harmless).
         deadline = time.monotonic() + 60
         while follower.poll() is None and time.monotonic() < deadline:
-            publisher.publish(TOPICS.ledger_blocks, block, wait=10)
+            publisher.publish(topic, block, wait=10)
             time.sleep(1.0)
         return follower.communicate(timeout=30)
     finally:
