@@ -19,11 +19,13 @@ from typing import Any
 
 from coordinator import restore, state_check, state_guard
 from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
+from coordinator.dashboard import DashboardConfig
+from coordinator.observe import Observatory
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.restore import RestoreError
 from coordinator.rounds import RoundPolicy
-from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
+from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.state_check import StateRefused
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
@@ -32,6 +34,7 @@ from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
 from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
+from federation.observability import MetricsConfig
 from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, Ledger, LedgerCorrupt
@@ -43,7 +46,7 @@ DEFAULT_REPLAY_BATCH = 10_000  # ledger blocks per replay request: bounded, the 
 
 
 @dataclass
-class CoordinatorConfig(BrokerConfig):
+class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
     fleet: str = setting("demo", "fleet name (a topic level; letters, digits, '_' and '-')")
     state_dir: Path = setting(Path("state/coordinator"), "directory for ledger, models and spool")
     keys: Path = setting(Path("keys/coordinator.json"), "coordinator key file (from `fledger keys init`)")
@@ -210,7 +213,10 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         log.error("start refused: %s", exc)
         return exit_codes.STATE
     try:
-        return _run_locked(config, keys, stop or threading.Event())
+        topics = Topics(config.fleet, config.topic_prefix)
+        with Observatory(topics, task=config.task, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
+                         dashboard_host=config.dashboard_host, dashboard_port=config.dashboard_port) as observatory:
+            return _run_locked(config, keys, observatory, stop or threading.Event())
     except (StateRefused, LedgerCorrupt) as exc:
         log.error("start refused: %s", exc)
         return exit_codes.STATE
@@ -218,7 +224,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         os.close(lock)
 
 
-def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threading.Event) -> int:
+def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: Observatory,
+                 stop: threading.Event) -> int:
     state_dir = Path(config.state_dir)
     coordinator_key = ed25519_public(keys.sign_seed)
     heads = [h for h in [state_guard.read_checkpoint(state_dir, coordinator_key)] if h is not None]
@@ -247,6 +254,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
     first_model = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
+        observatory.published(topic, payload)
         if topic == topics.model:
             # The model may exceed the broker's payload limit: chunked; stale chunks of a model
             # published before a restart are cleared on the first publish.
@@ -271,6 +279,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
         return 0  # stopped while connecting
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
     coordinator = build_coordinator(config, publish, ledger=ledger)
+    observatory.catch_up(coordinator.ledger)
     try:
         coordinator.start()
     except StorageError as exc:  # a missing or damaged model or spool file the ledger names
@@ -295,7 +304,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, stop: threadin
                     coordinator.publish_status()
                     coordinator.publish_acks()
                 if message is not None:
-                    _dispatch(coordinator, link, topics, message.topic, message.payload, replay)
+                    kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay)
+                    observatory.outcome(kind, outcome, message.received)
             except Exception:  # one bad message or a bug must not end the daemon
                 log.exception("unexpected error handling a message; continuing")
             try:  # apart from message handling, so that no stream of messages can starve it
@@ -363,18 +373,20 @@ def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes,
-              replay: ReplayLimiter) -> None:
+              replay: ReplayLimiter) -> tuple[str, Outcome | None]:
+    """Hand one message to the coordinator; returns what kind it was and the Outcome if any."""
     device = topics.device_of(topic)
     if device and topic == topics.update(device):
-        coordinator.handle_update(topic, payload)
-    elif device and topic == topics.register(device):
-        coordinator.handle_registration(topic, payload)
-    elif device and topic == topics.presence(device):
+        return "update", coordinator.handle_update(topic, payload)
+    if device and topic == topics.register(device):
+        return "registration", coordinator.handle_registration(topic, payload)
+    if device and topic == topics.presence(device):
         if coordinator.handle_presence(topic, payload):
             coordinator.publish_status()
     elif (requester := topics.replay_requester_of(topic)) is not None:
         _replay(coordinator, link, topics, requester, payload, replay)
     # anything else (amqtt hands out retained messages of other topics) is ignored
+    return "other", None
 
 
 def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, requester: str, payload: bytes,

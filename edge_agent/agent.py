@@ -21,6 +21,7 @@ import torch
 
 from edge_agent import chain_pin
 from edge_agent.chain_pin import ChainPin
+from edge_agent.metrics import NO_EVENTS, AgentEvents
 from edge_agent.outbox import Outbox
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
@@ -107,6 +108,7 @@ class EdgeAgent:
         self._last_chain_error = float("-inf")
         self._stop: Callable[[], bool] = lambda: False
         self._alive: Callable[[], None] = lambda: None
+        self.events: AgentEvents = NO_EVENTS  # metrics (edge_agent.metrics), when switched on
 
     # -- inbound ---------------------------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
@@ -263,6 +265,7 @@ class EdgeAgent:
                                        result.num_samples, metrics, dataset_sha256=self.dataset.sha256)
         self.outbox.put(round_number, payload)  # durable before it is sent
         self.trained_rounds.append(round_number)
+        self.events.trained(round_number, result.seconds, result.num_samples, result.train_loss)
         self.last_trained_round = round_number
         atomic_write(self._last_round_file, str(round_number).encode())  # fsynced: survives a power cut
         log.info("round %d: trained on %d samples in %.1fs, loss %.4f, %s", round_number, result.num_samples,
@@ -284,9 +287,10 @@ class EdgeAgent:
         if self._stop():
             raise TrainingStopped()
 
-    def _send(self, round_number: int, payload: bytes) -> None:
+    def _send(self, round_number: int, payload: bytes, *, resend: bool = False) -> None:
         self.link.publish(self.topics.update(self.bundle.device_id), payload, qos=1, chunked=True)
         self._last_send[round_number] = self._now()
+        self.events.sent(round_number, resend=resend)
 
     def _resend_if_needed(self, round_number: int) -> None:
         payload = self.outbox.get(round_number)
@@ -295,10 +299,12 @@ class EdgeAgent:
         verdict = self._verdict(round_number, payload)
         if verdict == ACCEPTED:
             self.outbox.remove(round_number)
+            self.events.acknowledged(round_number)
             log.info("round %d: the coordinator accepted our update", round_number)
             return
         if verdict is not None and verdict in FINAL_REASONS:
             self.outbox.remove(round_number)
+            self.events.rejected(round_number, verdict)
             log.warning("round %d: the coordinator did not count our update: %s (%s); dropped it", round_number,
                         verdict, EXPLANATIONS.get(verdict, "sending it again cannot help"))
             return
@@ -306,13 +312,14 @@ class EdgeAgent:
             self.registration_pending = True
         if verdict is not None and (self._outbox_msg_ids[round_number], verdict) not in self._told:
             self._told.add((self._outbox_msg_ids[round_number], verdict))
+            self.events.rejected(round_number, verdict)
             log.warning("round %d: the coordinator did not count our update yet: %s (%s); will send it again",
                         round_number, verdict, EXPLANATIONS.get(verdict, "it may be temporary"))
         last = self._last_send.get(round_number)
         if last is None or self._now() - last >= self.settings.resend_interval_s:
             if last is not None:
                 log.info("round %d: no acknowledgement yet; resending our update", round_number)
-            self._send(round_number, payload)
+            self._send(round_number, payload, resend=True)
 
     def _drop_closed_rounds(self, open_round: int) -> None:
         """Remove updates for rounds that have closed. One the coordinator did not count is

@@ -9,11 +9,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.metrics import NO_EVENTS, AgentEvents, AgentMetrics
 from edge_agent.presence import PresenceSession
 from federation import exit_codes
 from federation.config import ConfigError, setting
 from federation.keys import DeviceBundle
 from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
+from federation.observability import Endpoints, MetricsConfig, serve_metrics
 from federation.systemd import Notifier
 from federation.topics import Topics
 
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class AgentConfig(BrokerConfig):
+class AgentConfig(MetricsConfig, BrokerConfig):
     bundle: Path = setting(Path("keys/device.json"), "this device's key bundle (from `fledger keys add-device`)")
     task: str = setting("california", "task: california, mnist, or csv (your own file, see --data)")
     data: Path | None = setting(None, "for task csv: path of the local CSV file")
@@ -85,17 +87,25 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, _on_sighup)
+    endpoints = Endpoints()
+    events = _metrics(config, bundle.fleet, bundle.device_id, task.name, endpoints)  # a bad port fails before MQTT
     # Our own heartbeat is the echo: when not even it comes back, the path is dead.
     link.watch(topics.presence(bundle.device_id), LIVENESS_PERIODS * config.heartbeat)
     notifier = Notifier()
-    if not link.start(timeout=120, stop=stop):
-        return 0  # stopped while connecting
+    try:
+        if not link.start(timeout=120, stop=stop):
+            endpoints.stop()
+            return 0  # stopped while connecting
+    except BaseException:
+        endpoints.stop()
+        raise
     agent = EdgeAgent(bundle, task, data, link, topics, state_dir,
                       AgentSettings(resend_interval_s=config.resend_interval, heartbeat_s=config.heartbeat,
                                     exit_when_done=config.exit_when_done, seed=config.seed,
                                     accept_reset=config.accept_reset),
                       dataset=dataset, register=True, presence=presence)
     notifier.ready(f"device {bundle.device_id}: connected, {len(agent.outbox.rounds())} updates in the outbox")
+    agent.events = events
     try:
         agent.run(stop=lambda: stop.is_set() or link.failed is not None, alive=notifier.alive)
         notifier.stopping()
@@ -105,6 +115,7 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
                          wait=2 if link.connected.is_set() else None)
     finally:
         link.stop(timeout=2)
+        endpoints.stop()
     log.info("device %s: stopped after rounds %s", bundle.device_id, agent.trained_rounds)
     if link.failed is not None:
         log.error("device %s: stopped because the MQTT link gave up (see above)", bundle.device_id)
@@ -115,3 +126,12 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
 def _on_sighup(signum: int, frame: object) -> None:
     # `systemctl reload` must never kill a device (Python's default for SIGHUP is to die).
     log.info("SIGHUP: the agent has nothing to reload; restart it to apply changed settings")
+
+
+def _metrics(config: AgentConfig, fleet: str, device: str, task: str, endpoints: Endpoints) -> AgentEvents:
+    """Prometheus metrics on --metrics-port, or nothing."""
+    if not config.metrics_port:
+        return NO_EVENTS
+    metrics = AgentMetrics(fleet, device, task)
+    endpoints.add(serve_metrics(metrics.registry, config.metrics_host, config.metrics_port))
+    return metrics
