@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.prediction_daemon import (
+    build_prediction_service,
+    dispatch_prediction,
+    is_prediction_topic,
+    prediction_subscriptions,
+)
 from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate
@@ -59,6 +65,15 @@ class CoordinatorConfig(BrokerConfig):
                                                       "(it asks again for the rest)")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
+    clients: Path = setting(Path("keys/clients.json"), "prediction client registry (`fledger keys add-client`); "
+                                                       "re-read every 2 s and on SIGHUP")
+    predict_fee: int = setting(1, "fee of a prediction in the smallest unit (integer), see --predict-fee-per")
+    predict_fee_per: str = setting("request", "charge the fee per 'request' or per 'row'")
+    predict_max_rows: int = setting(1024, "most rows (or images) in one prediction request")
+    predict_max_bytes: int = setting(1 << 20, "largest prediction request accepted, checked before decoding")
+    predict_scaler: Path | None = setting(None, "an agent's scaler.json: maps prediction inputs and outputs to "
+                                                "original units (required for task csv; california's is "
+                                                "computed from the vendored data)")
 
 
 def round_policy(config: CoordinatorConfig) -> RoundPolicy:
@@ -128,7 +143,8 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     # Reassemble no chunked message larger than the largest update we would accept anyway.
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, config.client_id or f"fledger-coordinator-{config.fleet}",
-                    subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replay])
+                    subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replay,
+                                   *prediction_subscriptions(topics)])
     first_model = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
@@ -149,6 +165,12 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
     coordinator = build_coordinator(config, publish)
     coordinator.start()
+    clients_file = RegistryFile(config.clients)
+
+    def publish_reply(topic: str, payload: bytes) -> None:
+        link.publish(topic, payload, chunked=True)  # a large reply (many rows) is chunked like a model
+
+    predictions = build_prediction_service(config, coordinator, publish_reply)
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     try:
@@ -164,7 +186,9 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     coordinator.publish_model()
                     coordinator.publish_status()
                     coordinator.publish_acks()
-                if message is not None:
+                if message is not None and is_prediction_topic(topics, message.topic):
+                    dispatch_prediction(predictions, topics, message.topic, message.payload)
+                elif message is not None:
                     _dispatch(coordinator, link, topics, message.topic, message.payload,
                               replay_batch=config.replay_batch)
             except Exception:  # one bad message or a bug must not end the daemon
@@ -188,6 +212,11 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                             registry_file.refused(f"{type(exc).__name__}: {exc}")
                         else:
                             registry_file.adopted()
+                    clients = clients_file.changed()
+                    if clients is not None:
+                        predictions.clients = clients
+                        clients_file.adopted()
+                        log.info("prediction clients reloaded: %d", len(clients.devices))
             except Exception:  # a bug must not end the daemon
                 log.exception("unexpected error in the coordinator's periodic work; continuing")
             if coordinator.done:
