@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         cfg.add_arguments(p, config_cls)
         p.set_defaults(func=func)
 
-    from fledger import keytool, ledger_cli
+    from fledger import credits_cli, keytool, ledger_cli
 
     keytool.add_parser(sub)
     ledger_cli.add_parser(sub)
+    credits_cli.add_parser(sub)
 
     from fledger import demo, predict
 
