@@ -20,9 +20,9 @@ from typing import Any
 
 from coordinator.prediction_daemon import (
     build_prediction_service,
-    dispatch_prediction,
     is_prediction_topic,
     prediction_subscriptions,
+    take_batch,
 )
 from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
@@ -170,7 +170,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     def publish_reply(topic: str, payload: bytes) -> None:
         link.publish(topic, payload, chunked=True)  # a large reply (many rows) is chunked like a model
 
-    predictions = build_prediction_service(config, coordinator, publish_reply)
+    predictions = build_prediction_service(config, coordinator, publish_reply, publish)
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     try:
@@ -186,9 +186,10 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
                     coordinator.publish_model()
                     coordinator.publish_status()
                     coordinator.publish_acks()
-                if message is not None and is_prediction_topic(topics, message.topic):
-                    dispatch_prediction(predictions, topics, message.topic, message.payload)
-                elif message is not None:
+                if message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
+                    batch, message = take_batch(message, link.inbox, topics)
+                    predictions.handle_batch([(m.topic, m.payload) for m in batch])
+                if message is not None:
                     _dispatch(coordinator, link, topics, message.topic, message.payload,
                               replay_batch=config.replay_batch)
             except Exception:  # one bad message or a bug must not end the daemon

@@ -7,6 +7,9 @@ so a restart recomputes exactly the balances the ledger implies.
 
 Order for an answered request (the commit point is the receipt):
 checks -> prediction computed -> receipt block appended (fsync) -> reply published.
+:meth:`PredictionService.handle_batch` answers several queued requests with one fsync (group
+commit): their receipts are appended, synced together, and only then are the ledger blocks
+announced and the replies published.
 A crash before the receipt charges nothing and answers nothing; after it, the client can ask
 again with the same request id and gets the receipt (never a second charge).
 
@@ -17,12 +20,14 @@ decryption, shape and row count, balance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +42,8 @@ from ledger import credits
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
-Append = Callable[[dict[str, Any]], Any]  # appends a record durably, returns the block
+Append = Callable[[dict[str, Any]], Any]  # appends a record (durably, unless in a group commit), returns the block
+GroupCommit = Callable[[], AbstractContextManager[Any]]
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,8 @@ class PredictionService:
     def __init__(self, settings: PredictionSettings, keys: CoordinatorKeys, clients: DeviceRegistry,
                  blocks: Iterable[Any], *, append: Append, model: Callable[[], CurrentModel],
                  predictor: Predictor | None, publish: Publish, topics: Topics,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, group_commit: GroupCommit = contextlib.nullcontext,
+                 announce: Callable[[Any], None] = lambda block: None) -> None:
         self.settings = settings
         self.keys = keys
         self.clients = clients
@@ -93,6 +100,40 @@ class PredictionService:
         self.rejections: Counter[str] = Counter()
         self.answered = 0
         self._replies: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+        self._group_commit = group_commit
+        self._announce = announce  # tells followers of the ledger about a block, once it is durable
+        self._held: list[tuple[str, bytes]] | None = None  # replies held back until the group commit
+        self._new_blocks: list[Any] = []
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        if self._held is not None:
+            self._held.append((topic, payload))
+        else:
+            self._publish(topic, payload)
+
+    def _record(self, record: dict[str, Any]) -> Any:
+        block = self._append(record)
+        if self._held is not None:
+            self._new_blocks.append(block)
+        else:
+            self._announce(block)
+        return block
+
+    def handle_batch(self, messages: Iterable[tuple[str, bytes]]) -> list[Outcome | dict[str, Any]]:
+        """Requests and orders, answered in order with one fsync for all their records."""
+        self._held, self._new_blocks = [], []
+        held, blocks = self._held, self._new_blocks
+        try:
+            with self._group_commit():
+                results = [self.handle_order(payload) if topic == wire.order_topic(self.topics)
+                           else self.handle_request(topic, payload) for topic, payload in messages]
+        finally:
+            self._held, self._new_blocks = None, []
+        for block in blocks:  # durable now
+            self._announce(block)
+        for topic, payload in held:
+            self._publish(topic, payload)
+        return results
 
     # -- requests --------------------------------------------------------------------------------
     def handle_request(self, topic: str, payload: bytes) -> Outcome:
@@ -104,8 +145,8 @@ class PredictionService:
         except _Refusal as refusal:
             self.rejections[refusal.reason] += 1
             log.warning("refused a prediction request from %s: %s: %s", client, refusal.reason, refusal.detail)
-            self._publish(wire.reply_topic(self.topics, client),
-                          wire.seal_refusal(self.keys, client, refusal.request_id, refusal.reason, refusal.detail,
+            self._send(wire.reply_topic(self.topics, client),
+                       wire.seal_refusal(self.keys, client, refusal.request_id, refusal.reason, refusal.detail,
                                             balance=refusal.balance, now=self._now()))
             return Outcome(refusal.reason, client)
 
@@ -135,7 +176,7 @@ class PredictionService:
             self.rejections["duplicate"] += 1
             cached = self._replies.get(key)
             if cached is not None:  # the same reply again: the same receipt, no second charge
-                self._publish(wire.reply_topic(self.topics, client), cached)
+                self._send(wire.reply_topic(self.topics, client), cached)
             else:
                 raise _Refusal("duplicate", f"request already answered and charged, receipt in ledger block "
                                             f"{self.accounts.charged[key]}", request_id)
@@ -172,7 +213,7 @@ class PredictionService:
         record = credits.receipt(client, request_id, rows, fee, model.round, model.sha256, sealed.digest,
                                  _sha256(encoded))
         self.accounts.check(record, fleet=self.keys.fleet)  # the ledger checks again on append
-        block = self._append(record)  # durable before anyone sees the answer
+        block = self._record(record)  # durable before anyone sees the answer
         self.accounts.apply(record, block.index)
         reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
                                  balance=self.accounts.balance(client), output=predictor.output, now=self._now())
@@ -180,7 +221,7 @@ class PredictionService:
         while len(self._replies) > settings.reply_cache:
             self._replies.popitem(last=False)
         self.answered += 1
-        self._publish(wire.reply_topic(self.topics, client), reply)
+        self._send(wire.reply_topic(self.topics, client), reply)
         return Outcome("ok", client, fee)
 
     # -- the owner's orders ----------------------------------------------------------------------
@@ -204,14 +245,14 @@ class PredictionService:
             log.warning("refused an owner's order: %s", exc)
             body.update(ok=False, reason=str(exc))
         else:
-            block = self._append(record)
+            block = self._record(record)
             self.accounts.apply(record, block.index)
             log.info("recorded %s of %d%s in ledger block %d", record["type"], record["amount"],
                      f" for {record['client']}" if "client" in record else "", block.index)
             body.update(ok=True, block_index=block.index, block_hash=block.hash.hex(), held=self.accounts.held)
             if "client" in record:
                 body.update(client=record["client"], balance=self.accounts.balance(record["client"]))
-        self._publish(wire.order_reply_topic(self.topics), wire.seal_order_reply(self.keys, body))
+        self._send(wire.order_reply_topic(self.topics), wire.seal_order_reply(self.keys, body))
         return body
 
 

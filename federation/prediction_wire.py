@@ -14,8 +14,8 @@ Reply (coordinator -> client, on ``.../predict/<client>/reply``): ``fmt``
 ``fledger.predict.reply``, a header signed by the coordinator (REPLY_CONTEXT + hdr) naming the
 request id, status (``ok`` or ``refused`` with a reason), and for ``ok`` the model round and
 hash, fee, balance after it, the SHA-256 of the predictions and the receipt block; the
-predictions are encrypted with a second key from the same X25519 exchange (only the requester
-can read them); ``block`` is the coordinator-signed ledger block of the receipt, which records
+predictions are encrypted with a second key derived (HKDF) from the request's key (only the
+requester can read them); ``block`` is the coordinator-signed ledger block of the receipt, which records
 the same reply digest: the reply is bound to the receipt and the receipt to the chain.
 
 Owner orders (``fledger credits deposit|withdraw``, on ``<prefix>/<fleet>/credits/order``):
@@ -34,6 +34,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from Crypto.Hash import SHA256
+from Crypto.Protocol.KDF import HKDF
 
 from federation import crypto
 from federation.codec import CodecError, decode_tensors, encode_tensors
@@ -194,8 +196,15 @@ def seal_request(bundle: ClientBundle, inputs: np.ndarray, *, now: float | None 
     payload = _pack({"fmt": REQUEST_FORMAT, "v": ENVELOPE_VERSION, "hdr": header_bytes,
                      "sig": crypto.ed25519_sign(bundle.sign_seed, REQUEST_CONTEXT + header_bytes),
                      "ct": ciphertext, "tag": tag})
-    reply_key = crypto.x25519_shared_key(eph_seed, bundle.coordinator.enc_public, request_id, REPLY_KDF)
-    return PendingRequest(request_id, reply_key, payload)
+    return PendingRequest(request_id, _reply_key(key, request_id), payload)
+
+
+def _reply_key(request_key: bytes, request_id: bytes) -> bytes:
+    """The reply's AES key: HKDF-SHA256 of the request's key under another context (one X25519
+    exchange per request, the costliest step of admission; two keys that cannot be confused)."""
+    key = HKDF(request_key, crypto.KEY_BYTES, request_id, SHA256, context=REPLY_KDF)
+    assert isinstance(key, bytes)
+    return key
 
 
 def parse_request(data: bytes, *, max_bytes: int) -> SealedRequest:
@@ -235,7 +244,7 @@ def decrypt_request(sealed: SealedRequest, keys: CoordinatorKeys, *, max_bytes: 
     try:
         key = crypto.x25519_shared_key(keys.enc_seed, header.epk, header.request_id, REQUEST_KDF)
         plaintext = crypto.aes_gcm_decrypt(key, header.iv, sealed.ciphertext, sealed.tag, sealed.header_bytes)
-        reply_key = crypto.x25519_shared_key(keys.enc_seed, header.epk, header.request_id, REPLY_KDF)
+        reply_key = _reply_key(key, header.request_id)
     except crypto.CryptoError as exc:
         raise EnvelopeError("decrypt_failed", str(exc)) from exc
     if hashlib.sha256(plaintext).digest() != header.inputs_sha256:

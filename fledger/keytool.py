@@ -241,7 +241,9 @@ def _main(args: argparse.Namespace) -> int:
     elif args.keys_command == "add-client":
         path, key_id = add_client(directory, args.client)
         print(f"client {args.client}: bundle {path} (key id {key_id}); give it to the client only. The owner "
-              f"credits it with `fledger credits deposit {args.client} AMOUNT`")
+              f"credits it with `fledger credits deposit {args.client} AMOUNT`. For mosquitto's acl_file:\n"
+              f"user {args.client}\ntopic write fledger/+/predict/{args.client}/request\n"
+              f"topic read fledger/+/predict/{args.client}/reply")
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "

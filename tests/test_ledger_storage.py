@@ -348,3 +348,21 @@ def test_sigkill_during_appends_loses_nothing_acknowledged(tmp_path: Path, caplo
     assert len(acknowledged) > 20
     torn = sum("torn tail" in r.getMessage() for r in caplog.records)
     print(f"{len(acknowledged)} acknowledged blocks over 6 kills; {torn} torn tails truncated")
+
+
+def test_group_commit_syncs_once_at_the_end(tmp_path: Path) -> None:
+    from ledger import Ed25519Signer, Ledger
+
+    ledger = Ledger.open(tmp_path / "l.log", signer=Ed25519Signer(bytes(32)), fleet="f")
+    file = ledger._file
+    assert file is not None
+    syncs: list[int] = []
+    original = file.sync
+    file.sync = lambda: (syncs.append(file._unsynced), original())  # type: ignore[method-assign]
+    with ledger.group_commit():
+        for i in range(3):
+            ledger.append({"type": "note", "i": i})
+        assert not syncs
+    assert syncs == [3] and file.sync_every == 1
+    ledger.append({"type": "note", "i": 3})
+    assert syncs == [3, 1]

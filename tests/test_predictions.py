@@ -256,3 +256,35 @@ def test_unavailable_without_a_predictor(tmp_path: Path) -> None:
     rig.service.predictor = None
     status, reply = rig.send(rig.request(ROWS))
     assert status == "unavailable" and reply is not None and reply.predictions is None and not rig.receipts()
+
+
+def test_a_batch_shares_one_fsync_and_publishes_only_after_it(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, fee=1)
+    rig.order("deposit", 3, "alice")
+    events: list[str] = []
+    committed = [False]
+
+    class Commit:
+        def __enter__(self) -> None:
+            events.append("begin")
+
+        def __exit__(self, *exc: object) -> None:
+            rig.ledger.sync()
+            committed[0] = True
+            events.append("synced")
+
+    rig.service = PredictionService(
+        rig.settings, rig.keys, rig.clients, list(rig.ledger), append=rig.ledger.append, model=lambda: rig.model,
+        predictor=rig.service.predictor, topics=rig.topics, now=lambda: rig.clock[0],
+        publish=lambda t, p: (events.append("reply" if committed[0] else "REPLY BEFORE SYNC"),
+                              rig.published.append((t, p))),
+        group_commit=Commit, announce=lambda block: events.append("block" if committed[0] else "BLOCK BEFORE SYNC"))
+    requests = [rig.request(ROWS) for _ in range(4)]
+    topic = wire.request_topic(rig.topics, "alice")
+    outcomes = rig.service.handle_batch([(topic, r.payload) for r in requests])
+    assert [o.status for o in outcomes if not isinstance(o, dict)] == ["ok", "ok", "ok", "insufficient_balance"]
+    assert events == ["begin", "synced", "block", "block", "block", "reply", "reply", "reply", "reply"]
+    replies = [wire.open_reply(payload, rig.bundle, r) for (_, payload), r in zip(rig.published[-4:], requests,
+                                                                                    strict=True)]
+    assert [r.status for r in replies] == ["ok", "ok", "ok", "refused"]
+    assert verify_file(rig.ledger.path).ok and credits.fold(rig.ledger).balance("alice") == 0
