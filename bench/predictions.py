@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import queue
 import shutil
@@ -223,7 +224,8 @@ def main() -> None:
                 broker.wait(timeout=10)
             else:
                 broker.stop()
-    result = {"python": platform.python_version(), "machine": platform.machine(), "task": "california",
+    result = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+              "load_average_1min": os.getloadavg()[0], "task": "california",
               "rows_per_request": 1, "broker": broker_name, "service": service, "round_trip": trip}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
