@@ -235,6 +235,13 @@ class PredictionService:
             if not math.isfinite(float(fields.get("created", math.nan))) or \
                     abs(self._now() - float(fields["created"])) > self.settings.max_skew:
                 raise ValueError("stale order: its time differs from the coordinator's clock")
+            if fields["order_id"] in self.accounts.orders:  # a resend: confirm again, record nothing
+                body.update(ok=True, duplicate=True, block_index=self.accounts.orders[fields["order_id"]],
+                            held=self.accounts.held)
+                if fields["action"] == "deposit":
+                    body.update(client=fields["client"], balance=self.accounts.balance(fields["client"]))
+                self._send(wire.order_reply_topic(self.topics), wire.seal_order_reply(self.keys, body))
+                return body
             if fields["action"] == "deposit" and fields["client"] not in self.clients.devices:
                 raise ValueError(f"{fields['client']!r} is not a registered prediction client")
             record = credits.owner_record(order, signature)

@@ -24,6 +24,8 @@ from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from ledger import Ledger, credits, merkle
 
+RESEND_S = 3.0  # an unanswered order or request is sent again (same id) this often
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("credits", help="pay-per-prediction: deposit, withdraw, balance, receipt",
@@ -108,10 +110,12 @@ def send_order(args: argparse.Namespace) -> int:
     link = MqttLink(broker, f"fledger-owner-{keys.fleet}", subscriptions=[wire.order_reply_topic(topics)])
     link.start(timeout=min(60.0, args.timeout))
     try:
-        time.sleep(0.2)  # the subscription is in place before the order goes out
-        link.publish(wire.order_topic(topics), message)
         deadline = time.monotonic() + args.timeout
+        sent = 0.0
         while time.monotonic() < deadline:
+            if time.monotonic() - sent > RESEND_S:  # the coordinator may not be subscribed yet;
+                sent = time.monotonic()            # a resent order is recorded once
+                link.publish(wire.order_topic(topics), message)
             try:
                 reply = link.inbox.get(timeout=0.5)
             except queue.Empty:

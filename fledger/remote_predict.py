@@ -14,6 +14,7 @@ import json
 import queue
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from federation.envelope import EnvelopeError
 from federation.exit_codes import TIMEOUT, USAGE
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
+from fledger.credits_cli import RESEND_S
 
 REMOTE_HELP = """
 With --remote the rows go to the fleet's coordinator, signed with the client bundle from
@@ -84,9 +86,9 @@ def predict_remote(args: argparse.Namespace) -> int:
                     subscriptions=[wire.reply_topic(topics, bundle.client_id)])
     link.start(timeout=min(60.0, args.timeout))
     try:
-        time.sleep(0.2)  # the reply subscription is in place before the request goes out
-        link.publish(wire.request_topic(topics, bundle.client_id), pending.payload, chunked=True)
-        reply = _wait(link, bundle, pending, args.timeout)
+        reply = _wait(link, bundle, pending, args.timeout,
+                      lambda: link.publish(wire.request_topic(topics, bundle.client_id), pending.payload,
+                                           chunked=True))
     finally:
         link.stop()
     if reply is None:
@@ -103,10 +105,17 @@ def predict_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait(link: MqttLink, bundle: wire.ClientBundle, pending: wire.PendingRequest,
-          timeout: float) -> wire.PredictionReply | None:
+def _wait(link: MqttLink, bundle: wire.ClientBundle, pending: wire.PendingRequest, timeout: float,
+          send: Callable[[], object]) -> wire.PredictionReply | None:
+    """Send, and send again every RESEND_S until the reply comes: the same request id is charged
+    once (a resend is answered with the same receipt), so a coordinator that was not yet
+    subscribed, or a reply lost on the way, costs nothing."""
     deadline = time.monotonic() + timeout
+    sent = 0.0
     while time.monotonic() < deadline:
+        if time.monotonic() - sent > RESEND_S:
+            sent = time.monotonic()
+            send()
         try:
             message = link.inbox.get(timeout=0.5)
         except queue.Empty:

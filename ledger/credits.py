@@ -84,7 +84,7 @@ class Accounts:
     collected: int = 0
     withdrawn: int = 0
     charged: dict[tuple[str, bytes], int] = field(default_factory=dict)  # (client, request id) -> receipt block
-    orders: set[bytes] = field(default_factory=set)
+    orders: dict[bytes, int] = field(default_factory=dict)  # order id -> its block
 
     @property
     def held(self) -> int:
@@ -127,7 +127,8 @@ class Accounts:
         if fleet and fields["fleet"] != fleet:
             raise ValueError(f"order is for fleet {fields['fleet']!r}, not {fleet!r}")
         if fields["order_id"] in self.orders:
-            raise ValueError(f"order {fields['order_id'].hex()} was already recorded")
+            raise ValueError(f"order {fields['order_id'].hex()} was already recorded in block "
+                             f"{self.orders[fields['order_id']]}")
         if kind == DEPOSIT:
             if _str(data, "client") != fields["client"]:
                 raise ValueError("record differs from the owner's signed order")
@@ -148,7 +149,7 @@ class Accounts:
             self.collected += fee
             self.charged[(client, data["request_id"])] = index
             return
-        self.orders.add(decode_order(data["order"])["order_id"])
+        self.orders[decode_order(data["order"])["order_id"]] = index
         if kind == DEPOSIT:
             client = data["client"]
             self.balances[client] = self.balance(client) + data["amount"]

@@ -225,8 +225,9 @@ def test_owner_orders_withdrawal_limits_and_signatures(tmp_path: Path) -> None:
     forged = rig.order("deposit", 1000, "alice", keys=stranger)
     assert not forged["ok"] and "not signed by the owner" in forged["reason"]
     _, message = wire.seal_order(rig.keys, "deposit", 5, "alice", now=rig.clock[0])
-    assert rig.service.handle_order(message)["ok"]
-    assert not rig.service.handle_order(message)["ok"]  # a replayed order is recorded once
+    first = rig.service.handle_order(message)
+    again = rig.service.handle_order(message)  # a resent order is confirmed again, recorded once
+    assert first["ok"] and again["ok"] and again["duplicate"] and again["block_index"] == first["block_index"]
     accounts = credits.fold(rig.ledger)
     assert accounts.summary() == {"clients": {"alice": {"deposited": 15, "spent": 2, "balance": 13, "requests": 1}},
                                   "collected": 2, "withdrawn": 2, "held": 0}
@@ -288,3 +289,28 @@ def test_a_batch_shares_one_fsync_and_publishes_only_after_it(tmp_path: Path) ->
                                                                                     strict=True)]
     assert [r.status for r in replies] == ["ok", "ok", "ok", "refused"]
     assert verify_file(rig.ledger.path).ok and credits.fold(rig.ledger).balance("alice") == 0
+
+
+def test_mnist_requests_get_class_probabilities(tmp_path: Path) -> None:
+    from coordinator.inference import ClassificationPredictor
+
+    rig = Rig(tmp_path)
+    task = get_task("mnist")
+    torch.manual_seed(0)
+    weights = {k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()}
+    rig.model = CurrentModel(1, hashlib.sha256(encode_tensors(weights)).digest(), weights)
+    rig.service.predictor = ClassificationPredictor(task)
+    rig.order("deposit", 10, "alice")
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    status, reply = rig.send(rig.request(images))
+    assert status == "ok" and reply is not None and reply.output == "probabilities"
+    assert reply.predictions is not None and reply.predictions.shape == (3, 10)
+    np.testing.assert_allclose(reply.predictions.sum(axis=1), 1.0, rtol=1e-5)
+    model = task.build_model()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    with torch.no_grad():
+        expected = torch.softmax(model(task.prepare(images)), dim=1).numpy()  # type: ignore[attr-defined]
+    np.testing.assert_allclose(reply.predictions, expected, rtol=1e-4, atol=1e-6)
+    for bad in (np.zeros((2, 28, 27), np.uint8), np.full((1, 28, 28), 300.0, np.float32)):
+        assert rig.send(rig.request(bad))[0] == "wrong_shape"
+    assert rig.service.accounts.balance("alice") == 8
