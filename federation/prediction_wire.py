@@ -116,12 +116,9 @@ class ClientBundle:
     coordinator: CoordinatorPublic
 
     @property
-    def sign_public(self) -> bytes:
-        return crypto.ed25519_public(self.sign_seed)
-
-    @property
     def key_id(self) -> str:
-        return crypto.key_id_of(self.sign_public)
+        """The id of the client's public key, as clients.json lists it."""
+        return crypto.key_id_of(crypto.ed25519_public(self.sign_seed))
 
     def save(self, path: Path) -> None:
         write_secret_json(path, {"kind": "fledger.client-bundle", "fleet": self.fleet, "client_id": self.client_id,

@@ -314,3 +314,26 @@ def test_mnist_requests_get_class_probabilities(tmp_path: Path) -> None:
     for bad in (np.zeros((2, 28, 27), np.uint8), np.full((1, 28, 28), 300.0, np.float32)):
         assert rig.send(rig.request(bad))[0] == "wrong_shape"
     assert rig.service.accounts.balance("alice") == 8
+
+
+def test_clients_and_devices_are_kept_apart_by_the_key_tool(tmp_path: Path) -> None:
+    import json
+
+    from fledger import keytool
+
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, FLEET)
+    keytool.add_device(keys, "pump-01")
+    path, key_id = keytool.add_client(keys, "alice")
+    bundle = wire.ClientBundle.load(path)
+    assert bundle.key_id == key_id and "model_key" not in json.loads(path.read_text())  # buys, never sees
+    assert DeviceRegistry.load(keys / keytool.CLIENTS_FILE).public_key("alice", key_id) is not None
+    assert "alice" not in DeviceRegistry.load(keys / keytool.REGISTRY_FILE).devices
+    with pytest.raises(ValueError, match="is a device"):
+        keytool.add_client(keys, "pump-01")
+    with pytest.raises(ValueError, match="prediction client"):
+        keytool.add_device(keys, "alice")
+    with pytest.raises(ValueError, match="another role"):
+        keytool.add_client(keys, "owner")
+    with pytest.raises(FileExistsError):
+        keytool.add_client(keys, "alice")
