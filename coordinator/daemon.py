@@ -21,6 +21,12 @@ from coordinator import restore, state_check, state_guard
 from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
 from coordinator.dashboard import DashboardConfig
 from coordinator.observe import Observatory
+from coordinator.prediction_daemon import (
+    build_prediction_service,
+    is_prediction_topic,
+    prediction_subscriptions,
+    take_batch,
+)
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.restore import RestoreError
@@ -102,6 +108,15 @@ class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
     heartbeat: float = setting(15.0, "seconds between status republications; if not even our own status comes "
                                      "back for 4 of them while the broker still answers pings, reconnect")
 
+    clients: Path = setting(Path("keys/clients.json"), "prediction client registry (`fledger keys add-client`); "
+                                                       "re-read every 2 s and on SIGHUP")
+    predict_fee: int = setting(1, "fee of a prediction in the smallest unit (integer), see --predict-fee-per")
+    predict_fee_per: str = setting("request", "charge the fee per 'request' or per 'row'")
+    predict_max_rows: int = setting(1024, "most rows (or images) in one prediction request")
+    predict_max_bytes: int = setting(1 << 20, "largest prediction request accepted, checked before decoding")
+    predict_scaler: Path | None = setting(None, "an agent's scaler.json: maps prediction inputs and outputs to "
+                                                "original units (required for task csv; california's is "
+                                                "computed from the vendored data)")
 
 def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
     return ReplayLimits(interval_s=config.replay_interval, max_blocks=config.replay_batch,
@@ -249,7 +264,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     # Reassemble no chunked message larger than the largest update we would accept anyway.
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, client_id,
-                    subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays])
+                    subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
+                                   *prediction_subscriptions(topics)])
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
     first_model = [True]
 
@@ -286,6 +302,12 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         link.stop()
         raise StateRefused(str(exc)) from None
     notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
+    clients_file = RegistryFile(config.clients)
+
+    def publish_reply(topic: str, payload: bytes) -> None:
+        link.publish(topic, payload, chunked=True)  # a large reply (many rows) is chunked like a model
+
+    predictions = build_prediction_service(config, coordinator, publish_reply, publish)
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     last_status = time.monotonic()
@@ -303,6 +325,9 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     coordinator.publish_model()
                     coordinator.publish_status()
                     coordinator.publish_acks()
+                if message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
+                    batch, message = take_batch(message, link.inbox, topics)
+                    predictions.handle_batch([(m.topic, m.payload) for m in batch])
                 if message is not None:
                     kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay)
                     observatory.outcome(kind, outcome, message.received)
@@ -331,6 +356,11 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                             registry_file.refused(f"{type(exc).__name__}: {exc}")
                         else:
                             registry_file.adopted()
+                    clients = clients_file.changed()
+                    if clients is not None:
+                        predictions.clients = clients
+                        clients_file.adopted()
+                        log.info("prediction clients reloaded: %d", len(clients.devices))
             except Exception:  # a bug must not end the daemon
                 log.exception("unexpected error in the coordinator's periodic work; continuing")
             if link.failed is not None:

@@ -18,7 +18,9 @@ BROKER_DIR = "broker"  # the embedded broker's password file and one password fi
 BROKER_PASSWORDS = "passwords"
 # Broker users that are roles, not devices (fledger/fledger.acl). A device's broker user is
 # its id, so a device with one of these ids would get that role's rights.
-ROLE_USERS = ("coordinator", "monitor", "operator")
+ROLE_USERS = ("coordinator", "monitor", "operator", "owner")
+CLIENTS_FILE = "clients.json"  # prediction clients: a registry of their own, apart from the devices
+RESERVED_CLIENT_NAMES = ROLE_USERS  # broker user names of other roles
 
 
 def bundle_path(directory: Path, device: str) -> Path:
@@ -95,6 +97,8 @@ def add_device(directory: Path, device: str, *, force: bool = False) -> tuple[Pa
     ``force`` it does exactly that (the previous active keys are revoked). A new device also
     gets a broker password (``broker/<device>.password``, and its hash in ``broker/passwords``)."""
     check_device_id(directory, device)
+    if device in DeviceRegistry.load(Path(directory) / CLIENTS_FILE).devices:
+        raise ValueError(f"{device!r} is a prediction client of this fleet; a device needs a name of its own")
     path = bundle_path(directory, device)
     registry = DeviceRegistry.load(Path(directory) / REGISTRY_FILE)
     if not force:
@@ -114,6 +118,37 @@ def add_device(directory: Path, device: str, *, force: bool = False) -> tuple[Pa
     registry.save(Path(directory) / REGISTRY_FILE)
     if not (Path(directory) / BROKER_DIR / f"{device}.password").exists():
         new_broker_user(Path(directory) / BROKER_DIR, device)
+    return path, key_id
+
+
+def client_bundle_path(directory: Path, client: str) -> Path:
+    return Path(directory) / f"client-{client}.json"
+
+
+def add_client(directory: Path, client: str) -> tuple[Path, str]:
+    """Create a prediction client's signing key and bundle (0600; no fleet model key), and
+    register its public key in clients.json. A client is not a device: a name used by a device
+    (or by another role's broker user) is refused, so the two registries never share a name."""
+    from federation import crypto
+    from federation.prediction_wire import ClientBundle
+
+    check_name("client id", client)
+    if client.casefold() in RESERVED_CLIENT_NAMES:
+        raise ValueError(f"{client!r} is the broker user of another role; choose another client id")
+    if client in DeviceRegistry.load(Path(directory) / REGISTRY_FILE).devices:
+        raise ValueError(f"{client!r} is a device of this fleet; a prediction client needs a name of its own")
+    path = client_bundle_path(directory, client)
+    registry_path = Path(directory) / CLIENTS_FILE
+    registry = DeviceRegistry.load(registry_path)
+    if path.exists() or active_keys(registry, client):
+        raise FileExistsError(f"client {client} already has a bundle or an active key in {registry_path}")
+    keys = CoordinatorKeys.load(Path(directory) / COORDINATOR_FILE)
+    seed, public = crypto.ed25519_generate()
+    ClientBundle(keys.fleet, client, seed, keys.public).save(path)
+    key_id = registry.add(client, public)
+    registry.save(registry_path)
+    if (Path(directory) / BROKER_DIR).is_dir():  # a fleet made with broker logins: one for the client too
+        new_broker_user(Path(directory) / BROKER_DIR, client)
     return path, key_id
 
 
@@ -197,6 +232,13 @@ def add_parser(sub: Any) -> None:
     a.add_argument("device", help="device id (letters, digits, '_' and '-'; not a role's name)")
     a.add_argument("--force", action="store_true",
                    help="replace an existing bundle; the device's previous keys are revoked (as rotate)")
+    a = ks.add_parser("add-client", help="create a prediction client's key bundle and register it (clients.json)",
+                      description="Create CLIENT's Ed25519 key: a bundle client-CLIENT.json (0600) for `fledger "
+                                  "predict --remote`, without the fleet model key, and its public key in "
+                                  "clients.json (the coordinator's --clients; re-read within 2 s). Clients are kept "
+                                  "apart from devices: a client cannot send updates, a device cannot buy "
+                                  "predictions, and no name is both.")
+    a.add_argument("client", help="client id (letters, digits, '_' and '-'); its broker user name too")
     a = ks.add_parser("rotate", help="give a device a new key and revoke its old one(s)",
                       description="Make a new Ed25519 key for DEVICE: a new bundle (0600, replacing "
                                   "device-DEVICE.json), the new key registered in devices.json and every "
@@ -244,6 +286,12 @@ def _main(args: argparse.Namespace) -> int:
         path, key_id = add_device(directory, args.device, force=args.force)
         print(f"device {args.device}: bundle {path} (key id {key_id}) and broker password "
               f"{directory / BROKER_DIR / (args.device + '.password')}; install both on the device only")
+    elif args.keys_command == "add-client":
+        path, key_id = add_client(directory, args.client)
+        print(f"client {args.client}: bundle {path} (key id {key_id}); give it to the client only. The owner "
+              f"credits it with `fledger credits deposit {args.client} AMOUNT`. For mosquitto's acl_file:\n"
+              f"user {args.client}\ntopic write fledger/+/predict/{args.client}/request\n"
+              f"topic read fledger/+/predict/{args.client}/reply")
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "
@@ -268,6 +316,6 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["active_keys", "add_device", "broker_password_db", "bundle_path", "check_device_id", "init_fleet",
-           "new_broker_user", "read_password_file", "revoke_device_key",
+__all__ = ["active_keys", "add_client", "add_device", "broker_password_db", "bundle_path", "check_device_id",
+           "init_fleet", "new_broker_user", "read_password_file", "revoke_device_key",
            "rotate_device_key", "write_broker_password", "write_secret_json"]

@@ -22,6 +22,7 @@ from coordinator.storage import read_model_file
 from federation.codec import TensorDict, encode_tensors
 from federation.datasets import Standardizer
 from federation.tasks import CaliforniaTask, get_task
+from fledger.remote_predict import REMOTE_HELP, add_remote_arguments
 
 
 class PredictError(ValueError):
@@ -68,20 +69,33 @@ def read_rows(path: Path, columns: list[str]) -> tuple[np.ndarray, list[dict[str
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="predict with a saved global model (regression tasks)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="global model file (models/global-RRRRRR.safetensors)")
-    p.add_argument("--data", type=Path, required=True, help="CSV with the model's feature columns")
-    p.add_argument("--task", default="california", choices=["california", "csv"], help="default: california")
+    p = sub.add_parser("predict", help="predict with a saved global model, or buy predictions (--remote)",
+                       description=__doc__ + REMOTE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None,
+                   help="global model file (models/global-RRRRRR.safetensors); required unless --remote")
+    p.add_argument("--data", type=Path, required=True,
+                   help="CSV with the model's feature columns (for --remote --task mnist: a .npy of uint8 "
+                        "[n, 28, 28] images)")
+    p.add_argument("--task", default="california", choices=["california", "csv", "mnist"],
+                   help="default: california (mnist only with --remote)")
     p.add_argument("--scaler", type=Path, default=None,
                    help="an agent's scaler.json (feature and target standardisers); required for task csv; "
                         "for california the whole training split's standardisers are used by default")
     p.add_argument("--ledger", type=Path, default=None,
                    help="refuse a model that this ledger does not record; name its round and block")
+    add_remote_arguments(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.remote:
+        from fledger.remote_predict import predict_remote
+
+        return predict_remote(args)
+    if args.model is None:
+        raise PredictError("--model is required (or --remote to ask the fleet's coordinator)")
+    if args.task == "mnist":
+        raise PredictError("local predictions are for regression tasks; use --remote for mnist")
     if args.scaler is not None:
         try:
             scaler = json.loads(args.scaler.read_text())

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from ledger import merkle, records
+from ledger import credits, merkle, records
 from ledger.block import VERSION, ZERO_HASH, Block, BlockFormatError, meets_difficulty
 from ledger.keys import Keyring, Verifier, key_id_of
 from ledger.storage import TornTail
@@ -99,6 +99,7 @@ class ChainState:
         self.revoked: set[str] = set()
         self.rounds: dict[int, RoundInfo] = {}
         self.published_models: dict[int, bytes] = {}  # round -> model it trains from (model.published)
+        self.accounts = credits.Accounts()  # pay-per-prediction balances (ledger/credits.py)
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, block: Block, *, signature: bool | None = None) -> None:
@@ -228,7 +229,16 @@ class ChainState:
                     raise ValueError(f"a restored model must open a new round, above {max(self.published_models)}")
         elif kind == records.AGGREGATE:
             self._check_aggregate(block)
+        elif kind in credits.TYPES:
+            self.accounts.check(data, fleet=self.fleet, verify_order=self._owner_signed)
         # any other type: open, stored and hashed, nothing more to check
+
+    def _owner_signed(self, message: bytes, signature: bytes) -> bool:
+        """The owner's orders are signed by the coordinator's key (checked with device signatures)."""
+        if not self.device_signatures:
+            return True
+        public = self.keyring.get(self.coordinator_key_id)
+        return public is not None and self.verifier.verify(public, message, signature)
 
     def _active_device_key(self, device: str, key_id: str) -> tuple[str, bytes]:
         owner = self.device_keys.get(key_id)
@@ -338,6 +348,8 @@ class ChainState:
             self.rounds.setdefault(data["round"], RoundInfo()).aggregate = block.index
         elif kind == records.MODEL_PUBLISHED:
             self.published_models[data["round"]] = data["model_sha256"]
+        elif kind in credits.TYPES:
+            self.accounts.apply(data, block.index)
         self.height = block.index + 1
         self.head_hash = block.hash
 

@@ -300,6 +300,16 @@ def test_fuzz_summary_and_chain(target: Target) -> None:
         outer = dict(genuine_b, hdr=msgpack.packb(hdr, use_bin_type=True))
         outer["sig"] = target.bundles["dev-b"].sign(outer["hdr"])
         target.check_update(TOPICS.update("dev-b"), msgpack.packb(outer, use_bin_type=True))
+    # A byte-identical replay and a second update in the round, deterministically too: whether
+    # random cases reach them depends on their order (a genuine update must be accepted first).
+    genuine = envelope.seal_update(target.bundles["dev-b"], 1, encode_tensors(_weights(2.0)), 10,
+                                   {"train_loss": 0.5}, dataset_sha256=DATASET)
+    first = c.handle_update(TOPICS.update("dev-b"), genuine)
+    assert first.accepted or first.reason == "duplicate_in_round", first
+    assert c.handle_update(TOPICS.update("dev-b"), genuine).reason == "replay"
+    another = envelope.seal_update(target.bundles["dev-b"], 1, encode_tensors(_weights(3.0)), 10,
+                                   {"train_loss": 0.5}, dataset_sha256=DATASET)
+    assert c.handle_update(TOPICS.update("dev-b"), another).reason == "duplicate_in_round"
     for reason in ("malformed", "unsupported_version", "wrong_fleet", "topic_mismatch", "unknown_key",
                    "bad_signature", "replay", "stale_round", "future_round", "duplicate_in_round", "decrypt_failed",
                    "bad_sample_count", "bad_metrics", "dataset_not_registered", "wrong_key",

@@ -374,4 +374,22 @@ def test_bit_flip_in_last_block_is_corruption_not_a_torn_tail(tmp_path: Path) ->
     assert path.read_bytes() == data[:offsets[-1]]
 
 
+def test_group_commit_syncs_once_at_the_end(tmp_path: Path) -> None:
+    from ledger import Ed25519Signer, Ledger
+
+    ledger = Ledger.open(tmp_path / "l.log", signer=Ed25519Signer(bytes(32)), fleet="f")
+    file = ledger._file
+    assert file is not None
+    syncs: list[int] = []
+    original = file.sync
+    file.sync = lambda: (syncs.append(file._unsynced), original())  # type: ignore[method-assign]
+    with ledger.group_commit():
+        for i in range(3):
+            ledger.append({"type": "note", "i": i})
+        assert not syncs
+    assert syncs == [3] and file.sync_every == 1
+    ledger.append({"type": "note", "i": 3})
+    assert syncs == [3, 1]
+
+
 UNWRITTEN = storage.UNWRITTEN_END + 5

@@ -1,0 +1,104 @@
+"""Wiring of the prediction service into the coordinator daemon (MQTT topics, settings, model).
+
+The service runs inside the coordinator process because the ledger has one writer: receipts,
+deposits and withdrawals are appended by the same worker thread that appends updates, so no
+two requests are ever charged at once and no balance can go negative between check and charge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from coordinator.inference import make_predictor
+from coordinator.predictions import CurrentModel, PredictionService, PredictionSettings, Publish
+from coordinator.service import Coordinator
+from coordinator.storage import StorageError
+from federation import prediction_wire as wire
+from federation.codec import encode_tensors
+from federation.keys import DeviceRegistry
+from federation.mqtt import Message
+from federation.topics import Topics
+
+if TYPE_CHECKING:
+    from coordinator.daemon import CoordinatorConfig
+
+log = logging.getLogger(__name__)
+
+
+def prediction_subscriptions(topics: Topics) -> list[str]:
+    return [wire.request_topics(topics), wire.order_topic(topics)]
+
+
+def is_prediction_topic(topics: Topics, topic: str) -> bool:
+    return topic == wire.order_topic(topics) or wire.client_of(topics, topic) is not None
+
+
+PREDICTION_BATCH = 64  # queued requests answered with one ledger fsync (group commit)
+
+
+def take_batch(first: Message, inbox: queue.Queue[Message], topics: Topics) -> tuple[list[Message], Message | None]:
+    """``first`` and the prediction messages queued right behind it (at most PREDICTION_BATCH);
+    also the first other message taken from the queue, which the caller must still handle."""
+    batch = [first]
+    while len(batch) < PREDICTION_BATCH:
+        try:
+            message = inbox.get_nowait()
+        except queue.Empty:
+            return batch, None
+        if not is_prediction_topic(topics, message.topic):
+            return batch, message
+        batch.append(message)
+    return batch, None
+
+
+def prediction_settings(config: CoordinatorConfig) -> PredictionSettings:
+    return PredictionSettings(fee=config.predict_fee, fee_per=config.predict_fee_per,
+                              max_rows=config.predict_max_rows, max_request_bytes=config.predict_max_bytes)
+
+
+def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator, publish: Publish,
+                             publish_retained: Callable[[str, bytes, bool], None]) -> PredictionService:
+    """The service answering with ``coordinator``'s current global model. Without a usable
+    predictor (task csv and no --predict-scaler) every request is refused as ``unavailable``.
+
+    ``publish_retained`` is the coordinator's own publish: new ledger blocks go to the ledger
+    topics as the coordinator's other blocks do, but only once they are durable."""
+    try:
+        predictor = make_predictor(config.task, n_features=config.csv_features, scaler=config.predict_scaler)
+    except ValueError as exc:
+        log.warning("predictions unavailable: %s", exc)
+        predictor = None
+    digests: dict[int, bytes] = {}
+
+    def current_model() -> CurrentModel:
+        assert coordinator.round is not None
+        number = coordinator.round.number
+        if number not in digests:  # the model changes only when the round does
+            digests.clear()
+            digests[number] = hashlib.sha256(encode_tensors(coordinator.global_model)).digest()
+        return CurrentModel(number, digests[number], coordinator.global_model)
+
+    topics = Topics(config.fleet, config.topic_prefix)
+    ledger = coordinator.ledger
+
+    def append(record: dict[str, Any]) -> Any:
+        try:
+            return ledger.append(record)
+        except OSError as exc:  # as the coordinator does for its own records: stop, never lie
+            coordinator.halted = f"cannot write the ledger: {exc}"
+            log.critical("%s; no longer accepting updates or requests", coordinator.halted)
+            raise StorageError(exc.errno or 5, coordinator.halted) from exc
+
+    def announce(block: Any) -> None:
+        publish_retained(topics.ledger_blocks, block.to_bytes(), False)
+        publish_retained(topics.ledger_head, block.to_bytes(), True)
+
+    group_commit = getattr(ledger, "group_commit", contextlib.nullcontext)
+    return PredictionService(prediction_settings(config), coordinator.keys, DeviceRegistry.load(config.clients),
+                             list(ledger), append=append, model=current_model, predictor=predictor, publish=publish,
+                             topics=topics, group_commit=group_commit, announce=announce)

@@ -1,0 +1,273 @@
+"""Paid predictions: admission of a client's request, the charge, the receipt and the reply.
+
+No network here: the daemon hands in request and order payloads and publishes what this
+service returns through ``publish(topic, payload)``; the clock is passed in. Accounting is the
+pure fold of :mod:`ledger.credits` over the ledger, kept in step with every record appended,
+so a restart recomputes exactly the balances the ledger implies.
+
+Order for an answered request (the commit point is the receipt):
+checks -> prediction computed -> receipt block appended (fsync) -> reply published.
+:meth:`PredictionService.handle_batch` answers several queued requests with one fsync (group
+commit): their receipts are appended, synced together, and only then are the ledger blocks
+announced and the replies published.
+A crash before the receipt charges nothing and answers nothing; after it, the client can ask
+again with the same request id and gets the receipt (never a second charge).
+
+Checks, each refusal signed, counted, never charged and never recorded: size, envelope,
+topic/fleet, registered client, signature, replay of a charged request id, freshness,
+decryption, shape and row count, balance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.inference import InputError, Predictor
+from federation import prediction_wire as wire
+from federation.codec import TensorDict
+from federation.envelope import EnvelopeError
+from federation.keys import CoordinatorKeys, DeviceRegistry
+from federation.topics import Topics
+from ledger import credits
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], None]
+Append = Callable[[dict[str, Any]], Any]  # appends a record (durably, unless in a group commit), returns the block
+GroupCommit = Callable[[], AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class CurrentModel:
+    round: int
+    sha256: bytes
+    weights: TensorDict
+
+
+@dataclass(frozen=True)
+class PredictionSettings:
+    fee: int = 1  # smallest unit, per request or per row
+    fee_per: str = "request"  # "request" or "row"
+    max_rows: int = 1024
+    max_request_bytes: int = 1 << 20
+    max_skew: float = 300.0  # seconds a request's 'created' may differ from our clock
+    reply_cache: int = 4096  # answered replies kept to answer a replayed request id identically
+
+    def __post_init__(self) -> None:
+        if type(self.fee) is not int or self.fee < 0:
+            raise ValueError(f"the prediction fee must be an integer >= 0 (smallest unit), not {self.fee!r}")
+        if self.fee_per not in ("request", "row"):
+            raise ValueError(f"fee per must be 'request' or 'row', not {self.fee_per!r}")
+        if self.max_rows < 1 or self.max_request_bytes < 1024:
+            raise ValueError("max rows must be >= 1 and max request bytes >= 1024")
+
+    def fee_for(self, rows: int) -> int:
+        return self.fee * rows if self.fee_per == "row" else self.fee
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "ok", "duplicate" or a refusal reason
+    client: str | None = None
+    fee: int = 0
+
+
+class PredictionService:
+    def __init__(self, settings: PredictionSettings, keys: CoordinatorKeys, clients: DeviceRegistry,
+                 blocks: Iterable[Any], *, append: Append, model: Callable[[], CurrentModel],
+                 predictor: Predictor | None, publish: Publish, topics: Topics,
+                 now: Callable[[], float] = time.time, group_commit: GroupCommit = contextlib.nullcontext,
+                 announce: Callable[[Any], None] = lambda block: None) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.clients = clients
+        self.accounts = credits.fold(blocks)
+        self._append = append
+        self._model = model
+        self.predictor = predictor
+        self._publish = publish
+        self.topics = topics
+        self._now = now
+        self.rejections: Counter[str] = Counter()
+        self.answered = 0
+        self._replies: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+        self._group_commit = group_commit
+        self._announce = announce  # tells followers of the ledger about a block, once it is durable
+        self._held: list[tuple[str, bytes]] | None = None  # replies held back until the group commit
+        self._new_blocks: list[Any] = []
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        if self._held is not None:
+            self._held.append((topic, payload))
+        else:
+            self._publish(topic, payload)
+
+    def _record(self, record: dict[str, Any]) -> Any:
+        block = self._append(record)
+        if self._held is not None:
+            self._new_blocks.append(block)
+        else:
+            self._announce(block)
+        return block
+
+    def handle_batch(self, messages: Iterable[tuple[str, bytes]]) -> list[Outcome | dict[str, Any]]:
+        """Requests and orders, answered in order with one fsync for all their records."""
+        self._held, self._new_blocks = [], []
+        held, blocks = self._held, self._new_blocks
+        try:
+            with self._group_commit():
+                results = [self.handle_order(payload) if topic == wire.order_topic(self.topics)
+                           else self.handle_request(topic, payload) for topic, payload in messages]
+        finally:
+            self._held, self._new_blocks = None, []
+        for block in blocks:  # durable now
+            self._announce(block)
+        for topic, payload in held:
+            self._publish(topic, payload)
+        return results
+
+    # -- requests --------------------------------------------------------------------------------
+    def handle_request(self, topic: str, payload: bytes) -> Outcome:
+        client = wire.client_of(self.topics, topic)
+        if client is None:
+            return Outcome("not_a_request")
+        try:
+            return self._handle_request(client, payload)
+        except _Refusal as refusal:
+            self.rejections[refusal.reason] += 1
+            log.warning("refused a prediction request from %s: %s: %s", client, refusal.reason, refusal.detail)
+            self._send(wire.reply_topic(self.topics, client),
+                       wire.seal_refusal(self.keys, client, refusal.request_id, refusal.reason, refusal.detail,
+                                            balance=refusal.balance, now=self._now()))
+            return Outcome(refusal.reason, client)
+
+    def _handle_request(self, client: str, payload: bytes) -> Outcome:
+        settings = self.settings
+        if len(payload) > settings.max_request_bytes:
+            raise _Refusal("oversized", f"{len(payload)} bytes exceeds {settings.max_request_bytes}")
+        try:
+            sealed = wire.parse_request(payload, max_bytes=settings.max_request_bytes)
+        except EnvelopeError as exc:
+            raise _Refusal(exc.reason, exc.detail) from None
+        header = sealed.header
+        request_id = header.request_id
+        if header.client != client or header.fleet != self.keys.fleet:
+            raise _Refusal("wrong_topic", f"request of {header.client!r} (fleet {header.fleet!r}) sent on the "
+                                          f"topic of {client!r}", request_id)
+        public_key = self.clients.public_key(client, header.key_id)
+        if public_key is None:
+            raise _Refusal("unknown_client", f"{client!r} key {header.key_id} is not a registered prediction "
+                                             "client key", request_id)
+        try:
+            wire.verify_request(sealed, public_key)
+        except EnvelopeError as exc:
+            raise _Refusal(exc.reason, exc.detail, request_id) from None
+        key = (client, request_id)
+        if key in self.accounts.charged:
+            self.rejections["duplicate"] += 1
+            cached = self._replies.get(key)
+            if cached is not None:  # the same reply again: the same receipt, no second charge
+                self._send(wire.reply_topic(self.topics, client), cached)
+            else:
+                raise _Refusal("duplicate", f"request already answered and charged, receipt in ledger block "
+                                            f"{self.accounts.charged[key]}", request_id)
+            log.info("replayed request %s of %s: answered with its receipt, not charged again",
+                     request_id.hex()[:8], client)
+            return Outcome("duplicate", client)
+        if self.predictor is None:
+            raise _Refusal("unavailable", "this coordinator serves no predictions (task csv needs "
+                                          "--predict-scaler)", request_id)
+        if not math.isfinite(header.created) or abs(self._now() - header.created) > settings.max_skew:
+            raise _Refusal("stale", f"request created {header.created:.0f}, our clock {self._now():.0f} "
+                                    f"(at most {settings.max_skew:.0f}s apart)", request_id)
+        try:
+            inputs, reply_key = wire.decrypt_request(sealed, self.keys, max_bytes=settings.max_request_bytes)
+        except EnvelopeError as exc:
+            raise _Refusal(exc.reason, exc.detail, request_id) from None
+        predictor = self.predictor
+        try:
+            predictor.check(inputs)
+        except InputError as exc:
+            raise _Refusal("wrong_shape", str(exc), request_id) from None
+        rows = int(inputs.shape[0])
+        if rows != header.rows or not 1 <= rows <= settings.max_rows:
+            raise _Refusal("wrong_shape", f"{rows} rows (header says {header.rows}); 1 to {settings.max_rows} "
+                                          "per request", request_id)
+        fee = settings.fee_for(rows)
+        balance = self.accounts.balance(client)
+        if fee > balance:
+            raise _Refusal("insufficient_balance", f"fee {fee} exceeds the balance {balance}", request_id,
+                           balance=balance)
+        model = self._model()
+        predictions = predictor(model.sha256, model.weights, inputs)
+        encoded = wire.encode_predictions(predictions)
+        record = credits.receipt(client, request_id, rows, fee, model.round, model.sha256, sealed.digest,
+                                 _sha256(encoded))
+        self.accounts.check(record, fleet=self.keys.fleet)  # the ledger checks again on append
+        block = self._record(record)  # durable before anyone sees the answer
+        self.accounts.apply(record, block.index)
+        reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
+                                 balance=self.accounts.balance(client), output=predictor.output, now=self._now())
+        self._replies[key] = reply
+        while len(self._replies) > settings.reply_cache:
+            self._replies.popitem(last=False)
+        self.answered += 1
+        self._send(wire.reply_topic(self.topics, client), reply)
+        return Outcome("ok", client, fee)
+
+    # -- the owner's orders ----------------------------------------------------------------------
+    def handle_order(self, payload: bytes) -> dict[str, Any]:
+        """Record a signed deposit or withdrawal; publish and return the signed answer's body."""
+        body: dict[str, Any] = {"fleet": self.keys.fleet}
+        try:
+            order, signature, fields = wire.open_order(payload, self.keys.public.sign_public, fleet=self.keys.fleet)
+            body["order_id"] = fields["order_id"].hex()
+            body["action"] = fields["action"]
+            if not math.isfinite(float(fields.get("created", math.nan))) or \
+                    abs(self._now() - float(fields["created"])) > self.settings.max_skew:
+                raise ValueError("stale order: its time differs from the coordinator's clock")
+            if fields["order_id"] in self.accounts.orders:  # a resend: confirm again, record nothing
+                body.update(ok=True, duplicate=True, block_index=self.accounts.orders[fields["order_id"]],
+                            held=self.accounts.held)
+                if fields["action"] == "deposit":
+                    body.update(client=fields["client"], balance=self.accounts.balance(fields["client"]))
+                self._send(wire.order_reply_topic(self.topics), wire.seal_order_reply(self.keys, body))
+                return body
+            if fields["action"] == "deposit" and fields["client"] not in self.clients.devices:
+                raise ValueError(f"{fields['client']!r} is not a registered prediction client")
+            record = credits.owner_record(order, signature)
+            self.accounts.check(record, fleet=self.keys.fleet)
+        except (EnvelopeError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, EnvelopeError) else "refused"
+            self.rejections[f"order_{reason}"] += 1
+            log.warning("refused an owner's order: %s", exc)
+            body.update(ok=False, reason=str(exc))
+        else:
+            block = self._record(record)
+            self.accounts.apply(record, block.index)
+            log.info("recorded %s of %d%s in ledger block %d", record["type"], record["amount"],
+                     f" for {record['client']}" if "client" in record else "", block.index)
+            body.update(ok=True, block_index=block.index, block_hash=block.hash.hex(), held=self.accounts.held)
+            if "client" in record:
+                body.update(client=record["client"], balance=self.accounts.balance(record["client"]))
+        self._send(wire.order_reply_topic(self.topics), wire.seal_order_reply(self.keys, body))
+        return body
+
+
+class _Refusal(Exception):
+    def __init__(self, reason: str, detail: str, request_id: bytes | None = None, *, balance: int | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.request_id, self.balance = reason, detail, request_id, balance
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()

@@ -1,0 +1,133 @@
+"""Paid predictions end to end on real processes: broker, coordinator, owner and client commands,
+concurrent clients, a SIGKILL of the coordinator and balances recomputed from the ledger."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from federation.exit_codes import TIMEOUT, USAGE
+from fledger import keytool
+from ledger import Ledger, credits, verify_file
+from tests.conftest import BrokerInfo
+from tests.federation_run import Federation
+
+ROWS = """MedInc,HouseAge,AveRooms,AveBedrms,Population,AveOccup,Latitude,Longitude
+8.3252,41.0,6.98,1.02,322.0,2.56,37.88,-122.23
+2.1,30.0,4.5,1.1,1500.0,3.1,34.05,-118.25
+"""
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fledger.cli", "--log-level", "WARNING", *args]
+
+
+def _wait_for_log(fed: Federation, text: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    path = fed.logs / "coordinator.log"
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"coordinator never logged {text!r}\n{fed.log_tail()}")
+
+
+def _start(fed: Federation, connects: int) -> None:
+    fed.start_coordinator()
+    deadline = time.monotonic() + 90
+    while (fed.logs / "coordinator.log").read_text(errors="replace").count("connected to") < connects:
+        assert time.monotonic() < deadline, fed.log_tail()
+        time.sleep(0.2)
+    time.sleep(0.5)  # subscriptions are made right after the connect
+
+
+def test_paid_predictions_with_restart(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, devices=("edge-1",), rounds=0,
+                     extra_coordinator=["--predict-fee", "2"])
+    keytool.add_client(fed.keys, "alice")
+    fed.extra_coordinator += ["--clients", str(fed.keys / keytool.CLIENTS_FILE)]
+    broker = fed.broker_args()
+    owner = ["--keys", str(fed.keys / keytool.COORDINATOR_FILE), *broker, "--timeout", "60"]
+    rows = tmp_path / "rows.csv"
+    rows.write_text(ROWS)
+    predict = _cli("predict", "--remote", "--data", str(rows), "--bundle",
+                   str(keytool.client_bundle_path(fed.keys, "alice")), *broker, "--timeout", "60")
+    ledger_path = fed.state / "ledger.log"
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+    def file_balance() -> int:
+        with Ledger.open(ledger_path) as ledger:
+            return credits.fold(ledger).balance("alice")
+
+    try:
+        _start(fed, 1)
+        done = run(_cli("credits", "deposit", "alice", "5", *owner))
+        assert done.returncode == 0, done.stderr + fed.log_tail()
+        assert "balance 5" in done.stdout
+
+        answered = run(predict)
+        assert answered.returncode == 0, answered.stderr + fed.log_tail()
+        lines = answered.stdout.strip().splitlines()
+        assert lines[0] == "row,prediction" and len(lines) == 3
+        values = [float(line.split(",")[1]) for line in lines[1:]]
+        assert all(abs(v) < 50 for v in values)  # hundreds of thousands of dollars, in the target's units
+        assert "fee 2, balance 3" in answered.stderr
+        request_id = re.search(r"request ([0-9a-f]{32})", answered.stderr)
+        assert request_id is not None
+
+        # Two clients at once with money for one request: one answered, one refused, balance 1.
+        both = [subprocess.Popen(predict, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+        codes = sorted(p.wait(timeout=180) for p in both)
+        assert codes == [0, USAGE], [p.stderr.read() if p.stderr else "" for p in both]
+        assert file_balance() == 1
+
+        refused = run(predict)
+        assert refused.returncode == USAGE and "insufficient_balance" in refused.stderr
+
+        # The coordinator dies without warning; the balances are the ledger's, before and after.
+        fed.procs["coordinator"].send_signal(signal.SIGKILL)
+        fed.procs["coordinator"].wait(timeout=30)
+        assert file_balance() == 1
+        _start(fed, 2)
+        done = run(_cli("credits", "deposit", "alice", "4", *owner))
+        assert done.returncode == 0 and "balance 5" in done.stdout, done.stderr + fed.log_tail()
+        assert run(predict).returncode == 0
+        assert file_balance() == 3
+
+        balance = run(_cli("credits", "balance", str(ledger_path), "--json"))
+        summary = json.loads(balance.stdout)
+        assert summary["clients"]["alice"] == {"deposited": 9, "spent": 6, "balance": 3, "requests": 3}
+        assert summary["held"] == 6
+
+        too_much = run(_cli("credits", "withdraw", "7", *owner))
+        assert too_much.returncode == USAGE and "exceeds the fees held" in too_much.stderr
+        assert run(_cli("credits", "withdraw", "6", *owner)).returncode == 0
+
+        proof = run(_cli("credits", "receipt", str(ledger_path), "--client", "alice", "--request-id",
+                         request_id.group(1)))
+        assert proof.returncode == 0, proof.stderr
+        assert json.loads(proof.stdout)["verified"] is True and json.loads(proof.stdout)["fee"] == 2
+        assert verify_file(ledger_path).ok
+    finally:
+        fed.stop()
+
+
+def test_predict_remote_times_out_without_a_coordinator(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, "quiet")
+    keytool.add_client(keys, "bob")
+    rows = tmp_path / "rows.csv"
+    rows.write_text(ROWS)
+    done = subprocess.run(_cli("predict", "--remote", "--data", str(rows), "--bundle",
+                               str(keytool.client_bundle_path(keys, "bob")), "--broker-host", embedded_broker.host,
+                               "--broker-port", str(embedded_broker.port), "--timeout", "2"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == TIMEOUT and "no reply" in done.stderr
