@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from federation.codec import TensorDict
 from federation.datasets import Standardizer
-from federation.tasks import CaliforniaTask, MnistTask, Task, get_task
+
+if TYPE_CHECKING:  # federation.tasks imports torch: only a coordinator that predicts loads it
+    from federation.tasks import Task
 
 
 class InputError(ValueError):
@@ -94,6 +96,8 @@ class ClassificationPredictor(Predictor):
             raise InputError("pixel values must be finite and within 0..255")
 
     def _prepare(self, x: np.ndarray) -> Any:
+        from federation.tasks import MnistTask
+
         return MnistTask.prepare(np.clip(x, 0, 255).astype(np.uint8))
 
     def _finish(self, out: Any) -> np.ndarray:
@@ -113,7 +117,13 @@ def load_scaler(path: Path) -> tuple[Standardizer, Standardizer]:
 
 def make_predictor(task_name: str, *, n_features: int = 0, scaler: Path | None = None) -> Predictor:
     """The predictor of a task; ``scaler`` (an agent's scaler.json) is required for task csv and
-    overrides California's standardisers computed from the vendored data."""
+    overrides California's standardisers computed from the vendored data. ValueError when the
+    task cannot predict here (torch missing: the `train` extra; a csv task without a scaler)."""
+    try:
+        from federation.tasks import CaliforniaTask, get_task
+    except ImportError as exc:
+        raise ValueError(f"predictions need torch, which is not installed ({exc.name}): "
+                         "pip install 'fledger[train]'") from None
     if task_name == "mnist":
         return ClassificationPredictor(get_task("mnist"))
     task = get_task(task_name, n_features=n_features or None)
