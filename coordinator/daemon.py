@@ -215,6 +215,11 @@ REGISTRY_CHECK_S = 2.0  # how often devices.json is checked for added, rotated o
 
 def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> int:
     """Run until ``rounds`` are done or a signal arrives. Returns a process exit code."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # From the first moment: a SIGTERM during the start-up checks ends the process cleanly.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     # Everything local is checked before connecting: settings, keys, registry, task, state.
     round_policy(config)
     strategy_params(config)
@@ -231,7 +236,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         topics = Topics(config.fleet, config.topic_prefix)
         with Observatory(topics, task=config.task, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
                          dashboard_host=config.dashboard_host, dashboard_port=config.dashboard_port) as observatory:
-            return _run_locked(config, keys, observatory, stop or threading.Event())
+            return _run_locked(config, keys, observatory, stop)
     except (StateRefused, LedgerCorrupt) as exc:
         log.error("start refused: %s", exc)
         return exit_codes.STATE
@@ -250,7 +255,11 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     topics = Topics(config.fleet, config.topic_prefix)
     client_id = config.client_id or f"fledger-coordinator-{config.fleet}"
     head = state_guard.broker_head(config, topics, f"{client_id}-probe", coordinator_key, config.head_wait,
-                                   heartbeat=config.heartbeat)
+                                   heartbeat=config.heartbeat, stop=stop)
+    if stop.is_set():
+        if ledger is not None:
+            ledger.close()
+        return exit_codes.OK  # stopped while looking at the broker
     if head is not None:
         heads.append(head)
     try:
@@ -287,8 +296,6 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo
     reload_now = threading.Event()
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, lambda *_: reload_now.set())  # `systemctl reload`
     notifier = Notifier()
     if not link.start(timeout=60, stop=stop):

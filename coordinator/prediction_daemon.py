@@ -68,11 +68,16 @@ def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator
 
     ``publish_retained`` is the coordinator's own publish: new ledger blocks go to the ledger
     topics as the coordinator's other blocks do, but only once they are durable."""
-    try:
-        predictor = make_predictor(config.task, n_features=config.csv_features, scaler=config.predict_scaler)
-    except ValueError as exc:
-        log.warning("predictions unavailable: %s", exc)
-        predictor = None
+    predictor = None
+    if not config.clients.exists():
+        # No prediction clients: no predictor either (it would load torch for nothing). Clients
+        # added later are refused as `unavailable` until the coordinator restarts.
+        log.info("no prediction client registry %s: predictions are off", config.clients)
+    else:
+        try:
+            predictor = make_predictor(config.task, n_features=config.csv_features, scaler=config.predict_scaler)
+        except ValueError as exc:
+            log.warning("predictions unavailable: %s", exc)
     digests: dict[int, bytes] = {}
 
     def current_model() -> CurrentModel:

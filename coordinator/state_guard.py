@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def read_checkpoint(state_dir: Path, coordinator_key: bytes) -> Head | None:
 
 
 def broker_head(config: BrokerConfig, topics: Topics, client_id: str, coordinator_key: bytes,
-                wait: float, *, heartbeat: float) -> Head | None:
+                wait: float, *, heartbeat: float, stop: threading.Event | None = None) -> Head | None:
     """The fleet's retained ledger head, if the broker has one signed by our key (a short-lived
     clean-session client, so the broker keeps nothing for it afterwards).
 
@@ -76,16 +77,18 @@ def broker_head(config: BrokerConfig, topics: Topics, client_id: str, coordinato
     status is recent and not final, and a fresh one arrives within two of its heartbeats. (Two
     coordinators would fork the ledger, and with one client id they knock each other off.)"""
     probe = MqttLink(config, client_id, subscriptions=[topics.ledger_head, topics.status], persistent=False)
-    probe.start(timeout=60)
+    stop = stop or threading.Event()
+    if not probe.start(timeout=60, stop=stop):
+        return None  # stopped while connecting
     try:
         head: Head | None = None
         status: dict[str, Any] | None = None
         deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0 and (head is None or status is None):
+        while (left := deadline - time.monotonic()) > 0 and (head is None or status is None) and not stop.is_set():
             try:
-                message = probe.inbox.get(timeout=left)
+                message = probe.inbox.get(timeout=min(left, 0.5))
             except queue.Empty:
-                break
+                continue  # until the deadline, or a stop
             if message.topic == topics.ledger_head and head is None:
                 head = signed_head(message.payload, coordinator_key, "the broker's retained ledger head")
                 if head is None:
@@ -94,7 +97,7 @@ def broker_head(config: BrokerConfig, topics: Topics, client_id: str, coordinato
                 status = _signed_status(message.payload, coordinator_key)
             # anything else: amqtt hands out retained messages of other topics too
         if status is not None:
-            _refuse_if_alive(probe, topics, coordinator_key, status, heartbeat)
+            _refuse_if_alive(probe, topics, coordinator_key, status, heartbeat, stop)
         return head
     finally:
         probe.stop()
@@ -111,7 +114,7 @@ def _signed_status(payload: bytes, coordinator_key: bytes) -> dict[str, Any] | N
 
 
 def _refuse_if_alive(probe: MqttLink, topics: Topics, coordinator_key: bytes, status: dict[str, Any],
-                     own_heartbeat: float) -> None:
+                     own_heartbeat: float, stop: threading.Event) -> None:
     period = status.get("heartbeat")
     period = float(period) if isinstance(period, (int, float)) and 0 < period < 3600 else own_heartbeat
     stamp = status.get("time")
@@ -121,11 +124,11 @@ def _refuse_if_alive(probe: MqttLink, topics: Topics, coordinator_key: bytes, st
     log.info("the fleet's status is %.0fs old: waiting up to %.0fs to see whether its coordinator still runs",
              age, 2 * period + 1)
     deadline = time.monotonic() + 2 * period + 1
-    while (left := deadline - time.monotonic()) > 0:
+    while (left := deadline - time.monotonic()) > 0 and not stop.is_set():
         try:
-            message = probe.inbox.get(timeout=left)
+            message = probe.inbox.get(timeout=min(left, 0.5))
         except queue.Empty:
-            return
+            continue
         fresh = _signed_status(message.payload, coordinator_key) if message.topic == topics.status else None
         if fresh is not None and not message.retain and fresh.get("state") in LIVE_STATES:
             raise StateRefused(f"another coordinator of fleet {topics.fleet} is running (its signed status is "

@@ -182,6 +182,9 @@ class MqttLink:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self._stopping:  # a reconnect paho had under way when the link gave up or was stopped
+            client.disconnect()
+            return
         if reason.is_failure:
             self.refused = str(reason)
             log.error("broker refused connection: %s", reason)

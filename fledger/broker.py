@@ -54,14 +54,6 @@ def broker_config(host: str, port: int, password_file: Path | None = None,
     return {"listeners": {"default": listener}, "plugins": plugins}
 
 
-def hash_password(password: str) -> str:
-    """An argon2 hash in the form amqtt's FileAuthPlugin reads (``user:hash`` lines)."""
-    from pwdlib import PasswordHash
-    from pwdlib.hashers.argon2 import Argon2Hasher
-
-    return PasswordHash((Argon2Hasher(),)).hash(password)
-
-
 class AclTopicPlugin(BaseTopicPlugin):
     """amqtt topic filter enforcing a mosquitto ACL file (fledger/acl.py) like mosquitto 2.0:
     PUBLISH needs write access, every delivery (RECEIVE, and retained messages through

@@ -204,7 +204,7 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def _missing_extra(exc: ImportError) -> str:
-    extra = {"torch": "train", "amqtt": "broker", "pwdlib": "broker", "zarr": "mnist", "pure_ml": "mnist"}
+    extra = {"torch": "train", "amqtt": "broker", "zarr": "mnist", "pure_ml": "mnist"}
     name = (exc.name or "").split(".")[0]
     if name in extra:
         return (f"this command needs {name}, which is not installed: pip install 'fledger[{extra[name]}]' "

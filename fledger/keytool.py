@@ -96,9 +96,10 @@ def add_device(directory: Path, device: str, *, force: bool = False) -> tuple[Pa
     the registry: replacing a device's key is `rotate`, which also revokes the old key. With
     ``force`` it does exactly that (the previous active keys are revoked). A new device also
     gets a broker password (``broker/<device>.password``, and its hash in ``broker/passwords``)."""
-    check_device_id(directory, device)
+    check_name("device id", device)
     if device in DeviceRegistry.load(Path(directory) / CLIENTS_FILE).devices:
         raise ValueError(f"{device!r} is a prediction client of this fleet; a device needs a name of its own")
+    check_device_id(directory, device)
     path = bundle_path(directory, device)
     registry = DeviceRegistry.load(Path(directory) / REGISTRY_FILE)
     if not force:
@@ -183,11 +184,18 @@ def revoke_device_key(directory: Path, device: str, key_id: str) -> None:
     registry.save(Path(directory) / REGISTRY_FILE)
 
 
+def hash_password(password: str) -> str:
+    """An argon2 hash in the form amqtt's FileAuthPlugin reads (``user:hash`` lines). pwdlib is a
+    plain dependency (not the broker extra): `keys init` makes a fleet's logins on any install."""
+    from pwdlib import PasswordHash
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    return PasswordHash((Argon2Hasher(),)).hash(password)
+
+
 def write_broker_password(path: Path, user: str, password: str) -> None:
     """Append/replace ``user`` in an amqtt password file (``user:argon2-hash`` lines), 0600,
     replaced atomically (a reader never sees a half-written file)."""
-    from fledger.broker import hash_password
-
     check_name("broker user", user)
     if not password or "\n" in password or "\r" in password:
         raise ValueError("a broker password must be one non-empty line")

@@ -266,8 +266,8 @@ def test_follow_alerts_on_a_signed_checkpoint_of_another_history(tmp_path: Path,
         while other.height < h.ledger.height:
             other.append(records.round_opened(100 + other.height))
         note = other.signed_checkpoint()
-    follower = _follower(embedded_broker, copy)
-    _, err = _publish_to(follower, embedded_broker, note.encode(), TOPICS.ledger_checkpoint)
+    follower = _follower(embedded_broker, copy, h.keys.public.sign_public)
+    _, err = _publish_to(follower, embedded_broker, note.encode(), topic=TOPICS.ledger_checkpoint)
     assert follower.returncode == 1, err
     assert "ALERT: split view" in err and f"size {h.ledger.height}" in err
 

@@ -41,11 +41,13 @@ def test_watchdog_counts_silence_from_the_last_arrival() -> None:
 
 def test_roles_reconnect_when_data_stops_but_the_connection_stays_up(proxy: MqttProxy, tmp_path: Path) -> None:
     fed = Federation(tmp_path, proxy.host, proxy.port, rounds=2, limit=200,
-                     extra_coordinator=["--heartbeat", "1", "--keepalive", "2", "--head-wait", "1"],
-                     extra_agent=["--heartbeat", "1", "--keepalive", "2"])
+                     # 3.1.1: the proxy parses MQTT 3.1.1 packets (no MQTT 5 probe connections either)
+                     extra_coordinator=["--heartbeat", "1", "--keepalive", "2", "--head-wait", "1",
+                                        "--mqtt-version", "3.1.1"],
+                     extra_agent=["--heartbeat", "1", "--keepalive", "2", "--mqtt-version", "3.1.1"])
     try:
         fed.start_coordinator()
-        wait_for("the coordinator connected", lambda: "as fledger-coordinator-test\n" in log_text(fed, "coordinator"),
+        wait_for("the coordinator connected", lambda: "as fledger-coordinator-test (" in log_text(fed, "coordinator"),
                  60, fed)
         assert proxy.stall() == 1  # the coordinator hears nothing from now on: no registration, no update
         for i in range(len(fed.devices)):
@@ -53,7 +55,7 @@ def test_roles_reconnect_when_data_stops_but_the_connection_stays_up(proxy: Mqtt
         wait_for("the coordinator to notice and reconnect",
                  lambda: ECHO_LOST in log_text(fed, "coordinator"), 60, fed)
         for device in fed.devices:
-            wait_for(f"{device} connected", lambda d=device: f"as fledger-agent-{d}\n" in log_text(fed, d), 60, fed)
+            wait_for(f"{device} connected", lambda d=device: f"as fledger-agent-{d} (" in log_text(fed, d), 60, fed)
         proxy.stall()  # now the agents too (and the coordinator's new connection)
         for device in fed.devices:
             wait_for(f"{device} to notice and reconnect", lambda d=device: ECHO_LOST in log_text(fed, d), 60, fed)
