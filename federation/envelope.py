@@ -117,6 +117,18 @@ def _unpack_outer(data: bytes, fmt: str, max_bytes: int,
     return outer
 
 
+def _header_map(header_bytes: bytes, what: str, **limits: int) -> dict[str, Any]:
+    """A header's msgpack map (``limits`` bound what unpacking may allocate), or a ``malformed``
+    EnvelopeError naming ``what``."""
+    try:
+        hdr = msgpack.unpackb(header_bytes, raw=False, **limits)
+    except Exception as exc:
+        raise EnvelopeError("malformed", f"{what} is not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(hdr, dict):
+        raise EnvelopeError("malformed", f"{what} is not a map")
+    return hdr
+
+
 def _field(hdr: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = hdr.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -385,12 +397,7 @@ def open_dataset(data: bytes, public_key_of: Any, *, max_bytes: int = 64 * 1024)
     outer = _unpack_outer(data, DATASET_FORMAT, max_bytes, fields=("hdr", "sig"))
     if len(outer["hdr"]) > MAX_HEADER_BYTES:
         raise EnvelopeError("malformed", f"registration of {len(outer['hdr'])} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        hdr = msgpack.unpackb(outer["hdr"], raw=False)
-    except Exception as exc:
-        raise EnvelopeError("malformed", f"registration header is not msgpack: {type(exc).__name__}") from exc
-    if not isinstance(hdr, dict):
-        raise EnvelopeError("malformed", "registration header is not a map")
+    hdr = _header_map(outer["hdr"], "registration header")
     statement = DatasetStatement(
         fleet=_field(hdr, "fleet", str), device=_field(hdr, "device", str), key_id=_field(hdr, "key_id", str),
         sha256=_field(hdr, "sha256", bytes), size=_field(hdr, "size", int), schema=_field(hdr, "schema", dict),
@@ -452,12 +459,7 @@ def open_presence(data: bytes, public_key_of: Any, *, fleet: str,
     """Parse and verify a heartbeat or Last Will; ``public_key_of(device, key_id)`` gives the
     device's active key or None. Ordering (stale sessions, replays) is the caller's."""
     outer = _unpack_outer(data, PRESENCE_FORMAT, max_bytes, fields=("hdr", "sig"))
-    try:
-        hdr = msgpack.unpackb(outer["hdr"], raw=False, max_map_len=16)
-    except Exception as exc:
-        raise EnvelopeError("malformed", f"presence header is not msgpack: {type(exc).__name__}") from exc
-    if not isinstance(hdr, dict):
-        raise EnvelopeError("malformed", "presence header is not a map")
+    hdr = _header_map(outer["hdr"], "presence header", max_map_len=16)
     round_number = hdr.get("round")
     if round_number is not None and (not isinstance(round_number, int) or isinstance(round_number, bool)):
         raise EnvelopeError("malformed", "presence round is not an integer")

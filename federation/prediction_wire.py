@@ -43,6 +43,7 @@ from federation.envelope import (
     ENVELOPE_VERSION,
     EnvelopeError,
     _field,
+    _header_map,
     _open_signed_json,
     _pack,
     _seal_signed_json,
@@ -209,12 +210,7 @@ def parse_request(data: bytes, *, max_bytes: int) -> SealedRequest:
     outer = _unpack_outer(data, REQUEST_FORMAT, max_bytes)
     if len(outer["hdr"]) > 1024:
         raise EnvelopeError("malformed", f"request header of {len(outer['hdr'])} bytes")
-    try:
-        hdr = msgpack.unpackb(outer["hdr"], raw=False, max_map_len=16, max_str_len=256)
-    except Exception as exc:
-        raise EnvelopeError("malformed", f"request header is not msgpack: {type(exc).__name__}") from exc
-    if not isinstance(hdr, dict):
-        raise EnvelopeError("malformed", "request header is not a map")
+    hdr = _header_map(outer["hdr"], "request header", max_map_len=16, max_str_len=256)
     header = RequestHeader(
         fleet=_field(hdr, "fleet", str), client=_field(hdr, "client", str), key_id=_field(hdr, "key_id", str),
         request_id=_field(hdr, "request_id", bytes), created=_field(hdr, "created", float),
