@@ -314,7 +314,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     def publish_reply(topic: str, payload: bytes) -> None:
         link.publish(topic, payload, chunked=True)  # a large reply (many rows) is chunked like a model
 
-    predictions = build_prediction_service(config, coordinator, publish_reply, publish)
+    predictions = build_prediction_service(config, coordinator, publish_reply)
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     last_status = time.monotonic()

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import logging
 import queue
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from coordinator.inference import make_predictor
@@ -61,13 +60,13 @@ def prediction_settings(config: CoordinatorConfig) -> PredictionSettings:
                               max_rows=config.predict_max_rows, max_request_bytes=config.predict_max_bytes)
 
 
-def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator, publish: Publish,
-                             publish_retained: Callable[[str, bytes, bool], None]) -> PredictionService:
+def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator, publish: Publish
+                             ) -> PredictionService:
     """The service answering with ``coordinator``'s current global model. Without a usable
     predictor (task csv and no --predict-scaler) every request is refused as ``unavailable``.
 
-    ``publish_retained`` is the coordinator's own publish: new ledger blocks go to the ledger
-    topics as the coordinator's other blocks do, but only once they are durable."""
+    New ledger blocks are announced as the coordinator's other blocks are (block, head,
+    checkpoint), but only once they are durable."""
     predictor = None
     if not config.clients.exists():
         # No prediction clients: no predictor either (it would load torch for nothing). Clients
@@ -99,11 +98,7 @@ def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator
             log.critical("%s; no longer accepting updates or requests", coordinator.halted)
             raise StorageError(exc.errno or 5, coordinator.halted) from exc
 
-    def announce(block: Any) -> None:
-        publish_retained(topics.ledger_blocks, block.to_bytes(), False)
-        publish_retained(topics.ledger_head, block.to_bytes(), True)
-
     group_commit = getattr(ledger, "group_commit", contextlib.nullcontext)
     return PredictionService(prediction_settings(config), coordinator.keys, DeviceRegistry.load(config.clients),
                              list(ledger), append=append, model=current_model, predictor=predictor, publish=publish,
-                             topics=topics, group_commit=group_commit, announce=announce)
+                             topics=topics, group_commit=group_commit, announce=coordinator.announce_block)

@@ -329,10 +329,15 @@ class Coordinator:
             self.halted = f"cannot write the ledger: {exc}"
             log.critical("%s; no longer accepting updates", self.halted)
             raise StorageError(exc.errno or 5, self.halted) from exc
+        self.announce_block(block)
+        return block
+
+    def announce_block(self, block: Any) -> None:
+        """Tell the ledger's followers about a durable block: the block, the retained head and
+        the signed checkpoint (for every block, whoever appended it)."""
         self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
         self._publish(self.topics.ledger_head, block.to_bytes(), True)
         self._publish(self.topics.ledger_checkpoint, self.ledger.signed_checkpoint().encode(), True)
-        return block
 
     def publish_model(self) -> None:
         assert self.round is not None
