@@ -37,6 +37,9 @@ class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
                                           "90th percentile of the devices' reported training times (0: fixed)")
     round_deadline_max: float = setting(0.0, "upper bound of the adaptive deadline (0: 10 x round_deadline)")
     rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
+    stop_at: str = setting("", "stop once a round's model reaches this target, e.g. test_mse<=0.25 or "
+                               "test_accuracy>=0.98 (test_*: --evaluate; clients_*: mean of what the devices "
+                               "report); the metric as the ledger's aggregate record names it (empty: none)")
     strategy: str = setting(DEFAULT_STRATEGY, "aggregation: clipped-fedavg (FedAvg with each update's distance from "
                             "the global model bounded), median, trimmed-mean, krum, multi-krum, or the unbounded "
                             "fedavg and mean (trusted fleets only); see docs/robustness.md")

@@ -33,6 +33,7 @@ from coordinator.restore import RestoreError
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.state_check import StateRefused
+from coordinator.stopping import stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
 from federation.config import ConfigError
@@ -114,6 +115,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         fleet=config.fleet,
         policy=policy,
         strategy=config.strategy, strategy_params=params, max_rounds=config.rounds,
+        stop_at=stop_target(config.stop_at, task=config.task, evaluates=evaluate is not None),
         max_update_bytes=config.max_update_bytes, keep_models=config.keep_models, heartbeat_s=config.heartbeat,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
@@ -152,6 +154,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     # Everything local is checked before connecting: settings, keys, registry, task, state.
     round_policy(config)
     strategy_params(config)
+    stop_target(config.stop_at, task=config.task, evaluates=config.evaluate)
     keys = load_keys(config)
     load_registry(config)
     task_layers(config.task, config.csv_features)
@@ -303,7 +306,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                 log.critical("stopped: the MQTT link gave up (see above)")
                 return exit_codes.UNREACHABLE
             if coordinator.done:
-                log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
+                log.info("training done (--rounds %d, --stop-at %s); ledger height %d", config.rounds,
+                         config.stop_at or "none", coordinator.ledger.head.index + 1)
                 # Let the last publishes reach the broker before leaving.
                 link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True,
                              wait=10)
