@@ -33,7 +33,7 @@ from coordinator.restore import RestoreError
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.state_check import StateRefused
-from coordinator.stopping import stop_target
+from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
 from federation.config import ConfigError
@@ -154,6 +154,9 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     # Everything local is checked before connecting: settings, keys, registry, task, state.
     round_policy(config)
     strategy_params(config)
+    if config.evaluate and config.task not in CENTRAL_TEST_SETS:
+        raise ConfigError(f"--evaluate: the coordinator has no test set for task {config.task} (its data is on the "
+                          "devices); leave --evaluate off and watch the devices' clients_* metrics instead")
     stop_target(config.stop_at, task=config.task, evaluates=config.evaluate)
     keys = load_keys(config)
     load_registry(config)

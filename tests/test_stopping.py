@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,16 @@ def test_the_coordinator_stops_at_its_target_and_the_agent_with_it(embedded_brok
     assert aggregates(ledger_path) == rounds
     with Ledger.open(ledger_path) as ledger:
         assert not [b for b in ledger if b.index >= height and b.data.get("type") in ("round.opened", "aggregate")]
+
+
+@pytest.mark.parametrize(("flags", "complaint"), [
+    (["--stop-at", "test_mse<=0.25"], "choose from clients_train_loss"),  # csv: no central test set
+    (["--evaluate"], "no test set for task csv"),  # else it failed after connecting, with a new ledger
+])
+def test_the_cli_refuses_in_one_line_before_touching_anything(tmp_path: Path, flags: list[str],
+                                                              complaint: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "fledger.cli", "coordinator", "--task", "csv", "--csv-features", "8",
+                           "--state-dir", str(tmp_path / "state"), *flags],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2 and complaint in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "state").exists()
