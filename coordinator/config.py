@@ -1,7 +1,8 @@
 """The coordinator's settings (defaults < TOML < FLEDGER_* environment < flags).
 
 Apart from the daemon so that `fledger coordinator --help` builds its parser without loading the
-ledger, the crypto or the MQTT service (bench/startup.py checks its start-up cost).
+ledger, the crypto or the service (only numpy and paho, for defaults shared with them);
+bench/startup.py checks its start-up cost.
 """
 
 from __future__ import annotations

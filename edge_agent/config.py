@@ -1,7 +1,7 @@
 """The edge agent's settings (defaults < TOML < FLEDGER_* environment < flags).
 
 Apart from the daemon so that `fledger agent --help` builds its parser without loading the
-crypto, the envelope or torch (bench/startup.py checks its start-up cost).
+crypto, the envelope or torch; bench/startup.py checks its start-up cost.
 """
 
 from __future__ import annotations
