@@ -13,7 +13,7 @@ from federation_run import Federation
 
 from coordinator.stopping import StopTarget, stop_target
 from federation.config import ConfigError
-from ledger import Ledger
+from ledger import Ledger, verify_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +79,7 @@ def test_the_coordinator_stops_at_its_target_and_the_agent_with_it(embedded_brok
     metric = [float(r["metrics"]["clients_test_mse"]) for r in rounds]  # type: ignore[index]
     assert metric[-1] <= 0.025 and all(m > 0.025 for m in metric[:-1]), metric
     assert not any("stop_target" in r for r in rounds[:-1])
+    assert verify_file(ledger_path).ok  # the record with its stop_target verifies like any other
     with Ledger.open(ledger_path) as ledger:
         opened = [b.data["round"] for b in ledger if b.data.get("type") == "round.opened"]
     assert max(opened) == last["round"]  # no round opened after the last one
