@@ -13,13 +13,13 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coordinator import restore, state_check, state_guard
-from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
-from coordinator.dashboard import DashboardConfig
+from coordinator.aggregation import STRATEGIES, StrategyParams
+from coordinator.config import DEFAULT_REPLAY_BATCH as DEFAULT_REPLAY_BATCH  # re-exported: the settings moved
+from coordinator.config import CoordinatorConfig as CoordinatorConfig  # to a light module for the CLI's parser
 from coordinator.observe import Observatory
 from coordinator.prediction_daemon import (
     build_prediction_service,
@@ -33,90 +33,20 @@ from coordinator.restore import RestoreError
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.state_check import StateRefused
+from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
-from federation.config import ConfigError, setting
+from federation.config import ConfigError
 from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
-from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
-from federation.observability import MetricsConfig
+from federation.mqtt import LIVENESS_PERIODS, MqttLink
 from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, Ledger, LedgerCorrupt
 
 log = logging.getLogger(__name__)
 
-
-DEFAULT_REPLAY_BATCH = 10_000  # ledger blocks per replay request: bounded, the monitor asks again
-
-
-@dataclass
-class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
-    fleet: str = setting("demo", "fleet name (a topic level; letters, digits, '_' and '-')")
-    state_dir: Path = setting(Path("state/coordinator"), "directory for ledger, models and spool")
-    keys: Path = setting(Path("keys/coordinator.json"), "coordinator key file (from `fledger keys init`)")
-    devices: Path = setting(Path("keys/devices.json"), "device registry (public keys; `fledger keys add-device`); "
-                                                       "re-read every 2 s and on SIGHUP: changes apply live")
-    task: str = setting("california", "model/task: california, mnist, or csv")
-    csv_features: int = setting(0, "for task csv: number of feature columns of the model")
-    min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
-    quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
-    round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
-    keep_models: int = setting(10, "keep the model files of this many latest rounds, plus any the ledger marks as "
-                                   "restore targets (0: keep all); the ledger keeps every model's hash")
-    deadline_factor: float = setting(1.5, "adaptive deadline: a round stays open at least this many times the "
-                                          "90th percentile of the devices' reported training times (0: fixed)")
-    round_deadline_max: float = setting(0.0, "upper bound of the adaptive deadline (0: 10 x round_deadline)")
-    rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
-    strategy: str = setting(DEFAULT_STRATEGY, "aggregation: clipped-fedavg (FedAvg with each update's distance from "
-                            "the global model bounded), median, trimmed-mean, krum, multi-krum, or the unbounded "
-                            "fedavg and mean (trusted fleets only); see docs/robustness.md")
-    clip_factor: float = setting(StrategyParams.clip_factor, "clipped-fedavg: clip updates farther from the global "
-                                 "model than this x the round's median distance, and cap sample counts at this x "
-                                 "the median count (0: off)")
-    exclude_factor: float = setting(StrategyParams.exclude_factor, "clipped-fedavg: leave out updates farther than "
-                                    "this x the median distance (0: never; else >= 1 and >= clip_factor)")
-    clip_norm: float = setting(StrategyParams.clip_norm, "clipped-fedavg: absolute bound on an update's L2 distance "
-                               "from the global model (0: none)")
-    trim_fraction: float = setting(StrategyParams.trim_fraction, "trimmed-mean: fraction of values cut at each end, "
-                                   "per coordinate (0 to < 0.5)")
-    krum_byzantine: int = setting(StrategyParams.byzantine, "krum, multi-krum: hostile updates tolerated "
-                                  "(-1: the most possible, (n - 3) // 2)")
-    krum_select: int = setting(StrategyParams.krum_select, "multi-krum: updates averaged (0: n - krum_byzantine)")
-    max_update_bytes: int = setting(64 * 1024 * 1024, "largest update accepted, checked before decoding")
-    difficulty: int = setting(0, "ledger proof of work: leading zero bits per block (0: off)")
-    evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
-    seed: int = setting(0, "seed for the initial model")
-    client_id: str = setting("", "MQTT client id (default: fledger-coordinator-<fleet>)")
-    replay_batch: int = setting(DEFAULT_REPLAY_BATCH, "ledger blocks sent per replay request from a monitor "
-                                                      "(it asks again for the rest)")
-    replay_bytes: int = setting(ReplayLimits.max_bytes, "bytes of blocks sent per replay request at most")
-    replay_interval: float = setting(ReplayLimits.interval_s, "seconds between two served replay requests of one "
-                                                              "requester (others are counted and dropped)")
-    replay_requester_window_bytes: int = setting(ReplayLimits.requester_window_bytes,
-                                                 "bytes of replayed blocks per requester per 10 s window")
-    replay_window_bytes: int = setting(ReplayLimits.window_bytes,
-                                       "bytes of replayed blocks for all requesters together per 10 s window")
-    presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
-                                            "(0: only its Last Will)")
-    new_chain: bool = setting(False, "start a new ledger in an empty state directory although the broker shows "
-                                     "this fleet's earlier chain (every agent must then accept the reset; refused "
-                                     "while models of the old chain are there; no effect on an existing ledger)")
-    head_wait: float = setting(3.0, "seconds to wait at start for the fleet's retained ledger head on the broker "
-                                    "(compared with the local ledger: a coordinator never starts behind it)")
-    heartbeat: float = setting(15.0, "seconds between status republications; if not even our own status comes "
-                                     "back for 4 of them while the broker still answers pings, reconnect")
-
-    clients: Path = setting(Path("keys/clients.json"), "prediction client registry (`fledger keys add-client`); "
-                                                       "re-read every 2 s and on SIGHUP")
-    predict_fee: int = setting(1, "fee of a prediction in the smallest unit (integer), see --predict-fee-per")
-    predict_fee_per: str = setting("request", "charge the fee per 'request' or per 'row'")
-    predict_max_rows: int = setting(1024, "most rows (or images) in one prediction request")
-    predict_max_bytes: int = setting(1 << 20, "largest prediction request accepted, checked before decoding")
-    predict_scaler: Path | None = setting(None, "an agent's scaler.json: maps prediction inputs and outputs to "
-                                                "original units (required for task csv; california's is "
-                                                "computed from the vendored data)")
 
 def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
     return ReplayLimits(interval_s=config.replay_interval, max_blocks=config.replay_batch,
@@ -185,6 +115,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         fleet=config.fleet,
         policy=policy,
         strategy=config.strategy, strategy_params=params, max_rounds=config.rounds,
+        stop_at=stop_target(config.stop_at, task=config.task, evaluates=evaluate is not None),
         max_update_bytes=config.max_update_bytes, keep_models=config.keep_models, heartbeat_s=config.heartbeat,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
@@ -223,6 +154,10 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     # Everything local is checked before connecting: settings, keys, registry, task, state.
     round_policy(config)
     strategy_params(config)
+    if config.evaluate and config.task not in CENTRAL_TEST_SETS:
+        raise ConfigError(f"--evaluate: the coordinator has no test set for task {config.task} (its data is on the "
+                          "devices); leave --evaluate off and watch the devices' clients_* metrics instead")
+    stop_target(config.stop_at, task=config.task, evaluates=config.evaluate)
     keys = load_keys(config)
     load_registry(config)
     task_layers(config.task, config.csv_features)
@@ -374,7 +309,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                 log.critical("stopped: the MQTT link gave up (see above)")
                 return exit_codes.UNREACHABLE
             if coordinator.done:
-                log.info("all %d rounds done; ledger height %d", config.rounds, coordinator.ledger.head.index + 1)
+                log.info("training done (--rounds %d, --stop-at %s); ledger height %d", config.rounds,
+                         config.stop_at or "none", coordinator.ledger.head.index + 1)
                 # Let the last publishes reach the broker before leaving.
                 link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True,
                              wait=10)

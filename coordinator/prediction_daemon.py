@@ -24,7 +24,7 @@ from federation.mqtt import Message
 from federation.topics import Topics
 
 if TYPE_CHECKING:
-    from coordinator.daemon import CoordinatorConfig
+    from coordinator.config import CoordinatorConfig
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, 
 from coordinator.presence import PresenceBook
 from coordinator.restore import RestoreError
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
+from coordinator.stopping import StopTarget
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from federation import envelope
 from federation.codec import (
@@ -77,6 +78,7 @@ class CoordinatorSettings:
     strategy: str = DEFAULT_STRATEGY
     strategy_params: StrategyParams = StrategyParams()
     max_rounds: int = 0  # 0: run until stopped
+    stop_at: StopTarget | None = None  # or stop once a round's aggregate metrics reach this
     max_update_bytes: int = 64 * 1024 * 1024
     keep_models: int = 10  # model files kept besides restore targets (0: all)
     heartbeat_s: float = 0.0  # how often the daemon republishes the status (0: only on changes)
@@ -208,6 +210,10 @@ class Coordinator:
         self.global_model = model
         self.spec = spec_of(model)
         self._model_block = last_model_block
+        stop_at = self.settings.stop_at
+        if stop_at is not None and last_model_block.data.get("type") == "aggregate" and \
+                stop_at.reached(last_model_block.data.get("metrics", {})):
+            self.done = True  # the run had reached its target before this restart
         self._open_round(round_number, announce=round_number not in opened_at)
         if round_number in opened_at and self.round is not None:
             self.round.opened_at = opened_at[round_number]  # a restart does not extend the deadline
@@ -314,7 +320,7 @@ class Coordinator:
                                        global_model=self.global_model, workdir=self.spool.directory)
         if announce:  # a new round (not one resumed after a restart): the per-round caps start over
             self._reset_round_caps()
-        if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
+        if announce and not self.done and not (self.settings.max_rounds and number > self.settings.max_rounds):
             self._append(records.round_opened(number))
 
     def _reset_round_caps(self) -> None:
@@ -604,12 +610,16 @@ class Coordinator:
         # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
         # participants = accepted minus excluded; the ledger fills in the Merkle root over all of
         # this round's accepted updates (excluded ones too: they were accepted, then left out).
+        metrics = {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}}
+        stop_at = self.settings.stop_at
+        reached = stop_at is not None and stop_at.reached(metrics)
+        ending: dict[str, Any] = {"stop_target": str(stop_at)} if reached else {}  # the run ends with this model
         block = self._append(records.aggregate(
             state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
-            self._strategy.name,
-            {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}},
+            self._strategy.name, metrics,
             num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
             excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
+            **ending,
         ))
         self.spool.drop_round(state.number)
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
@@ -622,6 +632,10 @@ class Coordinator:
         log.info("round %d aggregated from %s -> block %d %s", state.number, sorted(state.accepted),
                  block.index, block.hash.hex()[:16])
         if self.settings.max_rounds and next_round > self.settings.max_rounds:
+            self.done = True
+        if reached and stop_at is not None:
+            log.info("round %d: target %s reached (%s %.6g); training done", state.number, stop_at, stop_at.metric,
+                     metrics[stop_at.metric])
             self.done = True
         self._open_round(next_round, announce=True)
         self.publish_model()

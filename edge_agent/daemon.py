@@ -6,41 +6,20 @@ import json
 import logging
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.config import AgentConfig as AgentConfig  # re-exported: moved to a light module
 from edge_agent.metrics import NO_EVENTS, AgentEvents, AgentMetrics
 from edge_agent.presence import PresenceSession
 from federation import exit_codes
-from federation.config import ConfigError, setting
+from federation.config import ConfigError
 from federation.keys import DeviceBundle
-from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
-from federation.observability import Endpoints, MetricsConfig, serve_metrics
+from federation.mqtt import LIVENESS_PERIODS, MqttLink
+from federation.observability import Endpoints, serve_metrics
 from federation.systemd import Notifier
 from federation.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AgentConfig(MetricsConfig, BrokerConfig):
-    bundle: Path = setting(Path("keys/device.json"), "this device's key bundle (from `fledger keys add-device`)")
-    task: str = setting("california", "task: california, mnist, or csv (your own file, see --data)")
-    data: Path | None = setting(None, "for task csv: path of the local CSV file")
-    target: str | None = setting(None, "for task csv: name of the target column")
-    shard: str = setting("0/1", "which IID part of the data set this device holds, as i/n (demo data)")
-    limit: int = setting(0, "use at most this many training samples (0: all; for quick tests)")
-    state_dir: Path = setting(Path("state/agent"), "directory for the outbox and the scaler")
-    threads: int = setting(1, "torch threads (several agents on one machine compete for cores)")
-    seed: int = setting(0, "seed for local training")
-    resend_interval: float = setting(20.0, "seconds before an unacknowledged update is sent again")
-    heartbeat: float = setting(15.0, "seconds between presence heartbeats; if not even our own comes back for 4 "
-                                     "of them while the broker still answers pings, reconnect")
-    exit_when_done: bool = setting(True, "exit once the coordinator says training is finished")
-    client_id: str = setting("", "MQTT client id (default: fledger-agent-<device>)")
-    reregister: bool = setting(False, "register changed local data instead of refusing to train on it")
-    accept_reset: bool = setting(False, "follow a coordinator that started a new chain or went back to an earlier "
-                                        "round (an intended reset; otherwise the agent logs an ERROR and waits)")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

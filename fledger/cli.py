@@ -70,15 +70,17 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator import daemon
+    from coordinator.config import CoordinatorConfig
 
-    config = cfg.load(daemon.CoordinatorConfig, args, section="coordinator", config_file=args.config)
+    config = cfg.load(CoordinatorConfig, args, section="coordinator", config_file=args.config)
     return daemon.run(config)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
     from edge_agent import daemon
+    from edge_agent.config import AgentConfig
 
-    config = cfg.load(daemon.AgentConfig, args, section="agent", config_file=args.config)
+    config = cfg.load(AgentConfig, args, section="agent", config_file=args.config)
     return daemon.run(config)
 
 
@@ -112,13 +114,13 @@ def _add_role(sub: Any, name: str, config_cls: type, func: Any) -> None:
 
 
 def _add_coordinator(sub: Any) -> None:
-    from coordinator.daemon import CoordinatorConfig
+    from coordinator.config import CoordinatorConfig
 
     _add_role(sub, "coordinator", CoordinatorConfig, _cmd_coordinator)
 
 
 def _add_agent(sub: Any) -> None:
-    from edge_agent.daemon import AgentConfig
+    from edge_agent.config import AgentConfig
 
     _add_role(sub, "agent", AgentConfig, _cmd_agent)
 

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from coordinator.storage import read_model_file
 from federation.codec import TensorDict, encode_tensors
 from federation.datasets import Standardizer
-from federation.tasks import CaliforniaTask, get_task
 from fledger.remote_predict import REMOTE_HELP, add_remote_arguments
 
 
@@ -92,6 +90,11 @@ def main(args: argparse.Namespace) -> int:
         from fledger.remote_predict import predict_remote
 
         return predict_remote(args)
+    # torch only for a local prediction: --help and --remote start fast and run without it.
+    import torch
+
+    from federation.tasks import CaliforniaTask, get_task
+
     if args.model is None:
         raise PredictError("--model is required (or --remote to ask the fleet's coordinator)")
     if args.task == "mnist":

@@ -63,9 +63,9 @@ def _inputs(args: argparse.Namespace) -> np.ndarray:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PredictError(f"{args.scaler}: no feature_names ({exc!r})") from None
     elif args.task == "california":
-        from federation.tasks import CaliforniaTask
+        from federation.datasets import CALIFORNIA_FEATURES  # not federation.tasks: a client needs no torch
 
-        columns = list(CaliforniaTask().table().feature_names)
+        columns = list(CALIFORNIA_FEATURES)
     else:
         raise PredictError("task csv with --remote needs --columns or --scaler (for the feature columns)")
     values, _rows = read_rows(args.data, columns)

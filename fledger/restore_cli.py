@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from coordinator.daemon import CoordinatorConfig
+    from coordinator.config import CoordinatorConfig
 
     state_dir = Path(cfg.load(CoordinatorConfig, args, section="coordinator", config_file=args.config).state_dir)
     ledger_path = state_dir / "ledger.log"

@@ -1,0 +1,91 @@
+"""The coordinator's settings (defaults < TOML < FLEDGER_* environment < flags).
+
+Apart from the daemon so that `fledger coordinator --help` builds its parser without loading the
+ledger, the crypto or the service (only numpy and paho, for defaults shared with them);
+bench/startup.py checks its start-up cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.aggregation import DEFAULT_STRATEGY, StrategyParams
+from coordinator.dashboard import DashboardConfig
+from coordinator.replay import ReplayLimits
+from federation.config import setting
+from federation.mqtt import BrokerConfig
+from federation.observability import MetricsConfig
+
+DEFAULT_REPLAY_BATCH = 10_000  # ledger blocks per replay request: bounded, the monitor asks again
+
+
+@dataclass
+class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
+    fleet: str = setting("demo", "fleet name (a topic level; letters, digits, '_' and '-')")
+    state_dir: Path = setting(Path("state/coordinator"), "directory for ledger, models and spool")
+    keys: Path = setting(Path("keys/coordinator.json"), "coordinator key file (from `fledger keys init`)")
+    devices: Path = setting(Path("keys/devices.json"), "device registry (public keys; `fledger keys add-device`); "
+                                                       "re-read every 2 s and on SIGHUP: changes apply live")
+    task: str = setting("california", "model/task: california, mnist, or csv")
+    csv_features: int = setting(0, "for task csv: number of feature columns of the model")
+    min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
+    quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
+    round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
+    keep_models: int = setting(10, "keep the model files of this many latest rounds, plus any the ledger marks as "
+                                   "restore targets (0: keep all); the ledger keeps every model's hash")
+    deadline_factor: float = setting(1.5, "adaptive deadline: a round stays open at least this many times the "
+                                          "90th percentile of the devices' reported training times (0: fixed)")
+    round_deadline_max: float = setting(0.0, "upper bound of the adaptive deadline (0: 10 x round_deadline)")
+    rounds: int = setting(0, "stop after this many rounds (0: run until stopped)")
+    stop_at: str = setting("", "stop once a round's model reaches this target, e.g. test_mse<=0.25 or "
+                               "test_accuracy>=0.98 (test_*: --evaluate; clients_*: mean of what the devices "
+                               "report); the metric as the ledger's aggregate record names it (empty: none)")
+    strategy: str = setting(DEFAULT_STRATEGY, "aggregation: clipped-fedavg (FedAvg with each update's distance from "
+                            "the global model bounded), median, trimmed-mean, krum, multi-krum, or the unbounded "
+                            "fedavg and mean (trusted fleets only); see docs/robustness.md")
+    clip_factor: float = setting(StrategyParams.clip_factor, "clipped-fedavg: clip updates farther from the global "
+                                 "model than this x the round's median distance, and cap sample counts at this x "
+                                 "the median count (0: off)")
+    exclude_factor: float = setting(StrategyParams.exclude_factor, "clipped-fedavg: leave out updates farther than "
+                                    "this x the median distance (0: never; else >= 1 and >= clip_factor)")
+    clip_norm: float = setting(StrategyParams.clip_norm, "clipped-fedavg: absolute bound on an update's L2 distance "
+                               "from the global model (0: none)")
+    trim_fraction: float = setting(StrategyParams.trim_fraction, "trimmed-mean: fraction of values cut at each end, "
+                                   "per coordinate (0 to < 0.5)")
+    krum_byzantine: int = setting(StrategyParams.byzantine, "krum, multi-krum: hostile updates tolerated "
+                                  "(-1: the most possible, (n - 3) // 2)")
+    krum_select: int = setting(StrategyParams.krum_select, "multi-krum: updates averaged (0: n - krum_byzantine)")
+    max_update_bytes: int = setting(64 * 1024 * 1024, "largest update accepted, checked before decoding")
+    difficulty: int = setting(0, "ledger proof of work: leading zero bits per block (0: off)")
+    evaluate: bool = setting(False, "evaluate each new global model on the task's held-out test set")
+    seed: int = setting(0, "seed for the initial model")
+    client_id: str = setting("", "MQTT client id (default: fledger-coordinator-<fleet>)")
+    replay_batch: int = setting(DEFAULT_REPLAY_BATCH, "ledger blocks sent per replay request from a monitor "
+                                                      "(it asks again for the rest)")
+    replay_bytes: int = setting(ReplayLimits.max_bytes, "bytes of blocks sent per replay request at most")
+    replay_interval: float = setting(ReplayLimits.interval_s, "seconds between two served replay requests of one "
+                                                              "requester (others are counted and dropped)")
+    replay_requester_window_bytes: int = setting(ReplayLimits.requester_window_bytes,
+                                                 "bytes of replayed blocks per requester per 10 s window")
+    replay_window_bytes: int = setting(ReplayLimits.window_bytes,
+                                       "bytes of replayed blocks for all requesters together per 10 s window")
+    presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
+                                            "(0: only its Last Will)")
+    new_chain: bool = setting(False, "start a new ledger in an empty state directory although the broker shows "
+                                     "this fleet's earlier chain (every agent must then accept the reset; refused "
+                                     "while models of the old chain are there; no effect on an existing ledger)")
+    head_wait: float = setting(3.0, "seconds to wait at start for the fleet's retained ledger head on the broker "
+                                    "(compared with the local ledger: a coordinator never starts behind it)")
+    heartbeat: float = setting(15.0, "seconds between status republications; if not even our own status comes "
+                                     "back for 4 of them while the broker still answers pings, reconnect")
+
+    clients: Path = setting(Path("keys/clients.json"), "prediction client registry (`fledger keys add-client`); "
+                                                       "re-read every 2 s and on SIGHUP")
+    predict_fee: int = setting(1, "fee of a prediction in the smallest unit (integer), see --predict-fee-per")
+    predict_fee_per: str = setting("request", "charge the fee per 'request' or per 'row'")
+    predict_max_rows: int = setting(1024, "most rows (or images) in one prediction request")
+    predict_max_bytes: int = setting(1 << 20, "largest prediction request accepted, checked before decoding")
+    predict_scaler: Path | None = setting(None, "an agent's scaler.json: maps prediction inputs and outputs to "
+                                                "original units (required for task csv; california's is "
+                                                "computed from the vendored data)")
