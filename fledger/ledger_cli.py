@@ -522,8 +522,9 @@ def follow(args: argparse.Namespace) -> int:
                 message = link.inbox.get(timeout=0.5)
             except queue.Empty:
                 # Idle but still behind a block we hold (a replay is capped per request, and the
-                # fleet may be quiet), or still without the genesis that tells us the key: ask.
-                if missing is not None or (replica.height == 0 and replica.ignored):
+                # fleet may be quiet), holding unsigned blocks whose signed block has not come,
+                # or still without the genesis that tells us the key: ask.
+                if missing is not None or replica.waiting_for_seal or (replica.height == 0 and replica.ignored):
                     request_more()
                 continue
             if message.topic not in (topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint):
