@@ -184,3 +184,31 @@ def test_a_failed_group_write_disables_the_writer(tmp_path: Path, monkeypatch: p
     monkeypatch.undo()
     with pytest.raises(LedgerError, match="writer disabled"):
         ledger.append(note(1))
+
+
+def test_a_round_close_is_one_commit_group_announced_after_the_model(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_coordinator import TOPICS, Harness, weights
+
+    h = Harness(tmp_path)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0))).accepted
+    file = h.ledger._file
+    assert file is not None
+    fsyncs = count_fsyncs(monkeypatch)
+    height, published = h.ledger.height, len(h.published)
+    assert h.send("dev-b", h.update("dev-b", 1, weights(3.0))).accepted  # the round closes on it
+    assert fsyncs.count(file._fd) == 2  # its update record, then the round's three records together
+    new = h.ledger.blocks(height)
+    assert [b.type for b in new] == ["update", "aggregate", "round.opened", "model.published"]
+    assert [bool(b.signature) for b in new] == [True, True, False, True]  # the aggregate travels alone
+    after = h.published[published:]
+    topics = [t for t, _, _ in after]
+    model_at = topics.index(TOPICS.model)
+    blocks_at = [i for i, t in enumerate(topics) if t == TOPICS.ledger_blocks]
+    assert len(blocks_at) == 4 and blocks_at[1] > model_at  # the model once its records are durable
+    heads = [p for t, p, _ in after if t == TOPICS.ledger_head]
+    assert [Block.from_bytes(p).hash for p in heads] == [new[0].hash, new[-1].hash]  # heads are signed
+    replica = Replica(h.keys.public.sign_public)
+    for block in h.ledger:
+        replica.offer(block.to_bytes())
+    assert replica.height == h.ledger.height
