@@ -109,6 +109,9 @@ def verify_round_proof(proof: RoundProof, aggregate: Block | None = None, coordi
         if proof.tree_size != len(participants):  # the root alone does not fix the tree size
             raise ProofError(f"tree size {proof.tree_size} but round {proof.round} has {len(participants)} "
                              "accepted updates")
+        if coordinator_key is not None and aggregate.unsigned:
+            raise ProofError(f"block {aggregate.index} is sealed (no signature of its own): verify the chain up to "
+                             "its commit group's signed block instead")
         if coordinator_key is not None and not Verifier().verify(coordinator_key, aggregate.hash,
                                                                  aggregate.signature):
             raise ProofError(f"block {aggregate.index}: bad coordinator signature")
