@@ -13,6 +13,7 @@ A restart rebuilds the open round from the ledger's accepted records and the spo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -20,9 +21,9 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import msgpack
 
@@ -59,7 +60,9 @@ Evaluate = Callable[[TensorDict], dict[str, float]]
 class LedgerLike(Protocol):
     """The part of :class:`ledger.Ledger` the coordinator uses."""
 
-    def append(self, data: dict[str, Any]) -> Any: ...
+    def append(self, data: dict[str, Any], *, sign: bool = True) -> Any: ...
+
+    def group_commit(self) -> contextlib.AbstractContextManager[list[Any]]: ...
 
     def __iter__(self) -> Any: ...
 
@@ -144,6 +147,7 @@ class Coordinator:
         self._revoked_in_ledger: set[tuple[str, str]] = set()
         self.acks = DeviceAcks(settings.fleet)
         self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
+        self._in_commit_group = False  # appends now are announced when the group is durable
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
@@ -321,29 +325,57 @@ class Coordinator:
         if announce:  # a new round (not one resumed after a restart): the per-round caps start over
             self._reset_round_caps()
         if announce and not self.done and not (self.settings.max_rounds and number > self.settings.max_rounds):
-            self._append(records.round_opened(number))
+            self._append(records.round_opened(number), sign=False)  # signed by its group's last block
 
     def _reset_round_caps(self) -> None:
         self.rejection_records.clear()
         self.registration_records.clear()
 
     # -- ledger and publishing ------------------------------------------------------------------
-    def _append(self, data: dict[str, Any]) -> Any:
+    def _append(self, data: dict[str, Any], *, sign: bool = True) -> Any:
         try:
-            block = self.ledger.append(data)
+            block = self.ledger.append(data, sign=sign)
         except OSError as exc:
-            self.halted = f"cannot write the ledger: {exc}"
-            log.critical("%s; no longer accepting updates", self.halted)
-            raise StorageError(exc.errno or 5, self.halted) from exc
-        self.announce_block(block)
+            self._ledger_failed(exc)
+        if not self._in_commit_group:
+            self.announce_block(block)
         return block
+
+    def _ledger_failed(self, exc: OSError) -> NoReturn:
+        self.halted = f"cannot write the ledger: {exc}"
+        log.critical("%s; no longer accepting updates", self.halted)
+        raise StorageError(exc.errno or 5, self.halted) from exc
+
+    @contextlib.contextmanager
+    def _commit_group(self) -> Iterator[list[Any]]:
+        """Appends inside share one fsync (ledger group commit); the yielded list then holds their
+        durable blocks. The caller announces them: nothing is published before they are durable."""
+        committed: list[Any] = []
+        self._in_commit_group = True
+        try:
+            with self.ledger.group_commit() as committed:
+                yield committed
+        except OSError as exc:
+            self._ledger_failed(exc)
+        except BaseException:
+            self.announce_blocks(committed)  # durable all the same: the group was committed
+            raise
+        finally:
+            self._in_commit_group = False
 
     def announce_block(self, block: Any) -> None:
         """Tell the ledger's followers about a durable block: the block, the retained head and
         the signed checkpoint (for every block, whoever appended it)."""
-        self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
-        self._publish(self.topics.ledger_head, block.to_bytes(), True)
-        self._publish(self.topics.ledger_checkpoint, self.ledger.signed_checkpoint().encode(), True)
+        self.announce_blocks([block])
+
+    def announce_blocks(self, blocks: list[Any]) -> None:
+        """Durable blocks in chain order: each on the blocks topic, then the retained head and one
+        signed checkpoint for the last (the last block of a commit group is always signed)."""
+        for block in blocks:
+            self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
+        if blocks:
+            self._publish(self.topics.ledger_head, blocks[-1].to_bytes(), True)
+            self._publish(self.topics.ledger_checkpoint, self.ledger.signed_checkpoint().encode(), True)
 
     def publish_model(self) -> None:
         assert self.round is not None
@@ -614,32 +646,36 @@ class Coordinator:
         stop_at = self.settings.stop_at
         reached = stop_at is not None and stop_at.reached(metrics)
         ending: dict[str, Any] = {"stop_target": str(stop_at)} if reached else {}  # the run ends with this model
-        block = self._append(records.aggregate(
-            state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
-            self._strategy.name, metrics,
-            num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
-            excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
-            **ending,
-        ))
+        # One commit group (one fsync) for the round's three records; the aggregate keeps its own
+        # signature because it travels alone, inside the model message.
+        with self._commit_group() as committed:
+            block = self._append(records.aggregate(
+                state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
+                self._strategy.name, metrics,
+                num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
+                excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
+                **ending,
+            ))
+            self.global_model = new_model
+            self._model_block = block
+            if (self.settings.max_rounds and next_round > self.settings.max_rounds) or reached:
+                self.done = True
+            self._open_round(next_round, announce=True)
+            self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
+        # Durable from here: drop what the aggregate replaces, publish the model, then the blocks.
         self.spool.drop_round(state.number)
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
         if pruned:
             log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
                      pruned, self.settings.keep_models)
-        self.global_model = new_model
-        self._model_block = block
         self.history.append(block.data)
         log.info("round %d aggregated from %s -> block %d %s", state.number, sorted(state.accepted),
                  block.index, block.hash.hex()[:16])
-        if self.settings.max_rounds and next_round > self.settings.max_rounds:
-            self.done = True
         if reached and stop_at is not None:
             log.info("round %d: target %s reached (%s %.6g); training done", state.number, stop_at, stop_at.metric,
                      metrics[stop_at.metric])
-            self.done = True
-        self._open_round(next_round, announce=True)
         self.publish_model()
-        self._append(records.model_published(next_round, block.data["model_sha256"]))
+        self.announce_blocks(committed)
         self.publish_status()
 
     def _evaluation(self, round_number: int, model: TensorDict) -> dict[str, float | None]:

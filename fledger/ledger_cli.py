@@ -190,7 +190,8 @@ def main(args: argparse.Namespace) -> int:
                 print(f"no proof: {exc}", file=sys.stderr)
                 return exit_codes.TAMPERED
             aggregate = ledger.block(proof.aggregate_index)
-            ok = proof.verify(aggregate, ledger.coordinator_key)
+            # a sealed aggregate is proven by the chain Ledger.open checked, up to its group's signed block
+            ok = proof.verify(aggregate, None if aggregate.unsigned else ledger.coordinator_key)
         if args.json:
             print(proof.to_json())
         else:
@@ -522,8 +523,9 @@ def follow(args: argparse.Namespace) -> int:
                 message = link.inbox.get(timeout=0.5)
             except queue.Empty:
                 # Idle but still behind a block we hold (a replay is capped per request, and the
-                # fleet may be quiet), or still without the genesis that tells us the key: ask.
-                if missing is not None or (replica.height == 0 and replica.ignored):
+                # fleet may be quiet), holding unsigned blocks whose signed block has not come,
+                # or still without the genesis that tells us the key: ask.
+                if missing is not None or replica.waiting_for_seal or (replica.height == 0 and replica.ignored):
                     request_more()
                 continue
             if message.topic not in (topics.ledger_blocks, topics.ledger_head, topics.ledger_checkpoint):

@@ -26,7 +26,8 @@ class Block:
     """One ledger block.
 
     ``hash`` = SHA-256(canonical msgpack of [version, index, timestamp, data, prev_hash, nonce]);
-    the coordinator's Ed25519 ``signature`` (key ``key_id``) is over ``hash``.
+    the coordinator's Ed25519 ``signature`` (key ``key_id``) is over ``hash``; both are empty in
+    a block sealed by a later block's signature (see :attr:`unsigned`).
     ``body`` holds those canonical bytes so nothing is re-encoded to hash or send a block."""
 
     index: int
@@ -43,6 +44,12 @@ class Block:
     @property
     def type(self) -> str:
         return str(self.data.get("type", ""))
+
+    @property
+    def unsigned(self) -> bool:
+        """No signature of its own (empty ``key_id`` and ``signature``): a block inside a commit
+        group, proven by the coordinator's signature on a later block of the group (docs/ledger.md)."""
+        return not self.key_id and not self.signature
 
     def computed_hash(self) -> bytes:
         """SHA-256 of the canonical body (compare with :attr:`hash`)."""
@@ -110,6 +117,14 @@ def mine(index: int, timestamp: float, data: dict[str, Any], prev_hash: bytes, d
     """Find the first nonce >= ``start_nonce`` whose hash has ``difficulty`` leading zero bits.
 
     Returns (nonce, body, hash). The body prefix is encoded once; only the nonce changes."""
+    nonce, body, digest, _ = _mine(index, timestamp, data, prev_hash, difficulty, version=version,
+                                   start_nonce=start_nonce)
+    return nonce, body, digest
+
+
+def _mine(index: int, timestamp: float, data: dict[str, Any], prev_hash: bytes, difficulty: int, *,
+          version: int = VERSION, start_nonce: int = 0) -> tuple[int, bytes, bytes, dict[str, Any]]:
+    """:func:`mine`, also returning the normalised ``data`` (what decoding the body gives back)."""
     if not 0 <= difficulty <= 256:
         raise ValueError("difficulty is a number of leading zero bits, 0..256")
     if len(prev_hash) != 32:
@@ -127,15 +142,18 @@ def mine(index: int, timestamp: float, data: dict[str, Any], prev_hash: bytes, d
         body = prefix + canonical.pack_normalized(nonce)
         digest = sha256(body).digest()
         if meets_difficulty(digest, difficulty):
-            return nonce, body, digest
+            return nonce, body, digest, norm
         nonce += 1
 
 
 def make_block(index: int, timestamp: float, data: dict[str, Any], prev_hash: bytes, *,
                signer: Signer | None = None, difficulty: int = 0) -> Block:
-    """Build (mine and sign) a block."""
-    _, body, digest = mine(index, timestamp, data, prev_hash, difficulty)
-    block = _from_body(body, digest, "", b"")
+    """Build (mine and sign) a block. Its fields are the normalised values the body encodes (the
+    same as :meth:`Block.from_bytes` gives), without decoding the body again."""
+    if type(index) is not int or index < 0 or len(prev_hash) != 32:
+        raise ValueError("index must be an integer >= 0 and prev_hash 32 bytes")
+    nonce, body, digest, norm = _mine(index, timestamp, data, prev_hash, difficulty)
+    block = Block(index, float(timestamp), norm, bytes(prev_hash), nonce, digest, "", b"", VERSION, body)
     if signer is None:
         return block
     return sign_block(block, signer)

@@ -25,9 +25,14 @@ _INT_MAX = 2**64 - 1
 
 
 def normalize(value: Any, path: str = "$") -> Any:
-    """Return a copy of ``value`` with sorted map keys and tuples as lists; refuse anything else."""
-    if value is None or isinstance(value, bool | str):
+    """Return a copy of ``value`` with sorted map keys and tuples as lists; refuse anything else.
+
+    The copy holds exactly the types :func:`decode` gives back (a str or bytes subclass, such as a
+    StrEnum, becomes a plain str or bytes), so a block built from it equals the block read back."""
+    if value is None or type(value) is str or type(value) is bool:
         return value
+    if isinstance(value, str):
+        return str.__str__(value)
     if isinstance(value, int):
         if not _INT_MIN <= value <= _INT_MAX:
             raise CanonicalError(f"{path}: integer {value} out of the 64-bit range")
@@ -36,9 +41,9 @@ def normalize(value: Any, path: str = "$") -> Any:
         if not math.isfinite(value):
             raise CanonicalError(f"{path}: float {value!r} is not finite (NaN and infinities are not canonical)")
         return float(value)
-    if isinstance(value, bytes):
+    if type(value) is bytes:
         return value
-    if isinstance(value, bytearray | memoryview):
+    if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, dict):
         out: dict[str, Any] = {}

@@ -14,13 +14,20 @@ from typing import Any
 
 from ledger import checkpoint as checkpoints
 from ledger import merkle, records, storage
-from ledger.block import Block, BlockFormatError, make_block
+from ledger.block import Block, BlockFormatError, make_block, sign_block
 from ledger.keys import Keyring, Signer, Verifier
 from ledger.merkle import ProofError
 from ledger.storage import LedgerCorrupt, LedgerError, LedgerFile
-from ledger.verify import ChainState, Signatures, VerifyError
+from ledger.verify import ChainState, Signatures, VerifyError, sealed_length, unsealed_text
 
 log = logging.getLogger(__name__)
+
+# A commit group is written (with its last block signed) whenever it holds this many blocks or
+# bytes, even before it ends: a monitor never holds more than this unsigned, and a replay of one
+# request (1 MiB) always reaches the signed block that proves them. Also the largest unsealed
+# tail a writer cuts off at open by itself.
+MAX_GROUP_BLOCKS = 1000
+MAX_GROUP_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,9 @@ def verify_round_proof(proof: RoundProof, aggregate: Block | None = None, coordi
         if proof.tree_size != len(participants):  # the root alone does not fix the tree size
             raise ProofError(f"tree size {proof.tree_size} but round {proof.round} has {len(participants)} "
                              "accepted updates")
+        if coordinator_key is not None and aggregate.unsigned:
+            raise ProofError(f"block {aggregate.index} is sealed (no signature of its own): verify the chain up to "
+                             "its commit group's signed block instead")
         if coordinator_key is not None and not Verifier().verify(coordinator_key, aggregate.hash,
                                                                  aggregate.signature):
             raise ProofError(f"block {aggregate.index}: bad coordinator signature")
@@ -121,6 +131,9 @@ class Ledger:
         self._signer = signer
         self._now = now
         self._lock = threading.RLock()
+        self._group: list[Block] | None = None  # the open commit group's blocks, not yet written
+        self._group_bytes = 0
+        self._committed: list[Block] = []  # the open group's blocks already written, as written
         self._chain_leaves = [merkle.leaf_hash(b.hash) for b in blocks]
         self._frontier = merkle.Frontier()  # the chain root in O(log n) per append, for checkpoints
         for leaf in self._chain_leaves:
@@ -156,7 +169,10 @@ class Ledger:
                            coordinator_signatures=mode is Signatures.ALL, device_signatures=mode is Signatures.ALL)
         blocks: list[Block] = []
         try:
-            for i, payload in enumerate(scanned.payloads):
+            sealed = sealed_length(scanned.payloads)
+            if sealed < len(scanned.payloads):
+                _set_aside_unsealed(path, file, scanned, sealed)
+            for i, payload in enumerate(scanned.payloads[:sealed]):
                 offset = scanned.offsets[i]
                 try:
                     block = Block.from_bytes(payload)
@@ -198,16 +214,31 @@ class Ledger:
         return ledger
 
     # -- writing ------------------------------------------------------------------------------------
-    def append(self, data: dict[str, Any]) -> Block:
+    def append(self, data: dict[str, Any], *, sign: bool = True) -> Block:
         """Append a record (a dict with a str ``"type"``): mine, sign, check, write, fsync.
+
+        Outside :meth:`group_commit` the block is signed and durable when this returns. Inside,
+        it is written and fsync'd when the group ends; with ``sign=False`` it carries no signature
+        of its own unless it is the group's last block: the coordinator's signature on that one
+        covers it through the hash chain (keep ``sign=True`` for a block that travels alone, e.g.
+        inside a model message or a receipt). The durable blocks are in the list the group yields.
 
         An ``aggregate`` record without ``merkle_root`` gets the root of its round's accepted
         updates filled in. Raises ``ValueError`` (:class:`VerifyError`, ``CanonicalError``) for a
         record the chain rules refuse, ``OSError`` if the file cannot be written."""
         with self._lock:
-            return self._append_locked(data)
+            return self._append_locked(data, sign=sign)
 
-    def _append_locked(self, data: dict[str, Any]) -> Block:
+    def append_many(self, entries: list[dict[str, Any]]) -> list[Block]:
+        """Append records as one commit group: one fsync for all, one signature (on the last
+        block; see :meth:`group_commit`). Returns the durable blocks. A record the chain rules
+        refuse raises after the ones before it are committed."""
+        with self.group_commit() as committed:
+            for data in entries:
+                self.append(data, sign=False)
+        return committed
+
+    def _append_locked(self, data: dict[str, Any], *, sign: bool = True) -> Block:
         if self._file is None or self._signer is None:
             raise LedgerError(f"{self.path} is open read-only")
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
@@ -215,39 +246,83 @@ class Ledger:
         if data["type"] == records.AGGREGATE and "merkle_root" not in data and type(data.get("round")) is int:
             data = {**data, "merkle_root": self._state.merkle_root_for(data["round"])}
         difficulty = self._state.difficulty if self._blocks else int(data.get("difficulty", 0))
+        group = self._group
+        signed = sign or group is None or not self._blocks
         block = make_block(self._state.height, float(self._now()), data, self._state.head_hash,
-                           signer=self._signer, difficulty=difficulty)
+                           signer=self._signer if signed else None, difficulty=difficulty)
         self._state.check(block, signature=not self._blocks)
-        self._file.append(block.to_bytes())
+        if group is None:
+            self._file.append(block.to_bytes())
         self._state.apply(block)
         self._blocks.append(block)
         self._chain_leaves.append(merkle.leaf_hash(block.hash))
         self._frontier.append(self._chain_leaves[-1])
+        if group is not None:
+            group.append(block)
+            self._group_bytes += len(block.body)
+            if len(group) >= MAX_GROUP_BLOCKS or self._group_bytes >= MAX_GROUP_BYTES:
+                self._write_group()
         return block
 
+    def _write_group(self) -> None:
+        """Write the open group's blocks with one ``write``, its last block signed (no fsync yet)."""
+        group, file, signer = self._group, self._file, self._signer
+        if not group or file is None or signer is None:
+            return
+        if group[-1].unsigned:  # the seal: its signature covers every block before it
+            group[-1] = self._blocks[-1] = sign_block(group[-1], signer)
+            self._state.unsealed_from = None
+        try:
+            file.append_many([b.to_bytes() for b in group], sync=False)
+        except OSError as exc:
+            # The blocks are in memory but not in the file: forget them and refuse further appends
+            # (the chain state cannot be rolled back); reopening the ledger reads the file again.
+            file.disable(f"a commit group of {len(group)} blocks could not be written: {exc}")
+            del self._blocks[len(self._blocks) - len(group):]
+            del self._chain_leaves[len(self._blocks):]
+            self._frontier = merkle.Frontier()
+            for leaf in self._chain_leaves:
+                self._frontier.append(leaf)
+            group.clear()
+            raise
+        self._committed.extend(group)
+        group.clear()
+        self._group_bytes = 0
+
     @contextlib.contextmanager
-    def group_commit(self) -> Iterator[None]:
-        """Appends made inside share one fsync when the block ends (group commit): none of them
-        is durable before that, so publish nothing about them until the block has exited."""
+    def group_commit(self) -> Iterator[list[Block]]:
+        """Appends made inside share one ``write`` and one fsync when the block ends (group
+        commit): none of them is durable before that, so publish and acknowledge nothing about
+        them until the block has exited. Yields a list that then holds the group's durable blocks,
+        as written (with ``append(..., sign=False)``, only the last of them, and any block
+        appended with ``sign=True``, carries a signature). Nested groups join the outer one."""
         with self._lock:
-            file = self._file
-            if file is None:
+            if self._file is None:
                 raise LedgerError(f"{self.path} is open read-only")
-            saved, file.sync_every = file.sync_every, 0
+            if self._group is not None:
+                yield self._committed
+                return
+            self._group, self._group_bytes, self._committed = [], 0, []
+            committed = self._committed
             try:
-                yield
+                yield committed
             finally:
-                file.sync_every = saved
-                file.sync()
+                try:
+                    self._write_group()
+                    self._file.sync()
+                finally:
+                    self._group = None
 
     def sync(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._write_group()
                 self._file.sync()
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._write_group()
                 self._file.close()
                 self._file = None
 
@@ -349,6 +424,21 @@ class Ledger:
     def verifier_key(self) -> str:
         """The note verifier key (``<origin>+<key id>+<base64 key>``) that checks this ledger's checkpoints."""
         return checkpoints.verifier_key(self.origin, self.coordinator_key)
+
+def _set_aside_unsealed(path: Path, file: LedgerFile | None, scanned: storage.ScanResult, sealed: int) -> None:
+    """An unsealed tail at open: a writer cuts it (saved to ``<file>.torn-<offset>``), a reader ignores it."""
+    count = len(scanned.payloads) - sealed
+    reason = unsealed_text(sealed, len(scanned.payloads))
+    if file is None:
+        log.warning("%s: %s; ignored (read-only)", path, reason)
+        return
+    if count > MAX_GROUP_BLOCKS:  # no commit group leaves that many: not a crash's residue
+        raise LedgerCorrupt(sealed, f"{reason}, more than one commit group ({count} blocks): not cut automatically",
+                            scanned.offsets[sealed], path)
+    offset = scanned.offsets[sealed]
+    file.cut_tail(offset)
+    log.warning("%s: %s; truncated at byte %d, bytes saved to %s.torn-%d", path, reason, offset, path.name, offset)
+
 
 def chain_root_of(blocks: list[Block]) -> bytes:
     """Chain-level tree root over block hashes (what :meth:`Ledger.chain_root` computes)."""

@@ -82,6 +82,7 @@ def format_table(blocks: Iterable[Block], *, width: int = 140) -> str:
             when = datetime.fromtimestamp(b.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
         except (OverflowError, OSError, ValueError):
             when = f"{b.timestamp:.0f}"
-        line = f"{b.index:>6}  {when:<19}  {b.type[:16]:<16}  {b.hash.hex()[:16]}  {b.key_id[:16]:<16}  {summary(b)}"
+        signer = "(sealed)" if b.unsigned else b.key_id[:16]  # proven by its group's signed last block
+        line = f"{b.index:>6}  {when:<19}  {b.type[:16]:<16}  {b.hash.hex()[:16]}  {signer:<16}  {summary(b)}"
         lines.append(line if len(line) <= width else line[: width - 3] + "...")
     return "\n".join(lines)

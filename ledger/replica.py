@@ -28,13 +28,16 @@ class ReplicaAlert(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "appended", "duplicate", "gap", or "ignored" (by offer(): not the coordinator's)
+    # "appended", "duplicate", "gap", "held" (an unsigned block waiting for the signed block that
+    # seals it), or "ignored" (by offer(): not the coordinator's)
+    kind: str
     index: int
     height: int  # replica height after this block
     message: str = ""
 
 
 MAX_UNVERIFIED_CANDIDATES = 16  # per index, while no coordinator key is known (anyone may publish)
+MAX_UNSEALED_AHEAD = 4096  # unsigned blocks are held only this far past the head (a commit group is <= 1000)
 
 
 class Replica:
@@ -54,6 +57,10 @@ class Replica:
         self.head: Block | None = None
         # held-back blocks by index; several candidates only while no key is known to tell them apart
         self.pending: dict[int, dict[bytes, Block]] = {}
+        # Unsigned blocks past the head, by index then hash: a commit group's blocks, applied once
+        # the group's signed last block arrives and their hashes link it to our head. Anyone may
+        # publish unsigned blocks, so several candidates per index, and never an alert.
+        self.unsealed: dict[int, dict[bytes, Block]] = {}
         self._verified: set[bytes] = set()  # hashes of held-back blocks whose signature was checked
         self.strict_gaps = strict_gaps
         self.max_pending = max_pending
@@ -86,6 +93,8 @@ class Replica:
         if block.computed_hash() != block.hash:
             return self._ignore("bad_hash", block.index, "hash does not match the block's contents")
         key = self.coordinator_key()
+        if key is not None and block.unsigned and block.index:
+            return self._hold_unsealed(block)
         if key is not None:
             if block.key_id != key_id_of(key) or not self.state.verifier.verify(key, block.hash, block.signature):
                 return self._ignore("not_coordinator_signed", block.index, f"signed by key {block.key_id!r}")
@@ -112,10 +121,90 @@ class Replica:
         return self.state.height
 
     def missing(self) -> tuple[int, int] | None:
-        """(first, last) missing index when blocks are held back, else None."""
+        """(first, last) missing index when signed blocks are held back, else None."""
         if not self.pending:
             return None
         return self.height, min(self.pending) - 1
+
+    @property
+    def waiting_for_seal(self) -> bool:
+        """Unsigned blocks are held whose signed block has not arrived (ask for a replay if it stays so)."""
+        return bool(self.unsealed)
+
+    def _hold_unsealed(self, block: Block) -> Event:
+        i = block.index
+        if i < self.height:
+            if block.hash == self.hashes[i]:
+                return Event("duplicate", i, self.height)
+            return self._ignore("unsigned_mismatch", i, "an unsigned block that differs from the verified one")
+        held = self.unsealed.setdefault(i, {})
+        if block.hash not in held:
+            if (len(held) >= MAX_UNVERIFIED_CANDIDATES or i >= self.height + MAX_UNSEALED_AHEAD
+                    or sum(map(len, self.unsealed.values())) >= self.max_pending):
+                if not held:
+                    del self.unsealed[i]
+                return self._ignore("unsealed_overflow", i, "too many unsigned blocks held")
+            held[block.hash] = block
+        before = self.height
+        self._drain()
+        if self.height > i >= before:
+            return Event("appended", i, self.height)
+        return Event("held", i, self.height, "unsigned: applied when the signed block that seals it arrives")
+
+    def _sealed_run(self, block: Block) -> list[Block] | None:
+        """The held unsigned blocks from our head up to ``block`` (signed), if all are here and
+        their hashes link ``block`` to our head; else None."""
+        need, run = block.prev_hash, []
+        for index in range(block.index - 1, self.height - 1, -1):
+            candidate = self.unsealed.get(index, {}).get(need)
+            if candidate is None:
+                return None
+            run.append(candidate)
+            need = candidate.prev_hash
+        if need != self.state.head_hash:
+            return None
+        run.reverse()
+        return run
+
+    def _take_sealed(self, run: list[Block], seal: Block) -> None:
+        for block in run:  # proven by the seal's signature through the hash links
+            self._take(block)
+        self._take(seal)
+        for index in [k for k in self.unsealed if k < self.height]:
+            del self.unsealed[index]
+
+    def _drain(self) -> None:
+        """Apply held blocks that now extend the head: the next signed block, or a signed block
+        further on with every unsigned block between."""
+        while True:
+            if self.height in self.pending:
+                candidates = self.pending.pop(self.height)
+                self._verified.difference_update(candidates)
+                chosen = self._choose(candidates)
+                if chosen is None:
+                    return  # only junk was held for this index: it stays missing until the replay brings it
+                self._take(chosen)
+                self.unsealed.pop(chosen.index, None)
+                continue
+            if not self.pending or not self.unsealed or not self.height:
+                return
+            first = min(self.pending)
+            for seal in self.pending[first].values():
+                run = self._sealed_run(seal)
+                if run is not None and self._signed_by_coordinator(seal):
+                    del self.pending[first]
+                    self._verified.difference_update([seal.hash])
+                    self._take_sealed(run, seal)
+                    break
+            else:
+                return
+
+    def _signed_by_coordinator(self, block: Block) -> bool:
+        try:
+            self.state.check_signature(block)
+        except VerifyError:
+            return False
+        return True
 
     def ingest(self, block: Block | bytes) -> Event:
         """Verify and take one block; raise :class:`ReplicaAlert` on misbehaviour."""
@@ -127,6 +216,8 @@ class Replica:
         i = block.index
         if block.computed_hash() != block.hash:
             raise ReplicaAlert("bad_hash", i, "hash does not match the block's contents")
+        if block.unsigned and i:
+            return self._hold_unsealed(block)
         if self.height:  # we know the coordinator key: check the signature before anything else
             try:
                 self.state.check_signature(block)
@@ -145,6 +236,12 @@ class Replica:
             kind = "fork" if i == self.height - 1 else "rewrite"
             raise ReplicaAlert(kind, i, f"coordinator-signed block {block.hash.hex()[:16]} differs from the "
                                         f"block {self.hashes[i].hex()[:16]} seen before at this index")
+        if i > self.height and signed and self.height:
+            run = self._sealed_run(block)
+            if run is not None:
+                self._take_sealed(run, block)
+                self._drain()
+                return Event("appended", i, self.height)
         if i > self.height:
             held = self.pending.get(i, {})
             if signed and any(h != block.hash and h in self._verified for h in held):
@@ -164,13 +261,8 @@ class Replica:
             return Event("gap", i, self.height, f"blocks {self.height}..{min(self.pending) - 1} missing; "
                                                 f"replay from {self.height}")
         self._take(block)
-        while self.height in self.pending:
-            candidates = self.pending.pop(self.height)
-            self._verified.difference_update(candidates)
-            chosen = self._choose(candidates)
-            if chosen is None:
-                break  # only junk was held for this index: it stays missing until the replay brings it
-            self._take(chosen)
+        self.unsealed.pop(i, None)
+        self._drain()
         return Event("appended", i, self.height)
 
     def _choose(self, candidates: dict[bytes, Block]) -> Block | None:

@@ -177,8 +177,9 @@ UNWRITTEN_END = 16  # zero bytes ending a frame's payload that mark it as never 
 
 
 def _unwritten_end(buf: bytes, pos: int, end: int) -> bool:
-    """Whether the frame at ``pos`` ends in zero bytes: a block ends with the coordinator's
-    signature, which never does (a chance of 2**-128), so a frame whose CRC fails but whose end
+    """Whether the frame at ``pos`` ends in zero bytes: a block ends with its 32-byte hash and the
+    coordinator's signature (or, in a sealed group, the 3 bytes of an empty key id and signature),
+    which never do (a chance of 2**-104 at most), so a frame whose CRC fails but whose end
     is not zeros was written whole and damaged later."""
     start = max(pos + HEADER.size, end - UNWRITTEN_END)
     return end - start == UNWRITTEN_END and buf.count(0, start, end) == UNWRITTEN_END
@@ -253,6 +254,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _side_path(path: Path, offset: int) -> Path:
+    return path.with_name(f"{path.name}.torn-{offset}")
+
+
+def _cut(fd: int, path: Path, buf: bytes, offset: int) -> None:
+    """Save the bytes from ``offset`` to ``<file>.torn-<offset>``, then truncate the file there."""
+    with open(_side_path(path, offset), "wb") as keep:
+        keep.write(buf[offset:])
+        keep.flush()
+        os.fsync(keep.fileno())
+    os.ftruncate(fd, offset)
+    os.fsync(fd)
+
+
 class LedgerFile:
     """The writer's handle: exclusive lock, append + fsync, truncation of a torn tail at open."""
 
@@ -285,15 +300,10 @@ class LedgerFile:
             result = scan(buf, path)
             if result.torn is not None:
                 torn = result.torn
-                side = path.with_name(f"{path.name}.torn-{torn.offset}")
-                with open(side, "wb") as keep:
-                    keep.write(buf[torn.offset:])
-                    keep.flush()
-                    os.fsync(keep.fileno())
-                os.ftruncate(fd, torn.offset)
-                os.fsync(fd)
+                _cut(fd, path, buf, torn.offset)
                 log.warning("%s: torn tail of %d bytes at byte %d after block %d (%s); truncated, bytes saved "
-                            "to %s", path, torn.length, torn.offset, len(result.payloads) - 1, torn.reason, side)
+                            "to %s", path, torn.length, torn.offset, len(result.payloads) - 1, torn.reason,
+                            _side_path(path, torn.offset))
             os.lseek(fd, result.end, os.SEEK_SET)
         except BaseException:
             os.close(fd)
@@ -305,27 +315,52 @@ class LedgerFile:
 
         If the write fails half-way, the partial frame is cut off again before the error is
         raised, so later appends never land after garbage."""
+        return self.append_many([payload])[0]
+
+    def append_many(self, payloads: list[bytes], *, sync: bool = True) -> list[int]:
+        """Write several frames with one ``write`` (a commit group); counts as that many appends
+        for ``sync_every`` (``sync=False``: no fsync here, the caller calls :meth:`sync`).
+        Returns their offsets. A failed write is cut off as by :meth:`append`."""
         if self._broken:
             raise LedgerError(f"{self.path}: writer disabled after an earlier failure: {self._broken}")
-        data = frame(payload)
-        offset = self.size
+        frames = [frame(payload) for payload in payloads]
+        start = self.size
+        offsets, end = [], start
+        for one in frames:
+            offsets.append(end)
+            end += len(one)
+        data = b"".join(frames)
         try:
             view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
-            self._unsynced += 1
-            if self.sync_every and self._unsynced >= self.sync_every:
+            self._unsynced += len(frames)
+            if sync and self.sync_every and self._unsynced >= self.sync_every:
                 self.sync()
         except OSError as exc:
             try:
-                os.ftruncate(self._fd, offset)
-                os.lseek(self._fd, offset, os.SEEK_SET)
+                os.ftruncate(self._fd, start)
+                os.lseek(self._fd, start, os.SEEK_SET)
             except OSError as exc2:
-                self._broken = f"could not cut a partial frame at byte {offset}: {exc2}"
+                self._broken = f"could not cut a partial frame at byte {start}: {exc2}"
             raise exc
-        self.size = offset + len(data)
-        return offset
+        self.size = start + len(data)
+        return offsets
+
+    def disable(self, reason: str) -> None:
+        """Refuse every later append (the caller's view of the file can no longer be trusted)."""
+        self._broken = reason
+
+    def cut_tail(self, offset: int) -> None:
+        """Save everything from ``offset`` to ``<file>.torn-<offset>`` and truncate there (at open
+        only: for a tail of blocks written by a commit group whose sealing block never made it)."""
+        with open(self._fd, "rb", closefd=False) as handle:
+            handle.seek(0)
+            buf = handle.read()
+        _cut(self._fd, self.path, buf, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        self.size = offset
 
     def sync(self) -> None:
         if self._unsynced:

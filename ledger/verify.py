@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -100,6 +100,9 @@ class ChainState:
         self.rounds: dict[int, RoundInfo] = {}
         self.published_models: dict[int, bytes] = {}  # round -> model it trains from (model.published)
         self.accounts = credits.Accounts()  # pay-per-prediction balances (ledger/credits.py)
+        # First of the unsigned blocks at the head that no signed block covers yet (None: the
+        # head is signed). The hash chain makes a signed block's signature cover them all.
+        self.unsealed_from: int | None = None
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self, block: Block, *, signature: bool | None = None) -> None:
@@ -127,7 +130,10 @@ class ChainState:
             raise VerifyError(i, str(exc)) from None
         except (TypeError, KeyError, AttributeError) as exc:  # a record of the wrong shape
             raise VerifyError(i, f"malformed {block.data.get('type')!r} record: {type(exc).__name__}: {exc}") from None
-        if signature if signature is not None else self.coordinator_signatures:
+        if block.unsigned:
+            if i == 0:
+                raise VerifyError(0, "the genesis block carries no coordinator signature")
+        elif signature if signature is not None else self.coordinator_signatures:
             self.check_signature(block)
 
     def check_signature(self, block: Block) -> None:
@@ -352,6 +358,10 @@ class ChainState:
             self.accounts.apply(data, block.index)
         self.height = block.index + 1
         self.head_hash = block.hash
+        if not block.unsigned:
+            self.unsealed_from = None
+        elif self.unsealed_from is None:
+            self.unsealed_from = block.index
 
     def add(self, block: Block, *, signature: bool | None = None) -> None:
         self.check(block, signature=signature)
@@ -381,9 +391,31 @@ def _state_for(mode: Signatures | str, trusted_coordinator_key: bytes | None,
     return state, mode
 
 
+def sealed_length(payloads: Sequence[bytes]) -> int:
+    """How many frames remain once an *unsealed tail* is set aside: the unsigned blocks after the
+    last signed one, which a commit group wrote but whose sealing block never reached the disk
+    (never acknowledged). Only the tail's outer arrays are read; an unreadable frame, or a file
+    whose blocks are all unsigned (an unsigned genesis), counts as sealed so the full check
+    reports it."""
+    for end in range(len(payloads), 0, -1):
+        try:
+            outer = msgpack.unpackb(payloads[end - 1], raw=False)
+        except Exception:
+            return len(payloads)
+        if type(outer) is not list or len(outer) != 4 or outer[2] or outer[3]:
+            return end
+    return len(payloads)
+
+
+def unsealed_text(first: int, end: int) -> str:
+    return (f"unsealed tail: blocks {first}..{end - 1} carry no signature and no signed block follows them "
+            "(a commit group cut short by a crash, never acknowledged)")
+
+
 def verify_chain(blocks: Iterable[Block], trusted_coordinator_key: bytes | None = None, *,
                  keyring: Keyring | None = None, signatures: Signatures | str = Signatures.ALL) -> VerifyReport:
-    """Verify a whole chain from genesis; report ok or the first bad block and why."""
+    """Verify a whole chain from genesis; report ok or the first bad block and why. A chain must
+    end with a signed block: unsigned blocks are proven only by a later signed one."""
     state, mode = _state_for(signatures, trusted_coordinator_key, keyring)
     last: Block | None = None
     for block in blocks:
@@ -392,6 +424,8 @@ def verify_chain(blocks: Iterable[Block], trusted_coordinator_key: bytes | None 
         except VerifyError as exc:
             return _bad(state, exc.index if exc.index == state.height else state.height, exc.reason, mode)
         last = block
+    if state.unsealed_from is not None:
+        return _bad(state, state.unsealed_from, unsealed_text(state.unsealed_from, state.height), mode)
     return _finish(state, last, mode)
 
 
@@ -420,7 +454,8 @@ def verify_file(path: str | Path, trusted_coordinator_key: bytes | None = None, 
     except OSError as exc:
         return VerifyReport(False, 0, 0, f"cannot read {path}: {exc}", signatures=mode.value)
     last: Block | None = None
-    for i, payload in enumerate(scanned.payloads):
+    sealed = sealed_length(scanned.payloads)
+    for i, payload in enumerate(scanned.payloads[:sealed]):
         try:
             block = Block.from_bytes(payload)
         except BlockFormatError as exc:
@@ -433,8 +468,11 @@ def verify_file(path: str | Path, trusted_coordinator_key: bytes | None = None, 
     if scanned.error is not None:  # the whole frames before the damage verified: report the damage
         return _bad(state, scanned.error.index, f"{scanned.error.reason} (byte {scanned.error.offset})", mode)
     warnings: tuple[str, ...] = ()
+    if sealed < len(scanned.payloads):
+        warnings += (f"{unsealed_text(sealed, len(scanned.payloads))}; not counted, and the writer cuts it "
+                     "at its next start",)
     if scanned.torn is not None:
-        warnings = (_torn_text(scanned.torn, len(scanned.payloads)),)
+        warnings += (_torn_text(scanned.torn, len(scanned.payloads)),)
     return _finish(state, last, mode, warnings)
 
 

@@ -15,7 +15,7 @@ from conftest import BrokerInfo
 from test_coordinator import FLEET, TOPICS, Harness, weights
 
 from federation.mqtt import BrokerConfig, MqttLink
-from ledger import Ed25519Signer, Ledger, LedgerError, records
+from ledger import Ed25519Signer, Ledger, LedgerError, make_block, records
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -129,6 +129,28 @@ def test_follow_verifies_new_blocks_live(finished_round: Harness, embedded_broke
     out, err = _publish_to(follower, embedded_broker, block.to_bytes())
     assert follower.returncode == 0, err
     assert f"replica verified to height {h.ledger.height}" in out
+
+
+def test_follow_takes_a_commit_group_once_its_signed_block_arrives(finished_round: Harness,
+                                                                  embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    """A group's unsigned blocks, with an unsigned forgery at the same index, then the signed last
+    block: the monitor stores exactly the coordinator's chain."""
+    h = finished_round
+    copy = tmp_path / "seen.log"
+    shutil.copy(h.ledger.path, copy)
+    group = h.ledger.append_many([{"type": "operator.note", "i": i} for i in range(3)])
+    assert [b.unsigned for b in group] == [True, True, False]
+    forged = make_block(group[0].index, group[0].timestamp, {"type": "operator.note", "i": -1}, group[0].prev_hash)
+    replica = tmp_path / "replica"
+    follower = _follower(embedded_broker, copy, h.keys.public.sign_public, "--until-height", str(h.ledger.height),
+                         "--replica", str(replica))
+    out, err = _publish_to(follower, embedded_broker, group[-1].to_bytes(),
+                           before=(forged.to_bytes(), *(b.to_bytes() for b in group[:-1])))
+    assert follower.returncode == 0, err
+    assert f"replica verified to height {h.ledger.height}" in out and "ALERT" not in err
+    from fledger.ledger_cli import ReplicaFile
+
+    assert ReplicaFile(replica).load() == [b.to_bytes() for b in h.ledger]
 
 
 def test_follow_ignores_and_counts_what_the_coordinator_did_not_sign(
