@@ -19,6 +19,7 @@ from typing import Any
 
 from coordinator import restore, state_check, state_guard
 from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
+from coordinator.catch_up import CatchUp, fleet_now
 from coordinator.dashboard import DashboardConfig
 from coordinator.observe import Observatory
 from coordinator.prediction_daemon import (
@@ -274,8 +275,9 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, client_id,
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
-                                   *prediction_subscriptions(topics)])
+                                   topics.catch_up_requests, *prediction_subscriptions(topics)])
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
+    catch_up = CatchUp(topics, clock=time.monotonic)
     first_model = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
@@ -336,7 +338,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     batch, message = take_batch(message, link.inbox, topics)
                     predictions.handle_batch([(m.topic, m.payload) for m in batch])
                 if message is not None:
-                    kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay)
+                    kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay,
+                                              catch_up)
                     observatory.outcome(kind, outcome, message.received)
             except Exception:  # one bad message or a bug must not end the daemon
                 log.exception("unexpected error handling a message; continuing")
@@ -410,7 +413,7 @@ def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes,
-              replay: ReplayLimiter) -> tuple[str, Outcome | None]:
+              replay: ReplayLimiter, catch_up: CatchUp) -> tuple[str, Outcome | None]:
     """Hand one message to the coordinator; returns what kind it was and the Outcome if any."""
     device = topics.device_of(topic)
     if device and topic == topics.update(device):
@@ -422,6 +425,8 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
             coordinator.publish_status()
     elif (requester := topics.replay_requester_of(topic)) is not None:
         _replay(coordinator, link, topics, requester, payload, replay)
+    elif (requester := topics.catch_up_requester_of(topic)) is not None:
+        catch_up.serve(requester, payload, fleet_now(coordinator), link.publish_all)  # coordinator/catch_up.py
     # anything else (amqtt hands out retained messages of other topics) is ignored
     return "other", None
 
