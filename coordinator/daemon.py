@@ -36,6 +36,7 @@ from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outc
 from coordinator.state_check import StateRefused
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
+from federation.chunk_record import ChunkRecord
 from federation.config import ConfigError, setting
 from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
@@ -275,20 +276,16 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, client_id,
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
-                                   topics.catch_up_requests, *prediction_subscriptions(topics)])
+                                   topics.catch_up_requests, *prediction_subscriptions(topics)],
+                    chunk_record=ChunkRecord(state_dir / "retained_chunks.json"))
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
     catch_up = CatchUp(topics, clock=time.monotonic)
-    first_model = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
         observatory.published(topic, payload)
-        if topic == topics.model:
-            # The model may exceed the broker's payload limit: chunked; stale chunks of a model
-            # published before a restart are cleared on the first publish.
-            link.publish(topic, payload, retain=retain, chunked=True, clear_stale_chunks=first_model[0])
-            first_model[0] = False
-        else:
-            link.publish(topic, payload, retain=retain)
+        # Chunked if larger than the broker's payload limit; chunk topics an earlier, larger message
+        # left (also before a restart: retained_chunks.json) are cleared, and only those.
+        link.publish(topic, payload, retain=retain)
         if topic == topics.ledger_head:
             try:
                 state_guard.write_checkpoint(state_dir, payload)
