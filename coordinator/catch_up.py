@@ -52,7 +52,7 @@ class CatchUpLimits:
     interval_s: float = 5.0  # per requester: an agent asks again after a few seconds at most
     window_s: float = 10.0
     window_requests: int = 2_000  # served per window, all requesters together (a fleet rejoining)
-    window_bytes: int = 256 << 20  # sent per window, all requesters together
+    window_bytes: int = 64 << 20  # sent per window, all requesters together (~6.4 MiB/s)
 
 
 @dataclass(frozen=True)
