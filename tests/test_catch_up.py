@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from coordinator.catch_up import MAX_REQUEST_BYTES, CatchUp, CatchUpLimits, FleetNow, parse_request
 from federation.catch_up import CatchUpSchedule, request_body
 from federation.topics import Topics
+from fledger import keytool
 from tests.conftest import Mosquitto, running
 from tests.federation_run import Federation
 from tests.test_reliability import check_final_ledger, finish, ledger_records, log_text, wait_for
@@ -160,15 +162,22 @@ def test_agents_get_the_model_by_asking_when_the_broker_hands_them_no_retained_o
     """What a device on another RabbitMQ node sees: the model was published, but the broker it
     is connected to has no retained copy. The agents ask, train, and the rounds complete."""
     with running(Mosquitto(tmp_path / "broker")) as broker:
-        fed = Federation(tmp_path, broker.host, broker.port, rounds=2)
+        # A long heartbeat: no status is republished on its own while `fledger status` waits.
+        fed = Federation(tmp_path, broker.host, broker.port, rounds=2, extra_coordinator=["--heartbeat", "60"])
         topics = Topics(fed.fleet)
         try:
             fed.start_coordinator()
             wait_for("the first model", lambda: any(r["type"] == "model.published" for r in ledger_records(fed)),
                      60, fed)
             time.sleep(1.0)  # published to the broker just after its ledger record
-            # The retained model and its chunks are gone, as on a node that never received them.
-            clear_retained(broker.host, broker.port, [topics.model, *(f"{topics.model}/chunk/{i}" for i in range(8))])
+            # The retained model, its chunks and the status are gone, as on a node that never got them.
+            clear_retained(broker.host, broker.port, [topics.model, topics.status,
+                                                      *(f"{topics.model}/chunk/{i}" for i in range(8))])
+            status = subprocess.run([*fed._cli(), "status", *fed.broker_args(), "--fleet", fed.fleet,
+                                     "--coordinator-key", str(fed.keys / keytool.COORDINATOR_FILE), "--json",
+                                     "--timeout", "8"], capture_output=True, timeout=60)
+            assert status.returncode == 0, status.stderr.decode()
+            assert json.loads(status.stdout)["status"]["round"] == 1  # the answer to its catch-up request
             for i in range(len(fed.devices)):
                 fed.start_agent(i)
             finish(fed, timeout=90)
