@@ -16,6 +16,14 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def _last_level_name(topic: str, prefix: str) -> str | None:
+    """The valid name that follows ``prefix`` as the topic's last level; None otherwise."""
+    if not topic.startswith(prefix):
+        return None
+    name = topic[len(prefix):]
+    return name if _NAME.match(name) else None
+
+
 @dataclass(frozen=True)
 class Topics:
     fleet: str
@@ -86,13 +94,7 @@ class Topics:
 
     def replay_requester_of(self, topic: str) -> str | None:
         """The requester named by a replay topic; None if ``topic`` is none or names no valid user."""
-        prefix = f"{self.base}/ledger/replay/"
-        if not topic.startswith(prefix):
-            return None
-        try:
-            return check_name("replay requester", topic[len(prefix):])
-        except ValueError:
-            return None
+        return _last_level_name(topic, f"{self.base}/ledger/replay/")
 
     def catch_up(self, requester: str) -> str:
         """A device or monitor that joins publishes a small request here (``{"have": ...}``, see
@@ -107,13 +109,7 @@ class Topics:
 
     def catch_up_requester_of(self, topic: str) -> str | None:
         """The requester named by a catch-up request topic; None if ``topic`` is none."""
-        prefix = f"{self.base}/catchup/"
-        if not topic.startswith(prefix):
-            return None
-        try:
-            return check_name("catch-up requester", topic[len(prefix):])
-        except ValueError:
-            return None
+        return _last_level_name(topic, f"{self.base}/catchup/")
 
     def catch_up_reply(self, requester: str, kind: str) -> str:
         """Where the coordinator answers ``requester``: ``model`` (a device), ``status`` and
