@@ -10,6 +10,10 @@ deletes at 6,000 bytes, each a replicated write that stalled a NATS cluster for 
 The count is written before a larger message is published and after a smaller one replaced it,
 so the file never says less than the broker may hold (a crash in between only means a few
 deletes of topics that hold nothing, which is harmless).
+
+A state directory from before this record (or with the file lost) clears nothing extra: chunk
+topics of an earlier, larger message may stay on the broker. Receivers ignore them (the manifest
+names the current message); delete them by hand if the space matters.
 """
 
 from __future__ import annotations
