@@ -18,6 +18,7 @@ from typing import Any
 
 from coordinator import restore, state_check, state_guard
 from coordinator.aggregation import STRATEGIES, StrategyParams
+from coordinator.catch_up import CatchUp, fleet_now
 from coordinator.config import DEFAULT_REPLAY_BATCH as DEFAULT_REPLAY_BATCH  # re-exported: the settings moved
 from coordinator.config import CoordinatorConfig as CoordinatorConfig  # to a light module for the CLI's parser
 from coordinator.observe import Observatory
@@ -36,6 +37,7 @@ from coordinator.state_check import StateRefused
 from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
+from federation.chunk_record import ChunkRecord
 from federation.config import ConfigError
 from federation.crypto import ed25519_public
 from federation.keys import CoordinatorKeys, DeviceRegistry
@@ -209,19 +211,16 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, client_id,
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
-                                   *prediction_subscriptions(topics)])
+                                   topics.catch_up_requests, *prediction_subscriptions(topics)],
+                    chunk_record=ChunkRecord(state_dir / "retained_chunks.json"))
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
-    first_model = [True]
+    catch_up = CatchUp(topics, clock=time.monotonic)
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
         observatory.published(topic, payload)
-        if topic == topics.model:
-            # The model may exceed the broker's payload limit: chunked; stale chunks of a model
-            # published before a restart are cleared on the first publish.
-            link.publish(topic, payload, retain=retain, chunked=True, clear_stale_chunks=first_model[0])
-            first_model[0] = False
-        else:
-            link.publish(topic, payload, retain=retain)
+        # Chunked if larger than the broker's payload limit; chunk topics an earlier, larger message
+        # left (also before a restart: retained_chunks.json) are cleared, and only those.
+        link.publish(topic, payload, retain=retain)
         if topic == topics.ledger_head:
             try:
                 state_guard.write_checkpoint(state_dir, payload)
@@ -271,7 +270,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     batch, message = take_batch(message, link.inbox, topics)
                     predictions.handle_batch([(m.topic, m.payload) for m in batch])
                 if message is not None:
-                    kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay)
+                    kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay,
+                                              catch_up)
                     observatory.outcome(kind, outcome, message.received)
             except Exception:  # one bad message or a bug must not end the daemon
                 log.exception("unexpected error handling a message; continuing")
@@ -346,7 +346,7 @@ def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes,
-              replay: ReplayLimiter) -> tuple[str, Outcome | None]:
+              replay: ReplayLimiter, catch_up: CatchUp) -> tuple[str, Outcome | None]:
     """Hand one message to the coordinator; returns what kind it was and the Outcome if any."""
     device = topics.device_of(topic)
     if device and topic == topics.update(device):
@@ -358,6 +358,8 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
             coordinator.publish_status()
     elif (requester := topics.replay_requester_of(topic)) is not None:
         _replay(coordinator, link, topics, requester, payload, replay)
+    elif (requester := topics.catch_up_requester_of(topic)) is not None:
+        catch_up.serve(requester, payload, fleet_now(coordinator), link.publish_all)  # coordinator/catch_up.py
     # anything else (amqtt hands out retained messages of other topics) is ignored
     return "other", None
 

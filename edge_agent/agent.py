@@ -27,6 +27,7 @@ from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import TrainingDivergedError, evaluate, train_local
 from federation import envelope
+from federation.catch_up import CatchUpSchedule, request_body
 from federation.codec import CodecError, TensorDict, check_against_spec, decode_tensors, encode_tensors, spec_of
 from federation.durable import atomic_write
 from federation.envelope import EnvelopeError, ModelHeader
@@ -50,6 +51,7 @@ class TrainingStopped(Exception):
 
 class Link(Protocol):
     inbox: queue.Queue[Message]
+    connect_count: int  # grows with every (re)connect
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
                 wait: float | None = None, chunked: bool = True) -> bool: ...
@@ -63,6 +65,7 @@ class AgentSettings:
     exit_when_done: bool = True
     seed: int = 0
     accept_reset: bool = False  # follow a coordinator that started a new chain or went backwards
+    catch_up_wait_s: float = 3.0  # after a (re)connect without a model: ask the coordinator for it
 
 
 class EdgeAgent:
@@ -83,6 +86,9 @@ class EdgeAgent:
         self.model = task.build_model()
         self.spec = spec_of(self.model.state_dict())
         self.latest: tuple[ModelHeader, TensorDict] | None = None  # checked and decoded once
+        self._latest_message: bytes | None = None  # the model message ``latest`` came from
+        self.catch_up = CatchUpSchedule(self.settings.catch_up_wait_s)
+        self.catch_up_requests = 0
         self.trained_rounds: list[int] = []
         self.skipped_rounds: list[int] = []  # rounds whose training diverged: nothing was sent
         # The last round trained survives a restart, so a restarted agent never trains a round twice.
@@ -112,8 +118,8 @@ class EdgeAgent:
 
     # -- inbound ---------------------------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
-        if message.topic == self.topics.model:
-            self._on_model(message.payload)
+        if message.topic in (self.topics.model, self.topics.catch_up_reply(self.bundle.device_id, "model")):
+            self._on_model(message.payload)  # retained, or the answer to our catch-up request
         elif message.topic == self.topics.ack(self.bundle.device_id):
             try:
                 ack = envelope.open_ack(message.payload, self.bundle.coordinator.sign_public,
@@ -165,6 +171,7 @@ class EdgeAgent:
             # The last case: after a finished run, a newer run from round 1 (a coordinator with
             # fresh state), which a long-running agent (--no-exit-when-done) joins.
             self.latest = (header, weights)
+            self._latest_message = payload
 
     def drain(self, timeout: float) -> None:
         """Handle everything queued, waiting up to ``timeout`` for the first message."""
@@ -183,6 +190,7 @@ class EdgeAgent:
     def step(self, timeout: float = 1.0) -> None:
         self.drain(timeout)
         self._heartbeat()
+        self._catch_up_if_needed()
         listed = self.ack.get("registered") if self.ack else None
         if not self.registration_pending and self.ack and listed != self.dataset.sha256.hex():
             # A coordinator with fresh state, or one that lost our registration: register again.
@@ -218,6 +226,16 @@ class EdgeAgent:
         if self.outbox.get(header.round) is None and header.round > self.last_trained_round:
             self._train_round(header, weights)
         self._resend_if_needed(header.round)
+
+    def _catch_up_if_needed(self) -> None:
+        """Ask the coordinator for the model (and our acknowledgement) when none came a short
+        while after connecting, and after every reconnect: on a broker cluster the retained model
+        may live on another node (docs/deploy.md)."""
+        if self.catch_up.due(self._now(), self.link.connect_count, lacking=self.latest is None):
+            self.catch_up_requests += 1
+            self.link.publish(self.topics.catch_up(self.bundle.device_id), request_body(self._latest_message), qos=1)
+            log.info("asked the coordinator to catch us up (%s)",
+                     "no model yet" if self.latest is None else f"holding round {self.latest[0].round}")
 
     def _registered(self) -> bool:
         """Send the dataset registration until the coordinator's acknowledgement lists it."""

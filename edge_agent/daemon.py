@@ -60,7 +60,8 @@ def run(config: AgentConfig, *, stop: threading.Event | None = None) -> int:
     topics = Topics(bundle.fleet, config.topic_prefix)
     presence = PresenceSession(bundle)
     link = MqttLink(config, config.client_id or f"fledger-agent-{bundle.device_id}",
-                    subscriptions=[topics.model, topics.model_chunks, topics.ack(bundle.device_id)],
+                    subscriptions=[topics.model, topics.model_chunks, topics.ack(bundle.device_id),
+                                   topics.catch_up_reply(bundle.device_id, "model")],
                     will=(topics.presence(bundle.device_id), presence.last_will(), True))
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

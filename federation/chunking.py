@@ -206,9 +206,7 @@ def retained_topics(base_topic: str, frames: Sequence[bytes], previous_count: in
     ``<base>/chunk/<i>`` and a manifest (id, n, cs, size, sha256) to ``<base>``, published
     last. A whole frame goes to ``<base>`` itself. Chunk topics ``n .. previous_count-1``,
     left over from an earlier, larger message, are deleted (empty retained payload); pass the
-    frame count of the previous message, or after a restart an upper bound such as
-    ``chunk_count(max_message_bytes, max_payload)`` (deleting a topic that holds nothing is
-    harmless).
+    frame count of the previous message (after a restart: federation/chunk_record.py).
     """
     if not frames:
         raise ValueError("no frames")

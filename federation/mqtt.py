@@ -35,7 +35,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from federation.chunking import ChunkError, Reassembler, chunk_count, retained_topics, split, stream_key
+from federation.chunk_record import ChunkRecord
+from federation.chunking import ChunkError, Reassembler, retained_topics, split, stream_key
 from federation.config import ConfigError, read_secret, setting
 from federation.packet_limit import (
     DEFAULT_MAX_PAYLOAD,
@@ -112,6 +113,7 @@ class MqttLink:
         self, config: BrokerConfig, client_id: str, *, subscriptions: list[str] | None = None,
         will: tuple[str, bytes, bool] | None = None, inbox_size: int = 10_000,
         backoff: tuple[float, float] = (0.5, 30.0), persistent: bool = True,
+        chunk_record: ChunkRecord | None = None,
     ) -> None:
         self.config = config
         self.client_id = client_id
@@ -124,7 +126,10 @@ class MqttLink:
         self.refused: str | None = None  # the broker's reason when it refuses our login
         # Bounded reassembly of chunked messages: at most a few large messages in flight.
         self.reassembler = Reassembler(4 * config.max_message_bytes, config.max_message_bytes, config.chunk_timeout)
-        self._chunk_counts: dict[str, int] = {}
+        # Chunk topics each retained message of ours holds; from the record of an earlier run, if
+        # given, so that its leftovers (and only they) are cleared (federation/chunk_record.py).
+        self._chunk_record = chunk_record
+        self._chunk_counts: dict[str, int] = dict(chunk_record.counts) if chunk_record else {}
         self._will = will
         self._persistent = persistent
         self.liveness: LivenessWatchdog | None = None  # see watch()
@@ -313,16 +318,17 @@ class MqttLink:
         self._client.subscribe(topic, qos=1)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                wait: float | None = None, chunked: bool = True, clear_stale_chunks: bool = False) -> bool:
+                wait: float | None = None, chunked: bool = True) -> bool:
         """Publish; with ``wait`` block up to that many seconds for the broker's PUBACK(s).
 
         ``chunked`` (the default, for every fledger message): with ``max_payload`` set (the
         default) the payload is sent as frames no bigger than it, or than the broker's stated
         limit (see federation.chunking and federation.packet_limit), a retained one as chunk
         topics plus a manifest; ``chunked=False`` sends the bytes as they are (for readers
-        that are not fledger). ``clear_stale_chunks`` deletes chunk topics a previous process
-        may have left for a larger retained message. Returns False, without sending, when
-        the broker has said it would drop the unchunked payload (``failed`` is then set)."""
+        that are not fledger). Chunk topics left by a larger earlier message on the same
+        retained topic are deleted (also those of an earlier run, with a ``chunk_record``).
+        Returns False, without sending, when the broker has said it would drop the unchunked
+        payload (``failed`` is then set)."""
         limit = payload_limit(self.config.max_payload, self.broker_max_packet, topic, mqtt5=self.mqtt5)
         if not (chunked and limit) and not self._may_send_whole(topic, payload):
             return False
@@ -330,15 +336,18 @@ class MqttLink:
             frames = split(payload, limit)
             if retain:
                 previous = self._chunk_counts.get(topic, 0)
-                if clear_stale_chunks:
-                    previous = max(previous, chunk_count(self.config.max_message_bytes, limit))
+                count = len(frames) if len(frames) > 1 else 0
+                if self._chunk_record is not None and count > previous:
+                    self._chunk_record.set(topic, count)  # before: the record never says less than is there
                 pubs = retained_topics(topic, frames, previous)
-                self._chunk_counts[topic] = len(frames) if len(frames) > 1 else 0
+                self._chunk_counts[topic] = count
             else:
                 pubs = [(topic, frame) for frame in frames]
         else:
             pubs = [(topic, payload)]
         infos = [self._publish_one(t, p, qos=qos, retain=retain) for t, p in pubs]
+        if self._chunk_record is not None and retain and chunked and limit:
+            self._chunk_record.set(topic, self._chunk_counts[topic])  # the leftovers' deletes are queued
         if wait is None:
             return True
         deadline = time.monotonic() + wait

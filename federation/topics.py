@@ -7,12 +7,21 @@ from dataclasses import dataclass
 
 # Conservative: works on every broker we target (NATS rejects '.' and spaces in topics).
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CATCH_UP_KINDS = ("model", "status", "head")  # what a catch-up reply carries (Topics.catch_up_reply)
 
 
 def check_name(kind: str, value: str) -> str:
     if not _NAME.match(value):
         raise ValueError(f"{kind} {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
     return value
+
+
+def _last_level_name(topic: str, prefix: str) -> str | None:
+    """The valid name that follows ``prefix`` as the topic's last level; None otherwise."""
+    if not topic.startswith(prefix):
+        return None
+    name = topic[len(prefix):]
+    return name if _NAME.match(name) else None
 
 
 @dataclass(frozen=True)
@@ -85,13 +94,38 @@ class Topics:
 
     def replay_requester_of(self, topic: str) -> str | None:
         """The requester named by a replay topic; None if ``topic`` is none or names no valid user."""
-        prefix = f"{self.base}/ledger/replay/"
-        if not topic.startswith(prefix):
-            return None
-        try:
-            return check_name("replay requester", topic[len(prefix):])
-        except ValueError:
-            return None
+        return _last_level_name(topic, f"{self.base}/ledger/replay/")
+
+    def catch_up(self, requester: str) -> str:
+        """A device or monitor that joins publishes a small request here (``{"have": ...}``, see
+        coordinator/catch_up.py) to be sent what retained messages would have told it: not every
+        broker cluster hands a new subscriber the retained messages published through another
+        node. ``requester`` is its broker user, as for ledger replays (rate-limited per requester)."""
+        return f"{self.base}/catchup/{check_name('catch-up requester', requester)}"
+
+    @property
+    def catch_up_requests(self) -> str:
+        return f"{self.base}/catchup/+"
+
+    def catch_up_requester_of(self, topic: str) -> str | None:
+        """The requester named by a catch-up request topic; None if ``topic`` is none."""
+        return _last_level_name(topic, f"{self.base}/catchup/")
+
+    def catch_up_reply(self, requester: str, kind: str) -> str:
+        """Where the coordinator answers ``requester``: ``model`` (a device), ``status`` and
+        ``head`` (a monitor or operator). Not retained; only that broker user may read it."""
+        if kind not in CATCH_UP_KINDS:
+            raise ValueError(f"catch-up reply kind {kind!r} is not one of {', '.join(CATCH_UP_KINDS)}")
+        return f"{self.catch_up(requester)}/{kind}"
+
+    def catch_up_replies(self, requester: str) -> str:
+        return f"{self.catch_up(requester)}/+"
+
+    def catch_up_kind_of(self, requester: str, topic: str) -> str | None:
+        """``model``, ``status`` or ``head`` if ``topic`` is a catch-up reply to ``requester``."""
+        prefix = f"{self.catch_up(requester)}/"
+        kind = topic[len(prefix):] if topic.startswith(prefix) else None
+        return kind if kind in CATCH_UP_KINDS else None
 
     @property
     def status(self) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from federation import config as cfg
 from federation import envelope
+from federation.catch_up import CatchUpSchedule, request_body
 from federation.crypto import key_id_of
 from federation.envelope import EnvelopeError
 from federation.exit_codes import TAMPERED, TIMEOUT
@@ -90,14 +91,20 @@ def main(args: argparse.Namespace) -> int:
     key = _trusted_key(args)
     assert key is not None  # --coordinator-key is required
     key_id = key_id_of(key)
+    # On a broker cluster the retained status may live on another node: ask for it if none comes.
+    asker = broker.username or f"status-{secrets.token_hex(4)}"
+    reply_topic = topics.catch_up_reply(asker, "status")
     link = MqttLink(broker, args.client_id or f"fledger-status-{args.fleet}-{secrets.token_hex(4)}",
-                    subscriptions=[topics.status, topics.status_chunks], persistent=False)
+                    subscriptions=[topics.status, topics.status_chunks, reply_topic], persistent=False)
     link.start(timeout=args.timeout or 30)
+    catch_up = CatchUpSchedule(wait_s=1.0)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     newest = float("-inf")
     try:
         while True:
             wait = 0.5 if deadline is None else deadline - time.monotonic()
+            if catch_up.due(time.monotonic(), link.connect_count, lacking=newest == float("-inf")):
+                link.publish(topics.catch_up(asker), request_body())
             if wait <= 0:
                 print(f"no status on {topics.status} within {args.timeout:g}s: is the coordinator running, and may "
                       "this broker user read that topic?", file=sys.stderr)
@@ -106,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
                 message = link.inbox.get(timeout=min(wait, 0.5))
             except queue.Empty:
                 continue
-            if message.topic != topics.status:
+            if message.topic not in (topics.status, reply_topic):
                 continue  # amqtt hands out retained messages of other topics
             try:
                 body = envelope.open_status(message.payload, key)

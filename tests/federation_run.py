@@ -29,6 +29,8 @@ class Federation:
     # broker user -> password file: each process logs in as its own user (coordinator, device id),
     # as a broker that enforces the ACL requires
     logins: dict[str, Path] = field(default_factory=dict)
+    # process name -> broker port, for a process on another node of a broker cluster than ``port``
+    ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keys = self.workdir / "keys"
@@ -45,11 +47,16 @@ class Federation:
     def broker_args(self) -> list[str]:
         return ["--broker-host", self.host, "--broker-port", str(self.port)]
 
+    def node_args(self, name: str) -> list[str]:
+        """Its own cluster node's port, if it has one (given after broker_args(): the last one counts)."""
+        return ["--broker-port", str(self.ports[name])] if name in self.ports else []
+
     def login_args(self, user: str) -> list[str]:
         return ["--username", user, "--password-file", str(self.logins[user])] if user in self.logins else []
 
     def start_coordinator(self) -> subprocess.Popen[bytes]:
-        cmd = [*self._cli(), "coordinator", *self.broker_args(), "--fleet", self.fleet, "--task", self.task,
+        cmd = [*self._cli(), "coordinator", *self.broker_args(), *self.node_args("coordinator"),
+               "--fleet", self.fleet, "--task", self.task,
                "--state-dir", str(self.state), "--keys", str(self.keys / keytool.COORDINATOR_FILE),
                "--devices", str(self.keys / keytool.REGISTRY_FILE), "--rounds", str(self.rounds),
                "--min-clients", str(len(self.devices)), *self.login_args("coordinator"), *self.extra_coordinator]
@@ -57,7 +64,8 @@ class Federation:
 
     def start_agent(self, index: int) -> subprocess.Popen[bytes]:
         device = self.devices[index]
-        cmd = [*self._cli(), "agent", *self.broker_args(), "--bundle", str(keytool.bundle_path(self.keys, device)),
+        cmd = [*self._cli(), "agent", *self.broker_args(), *self.node_args(device),
+               "--bundle", str(keytool.bundle_path(self.keys, device)),
                "--task", self.task, "--shard", f"{index}/{len(self.devices)}", "--limit", str(self.limit),
                "--state-dir", str(self.workdir / device), "--threads", "1", "--resend-interval", "3",
                *self.login_args(device), *self.extra_agent]

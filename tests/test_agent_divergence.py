@@ -34,6 +34,7 @@ class MemoryLink:
     def __init__(self) -> None:
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.sent: list[tuple[str, bytes]] = []
+        self.connect_count = 1
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
                 wait: float | None = None, chunked: bool = False) -> bool:

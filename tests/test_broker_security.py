@@ -458,6 +458,9 @@ MATRIX_TOPICS = (
     TOPICS.update(DEV_A), TOPICS.update(DEV_B), TOPICS.register(DEV_A), TOPICS.register(DEV_B),
     TOPICS.presence(DEV_A), TOPICS.presence(DEV_B), f"{TOPICS.base}/ack/{DEV_A}", f"{TOPICS.base}/ack/{DEV_B}",
     Topics("otherfleet").update(DEV_A), Topics("otherfleet").model, f"{TOPICS.base}/junk", "outside/topic",
+    TOPICS.catch_up(DEV_A), TOPICS.catch_up("monitor"), TOPICS.catch_up_reply(DEV_A, "model"),
+    TOPICS.catch_up_reply(DEV_A, "status"), TOPICS.catch_up_reply("monitor", "status"),
+    TOPICS.catch_up_reply("operator", "head"),
 )
 
 
@@ -529,6 +532,14 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     assert readers[TOPICS.status] == {"coordinator", "monitor", "operator"}  # the fleet-wide status
     assert readers[TOPICS.ledger_blocks] == {"monitor", "operator"}
     assert not writers[f"{TOPICS.base}/junk"] and not writers["outside/topic"]
+    # Catch-up requests name their asker; answers reach only it, and only what it may read anyway.
+    assert writers[TOPICS.catch_up(DEV_A)] == {DEV_A} and readers[TOPICS.catch_up(DEV_A)] == {"coordinator"}
+    assert writers[TOPICS.catch_up("monitor")] == {"monitor"}
+    assert writers[TOPICS.catch_up_reply(DEV_A, "model")] == {"coordinator"}
+    assert readers[TOPICS.catch_up_reply(DEV_A, "model")] == {DEV_A}
+    assert readers[TOPICS.catch_up_reply(DEV_A, "status")] == set()  # a device never reads the fleet status
+    assert readers[TOPICS.catch_up_reply("monitor", "status")] == {"monitor"}
+    assert readers[TOPICS.catch_up_reply("operator", "head")] == {"operator"}
 
 
 def test_embedded_broker_hands_retained_messages_only_to_matching_readable_subscriptions(tmp_path: Path) -> None:

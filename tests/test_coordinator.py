@@ -455,15 +455,19 @@ def test_a_registry_the_ledger_would_refuse_is_refused_whole(h: Harness) -> None
 def test_topics_with_an_invalid_device_id_are_ignored_not_raised(h: Harness) -> None:
     """update/+ also matches update/a.b: such a message is dropped quietly. (It used to raise
     in the worker, so a stream of them kept the daemon from ticking and reloading keys.)"""
+    from coordinator.catch_up import CatchUp
     from coordinator.daemon import _dispatch
     from coordinator.replay import ReplayLimiter
 
     before = h.snapshot()
-    limiter = ReplayLimiter()
+    limiter, catch_up = ReplayLimiter(), CatchUp(TOPICS)
     for topic in (f"fledger/{FLEET}/update/a.b", f"fledger/{FLEET}/presence/x y",
-                  f"fledger/{FLEET}/register/" + "a" * 65, f"fledger/{FLEET}/ledger/replay/a.b"):
+                  f"fledger/{FLEET}/register/" + "a" * 65, f"fledger/{FLEET}/ledger/replay/a.b",
+                  f"fledger/{FLEET}/catchup/a.b"):
         assert TOPICS.device_of(topic) is None and TOPICS.replay_requester_of(topic) is None
-        _dispatch(h.coordinator, None, TOPICS, topic, h.update("dev-a", 1, weights(1)), limiter)  # type: ignore[arg-type]
+        assert TOPICS.catch_up_requester_of(topic) is None
+        _dispatch(h.coordinator, None, TOPICS, topic, h.update("dev-a", 1, weights(1)), limiter,  # type: ignore[arg-type]
+                  catch_up)
     assert h.snapshot() == before and not h.coordinator.rejections
     assert TOPICS.device_of(TOPICS.update("dev-a")) == "dev-a"
 
