@@ -37,13 +37,14 @@ from coordinator.storage import ModelStore, Spool, StorageError
 from federation import envelope, exit_codes
 from federation.config import ConfigError, setting
 from federation.crypto import ed25519_public
+from federation.fleet_state import FleetLedger
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
 from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, MqttLink
 from federation.observability import MetricsConfig
 from federation.systemd import Notifier
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, LedgerCorrupt
+from ledger import Ed25519Signer, LedgerCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +158,15 @@ def load_registry(config: CoordinatorConfig) -> DeviceRegistry:
     return DeviceRegistry.load(config.devices)
 
 
-def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> Ledger:
+def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> FleetLedger:
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    return Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
+    return FleetLedger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
                        difficulty=config.difficulty)
 
 
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None,
-                      ledger: Ledger | None = None) -> Coordinator:
+                      ledger: FleetLedger | None = None) -> Coordinator:
     policy = round_policy(config)  # checked before any file is opened
     params = strategy_params(config)
     keys = load_keys(config)

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.inference import InputError, Predictor
+from federation import credits
 from federation import prediction_wire as wire
 from federation.codec import TensorDict
 from federation.envelope import EnvelopeError
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.topics import Topics
-from ledger import credits
 
 log = logging.getLogger(__name__)
 

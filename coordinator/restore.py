@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.storage import ModelStore, atomic_write, read_model_file
+from federation import records
 from federation.codec import encode_tensors
-from ledger import Block, records
+from ledger import Block
 from ledger import storage as ledger_storage
 
 REQUEST_FILE = "restore-request.json"

@@ -33,7 +33,7 @@ from coordinator.presence import PresenceBook
 from coordinator.restore import RestoreError
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
-from federation import envelope
+from federation import envelope, records
 from federation.codec import (
     CodecError,
     TensorDict,
@@ -44,10 +44,10 @@ from federation.codec import (
     spec_of,
 )
 from federation.envelope import EnvelopeError
+from federation.fleet_state import FleetState
 from federation.keys import CoordinatorKeys, DeviceRegistry, KeyFileError
 from federation.topics import Topics
 from federation.verdicts import ACCEPTED
-from ledger import records
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class LedgerLike(Protocol):
     def head(self) -> Any: ...
 
     def signed_checkpoint(self) -> str: ...
+
+    @property
+    def state(self) -> FleetState: ...
 
 
 @dataclass(frozen=True)
@@ -602,14 +605,15 @@ class Coordinator:
                         ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in why.items() if k != "action"))
         # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
-        # participants = accepted minus excluded; the ledger fills in the Merkle root over all of
-        # this round's accepted updates (excluded ones too: they were accepted, then left out).
+        # participants = accepted minus excluded; the Merkle root is over all of this round's
+        # accepted updates (excluded ones too: they were accepted, then left out).
         block = self._append(records.aggregate(
             state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
             self._strategy.name,
             {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}},
             num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
             excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
+            merkle_root=self.ledger.state.merkle_root_for(state.number),
         ))
         self.spool.drop_round(state.number)
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)

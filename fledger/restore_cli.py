@@ -20,8 +20,7 @@ from typing import Any
 from coordinator import restore
 from coordinator.storage import ModelStore
 from federation import config as cfg
-from federation import exit_codes
-from ledger import records
+from federation import exit_codes, records
 
 
 def add_parser(sub: Any) -> None:

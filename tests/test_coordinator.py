@@ -19,9 +19,10 @@ from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
 from federation import crypto, envelope
 from federation.codec import decode_tensors, encode_tensors
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, verify_file
+from ledger import Ed25519Signer
 
 FLEET = "unit"
 DATASET = hashlib.sha256(b"a data set").digest()
@@ -55,7 +56,7 @@ class Harness:
     def build(self, register: bool = True) -> Coordinator:
         if hasattr(self, "ledger"):
             self.ledger.close()  # as if the old process had exited
-        ledger = Ledger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET,
+        ledger = FleetLedger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET,
                              now=self.clock)
         self.ledger = ledger
         coordinator = Coordinator(
@@ -625,7 +626,8 @@ def test_restore_republishes_an_earlier_model_as_a_new_round(tmp_path: Path) -> 
 def test_a_restore_record_must_name_a_recorded_model(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     digest = hashlib.sha256(encode_tensors(h.coordinator.global_model)).digest()
-    from ledger import VerifyError, records
+    from federation import records
+    from ledger import VerifyError
 
     with pytest.raises(VerifyError, match="restores round 1"):
         h.ledger.append(records.model_published(2, bytes(32), restores=1))

@@ -13,14 +13,15 @@ import torch
 
 from coordinator.inference import RegressionPredictor
 from coordinator.predictions import CurrentModel, PredictionService, PredictionSettings
-from federation import crypto
+from federation import credits, crypto
 from federation import prediction_wire as wire
 from federation.codec import encode_tensors
 from federation.datasets import Standardizer
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.tasks import get_task
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, credits, verify_file
+from ledger import Ed25519Signer
 
 FLEET = "shop"
 N_FEATURES = 3
@@ -47,7 +48,7 @@ class Rig:
         self.task = task
         self.settings = PredictionSettings(fee=fee, fee_per=fee_per, max_rows=16, max_request_bytes=64 * 1024)
         self.published: list[tuple[str, bytes]] = []
-        self.ledger = Ledger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
+        self.ledger = FleetLedger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
         self.service = self.new_service()
 
     def new_service(self) -> PredictionService:
