@@ -78,7 +78,7 @@ def bench_service(workdir: Path, requests: int) -> dict[str, Any]:
         return block
 
     topics = Topics(keys.fleet)
-    service = PredictionService(PredictionSettings(fee=1), keys, clients, list(ledger), append=append,
+    service = PredictionService(PredictionSettings(fee=1), keys, clients, ledger.state.accounts, append=append,
                                 model=lambda: model, predictor=make_predictor("california"),
                                 publish=lambda t, p: None, topics=topics, group_commit=ledger.group_commit)
     _, order = wire.seal_order(keys, "deposit", requests + 10, "bench")

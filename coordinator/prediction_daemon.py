@@ -100,5 +100,6 @@ def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator
 
     group_commit = getattr(ledger, "group_commit", contextlib.nullcontext)
     return PredictionService(prediction_settings(config), coordinator.keys, DeviceRegistry.load(config.clients),
-                             list(ledger), append=append, model=current_model, predictor=predictor, publish=publish,
-                             topics=topics, group_commit=group_commit, announce=coordinator.announce_block)
+                             ledger.state.accounts, append=append, model=current_model, predictor=predictor,
+                             publish=publish, topics=topics, group_commit=group_commit,
+                             announce=coordinator.announce_block)

@@ -83,14 +83,16 @@ class Outcome:
 
 class PredictionService:
     def __init__(self, settings: PredictionSettings, keys: CoordinatorKeys, clients: DeviceRegistry,
-                 blocks: Iterable[Any], *, append: Append, model: Callable[[], CurrentModel],
+                 accounts: credits.Accounts, *, append: Append, model: Callable[[], CurrentModel],
                  predictor: Predictor | None, publish: Publish, topics: Topics,
                  now: Callable[[], float] = time.time, group_commit: GroupCommit = contextlib.nullcontext,
                  announce: Callable[[Any], None] = lambda block: None) -> None:
         self.settings = settings
         self.keys = keys
         self.clients = clients
-        self.accounts = credits.fold(blocks)
+        # The balances are the ledger fold's (federation/fleet_state.py), which every append
+        # updates: this service checks a record before appending it and never folds it itself.
+        self.accounts = accounts
         self._append = append
         self._model = model
         self.predictor = predictor
@@ -214,7 +216,6 @@ class PredictionService:
                                  _sha256(encoded))
         self.accounts.check(record, fleet=self.keys.fleet)  # the ledger checks again on append
         block = self._record(record)  # durable before anyone sees the answer
-        self.accounts.apply(record, block.index)
         reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
                                  balance=self.accounts.balance(client), output=predictor.output, now=self._now())
         self._replies[key] = reply
@@ -253,7 +254,6 @@ class PredictionService:
             body.update(ok=False, reason=str(exc))
         else:
             block = self._record(record)
-            self.accounts.apply(record, block.index)
             log.info("recorded %s of %d%s in ledger block %d", record["type"], record["amount"],
                      f" for {record['client']}" if "client" in record else "", block.index)
             body.update(ok=True, block_index=block.index, block_hash=block.hash.hex(), held=self.accounts.held)

@@ -8,7 +8,8 @@ around this class, and tests drive it directly.
 Order of durable writes (each is the commit point of the step before it):
 accept an update:  spool file (fsync) -> ledger "update" block -> running sum in memory.
 close a round:     model file for round R+1 (fsync) -> ledger "aggregate" block -> publish.
-A restart rebuilds the open round from the ledger's accepted records and the spool.
+A restart rebuilds the open round from the ledger's fold (``ledger.state``, the
+:class:`federation.fleet_state.FleetState` every reader of the chain uses) and the spool.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-import msgpack
 
 from coordinator import restore
 from coordinator.acks import DeviceAcks
@@ -56,7 +55,7 @@ Evaluate = Callable[[TensorDict], dict[str, float]]
 
 
 class LedgerLike(Protocol):
-    """The part of :class:`ledger.Ledger` the coordinator uses."""
+    """The part of :class:`federation.fleet_state.FleetLedger` the coordinator uses."""
 
     def append(self, data: dict[str, Any]) -> Any: ...
 
@@ -114,18 +113,7 @@ class Coordinator:
         self.task_info = task_info or {}
         self.rejections: Counter[str] = Counter()
         self.accepted_total = 0
-        self.seen_msg_ids: set[bytes] = set()
-        # Message ids whose rejection is already in the ledger: the ciphertext and tag are not
-        # signed, so anyone who saw one genuine update can make endless variants of it.
-        self.recorded_rejections: set[bytes] = set()
-        # Ledger records per device while the current round is open, capped: even a stolen key,
-        # making fresh message ids, naming any round it likes, or registering data set after
-        # data set, adds at most a few blocks per round (rounds advance only by aggregation).
-        self.rejection_records: Counter[str] = Counter()
-        self.registration_records: Counter[tuple[str, str]] = Counter()  # by (device, key id)
         self.round: RoundState | None = None
-        # Rounds whose model file is never pruned: restore sources and results the ledger names.
-        self.keep_model_rounds: set[int] = set()
         self.train_seconds: dict[str, float] = {}  # device -> its latest reported training time (adaptive deadline)
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
@@ -138,64 +126,43 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.presence = PresenceBook(now)
         self.presence_rejections: Counter[str] = Counter()
-        self.datasets: dict[str, bytes] = {}  # device -> SHA-256 of its registered data set
-        self.registered_at: dict[str, float] = {}  # device -> 'created' of that registration
-        self.registered_key: dict[str, str] = {}  # device -> key id that signed that registration
-        self._keys_in_ledger: set[tuple[str, str]] = set()  # (device, key id) with a device.key record
-        self._revoked_in_ledger: set[tuple[str, str]] = set()
         self.acks = DeviceAcks(settings.fleet)
         self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
+
+    # -- what the ledger says (its fold, kept current by every append) -------------------------
+    @property
+    def fleet_state(self) -> FleetState:
+        return self.ledger.state
+
+    @property
+    def datasets(self) -> dict[str, bytes]:
+        """Device -> SHA-256 of the data set it registered."""
+        return {device: r.sha256 for device, r in self.fleet_state.datasets.items()}
+
+    @property
+    def keep_model_rounds(self) -> set[int]:
+        """Rounds whose model file is never pruned: restore sources and results the ledger names."""
+        return self.fleet_state.restored_rounds
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
         """Load or initialise the global model and rebuild the open round from the ledger."""
         self.spool.check_writable()
-        blocks = list(self.ledger)
-        self._genesis: bytes = blocks[0].hash  # named in every model: agents pin the chain they follow
-        self._sync_device_keys(blocks)  # appends only key records, which the scan below does not use
-        last_model_block = None
-        accepted_records: list[dict[str, Any]] = []
-        opened_at: dict[Any, float] = {}
-        published: set[Any] = set()  # rounds with a model.published record
-        for block in blocks:
-            data = block.data
-            kind = data.get("type")
-            if kind == "update":
-                self.seen_msg_ids.add(_statement_field(data, "msg_id"))
-                accepted_records.append(data)
-            elif kind == records.DATASET:
-                self.datasets[data["device"]] = data["sha256"]
-                self.acks.registered(data["device"], data["sha256"])
-                if isinstance(data.get("statement"), bytes):
-                    self.registered_at[data["device"]] = float(_statement_field(data, "created"))
-                    self.registered_key[data["device"]] = str(data.get("key_id"))
-                self.registration_records[(data["device"], str(data.get("key_id")))] += 1
-            elif kind == "update.rejected":
-                if isinstance(data.get("msg_id"), bytes):
-                    self.recorded_rejections.add(data["msg_id"])
-                self.rejection_records[str(data.get("device"))] += 1
-            elif kind == "round.opened":
-                opened_at[data.get("round")] = block.timestamp
-                self._reset_round_caps()  # the caps count from the open round's start
-            elif kind == "aggregate" or (kind == "model.published" and (data.get("initial") or "restores" in data)):
-                last_model_block = block  # the model the newest round trains from
-            if kind == "model.published":
-                published.add(data.get("round"))
-                if "restores" in data:  # a model an operator restored stays restorable
-                    self.keep_model_rounds.update({int(data["restores"]), int(data["round"])})
-        if last_model_block is None:
+        fleet = self.fleet_state
+        self._genesis: bytes = fleet.genesis_hash  # named in every model: agents pin the chain they follow
+        self._record_keys(self.registry)
+        for device, registration in fleet.datasets.items():
+            self.acks.registered(device, registration.sha256)
+        if fleet.model_block is None:
             round_number = 1
             model = self._initial_model()
             self.models.save(round_number, model)
             model_bytes = encode_tensors(model)
-            block = self._append(records.model_published(
+            self._append(records.model_published(
                 round_number, hashlib.sha256(model_bytes).digest(), initial=True, task=self.task_info))
-            last_model_block = block
-            published.add(round_number)
             log.info("initialised global model for round 1 (%d tensors)", len(model))
         else:
-            data = last_model_block.data
-            round_number = int(data["round"]) + (1 if data["type"] == "aggregate" else 0)
+            round_number = fleet.model_round or 1
             try:
                 loaded = self.models.load(round_number)
             except ModelFileError as exc:
@@ -205,19 +172,21 @@ class Coordinator:
                                       f"{self.models.path(round_number)} is missing")
             model = loaded
             digest = hashlib.sha256(encode_tensors(model)).digest()
-            if digest != data["model_sha256"]:
+            if digest != fleet.model_block.data["model_sha256"]:
                 raise StorageError(5, f"{self.models.path(round_number)} does not match the ledger's model hash")
             log.info("resumed at round %d from %s", round_number, self.models.path(round_number))
+        last_model_block = fleet.model_block
+        assert last_model_block is not None
         self.global_model = model
         self.spec = spec_of(model)
         self._model_block = last_model_block
-        self._open_round(round_number, announce=round_number not in opened_at)
-        if round_number in opened_at and self.round is not None:
-            self.round.opened_at = opened_at[round_number]  # a restart does not extend the deadline
+        info = fleet.rounds.get(round_number)
+        opened_at = info.opened_at if info is not None else None
+        self._open_round(round_number, announce=opened_at is None)
+        if opened_at is not None and self.round is not None:
+            self.round.opened_at = opened_at  # a restart does not extend the deadline
         # Re-add this round's already accepted updates (their envelopes are in the spool).
-        for record in accepted_records:
-            if record.get("round") != round_number:
-                continue
+        for record in (info.updates if info is not None else []):
             self._restore_accepted(record)
         for device in sorted(self.round.accepted if self.round else ()):
             self.publish_ack(device)  # a crash may have come before the acknowledgement went out
@@ -227,27 +196,18 @@ class Coordinator:
         if dropped:
             log.info("removed the spools of closed rounds %s (a crash interrupted their removal)", dropped)
         self.publish_model()
-        if round_number not in published:  # a crash came between the aggregate and this record
+        if round_number not in fleet.published_rounds:  # a crash came between the aggregate and this record
             self._append(records.model_published(round_number, last_model_block.data["model_sha256"]))
         self.publish_status()
         self.maybe_close_round()
-
-    def _sync_device_keys(self, blocks: list[Any]) -> None:
-        """Learn which device keys and revocations the ledger holds, then record the registry's."""
-        for block in blocks:
-            kind = block.data.get("type")
-            if kind == records.DEVICE_KEY:
-                self._keys_in_ledger.add((block.data["device"], block.data["key_id"]))
-            elif kind == records.DEVICE_KEY_REVOKED:
-                self._revoked_in_ledger.add((block.data["device"], block.data["key_id"]))
-        self._record_keys(self.registry)
 
     def _record_keys(self, registry: DeviceRegistry) -> None:
         """Record in the ledger every device key the registry knows and every revocation, once:
         anyone verifying the chain then checks device signatures with keys from the chain itself.
         A revocation in the ledger is final: it is applied to ``registry`` whatever its file says.
         A registry the ledger would refuse raises KeyFileError before anything is appended."""
-        owner_in_ledger = {key_id: device for device, key_id in self._keys_in_ledger}
+        fleet = self.fleet_state
+        owner_in_ledger = {key_id: device for key_id, (device, _) in fleet.device_keys.items()}
         for device, record in registry.devices.items():
             for key_id in record.keys:
                 if owner_in_ledger.get(key_id, device) != device:
@@ -258,16 +218,16 @@ class Coordinator:
                     raise KeyFileError(f"{device} revokes key {key_id}, which it does not list")
         for device, record in sorted(registry.devices.items()):
             for key_id, public_key in sorted(record.keys.items()):
-                if (device, key_id) not in self._keys_in_ledger:
+                if owner_in_ledger.get(key_id) != device:
                     self._append(records.device_key(device, public_key))
-                    self._keys_in_ledger.add((device, key_id))
+                    owner_in_ledger[key_id] = device
                     log.info("registered key %s of device %s in the ledger", key_id, device)
             for key_id in sorted(record.revoked):
-                if (device, key_id) not in self._revoked_in_ledger:
+                if key_id not in fleet.revoked:
                     self._append(records.device_key_revoked(device, key_id, "revoked by the operator"))
-                    self._revoked_in_ledger.add((device, key_id))
                     log.info("recorded revocation of key %s of device %s", key_id, device)
-        for device, key_id in self._revoked_in_ledger:
+        for key_id in fleet.revoked:
+            device = fleet.device_keys[key_id][0]
             entry = registry.devices.get(device)
             if entry is not None and key_id in entry.keys and key_id not in entry.revoked:
                 entry.revoked.add(key_id)
@@ -315,14 +275,9 @@ class Coordinator:
         # the round's updates in a memory-mapped file beside the spool.
         self._strategy = make_strategy(self.settings.strategy, self.settings.strategy_params,
                                        global_model=self.global_model, workdir=self.spool.directory)
-        if announce:  # a new round (not one resumed after a restart): the per-round caps start over
-            self._reset_round_caps()
+        # A new round's round.opened record starts the per-round caps over (in the fold).
         if announce and not (self.settings.max_rounds and number > self.settings.max_rounds):
             self._append(records.round_opened(number))
-
-    def _reset_round_caps(self) -> None:
-        self.rejection_records.clear()
-        self.registration_records.clear()
 
     # -- ledger and publishing ------------------------------------------------------------------
     def _append(self, data: dict[str, Any]) -> Any:
@@ -415,15 +370,18 @@ class Coordinator:
                 msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
         self.rejections[reason] += 1
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
-        if (record and device is not None and not self.halted and msg_id not in self.recorded_rejections
-                and self.rejection_records[device] < MAX_REJECTION_RECORDS):
+        fleet = self.fleet_state
+        # Message ids whose rejection is already in the ledger are not recorded again: the
+        # ciphertext and tag are not signed, so anyone who saw one genuine update can make
+        # endless variants of it. And records per device while a round is open are capped:
+        # even a stolen key, making fresh message ids or naming any round it likes, adds at
+        # most a few blocks per round (rounds advance only by aggregation).
+        if (record and device is not None and not self.halted and msg_id not in fleet.rejected_msg_ids
+                and fleet.rejections_this_round[device] < MAX_REJECTION_RECORDS):
             # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
             # One record per message id: resends and altered copies are counted, not recorded again.
             self._append(records.update_rejected(device, round_number, reason, hashlib.sha256(payload).digest(),
                                                  msg_id=msg_id))
-            if msg_id is not None:
-                self.recorded_rejections.add(msg_id)
-            self.rejection_records[device] += 1
         return Outcome(False, reason, device, round_number)
 
     def handle_update(self, topic: str, payload: bytes) -> Outcome:
@@ -468,13 +426,13 @@ class Coordinator:
         if isinstance(seconds, (int, float)) and _sane(float(seconds)):
             self.train_seconds[header.device] = float(seconds)  # also from a late update: it tells the most
         def rejected(reason: str, detail: str, *, record: bool = True) -> Outcome:
-            # Only accepted updates' ids are in seen_msg_ids: a replay's answer is "accepted".
+            # Only accepted updates' ids are in accepted_msg_ids: a replay's answer is "accepted".
             self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED if reason == "replay" else reason)
             return self._reject(reason, detail, device=header.device, round_number=header.round,
                                 msg_id=header.msg_id, payload=payload, record=record)
 
         round_problem = self.round.check(device=header.device, round_number=header.round, msg_id=header.msg_id,
-                                         seen=self.seen_msg_ids)
+                                         seen=self.fleet_state.accepted_msg_ids)
         if round_problem is not None:
             # A byte-identical replay is not recorded again: it would let anyone grow the ledger.
             return rejected(round_problem, f"open round is {self.round.number}", record=round_problem != "replay")
@@ -497,7 +455,6 @@ class Coordinator:
         # Persist, then commit to the ledger, then fold into the running sum.
         self.spool.put(header.round, header.device, payload)
         self._append(records.update(sealed.header_bytes, sealed.signature))
-        self.seen_msg_ids.add(header.msg_id)
         self._strategy.add(weights, header.num_samples, header.device)
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                    header.metrics))
@@ -537,14 +494,18 @@ class Coordinator:
             # later genuine registration look stale.
             return self._reject("registration_from_future", f"created {statement.created - self._now():.0f}s "
                                 "ahead of the coordinator's clock", device=statement.device)
-        current_key = self.registered_key.get(statement.device)
+        fleet = self.fleet_state
+        current = fleet.datasets.get(statement.device)
+        current_key = current.key_id if current is not None else None
         superseded = current_key is not None and current_key != statement.key_id and \
             self.registry.public_key(statement.device, current_key) is None  # made with a revoked key
-        if statement.created <= self.registered_at.get(statement.device, float("-inf")) and not superseded:
+        registered_at = current.created if current is not None and current.created is not None else float("-inf")
+        if statement.created <= registered_at and not superseded:
             # An older registration replayed: it must not switch the device back to old data.
             return self._reject("registration_stale", "not newer than the device's current registration",
                                 device=statement.device)
-        if self.registration_records[(statement.device, statement.key_id)] >= MAX_REGISTRATIONS_PER_ROUND:
+        # Capped per round like rejections: a stolen key cannot register data set after data set.
+        if fleet.registrations_this_round[(statement.device, statement.key_id)] >= MAX_REGISTRATIONS_PER_ROUND:
             return self._reject("registration_rate", f"more than {MAX_REGISTRATIONS_PER_ROUND} new data sets "
                                 "in one round; try again next round", device=statement.device)
         try:
@@ -554,10 +515,6 @@ class Coordinator:
         except StorageError as exc:
             self.halted = str(exc)
             return self._reject("storage_error", str(exc))
-        self.datasets[statement.device] = statement.sha256
-        self.registered_at[statement.device] = statement.created
-        self.registered_key[statement.device] = statement.key_id
-        self.registration_records[(statement.device, statement.key_id)] += 1
         self.acks.registered(statement.device, statement.sha256)
         self.publish_ack(statement.device)
         log.info("device %s registered data set %s (%d bytes, %s)", statement.device, statement.sha256.hex()[:16],
@@ -613,7 +570,7 @@ class Coordinator:
             {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}},
             num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
             excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
-            merkle_root=self.ledger.state.merkle_root_for(state.number),
+            merkle_root=self.fleet_state.merkle_root_for(state.number),
         ))
         self.spool.drop_round(state.number)
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
@@ -665,19 +622,18 @@ class Coordinator:
         assert self.round is not None
         if self.halted:
             raise RestoreError(f"the coordinator is halted ({self.halted}); fix that first")
-        blocks = list(self.ledger)
-        if request_id and request_id in restore.applied_requests(blocks):
+        fleet = self.fleet_state
+        if request_id and request_id in fleet.applied_restores:
             return None  # applied before a crash removed the request file
         if round_to_restore > self.round.number:
             raise RestoreError(f"round {round_to_restore} is not before the open round {self.round.number}")
-        model, digest = restore.checked_model(self.models, restore.recorded_models(blocks), round_to_restore)
+        model, digest = restore.checked_model(self.models, fleet.published_models, round_to_restore)
         abandoned, new_round = self.round.number, self.round.number + 1
         self.models.save(new_round, model)
         block = self._append(records.model_published(
             new_round, digest, restores=round_to_restore, abandoned_round=abandoned, reason=reason,
             **({"request_id": request_id} if request_id else {})))
-        self.spool.drop_round(abandoned)
-        self.keep_model_rounds.update({round_to_restore, new_round})
+        self.spool.drop_round(abandoned)  # the ledger's record keeps both model files (keep_model_rounds)
         self.global_model = model
         self._model_block = block
         log.warning("restored the global model of round %d as round %d (round %d abandoned): %s -> block %d",
@@ -712,8 +668,3 @@ def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Decisions as the ledger takes them: floats finite (an unbounded value becomes None)."""
     return {device: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in why.items()}
             for device, why in decisions.items()}
-
-
-def _statement_field(record: dict[str, Any], name: str) -> Any:
-    statement = msgpack.unpackb(record["statement"], raw=False)
-    return statement[name]

@@ -49,7 +49,7 @@ class Registration:
 
     sha256: bytes
     created: float | None  # the device's clock in its signed statement (None: an operator's record)
-    key_id: str
+    key_id: str | None  # the key that signed it (None: an operator's record)
 
 
 def model_named_by(data: dict[str, Any]) -> tuple[int, bytes] | None:
@@ -285,8 +285,9 @@ class FleetState:
             self.revoked.add(data["key_id"])
         elif kind == records.DATASET:
             key_id = str(data.get("key_id"))
-            created = _statement_created(data)
-            self.datasets[data["device"]] = Registration(data["sha256"], created, key_id)
+            signed = isinstance(data.get("statement"), bytes)
+            self.datasets[data["device"]] = Registration(data["sha256"], _statement_created(data),
+                                                         key_id if signed else None)
             self.registrations_this_round[(data["device"], key_id)] += 1
         elif kind == records.UPDATE:
             info = self.rounds.setdefault(data["round"], RoundInfo())

@@ -54,7 +54,8 @@ class Rig:
     def new_service(self) -> PredictionService:
         """A fresh service over the same ledger: what a restarted coordinator builds."""
         predictor = RegressionPredictor(self.task, self.x_scaler, self.y_scaler)
-        return PredictionService(self.settings, self.keys, self.clients, list(self.ledger), append=self.ledger.append,
+        return PredictionService(self.settings, self.keys, self.clients, self.ledger.state.accounts,
+                                 append=self.ledger.append,
                                  model=lambda: self.model, predictor=predictor,
                                  publish=lambda t, p: self.published.append((t, p)), topics=self.topics,
                                  now=lambda: self.clock[0])
@@ -276,7 +277,8 @@ def test_a_batch_shares_one_fsync_and_publishes_only_after_it(tmp_path: Path) ->
             events.append("synced")
 
     rig.service = PredictionService(
-        rig.settings, rig.keys, rig.clients, list(rig.ledger), append=rig.ledger.append, model=lambda: rig.model,
+        rig.settings, rig.keys, rig.clients, rig.ledger.state.accounts, append=rig.ledger.append,
+        model=lambda: rig.model,
         predictor=rig.service.predictor, topics=rig.topics, now=lambda: rig.clock[0],
         publish=lambda t, p: (events.append("reply" if committed[0] else "REPLY BEFORE SYNC"),
                               rig.published.append((t, p))),
