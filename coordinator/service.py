@@ -5,7 +5,8 @@ the coordinator sends goes out through the ``publish(topic, payload, retain)`` c
 given; the clock is passed in too. The MQTT daemon (``coordinator.daemon``) is a thin loop
 around this class, and tests drive it directly.
 
-Order of durable writes (each is the commit point of the step before it):
+Order of durable writes (each is the commit point of the step before it; the
+:class:`coordinator.writer.LedgerWriter` owns the first two):
 accept an update:  spool file (fsync) -> ledger "update" block -> running sum in memory.
 close a round:     model file for round R+1 (fsync) -> ledger "aggregate" block -> publish.
 A restart rebuilds the open round from the ledger's fold (``ledger.state``, the
@@ -23,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from coordinator import restore
 from coordinator.acks import DeviceAcks
@@ -32,6 +33,7 @@ from coordinator.presence import PresenceBook
 from coordinator.restore import RestoreError
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
+from coordinator.writer import LedgerLike, LedgerWriter
 from federation import envelope, records
 from federation.codec import (
     CodecError,
@@ -52,24 +54,6 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bool], None]
 Evaluate = Callable[[TensorDict], dict[str, float]]
-
-
-class LedgerLike(Protocol):
-    """The part of :class:`federation.fleet_state.FleetLedger` the coordinator uses."""
-
-    def append(self, data: dict[str, Any]) -> Any: ...
-
-    def __iter__(self) -> Any: ...
-
-    def blocks(self, start: int = 0, end: int | None = None) -> list[Any]: ...
-
-    @property
-    def head(self) -> Any: ...
-
-    def signed_checkpoint(self) -> str: ...
-
-    @property
-    def state(self) -> FleetState: ...
 
 
 @dataclass(frozen=True)
@@ -103,8 +87,7 @@ class Coordinator:
         self.keys = keys
         self.registry = registry
         self.ledger = ledger
-        self.models = models
-        self.spool = spool
+        self.writer = LedgerWriter(ledger, spool, models, announce=self._publish_block)
         self.topics = topics
         self._initial_model = initial_model
         self._publish = publish
@@ -121,13 +104,35 @@ class Coordinator:
         self.done = False
         self.stopped = False  # set by the daemon when it leaves: the status then says no one runs
         self.session = os.urandom(8).hex()  # tells this process's status from another coordinator's
-        self.halted: str | None = None  # set when storage fails: stop accepting
         self._strategy: Strategy | None = None
         self.history: list[dict[str, Any]] = []
         self.presence = PresenceBook(now)
         self.presence_rejections: Counter[str] = Counter()
         self.acks = DeviceAcks(settings.fleet)
         self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
+
+    # -- start-up and recovery ------------------------------------------------------------------
+    # The writer owns the spool, the model files and the ledger; these are its.
+    @property
+    def spool(self) -> Spool:
+        return self.writer.spool
+
+    @spool.setter
+    def spool(self, spool: Spool) -> None:
+        self.writer.spool = spool
+
+    @property
+    def models(self) -> ModelStore:
+        return self.writer.models
+
+    @property
+    def halted(self) -> str | None:
+        """Why nothing is accepted any more (storage failed, a round could not close), or None."""
+        return self.writer.halted
+
+    @halted.setter
+    def halted(self, reason: str | None) -> None:
+        self.writer.halted = reason
 
     # -- what the ledger says (its fold, kept current by every append) -------------------------
     @property
@@ -156,9 +161,8 @@ class Coordinator:
         if fleet.model_block is None:
             round_number = 1
             model = self._initial_model()
-            self.models.save(round_number, model)
             model_bytes = encode_tensors(model)
-            self._append(records.model_published(
+            self.writer.new_model(round_number, model, records.model_published(
                 round_number, hashlib.sha256(model_bytes).digest(), initial=True, task=self.task_info))
             log.info("initialised global model for round 1 (%d tensors)", len(model))
         else:
@@ -281,21 +285,17 @@ class Coordinator:
 
     # -- ledger and publishing ------------------------------------------------------------------
     def _append(self, data: dict[str, Any]) -> Any:
-        try:
-            block = self.ledger.append(data)
-        except OSError as exc:
-            self.halted = f"cannot write the ledger: {exc}"
-            log.critical("%s; no longer accepting updates", self.halted)
-            raise StorageError(exc.errno or 5, self.halted) from exc
-        self.announce_block(block)
-        return block
+        return self.writer.append(data)
 
     def announce_block(self, block: Any) -> None:
-        """Tell the ledger's followers about a durable block: the block, the retained head and
-        the signed checkpoint (for every block, whoever appended it)."""
+        """Tell the ledger's followers about a durable block (for every block, whoever appended it)."""
+        self.writer.announce(block)
+
+    def _publish_block(self, block: Any, checkpoint: str) -> None:
+        """The block, the retained head and the signed checkpoint."""
         self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
         self._publish(self.topics.ledger_head, block.to_bytes(), True)
-        self._publish(self.topics.ledger_checkpoint, self.ledger.signed_checkpoint().encode(), True)
+        self._publish(self.topics.ledger_checkpoint, checkpoint.encode(), True)
 
     def publish_model(self) -> None:
         assert self.round is not None
@@ -453,8 +453,7 @@ class Coordinator:
         except CodecError as exc:
             return rejected("bad_tensors", str(exc))
         # Persist, then commit to the ledger, then fold into the running sum.
-        self.spool.put(header.round, header.device, payload)
-        self._append(records.update(sealed.header_bytes, sealed.signature))
+        self.writer.accept_update(header.round, header.device, payload, sealed.header_bytes, sealed.signature)
         self._strategy.add(weights, header.num_samples, header.device)
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                    header.metrics))
@@ -553,7 +552,6 @@ class Coordinator:
         next_round = state.number + 1
         eval_metrics = self._evaluation(state.number, new_model)
         train = state.train_summary()
-        self.models.save(next_round, new_model)
         decisions = self._strategy.decisions
         excluded = {d: why for d, why in decisions.items() if why.get("action") == "excluded"}
         clipped = {d: why for d, why in decisions.items() if why.get("action") == "clipped"}
@@ -564,15 +562,14 @@ class Coordinator:
         # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
         # participants = accepted minus excluded; the Merkle root is over all of this round's
         # accepted updates (excluded ones too: they were accepted, then left out).
-        block = self._append(records.aggregate(
+        block = self.writer.new_model(next_round, new_model, records.aggregate(
             state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
             self._strategy.name,
             {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}},
             num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
             excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
             merkle_root=self.fleet_state.merkle_root_for(state.number),
-        ))
-        self.spool.drop_round(state.number)
+        ), closes=state.number)
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
         if pruned:
             log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
@@ -629,11 +626,10 @@ class Coordinator:
             raise RestoreError(f"round {round_to_restore} is not before the open round {self.round.number}")
         model, digest = restore.checked_model(self.models, fleet.published_models, round_to_restore)
         abandoned, new_round = self.round.number, self.round.number + 1
-        self.models.save(new_round, model)
-        block = self._append(records.model_published(
+        # The record keeps both model files (keep_model_rounds) and closes the abandoned round.
+        block = self.writer.new_model(new_round, model, records.model_published(
             new_round, digest, restores=round_to_restore, abandoned_round=abandoned, reason=reason,
-            **({"request_id": request_id} if request_id else {})))
-        self.spool.drop_round(abandoned)  # the ledger's record keeps both model files (keep_model_rounds)
+            **({"request_id": request_id} if request_id else {})), closes=abandoned)
         self.global_model = model
         self._model_block = block
         log.warning("restored the global model of round %d as round %d (round %d abandoned): %s -> block %d",
