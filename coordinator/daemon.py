@@ -27,6 +27,7 @@ from coordinator.prediction_daemon import (
     prediction_subscriptions,
     take_batch,
 )
+from coordinator.publisher import Publisher
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.restore import RestoreError
@@ -166,7 +167,7 @@ def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> FleetLedger
 
 
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None,
-                      ledger: FleetLedger | None = None) -> Coordinator:
+                      ledger: FleetLedger | None = None, publisher: Publisher | None = None) -> Coordinator:
     policy = round_policy(config)  # checked before any file is opened
     params = strategy_params(config)
     keys = load_keys(config)
@@ -190,7 +191,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
-                       evaluate=evaluate, task_info={"task": config.task})
+                       evaluate=evaluate, task_info={"task": config.task}, publisher=publisher)
 
 
 def make_evaluator(task_name: str) -> Evaluate:
@@ -277,22 +278,26 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
                                    *prediction_subscriptions(topics)])
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
-    first_model = [True]
+    first_large = [True]
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
         observatory.published(topic, payload)
-        if topic == topics.model:
-            # The model may exceed the broker's payload limit: chunked; stale chunks of a model
-            # published before a restart are cleared on the first publish.
-            link.publish(topic, payload, retain=retain, chunked=True, clear_stale_chunks=first_model[0])
-            first_model[0] = False
-        else:
-            link.publish(topic, payload, retain=retain)
-        if topic == topics.ledger_head:
-            try:
-                state_guard.write_checkpoint(state_dir, payload)
-            except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
-                log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
+        link.publish(topic, payload, retain=retain)
+
+    def publish_large(topic: str, payload: bytes, retain: bool) -> None:
+        # May exceed the broker's payload limit (the model): chunked; stale chunks of one
+        # published before a restart are cleared on the first publish.
+        observatory.published(topic, payload)
+        link.publish(topic, payload, retain=retain, chunked=True, clear_stale_chunks=first_large[0])
+        first_large[0] = False
+
+    def write_checkpoint(head: bytes) -> None:
+        try:
+            state_guard.write_checkpoint(state_dir, head)
+        except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
+            log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
+
+    publisher = Publisher(publish, topics, keys, send_large=publish_large, on_head=write_checkpoint)
 
     link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo
     reload_now = threading.Event()
@@ -302,7 +307,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     if not link.start(timeout=60, stop=stop):
         return 0  # stopped while connecting
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
-    coordinator = build_coordinator(config, publish, ledger=ledger)
+    coordinator = build_coordinator(config, publish, ledger=ledger, publisher=publisher)
     observatory.catch_up(coordinator.ledger)
     try:
         coordinator.start()

@@ -1,9 +1,10 @@
 """The coordinator's core: checks updates, runs rounds, writes the ledger, publishes models.
 
 No network here: messages come in through :meth:`Coordinator.handle_update`, and everything
-the coordinator sends goes out through the ``publish(topic, payload, retain)`` callable it is
-given; the clock is passed in too. The MQTT daemon (``coordinator.daemon``) is a thin loop
-around this class, and tests drive it directly.
+the coordinator sends goes out through its :class:`coordinator.publisher.Publisher`, built on
+the ``publish(topic, payload, retain)`` callable it is given; the clock is passed in too. The
+MQTT daemon (``coordinator.daemon``) is a thin loop around this class, and tests drive it
+directly.
 
 Order of durable writes (each is the commit point of the step before it; the
 :class:`coordinator.writer.LedgerWriter` owns the first two):
@@ -30,6 +31,7 @@ from coordinator import restore
 from coordinator.acks import DeviceAcks
 from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
 from coordinator.presence import PresenceBook
+from coordinator.publisher import Publish, Publisher
 from coordinator.restore import RestoreError
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
@@ -52,7 +54,6 @@ from federation.verdicts import ACCEPTED
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes, bool], None]
 Evaluate = Callable[[TensorDict], dict[str, float]]
 
 
@@ -82,15 +83,16 @@ class Coordinator:
         ledger: LedgerLike, models: ModelStore, spool: Spool, *, initial_model: Callable[[], TensorDict],
         publish: Publish, topics: Topics, evaluate: Evaluate | None = None,
         now: Callable[[], float] = time.time, task_info: dict[str, Any] | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.registry = registry
         self.ledger = ledger
-        self.writer = LedgerWriter(ledger, spool, models, announce=self._publish_block)
+        self.publisher = publisher or Publisher(publish, topics, keys)
+        self.writer = LedgerWriter(ledger, spool, models, announce=self.publisher.block)
         self.topics = topics
         self._initial_model = initial_model
-        self._publish = publish
         self._evaluate = evaluate
         self._now = now
         self.task_info = task_info or {}
@@ -291,12 +293,6 @@ class Coordinator:
         """Tell the ledger's followers about a durable block (for every block, whoever appended it)."""
         self.writer.announce(block)
 
-    def _publish_block(self, block: Any, checkpoint: str) -> None:
-        """The block, the retained head and the signed checkpoint."""
-        self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
-        self._publish(self.topics.ledger_head, block.to_bytes(), True)
-        self._publish(self.topics.ledger_checkpoint, checkpoint.encode(), True)
-
     def publish_model(self) -> None:
         assert self.round is not None
         weights = encode_tensors(self.global_model)
@@ -304,7 +300,7 @@ class Coordinator:
             self.keys, self.round.number, weights, block=self._model_block.to_bytes(), done=self.done,
             info={**self.task_info, "genesis": self._genesis.hex()}, now=self._now(),
         )
-        self._publish(self.topics.model, self.model_message, True)
+        self.publisher.model(self.model_message)
 
     def status(self) -> dict[str, Any]:
         assert self.round is not None
@@ -342,13 +338,13 @@ class Coordinator:
         return outcome == "changed"
 
     def publish_status(self) -> None:
-        self._publish(self.topics.status, envelope.seal_status(self.keys, self.status()), True)
+        self.publisher.status(self.status())
 
     def publish_ack(self, device: str) -> None:
         """Tell one device (retained, signed) what the coordinator knows of it."""
         assert self.round is not None
         body = self.acks.body(device, open_round=self.round.number, now=self._now())
-        self._publish(self.topics.ack(device), envelope.seal_ack(self.keys, body), True)
+        self.publisher.ack(device, body)
         self._ack_sent_at[device] = self._now()
 
     def publish_acks(self) -> None:
