@@ -29,6 +29,7 @@ from typing import Any
 
 from coordinator import restore
 from coordinator.acks import DeviceAcks
+from coordinator.admission import Admission, sane
 from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
 from coordinator.presence import PresenceBook
 from coordinator.publisher import Publish, Publisher
@@ -38,10 +39,8 @@ from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from coordinator.writer import LedgerLike, LedgerWriter
 from federation import envelope, records
 from federation.codec import (
-    CodecError,
     TensorDict,
     TensorSpec,
-    check_against_spec,
     decode_tensors,
     encode_tensors,
     spec_of,
@@ -89,6 +88,7 @@ class Coordinator:
         self.keys = keys
         self.registry = registry
         self.ledger = ledger
+        self.admission = Admission(settings.fleet, keys, topics, max_update_bytes=settings.max_update_bytes)
         self.publisher = publisher or Publisher(publish, topics, keys)
         self.writer = LedgerWriter(ledger, spool, models, announce=self.publisher.block)
         self.topics = topics
@@ -113,7 +113,7 @@ class Coordinator:
         self.acks = DeviceAcks(settings.fleet)
         self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
 
-    # -- start-up and recovery ------------------------------------------------------------------
+    # -- the parts' state ------------------------------------------------------------------------
     # The writer owns the spool, the model files and the ledger; these are its.
     @property
     def spool(self) -> Spool:
@@ -366,16 +366,9 @@ class Coordinator:
                 msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
         self.rejections[reason] += 1
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
-        fleet = self.fleet_state
-        # Message ids whose rejection is already in the ledger are not recorded again: the
-        # ciphertext and tag are not signed, so anyone who saw one genuine update can make
-        # endless variants of it. And records per device while a round is open are capped:
-        # even a stolen key, making fresh message ids or naming any round it likes, adds at
-        # most a few blocks per round (rounds advance only by aggregation).
-        if (record and device is not None and not self.halted and msg_id not in fleet.rejected_msg_ids
-                and fleet.rejections_this_round[device] < MAX_REJECTION_RECORDS):
+        if (record and device is not None and not self.halted
+                and Admission.may_record_rejection(self.fleet_state, device, msg_id)):
             # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
-            # One record per message id: resends and altered copies are counted, not recorded again.
             self._append(records.update_rejected(device, round_number, reason, hashlib.sha256(payload).digest(),
                                                  msg_id=msg_id))
         return Outcome(False, reason, device, round_number)
@@ -397,57 +390,23 @@ class Coordinator:
         assert self.round is not None and self._strategy is not None
         if self.halted:
             return self._reject("halted", self.halted)
-        topic_device = self.topics.device_of(topic)
-        try:
-            sealed = envelope.parse_update(payload, max_bytes=self.settings.max_update_bytes)
-        except EnvelopeError as exc:
-            return self._reject(exc.reason, exc.detail, device=topic_device)
+        verdict = self.admission.update(topic, payload, registry=self.registry, round=self.round,
+                                        state=self.fleet_state, spec=self.spec, done=self.done)
+        if verdict.sealed is None:  # not authenticated: counted, never recorded nor answered
+            return self._reject(verdict.reason, verdict.detail, device=verdict.device, round_number=verdict.round)
+        sealed = verdict.sealed
         header = sealed.header
-        if header.fleet != self.settings.fleet:
-            return self._reject("wrong_fleet", f"update for fleet {header.fleet!r}", device=header.device)
-        if topic_device != header.device:
-            return self._reject("topic_mismatch", f"device {header.device!r} published on {topic!r}",
-                                device=header.device)
-        public_key = self.registry.public_key(header.device, header.key_id)
-        if public_key is None:
-            known = self.registry.devices.get(header.device)
-            reason = "revoked_key" if known and header.key_id in known.revoked else "unknown_key"
-            return self._reject(reason, f"device {header.device!r} key {header.key_id!r}", device=header.device)
-        try:
-            envelope.verify_update_signature(sealed, public_key)
-        except EnvelopeError as exc:
-            return self._reject(exc.reason, exc.detail, device=header.device, round_number=header.round)
-        # From here on the sender is authenticated: rejections go to the ledger too.
         seconds = header.metrics.get("train_seconds") if isinstance(header.metrics, dict) else None
-        if isinstance(seconds, (int, float)) and _sane(float(seconds)):
+        if isinstance(seconds, (int, float)) and sane(float(seconds)):
             self.train_seconds[header.device] = float(seconds)  # also from a late update: it tells the most
-        def rejected(reason: str, detail: str, *, record: bool = True) -> Outcome:
+        if not verdict.accepted:
             # Only accepted updates' ids are in accepted_msg_ids: a replay's answer is "accepted".
-            self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED if reason == "replay" else reason)
-            return self._reject(reason, detail, device=header.device, round_number=header.round,
-                                msg_id=header.msg_id, payload=payload, record=record)
-
-        round_problem = self.round.check(device=header.device, round_number=header.round, msg_id=header.msg_id,
-                                         seen=self.fleet_state.accepted_msg_ids)
-        if round_problem is not None:
-            # A byte-identical replay is not recorded again: it would let anyone grow the ledger.
-            return rejected(round_problem, f"open round is {self.round.number}", record=round_problem != "replay")
-        if self.done:
-            return rejected("training_done", "the federation has finished its rounds")
-        if not 0 < header.num_samples <= MAX_SAMPLES:
-            return rejected("bad_sample_count", f"num_samples={header.num_samples}")
-        if len(header.metrics) > MAX_METRICS or not all(_sane(v) for v in header.metrics.values()):
-            return rejected("bad_metrics", f"need <= {MAX_METRICS} finite metrics of magnitude <= {METRIC_LIMIT:g}")
-        if self.datasets.get(header.device) != header.dataset_sha256:
-            return rejected("dataset_not_registered", "the update names a data set this device has not registered")
-        try:
-            weights_bytes = envelope.decrypt_update(sealed, self.keys)
-            weights = decode_tensors(weights_bytes)
-            check_against_spec(weights, self.spec)
-        except EnvelopeError as exc:
-            return rejected(exc.reason, exc.detail)
-        except CodecError as exc:
-            return rejected("bad_tensors", str(exc))
+            self._ack_verdict(header.device, header.round, header.msg_id,
+                              ACCEPTED if verdict.reason == "replay" else verdict.reason)
+            return self._reject(verdict.reason, verdict.detail, device=header.device, round_number=header.round,
+                                msg_id=header.msg_id, payload=payload, record=verdict.record)
+        assert verdict.weights is not None
+        weights = verdict.weights
         # Persist, then commit to the ledger, then fold into the running sum.
         self.writer.accept_update(header.round, header.device, payload, sealed.header_bytes, sealed.signature)
         self._strategy.add(weights, header.num_samples, header.device)
@@ -472,37 +431,20 @@ class Coordinator:
             return self._reject("internal_error", f"{type(exc).__name__}: {exc}")
 
     def _handle_registration(self, topic: str, payload: bytes) -> Outcome:
-        try:
-            statement = envelope.open_dataset(payload, self.registry.public_key)
-        except EnvelopeError as exc:
-            return self._reject(f"registration_{exc.reason}", exc.detail, device=self.topics.device_of(topic))
-        if statement.device != self.topics.device_of(topic) or statement.fleet != self.settings.fleet:
-            return self._reject("registration_topic_mismatch", f"{statement.device!r} on {topic!r}")
+        verdict = self.admission.registration(topic, payload, registry=self.registry)
+        if verdict.statement is None:
+            return self._reject(verdict.reason, verdict.detail, device=verdict.device)
         if self.halted:
             return self._reject("halted", self.halted)
-        if self.datasets.get(statement.device) == statement.sha256:
+        statement = verdict.statement
+        verdict = self.admission.registration_news(statement, registry=self.registry, state=self.fleet_state,
+                                                   now=self._now())
+        if verdict.reason == "already_registered":
             if self._now() - self._ack_sent_at.get(statement.device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
                 self.publish_ack(statement.device)  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
-        if statement.created > self._now() + MAX_CLOCK_AHEAD_S:
-            # Ordering uses the device's clock; a statement from the far future would make every
-            # later genuine registration look stale.
-            return self._reject("registration_from_future", f"created {statement.created - self._now():.0f}s "
-                                "ahead of the coordinator's clock", device=statement.device)
-        fleet = self.fleet_state
-        current = fleet.datasets.get(statement.device)
-        current_key = current.key_id if current is not None else None
-        superseded = current_key is not None and current_key != statement.key_id and \
-            self.registry.public_key(statement.device, current_key) is None  # made with a revoked key
-        registered_at = current.created if current is not None and current.created is not None else float("-inf")
-        if statement.created <= registered_at and not superseded:
-            # An older registration replayed: it must not switch the device back to old data.
-            return self._reject("registration_stale", "not newer than the device's current registration",
-                                device=statement.device)
-        # Capped per round like rejections: a stolen key cannot register data set after data set.
-        if fleet.registrations_this_round[(statement.device, statement.key_id)] >= MAX_REGISTRATIONS_PER_ROUND:
-            return self._reject("registration_rate", f"more than {MAX_REGISTRATIONS_PER_ROUND} new data sets "
-                                "in one round; try again next round", device=statement.device)
+        if verdict.reason != "register":
+            return self._reject(verdict.reason, verdict.detail, device=statement.device)
         try:
             self._append(records.dataset(statement.device, statement.sha256, statement.size, statement.schema,
                                          key_id=statement.key_id, statement=statement.statement,
@@ -595,7 +537,7 @@ class Coordinator:
             return {}
         out: dict[str, float | None] = {}
         for name, value in metrics.items():
-            if isinstance(value, (int, float)) and _sane(float(value)):
+            if isinstance(value, (int, float)) and sane(float(value)):
                 out[name] = float(value)
             else:
                 log.warning("round %d: central evaluation gave %s=%r (diverged model?); recorded as None",
@@ -641,19 +583,7 @@ class Coordinator:
         self.maybe_close_round()
 
 
-# Bounds on what a device may claim: sums and weighted means of them must stay finite and
-# encodable in the ledger (a 1e308 metric times a sample count is Inf; counts beyond 2**63 wrap).
-MAX_SAMPLES = 2**40
-MAX_REJECTION_RECORDS = 8  # per device while a round is open
-MAX_REGISTRATIONS_PER_ROUND = 3  # per device key (a rotated key starts afresh): first, new data, a fix
-MAX_CLOCK_AHEAD_S = 300.0  # how far ahead of ours a device's clock may be for registrations
-MAX_METRICS = 32
 ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
-METRIC_LIMIT = envelope.METRIC_LIMIT
-
-
-def _sane(value: float) -> bool:
-    return math.isfinite(value) and abs(value) <= METRIC_LIMIT
 
 
 def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -328,7 +328,7 @@ def test_registration_with_unencodable_schema_is_rejected_not_fatal(h: Harness) 
 
 def test_rejection_records_are_capped_per_device_and_round(h: Harness) -> None:
     """Even a stolen key making fresh message ids cannot grow the ledger without bound."""
-    from coordinator.service import MAX_REJECTION_RECORDS
+    from coordinator.admission import MAX_REJECTION_RECORDS
 
     height = h.ledger.head.index
     for _ in range(3 * MAX_REJECTION_RECORDS):
@@ -473,7 +473,7 @@ def test_one_device_cannot_grow_the_ledger_without_bound(h: Harness) -> None:
     """A device (or a thief of its key) signs whatever it likes: updates naming round after
     round, registration after registration. The ledger takes a few records per device per open
     round; the rest is counted only."""
-    from coordinator.service import MAX_REGISTRATIONS_PER_ROUND, MAX_REJECTION_RECORDS
+    from coordinator.admission import MAX_REGISTRATIONS_PER_ROUND, MAX_REJECTION_RECORDS
 
     height = h.ledger.head.index
     for round_number in range(2, 60):  # future rounds, each with a fresh message id
