@@ -1,4 +1,4 @@
-"""FleetLedger benchmark: verification of a 100,000-block chain and the cost of an append.
+"""Ledger benchmark: verification of a 100,000-block chain and the cost of an append.
 
     python bench/ledger_bench.py [--blocks 100000] [--sample 5000]
 
