@@ -17,7 +17,8 @@ from federation import exit_codes, records
 from federation.fleet_state import FleetLedger, FleetState, verify_file
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
-from ledger import Event, ProofError, Replica, ReplicaAlert, format_table, to_json
+from fledger.ledger_format import format_table, to_json
+from ledger import Event, ProofError, Replica, ReplicaAlert
 from ledger.checkpoint import (
     Checkpoint,
     CheckpointWatch,

@@ -9,7 +9,6 @@ from ledger.block import VERSION, ZERO_HASH, Block, BlockFormatError, leading_ze
 from ledger.canonical import CanonicalError
 from ledger.checkpoint import Checkpoint, NoteError, open_checkpoint, parse_verifier_key
 from ledger.core import Ledger, chain_root_of
-from ledger.format import format_table, to_json
 from ledger.keys import Ed25519Signer, Keyring, LedgerSigner, Signer, Verifier, key_id_of
 from ledger.merkle import ProofError, verify_consistency, verify_inclusion
 from ledger.replica import Event, Replica, ReplicaAlert
@@ -29,7 +28,7 @@ __all__ = [
     "VERSION", "ZERO_HASH", "Block", "BlockFormatError", "CanonicalError", "ChainState", "Checkpoint", "Ed25519Signer",
     "Event", "Keyring", "Ledger", "LedgerCorrupt", "LedgerError", "LedgerSigner", "NoteError", "ProofError",
     "RecordRules", "Replica", "ReplicaAlert", "Rules", "Signatures", "Signer", "Verifier", "VerifyError",
-    "VerifyReport", "chain_root_of", "format_table", "key_id_of", "leading_zero_bits", "make_block", "mine",
-    "open_checkpoint", "parse_verifier_key", "to_json", "verify_chain", "verify_consistency", "verify_file",
+    "VerifyReport", "chain_root_of", "key_id_of", "leading_zero_bits", "make_block", "mine",
+    "open_checkpoint", "parse_verifier_key", "verify_chain", "verify_consistency", "verify_file",
     "verify_inclusion",
 ]

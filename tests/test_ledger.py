@@ -15,6 +15,7 @@ import pytest
 
 from federation import records
 from federation.fleet_state import FleetLedger, FleetState, RoundProof, verify_chain, verify_file, verify_round_proof
+from fledger.ledger_format import format_table, to_json
 from ledger import (
     Block,
     CanonicalError,
@@ -26,11 +27,9 @@ from ledger import (
     VerifyError,
     canonical,
     chain_root_of,
-    format_table,
     key_id_of,
     leading_zero_bits,
     make_block,
-    to_json,
     verify_consistency,
 )
 from ledger.block import ZERO_HASH, sign_block
