@@ -103,11 +103,8 @@ class FleetState:
     @classmethod
     def of(cls, blocks: Iterable[Block]) -> FleetState:
         """The fold of blocks already verified (no checks: for a ledger opened with other rules)."""
-        state = cls()
-        chain = ChainState()
+        state, chain = cls(), ChainState()  # apply reads nothing from the chain
         for block in blocks:
-            if block.index == 0:
-                chain.fleet = str(block.data.get("fleet", ""))
             state.apply(block, chain)
         return state
 
