@@ -38,16 +38,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from federation import crypto, envelope  # noqa: E402
+from federation import (  # noqa: E402
+    crypto,
+    envelope,
+    records,
+)
 from federation.chunking import Reassembler, retained_topics, split  # noqa: E402
 from federation.codec import encode_tensors  # noqa: E402
+from federation.fleet_state import FleetLedger  # noqa: E402
 from federation.keys import CoordinatorKeys, DeviceBundle  # noqa: E402
 from federation.mqtt import BrokerConfig, MqttLink  # noqa: E402
 from federation.packet_limit import DEFAULT_MAX_PAYLOAD, publish_overhead  # noqa: E402
 from federation.tasks import get_task  # noqa: E402
 from federation.topics import Topics  # noqa: E402
 from fledger.broker import free_port  # noqa: E402
-from ledger import Ed25519Signer, Ledger, records  # noqa: E402
+from ledger import Ed25519Signer  # noqa: E402
 
 TASKS = ("california", "mnist")
 TOPICS = Topics("bench")
@@ -62,7 +67,7 @@ def sealed_messages(task_name: str) -> tuple[bytes, bytes]:
     bundle = DeviceBundle("bench", "dev", crypto.ed25519_generate()[0], keys.public, keys.model_key_id, keys.model_key)
     update = envelope.seal_update(bundle, 1, codec, 100, {"train_loss": 0.1}, dataset_sha256=bytes(32))
     with tempfile.TemporaryDirectory() as tmp:  # the model travels with the ledger block that made it
-        ledger = Ledger.open(Path(tmp) / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet="bench")
+        ledger = FleetLedger.open(Path(tmp) / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet="bench")
         block = ledger.append(records.model_published(1, hashlib.sha256(codec).digest()))
         ledger.close()
     model = envelope.seal_model(keys, 1, codec, block=block.to_bytes(), info={"task": task_name}, now=0.0)
@@ -156,7 +161,7 @@ def round_seconds(port: int, workdir: Path, task_name: str, rounds: int, extra: 
             fed.wait(device, 60)
     finally:
         fed.stop()
-    with Ledger.open(fed.state / "ledger.log") as ledger:
+    with FleetLedger.open(fed.state / "ledger.log") as ledger:
         stamps = [b.timestamp for b in ledger.blocks(0) if b.data["type"] == "aggregate"]
     return statistics.median(b - a for a, b in itertools.pairwise(stamps))
 

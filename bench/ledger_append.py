@@ -38,7 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger import Ed25519Signer, Ledger, records, verify_file
+from federation import records
+from federation.fleet_state import FleetLedger as Ledger  # the coordinator's ledger: the fleet's rules
+from federation.fleet_state import verify_file
+from ledger import Ed25519Signer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger_append.json"
 COORD = Ed25519Signer(bytes(range(32)))

@@ -25,7 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger import Ed25519Signer, Ledger, records, storage, verify_chain, verify_file
+from federation import records
+from federation.fleet_state import FleetLedger, verify_chain, verify_file
+from ledger import Ed25519Signer, storage
 from ledger.block import Block
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger.json"
@@ -41,7 +43,7 @@ def build(path: Path, blocks: int, devices: int) -> tuple[float, int]:
         return t[0]
 
     started = time.perf_counter()
-    ledger = Ledger.open(path, signer=coord, fleet="bench", now=now, sync_every=0)
+    ledger = FleetLedger.open(path, signer=coord, fleet="bench", now=now, sync_every=0)
     for i, s in enumerate(signers):
         ledger.append(records.device_key(f"dev{i}", s.public_key))
     r = 0
@@ -57,11 +59,11 @@ def build(path: Path, blocks: int, devices: int) -> tuple[float, int]:
                                    {"loss": 0.5 / r, "mse": 0.25})
             ledger.append(records.update(st, s.sign(st)))
             updates += 1
-        done = ledger._state.rounds.get(r)
+        done = ledger.state.rounds.get(r)
         participants = sorted(done.devices) if done else []
         if ledger.height < blocks:
             ledger.append(records.aggregate(r, participants, hashlib.sha256(b"m%d" % r).digest(), "fedavg",
-                                            {"test_mse": 0.3}))
+                                            {"test_mse": 0.3}, merkle_root=ledger.state.merkle_root_for(r)))
         if ledger.height < blocks:
             ledger.append(records.model_published(r + 1, hashlib.sha256(b"m%d" % r).digest()))
     ledger.sync()
@@ -81,7 +83,7 @@ def timed(fn: Any, repeat: int = 1) -> tuple[float, Any]:
 def append_cost(tmp: Path, n: int, sync_every: int) -> float:
     coord = Ed25519Signer(bytes(range(32)))
     path = tmp / f"append-{sync_every}.log"
-    ledger = Ledger.open(path, signer=coord, fleet="bench", sync_every=sync_every)
+    ledger = FleetLedger.open(path, signer=coord, fleet="bench", sync_every=sync_every)
     t0 = time.perf_counter()
     for i in range(n):
         ledger.append({"type": "round.opened", "round": i})
@@ -92,7 +94,7 @@ def append_cost(tmp: Path, n: int, sync_every: int) -> float:
 
 def checkpoint_cost(path: Path, n: int) -> float:
     """A signed checkpoint of the whole chain (what the coordinator publishes after every block)."""
-    with Ledger.open(path, signer=Ed25519Signer(bytes(range(32)))) as ledger:
+    with FleetLedger.open(path, signer=Ed25519Signer(bytes(range(32)))) as ledger:
         t0 = time.perf_counter()
         for _ in range(n):
             ledger.signed_checkpoint()

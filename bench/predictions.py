@@ -55,10 +55,12 @@ def bench_service(workdir: Path, requests: int) -> dict[str, Any]:
 
     from coordinator.inference import make_predictor
     from coordinator.predictions import CurrentModel, PredictionService, PredictionSettings
+    from federation import credits
     from federation.codec import encode_tensors
+    from federation.fleet_state import FleetLedger
     from federation.keys import CoordinatorKeys, DeviceRegistry
     from federation.tasks import get_task
-    from ledger import Ed25519Signer, Ledger, credits
+    from ledger import Ed25519Signer
 
     keys = CoordinatorKeys.load(workdir / "keys" / keytool.COORDINATOR_FILE)
     bundle = wire.ClientBundle.load(keytool.client_bundle_path(workdir / "keys", "bench"))
@@ -66,7 +68,7 @@ def bench_service(workdir: Path, requests: int) -> dict[str, Any]:
     torch.manual_seed(0)
     weights = {k: v.detach().numpy().copy() for k, v in get_task("california").build_model().state_dict().items()}
     model = CurrentModel(1, hashlib.sha256(encode_tensors(weights)).digest(), weights)
-    ledger = Ledger.open(workdir / "service-ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=keys.fleet)
+    ledger = FleetLedger.open(workdir / "service-ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=keys.fleet)
     append_seconds = [0.0]
 
     def append(record: dict[str, Any]) -> Any:
@@ -76,7 +78,7 @@ def bench_service(workdir: Path, requests: int) -> dict[str, Any]:
         return block
 
     topics = Topics(keys.fleet)
-    service = PredictionService(PredictionSettings(fee=1), keys, clients, list(ledger), append=append,
+    service = PredictionService(PredictionSettings(fee=1), keys, clients, ledger.state.accounts, append=append,
                                 model=lambda: model, predictor=make_predictor("california"),
                                 publish=lambda t, p: None, topics=topics, group_commit=ledger.group_commit)
     _, order = wire.seal_order(keys, "deposit", requests + 10, "bench")

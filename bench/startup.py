@@ -39,8 +39,10 @@ def measure(argv: list[str]) -> tuple[float, float, int]:
 
 LEDGER_SCRIPT = """
 import sys
-from ledger import Ed25519Signer, Ledger, records
-with Ledger.open(sys.argv[1], signer=Ed25519Signer(bytes(range(32))), fleet="bench") as ledger:
+from federation import records
+from federation.fleet_state import FleetLedger
+from ledger import Ed25519Signer
+with FleetLedger.open(sys.argv[1], signer=Ed25519Signer(bytes(range(32))), fleet="bench") as ledger:
     ledger.append(records.device_key("pump-01", Ed25519Signer(bytes(32)).public_key))
     for r in range(1, 51):
         ledger.append(records.round_opened(r))

@@ -31,10 +31,11 @@ from coordinator.service import Coordinator, CoordinatorSettings  # noqa: E402
 from coordinator.storage import ModelStore, Spool  # noqa: E402
 from federation import crypto, envelope  # noqa: E402
 from federation.codec import decode_tensors, encode_tensors  # noqa: E402
+from federation.fleet_state import FleetLedger  # noqa: E402
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry  # noqa: E402
 from federation.tasks import get_task  # noqa: E402
 from federation.topics import Topics  # noqa: E402
-from ledger import Ed25519Signer, Ledger  # noqa: E402
+from ledger import Ed25519Signer  # noqa: E402
 
 
 def wire_sizes(task_name: str) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def ingest(task_name: str, updates: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     dataset = hashlib.sha256(b"bench").digest()
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger.open(Path(tmp) / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet="bench")
+        ledger = FleetLedger.open(Path(tmp) / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet="bench")
         coordinator = Coordinator(
             CoordinatorSettings("bench", RoundPolicy(min_clients=updates + 1, quorum=1, deadline_s=0)),
             keys, registry, ledger, ModelStore(Path(tmp) / "models"), Spool(Path(tmp) / "spool"),

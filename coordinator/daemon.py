@@ -28,6 +28,7 @@ from coordinator.prediction_daemon import (
     prediction_subscriptions,
     take_batch,
 )
+from coordinator.publisher import Publisher
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.restore import RestoreError
@@ -40,12 +41,13 @@ from federation import envelope, exit_codes
 from federation.chunk_record import ChunkRecord
 from federation.config import ConfigError
 from federation.crypto import ed25519_public
+from federation.fleet_state import FleetLedger
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
 from federation.mqtt import LIVENESS_PERIODS, MqttLink
 from federation.systemd import Notifier
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, LedgerCorrupt
+from ledger import Ed25519Signer, LedgerCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +91,15 @@ def load_registry(config: CoordinatorConfig) -> DeviceRegistry:
     return DeviceRegistry.load(config.devices)
 
 
-def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> Ledger:
+def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> FleetLedger:
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    return Ledger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
+    return FleetLedger.open(state / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=config.fleet,
                        difficulty=config.difficulty)
 
 
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None,
-                      ledger: Ledger | None = None) -> Coordinator:
+                      ledger: FleetLedger | None = None, publisher: Publisher | None = None) -> Coordinator:
     policy = round_policy(config)  # checked before any file is opened
     params = strategy_params(config)
     keys = load_keys(config)
@@ -122,7 +124,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
-                       evaluate=evaluate, task_info={"task": config.task})
+                       evaluate=evaluate, task_info={"task": config.task}, publisher=publisher)
 
 
 def make_evaluator(task_name: str) -> Evaluate:
@@ -221,11 +223,14 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         # Chunked if larger than the broker's payload limit; chunk topics an earlier, larger message
         # left (also before a restart: retained_chunks.json) are cleared, and only those.
         link.publish(topic, payload, retain=retain)
-        if topic == topics.ledger_head:
-            try:
-                state_guard.write_checkpoint(state_dir, payload)
-            except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
-                log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
+
+    def write_checkpoint(head: bytes) -> None:
+        try:
+            state_guard.write_checkpoint(state_dir, head)
+        except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
+            log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
+
+    publisher = Publisher(publish, topics, keys, on_head=write_checkpoint)
 
     link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo
     reload_now = threading.Event()
@@ -235,7 +240,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     if not link.start(timeout=60, stop=stop):
         return 0  # stopped while connecting
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
-    coordinator = build_coordinator(config, publish, ledger=ledger)
+    coordinator = build_coordinator(config, publish, ledger=ledger, publisher=publisher)
     observatory.catch_up(coordinator.ledger)
     try:
         coordinator.start()

@@ -12,7 +12,8 @@ import threading
 from collections import Counter, deque
 from typing import Any
 
-from ledger import Block, records
+from federation import records
+from ledger import Block
 
 RECENT_BLOCKS = 25
 MAX_ROUNDS_SHOWN = 1000

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from federation import records
 from federation.observability import LATENCY_BUCKETS, new_registry, prometheus
-from ledger import records
 
 STATES = ("waiting", "aggregating", "done", "halted")
 

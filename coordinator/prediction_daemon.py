@@ -7,7 +7,6 @@ two requests are ever charged at once and no balance can go negative between che
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import queue
@@ -16,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from coordinator.inference import make_predictor
 from coordinator.predictions import CurrentModel, PredictionService, PredictionSettings, Publish
 from coordinator.service import Coordinator
-from coordinator.storage import StorageError
 from federation import prediction_wire as wire
 from federation.codec import encode_tensors
 from federation.keys import DeviceRegistry
@@ -88,17 +86,14 @@ def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator
         return CurrentModel(number, digests[number], coordinator.global_model)
 
     topics = Topics(config.fleet, config.topic_prefix)
-    ledger = coordinator.ledger
+    writer = coordinator.writer
 
     def append(record: dict[str, Any]) -> Any:
-        try:
-            return ledger.append(record)
-        except OSError as exc:  # as the coordinator does for its own records: stop, never lie
-            coordinator.halted = f"cannot write the ledger: {exc}"
-            log.critical("%s; no longer accepting updates or requests", coordinator.halted)
-            raise StorageError(exc.errno or 5, coordinator.halted) from exc
+        # The one writer halts the process if the ledger cannot be written; blocks are announced
+        # by the service once its group commit is durable.
+        return writer.append(record, announce=False)
 
-    group_commit = getattr(ledger, "group_commit", contextlib.nullcontext)
     return PredictionService(prediction_settings(config), coordinator.keys, DeviceRegistry.load(config.clients),
-                             list(ledger), append=append, model=current_model, predictor=predictor, publish=publish,
-                             topics=topics, group_commit=group_commit, announce=coordinator.announce_block)
+                             writer.state.accounts, append=append, model=current_model, predictor=predictor,
+                             publish=publish, topics=topics, group_commit=writer.group_commit,
+                             announce=writer.announce)

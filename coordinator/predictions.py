@@ -2,7 +2,7 @@
 
 No network here: the daemon hands in request and order payloads and publishes what this
 service returns through ``publish(topic, payload)``; the clock is passed in. Accounting is the
-pure fold of :mod:`ledger.credits` over the ledger, kept in step with every record appended,
+pure fold of :mod:`federation.credits` over the ledger, kept in step with every record appended,
 so a restart recomputes exactly the balances the ledger implies.
 
 Order for an answered request (the commit point is the receipt):
@@ -26,18 +26,18 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from coordinator.inference import InputError, Predictor
+from federation import credits
 from federation import prediction_wire as wire
 from federation.codec import TensorDict
 from federation.envelope import EnvelopeError
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.topics import Topics
-from ledger import credits
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,16 @@ class Outcome:
 
 class PredictionService:
     def __init__(self, settings: PredictionSettings, keys: CoordinatorKeys, clients: DeviceRegistry,
-                 blocks: Iterable[Any], *, append: Append, model: Callable[[], CurrentModel],
+                 accounts: credits.Accounts, *, append: Append, model: Callable[[], CurrentModel],
                  predictor: Predictor | None, publish: Publish, topics: Topics,
                  now: Callable[[], float] = time.time, group_commit: GroupCommit = contextlib.nullcontext,
-                 announce: Callable[[Any], None] = lambda block: None) -> None:
+                 announce: Callable[[Sequence[Any]], None] = lambda blocks: None) -> None:
         self.settings = settings
         self.keys = keys
         self.clients = clients
-        self.accounts = credits.fold(blocks)
+        # The balances are the ledger fold's (federation/fleet_state.py), which every append
+        # updates: this service checks a record before appending it and never folds it itself.
+        self.accounts = accounts
         self._append = append
         self._model = model
         self.predictor = predictor
@@ -101,7 +103,7 @@ class PredictionService:
         self.answered = 0
         self._replies: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
         self._group_commit = group_commit
-        self._announce = announce  # tells followers of the ledger about a block, once it is durable
+        self._announce = announce  # tells followers of the ledger about blocks, once they are durable
         self._held: list[tuple[str, bytes]] | None = None  # replies held back until the group commit
         self._new_blocks: list[Any] = []
 
@@ -116,7 +118,7 @@ class PredictionService:
         if self._held is not None:
             self._new_blocks.append(block)
         else:
-            self._announce(block)
+            self._announce([block])
         return block
 
     def handle_batch(self, messages: Iterable[tuple[str, bytes]]) -> list[Outcome | dict[str, Any]]:
@@ -129,8 +131,7 @@ class PredictionService:
                            else self.handle_request(topic, payload) for topic, payload in messages]
         finally:
             self._held, self._new_blocks = None, []
-        for block in blocks:  # durable now
-            self._announce(block)
+        self._announce(blocks)  # durable now
         for topic, payload in held:
             self._publish(topic, payload)
         return results
@@ -214,7 +215,6 @@ class PredictionService:
                                  _sha256(encoded))
         self.accounts.check(record, fleet=self.keys.fleet)  # the ledger checks again on append
         block = self._record(record)  # durable before anyone sees the answer
-        self.accounts.apply(record, block.index)
         reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
                                  balance=self.accounts.balance(client), output=predictor.output, now=self._now())
         self._replies[key] = reply
@@ -253,7 +253,6 @@ class PredictionService:
             body.update(ok=False, reason=str(exc))
         else:
             block = self._record(record)
-            self.accounts.apply(record, block.index)
             log.info("recorded %s of %d%s in ledger block %d", record["type"], record["amount"],
                      f" for {record['client']}" if "client" in record else "", block.index)
             body.update(ok=True, block_index=block.index, block_hash=block.hash.hex(), held=self.accounts.held)

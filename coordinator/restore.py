@@ -22,7 +22,7 @@ from typing import Any
 
 from coordinator.storage import ModelStore, atomic_write, read_model_file
 from federation.codec import encode_tensors
-from ledger import Block, records
+from ledger import Block
 from ledger import storage as ledger_storage
 
 REQUEST_FILE = "restore-request.json"
@@ -80,21 +80,6 @@ def clear_request(state_dir: Path, refused: str | None = None) -> None:
         path.replace(path.with_name(REQUEST_FILE + ".refused"))
         path.with_name(REQUEST_FILE + ".refused.txt").write_text(refused + "\n")
     path.unlink(missing_ok=True)
-
-
-def recorded_models(blocks: list[Block]) -> dict[int, bytes]:
-    """Round -> SHA-256 of the global model the ledger says that round trained from."""
-    models: dict[int, bytes] = {}
-    for block in blocks:
-        data = block.data
-        if data.get("type") == records.MODEL_PUBLISHED and type(data.get("round")) is int:
-            models[data["round"]] = data["model_sha256"]
-    return models
-
-
-def applied_requests(blocks: list[Block]) -> set[str]:
-    return {str(b.data["request_id"]) for b in blocks
-            if b.data.get("type") == records.MODEL_PUBLISHED and "request_id" in b.data}
 
 
 def checked_model(models: ModelStore, recorded: dict[int, bytes], round_number: int) -> tuple[Any, bytes]:

@@ -1,19 +1,21 @@
 """The coordinator's core: checks updates, runs rounds, writes the ledger, publishes models.
 
 No network here: messages come in through :meth:`Coordinator.handle_update`, and everything
-the coordinator sends goes out through the ``publish(topic, payload, retain)`` callable it is
-given; the clock is passed in too. The MQTT daemon (``coordinator.daemon``) is a thin loop
-around this class, and tests drive it directly.
+the coordinator sends goes out through its :class:`coordinator.publisher.Publisher`, built on
+the ``publish(topic, payload, retain)`` callable it is given; the clock is passed in too. The
+MQTT daemon (``coordinator.daemon``) is a thin loop around this class, and tests drive it
+directly.
 
-Order of durable writes (each is the commit point of the step before it):
+Order of durable writes (each is the commit point of the step before it; the
+:class:`coordinator.writer.LedgerWriter` owns the first two):
 accept an update:  spool file (fsync) -> ledger "update" block -> running sum in memory.
 close a round:     model file for round R+1 (fsync) -> ledger "aggregate" block -> publish.
-A restart rebuilds the open round from the ledger's accepted records and the spool.
+A restart rebuilds the open round from the ledger's fold (``ledger.state``, the
+:class:`federation.fleet_state.FleetState` every reader of the chain uses) and the spool.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -21,57 +23,38 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
-
-import msgpack
+from typing import Any
 
 from coordinator import restore
 from coordinator.acks import DeviceAcks
+from coordinator.admission import Admission, sane
 from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
 from coordinator.presence import PresenceBook
+from coordinator.publisher import Publish, Publisher
 from coordinator.restore import RestoreError
 from coordinator.rounds import Accepted, RoundPolicy, RoundState
 from coordinator.stopping import StopTarget
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
-from federation import envelope
+from coordinator.writer import LedgerLike, LedgerWriter
+from federation import envelope, records
 from federation.codec import (
-    CodecError,
     TensorDict,
     TensorSpec,
-    check_against_spec,
     decode_tensors,
     encode_tensors,
     spec_of,
 )
 from federation.envelope import EnvelopeError
+from federation.fleet_state import FleetState
 from federation.keys import CoordinatorKeys, DeviceRegistry, KeyFileError
 from federation.topics import Topics
 from federation.verdicts import ACCEPTED
-from ledger import records
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes, bool], None]
 Evaluate = Callable[[TensorDict], dict[str, float]]
-
-
-class LedgerLike(Protocol):
-    """The part of :class:`ledger.Ledger` the coordinator uses."""
-
-    def append(self, data: dict[str, Any], *, sign: bool = True) -> Any: ...
-
-    def group_commit(self) -> contextlib.AbstractContextManager[list[Any]]: ...
-
-    def __iter__(self) -> Any: ...
-
-    def blocks(self, start: int = 0, end: int | None = None) -> list[Any]: ...
-
-    @property
-    def head(self) -> Any: ...
-
-    def signed_checkpoint(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -101,33 +84,23 @@ class Coordinator:
         ledger: LedgerLike, models: ModelStore, spool: Spool, *, initial_model: Callable[[], TensorDict],
         publish: Publish, topics: Topics, evaluate: Evaluate | None = None,
         now: Callable[[], float] = time.time, task_info: dict[str, Any] | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.registry = registry
         self.ledger = ledger
-        self.models = models
-        self.spool = spool
+        self.admission = Admission(settings.fleet, keys, topics, max_update_bytes=settings.max_update_bytes)
+        self.publisher = publisher or Publisher(publish, topics, keys)
+        self.writer = LedgerWriter(ledger, spool, models, announce=self.publisher.blocks)
         self.topics = topics
         self._initial_model = initial_model
-        self._publish = publish
         self._evaluate = evaluate
         self._now = now
         self.task_info = task_info or {}
         self.rejections: Counter[str] = Counter()
         self.accepted_total = 0
-        self.seen_msg_ids: set[bytes] = set()
-        # Message ids whose rejection is already in the ledger: the ciphertext and tag are not
-        # signed, so anyone who saw one genuine update can make endless variants of it.
-        self.recorded_rejections: set[bytes] = set()
-        # Ledger records per device while the current round is open, capped: even a stolen key,
-        # making fresh message ids, naming any round it likes, or registering data set after
-        # data set, adds at most a few blocks per round (rounds advance only by aggregation).
-        self.rejection_records: Counter[str] = Counter()
-        self.registration_records: Counter[tuple[str, str]] = Counter()  # by (device, key id)
         self.round: RoundState | None = None
-        # Rounds whose model file is never pruned: restore sources and results the ledger names.
-        self.keep_model_rounds: set[int] = set()
         self.train_seconds: dict[str, float] = {}  # device -> its latest reported training time (adaptive deadline)
         self.global_model: TensorDict = {}
         self.spec: TensorSpec = {}
@@ -135,70 +108,69 @@ class Coordinator:
         self.done = False
         self.stopped = False  # set by the daemon when it leaves: the status then says no one runs
         self.session = os.urandom(8).hex()  # tells this process's status from another coordinator's
-        self.halted: str | None = None  # set when storage fails: stop accepting
         self._strategy: Strategy | None = None
         self.history: list[dict[str, Any]] = []
         self.presence = PresenceBook(now)
         self.presence_rejections: Counter[str] = Counter()
-        self.datasets: dict[str, bytes] = {}  # device -> SHA-256 of its registered data set
-        self.registered_at: dict[str, float] = {}  # device -> 'created' of that registration
-        self.registered_key: dict[str, str] = {}  # device -> key id that signed that registration
-        self._keys_in_ledger: set[tuple[str, str]] = set()  # (device, key id) with a device.key record
-        self._revoked_in_ledger: set[tuple[str, str]] = set()
         self.acks = DeviceAcks(settings.fleet)
         self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
-        self._in_commit_group = False  # appends now are announced when the group is durable
+
+    # -- the parts' state ------------------------------------------------------------------------
+    # The writer owns the spool, the model files and the ledger; these are its.
+    @property
+    def spool(self) -> Spool:
+        return self.writer.spool
+
+    @spool.setter
+    def spool(self, spool: Spool) -> None:
+        self.writer.spool = spool
+
+    @property
+    def models(self) -> ModelStore:
+        return self.writer.models
+
+    @property
+    def halted(self) -> str | None:
+        """Why nothing is accepted any more (storage failed, a round could not close), or None."""
+        return self.writer.halted
+
+    @halted.setter
+    def halted(self, reason: str | None) -> None:
+        self.writer.halted = reason
+
+    # -- what the ledger says (its fold, kept current by every append) -------------------------
+    @property
+    def fleet_state(self) -> FleetState:
+        return self.ledger.state
+
+    @property
+    def datasets(self) -> dict[str, bytes]:
+        """Device -> SHA-256 of the data set it registered."""
+        return {device: r.sha256 for device, r in self.fleet_state.datasets.items()}
+
+    @property
+    def keep_model_rounds(self) -> set[int]:
+        """Rounds whose model file is never pruned: restore sources and results the ledger names."""
+        return self.fleet_state.restored_rounds
 
     # -- start-up and recovery ------------------------------------------------------------------
     def start(self) -> None:
         """Load or initialise the global model and rebuild the open round from the ledger."""
         self.spool.check_writable()
-        blocks = list(self.ledger)
-        self._genesis: bytes = blocks[0].hash  # named in every model: agents pin the chain they follow
-        self._sync_device_keys(blocks)  # appends only key records, which the scan below does not use
-        last_model_block = None
-        accepted_records: list[dict[str, Any]] = []
-        opened_at: dict[Any, float] = {}
-        published: set[Any] = set()  # rounds with a model.published record
-        for block in blocks:
-            data = block.data
-            kind = data.get("type")
-            if kind == "update":
-                self.seen_msg_ids.add(_statement_field(data, "msg_id"))
-                accepted_records.append(data)
-            elif kind == records.DATASET:
-                self.datasets[data["device"]] = data["sha256"]
-                self.acks.registered(data["device"], data["sha256"])
-                if isinstance(data.get("statement"), bytes):
-                    self.registered_at[data["device"]] = float(_statement_field(data, "created"))
-                    self.registered_key[data["device"]] = str(data.get("key_id"))
-                self.registration_records[(data["device"], str(data.get("key_id")))] += 1
-            elif kind == "update.rejected":
-                if isinstance(data.get("msg_id"), bytes):
-                    self.recorded_rejections.add(data["msg_id"])
-                self.rejection_records[str(data.get("device"))] += 1
-            elif kind == "round.opened":
-                opened_at[data.get("round")] = block.timestamp
-                self._reset_round_caps()  # the caps count from the open round's start
-            elif kind == "aggregate" or (kind == "model.published" and (data.get("initial") or "restores" in data)):
-                last_model_block = block  # the model the newest round trains from
-            if kind == "model.published":
-                published.add(data.get("round"))
-                if "restores" in data:  # a model an operator restored stays restorable
-                    self.keep_model_rounds.update({int(data["restores"]), int(data["round"])})
-        if last_model_block is None:
+        fleet = self.fleet_state
+        self._genesis: bytes = fleet.genesis_hash  # named in every model: agents pin the chain they follow
+        self._record_keys(self.registry)
+        for device, registration in fleet.datasets.items():
+            self.acks.registered(device, registration.sha256)
+        if fleet.model_block is None:
             round_number = 1
             model = self._initial_model()
-            self.models.save(round_number, model)
             model_bytes = encode_tensors(model)
-            block = self._append(records.model_published(
+            self.writer.new_model(round_number, model, records.model_published(
                 round_number, hashlib.sha256(model_bytes).digest(), initial=True, task=self.task_info))
-            last_model_block = block
-            published.add(round_number)
             log.info("initialised global model for round 1 (%d tensors)", len(model))
         else:
-            data = last_model_block.data
-            round_number = int(data["round"]) + (1 if data["type"] == "aggregate" else 0)
+            round_number = fleet.model_round or 1
             try:
                 loaded = self.models.load(round_number)
             except ModelFileError as exc:
@@ -208,9 +180,11 @@ class Coordinator:
                                       f"{self.models.path(round_number)} is missing")
             model = loaded
             digest = hashlib.sha256(encode_tensors(model)).digest()
-            if digest != data["model_sha256"]:
+            if digest != fleet.model_block.data["model_sha256"]:
                 raise StorageError(5, f"{self.models.path(round_number)} does not match the ledger's model hash")
             log.info("resumed at round %d from %s", round_number, self.models.path(round_number))
+        last_model_block = fleet.model_block
+        assert last_model_block is not None
         self.global_model = model
         self.spec = spec_of(model)
         self._model_block = last_model_block
@@ -218,13 +192,13 @@ class Coordinator:
         if stop_at is not None and last_model_block.data.get("type") == "aggregate" and \
                 stop_at.reached(last_model_block.data.get("metrics", {})):
             self.done = True  # the run had reached its target before this restart
-        self._open_round(round_number, announce=round_number not in opened_at)
-        if round_number in opened_at and self.round is not None:
-            self.round.opened_at = opened_at[round_number]  # a restart does not extend the deadline
+        info = fleet.rounds.get(round_number)
+        opened_at = info.opened_at if info is not None else None
+        self._open_round(round_number, announce=opened_at is None)
+        if opened_at is not None and self.round is not None:
+            self.round.opened_at = opened_at  # a restart does not extend the deadline
         # Re-add this round's already accepted updates (their envelopes are in the spool).
-        for record in accepted_records:
-            if record.get("round") != round_number:
-                continue
+        for record in (info.updates if info is not None else []):
             self._restore_accepted(record)
         for device in sorted(self.round.accepted if self.round else ()):
             self.publish_ack(device)  # a crash may have come before the acknowledgement went out
@@ -234,27 +208,18 @@ class Coordinator:
         if dropped:
             log.info("removed the spools of closed rounds %s (a crash interrupted their removal)", dropped)
         self.publish_model()
-        if round_number not in published:  # a crash came between the aggregate and this record
+        if round_number not in fleet.published_rounds:  # a crash came between the aggregate and this record
             self._append(records.model_published(round_number, last_model_block.data["model_sha256"]))
         self.publish_status()
         self.maybe_close_round()
-
-    def _sync_device_keys(self, blocks: list[Any]) -> None:
-        """Learn which device keys and revocations the ledger holds, then record the registry's."""
-        for block in blocks:
-            kind = block.data.get("type")
-            if kind == records.DEVICE_KEY:
-                self._keys_in_ledger.add((block.data["device"], block.data["key_id"]))
-            elif kind == records.DEVICE_KEY_REVOKED:
-                self._revoked_in_ledger.add((block.data["device"], block.data["key_id"]))
-        self._record_keys(self.registry)
 
     def _record_keys(self, registry: DeviceRegistry) -> None:
         """Record in the ledger every device key the registry knows and every revocation, once:
         anyone verifying the chain then checks device signatures with keys from the chain itself.
         A revocation in the ledger is final: it is applied to ``registry`` whatever its file says.
         A registry the ledger would refuse raises KeyFileError before anything is appended."""
-        owner_in_ledger = {key_id: device for device, key_id in self._keys_in_ledger}
+        fleet = self.fleet_state
+        owner_in_ledger = {key_id: device for key_id, (device, _) in fleet.device_keys.items()}
         for device, record in registry.devices.items():
             for key_id in record.keys:
                 if owner_in_ledger.get(key_id, device) != device:
@@ -265,16 +230,16 @@ class Coordinator:
                     raise KeyFileError(f"{device} revokes key {key_id}, which it does not list")
         for device, record in sorted(registry.devices.items()):
             for key_id, public_key in sorted(record.keys.items()):
-                if (device, key_id) not in self._keys_in_ledger:
+                if owner_in_ledger.get(key_id) != device:
                     self._append(records.device_key(device, public_key))
-                    self._keys_in_ledger.add((device, key_id))
+                    owner_in_ledger[key_id] = device
                     log.info("registered key %s of device %s in the ledger", key_id, device)
             for key_id in sorted(record.revoked):
-                if (device, key_id) not in self._revoked_in_ledger:
+                if key_id not in fleet.revoked:
                     self._append(records.device_key_revoked(device, key_id, "revoked by the operator"))
-                    self._revoked_in_ledger.add((device, key_id))
                     log.info("recorded revocation of key %s of device %s", key_id, device)
-        for device, key_id in self._revoked_in_ledger:
+        for key_id in fleet.revoked:
+            device = fleet.device_keys[key_id][0]
             entry = registry.devices.get(device)
             if entry is not None and key_id in entry.keys and key_id not in entry.revoked:
                 entry.revoked.add(key_id)
@@ -322,60 +287,17 @@ class Coordinator:
         # the round's updates in a memory-mapped file beside the spool.
         self._strategy = make_strategy(self.settings.strategy, self.settings.strategy_params,
                                        global_model=self.global_model, workdir=self.spool.directory)
-        if announce:  # a new round (not one resumed after a restart): the per-round caps start over
-            self._reset_round_caps()
+        # A new round's round.opened record starts the per-round caps over (in the fold).
         if announce and not self.done and not (self.settings.max_rounds and number > self.settings.max_rounds):
             self._append(records.round_opened(number), sign=False)  # signed by its group's last block
 
-    def _reset_round_caps(self) -> None:
-        self.rejection_records.clear()
-        self.registration_records.clear()
-
     # -- ledger and publishing ------------------------------------------------------------------
     def _append(self, data: dict[str, Any], *, sign: bool = True) -> Any:
-        try:
-            block = self.ledger.append(data, sign=sign)
-        except OSError as exc:
-            self._ledger_failed(exc)
-        if not self._in_commit_group:
-            self.announce_block(block)
-        return block
-
-    def _ledger_failed(self, exc: OSError) -> NoReturn:
-        self.halted = f"cannot write the ledger: {exc}"
-        log.critical("%s; no longer accepting updates", self.halted)
-        raise StorageError(exc.errno or 5, self.halted) from exc
-
-    @contextlib.contextmanager
-    def _commit_group(self) -> Iterator[list[Any]]:
-        """Appends inside share one fsync (ledger group commit); the yielded list then holds their
-        durable blocks. The caller announces them: nothing is published before they are durable."""
-        committed: list[Any] = []
-        self._in_commit_group = True
-        try:
-            with self.ledger.group_commit() as committed:
-                yield committed
-        except OSError as exc:
-            self._ledger_failed(exc)
-        except BaseException:
-            self.announce_blocks(committed)  # durable all the same: the group was committed
-            raise
-        finally:
-            self._in_commit_group = False
+        return self.writer.append(data, sign=sign)
 
     def announce_block(self, block: Any) -> None:
-        """Tell the ledger's followers about a durable block: the block, the retained head and
-        the signed checkpoint (for every block, whoever appended it)."""
-        self.announce_blocks([block])
-
-    def announce_blocks(self, blocks: list[Any]) -> None:
-        """Durable blocks in chain order: each on the blocks topic, then the retained head and one
-        signed checkpoint for the last (the last block of a commit group is always signed)."""
-        for block in blocks:
-            self._publish(self.topics.ledger_blocks, block.to_bytes(), False)
-        if blocks:
-            self._publish(self.topics.ledger_head, blocks[-1].to_bytes(), True)
-            self._publish(self.topics.ledger_checkpoint, self.ledger.signed_checkpoint().encode(), True)
+        """Tell the ledger's followers about a durable block (for every block, whoever appended it)."""
+        self.writer.announce([block])
 
     def publish_model(self) -> None:
         assert self.round is not None
@@ -384,7 +306,7 @@ class Coordinator:
             self.keys, self.round.number, weights, block=self._model_block.to_bytes(), done=self.done,
             info={**self.task_info, "genesis": self._genesis.hex()}, now=self._now(),
         )
-        self._publish(self.topics.model, self.model_message, True)
+        self.publisher.model(self.model_message)
 
     def status(self) -> dict[str, Any]:
         assert self.round is not None
@@ -422,13 +344,13 @@ class Coordinator:
         return outcome == "changed"
 
     def publish_status(self) -> None:
-        self._publish(self.topics.status, envelope.seal_status(self.keys, self.status()), True)
+        self.publisher.status(self.status())
 
     def publish_ack(self, device: str) -> None:
         """Tell one device (retained, signed) what the coordinator knows of it."""
         assert self.round is not None
         body = self.acks.body(device, open_round=self.round.number, now=self._now())
-        self._publish(self.topics.ack(device), envelope.seal_ack(self.keys, body), True)
+        self.publisher.ack(device, body)
         self._ack_sent_at[device] = self._now()
 
     def publish_acks(self) -> None:
@@ -450,15 +372,11 @@ class Coordinator:
                 msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
         self.rejections[reason] += 1
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
-        if (record and device is not None and not self.halted and msg_id not in self.recorded_rejections
-                and self.rejection_records[device] < MAX_REJECTION_RECORDS):
+        if (record and device is not None and not self.halted
+                and Admission.may_record_rejection(self.fleet_state, device, msg_id)):
             # Only authenticated senders reach the ledger; forged junk is counted, never recorded.
-            # One record per message id: resends and altered copies are counted, not recorded again.
             self._append(records.update_rejected(device, round_number, reason, hashlib.sha256(payload).digest(),
                                                  msg_id=msg_id))
-            if msg_id is not None:
-                self.recorded_rejections.add(msg_id)
-            self.rejection_records[device] += 1
         return Outcome(False, reason, device, round_number)
 
     def handle_update(self, topic: str, payload: bytes) -> Outcome:
@@ -478,61 +396,25 @@ class Coordinator:
         assert self.round is not None and self._strategy is not None
         if self.halted:
             return self._reject("halted", self.halted)
-        topic_device = self.topics.device_of(topic)
-        try:
-            sealed = envelope.parse_update(payload, max_bytes=self.settings.max_update_bytes)
-        except EnvelopeError as exc:
-            return self._reject(exc.reason, exc.detail, device=topic_device)
+        verdict = self.admission.update(topic, payload, registry=self.registry, round=self.round,
+                                        state=self.fleet_state, spec=self.spec, done=self.done)
+        if verdict.sealed is None:  # not authenticated: counted, never recorded nor answered
+            return self._reject(verdict.reason, verdict.detail, device=verdict.device, round_number=verdict.round)
+        sealed = verdict.sealed
         header = sealed.header
-        if header.fleet != self.settings.fleet:
-            return self._reject("wrong_fleet", f"update for fleet {header.fleet!r}", device=header.device)
-        if topic_device != header.device:
-            return self._reject("topic_mismatch", f"device {header.device!r} published on {topic!r}",
-                                device=header.device)
-        public_key = self.registry.public_key(header.device, header.key_id)
-        if public_key is None:
-            known = self.registry.devices.get(header.device)
-            reason = "revoked_key" if known and header.key_id in known.revoked else "unknown_key"
-            return self._reject(reason, f"device {header.device!r} key {header.key_id!r}", device=header.device)
-        try:
-            envelope.verify_update_signature(sealed, public_key)
-        except EnvelopeError as exc:
-            return self._reject(exc.reason, exc.detail, device=header.device, round_number=header.round)
-        # From here on the sender is authenticated: rejections go to the ledger too.
         seconds = header.metrics.get("train_seconds") if isinstance(header.metrics, dict) else None
-        if isinstance(seconds, (int, float)) and _sane(float(seconds)):
+        if isinstance(seconds, (int, float)) and sane(float(seconds)):
             self.train_seconds[header.device] = float(seconds)  # also from a late update: it tells the most
-        def rejected(reason: str, detail: str, *, record: bool = True) -> Outcome:
-            # Only accepted updates' ids are in seen_msg_ids: a replay's answer is "accepted".
-            self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED if reason == "replay" else reason)
-            return self._reject(reason, detail, device=header.device, round_number=header.round,
-                                msg_id=header.msg_id, payload=payload, record=record)
-
-        round_problem = self.round.check(device=header.device, round_number=header.round, msg_id=header.msg_id,
-                                         seen=self.seen_msg_ids)
-        if round_problem is not None:
-            # A byte-identical replay is not recorded again: it would let anyone grow the ledger.
-            return rejected(round_problem, f"open round is {self.round.number}", record=round_problem != "replay")
-        if self.done:
-            return rejected("training_done", "the federation has finished its rounds")
-        if not 0 < header.num_samples <= MAX_SAMPLES:
-            return rejected("bad_sample_count", f"num_samples={header.num_samples}")
-        if len(header.metrics) > MAX_METRICS or not all(_sane(v) for v in header.metrics.values()):
-            return rejected("bad_metrics", f"need <= {MAX_METRICS} finite metrics of magnitude <= {METRIC_LIMIT:g}")
-        if self.datasets.get(header.device) != header.dataset_sha256:
-            return rejected("dataset_not_registered", "the update names a data set this device has not registered")
-        try:
-            weights_bytes = envelope.decrypt_update(sealed, self.keys)
-            weights = decode_tensors(weights_bytes)
-            check_against_spec(weights, self.spec)
-        except EnvelopeError as exc:
-            return rejected(exc.reason, exc.detail)
-        except CodecError as exc:
-            return rejected("bad_tensors", str(exc))
+        if not verdict.accepted:
+            # Only accepted updates' ids are in accepted_msg_ids: a replay's answer is "accepted".
+            self._ack_verdict(header.device, header.round, header.msg_id,
+                              ACCEPTED if verdict.reason == "replay" else verdict.reason)
+            return self._reject(verdict.reason, verdict.detail, device=header.device, round_number=header.round,
+                                msg_id=header.msg_id, payload=payload, record=verdict.record)
+        assert verdict.weights is not None
+        weights = verdict.weights
         # Persist, then commit to the ledger, then fold into the running sum.
-        self.spool.put(header.round, header.device, payload)
-        self._append(records.update(sealed.header_bytes, sealed.signature))
-        self.seen_msg_ids.add(header.msg_id)
+        self.writer.accept_update(header.round, header.device, payload, sealed.header_bytes, sealed.signature)
         self._strategy.add(weights, header.num_samples, header.device)
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                    header.metrics))
@@ -555,33 +437,20 @@ class Coordinator:
             return self._reject("internal_error", f"{type(exc).__name__}: {exc}")
 
     def _handle_registration(self, topic: str, payload: bytes) -> Outcome:
-        try:
-            statement = envelope.open_dataset(payload, self.registry.public_key)
-        except EnvelopeError as exc:
-            return self._reject(f"registration_{exc.reason}", exc.detail, device=self.topics.device_of(topic))
-        if statement.device != self.topics.device_of(topic) or statement.fleet != self.settings.fleet:
-            return self._reject("registration_topic_mismatch", f"{statement.device!r} on {topic!r}")
+        verdict = self.admission.registration(topic, payload, registry=self.registry)
+        if verdict.statement is None:
+            return self._reject(verdict.reason, verdict.detail, device=verdict.device)
         if self.halted:
             return self._reject("halted", self.halted)
-        if self.datasets.get(statement.device) == statement.sha256:
+        statement = verdict.statement
+        verdict = self.admission.registration_news(statement, registry=self.registry, state=self.fleet_state,
+                                                   now=self._now())
+        if verdict.reason == "already_registered":
             if self._now() - self._ack_sent_at.get(statement.device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
                 self.publish_ack(statement.device)  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
-        if statement.created > self._now() + MAX_CLOCK_AHEAD_S:
-            # Ordering uses the device's clock; a statement from the far future would make every
-            # later genuine registration look stale.
-            return self._reject("registration_from_future", f"created {statement.created - self._now():.0f}s "
-                                "ahead of the coordinator's clock", device=statement.device)
-        current_key = self.registered_key.get(statement.device)
-        superseded = current_key is not None and current_key != statement.key_id and \
-            self.registry.public_key(statement.device, current_key) is None  # made with a revoked key
-        if statement.created <= self.registered_at.get(statement.device, float("-inf")) and not superseded:
-            # An older registration replayed: it must not switch the device back to old data.
-            return self._reject("registration_stale", "not newer than the device's current registration",
-                                device=statement.device)
-        if self.registration_records[(statement.device, statement.key_id)] >= MAX_REGISTRATIONS_PER_ROUND:
-            return self._reject("registration_rate", f"more than {MAX_REGISTRATIONS_PER_ROUND} new data sets "
-                                "in one round; try again next round", device=statement.device)
+        if verdict.reason != "register":
+            return self._reject(verdict.reason, verdict.detail, device=statement.device)
         try:
             self._append(records.dataset(statement.device, statement.sha256, statement.size, statement.schema,
                                          key_id=statement.key_id, statement=statement.statement,
@@ -589,10 +458,6 @@ class Coordinator:
         except StorageError as exc:
             self.halted = str(exc)
             return self._reject("storage_error", str(exc))
-        self.datasets[statement.device] = statement.sha256
-        self.registered_at[statement.device] = statement.created
-        self.registered_key[statement.device] = statement.key_id
-        self.registration_records[(statement.device, statement.key_id)] += 1
         self.acks.registered(statement.device, statement.sha256)
         self.publish_ack(statement.device)
         log.info("device %s registered data set %s (%d bytes, %s)", statement.device, statement.sha256.hex()[:16],
@@ -631,7 +496,6 @@ class Coordinator:
         next_round = state.number + 1
         eval_metrics = self._evaluation(state.number, new_model)
         train = state.train_summary()
-        self.models.save(next_round, new_model)
         decisions = self._strategy.decisions
         excluded = {d: why for d, why in decisions.items() if why.get("action") == "excluded"}
         clipped = {d: why for d, why in decisions.items() if why.get("action") == "clipped"}
@@ -640,30 +504,30 @@ class Coordinator:
                         ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in why.items() if k != "action"))
         # clients_*: sample-weighted means of what the devices reported; test_*: central evaluation.
-        # participants = accepted minus excluded; the ledger fills in the Merkle root over all of
-        # this round's accepted updates (excluded ones too: they were accepted, then left out).
+        # participants = accepted minus excluded; the Merkle root is over all of this round's
+        # accepted updates (excluded ones too: they were accepted, then left out).
         metrics = {**{f"clients_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in eval_metrics.items()}}
         stop_at = self.settings.stop_at
         reached = stop_at is not None and stop_at.reached(metrics)
         ending: dict[str, Any] = {"stop_target": str(stop_at)} if reached else {}  # the run ends with this model
         # One commit group (one fsync) for the round's three records; the aggregate keeps its own
-        # signature because it travels alone, inside the model message.
-        with self._commit_group() as committed:
-            block = self._append(records.aggregate(
+        # signature because it travels alone, inside the model message. The round's spool goes
+        # once the group is durable.
+        with self.writer.group_commit() as committed:
+            block = self.writer.new_model(next_round, new_model, records.aggregate(
                 state.number, sorted(set(state.accepted) - set(excluded)), hashlib.sha256(model_bytes).digest(),
                 self._strategy.name, metrics,
                 num_samples=sum(u.num_samples for d, u in state.accepted.items() if d not in excluded),
                 excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
-                **ending,
-            ))
+                merkle_root=self.fleet_state.merkle_root_for(state.number), **ending,
+            ), closes=state.number)
             self.global_model = new_model
             self._model_block = block
             if (self.settings.max_rounds and next_round > self.settings.max_rounds) or reached:
                 self.done = True
             self._open_round(next_round, announce=True)
             self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
-        # Durable from here: drop what the aggregate replaces, publish the model, then the blocks.
-        self.spool.drop_round(state.number)
+        # Durable from here: publish the model, then the blocks.
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
         if pruned:
             log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
@@ -675,7 +539,7 @@ class Coordinator:
             log.info("round %d: target %s reached (%s %.6g); training done", state.number, stop_at, stop_at.metric,
                      metrics[stop_at.metric])
         self.publish_model()
-        self.announce_blocks(committed)
+        self.writer.announce(committed)
         self.publish_status()
 
     def _evaluation(self, round_number: int, model: TensorDict) -> dict[str, float | None]:
@@ -691,7 +555,7 @@ class Coordinator:
             return {}
         out: dict[str, float | None] = {}
         for name, value in metrics.items():
-            if isinstance(value, (int, float)) and _sane(float(value)):
+            if isinstance(value, (int, float)) and sane(float(value)):
                 out[name] = float(value)
             else:
                 log.warning("round %d: central evaluation gave %s=%r (diverged model?); recorded as None",
@@ -711,19 +575,17 @@ class Coordinator:
         assert self.round is not None
         if self.halted:
             raise RestoreError(f"the coordinator is halted ({self.halted}); fix that first")
-        blocks = list(self.ledger)
-        if request_id and request_id in restore.applied_requests(blocks):
+        fleet = self.fleet_state
+        if request_id and request_id in fleet.applied_restores:
             return None  # applied before a crash removed the request file
         if round_to_restore > self.round.number:
             raise RestoreError(f"round {round_to_restore} is not before the open round {self.round.number}")
-        model, digest = restore.checked_model(self.models, restore.recorded_models(blocks), round_to_restore)
+        model, digest = restore.checked_model(self.models, fleet.published_models, round_to_restore)
         abandoned, new_round = self.round.number, self.round.number + 1
-        self.models.save(new_round, model)
-        block = self._append(records.model_published(
+        # The record keeps both model files (keep_model_rounds) and closes the abandoned round.
+        block = self.writer.new_model(new_round, model, records.model_published(
             new_round, digest, restores=round_to_restore, abandoned_round=abandoned, reason=reason,
-            **({"request_id": request_id} if request_id else {})))
-        self.spool.drop_round(abandoned)
-        self.keep_model_rounds.update({round_to_restore, new_round})
+            **({"request_id": request_id} if request_id else {})), closes=abandoned)
         self.global_model = model
         self._model_block = block
         log.warning("restored the global model of round %d as round %d (round %d abandoned): %s -> block %d",
@@ -739,27 +601,10 @@ class Coordinator:
         self.maybe_close_round()
 
 
-# Bounds on what a device may claim: sums and weighted means of them must stay finite and
-# encodable in the ledger (a 1e308 metric times a sample count is Inf; counts beyond 2**63 wrap).
-MAX_SAMPLES = 2**40
-MAX_REJECTION_RECORDS = 8  # per device while a round is open
-MAX_REGISTRATIONS_PER_ROUND = 3  # per device key (a rotated key starts afresh): first, new data, a fix
-MAX_CLOCK_AHEAD_S = 300.0  # how far ahead of ours a device's clock may be for registrations
-MAX_METRICS = 32
 ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
-METRIC_LIMIT = envelope.METRIC_LIMIT
-
-
-def _sane(value: float) -> bool:
-    return math.isfinite(value) and abs(value) <= METRIC_LIMIT
 
 
 def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Decisions as the ledger takes them: floats finite (an unbounded value becomes None)."""
     return {device: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in why.items()}
             for device, why in decisions.items()}
-
-
-def _statement_field(record: dict[str, Any], name: str) -> Any:
-    statement = msgpack.unpackb(record["statement"], raw=False)
-    return statement[name]

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 
 from federation import crypto
+from federation.fleet_state import model_named_by
 from federation.keys import CoordinatorKeys, DeviceBundle
 from ledger import canonical
 from ledger.block import Block  # the ledger is a pure library: devices check model blocks with it
@@ -263,10 +264,7 @@ def _check_model_block(raw: Any, header: ModelHeader, coordinator_sign_public: b
         raise EnvelopeError("ledger_mismatch", "the ledger block does not match the hash the model names")
     if not crypto.ed25519_verify(coordinator_sign_public, block.hash, block.signature):
         raise EnvelopeError("bad_signature", f"ledger block {block.index} is not signed by the coordinator")
-    data = block.data
-    expected_round = data.get("round", -1) + (1 if data.get("type") == "aggregate" else 0)
-    if data.get("type") not in ("aggregate", "model.published") or data.get("model_sha256") != header.model_sha256 \
-            or expected_round != header.round:
+    if model_named_by(block.data) != (header.round, header.model_sha256):  # the fleet's one reading of it
         raise EnvelopeError("ledger_mismatch", f"ledger block {block.index} records another model or round")
 
 

@@ -39,6 +39,7 @@ from Crypto.Protocol.KDF import HKDF
 
 from federation import crypto
 from federation.codec import CodecError, decode_tensors, encode_tensors
+from federation.credits import ORDER_CONTEXT, RECEIPT, decode_order
 from federation.envelope import (
     ENVELOPE_VERSION,
     EnvelopeError,
@@ -53,7 +54,6 @@ from federation.keys import CoordinatorKeys, CoordinatorPublic, KeyFileError, _h
 from federation.topics import Topics, check_name
 from ledger import canonical
 from ledger.block import Block
-from ledger.credits import ORDER_CONTEXT, RECEIPT, decode_order
 
 REQUEST_FORMAT = "fledger.predict.request"
 REPLY_FORMAT = "fledger.predict.reply"

@@ -19,10 +19,11 @@ from federation import config as cfg
 from federation import prediction_wire as wire
 from federation.envelope import EnvelopeError
 from federation.exit_codes import TAMPERED, TIMEOUT, USAGE
+from federation.fleet_state import FleetLedger
 from federation.keys import CoordinatorKeys
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
-from ledger import Ledger, credits, merkle
+from ledger import merkle
 
 RESEND_S = 3.0  # an unanswered order or request is sent again (same id) this often
 
@@ -62,8 +63,8 @@ def main(args: argparse.Namespace) -> int:
     if command in ("deposit", "withdraw"):
         return send_order(args)
     if command == "balance":
-        with Ledger.open(args.ledger) as ledger:
-            accounts = credits.fold(ledger)
+        with FleetLedger.open(args.ledger) as ledger:  # the fold checks every credits record
+            accounts = ledger.state.accounts
         summary = accounts.summary()
         if args.client is not None:
             print(accounts.balance(args.client))
@@ -80,8 +81,8 @@ def main(args: argparse.Namespace) -> int:
 
 def prove_receipt(args: argparse.Namespace) -> int:
     request_id = bytes.fromhex(args.request_id)
-    with Ledger.open(args.ledger) as ledger:
-        index = credits.fold(ledger).charged.get((args.client, request_id))
+    with FleetLedger.open(args.ledger) as ledger:
+        index = ledger.state.accounts.charged.get((args.client, request_id))
         if index is None:
             print(f"no receipt for request {args.request_id} of {args.client}", file=sys.stderr)
             return TAMPERED

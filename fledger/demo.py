@@ -84,7 +84,8 @@ def _format_round(data: dict[str, Any], block: Any, metric: str) -> str:
 
 def run_task(spec: DemoTask, workdir: Path, broker: EmbeddedBroker, passwords: dict[str, Path],
              timeout: float) -> dict[str, Any]:
-    from ledger import Block, verify_file
+    from federation.fleet_state import verify_file
+    from ledger import Block
 
     fleet = f"demo-{spec.task}"
     topics = Topics(fleet)

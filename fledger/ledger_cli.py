@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from federation import config as cfg
-from federation import exit_codes
+from federation import exit_codes, records
+from federation.fleet_state import FleetLedger, FleetState, verify_file
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
-from ledger import Event, Ledger, ProofError, Replica, ReplicaAlert, format_table, records, to_json, verify_file
+from fledger.ledger_format import format_table, to_json
+from ledger import Event, ProofError, Replica, ReplicaAlert
 from ledger.checkpoint import (
     Checkpoint,
     CheckpointWatch,
@@ -178,12 +180,12 @@ def main(args: argparse.Namespace) -> int:
         print(report)
         return exit_codes.OK if report.ok else exit_codes.TAMPERED
     if command == "show":
-        with Ledger.open(args.file) as ledger:
+        with FleetLedger.open(args.file) as ledger:
             blocks = ledger.blocks(args.start, args.end)
         print(to_json(blocks) if args.json else format_table(blocks))
         return 0
     if command == "prove":
-        with Ledger.open(args.file) as ledger:
+        with FleetLedger.open(args.file) as ledger:
             try:
                 proof = ledger.inclusion_proof(args.round, args.device)
             except ProofError as exc:
@@ -226,11 +228,11 @@ def _root_hex(text: str) -> bytes | None:
     return root if len(root) == HASH_SIZE else None
 
 
-def _open_ledger(args: argparse.Namespace) -> Ledger:
-    return Ledger.open(args.file, trusted_coordinator_key=_trusted_key(args))
+def _open_ledger(args: argparse.Namespace) -> FleetLedger:
+    return FleetLedger.open(args.file, trusted_coordinator_key=_trusted_key(args))
 
 
-def _read_checkpoint(ledger: Ledger, path: Path) -> Checkpoint:
+def _read_checkpoint(ledger: FleetLedger, path: Path) -> Checkpoint:
     """A checkpoint note from a file, verified with this ledger's origin and coordinator key."""
     return open_checkpoint(path.read_bytes(), ledger.origin, ledger.coordinator_key)
 
@@ -365,7 +367,7 @@ def _check_dataset_opening(args: argparse.Namespace) -> int:
     opening = json.loads(args.opening.read_text())
     if not isinstance(opening, dict):
         raise ValueError(f"{args.opening} is not a device's dataset.json")
-    with Ledger.open(args.file) as ledger:
+    with FleetLedger.open(args.file) as ledger:
         registered = [b for b in ledger
                       if b.data.get("type") == records.DATASET and b.data.get("device") == args.device]
     if not registered:
@@ -450,7 +452,7 @@ def follow(args: argparse.Namespace) -> int:
     if key is None and genesis is None and not stored and not args.trust_on_first_use:
         raise ValueError("pin the coordinator: --coordinator-key (hex, a device bundle or coordinator.json), "
                          "--genesis HASH, a --replica that holds the chain, or --trust-on-first-use")
-    replica = Replica(key, genesis_hash=genesis, trust_on_first_use=args.trust_on_first_use)
+    replica = Replica(key, genesis_hash=genesis, trust_on_first_use=args.trust_on_first_use, rules=FleetState)
     checkpoints = FollowedCheckpoints(replica)
     try:
         for raw in stored:  # our own file, verified when written: it pins the chain if nothing else does
@@ -466,7 +468,7 @@ def follow(args: argparse.Namespace) -> int:
     replica.on_append = lambda block: store.append(block.to_bytes())
     try:
         if args.from_file:
-            with Ledger.open(args.from_file) as copy:
+            with FleetLedger.open(args.from_file) as copy:
                 for block in copy.blocks(replica.height):
                     replica.offer(block.to_bytes())
     except ReplicaAlert as alert:

@@ -25,6 +25,7 @@ from coordinator.storage import ModelStore
 from federation import durable, exit_codes
 from federation.codec import encode_tensors
 from federation.crypto import ed25519_public
+from federation.fleet_state import FleetState
 from federation.keys import CoordinatorKeys
 from ledger import Block, LedgerError, Replica, ReplicaAlert, storage
 
@@ -57,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.replica.is_file():
         return _fail(exit_codes.USAGE, f"replica {args.replica} not found")
-    replica = Replica(ed25519_public(keys.sign_seed))
+    replica = Replica(ed25519_public(keys.sign_seed), rules=FleetState)
     blocks: list[Block] = []
     replica.on_append = blocks.append
     try:

@@ -36,13 +36,13 @@ def load_model_file(path: Path) -> TensorDict:
 
 def ledger_block_for(model: TensorDict, ledger_path: Path) -> Any:
     """The ledger block that records this exact model, or PredictError."""
-    from ledger import Ledger
+    from federation.fleet_state import FleetLedger
 
     digest = hashlib.sha256(encode_tensors(model)).digest()
-    with Ledger.open(ledger_path) as ledger:
-        for block in ledger:
-            if block.data.get("type") in ("aggregate", "model.published") and block.data.get("model_sha256") == digest:
-                return block
+    with FleetLedger.open(ledger_path) as ledger:
+        block = ledger.state.model_blocks.get(digest)
+    if block is not None:
+        return block
     raise PredictError(f"this model ({digest.hex()[:16]}) is not recorded in {ledger_path}: refusing to use it")
 
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from federation import records
 from federation.config import ConfigError
-from ledger import Ledger, records
+from federation.fleet_state import FleetLedger
 
 log = logging.getLogger("fledger.report")
 
@@ -66,7 +67,7 @@ class RunSummary:
         }
 
 
-def summarize_ledger(ledger: Ledger) -> RunSummary:
+def summarize_ledger(ledger: FleetLedger) -> RunSummary:
     """Rounds, participation, metrics and recorded rejections, read from the blocks."""
     task: str | None = None
     rounds: list[RoundRow] = []
@@ -312,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
 
     _pyplot()  # say at once if matplotlib is missing, before any work
     models = args.models or args.ledger.parent / "models"
-    with Ledger.open(args.ledger, trusted_coordinator_key=_trusted_key(args)) as ledger:
+    with FleetLedger.open(args.ledger, trusted_coordinator_key=_trusted_key(args)) as ledger:
         summary = summarize_ledger(ledger)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

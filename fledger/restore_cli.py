@@ -21,7 +21,7 @@ from coordinator import restore
 from coordinator.storage import ModelStore
 from federation import config as cfg
 from federation import exit_codes
-from ledger import records
+from federation.fleet_state import FleetState
 
 
 def add_parser(sub: Any) -> None:
@@ -47,13 +47,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: no ledger at {ledger_path}: is {state_dir} the coordinator's state directory?")
         return exit_codes.USAGE
     blocks = restore.read_blocks(ledger_path)
-    opened = [b.data["round"] for b in blocks if b.data.get("type") == records.ROUND_OPENED]
-    open_round = max(opened, default=1)
+    fleet = FleetState.of(blocks)
+    open_round = max((r for r, info in fleet.rounds.items() if info.opened_at is not None), default=1)
     if args.round > open_round:
         print(f"error: round {args.round} is not before the open round {open_round}")
         return exit_codes.USAGE
     try:
-        restore.checked_model(ModelStore(state_dir / "models"), restore.recorded_models(blocks), args.round)
+        restore.checked_model(ModelStore(state_dir / "models"), fleet.published_models, args.round)
     except restore.RestoreError as exc:
         print(f"error: {exc}")
         # A saved model that differs from the ledger's is corruption or tampering; else a usage error.

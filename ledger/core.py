@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ledger import checkpoint as checkpoints
-from ledger import merkle, records, storage
+from ledger import merkle, storage
 from ledger.block import Block, BlockFormatError, make_block, sign_block
-from ledger.keys import Keyring, Signer, Verifier
+from ledger.genesis import genesis
+from ledger.keys import Keyring, Signer
 from ledger.merkle import ProofError
 from ledger.storage import LedgerCorrupt, LedgerError, LedgerFile
-from ledger.verify import ChainState, Signatures, VerifyError, sealed_length, unsealed_text
+from ledger.verify import ChainState, RecordRules, Rules, Signatures, VerifyError, sealed_length, unsealed_text
 
 log = logging.getLogger(__name__)
 
@@ -28,93 +27,6 @@ log = logging.getLogger(__name__)
 # tail a writer cuts off at open by itself.
 MAX_GROUP_BLOCKS = 1000
 MAX_GROUP_BYTES = 512 * 1024
-
-
-@dataclass(frozen=True)
-class RoundProof:
-    """What a device needs to check that its update went into round ``round``'s aggregate."""
-
-    round: int
-    device: str
-    statement: bytes
-    device_sig: bytes
-    leaf: bytes  # leaf data = records.update_leaf(statement, device_sig)
-    leaf_index: int
-    tree_size: int
-    path: list[bytes]
-    root: bytes
-    aggregate_index: int  # block holding the root
-    update_index: int  # block holding the update record
-
-    def verify(self, aggregate: Block | None = None, coordinator_key: bytes | None = None) -> bool:
-        try:
-            verify_round_proof(self, aggregate, coordinator_key)
-        except ProofError:
-            return False
-        return True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "device": self.device, "statement": self.statement.hex(),
-                "device_sig": self.device_sig.hex(), "leaf": self.leaf.hex(), "leaf_index": self.leaf_index,
-                "tree_size": self.tree_size, "path": [p.hex() for p in self.path], "root": self.root.hex(),
-                "aggregate_index": self.aggregate_index, "update_index": self.update_index}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RoundProof:
-        try:
-            return cls(int(d["round"]), str(d["device"]), bytes.fromhex(d["statement"]),
-                       bytes.fromhex(d["device_sig"]), bytes.fromhex(d["leaf"]), int(d["leaf_index"]),
-                       int(d["tree_size"]), [bytes.fromhex(p) for p in d["path"]], bytes.fromhex(d["root"]),
-                       int(d["aggregate_index"]), int(d["update_index"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProofError(f"malformed proof: {exc}") from exc
-
-
-def verify_round_proof(proof: RoundProof, aggregate: Block | None = None, coordinator_key: bytes | None = None,
-                       *, statement: bytes | None = None) -> None:
-    """Raise :class:`ProofError` unless the proof shows the update is in the round's Merkle root.
-
-    With ``aggregate`` the root must be that block's ``merkle_root`` (and the block intact); with
-    ``coordinator_key`` the block's signature must verify too; with ``statement`` the proof must be
-    about exactly that statement (what the device itself signed)."""
-    if statement is not None and statement != proof.statement:
-        raise ProofError("the proof is about a different statement")
-    if proof.leaf != records.update_leaf(proof.statement, proof.device_sig):
-        raise ProofError("leaf is not the encoding of the statement and signature")
-    try:
-        fields = records.decode_statement(proof.statement)
-    except ValueError as exc:
-        raise ProofError(str(exc)) from exc
-    if fields["device"] != proof.device or fields["round"] != proof.round:
-        raise ProofError(f"the statement is by {fields['device']!r} for round {fields['round']}, "
-                         f"not by {proof.device!r} for round {proof.round}")
-    if not merkle.verify_inclusion(merkle.leaf_hash(proof.leaf), proof.leaf_index, proof.tree_size, proof.path,
-                                   proof.root):
-        raise ProofError(f"inclusion path does not lead to root {proof.root.hex()[:16]}")
-    if aggregate is not None:
-        data = aggregate.data
-        if aggregate.computed_hash() != aggregate.hash:
-            raise ProofError("aggregate block hash does not match its contents")
-        if data.get("type") != records.AGGREGATE or data.get("round") != proof.round:
-            raise ProofError(f"block {aggregate.index} is not the aggregate of round {proof.round}")
-        if data.get("merkle_root") != proof.root:
-            raise ProofError(f"root differs from block {aggregate.index}'s merkle_root")
-        # The tree holds every accepted update: the participants and the excluded ones.
-        participants = list(data.get("participants", [])) + list(data.get("excluded", {}))
-        if proof.device not in participants:
-            raise ProofError(f"{proof.device!r} is not among round {proof.round}'s participants")
-        if proof.tree_size != len(participants):  # the root alone does not fix the tree size
-            raise ProofError(f"tree size {proof.tree_size} but round {proof.round} has {len(participants)} "
-                             "accepted updates")
-        if coordinator_key is not None and aggregate.unsigned:
-            raise ProofError(f"block {aggregate.index} is sealed (no signature of its own): verify the chain up to "
-                             "its commit group's signed block instead")
-        if coordinator_key is not None and not Verifier().verify(coordinator_key, aggregate.hash,
-                                                                 aggregate.signature):
-            raise ProofError(f"block {aggregate.index}: bad coordinator signature")
 
 
 class Ledger:
@@ -143,11 +55,13 @@ class Ledger:
     def open(cls, path: str | Path, signer: Signer | None = None, keyring: Keyring | None = None,
              fleet: str | None = None, difficulty: int = 0, now: Callable[[], float] = time.time, *,
              read_only: bool | None = None, sync_every: int = 1, trusted_coordinator_key: bytes | None = None,
-             verify: Signatures | str = Signatures.HEAD, genesis_extra: dict[str, Any] | None = None) -> Ledger:
+             verify: Signatures | str = Signatures.HEAD, genesis_extra: dict[str, Any] | None = None,
+             rules: Rules | None = None) -> Ledger:
         """Open a ledger file, creating it with a genesis block if it is new (needs ``signer`` and ``fleet``).
 
-        An existing file is checked block by block (hashes, links, proofs of work, record rules,
-        Merkle roots) and its signatures per ``verify`` (default: the head's coordinator signature,
+        An existing file is checked block by block (hashes, links, proofs of work, and ``rules``:
+        what the records mean, checked and folded by a fresh ``rules()``, see :attr:`rules`) and
+        its signatures per ``verify`` (default: the head's coordinator signature,
         which commits to the whole chain; ``"all"`` checks every signature, at ~0.07 ms each).
         Without a signer the ledger is read-only (never truncated, never created). A torn last
         frame is truncated with a WARNING by a writer; other damage raises :class:`LedgerCorrupt`.
@@ -166,7 +80,8 @@ class Ledger:
             file, scanned = LedgerFile.open(path, sync_every=sync_every)
         mode = Signatures(verify)
         state = ChainState(trusted_coordinator_key=trusted_coordinator_key, keyring=keyring,
-                           coordinator_signatures=mode is Signatures.ALL, device_signatures=mode is Signatures.ALL)
+                           coordinator_signatures=mode is Signatures.ALL, device_signatures=mode is Signatures.ALL,
+                           rules=rules() if rules is not None else None)
         blocks: list[Block] = []
         try:
             sealed = sealed_length(scanned.payloads)
@@ -195,7 +110,7 @@ class Ledger:
                 if not fleet:
                     raise LedgerError(f"{path}: a new ledger needs a fleet name")
                 state.keyring.setdefault(signer.key_id, signer.public_key)
-                ledger._append_locked(records.genesis(fleet, signer.public_key, difficulty, **(genesis_extra or {})))
+                ledger._append_locked(genesis(fleet, signer.public_key, difficulty, **(genesis_extra or {})))
                 log.info("%s: new ledger for fleet %r, coordinator key %s", path, fleet, signer.key_id)
             else:
                 if fleet and fleet != state.fleet:
@@ -223,9 +138,9 @@ class Ledger:
         covers it through the hash chain (keep ``sign=True`` for a block that travels alone, e.g.
         inside a model message or a receipt). The durable blocks are in the list the group yields.
 
-        An ``aggregate`` record without ``merkle_root`` gets the root of its round's accepted
-        updates filled in. Raises ``ValueError`` (:class:`VerifyError`, ``CanonicalError``) for a
-        record the chain rules refuse, ``OSError`` if the file cannot be written."""
+        The record is stored as given (the log fills nothing in). Raises ``ValueError``
+        (:class:`VerifyError`, ``CanonicalError``) for a record the chain rules refuse, ``OSError``
+        if the file cannot be written."""
         with self._lock:
             return self._append_locked(data, sign=sign)
 
@@ -243,8 +158,6 @@ class Ledger:
             raise LedgerError(f"{self.path} is open read-only")
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             raise ValueError('a record is a dict with a str "type"')
-        if data["type"] == records.AGGREGATE and "merkle_root" not in data and type(data.get("round")) is int:
-            data = {**data, "merkle_root": self._state.merkle_root_for(data["round"])}
         difficulty = self._state.difficulty if self._blocks else int(data.get("difficulty", 0))
         group = self._group
         signed = sign or group is None or not self._blocks
@@ -326,7 +239,7 @@ class Ledger:
                 self._file.close()
                 self._file = None
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -367,24 +280,12 @@ class Ledger:
             raise IndexError(f"no block {index} (height {len(self._blocks)})")
         return self._blocks[index]
 
-    # -- proofs -------------------------------------------------------------------------------------
-    def inclusion_proof(self, round: int, device: str) -> RoundProof:
-        """Proof that ``device``'s accepted update is in round ``round``'s aggregate Merkle root."""
-        with self._lock:
-            info = self._state.rounds.get(round)
-            if info is None or info.aggregate is None:
-                raise ProofError(f"round {round} has no aggregate block yet")
-            if device not in info.devices:
-                raise ProofError(f"device {device!r} has no accepted update in round {round} "
-                                 f"(participants: {', '.join(info.devices) or 'none'})")
-            i = info.devices.index(device)
-            update = self._blocks[info.blocks[i]].data
-            aggregate = self._blocks[info.aggregate]
-            return RoundProof(round, device, update["statement"], update["device_sig"],
-                              records.update_leaf(update["statement"], update["device_sig"]), i, len(info.leaves),
-                              merkle.inclusion_proof(info.leaves, i), aggregate.data["merkle_root"],
-                              aggregate.index, info.blocks[i])
+    @property
+    def rules(self) -> RecordRules | None:
+        """The record rules this ledger was opened with, holding their fold up to the head."""
+        return self._state.rules
 
+    # -- proofs -------------------------------------------------------------------------------------
     def chain_root(self, size: int | None = None) -> bytes:
         """RFC 6962 root over the hashes of the first ``size`` blocks (default: all)."""
         with self._lock:

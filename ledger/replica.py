@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ledger.block import Block, BlockFormatError
 from ledger.keys import Keyring, key_id_of
-from ledger.verify import ChainState, VerifyError
+from ledger.verify import ChainState, Rules, VerifyError
 
 
 class ReplicaAlert(Exception):
@@ -49,9 +49,9 @@ class Replica:
     def __init__(self, trusted_coordinator_key: bytes | None = None, keyring: Keyring | None = None, *,
                  strict_gaps: bool = False, max_pending: int = 100_000, device_signatures: bool = True,
                  on_append: Callable[[Block], None] | None = None, genesis_hash: bytes | None = None,
-                 trust_on_first_use: bool = False) -> None:
+                 trust_on_first_use: bool = False, rules: Rules | None = None) -> None:
         self.state = ChainState(trusted_coordinator_key=trusted_coordinator_key, keyring=keyring,
-                                device_signatures=device_signatures)
+                                device_signatures=device_signatures, rules=rules() if rules is not None else None)
         self.trusted_coordinator_key = trusted_coordinator_key
         self.hashes: list[bytes] = []
         self.head: Block | None = None

@@ -1,23 +1,26 @@
-"""Chain verification: hashes, links, indices, proofs of work, signatures and record rules.
+"""Chain verification: hashes, links, indices, proofs of work, signatures, and the record
+rules of whoever builds on the log.
 
 :class:`ChainState` checks one block at a time against what came before (used by
 :func:`verify_chain`, by :class:`ledger.Ledger` on append and at open, and by
-:class:`ledger.Replica`). ``check`` never mutates; ``apply`` records an accepted block.
+:class:`ledger.Replica`). ``check`` never mutates; ``apply`` records an accepted block. What
+records mean is not the log's business: pass ``rules`` (a :class:`RecordRules` factory, such
+as ``federation.fleet_state.FleetState``) and each record is checked and folded by them too.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
-from ledger import credits, merkle, records
 from ledger.block import VERSION, ZERO_HASH, Block, BlockFormatError, meets_difficulty
+from ledger.genesis import GENESIS
 from ledger.keys import Keyring, Verifier, key_id_of
 from ledger.storage import TornTail
 from ledger.storage import read as read_frames
@@ -61,15 +64,23 @@ class VerifyReport:
         return f"block {self.bad_index}: {self.reason}"
 
 
-@dataclass
-class RoundInfo:
-    leaves: list[bytes] = field(default_factory=list)  # leaf hashes, in order accepted
-    devices: list[str] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)  # indices of the update blocks
-    aggregate: int | None = None  # index of the aggregate block
+class RecordRules(Protocol):
+    """What records mean, supplied by whoever builds on the log (the log itself knows only the
+    genesis record). ``check`` raises ValueError for a record that may not come next and never
+    mutates; ``apply`` folds in a block already checked (genesis included). ``chain`` gives the
+    fleet, the coordinator key, the verifier and whether device signatures are checked."""
+
+    def check(self, block: Block, chain: ChainState) -> None: ...
+
+    def apply(self, block: Block, chain: ChainState) -> None: ...
 
 
-def _need(data: dict[str, Any], name: str, kind: type | tuple[type, ...], size: int | None = None) -> Any:
+Rules = Callable[[], RecordRules]
+"""Makes a fresh :class:`RecordRules` for a chain read from genesis (a class does)."""
+
+
+def need(data: dict[str, Any], name: str, kind: type | tuple[type, ...], size: int | None = None) -> Any:
+    """``data[name]`` if it is a ``kind`` (of ``size`` bytes), else ValueError naming the field."""
     value: Any = data.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -84,7 +95,7 @@ class ChainState:
 
     def __init__(self, *, trusted_coordinator_key: bytes | None = None, keyring: Keyring | None = None,
                  coordinator_signatures: bool = True, device_signatures: bool = True,
-                 verifier: Verifier | None = None) -> None:
+                 verifier: Verifier | None = None, rules: RecordRules | None = None) -> None:
         self.trusted_coordinator_key = trusted_coordinator_key
         self.keyring: dict[str, bytes] = dict(keyring or {})
         self.coordinator_signatures = coordinator_signatures
@@ -95,11 +106,7 @@ class ChainState:
         self.fleet = ""
         self.difficulty = 0
         self.coordinator_key_id = ""
-        self.device_keys: dict[str, tuple[str, bytes]] = {}  # key_id -> (device, public key)
-        self.revoked: set[str] = set()
-        self.rounds: dict[int, RoundInfo] = {}
-        self.published_models: dict[int, bytes] = {}  # round -> model it trains from (model.published)
-        self.accounts = credits.Accounts()  # pay-per-prediction balances (ledger/credits.py)
+        self.rules = rules
         # First of the unsigned blocks at the head that no signed block covers yet (None: the
         # head is signed). The hash chain makes a signed block's signature cover them all.
         self.unsealed_from: int | None = None
@@ -158,17 +165,17 @@ class ChainState:
 
     def _check_genesis(self, block: Block) -> None:
         data = block.data
-        if data["type"] != records.GENESIS:
+        if data["type"] != GENESIS:
             raise ValueError(f"block 0 is a {data['type']!r} record, not genesis")
-        _need(data, "fleet", str)
-        difficulty = _need(data, "difficulty", int)
+        need(data, "fleet", str)
+        difficulty = need(data, "difficulty", int)
         if not 0 <= difficulty <= 256:
             raise ValueError(f"difficulty {difficulty} out of range")
         if not meets_difficulty(block.hash, difficulty):
             raise ValueError(f"proof of work: hash has fewer than {difficulty} leading zero bits")
-        ck = _need(data, "coordinator_key", dict)
-        public = _need(ck, "public_key", bytes, 32)
-        if _need(ck, "key_id", str) != key_id_of(public):
+        ck = need(data, "coordinator_key", dict)
+        public = need(ck, "public_key", bytes, 32)
+        if need(ck, "key_id", str) != key_id_of(public):
             raise ValueError("coordinator key_id does not match its public key")
         if not self.verifier.valid_key(public):
             raise ValueError("coordinator public key is not a valid Ed25519 point")
@@ -180,182 +187,23 @@ class ChainState:
             raise ValueError(f"keyring holds a different public key for {ck['key_id']}")
 
     def _check_record(self, block: Block) -> None:
-        data = block.data
-        kind = data["type"]
-        if kind == records.GENESIS:
+        if block.data["type"] == GENESIS:
             raise ValueError("a second genesis record")
-        if kind == records.DEVICE_KEY:
-            device = _need(data, "device", str)
-            public = _need(data, "public_key", bytes, 32)
-            key_id = _need(data, "key_id", str)
-            if key_id != key_id_of(public):
-                raise ValueError(f"device key_id {key_id!r} does not match its public key")
-            if not self.verifier.valid_key(public):
-                raise ValueError("device public key is not a valid Ed25519 point")
-            owner = self.device_keys.get(key_id)
-            if owner is not None and owner[0] != device:
-                raise ValueError(f"key {key_id} is already registered to device {owner[0]!r}")
-            if key_id in self.revoked:
-                raise ValueError(f"key {key_id} was revoked and cannot be registered again")
-        elif kind == records.DEVICE_KEY_REVOKED:
-            device = _need(data, "device", str)
-            key_id = _need(data, "key_id", str)
-            _need(data, "reason", str)
-            owner = self.device_keys.get(key_id)
-            if owner is None or owner[0] != device:
-                raise ValueError(f"revokes key {key_id} that is not registered to device {device!r}")
-        elif kind == records.DATASET:
-            device = _need(data, "device", str)
-            sha256 = _need(data, "sha256", bytes, 32)
-            if _need(data, "size", int) < 0:
-                raise ValueError("negative dataset size")
-            if "schema" not in data:
-                raise ValueError("field 'schema' missing")
-            if "statement" in data:  # a registration the device signed: check it like an update
-                self._check_dataset_statement(device, sha256, data)
-        elif kind == records.UPDATE:
-            self._check_update(block)
-        elif kind == records.UPDATE_REJECTED:
-            _need(data, "device", str)
-            if data.get("round") is not None:
-                _need(data, "round", int)
-            _need(data, "reason", str)
-            _need(data, "digest", bytes, 32)
-        elif kind == records.ROUND_OPENED:
-            _need(data, "round", int)
-        elif kind == records.MODEL_PUBLISHED:
-            round_number = _need(data, "round", int)
-            digest = _need(data, "model_sha256", bytes, 32)
-            if "restores" in data:  # an operator's undo: an earlier recorded model, as a new round
-                restored = _need(data, "restores", int)
-                if self.published_models.get(restored) != digest:
-                    raise ValueError(f"restores round {restored}, but that is not the model the chain recorded "
-                                     "for that round")
-                if round_number <= max(self.published_models, default=0):
-                    raise ValueError(f"a restored model must open a new round, above {max(self.published_models)}")
-        elif kind == records.AGGREGATE:
-            self._check_aggregate(block)
-        elif kind in credits.TYPES:
-            self.accounts.check(data, fleet=self.fleet, verify_order=self._owner_signed)
-        # any other type: open, stored and hashed, nothing more to check
-
-    def _owner_signed(self, message: bytes, signature: bytes) -> bool:
-        """The owner's orders are signed by the coordinator's key (checked with device signatures)."""
-        if not self.device_signatures:
-            return True
-        public = self.keyring.get(self.coordinator_key_id)
-        return public is not None and self.verifier.verify(public, message, signature)
-
-    def _active_device_key(self, device: str, key_id: str) -> tuple[str, bytes]:
-        owner = self.device_keys.get(key_id)
-        if owner is None or owner[0] != device:
-            raise ValueError(f"device {device!r} key {key_id} is not registered earlier in the chain")
-        if key_id in self.revoked:
-            raise ValueError(f"device {device!r} key {key_id} was revoked")
-        return owner
-
-    def _check_dataset_statement(self, device: str, sha256: bytes, data: dict[str, Any]) -> None:
-        key_id = _need(data, "key_id", str)
-        statement = _need(data, "statement", bytes)
-        device_sig = _need(data, "device_sig", bytes, 64)
-        owner = self._active_device_key(device, key_id)
-        try:
-            fields = msgpack.unpackb(statement, raw=False)
-        except Exception:
-            raise ValueError("dataset statement is not msgpack") from None
-        if not isinstance(fields, dict) or fields.get("device") != device or fields.get("sha256") != sha256:
-            raise ValueError("dataset record differs from the device's signed statement")
-        if self.device_signatures and not self.verifier.verify(owner[1], statement, device_sig):
-            raise ValueError(f"bad device signature on the dataset registration of {device!r}")
-
-    def _check_update(self, block: Block) -> None:
-        data = block.data
-        device = _need(data, "device", str)
-        round_number = _need(data, "round", int)
-        key_id = _need(data, "key_id", str)
-        statement = _need(data, "statement", bytes)
-        device_sig = _need(data, "device_sig", bytes, 64)
-        _need(data, "weights_sha256", bytes, 32)
-        _need(data, "num_samples", int)
-        _need(data, "metrics", dict)
-        owner = self._active_device_key(device, key_id)
-        try:
-            fields = records.decode_statement(statement)
-        except ValueError as exc:
-            raise ValueError(f"device statement: {exc}") from None
-        if fields["fleet"] != self.fleet:
-            raise ValueError(f"statement is for fleet {fields['fleet']!r}, not {self.fleet!r}")
-        for name in ("device", "round", "key_id", "weights_sha256", "num_samples", "metrics"):
-            if fields[name] != data[name] or type(fields[name]) is not type(data[name]):
-                raise ValueError(f"record field {name!r} differs from the device's signed statement")
-        info = self.rounds.get(round_number)
-        if info is not None:
-            if info.aggregate is not None:
-                raise ValueError(f"update for round {round_number}, which was aggregated in block {info.aggregate}")
-            if device in info.devices:
-                raise ValueError(f"second accepted update of {device!r} in round {round_number}")
-        if self.device_signatures and not self.verifier.verify(owner[1], statement, device_sig):
-            raise ValueError(f"bad device signature of {device!r} (key {key_id})")
-
-    def _check_aggregate(self, block: Block) -> None:
-        data = block.data
-        round_number = _need(data, "round", int)
-        participants = _need(data, "participants", list)
-        if not all(isinstance(p, str) for p in participants):
-            raise ValueError("participants must be device ids (strings)")
-        root = _need(data, "merkle_root", bytes, 32)
-        _need(data, "model_sha256", bytes, 32)
-        info = self.rounds.get(round_number, RoundInfo())
-        if info.aggregate is not None:
-            raise ValueError(f"round {round_number} was already aggregated in block {info.aggregate}")
-        _need(data, "strategy", str)
-        if "strategy_params" in data:
-            _need(data, "strategy_params", dict)
-        # What was used: participants = the round's accepted devices minus the excluded ones;
-        # a clipped update was used (scaled), so its device is a participant. Records older than
-        # the "excluded"/"clipped" fields have neither: participants = accepted, as before.
-        excluded = _decisions(data, "excluded")
-        clipped = _decisions(data, "clipped")
-        used = sorted(map(str, participants))
-        if len(set(participants)) != len(participants) or set(used) & set(excluded):
-            raise ValueError(f"participants {participants} repeat a device or include an excluded one")
-        if sorted(used + list(excluded)) != sorted(info.devices):
-            raise ValueError(f"participants {participants} plus excluded {sorted(excluded)} are not the devices with "
-                             f"accepted updates in round {round_number} ({info.devices})")
-        if not set(clipped) <= set(used):
-            raise ValueError(f"clipped devices {sorted(set(clipped) - set(used))} are not participants of round "
-                             f"{round_number}")
-        expected = merkle.root(info.leaves)
-        if root != expected:
-            raise ValueError(f"merkle_root {root.hex()[:16]} is not the root of round {round_number}'s "
-                             f"{len(info.leaves)} accepted updates ({expected.hex()[:16]})")
+        if self.rules is not None:  # what the record means: the rules of whoever builds on the log
+            self.rules.check(block, self)
 
     # -- state ----------------------------------------------------------------------------------
     def apply(self, block: Block) -> None:
         """Record ``block`` (already checked) as the new head."""
-        data = block.data
-        kind = data["type"]
         if block.index == 0:
+            data = block.data
             self.fleet = data["fleet"]
             self.difficulty = data["difficulty"]
             ck = data["coordinator_key"]
             self.coordinator_key_id = ck["key_id"]
             self.keyring.setdefault(ck["key_id"], ck["public_key"])
-        elif kind == records.DEVICE_KEY:
-            self.device_keys[data["key_id"]] = (data["device"], data["public_key"])
-        elif kind == records.DEVICE_KEY_REVOKED:
-            self.revoked.add(data["key_id"])
-        elif kind == records.UPDATE:
-            info = self.rounds.setdefault(data["round"], RoundInfo())
-            info.leaves.append(merkle.leaf_hash(records.update_leaf(data["statement"], data["device_sig"])))
-            info.devices.append(data["device"])
-            info.blocks.append(block.index)
-        elif kind == records.AGGREGATE:
-            self.rounds.setdefault(data["round"], RoundInfo()).aggregate = block.index
-        elif kind == records.MODEL_PUBLISHED:
-            self.published_models[data["round"]] = data["model_sha256"]
-        elif kind in credits.TYPES:
-            self.accounts.apply(data, block.index)
+        if self.rules is not None:
+            self.rules.apply(block, self)
         self.height = block.index + 1
         self.head_hash = block.hash
         if not block.unsigned:
@@ -367,27 +215,17 @@ class ChainState:
         self.check(block, signature=signature)
         self.apply(block)
 
-    def merkle_root_for(self, round_number: int) -> bytes:
-        info = self.rounds.get(round_number)
-        return merkle.root(info.leaves if info else [])
-
-
-def _decisions(data: dict[str, Any], name: str) -> dict[str, Any]:
-    """An aggregate's ``excluded`` or ``clipped`` map: device -> {"reason": str, ...}."""
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise ValueError(f"field {name!r} must be a map of device -> reason")
-    for device, why in value.items():
-        if not isinstance(why, dict) or not isinstance(why.get("reason"), str):
-            raise ValueError(f"{name} entry of {device!r} must give its reason")
-    return value
+    @property
+    def coordinator_key(self) -> bytes | None:
+        return self.keyring.get(self.coordinator_key_id)
 
 
 def _state_for(mode: Signatures | str, trusted_coordinator_key: bytes | None,
-               keyring: Keyring | None) -> tuple[ChainState, Signatures]:
+               keyring: Keyring | None, rules: Rules | None) -> tuple[ChainState, Signatures]:
     mode = Signatures(mode)
     state = ChainState(trusted_coordinator_key=trusted_coordinator_key, keyring=keyring,
-                       coordinator_signatures=mode is Signatures.ALL, device_signatures=mode is Signatures.ALL)
+                       coordinator_signatures=mode is Signatures.ALL, device_signatures=mode is Signatures.ALL,
+                       rules=rules() if rules is not None else None)
     return state, mode
 
 
@@ -413,10 +251,11 @@ def unsealed_text(first: int, end: int) -> str:
 
 
 def verify_chain(blocks: Iterable[Block], trusted_coordinator_key: bytes | None = None, *,
-                 keyring: Keyring | None = None, signatures: Signatures | str = Signatures.ALL) -> VerifyReport:
+                 keyring: Keyring | None = None, signatures: Signatures | str = Signatures.ALL,
+                 rules: Rules | None = None) -> VerifyReport:
     """Verify a whole chain from genesis; report ok or the first bad block and why. A chain must
     end with a signed block: unsigned blocks are proven only by a later signed one."""
-    state, mode = _state_for(signatures, trusted_coordinator_key, keyring)
+    state, mode = _state_for(signatures, trusted_coordinator_key, keyring, rules)
     last: Block | None = None
     for block in blocks:
         try:
@@ -445,10 +284,11 @@ def _finish(state: ChainState, last: Block | None, mode: Signatures, warnings: t
 
 
 def verify_file(path: str | Path, trusted_coordinator_key: bytes | None = None, *,
-                keyring: Keyring | None = None, signatures: Signatures | str = Signatures.ALL) -> VerifyReport:
+                keyring: Keyring | None = None, signatures: Signatures | str = Signatures.ALL,
+                rules: Rules | None = None) -> VerifyReport:
     """Verify a ledger file without modifying it. A torn tail is reported as a warning
     (the writer truncates it at its next start); any other damage fails naming the block."""
-    state, mode = _state_for(signatures, trusted_coordinator_key, keyring)
+    state, mode = _state_for(signatures, trusted_coordinator_key, keyring, rules)
     try:
         scanned = read_frames(path, strict=False)
     except OSError as exc:

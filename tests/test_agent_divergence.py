@@ -18,13 +18,14 @@ import torch
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.registration import Fingerprint
-from federation import crypto, envelope
+from federation import crypto, envelope, records
 from federation.codec import encode_tensors
+from federation.fleet_state import FleetLedger
 from federation.keys import CoordinatorKeys, DeviceBundle
 from federation.mqtt import Message
 from federation.tasks import LocalData, get_task
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, records
+from ledger import Ed25519Signer
 
 FLEET = "diverge"
 TOPICS = Topics(FLEET)
@@ -56,7 +57,7 @@ def test_divergence_skips_the_round_and_the_next_model_is_trained(tmp_path: Path
     agent = EdgeAgent(bundle, task, data, link, TOPICS, tmp_path / "agent",
                       dataset=Fingerprint(hashlib.sha256(b"d").digest(), 1, {}), register=False)
     healthy = {k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()}
-    ledger = Ledger.open(tmp_path / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=FLEET)
+    ledger = FleetLedger.open(tmp_path / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=FLEET)
 
     def deliver(round_number: int, weights: dict[str, Any], **extra: Any) -> None:
         body = encode_tensors(weights)

@@ -19,9 +19,10 @@ from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
 from federation import crypto, envelope
 from federation.codec import decode_tensors, encode_tensors
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, verify_file
+from ledger import Ed25519Signer
 
 FLEET = "unit"
 DATASET = hashlib.sha256(b"a data set").digest()
@@ -55,7 +56,7 @@ class Harness:
     def build(self, register: bool = True) -> Coordinator:
         if hasattr(self, "ledger"):
             self.ledger.close()  # as if the old process had exited
-        ledger = Ledger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET,
+        ledger = FleetLedger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET,
                              now=self.clock)
         self.ledger = ledger
         coordinator = Coordinator(
@@ -327,7 +328,7 @@ def test_registration_with_unencodable_schema_is_rejected_not_fatal(h: Harness) 
 
 def test_rejection_records_are_capped_per_device_and_round(h: Harness) -> None:
     """Even a stolen key making fresh message ids cannot grow the ledger without bound."""
-    from coordinator.service import MAX_REJECTION_RECORDS
+    from coordinator.admission import MAX_REJECTION_RECORDS
 
     height = h.ledger.head.index
     for _ in range(3 * MAX_REJECTION_RECORDS):
@@ -476,7 +477,7 @@ def test_one_device_cannot_grow_the_ledger_without_bound(h: Harness) -> None:
     """A device (or a thief of its key) signs whatever it likes: updates naming round after
     round, registration after registration. The ledger takes a few records per device per open
     round; the rest is counted only."""
-    from coordinator.service import MAX_REGISTRATIONS_PER_ROUND, MAX_REJECTION_RECORDS
+    from coordinator.admission import MAX_REGISTRATIONS_PER_ROUND, MAX_REJECTION_RECORDS
 
     height = h.ledger.head.index
     for round_number in range(2, 60):  # future rounds, each with a fresh message id
@@ -629,7 +630,8 @@ def test_restore_republishes_an_earlier_model_as_a_new_round(tmp_path: Path) -> 
 def test_a_restore_record_must_name_a_recorded_model(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     digest = hashlib.sha256(encode_tensors(h.coordinator.global_model)).digest()
-    from ledger import VerifyError, records
+    from federation import records
+    from ledger import VerifyError
 
     with pytest.raises(VerifyError, match="restores round 1"):
         h.ledger.append(records.model_published(2, bytes(32), restores=1))

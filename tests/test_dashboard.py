@@ -14,7 +14,8 @@ from browser import run_chromium
 
 from coordinator.dashboard import DashboardServer
 from coordinator.fleet_view import FleetView
-from ledger import ZERO_HASH, make_block, records
+from federation import records
+from ledger import ZERO_HASH, make_block
 
 
 class Chain:

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import BrokerInfo
 from federation_run import Federation
 
-from ledger import Ledger, verify_file
+from federation.fleet_state import FleetLedger, verify_file
 
 
 def test_federated_rounds_over_a_real_broker(any_broker: BrokerInfo, tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_federated_rounds_over_a_real_broker(any_broker: BrokerInfo, tmp_path: P
         fed.stop()
     report = verify_file(fed.state / "ledger.log")
     assert report.ok, report
-    blocks = list(Ledger.open(fed.state / "ledger.log"))
+    blocks = list(FleetLedger.open(fed.state / "ledger.log"))
     aggregates = [b.data for b in blocks if b.data["type"] == "aggregate"]
     assert [a["round"] for a in aggregates] == [1, 2]
     assert all(a["participants"] == ["edge-1", "edge-2"] for a in aggregates)

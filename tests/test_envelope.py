@@ -105,9 +105,11 @@ def test_oversized_rejected_before_decoding(fleet) -> None:  # type: ignore[no-u
 
 def model_block(tmp: Path, keys: CoordinatorKeys, round_number: int, weights: bytes, name: str = "l") -> bytes:
     """A coordinator-signed ledger block recording this model for this round."""
-    from ledger import Ed25519Signer, Ledger, records
+    from federation import records
+    from federation.fleet_state import FleetLedger
+    from ledger import Ed25519Signer
 
-    with Ledger.open(tmp / f"{name}.log", signer=Ed25519Signer(keys.sign_seed), fleet="f1") as ledger:
+    with FleetLedger.open(tmp / f"{name}.log", signer=Ed25519Signer(keys.sign_seed), fleet="f1") as ledger:
         return ledger.append(records.model_published(round_number, hashlib.sha256(weights).digest())).to_bytes()
 
 

@@ -32,9 +32,10 @@ from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
 from federation import crypto, envelope
 from federation.codec import encode_tensors
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, verify_file
+from ledger import Ed25519Signer
 
 FLEET = "fuzz"
 TOPICS = Topics(FLEET)
@@ -64,7 +65,7 @@ class Target:
             self.registry.add(name, public)
             self.bundles[name] = DeviceBundle(FLEET, name, seed, self.keys.public, self.keys.model_key_id,
                                               self.keys.model_key)
-        self.ledger = Ledger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET,
+        self.ledger = FleetLedger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET,
                                   sync_every=0)  # fsync per block is not what is under test here
         # min_clients above the number of devices and no deadline: the round never closes, so
         # the global model may only change if something wrongly got accepted.

@@ -13,29 +13,24 @@ from typing import Any
 import msgpack
 import pytest
 
+from federation import records
+from federation.fleet_state import FleetLedger, FleetState, RoundProof, verify_chain, verify_file, verify_round_proof
+from fledger.ledger_format import format_table, to_json
 from ledger import (
     Block,
     CanonicalError,
     Ed25519Signer,
-    Ledger,
     LedgerError,
     ProofError,
     Replica,
     ReplicaAlert,
-    RoundProof,
     VerifyError,
     canonical,
     chain_root_of,
-    format_table,
     key_id_of,
     leading_zero_bits,
     make_block,
-    records,
-    to_json,
-    verify_chain,
     verify_consistency,
-    verify_file,
-    verify_round_proof,
 )
 from ledger.block import ZERO_HASH, sign_block
 
@@ -63,8 +58,8 @@ def signed_update(device: str, round_number: int, *, n: int = 10, msg: bytes = b
 
 
 def build(path: Path, rounds: int = 2, devices: tuple[str, ...] = ("dev1", "dev2"), start: float = 1.7e9,
-          **kw: Any) -> Ledger:
-    ledger = Ledger.open(path, signer=COORD, fleet=FLEET, now=clock(start), **kw)
+          **kw: Any) -> FleetLedger:
+    ledger = FleetLedger.open(path, signer=COORD, fleet=FLEET, now=clock(start), **kw)
     for d in devices:
         ledger.append(records.device_key(d, DEV[d].public_key))
         ledger.append(records.dataset(d, hashlib.sha256(d.encode()).digest(), 1234, {"columns": ["a", "b"]}))
@@ -74,7 +69,7 @@ def build(path: Path, rounds: int = 2, devices: tuple[str, ...] = ("dev1", "dev2
             ledger.append(signed_update(d, r))
         ledger.append(records.update_rejected("dev1", r, "stale_round", bytes(32)))
         ledger.append(records.aggregate(r, sorted(devices), hashlib.sha256(b"model%d" % r).digest(), "fedavg",
-                                        {"test_mse": 0.3}))
+                                        {"test_mse": 0.3}, merkle_root=ledger.state.merkle_root_for(r)))
         ledger.append(records.model_published(r + 1, hashlib.sha256(b"model%d" % r).digest()))
     return ledger
 
@@ -110,7 +105,7 @@ def test_canonical_decode_rejects_non_canonical_bytes(raw: bytes) -> None:
 
 
 def test_append_rejects_non_canonical_record(tmp_path: Path) -> None:
-    ledger = Ledger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
+    ledger = FleetLedger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
     with pytest.raises(CanonicalError, match="set"):
         ledger.append({"type": "note", "tags": {"a", "b"}})
     with pytest.raises(CanonicalError, match="not finite"):
@@ -151,7 +146,7 @@ def test_proof_of_work(difficulty: int) -> None:
 
 
 def test_ledger_with_difficulty_and_verify_detects_weak_pow(tmp_path: Path) -> None:
-    ledger = Ledger.open(tmp_path / "l", signer=COORD, fleet=FLEET, difficulty=6)
+    ledger = FleetLedger.open(tmp_path / "l", signer=COORD, fleet=FLEET, difficulty=6)
     ledger.append({"type": "note"})
     assert all(leading_zero_bits(b.hash) >= 6 for b in ledger)
     assert verify_chain(ledger).ok
@@ -193,28 +188,33 @@ def test_ledger_build_reopen_and_verify(tmp_path: Path) -> None:
     assert ledger.block(0).data["coordinator_key"]["public_key"] == COORD.public_key
     assert [b.index for b in ledger.blocks(2, 5)] == [2, 3, 4]
     ledger.close()
-    again = Ledger.open(tmp_path / "l", signer=COORD, verify="all")
+    again = FleetLedger.open(tmp_path / "l", signer=COORD, verify="all")
     assert again.height == height and again.head == head
     report = verify_file(tmp_path / "l", trusted_coordinator_key=COORD.public_key)
     assert report.ok and report.height == height and report.fleet == FLEET, report
     assert "verified" in str(report)
     # read-only open needs no signer and cannot append
     again.close()
-    ro = Ledger.open(tmp_path / "l")
+    ro = FleetLedger.open(tmp_path / "l")
     with pytest.raises(LedgerError, match="read-only"):
         ro.append({"type": "note"})
 
 
-def test_aggregate_merkle_root_filled_in_and_checked(tmp_path: Path) -> None:
+def test_aggregate_merkle_root_checked_and_never_filled_in(tmp_path: Path) -> None:
     ledger = build(tmp_path / "l", rounds=1)
     agg = next(b for b in ledger if b.type == "aggregate")
     assert len(agg.data["merkle_root"]) == 32
     ledger.append(records.round_opened(2))
     ledger.append(signed_update("dev1", 2))
+    root = ledger.state.merkle_root_for(2)
     with pytest.raises(VerifyError, match="merkle_root"):
         ledger.append(records.aggregate(2, ["dev1"], bytes(32), "fedavg", {}, merkle_root=bytes(32)))
     with pytest.raises(VerifyError, match="participants"):
-        ledger.append(records.aggregate(2, ["dev1", "dev2"], bytes(32), "fedavg", {}))
+        ledger.append(records.aggregate(2, ["dev1", "dev2"], bytes(32), "fedavg", {}, merkle_root=root))
+    # the log stores what the writer gives it: an aggregate without a root is refused, not completed
+    with pytest.raises(VerifyError, match="merkle_root"):
+        ledger.append({k: v for k, v in records.aggregate(2, ["dev1"], bytes(32), "fedavg", {},
+                                                          merkle_root=root).items() if k != "merkle_root"})
 
 
 def test_aggregate_states_what_was_used_excluded_and_clipped(tmp_path: Path) -> None:
@@ -236,8 +236,10 @@ def test_aggregate_states_what_was_used_excluded_and_clipped(tmp_path: Path) -> 
     for fields, reason in lies:
         participants = fields.pop("participants")
         with pytest.raises(VerifyError, match=reason):
-            ledger.append(records.aggregate(2, participants, bytes(32), "clipped-fedavg", {}, **fields))
+            ledger.append(records.aggregate(2, participants, bytes(32), "clipped-fedavg", {},
+                                            merkle_root=ledger.state.merkle_root_for(2), **fields))
     honest = ledger.append(records.aggregate(2, ["dev1", "dev2"], bytes(32), "clipped-fedavg", {},
+                                             merkle_root=ledger.state.merkle_root_for(2),
                                              excluded={"dev3": why}, clipped={"dev2": {**why, "scale": 0.5}},
                                              strategy_params={"clip_factor": 3.0}))
     assert verify_file(tmp_path / "l").ok
@@ -254,14 +256,14 @@ def test_aggregate_states_what_was_used_excluded_and_clipped(tmp_path: Path) -> 
 def test_wrong_signer_fleet_and_trusted_key(tmp_path: Path) -> None:
     build(tmp_path / "l", rounds=1).close()
     with pytest.raises(LedgerError, match="coordinator key"):
-        Ledger.open(tmp_path / "l", signer=Ed25519Signer.generate())
+        FleetLedger.open(tmp_path / "l", signer=Ed25519Signer.generate())
     with pytest.raises(LedgerError, match="fleet"):
-        Ledger.open(tmp_path / "l", signer=COORD, fleet="other")
+        FleetLedger.open(tmp_path / "l", signer=COORD, fleet="other")
     report = verify_file(tmp_path / "l", trusted_coordinator_key=Ed25519Signer.generate().public_key)
     assert not report.ok and report.bad_index == 0 and "trusted key" in report.reason
     with pytest.raises(LedgerError, match="locked"):
-        a = Ledger.open(tmp_path / "l", signer=COORD)
-        Ledger.open(tmp_path / "l", signer=COORD)
+        a = FleetLedger.open(tmp_path / "l", signer=COORD)
+        FleetLedger.open(tmp_path / "l", signer=COORD)
     a.close()
 
 
@@ -301,7 +303,7 @@ def test_verify_chain_checks_links_and_indices(tmp_path: Path) -> None:
 
 
 def test_update_record_rules(tmp_path: Path) -> None:
-    ledger = Ledger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
+    ledger = FleetLedger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
     with pytest.raises(VerifyError, match="not registered"):
         ledger.append(signed_update("dev1", 1))
     ledger.append(records.device_key("dev1", DEV["dev1"].public_key))
@@ -328,7 +330,7 @@ def test_update_record_rules(tmp_path: Path) -> None:
         ledger.append(records.device_key("dev2", DEV["dev2"].public_key))
     with pytest.raises(VerifyError, match="not registered to"):
         ledger.append(records.device_key_revoked("dev1", DEV["dev2"].key_id, "x"))
-    ledger.append(records.aggregate(1, ["dev1"], bytes(32), "fedavg", {}))
+    ledger.append(records.aggregate(1, ["dev1"], bytes(32), "fedavg", {}, merkle_root=ledger.state.merkle_root_for(1)))
     ledger.append(records.device_key("dev3", DEV["dev3"].public_key))
     with pytest.raises(VerifyError, match="aggregated"):
         ledger.append(signed_update("dev3", 1))
@@ -336,10 +338,10 @@ def test_update_record_rules(tmp_path: Path) -> None:
 
 
 def test_unknown_record_types_are_stored_and_hashed(tmp_path: Path) -> None:
-    ledger = Ledger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
+    ledger = FleetLedger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
     block = ledger.append({"type": "future.thing", "payload": {"z": [1, 2], "a": b"\xff"}})
     ledger.close()
-    again = Ledger.open(tmp_path / "l")
+    again = FleetLedger.open(tmp_path / "l")
     assert again.block(1) == block and again.block(1).data["payload"]["a"] == b"\xff"
     assert verify_file(tmp_path / "l").ok
 
@@ -381,12 +383,13 @@ def test_round_inclusion_proof(tmp_path: Path) -> None:
 
 
 def test_round_proof_for_device_outside_round(tmp_path: Path) -> None:
-    ledger = Ledger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
+    ledger = FleetLedger.open(tmp_path / "l", signer=COORD, fleet=FLEET)
     for d in DEV:
         ledger.append(records.device_key(d, DEV[d].public_key))
     ledger.append(signed_update("dev1", 1))
     ledger.append(signed_update("dev2", 1))
-    ledger.append(records.aggregate(1, ["dev1", "dev2"], bytes(32), "fedavg", {}))
+    ledger.append(records.aggregate(1, ["dev1", "dev2"], bytes(32), "fedavg", {},
+                                    merkle_root=ledger.state.merkle_root_for(1)))
     with pytest.raises(ProofError):
         ledger.inclusion_proof(1, "dev3")
     # dev3 builds its own leaf and tries a real path: it cannot land on the root
@@ -419,7 +422,7 @@ def test_chain_consistency_between_heights(tmp_path: Path) -> None:
 
 def test_replica_follows_and_catches_up_with_gaps(tmp_path: Path) -> None:
     blocks = list(build(tmp_path / "l", rounds=2))
-    replica = Replica(trusted_coordinator_key=COORD.public_key)
+    replica = Replica(trusted_coordinator_key=COORD.public_key, rules=FleetState)
     assert replica.ingest(blocks[0].to_bytes()).kind == "appended"
     # a new monitor sees the retained head first: gap, then the replay fills it
     event = replica.ingest(blocks[-1])
@@ -429,21 +432,21 @@ def test_replica_follows_and_catches_up_with_gaps(tmp_path: Path) -> None:
     assert replica.height == len(blocks) and replica.missing() is None
     assert replica.ingest(blocks[3]).kind == "duplicate"
     with pytest.raises(ReplicaAlert) as info:
-        Replica(strict_gaps=True).ingest(blocks[2])
+        Replica(strict_gaps=True, rules=FleetState).ingest(blocks[2])
     assert info.value.kind == "gap"
     # before genesis, a pinned key still rejects forged blocks; without one they wait for genesis
     mallory = Ed25519Signer.generate()
     forged = make_block(3, 1.0, {"type": "note"}, blocks[2].hash, signer=mallory)
     with pytest.raises(ReplicaAlert) as info:
-        Replica(trusted_coordinator_key=COORD.public_key).ingest(forged)
+        Replica(trusted_coordinator_key=COORD.public_key, rules=FleetState).ingest(forged)
     assert info.value.kind == "bad_signature"
-    naive = Replica()
+    naive = Replica(rules=FleetState)
     assert naive.ingest(forged).kind == "gap"
     assert naive.ingest(blocks[3]).kind == "gap"  # the real block replaces the unverifiable one
     for b in blocks:
         naive.ingest(b)
     assert naive.height == len(blocks)
-    naive2 = Replica()
+    naive2 = Replica(rules=FleetState)
     naive2.ingest(blocks[3])
     naive2.ingest(forged)  # junk from anyone on the topic does not displace the real block
     naive2.ingest_all(blocks)
@@ -466,7 +469,7 @@ def test_replica_detects_rewritten_block(tmp_path: Path) -> None:
     k = 4
     rewritten = _rewrite_from(blocks, k)
     assert verify_chain(rewritten).ok  # internally consistent, correctly signed...
-    replica = Replica(trusted_coordinator_key=COORD.public_key)
+    replica = Replica(trusted_coordinator_key=COORD.public_key, rules=FleetState)
     replica.ingest_all(blocks)
     with pytest.raises(ReplicaAlert) as info:  # ...but not what the monitor saw
         replica.ingest(rewritten[k])
@@ -488,7 +491,7 @@ def test_replica_detects_rewritten_block(tmp_path: Path) -> None:
 
 def test_replica_bad_signature_and_bad_hash(tmp_path: Path) -> None:
     blocks = list(build(tmp_path / "l", rounds=1))
-    replica = Replica()
+    replica = Replica(rules=FleetState)
     replica.ingest_all(blocks[:4])
     mallory = Ed25519Signer.generate()
     bad_sig = dataclasses.replace(blocks[4], signature=mallory.sign(blocks[4].hash))
@@ -512,7 +515,7 @@ def test_replica_stores_what_it_verified_not_what_arrived_first(tmp_path: Path) 
     misbehaving."""
     blocks = list(build(tmp_path / "l", rounds=1))
     stored: list[Block] = []
-    replica = Replica(on_append=stored.append)
+    replica = Replica(on_append=stored.append, rules=FleetState)
     mallory = Ed25519Signer.generate()
     forged = make_block(3, 1.0, {"type": "note"}, blocks[2].hash, signer=mallory)
     replica.ingest(blocks[3])  # live, ahead of the replay: gaps
@@ -523,14 +526,14 @@ def test_replica_stores_what_it_verified_not_what_arrived_first(tmp_path: Path) 
     assert [b.hash for b in stored] == [b.hash for b in blocks]
     # Junk held alone for an index is dropped once the key is known; the index stays missing.
     alone: list[Block] = []
-    lonely = Replica(on_append=alone.append)
+    lonely = Replica(on_append=alone.append, rules=FleetState)
     lonely.ingest(forged)
     lonely.ingest_all(blocks[:3])
     assert lonely.height == 3 and lonely.missing() is None
     lonely.ingest_all(blocks[3:])
     assert [b.hash for b in alone] == [b.hash for b in blocks]
     # Candidates per index are bounded while no key is known.
-    flood = Replica()
+    flood = Replica(rules=FleetState)
     with pytest.raises(ReplicaAlert) as info:
         for n in range(100):
             flood.ingest(make_block(3, float(n), {"type": "note"}, blocks[2].hash, signer=mallory))
@@ -546,13 +549,13 @@ def test_a_forged_genesis_is_a_bad_signature_not_a_rewrite(tmp_path: Path) -> No
                                   for b in blocks[1:2])]
     pinned = verify_chain(fake_chain, COORD.public_key)
     assert not pinned.ok and pinned.bad_index == 0
-    replica = Replica()
+    replica = Replica(rules=FleetState)
     replica.ingest_all(blocks)  # trust on first use: the genuine genesis came first
     with pytest.raises(ReplicaAlert) as info:
         replica.ingest(fake_genesis)
     assert info.value.kind == "bad_signature" and info.value.index == 0
     with pytest.raises(ReplicaAlert) as info:
-        Replica(trusted_coordinator_key=COORD.public_key).ingest(fake_genesis)
+        Replica(trusted_coordinator_key=COORD.public_key, rules=FleetState).ingest(fake_genesis)
     assert info.value.kind == "bad_signature"
 
 
@@ -565,14 +568,14 @@ def test_malformed_records_are_verify_errors_not_crashes(tmp_path: Path) -> None
     report = verify_chain([genesis])
     assert not report.ok and report.bad_index == 0
     with pytest.raises(ReplicaAlert):
-        Replica().ingest(genesis)
+        Replica(rules=FleetState).ingest(genesis)
     blocks = list(build(tmp_path / "l", rounds=1))
     agg_index = next(b.index for b in blocks if b.data["type"] == "aggregate")
     bad = make_block(agg_index, 1.0, {**blocks[agg_index].data, "participants": [{}]}, blocks[agg_index - 1].hash,
                      signer=COORD)
     report = verify_chain([*blocks[:agg_index], bad])
     assert not report.ok and report.bad_index == agg_index and "participants" in report.reason
-    replica = Replica()
+    replica = Replica(rules=FleetState)
     replica.ingest_all(blocks[:agg_index])
     with pytest.raises(ReplicaAlert) as info:
         replica.ingest(bad)
@@ -623,7 +626,7 @@ def test_replica_offer_acts_only_on_what_the_pinned_coordinator_signed(tmp_path:
     junk = [b"twelve bytes", bad_hash, forged.to_bytes(), fake_genesis.to_bytes()]
 
     stored: list[Block] = []
-    pinned = Replica(COORD.public_key, on_append=stored.append)
+    pinned = Replica(COORD.public_key, on_append=stored.append, rules=FleetState)
     for raw in junk:
         assert pinned.offer(raw).kind == "ignored"
     for b in blocks:
@@ -637,7 +640,7 @@ def test_replica_offer_acts_only_on_what_the_pinned_coordinator_signed(tmp_path:
     assert info.value.kind == "rewrite"
 
     # Pinned by the genesis hash: nothing is taken before that genesis, no other genesis is.
-    by_genesis = Replica(genesis_hash=blocks[0].hash)
+    by_genesis = Replica(genesis_hash=blocks[0].hash, rules=FleetState)
     assert by_genesis.offer(blocks[3].to_bytes()).message.startswith("unverifiable")
     assert by_genesis.offer(fake_genesis.to_bytes()).message.startswith("not_pinned_genesis")
     for b in blocks:
@@ -646,8 +649,8 @@ def test_replica_offer_acts_only_on_what_the_pinned_coordinator_signed(tmp_path:
 
     # Nothing pinned: nothing is taken, unless trust on first use was asked for, which takes
     # the first genesis that signs itself (so a forger who is first wins: hence the flag).
-    assert Replica().offer(blocks[0].to_bytes()).kind == "ignored"
-    tofu = Replica(trust_on_first_use=True)
+    assert Replica(rules=FleetState).offer(blocks[0].to_bytes()).kind == "ignored"
+    tofu = Replica(trust_on_first_use=True, rules=FleetState)
     unsigned = dataclasses.replace(fake_genesis, signature=bytes(64))
     assert tofu.offer(unsigned.to_bytes()).message.startswith("bad_genesis")
     assert tofu.offer(blocks[0].to_bytes()).kind == "appended"

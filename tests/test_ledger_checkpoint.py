@@ -11,7 +11,9 @@ import pytest
 from conftest import BrokerInfo
 from test_coordinator import TOPICS
 
-from ledger import Ed25519Signer, Ledger, LedgerError, records
+from federation import records
+from federation.fleet_state import FleetLedger
+from ledger import Ed25519Signer, LedgerError
 from ledger.block import Block
 from ledger.checkpoint import (
     Checkpoint,
@@ -99,7 +101,7 @@ def test_checkpoint_text_round_trip_and_strict_parsing() -> None:
 
 def test_ledger_checkpoints_verify_and_prove_consistency(tmp_path: Path) -> None:
     signer = Ed25519Signer(bytes(32))
-    ledger = Ledger.open(tmp_path / "l.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
+    ledger = FleetLedger.open(tmp_path / "l.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
     first = ledger.signed_checkpoint()
     for r in range(1, 6):
         ledger.append(records.round_opened(r))
@@ -111,13 +113,13 @@ def test_ledger_checkpoints_verify_and_prove_consistency(tmp_path: Path) -> None
     assert (old.size, new.size) == (1, 6) and new.root == ledger.chain_root() and old.root == ledger.chain_root(1)
     check_consistency(old.size, new.size, old.root, new.root, ledger.consistency_proof(old.size, new.size))
     # another log's checkpoint, or the same text under another key, is refused
-    other = Ledger.open(tmp_path / "m.log", signer=signer, fleet="demo", now=lambda: 1.8e9)
+    other = FleetLedger.open(tmp_path / "m.log", signer=signer, fleet="demo", now=lambda: 1.8e9)
     with pytest.raises(NoteError):
         open_checkpoint(other.signed_checkpoint(), ledger.origin, public)
     with pytest.raises(NoteError):
         open_checkpoint(sign_checkpoint(ledger.checkpoint(), Ed25519Signer(bytes([1]) * 32)), ledger.origin, public)
     ledger.close()
-    with Ledger.open(tmp_path / "l.log") as reader:
+    with FleetLedger.open(tmp_path / "l.log") as reader:
         assert reader.checkpoint() == new and reader.checkpoint(1) == old
         with pytest.raises(LedgerError, match="read-only"):
             reader.signed_checkpoint()
@@ -164,13 +166,13 @@ def forked(tmp_path: Path) -> tuple[Path, Path, Path]:
     keys = CoordinatorKeys.generate("demo")
     keys.save(tmp_path / "coordinator.json")
     signer = Ed25519Signer(keys.sign_seed)
-    honest = Ledger.open(tmp_path / "honest.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
+    honest = FleetLedger.open(tmp_path / "honest.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
     for r in range(1, 3):
         honest.append(records.round_opened(r))
     honest.close()
     (tmp_path / "fork.log").write_bytes((tmp_path / "honest.log").read_bytes())
     for name, start in (("honest", 3), ("fork", 30)):
-        with Ledger.open(tmp_path / f"{name}.log", signer=signer, now=lambda: 1.7e9) as ledger:
+        with FleetLedger.open(tmp_path / f"{name}.log", signer=signer, now=lambda: 1.7e9) as ledger:
             for r in range(start, start + 5):
                 ledger.append(records.round_opened(r))
     return tmp_path / "honest.log", tmp_path / "fork.log", tmp_path / "coordinator.json"
@@ -224,7 +226,7 @@ def test_checkpoint_watch_confirms_notes_and_catches_a_split_view(tmp_path: Path
     from ledger.checkpoint import CheckpointWatch, SplitView
 
     signer = Ed25519Signer(bytes(32))
-    ledger = Ledger.open(tmp_path / "l.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
+    ledger = FleetLedger.open(tmp_path / "l.log", signer=signer, fleet="demo", now=lambda: 1.7e9)
     notes = [ledger.signed_checkpoint()]
     for r in range(1, 6):
         ledger.append(records.round_opened(r))
@@ -243,11 +245,11 @@ def test_checkpoint_watch_confirms_notes_and_catches_a_split_view(tmp_path: Path
     fork_path = tmp_path / "fork.log"
     ledger.close()
     fork_path.write_bytes((tmp_path / "l.log").read_bytes())
-    with Ledger.open(fork_path, signer=signer, now=lambda: 1.7e9) as fork:
+    with FleetLedger.open(fork_path, signer=signer, now=lambda: 1.7e9) as fork:
         fork.append(records.round_opened(99))
         forked_note = fork.signed_checkpoint()  # size 7: ahead of the monitor
     watch.note(forked_note, hashes)
-    with Ledger.open(tmp_path / "l.log", signer=signer, now=lambda: 1.7e9) as honest:
+    with FleetLedger.open(tmp_path / "l.log", signer=signer, now=lambda: 1.7e9) as honest:
         honest.append(records.round_opened(6))
         with pytest.raises(SplitView, match="size 7"):
             watch.blocks([b.hash for b in honest])
@@ -266,7 +268,7 @@ def test_follow_alerts_on_a_signed_checkpoint_of_another_history(tmp_path: Path,
     copy.write_bytes(h.ledger.path.read_bytes())
     fork = tmp_path / "fork.log"
     fork.write_bytes(h.ledger.path.read_bytes()[: _frame_end(h.ledger.path.read_bytes(), 3)])
-    with Ledger.open(fork, signer=Ed25519Signer(h.keys.sign_seed), fleet=FLEET) as other:
+    with FleetLedger.open(fork, signer=Ed25519Signer(h.keys.sign_seed), fleet=FLEET) as other:
         while other.height < h.ledger.height:
             other.append(records.round_opened(100 + other.height))
         note = other.signed_checkpoint()

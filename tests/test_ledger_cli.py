@@ -14,8 +14,10 @@ import pytest
 from conftest import BrokerInfo
 from test_coordinator import FLEET, TOPICS, Harness, weights
 
+from federation import records
+from federation.fleet_state import FleetLedger
 from federation.mqtt import BrokerConfig, MqttLink
-from ledger import Ed25519Signer, Ledger, LedgerError, make_block, records
+from ledger import Ed25519Signer, LedgerError, make_block
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -162,7 +164,7 @@ def test_follow_ignores_and_counts_what_the_coordinator_did_not_sign(
     h = finished_round
     copy = tmp_path / "seen.log"
     shutil.copy(h.ledger.path, copy)
-    with Ledger.open(tmp_path / "forged.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
+    with FleetLedger.open(tmp_path / "forged.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
         while other.height <= h.ledger.height:
             other.append(records.round_opened(other.height))
         foreign = other.block(h.ledger.height)  # at the very index the monitor waits for
@@ -204,7 +206,7 @@ def test_follow_exit_codes_tell_usage_broker_and_tampering_apart(finished_round:
     other_replica = tmp_path / "other-replica"
     from fledger.ledger_cli import ReplicaFile
 
-    with Ledger.open(tmp_path / "other.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
+    with FleetLedger.open(tmp_path / "other.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
         ReplicaFile(other_replica).append(other.block(0).to_bytes())
     forked = cli(*base, "--coordinator-key", h.keys.public.sign_public.hex(), "--replica", str(other_replica))
     assert forked.returncode == 5 and "does not verify" in forked.stderr
@@ -220,7 +222,7 @@ def test_follow_alerts_when_the_coordinator_rewrites_history(finished_round: Har
     copy = tmp_path / "seen.log"
     shutil.copy(h.ledger.path, copy)
     # The same coordinator key signs a different history: valid hashes and signatures, other blocks.
-    with Ledger.open(tmp_path / "rewritten.log", signer=Ed25519Signer(h.keys.sign_seed), fleet=FLEET) as other:
+    with FleetLedger.open(tmp_path / "rewritten.log", signer=Ed25519Signer(h.keys.sign_seed), fleet=FLEET) as other:
         for i in range(4):
             other.append(records.round_opened(100 + i))
         forged = other.block(2)
@@ -308,7 +310,7 @@ def _height_once(fed: Any, record_type: str, timeout: float) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.3)
         try:
-            with Ledger.open(fed.state / "ledger.log") as ledger:
+            with FleetLedger.open(fed.state / "ledger.log") as ledger:
                 if any(b.data["type"] == record_type for b in ledger):
                     return ledger.height
         except (FileNotFoundError, ValueError, LedgerError):  # not created yet, or no genesis yet

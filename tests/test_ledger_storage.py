@@ -21,21 +21,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger import Ed25519Signer, Ledger, LedgerCorrupt, records, storage, verify_file
+from federation import records
+from federation.fleet_state import FleetLedger, verify_file
+from ledger import Ed25519Signer, LedgerCorrupt, storage
 
 REPO = Path(__file__).resolve().parent.parent
 COORD = Ed25519Signer(bytes(range(32)))
 DEV = Ed25519Signer(bytes([7] * 32))
 
 
-def _fill(ledger: Ledger, rounds: int = 2) -> None:
+def _fill(ledger: FleetLedger, rounds: int = 2) -> None:
     ledger.append(records.device_key("dev1", DEV.public_key))
     ledger.append(records.dataset("dev1", bytes(32), 10, "csv"))
     for r in range(1, rounds + 1):
         ledger.append(records.round_opened(r))
         stmt = records.statement("f", "dev1", r, DEV.key_id, b"m" * 16, bytes(32), 5, {"loss": 0.1})
         ledger.append(records.update(stmt, DEV.sign(stmt)))
-        ledger.append(records.aggregate(r, ["dev1"], hashlib.sha256(b"%d" % r).digest(), "fedavg", {}))
+        ledger.append(records.aggregate(r, ["dev1"], hashlib.sha256(b"%d" % r).digest(), "fedavg", {},
+                                        merkle_root=ledger.state.merkle_root_for(r)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,7 +49,7 @@ def sample_file() -> tuple[bytes, tuple[int, ...]]:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "ledger.log"
         t = iter(range(1, 1000))
-        ledger = Ledger.open(path, signer=COORD, fleet="f", now=lambda: float(next(t)))
+        ledger = FleetLedger.open(path, signer=COORD, fleet="f", now=lambda: float(next(t)))
         _fill(ledger)
         ledger.close()
         data = path.read_bytes()
@@ -77,7 +80,7 @@ def check_flip(tmp: Path, position: int, xor: int, signatures: str = "all") -> N
         assert (not report.ok and report.bad_index == k) or (report.ok and report.height == n - 1 and
                                                              report.warnings), (position, report)
     try:
-        ledger = Ledger.open(path, signer=COORD, verify=signatures)
+        ledger = FleetLedger.open(path, signer=COORD, verify=signatures)
     except LedgerCorrupt as exc:
         assert exc.index == k, (position, k, str(exc))
         assert f"block {k}" in str(exc)
@@ -113,10 +116,10 @@ def test_torn_tail_truncated_at_every_length(tmp_path: Path, caplog: pytest.LogC
         path.write_bytes(data[:cut])
         report = verify_file(path, signatures="none")
         assert report.ok and report.height == n - 1 and "torn tail" in report.warnings[0]
-        ro = Ledger.open(path)  # a reader does not truncate
+        ro = FleetLedger.open(path)  # a reader does not truncate
         assert ro.height == n - 1 and path.stat().st_size == cut
         with caplog.at_level(logging.WARNING, logger="ledger.storage"):
-            ledger = Ledger.open(path, signer=COORD)
+            ledger = FleetLedger.open(path, signer=COORD)
         assert ledger.height == n - 1
         assert any("torn tail" in r.getMessage() for r in caplog.records)
         caplog.clear()
@@ -130,19 +133,19 @@ def test_zero_filled_tail_is_torn_but_garbage_is_not(tmp_path: Path) -> None:
     data, offsets = sample_file()
     path = tmp_path / "zeros.log"
     path.write_bytes(data + bytes(300))
-    ledger = Ledger.open(path, signer=COORD)
+    ledger = FleetLedger.open(path, signer=COORD)
     assert ledger.height == len(offsets)
     ledger.close()
     assert path.read_bytes() == data
     path.write_bytes(data + b"not a frame at all")
     with pytest.raises(LedgerCorrupt, match=rf"block {len(offsets)}.*magic"):
-        Ledger.open(path, signer=COORD)
+        FleetLedger.open(path, signer=COORD)
     # a damaged frame in the middle is never mistaken for a torn tail, even if its length runs off the end
     damaged = bytearray(data)
     damaged[offsets[3] + 4:offsets[3] + 8] = (10**6).to_bytes(4, "big")
     path.write_bytes(bytes(damaged))
     with pytest.raises(LedgerCorrupt, match=r"block 3.*not a torn tail"):
-        Ledger.open(path, signer=COORD)
+        FleetLedger.open(path, signer=COORD)
 
 
 def _utf8_frame(tag: str) -> str:
@@ -160,10 +163,10 @@ def _assert_torn_and_recovered(path: Path, keep: bytes, height: int, caplog: pyt
     damaged = path.read_bytes()
     report = verify_file(path, signatures="none")
     assert report.ok and report.height == height and "torn tail" in report.warnings[0], report
-    assert Ledger.open(path).height == height and path.read_bytes() == damaged  # a reader does not truncate
+    assert FleetLedger.open(path).height == height and path.read_bytes() == damaged  # a reader does not truncate
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ledger.storage"):
-        ledger = Ledger.open(path, signer=COORD)
+        ledger = FleetLedger.open(path, signer=COORD)
     assert ledger.height == height
     assert any("torn tail" in r.getMessage() for r in caplog.records)
     ledger.close()
@@ -178,7 +181,7 @@ def test_torn_frame_whose_payload_embeds_whole_frames_is_torn(tmp_path: Path,
     # those frames sit inside the torn frame and must not make the tail look like damage.
     base = tmp_path / "base.log"
     t = iter(range(1, 1000))
-    ledger = Ledger.open(base, signer=COORD, fleet="f", now=lambda: float(next(t)))
+    ledger = FleetLedger.open(base, signer=COORD, fleet="f", now=lambda: float(next(t)))
     _fill(ledger, rounds=1)
     real = storage.frame(ledger.block(2).to_bytes())
     run = "".join(_utf8_frame(tag) for tag in ("a", "bb", "ccc"))
@@ -198,7 +201,7 @@ def test_torn_frame_whose_payload_embeds_whole_frames_is_torn(tmp_path: Path,
         path.write_bytes(data[:cut])
         _assert_torn_and_recovered(path, data[:last], n - 1, caplog)
     # the recovered ledger carries on
-    ledger = Ledger.open(path, signer=COORD)
+    ledger = FleetLedger.open(path, signer=COORD)
     ledger.append({"type": "note"})
     ledger.close()
     assert verify_file(path).ok
@@ -221,7 +224,7 @@ def test_zero_filled_partial_header_is_torn(tmp_path: Path, caplog: pytest.LogCa
         path = tmp_path / "garbage.log"
         path.write_bytes(data + tail)
         with pytest.raises(LedgerCorrupt, match=rf"block {len(offsets)} at byte {len(data)}"):
-            Ledger.open(path, signer=COORD)
+            FleetLedger.open(path, signer=COORD)
         assert path.read_bytes() == data + tail
 
 
@@ -242,7 +245,7 @@ def test_damaged_length_field_is_refused_not_torn(tmp_path: Path) -> None:
                 true_length = (offsets[k + 1] if k + 1 < n else len(data)) - offsets[k] - storage.HEADER.size
                 with pytest.raises(LedgerCorrupt, match=rf"block {k} at byte {offsets[k]}: frame length field "
                                    rf"damaged: it says {length} bytes.* matches {true_length} bytes.*not a torn tail"):
-                    Ledger.open(path, signer=COORD)
+                    FleetLedger.open(path, signer=COORD)
                 assert path.read_bytes() == bytes(damaged)
                 report = verify_file(path, signatures="none")
                 assert not report.ok and report.bad_index == k
@@ -271,7 +274,7 @@ def test_true_length_search_matches_brute_force() -> None:
 
 def test_failed_write_leaves_no_partial_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "l.log"
-    ledger = Ledger.open(path, signer=COORD, fleet="f")
+    ledger = FleetLedger.open(path, signer=COORD, fleet="f")
     size = path.stat().st_size
     real_write = os.write
 
@@ -292,7 +295,7 @@ def test_failed_write_leaves_no_partial_frame(tmp_path: Path, monkeypatch: pytes
 
 def test_batched_fsync(tmp_path: Path) -> None:
     path = tmp_path / "l.log"
-    ledger = Ledger.open(path, signer=COORD, fleet="f", sync_every=0)
+    ledger = FleetLedger.open(path, signer=COORD, fleet="f", sync_every=0)
     for i in range(20):
         ledger.append({"type": "note", "i": i})
     ledger.sync()
@@ -302,7 +305,8 @@ def test_batched_fsync(tmp_path: Path) -> None:
 
 WRITER = textwrap.dedent("""
     import os, sys, time
-    from ledger import Ed25519Signer, Ledger, storage
+    from federation.fleet_state import FleetLedger
+    from ledger import Ed25519Signer, storage
     # Short, slow writes (as a busy disk may do): a kill then often lands inside a frame.
     real_write = os.write
     def slow_write(fd, data):
@@ -310,7 +314,7 @@ WRITER = textwrap.dedent("""
         return real_write(fd, bytes(data[:4096]))
     storage.os.write = slow_write
     path, seed = sys.argv[1], bytes(range(32))
-    ledger = Ledger.open(path, signer=Ed25519Signer(seed), fleet="crash")
+    ledger = FleetLedger.open(path, signer=Ed25519Signer(seed), fleet="crash")
     print("open", ledger.height, flush=True)
     i = 0
     while True:
@@ -338,7 +342,7 @@ def test_sigkill_during_appends_loses_nothing_acknowledged(tmp_path: Path, caplo
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
         acknowledged |= {int(line) for line in out.split()}
-        ledger = Ledger.open(path, signer=COORD)  # recovers (truncating a torn tail)
+        ledger = FleetLedger.open(path, signer=COORD)  # recovers (truncating a torn tail)
         assert ledger.height > max(acknowledged, default=0)
         seen = {b.index for b in ledger}
         assert acknowledged <= seen
@@ -361,23 +365,24 @@ def test_bit_flip_in_last_block_is_corruption_not_a_torn_tail(tmp_path: Path) ->
         path = tmp_path / f"flip-{position}.log"
         path.write_bytes(bytes(damaged))
         with pytest.raises(LedgerCorrupt, match=rf"block {last}\b.*checksum"):
-            Ledger.open(path, signer=COORD)
+            FleetLedger.open(path, signer=COORD)
         assert path.read_bytes() == bytes(damaged)
     # whereas a last frame whose end never reached the disk (zeros) is torn and truncated
     torn = bytearray(data)
     torn[-UNWRITTEN:] = bytes(UNWRITTEN)
     path = tmp_path / "unwritten.log"
     path.write_bytes(bytes(torn))
-    ledger = Ledger.open(path, signer=COORD)
+    ledger = FleetLedger.open(path, signer=COORD)
     assert ledger.height == last
     ledger.close()
     assert path.read_bytes() == data[:offsets[-1]]
 
 
 def test_group_commit_syncs_once_at_the_end(tmp_path: Path) -> None:
-    from ledger import Ed25519Signer, Ledger
+    from federation.fleet_state import FleetLedger
+    from ledger import Ed25519Signer
 
-    ledger = Ledger.open(tmp_path / "l.log", signer=Ed25519Signer(bytes(32)), fleet="f")
+    ledger = FleetLedger.open(tmp_path / "l.log", signer=Ed25519Signer(bytes(32)), fleet="f")
     file = ledger._file
     assert file is not None
     syncs: list[int] = []

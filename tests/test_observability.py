@@ -24,10 +24,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from federation import envelope
 from federation.codec import encode_tensors
+from federation.fleet_state import FleetLedger
 from federation.keys import DeviceBundle
 from fledger import cli, keytool
 from fledger.broker import free_port
-from ledger import Ledger
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -164,12 +164,12 @@ def test_metrics_status_dashboard_and_report_of_a_real_run(embedded_broker: Brok
                  lambda: value(scrape(metrics_port), "fledger_coordinator_devices_online") == 0, fed)
 
         def settled() -> bool:
-            height = len(Ledger.open(fed.state / "ledger.log"))
+            height = len(FleetLedger.open(fed.state / "ledger.log"))
             return value(scrape(metrics_port), "fledger_coordinator_ledger_height") == height
 
         wait_for("the ledger to settle", settled, fed)
         coordinator = scrape(metrics_port)
-        blocks = list(Ledger.open(fed.state / "ledger.log"))
+        blocks = list(FleetLedger.open(fed.state / "ledger.log"))
         updates = [b for b in blocks if b.data["type"] == "update"]
         aggregates = [b.data for b in blocks if b.data["type"] == "aggregate"]
         assert value(coordinator, "fledger_coordinator_updates_accepted_total") == len(updates) >= 4

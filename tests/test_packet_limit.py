@@ -19,6 +19,7 @@ from conftest import BrokerInfo, Mosquitto, running
 from federation_run import Federation
 
 from federation.chunking import split
+from federation.fleet_state import verify_file
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.packet_limit import (
     DEFAULT_MAX_PAYLOAD,
@@ -28,7 +29,6 @@ from federation.packet_limit import (
     refusal,
 )
 from federation.topics import Topics
-from ledger import verify_file
 
 LIMIT = 10_000
 LONGEST_MODEL_TOPIC = Topics("f" * 64, "p" * 64).model  # names are at most 64 characters

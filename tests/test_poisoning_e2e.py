@@ -23,11 +23,11 @@ from federation_run import Federation
 from coordinator.storage import read_model_file
 from federation import envelope
 from federation.codec import decode_tensors, encode_tensors
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from fledger import keytool
-from ledger import Ledger, verify_file
 
 HONEST = ("edge-1", "edge-2")
 ROUNDS = 3
@@ -87,7 +87,7 @@ def test_a_device_sending_1e6_scaled_updates_every_round_cannot_stop_or_steer_th
         fed.stop()
 
     assert verify_file(fed.state / "ledger.log", trusted_coordinator_key=coordinator_key).ok
-    with Ledger.open(fed.state / "ledger.log") as ledger:
+    with FleetLedger.open(fed.state / "ledger.log") as ledger:
         data = [b.data for b in ledger]
     updates = sorted((d["device"], d["round"]) for d in data if d["type"] == "update")
     # The attacker's update was accepted (genuine key, registered data set) in every round, and so
@@ -116,7 +116,7 @@ def test_a_device_sending_1e6_scaled_updates_every_round_cannot_stop_or_steer_th
     finally:
         fed.stop()
     assert verify_file(fed.state / "ledger.log", trusted_coordinator_key=coordinator_key).ok
-    with Ledger.open(fed.state / "ledger.log") as ledger:
+    with FleetLedger.open(fed.state / "ledger.log") as ledger:
         restores = [b.data for b in ledger if "restores" in b.data]
     assert len(restores) == 1 and restores[0]["restores"] == 2 and restores[0]["reason"] == "edge-3 revoked", restores
     assert restores[0]["round"] == ROUNDS + 2  # a new, higher round: agents follow it

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from coordinator.storage import ModelStore
+from federation import records
 from federation.codec import encode_tensors
 from federation.datasets import CALIFORNIA_FILE
+from federation.fleet_state import FleetLedger
 from federation.tasks import CaliforniaTask
-from ledger import Ed25519Signer, Ledger, records
+from ledger import Ed25519Signer
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,7 +30,7 @@ def test_predict_names_the_ledger_block_and_refuses_unknown_models(tmp_path: Pat
     model_file = ModelStore(tmp_path / "models").save(1, weights)
     data = tmp_path / "rows.csv"
     data.write_text("\n".join(gzip.decompress(CALIFORNIA_FILE.read_bytes()).decode().splitlines()[:11]) + "\n")
-    with Ledger.open(tmp_path / "ledger.log", signer=Ed25519Signer.generate(), fleet="f") as ledger:
+    with FleetLedger.open(tmp_path / "ledger.log", signer=Ed25519Signer.generate(), fleet="f") as ledger:
         block = ledger.append(records.model_published(1, hashlib.sha256(encode_tensors(weights)).digest()))
     ok = run("--model", str(model_file), "--data", str(data), "--ledger", str(tmp_path / "ledger.log"))
     assert ok.returncode == 0, ok.stderr

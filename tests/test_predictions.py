@@ -13,14 +13,15 @@ import torch
 
 from coordinator.inference import RegressionPredictor
 from coordinator.predictions import CurrentModel, PredictionService, PredictionSettings
-from federation import crypto
+from federation import credits, crypto
 from federation import prediction_wire as wire
 from federation.codec import encode_tensors
 from federation.datasets import Standardizer
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.tasks import get_task
 from federation.topics import Topics
-from ledger import Ed25519Signer, Ledger, credits, verify_file
+from ledger import Ed25519Signer
 
 FLEET = "shop"
 N_FEATURES = 3
@@ -47,13 +48,14 @@ class Rig:
         self.task = task
         self.settings = PredictionSettings(fee=fee, fee_per=fee_per, max_rows=16, max_request_bytes=64 * 1024)
         self.published: list[tuple[str, bytes]] = []
-        self.ledger = Ledger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
+        self.ledger = FleetLedger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
         self.service = self.new_service()
 
     def new_service(self) -> PredictionService:
         """A fresh service over the same ledger: what a restarted coordinator builds."""
         predictor = RegressionPredictor(self.task, self.x_scaler, self.y_scaler)
-        return PredictionService(self.settings, self.keys, self.clients, list(self.ledger), append=self.ledger.append,
+        return PredictionService(self.settings, self.keys, self.clients, self.ledger.state.accounts,
+                                 append=self.ledger.append,
                                  model=lambda: self.model, predictor=predictor,
                                  publish=lambda t, p: self.published.append((t, p)), topics=self.topics,
                                  now=lambda: self.clock[0])
@@ -275,11 +277,13 @@ def test_a_batch_shares_one_fsync_and_publishes_only_after_it(tmp_path: Path) ->
             events.append("synced")
 
     rig.service = PredictionService(
-        rig.settings, rig.keys, rig.clients, list(rig.ledger), append=rig.ledger.append, model=lambda: rig.model,
+        rig.settings, rig.keys, rig.clients, rig.ledger.state.accounts, append=rig.ledger.append,
+        model=lambda: rig.model,
         predictor=rig.service.predictor, topics=rig.topics, now=lambda: rig.clock[0],
         publish=lambda t, p: (events.append("reply" if committed[0] else "REPLY BEFORE SYNC"),
                               rig.published.append((t, p))),
-        group_commit=Commit, announce=lambda block: events.append("block" if committed[0] else "BLOCK BEFORE SYNC"))
+        group_commit=Commit, announce=lambda blocks: events.extend(
+            "block" if committed[0] else "BLOCK BEFORE SYNC" for _ in blocks))
     requests = [rig.request(ROWS) for _ in range(4)]
     topic = wire.request_topic(rig.topics, "alice")
     outcomes = rig.service.handle_batch([(topic, r.payload) for r in requests])

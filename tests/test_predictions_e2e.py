@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from federation import credits
 from federation.exit_codes import TIMEOUT, USAGE
+from federation.fleet_state import FleetLedger, verify_file
 from fledger import keytool
-from ledger import Ledger, credits, verify_file
 from tests.conftest import BrokerInfo
 from tests.federation_run import Federation
 
@@ -63,7 +64,7 @@ def test_paid_predictions_with_restart(embedded_broker: BrokerInfo, tmp_path: Pa
         return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
     def file_balance() -> int:
-        with Ledger.open(ledger_path) as ledger:
+        with FleetLedger.open(ledger_path) as ledger:
             return credits.fold(ledger).balance("alice")
 
     try:

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from federation.fleet_state import FleetLedger
 from fledger.broker import free_port
-from ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def test_the_readme_fleet_runs_as_pasted_and_stops_after_its_rounds(tmp_path: Pa
     assert leftover == [], "the block left processes running (the broker?)"
     assert proc.returncode == 0, text[-4000:]
     assert "verified" in text or "OK" in text.upper(), text[-2000:]
-    with Ledger.open(workdir / "state/coordinator/ledger.log") as ledger:
+    with FleetLedger.open(workdir / "state/coordinator/ledger.log") as ledger:
         rounds = [block.data["round"] for block in ledger if block.data.get("type") == "aggregate"]
     assert rounds == [1, 2, 3]  # --rounds 3: bounded, not run until stopped
     assert (workdir / "state/coordinator/models/global-000004.safetensors").exists()

@@ -33,12 +33,13 @@ from federation_run import Federation
 
 from federation import envelope, exit_codes
 from federation.codec import encode_tensors
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from fledger import keytool
 from fledger.broker import EmbeddedBroker
-from ledger import Ledger, LedgerError, verify_file
+from ledger import LedgerError
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -56,7 +57,7 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float, fed: Feder
 def ledger_records(fed: Federation) -> list[dict[str, Any]]:
     path = fed.state / "ledger.log"
     try:
-        return [b.data for b in Ledger.open(path)]  # read-only: a torn tail of a killed writer is skipped
+        return [b.data for b in FleetLedger.open(path)]  # read-only: a torn tail of a killed writer is skipped
     except (FileNotFoundError, LedgerError):
         return []  # not created yet, or no genesis block yet
 

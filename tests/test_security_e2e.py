@@ -36,20 +36,21 @@ from coordinator.registry_file import RegistryFile
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
-from federation import envelope
+from federation import envelope, records
 from federation.chunking import parse_frame
 from federation.codec import encode_tensors
+from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.topics import Topics
 from fledger import keytool
-from ledger import Block, Ed25519Signer, Ledger, records, verify_file
+from ledger import Block, Ed25519Signer
 
 DEVICES = ("edge-1", "edge-2")
 WRONG_SIGNER = "not signed by the fleet's coordinator"  # the agent's log for a model signed by another key
 
 
 def blocks_of(fed: Federation) -> list[dict[str, Any]]:
-    return [b.data for b in Ledger.open(fed.state / "ledger.log")]
+    return [b.data for b in FleetLedger.open(fed.state / "ledger.log")]
 
 
 def coordinator_public(fed: Federation) -> bytes:
@@ -209,7 +210,7 @@ def test_agent_refuses_a_forged_retained_model_and_trains_nothing(embedded_broke
     weights = encode_tensors({"linear.weight": np.full((1, 8), 1e6, np.float32),
                               "linear.bias": np.zeros(1, np.float32)})
     # Complete but for the signer: the ledger block it carries is the attacker's own, too.
-    with Ledger.open(tmp_path / "attacker.log", signer=Ed25519Signer(attacker.sign_seed), fleet=fed.fleet) as fake:
+    with FleetLedger.open(tmp_path / "attacker.log", signer=Ed25519Signer(attacker.sign_seed), fleet=fed.fleet) as fake:
         fake_block = fake.append(records.model_published(1, hashlib.sha256(weights).digest())).to_bytes()
     forged = envelope.seal_model(attacker, 1, weights, block=fake_block)
     garbage = b"\x00" + os.urandom(2048)
@@ -271,7 +272,7 @@ class Fleet:
         for device in DEVICES:
             keytool.add_device(self.keys_dir, device)
         self.keys = CoordinatorKeys.load(self.keys_dir / keytool.COORDINATOR_FILE)
-        self.ledger: Ledger | None = None
+        self.ledger: FleetLedger | None = None
         self.coordinator = self.start()
         for device in DEVICES:
             bundle = self.bundle(device)
@@ -286,7 +287,7 @@ class Fleet:
         """(Re)start: the registry is read from devices.json, as the daemon does."""
         if self.ledger is not None:
             self.ledger.close()
-        self.ledger = Ledger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
+        self.ledger = FleetLedger.open(self.tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
         coordinator = Coordinator(
             CoordinatorSettings(FLEET, RoundPolicy(min_clients=2, quorum=1, deadline_s=0), max_update_bytes=1 << 20),
             self.keys, DeviceRegistry.load(self.keys_dir / keytool.REGISTRY_FILE), self.ledger,

@@ -13,7 +13,7 @@ from conftest import BrokerInfo
 from federation_run import Federation
 from test_reliability import aggregates, ledger_records, log_text, wait_for
 
-from ledger import verify_file
+from federation.fleet_state import verify_file
 
 
 def test_slow_device_is_told_why_and_joins_once_the_deadline_adapts(mosquitto_broker: BrokerInfo,

@@ -6,7 +6,8 @@ import pytest
 
 from coordinator.state_check import Evidence, Head, StateRefused, check, model_round_of, signed_head
 from federation.crypto import ed25519_public
-from ledger import Ed25519Signer, Ledger
+from federation.fleet_state import FleetLedger
+from ledger import Ed25519Signer
 
 HASHES = [bytes([i]) * 32 for i in range(10)]
 
@@ -45,7 +46,7 @@ def test_new_chain_only_from_an_empty_state_directory() -> None:
 
 def test_signed_head_needs_this_coordinators_signature(tmp_path) -> None:  # type: ignore[no-untyped-def]
     seed, other = bytes(range(32)), bytes(range(1, 33))
-    ledger = Ledger.open(tmp_path / "l.log", signer=Ed25519Signer(seed), fleet="f")
+    ledger = FleetLedger.open(tmp_path / "l.log", signer=Ed25519Signer(seed), fleet="f")
     ledger.append({"type": "model.published", "round": 1, "initial": True, "model_sha256": bytes(32)})
     raw = ledger.head.to_bytes()
     head = signed_head(raw, ed25519_public(seed), "x")

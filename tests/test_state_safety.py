@@ -21,8 +21,9 @@ from federation_run import Federation
 from test_reliability import finish, wait_for
 
 from federation import exit_codes
+from federation.fleet_state import FleetLedger
 from fledger import keytool
-from ledger import Block, Ledger, storage
+from ledger import Block, storage
 
 
 def coordinator_once(fed: Federation, *extra: str, timeout: float = 90) -> tuple[int, str]:
@@ -61,7 +62,7 @@ def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosq
         time.sleep(1)
         fed.start_all()
         finish(fed)
-        height = Ledger.open(fed.state / "ledger.log").height
+        height = FleetLedger.open(fed.state / "ledger.log").height
         from fledger.ledger_cli import ReplicaFile
 
         wait_for("the monitor's replica at the ledger's height",
@@ -122,5 +123,5 @@ def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosq
              60, fed)
     proc.terminate()
     proc.wait(20)
-    new = Ledger.open(log_path)
+    new = FleetLedger.open(log_path)
     assert new.block(0).hash != Block.from_bytes(storage.scan(good).payloads[0]).hash

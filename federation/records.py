@@ -1,7 +1,9 @@
-"""Constructors for the record types the coordinator writes (see docs/ledger.md).
+"""The fleet's record types: constructors and the rules each record must follow (see docs/ledger.md).
 
-Record types are open: any dict with a str ``"type"`` can be appended; the types below are
-the ones :mod:`ledger.verify` understands and checks.
+The ledger stores any dict with a str ``"type"``; what the types below mean, and which may
+follow which, is read in one place: :class:`federation.fleet_state.FleetState`, the fold of
+the chain that verifiers, the coordinator, agents, ``predict`` and credits all use. The
+pay-per-prediction records are in :mod:`federation.credits`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from typing import Any
 import msgpack
 
 from ledger import canonical
+from ledger.genesis import GENESIS, genesis
 from ledger.keys import key_id_of
 
-GENESIS = "genesis"
+__all__ = ["AGGREGATE", "DATASET", "DEVICE_KEY", "DEVICE_KEY_REVOKED", "GENESIS", "MODEL_PUBLISHED", "ROUND_OPENED",
+           "STATEMENT_FIELDS", "UPDATE", "UPDATE_REJECTED", "aggregate", "dataset", "decode_statement", "device_key",
+           "device_key_revoked", "genesis", "model_published", "round_opened", "statement", "update",
+           "update_leaf", "update_rejected"]
 DEVICE_KEY = "device.key"
 DEVICE_KEY_REVOKED = "device.key_revoked"
 DATASET = "dataset"
@@ -25,11 +31,6 @@ AGGREGATE = "aggregate"
 
 STATEMENT_FIELDS = ("fleet", "device", "round", "key_id", "msg_id", "weights_sha256", "num_samples", "metrics")
 """Fields a device statement must contain; those shared with the update record must be equal."""
-
-
-def genesis(fleet: str, coordinator_public_key: bytes, difficulty: int = 0, **extra: Any) -> dict[str, Any]:
-    return {**extra, "type": GENESIS, "fleet": fleet, "difficulty": int(difficulty),
-            "coordinator_key": {"key_id": key_id_of(coordinator_public_key), "public_key": coordinator_public_key}}
 
 
 def device_key(device: str, public_key: bytes, **extra: Any) -> dict[str, Any]:
@@ -80,14 +81,12 @@ def model_published(round: int, model_sha256: bytes, **extra: Any) -> dict[str, 
 
 
 def aggregate(round: int, participants: list[str], model_sha256: bytes, strategy: str,
-              metrics: dict[str, Any], merkle_root: bytes | None = None, **extra: Any) -> dict[str, Any]:
-    """An aggregation record. Leave ``merkle_root`` out and :meth:`ledger.Ledger.append` fills it in
-    from the round's accepted updates."""
-    record = {**extra, "type": AGGREGATE, "round": int(round), "participants": list(participants),
-              "model_sha256": bytes(model_sha256), "strategy": strategy, "metrics": metrics}
-    if merkle_root is not None:
-        record["merkle_root"] = bytes(merkle_root)
-    return record
+              metrics: dict[str, Any], *, merkle_root: bytes, **extra: Any) -> dict[str, Any]:
+    """An aggregation record. ``merkle_root``: the root over the round's accepted updates, in the
+    order they were accepted (:meth:`federation.fleet_state.FleetState.merkle_root_for`)."""
+    return {**extra, "type": AGGREGATE, "round": int(round), "participants": list(participants),
+            "model_sha256": bytes(model_sha256), "strategy": strategy, "metrics": metrics,
+            "merkle_root": bytes(merkle_root)}
 
 
 def update_leaf(statement: bytes, device_sig: bytes) -> bytes:
@@ -107,3 +106,4 @@ def decode_statement(statement: bytes) -> dict[str, Any]:
     if missing:
         raise ValueError(f"statement lacks {', '.join(missing)}")
     return fields
+

@@ -1,4 +1,5 @@
-"""Human and machine output for ``fledger ledger show``."""
+"""Human and machine output for ``fledger ledger show``: any record, with a shorter line for
+the fleet's updates and aggregates (moved out of ledger/, which does not read records)."""
 
 from __future__ import annotations
 
