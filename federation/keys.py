@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +60,13 @@ class CoordinatorPublic:
     sign_public: bytes
     enc_public: bytes
 
-    @property
+    # Derived once per object (cached_property writes the instance dict, which a frozen
+    # dataclass allows): the coordinator reads these for every update and status it handles.
+    @cached_property
     def sign_key_id(self) -> str:
         return crypto.key_id_of(self.sign_public)
 
-    @property
+    @cached_property
     def enc_key_id(self) -> str:
         return crypto.key_id_of(self.enc_public)
 
@@ -85,14 +89,19 @@ class CoordinatorKeys:
         model_key = crypto.random_bytes(32)
         return cls(fleet, sign_seed, enc_seed, crypto.key_id_of(model_key), model_key)
 
-    @property
+    @cached_property
     def public(self) -> CoordinatorPublic:
+        """Derived from the seeds once, not on every call (two scalar multiplications)."""
         return CoordinatorPublic(
             crypto.ed25519_public(self.sign_seed), crypto.x25519_public(self.enc_seed)
         )
 
+    @cached_property
+    def _signer(self) -> Callable[[bytes], bytes]:
+        return crypto.ed25519_signer(self.sign_seed)
+
     def sign(self, message: bytes) -> bytes:
-        return crypto.ed25519_sign(self.sign_seed, message)
+        return self._signer(message)
 
     def save(self, path: Path) -> None:
         write_secret_json(path, {
@@ -124,16 +133,20 @@ class DeviceBundle:
     model_key_id: str
     model_key: bytes
 
-    @property
+    @cached_property
     def sign_public(self) -> bytes:
         return crypto.ed25519_public(self.sign_seed)
 
-    @property
+    @cached_property
     def key_id(self) -> str:
         return crypto.key_id_of(self.sign_public)
 
+    @cached_property
+    def _signer(self) -> Callable[[bytes], bytes]:
+        return crypto.ed25519_signer(self.sign_seed)
+
     def sign(self, message: bytes) -> bytes:
-        return crypto.ed25519_sign(self.sign_seed, message)
+        return self._signer(message)
 
     def save(self, path: Path) -> None:
         write_secret_json(path, {
