@@ -26,9 +26,17 @@ class KeyFileError(ValueError):
     """A key file is missing, unreadable or malformed."""
 
 
+SECRET_MODE = 0o600
+
+
+def secret_json(payload: dict[str, Any]) -> bytes:
+    """The bytes of a key file (what :func:`write_secret_json` writes)."""
+    return json.dumps(payload, indent=2, sort_keys=True).encode()
+
+
 def write_secret_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically with 0600 permissions from the start (never world-readable)."""
-    atomic_write(Path(path), json.dumps(payload, indent=2, sort_keys=True).encode(), mode=0o600)
+    atomic_write(Path(path), secret_json(payload), mode=SECRET_MODE)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -148,12 +156,15 @@ class DeviceBundle:
     def sign(self, message: bytes) -> bytes:
         return self._signer(message)
 
-    def save(self, path: Path) -> None:
-        write_secret_json(path, {
+    def to_json(self) -> dict[str, Any]:
+        return {
             "kind": "fledger.device-bundle", "fleet": self.fleet, "device_id": self.device_id,
             "sign_seed": self.sign_seed.hex(), "coordinator": self.coordinator.to_json(),
             "model_key_id": self.model_key_id, "model_key": self.model_key.hex(),
-        })
+        }
+
+    def save(self, path: Path) -> None:
+        write_secret_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> DeviceBundle:
