@@ -132,22 +132,25 @@ def crypto_ceiling(weights_bytes: int, repeat: int = 200) -> dict[str, float]:
 
 
 class RssSampler(threading.Thread):
-    """VmRSS of a process every ``period`` seconds (MiB), with labelled phases."""
+    """Resident memory of a process every ``period`` seconds (MiB): VmRSS, and its anonymous part
+    (RssAnon: the heap) apart from file pages mapped (RssFile: page cache, reclaimable)."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
 
     def __init__(self, pid: int, period: float = 0.02) -> None:
         super().__init__(daemon=True)
         self.pid, self.period = pid, period
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, dict[str, float]]] = []
         self.stopped = threading.Event()
 
-    def read(self) -> float | None:
+    def read(self) -> dict[str, float] | None:
         try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+            lines = Path(f"/proc/{self.pid}/status").read_text().splitlines()
         except OSError:
             return None
-        return None
+        values = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in lines
+                  if line.split(":")[0] in self.FIELDS}
+        return values if len(values) == len(self.FIELDS) else None
 
     def run(self) -> None:
         while not self.stopped.wait(self.period):
@@ -155,8 +158,8 @@ class RssSampler(threading.Thread):
             if rss is not None:
                 self.samples.append((time.monotonic(), rss))
 
-    def between(self, start: float, end: float) -> list[float]:
-        return [rss for t, rss in self.samples if start <= t <= end]
+    def between(self, start: float, end: float, field: str = "VmRSS") -> list[float]:
+        return [rss[field] for t, rss in self.samples if start <= t <= end]
 
 
 @dataclass
@@ -213,7 +216,37 @@ def sealed_updates(bundles: list[DeviceBundle], task: str, round_number: int, da
     return out
 
 
-def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: Path) -> dict[str, Any]:
+# Experiments, not settings: the coordinator process with one of its per-update costs patched
+# out at start (``--experiment``), to show what each would be worth; the code is not changed.
+EXPERIMENTS = {
+    # every fsync a no-op: how much of the time per update is the disk rather than the CPU
+    "no-fsync": "import os; os.fsync = lambda fd: None",
+    # the signed fleet status (its size grows with N) republished at most once a second
+    "status-1hz": (
+        "import time; from coordinator import service; _ps = service.Coordinator.publish_status; _t = [0.0]\n"
+        "def _status(self):\n"
+        "    if time.monotonic() - _t[0] >= 1.0 or self.done or self.halted:\n"
+        "        _t[0] = time.monotonic(); _ps(self)\n"
+        "service.Coordinator.publish_status = _status"),
+    # the rollback checkpoint file (2 fsyncs) written at most once a second, not per block
+    "checkpoint-1hz": (
+        "import time; from coordinator import state_guard; _wc = state_guard.write_checkpoint; _c = [0.0]\n"
+        "def _checkpoint(state_dir, block):\n"
+        "    if time.monotonic() - _c[0] >= 1.0:\n"
+        "        _c[0] = time.monotonic(); _wc(state_dir, block)\n"
+        "state_guard.write_checkpoint = _checkpoint"),
+}
+
+
+def patched_coordinator(experiments: list[str]) -> list[str]:
+    """``python -c`` that applies ``experiments`` and then runs ``fledger`` with the arguments."""
+    code = "\n".join(EXPERIMENTS[name] for name in experiments)
+    return [sys.executable, "-c", f"{code}\nimport runpy, sys\nsys.argv[0] = 'fledger'\n"
+            "runpy.run_module('fledger.cli', run_name='__main__', alter_sys=True)"]
+
+
+def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: Path,
+            experiments: list[str] | None = None) -> dict[str, Any]:
     fleet = f"b{n}{task[:3]}"
     keys = workdir / "keys"
     provisioning = provision(keys, fleet, n)
@@ -226,7 +259,9 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
                           "--keys", str(keys / "coordinator.json"), "--devices", str(keys / "devices.json"),
                           "--rounds", "1", "--min-clients", str(n), "--quorum", "1", "--round-deadline", "0",
                           "--deadline-factor", "0", "--presence-timeout", "0", "--head-wait", "0.5")
-    if profile is not None:
+    if experiments:
+        coordinator_cmd[:3] = patched_coordinator(experiments)
+    elif profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
         coordinator_cmd[1:1] = ["-m", "cProfile", "-o", str(profile / f"coordinator-{task}-{n}.prof")]
     watch_link = MqttLink(config, f"bench-watch-{os.getpid()}",
@@ -256,13 +291,15 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
         idle_start = time.monotonic()
         time.sleep(1.0)
         started = time.monotonic()
-        idle = statistics.median(rss.between(idle_start, started))
+        idle = {f: statistics.median(rss.between(idle_start, started, f)) for f in RssSampler.FIELDS}
         for i, (bundle, update) in enumerate(zip(bundles, updates, strict=True)):
             links[i % publishers].publish(topics.update(bundle.device_id), update)
         published = time.monotonic()
         watch.wait(lambda: watch.counts.get("aggregate", 0) >= 1, 1800, "the aggregate block")
         finished = watch.first["aggregate"]
-        peak = max(rss.between(started, finished + 0.5))
+        ingested = watch.last.get("update", finished)
+        peak = {f: max(rss.between(started, finished + 0.5, f)) for f in RssSampler.FIELDS}
+        peak_ingest = {f: max(rss.between(started, ingested, f)) for f in RssSampler.FIELDS}
         update_bytes = len(updates[0])
         del updates
         code = coordinator.wait(120)
@@ -288,10 +325,12 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
         "task": task, "devices": n, "update_bytes": update_bytes, "weights_bytes": weights_bytes,
         "publishers": publishers, "provisioning": provisioning,
         "publish_seconds": published - started, "seconds_to_aggregate": seconds,
-        "last_accept_seconds": watch.last.get("update", finished) - started,
-        "updates_per_s": n / seconds, "rss_idle_mib": idle, "rss_peak_mib": peak,
+        "last_accept_seconds": ingested - started,
+        "updates_per_s": n / seconds, "rss_idle_mib": idle["VmRSS"], "rss_peak_mib": peak["VmRSS"],
+        "rss_anon_idle_mib": idle["RssAnon"], "rss_anon_peak_mib": peak["RssAnon"],
+        "rss_file_peak_mib": peak["RssFile"], "rss_peak_while_ingesting_mib": peak_ingest,
         "accepted": accepted, "rejected": rejected, "participants": len(aggregate["participants"]),
-        "lost": n - accepted, "profiled": profile is not None,
+        "lost": n - accepted, "profiled": profile is not None and not experiments, "experiments": experiments or [],
     }
 
 
@@ -301,6 +340,8 @@ def main() -> int:
     parser.add_argument("--tasks", default="california,mnist", help="tasks (default california,mnist)")
     parser.add_argument("--publishers", type=int, default=8, help="MQTT connections the devices publish through")
     parser.add_argument("--profile", type=Path, help="run the coordinator under cProfile, .prof files here")
+    parser.add_argument("--experiment", action="append", choices=sorted(EXPERIMENTS), default=[],
+                        help="patch one per-update cost out of the coordinator process (repeatable; see EXPERIMENTS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -309,21 +350,25 @@ def main() -> int:
         weights_bytes = len(encode_tensors(initial_weights(task, 0, seed=1)))
         for n in (int(s) for s in args.sizes.split(",")):
             with tempfile.TemporaryDirectory(prefix=f"fleet-{task}-{n}-") as tmp:
-                row = run_one(task, n, args.publishers, args.profile, Path(tmp))
+                row = run_one(task, n, args.publishers, args.profile, Path(tmp), args.experiment)
             # The ceiling right after the run it is compared with: the same load on the machine.
             ceilings[task] = ceiling = crypto_ceiling(weights_bytes)
             row["ceiling_updates_per_s"] = ceiling["updates_per_s"]
             row["ratio"] = row["updates_per_s"] / ceiling["updates_per_s"]
             rows.append(row)
-            print(f"{task} N={n}: {row['seconds_to_aggregate']:.2f} s, {row['updates_per_s']:.0f} updates/s, "
-                  f"ratio {row['ratio']:.1%}, RSS {row['rss_idle_mib']:.0f} -> {row['rss_peak_mib']:.0f} MiB, "
+            label = f"{task} N={n}" + "".join(f" +{e}" for e in args.experiment)
+            print(f"{label}: {row['seconds_to_aggregate']:.2f} s, {row['updates_per_s']:.0f} updates/s, "
+                  f"ratio {row['ratio']:.1%}, RSS {row['rss_idle_mib']:.0f} -> {row['rss_peak_mib']:.0f} MiB "
+                  f"(anonymous {row['rss_anon_idle_mib']:.0f} -> {row['rss_anon_peak_mib']:.0f}), "
                   f"lost {row['lost']}", flush=True)
     print(f"\n{'task':<11}{'N':>6}{'update B':>10}{'provision s':>12}{'to aggregate s':>15}{'updates/s':>10}"
-          f"{'ceiling/s':>10}{'ratio':>7}{'RSS idle':>9}{'RSS peak':>9}{'lost':>5}")
+          f"{'ceiling/s':>10}{'ratio':>7}{'RSS idle':>9}{'RSS peak':>9}{'anon idle':>10}{'anon peak':>10}"
+          f"{'lost':>5}")
     for r in rows:
         print(f"{r['task']:<11}{r['devices']:>6}{r['update_bytes']:>10,}{r['provisioning']['seconds']:>12.1f}"
               f"{r['seconds_to_aggregate']:>15.2f}{r['updates_per_s']:>10.0f}{r['ceiling_updates_per_s']:>10.0f}"
-              f"{r['ratio']:>7.1%}{r['rss_idle_mib']:>9.0f}{r['rss_peak_mib']:>9.0f}{r['lost']:>5}")
+              f"{r['ratio']:>7.1%}{r['rss_idle_mib']:>9.0f}{r['rss_peak_mib']:>9.0f}{r['rss_anon_idle_mib']:>10.0f}"
+              f"{r['rss_anon_peak_mib']:>10.0f}{r['lost']:>5}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

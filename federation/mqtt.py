@@ -14,11 +14,13 @@
 - subscriptions re-made on every connect; messages handed to a queue and processed by the
   owner's thread (paho's network thread only reassembles chunks and checks their SHA-256);
 - that queue (the inbox) bounded in bytes with backpressure, not by dropping: while it holds
-  more than ``inbox_bytes``, QoS 1 acknowledgements (PUBACKs) are held back until the owner
-  has taken messages out. The broker sends at most its in-flight window of unacknowledged
-  messages (MQTT 5: our Receive Maximum; 3.1.1: the broker's setting, mosquitto's
-  ``max_inflight_messages``) and keeps the rest queued, so a coordinator that 1,000 devices
-  send updates to at once holds O(budget) of them in memory, not all of them, and loses none.
+  more than ``inbox_bytes``, the network thread waits (before acknowledging the message that
+  went over) until the owner has taken messages out. Meanwhile nothing is read from the
+  socket, TCP flow control stops the broker, and the broker keeps the backlog in its queue
+  for our session (mosquitto: raise ``max_queued_messages``, deploy/mosquitto/fledger.conf).
+  So a coordinator that 1,000 devices send updates to at once holds O(budget) of them in
+  memory, not all of them, and loses none. (Holding PUBACKs back instead would rely on the
+  broker's in-flight window: mosquitto 2.0.11 did not keep to it, sending thousands.)
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ log = logging.getLogger(__name__)
 LIVENESS_PERIODS = 4  # heartbeats without even a role's own echo before its link is re-made
 DEFAULT_INBOX_BYTES = 32 * 1024 * 1024
 MESSAGE_OVERHEAD_BYTES = 256  # counted per message besides its payload: many tiny ones also fill the inbox
-RECEIVE_MAXIMUM = 16  # MQTT 5: unacknowledged QoS 1 messages the broker may send us at once
+# Longest the network thread waits for room in the inbox before letting one more message in:
+# a stalled owner must not cost the connection its keepalive, nor outlast amqtt's fixed 5 s
+# wait for a PUBACK (../shared/notes/brokers.md); the inbox then grows by one message per wait.
+BACKPRESSURE_WAIT_S = 2.0
 
 
 @dataclass
@@ -81,9 +86,9 @@ class BrokerConfig:
                                         "is known, else 3.1.1), 5, or 3.1.1")
     max_message_bytes: int = setting(256 * 1024 * 1024, "largest chunked message reassembled")
     chunk_timeout: float = setting(120.0, "seconds a partly received chunked message is kept")
-    inbox_bytes: int = setting(DEFAULT_INBOX_BYTES, "received messages held in memory before the client stops "
-                                                    "acknowledging new ones (the broker then holds them: QoS 1 "
-                                                    "backpressure, nothing dropped); one larger message still fits")
+    inbox_bytes: int = setting(DEFAULT_INBOX_BYTES, "bytes of received messages held in memory; above it the "
+                                                    "client stops reading until they are handled (the broker "
+                                                    "queues the rest: backpressure, nothing dropped)")
 
     def __post_init__(self) -> None:
         # Caught when the settings are read, not 60 s later when connecting fails.
@@ -132,7 +137,7 @@ class Inbox(queue.Queue[Message]):
 
     def get(self, block: bool = True, timeout: float | None = None) -> Message:
         message = super().get(block, timeout)
-        self._taken(message)  # outside the queue's lock: it may send PUBACKs through paho
+        self._taken(message)  # outside the queue's lock: it may wake the network thread
         return message
 
 
@@ -147,14 +152,14 @@ class MqttLink:
         self.config = config
         self.client_id = client_id
         self.subscriptions = list(subscriptions or [])
-        # Bytes in the inbox and the PUBACKs held back while it is over budget (see the module doc).
+        # Bytes in the inbox, and the network thread's wait for room in it (see the module doc).
         self.inbox: queue.Queue[Message] = Inbox(self._taken)
         self.inbox_budget = max(0, config.inbox_bytes)
         self.inbox_bytes = 0
         self.inbox_peak_bytes = 0  # the most it held (benchmarks and tests read it)
-        self.held_acks = 0  # deliveries whose acknowledgement was held back, in total
-        self._held: list[int] = []  # message ids of QoS 1 deliveries not acknowledged yet
-        self._inbox_lock = threading.Lock()
+        self.backpressure_waits = 0  # times the network thread waited for room in the inbox
+        self._inbox_room = threading.Condition()
+        self._publish_waits = 0  # owners waiting for a PUBACK: the network thread must not wait then
         self.connected = threading.Event()
         self.connect_count = 0  # grows on every (re)connect: the owner republishes retained state
         self._stopping = False
@@ -179,8 +184,7 @@ class MqttLink:
         return bool(self._client.protocol == paho.MQTTv5)
 
     def _new_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
-        client = _configured_client(self.config, self.client_id, protocol, persistent=self._persistent,
-                                    manual_ack=True)
+        client = _configured_client(self.config, self.client_id, protocol, persistent=self._persistent)
         # A TCP connect to a silent address must not outlast a SIGTERM's 5 s (paho's default is 5 s).
         client.connect_timeout = 3.0
         client.max_inflight_messages_set(20)
@@ -202,15 +206,16 @@ class MqttLink:
         return client
 
     def _connect(self) -> None:
-        if self.mqtt5:
+        if self.mqtt5 and self._persistent:
+            # The MQTT 5 form of clean_session=False: keep the session (and the QoS 1 messages
+            # queued for us while offline) across disconnects, and never let it expire.
             props = Properties(PacketTypes.CONNECT)
-            props.ReceiveMaximum = RECEIVE_MAXIMUM  # bounds what arrives while our PUBACKs are held back
-            if self._persistent:
-                # The MQTT 5 form of clean_session=False: keep the session (and the QoS 1 messages
-                # queued for us while offline) across disconnects, and never let it expire.
-                props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
+            props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
             self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive,
-                                 clean_start=not self._persistent, properties=props)
+                                 clean_start=False, properties=props)
+        elif self.mqtt5:
+            self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive,
+                                 clean_start=True)
         else:
             self._client.connect(self.config.broker_host, self.config.broker_port, self.config.keepalive)
 
@@ -228,10 +233,6 @@ class MqttLink:
             log.error("broker refused connection: %s", reason)
             return
         self.refused = None
-        with self._inbox_lock:
-            # Held message ids belong to the old connection; the broker re-sends those messages
-            # (a persistent session) and a resend is harmless to every reader of the inbox.
-            self._held.clear()
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
@@ -265,48 +266,39 @@ class MqttLink:
         self._oversize.acknowledged(mid)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        whole: Message | None = None
+        if self.liveness is not None:
+            self.liveness.note(time.monotonic())
         try:
-            if self.liveness is not None:
-                self.liveness.note(time.monotonic())
-            try:
-                payload = self.reassembler.feed(msg.topic, bytes(msg.payload))
-            except ChunkError as exc:
-                log.warning("dropped a chunked message: %s", exc)
-                payload = None
-            if payload is not None:  # else a chunk: the message is not complete yet
-                whole = Message(stream_key(msg.topic), payload, bool(msg.retain), time.time())
-        finally:  # every delivery is acknowledged, now or once the inbox has room
-            self._admit(whole, msg.mid if msg.qos == 1 else None)
+            whole = self.reassembler.feed(msg.topic, bytes(msg.payload))
+        except ChunkError as exc:
+            log.warning("dropped a chunked message: %s", exc)
+            return
+        if whole is None:
+            return  # a chunk: the message is not complete yet
+        self._admit(Message(stream_key(msg.topic), whole, bool(msg.retain), time.time()))
 
-    def _admit(self, message: Message | None, mid: int | None) -> None:
-        """Queue ``message`` (if whole) and acknowledge delivery ``mid`` (if QoS 1) while the
-        inbox is within its budget; otherwise hold the acknowledgement back until the owner has
-        taken enough out (see _taken). A message larger than the whole budget still comes in:
-        its acknowledgement waits until it has been taken."""
-        with self._inbox_lock:
-            if message is not None:
-                self.inbox.put_nowait(message)
-                self.inbox_bytes += message.inbox_bytes
-                self.inbox_peak_bytes = max(self.inbox_peak_bytes, self.inbox_bytes)
-            if mid is None:
-                return
-            if self.inbox_bytes <= self.inbox_budget:
-                self._client.ack(mid, 1)
-            else:
-                self._held.append(mid)
-                self.held_acks += 1
+    def _admit(self, message: Message) -> None:
+        """Queue ``message``; while the inbox is over budget, wait (paho acknowledges the message
+        and reads the socket again only once this returns). A message larger than the whole
+        budget still comes in, alone. A stalled owner lets one more in every BACKPRESSURE_WAIT_S."""
+        with self._inbox_room:
+            self.inbox.put_nowait(message)
+            self.inbox_bytes += message.inbox_bytes
+            self.inbox_peak_bytes = max(self.inbox_peak_bytes, self.inbox_bytes)
+            if self.inbox_bytes > self.inbox_budget and not self._stopping:
+                self.backpressure_waits += 1
+                self._inbox_room.wait_for(self._may_read, timeout=BACKPRESSURE_WAIT_S)
+
+    def _may_read(self) -> bool:
+        # An owner waiting for a PUBACK takes nothing out meanwhile: let the acknowledgement in.
+        return self.inbox_bytes <= self.inbox_budget or self._stopping or self._publish_waits > 0
 
     def _taken(self, message: Message) -> None:
-        """The owner took ``message`` out of the inbox: release held acknowledgements if it
-        is back within budget (the broker then sends more)."""
-        with self._inbox_lock:
+        """The owner took ``message`` out of the inbox: wake the network thread if it waits."""
+        with self._inbox_room:
             self.inbox_bytes -= message.inbox_bytes
-            if not self._held or self.inbox_bytes > self.inbox_budget:
-                return
-            held, self._held = self._held, []
-            for mid in held:
-                self._client.ack(mid, 1)
+            if self.inbox_bytes <= self.inbox_budget:
+                self._inbox_room.notify_all()
 
     # -- API ------------------------------------------------------------------------------------
     def start(self, timeout: float | None = 30.0, *, stop: threading.Event | None = None) -> bool:
@@ -413,11 +405,17 @@ class MqttLink:
         if wait is None:
             return True
         deadline = time.monotonic() + wait
+        with self._inbox_room:
+            self._publish_waits += 1
+            self._inbox_room.notify_all()
         try:
             for info in infos:
                 info.wait_for_publish(timeout=max(0.01, deadline - time.monotonic()))
         except (RuntimeError, ValueError):
             return False
+        finally:
+            with self._inbox_room:
+                self._publish_waits -= 1
         return all(info.is_published() for info in infos)
 
     def publish_all(self, topic: str, payloads: Iterable[bytes], *, qos: int = 1) -> Callable[[], bool]:
@@ -466,6 +464,8 @@ class MqttLink:
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect and stop the network thread, waiting at most ``timeout`` seconds."""
         self._stopping = True
+        with self._inbox_room:
+            self._inbox_room.notify_all()  # a network thread waiting for room in the inbox
         try:
             self._client.disconnect()
         finally:
@@ -491,14 +491,13 @@ def _protocol_setting(value: str) -> MQTTProtocolVersion | None:
 
 
 def _configured_client(config: BrokerConfig, client_id: str, protocol: MQTTProtocolVersion, *,
-                       persistent: bool = True, manual_ack: bool = False) -> paho.Client:
+                       persistent: bool = True) -> paho.Client:
     """A paho client with fledger's identity, credentials and TLS (no callbacks)."""
     if protocol == paho.MQTTv5:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                             manual_ack=manual_ack)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
     else:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
-                             protocol=protocol, manual_ack=manual_ack)
+                             protocol=protocol)
     if config.username:
         client.username_pw_set(config.username, read_secret(config.password_file, "MQTT password"))
     if config.tls_ca:
