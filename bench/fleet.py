@@ -19,7 +19,9 @@ For each task and N, in one run:
 5. the crypto ceiling, measured here on one core in the same run: per update of that size,
    AES-256-GCM decryption + SHA-256 of the weights + one Ed25519 verification + one X25519
    (libsodium, pycryptodome: the libraries the coordinator uses). ``ratio`` = ingest rate /
-   ceiling.
+   ceiling. Beside it, ``envelope/s``: the coordinator's own code for the same steps
+   (federation/envelope.py: parse, verify, X25519 + HKDF, decrypt, digest; plus decoding the
+   tensors), on one core.
 
 ``--profile DIR`` runs the coordinator under cProfile (its main thread: the worker that checks,
 decrypts, records and aggregates) and writes one .prof per run. Prints a table and writes JSON.
@@ -123,6 +125,28 @@ def crypto_ceiling(weights_bytes: int, repeat: int = 200) -> dict[str, float]:
     for _ in range(repeat):
         start = time.perf_counter()
         one()
+        times.append(time.perf_counter() - start)
+    per_update = statistics.median(times)
+    return {"per_update_ms": 1000 * per_update, "updates_per_s": 1 / per_update}
+
+
+def envelope_cost(task: str, repeat: int = 100) -> dict[str, float]:
+    """The coordinator's own envelope code on one update, one core: parse, verify the device's
+    signature, X25519 + HKDF + decrypt + digest (federation/envelope.py), and decode the tensors."""
+    from federation.codec import decode_tensors
+    from federation.keys import CoordinatorKeys
+
+    keys = CoordinatorKeys.generate("bench")
+    seed = nacl.signing.SigningKey.generate()
+    bundle = DeviceBundle("bench", "dev", bytes(seed), keys.public, keys.model_key_id, keys.model_key)
+    message = envelope.seal_update(bundle, 1, encode_tensors(initial_weights(task, 0, seed=1)), 100, {},
+                                   dataset_sha256=bytes(32))
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        sealed = envelope.parse_update(message, max_bytes=1 << 26)
+        envelope.verify_update_signature(sealed, bundle.sign_public)
+        decode_tensors(envelope.decrypt_update(sealed, keys))
         times.append(time.perf_counter() - start)
     per_update = statistics.median(times)
     return {"per_update_ms": 1000 * per_update, "updates_per_s": 1 / per_update}
@@ -359,6 +383,7 @@ def main() -> int:
             # The ceiling right after the run it is compared with: the same load on the machine.
             ceilings[task] = ceiling = crypto_ceiling(weights_bytes)
             row["ceiling_updates_per_s"] = ceiling["updates_per_s"]
+            row["envelope_updates_per_s"] = envelope_cost(task)["updates_per_s"]
             row["ratio"] = row["updates_per_s"] / ceiling["updates_per_s"]
             rows.append(row)
             label = f"{task} N={n}" + "".join(f" +{e}" for e in args.experiment)
@@ -367,11 +392,12 @@ def main() -> int:
                   f"(anonymous {row['rss_anon_idle_mib']:.0f} -> {row['rss_anon_peak_mib']:.0f}), "
                   f"lost {row['lost']}", flush=True)
     print(f"\n{'task':<11}{'N':>6}{'update B':>10}{'provision s':>12}{'to aggregate s':>15}{'updates/s':>10}"
-          f"{'ceiling/s':>10}{'ratio':>7}{'RSS idle':>9}{'RSS peak':>9}{'anon idle':>10}{'anon peak':>10}"
-          f"{'lost':>5}")
+          f"{'ceiling/s':>10}{'envelope/s':>11}{'ratio':>7}{'RSS idle':>9}{'RSS peak':>9}{'anon idle':>10}"
+          f"{'anon peak':>10}{'lost':>5}")
     for r in rows:
         print(f"{r['task']:<11}{r['devices']:>6}{r['update_bytes']:>10,}{r['provisioning']['seconds']:>12.1f}"
               f"{r['seconds_to_aggregate']:>15.2f}{r['updates_per_s']:>10.0f}{r['ceiling_updates_per_s']:>10.0f}"
+              f"{r['envelope_updates_per_s']:>11.0f}"
               f"{r['ratio']:>7.1%}{r['rss_idle_mib']:>9.0f}{r['rss_peak_mib']:>9.0f}{r['rss_anon_idle_mib']:>10.0f}"
               f"{r['rss_anon_peak_mib']:>10.0f}{r['lost']:>5}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
