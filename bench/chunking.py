@@ -23,9 +23,7 @@ import itertools
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from brokers import Mosquitto  # noqa: E402
 
 from federation import (  # noqa: E402
     crypto,
@@ -51,7 +52,6 @@ from federation.mqtt import BrokerConfig, MqttLink  # noqa: E402
 from federation.packet_limit import DEFAULT_MAX_PAYLOAD, publish_overhead  # noqa: E402
 from federation.tasks import get_task  # noqa: E402
 from federation.topics import Topics  # noqa: E402
-from fledger.broker import free_port  # noqa: E402
 from ledger import Ed25519Signer  # noqa: E402
 
 TASKS = ("california", "mnist")
@@ -106,22 +106,6 @@ def cpu_cost(message: bytes, repeat: int) -> float:
         times.append(time.perf_counter() - start)
         assert whole == message
     return 1000 * statistics.median(times)
-
-
-class Mosquitto:
-    """A private mosquitto on a free loopback port, for this benchmark only."""
-
-    def __init__(self, directory: Path) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.port = free_port()
-        conf = directory / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def transfer_ms(port: int, message: bytes, max_payload: int, repeat: int) -> float:

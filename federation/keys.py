@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,17 @@ class KeyFileError(ValueError):
     """A key file is missing, unreadable or malformed."""
 
 
+SECRET_MODE = 0o600
+
+
+def secret_json(payload: dict[str, Any]) -> bytes:
+    """The bytes of a key file (what :func:`write_secret_json` writes)."""
+    return json.dumps(payload, indent=2, sort_keys=True).encode()
+
+
 def write_secret_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically with 0600 permissions from the start (never world-readable)."""
-    atomic_write(Path(path), json.dumps(payload, indent=2, sort_keys=True).encode(), mode=0o600)
+    atomic_write(Path(path), secret_json(payload), mode=SECRET_MODE)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -58,11 +68,13 @@ class CoordinatorPublic:
     sign_public: bytes
     enc_public: bytes
 
-    @property
+    # Derived once per object (cached_property writes the instance dict, which a frozen
+    # dataclass allows): the coordinator reads these for every update and status it handles.
+    @cached_property
     def sign_key_id(self) -> str:
         return crypto.key_id_of(self.sign_public)
 
-    @property
+    @cached_property
     def enc_key_id(self) -> str:
         return crypto.key_id_of(self.enc_public)
 
@@ -85,14 +97,19 @@ class CoordinatorKeys:
         model_key = crypto.random_bytes(32)
         return cls(fleet, sign_seed, enc_seed, crypto.key_id_of(model_key), model_key)
 
-    @property
+    @cached_property
     def public(self) -> CoordinatorPublic:
+        """Derived from the seeds once, not on every call (two scalar multiplications)."""
         return CoordinatorPublic(
             crypto.ed25519_public(self.sign_seed), crypto.x25519_public(self.enc_seed)
         )
 
+    @cached_property
+    def _signer(self) -> Callable[[bytes], bytes]:
+        return crypto.ed25519_signer(self.sign_seed)
+
     def sign(self, message: bytes) -> bytes:
-        return crypto.ed25519_sign(self.sign_seed, message)
+        return self._signer(message)
 
     def save(self, path: Path) -> None:
         write_secret_json(path, {
@@ -124,23 +141,30 @@ class DeviceBundle:
     model_key_id: str
     model_key: bytes
 
-    @property
+    @cached_property
     def sign_public(self) -> bytes:
         return crypto.ed25519_public(self.sign_seed)
 
-    @property
+    @cached_property
     def key_id(self) -> str:
         return crypto.key_id_of(self.sign_public)
 
-    def sign(self, message: bytes) -> bytes:
-        return crypto.ed25519_sign(self.sign_seed, message)
+    @cached_property
+    def _signer(self) -> Callable[[bytes], bytes]:
+        return crypto.ed25519_signer(self.sign_seed)
 
-    def save(self, path: Path) -> None:
-        write_secret_json(path, {
+    def sign(self, message: bytes) -> bytes:
+        return self._signer(message)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
             "kind": "fledger.device-bundle", "fleet": self.fleet, "device_id": self.device_id,
             "sign_seed": self.sign_seed.hex(), "coordinator": self.coordinator.to_json(),
             "model_key_id": self.model_key_id, "model_key": self.model_key.hex(),
-        })
+        }
+
+    def save(self, path: Path) -> None:
+        write_secret_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> DeviceBundle:

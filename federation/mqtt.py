@@ -12,7 +12,15 @@
 - TCP_NODELAY (Nagle's algorithm otherwise holds small packets for ~40-70 ms);
 - TLS and username/password read from a file;
 - subscriptions re-made on every connect; messages handed to a queue and processed by the
-  owner's thread (paho's network thread only reassembles chunks and checks their SHA-256).
+  owner's thread (paho's network thread only reassembles chunks and checks their SHA-256);
+- that queue (the inbox) bounded in bytes with backpressure, not by dropping: while it holds
+  more than ``inbox_bytes``, the network thread waits (before acknowledging the message that
+  went over) until the owner has taken messages out. Meanwhile nothing is read from the
+  socket, TCP flow control stops the broker, and the broker keeps the backlog in its queue
+  for our session (mosquitto: raise ``max_queued_messages``, deploy/mosquitto/fledger.conf).
+  So a coordinator that 1,000 devices send updates to at once holds O(budget) of them in
+  memory, not all of them, and loses none. (Holding PUBACKs back instead would rely on the
+  broker's in-flight window: mosquitto 2.0.11 did not keep to it, sending thousands.)
 """
 
 from __future__ import annotations
@@ -50,6 +58,12 @@ from federation.packet_limit import (
 log = logging.getLogger(__name__)
 
 LIVENESS_PERIODS = 4  # heartbeats without even a role's own echo before its link is re-made
+DEFAULT_INBOX_BYTES = 32 * 1024 * 1024
+MESSAGE_OVERHEAD_BYTES = 256  # counted per message besides its payload: many tiny ones also fill the inbox
+# Longest the network thread waits for room in the inbox before letting one more message in:
+# a stalled owner must not cost the connection its keepalive, nor outlast amqtt's fixed 5 s
+# wait for a PUBACK (../shared/notes/brokers.md); the inbox then grows by one message per wait.
+BACKPRESSURE_WAIT_S = 2.0
 
 
 @dataclass
@@ -73,6 +87,9 @@ class BrokerConfig:
                                         "is known, else 3.1.1), 5, or 3.1.1")
     max_message_bytes: int = setting(256 * 1024 * 1024, "largest chunked message reassembled")
     chunk_timeout: float = setting(120.0, "seconds a partly received chunked message is kept")
+    inbox_bytes: int = setting(DEFAULT_INBOX_BYTES, "bytes of received messages held in memory; above it the "
+                                                    "client stops reading until they are handled (the broker "
+                                                    "queues the rest: backpressure, nothing dropped)")
 
     def __post_init__(self) -> None:
         # Caught when the settings are read, not 60 s later when connecting fails.
@@ -105,20 +122,46 @@ class Message:
     retain: bool
     received: float
 
+    @property
+    def inbox_bytes(self) -> int:
+        """What this message counts for in an inbox's byte budget."""
+        return len(self.payload) + len(self.topic) + MESSAGE_OVERHEAD_BYTES
+
+
+class Inbox(queue.Queue[Message]):
+    """The received messages, a queue unbounded in count that tells ``taken`` each message its
+    owner takes out (``get``, ``get_nowait``), so the link can account for the bytes held."""
+
+    def __init__(self, taken: Callable[[Message], None]) -> None:
+        super().__init__()
+        self._taken = taken
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Message:
+        message = super().get(block, timeout)
+        self._taken(message)  # outside the queue's lock: it may wake the network thread
+        return message
+
 
 class MqttLink:
     """A connected, self-healing MQTT client that puts received messages on ``inbox``."""
 
     def __init__(
         self, config: BrokerConfig, client_id: str, *, subscriptions: list[str] | None = None,
-        will: tuple[str, bytes, bool] | None = None, inbox_size: int = 10_000,
+        will: tuple[str, bytes, bool] | None = None,
         backoff: tuple[float, float] = (0.5, 30.0), persistent: bool = True,
         chunk_record: ChunkRecord | None = None,
     ) -> None:
         self.config = config
         self.client_id = client_id
         self.subscriptions = list(subscriptions or [])
-        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=inbox_size)
+        # Bytes in the inbox, and the network thread's wait for room in it (see the module doc).
+        self.inbox: queue.Queue[Message] = Inbox(self._taken)
+        self.inbox_budget = max(0, config.inbox_bytes)
+        self.inbox_bytes = 0
+        self.inbox_peak_bytes = 0  # the most it held (benchmarks and tests read it)
+        self.backpressure_waits = 0  # times the network thread waited for room in the inbox
+        self._inbox_room = threading.Condition()
+        self._publish_waits = 0  # owners waiting for a PUBACK: the network thread must not wait then
         self.connected = threading.Event()
         self.connect_count = 0  # grows on every (re)connect: the owner republishes retained state
         self._stopping = False
@@ -237,10 +280,30 @@ class MqttLink:
             return
         if whole is None:
             return  # a chunk: the message is not complete yet
-        try:
-            self.inbox.put_nowait(Message(stream_key(msg.topic), whole, bool(msg.retain), time.time()))
-        except queue.Full:
-            log.error("inbox full: dropped a message on %s", msg.topic)
+        self._admit(Message(stream_key(msg.topic), whole, bool(msg.retain), time.time()))
+
+    def _admit(self, message: Message) -> None:
+        """Queue ``message``; while the inbox is over budget, wait (paho acknowledges the message
+        and reads the socket again only once this returns). A message larger than the whole
+        budget still comes in, alone. A stalled owner lets one more in every BACKPRESSURE_WAIT_S."""
+        with self._inbox_room:
+            self.inbox.put_nowait(message)
+            self.inbox_bytes += message.inbox_bytes
+            self.inbox_peak_bytes = max(self.inbox_peak_bytes, self.inbox_bytes)
+            if self.inbox_bytes > self.inbox_budget and not self._stopping:
+                self.backpressure_waits += 1
+                self._inbox_room.wait_for(self._may_read, timeout=BACKPRESSURE_WAIT_S)
+
+    def _may_read(self) -> bool:
+        # An owner waiting for a PUBACK takes nothing out meanwhile: let the acknowledgement in.
+        return self.inbox_bytes <= self.inbox_budget or self._stopping or self._publish_waits > 0
+
+    def _taken(self, message: Message) -> None:
+        """The owner took ``message`` out of the inbox: wake the network thread if it waits."""
+        with self._inbox_room:
+            self.inbox_bytes -= message.inbox_bytes
+            if self.inbox_bytes <= self.inbox_budget:
+                self._inbox_room.notify_all()
 
     # -- API ------------------------------------------------------------------------------------
     def start(self, timeout: float | None = 30.0, *, stop: threading.Event | None = None) -> bool:
@@ -351,11 +414,17 @@ class MqttLink:
         if wait is None:
             return True
         deadline = time.monotonic() + wait
+        with self._inbox_room:
+            self._publish_waits += 1
+            self._inbox_room.notify_all()
         try:
             for info in infos:
                 info.wait_for_publish(timeout=max(0.01, deadline - time.monotonic()))
         except (RuntimeError, ValueError):
             return False
+        finally:
+            with self._inbox_room:
+                self._publish_waits -= 1
         return all(info.is_published() for info in infos)
 
     def publish_all(self, topic: str, payloads: Iterable[bytes], *, qos: int = 1) -> Callable[[], bool]:
@@ -404,6 +473,8 @@ class MqttLink:
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect and stop the network thread, waiting at most ``timeout`` seconds."""
         self._stopping = True
+        with self._inbox_room:
+            self._inbox_room.notify_all()  # a network thread waiting for room in the inbox
         try:
             self._client.disconnect()
         finally:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from federation.durable import atomic_write
-from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry, write_secret_json
+from federation.durable import atomic_write, atomic_write_many
+from federation.keys import SECRET_MODE, CoordinatorKeys, DeviceBundle, DeviceRegistry, secret_json, write_secret_json
 from federation.topics import check_name
 
 COORDINATOR_FILE = "coordinator.json"
@@ -54,8 +54,17 @@ def new_broker_user(broker_dir: Path, user: str) -> Path:
     password = secrets.token_urlsafe(24)
     path = Path(broker_dir) / f"{check_name('broker user', user)}.password"
     atomic_write(path, (password + "\n").encode(), mode=0o600)
-    write_broker_password(Path(broker_dir) / BROKER_PASSWORDS, user, password)
+    write_broker_password(Path(broker_dir) / BROKER_PASSWORDS, user, password, generated=True)
     return path
+
+
+def _broker_password_lines(path: Path) -> list[str]:
+    return [ln for ln in Path(path).read_text().splitlines() if ln.strip()] if Path(path).exists() else []
+
+
+def broker_users(directory: Path) -> set[str]:
+    """The user names in the fleet's broker password file."""
+    return {line.split(":", 1)[0] for line in _broker_password_lines(broker_password_db(directory))}
 
 
 def check_device_id(directory: Path, device: str) -> str:
@@ -66,12 +75,14 @@ def check_device_id(directory: Path, device: str) -> str:
         raise ValueError(f"device id {device!r} is reserved: it is the broker user of a role "
                          f"({', '.join(ROLE_USERS)}) and would get that role's rights")
     registry = DeviceRegistry.load(Path(directory) / REGISTRY_FILE)
-    db = broker_password_db(directory)
-    if device not in registry.devices and db.exists() and \
-            any(line.split(":", 1)[0] == device for line in db.read_text().splitlines()):
-        raise ValueError(f"device id {device!r} is already a broker user in {db} that is no device: "
-                         "a device with this id would get that user's rights")
+    _check_not_other_user(directory, device, registry, broker_users(directory))
     return device
+
+
+def _check_not_other_user(directory: Path, device: str, registry: DeviceRegistry, users: set[str]) -> None:
+    if device not in registry.devices and device in users:
+        raise ValueError(f"device id {device!r} is already a broker user in {broker_password_db(directory)} that "
+                         "is no device: a device with this id would get that user's rights")
 
 
 def _new_bundle(directory: Path, device: str) -> tuple[DeviceBundle, bytes]:
@@ -97,29 +108,83 @@ def add_device(directory: Path, device: str, *, force: bool = False) -> tuple[Pa
     ``force`` it does exactly that (the previous active keys are revoked). A new device also
     gets a broker password (``broker/<device>.password``, and its hash in ``broker/passwords``)."""
     check_name("device id", device)
-    if device in DeviceRegistry.load(Path(directory) / CLIENTS_FILE).devices:
-        raise ValueError(f"{device!r} is a prediction client of this fleet; a device needs a name of its own")
-    check_device_id(directory, device)
-    path = bundle_path(directory, device)
-    registry = DeviceRegistry.load(Path(directory) / REGISTRY_FILE)
-    if not force:
-        if path.exists():
-            raise FileExistsError(f"{path} exists; refusing to overwrite the bundle of {device} "
-                                  "(`fledger keys rotate` replaces a device's key; or use --force)")
+    if force and active_keys(DeviceRegistry.load(Path(directory) / REGISTRY_FILE), device):
+        check_device_id(directory, device)
+        new_path, key_id, _revoked = rotate_device_key(directory, device)
+        return new_path, key_id
+    return add_devices(directory, [device], force=force)[0]
+
+
+def device_ids(prefix: str, count: int, start: int = 1) -> list[str]:
+    """``count`` device ids ``<prefix><number>``, numbers zero-padded to one width (dev-0001...)."""
+    if count < 1:
+        raise ValueError(f"--count must be at least 1, not {count}")
+    width = len(str(start + count - 1))
+    return [f"{prefix}{n:0{width}d}" for n in range(start, start + count)]
+
+
+def read_device_list(path: Path) -> list[str]:
+    """Device ids from a file: one per line; blank lines and '#' comments ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read device list {path}: {exc}") from exc
+    return [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+
+
+def add_devices(directory: Path, devices: list[str], *, force: bool = False) -> list[tuple[Path, str]]:
+    """:func:`add_device` for many devices at once: every id is checked before anything is
+    written (one bad id refuses the whole batch), then the bundles and broker password files
+    are written together and devices.json and broker/passwords are rewritten once, not once
+    per device. Returns (bundle path, key id) per device, in order."""
+    from federation import crypto
+
+    directory = Path(directory)
+    if len(set(devices)) != len(devices):
+        duplicate = next(d for d in devices if devices.count(d) > 1)
+        raise ValueError(f"device id {duplicate!r} is listed twice")
+    registry_path = directory / REGISTRY_FILE
+    registry = DeviceRegistry.load(registry_path)
+    clients = DeviceRegistry.load(directory / CLIENTS_FILE).devices
+    users = broker_users(directory)
+    for device in devices:
+        check_name("device id", device)
+        if device in clients:
+            raise ValueError(f"{device!r} is a prediction client of this fleet; a device needs a name of its own")
+        if device.casefold() in ROLE_USERS:
+            raise ValueError(f"device id {device!r} is reserved: it is the broker user of a role "
+                             f"({', '.join(ROLE_USERS)}) and would get that role's rights")
+        _check_not_other_user(directory, device, registry, users)
+        if bundle_path(directory, device).exists() and not force:
+            raise FileExistsError(f"{bundle_path(directory, device)} exists; refusing to overwrite the bundle of "
+                                  f"{device} (`fledger keys rotate` replaces a device's key; or use --force)")
         current = active_keys(registry, device)
         if current:
             raise FileExistsError(f"device {device} already has active key(s) {', '.join(current)}; "
                                   "`fledger keys rotate` replaces a device's key (or use --force)")
-    if active_keys(registry, device):
-        new_path, key_id, _revoked = rotate_device_key(directory, device)
-        return new_path, key_id
-    bundle, public = _new_bundle(directory, device)
-    bundle.save(path)
-    key_id = registry.add(device, public)
-    registry.save(Path(directory) / REGISTRY_FILE)
-    if not (Path(directory) / BROKER_DIR / f"{device}.password").exists():
-        new_broker_user(Path(directory) / BROKER_DIR, device)
-    return path, key_id
+    keys = CoordinatorKeys.load(directory / COORDINATOR_FILE)
+    broker_dir = directory / BROKER_DIR
+    files: list[tuple[Path, bytes, int]] = []
+    hashes: dict[str, str] = {}
+    added: list[tuple[Path, str]] = []
+    for device in devices:
+        seed, public = crypto.ed25519_generate()
+        bundle = DeviceBundle(keys.fleet, device, seed, keys.public, keys.model_key_id, keys.model_key)
+        path = bundle_path(directory, device)
+        files.append((path, secret_json(bundle.to_json()), SECRET_MODE))
+        added.append((path, registry.add(device, public)))
+        password_path = broker_dir / f"{device}.password"
+        if not password_path.exists():
+            password = secrets.token_urlsafe(24)
+            files.append((password_path, (password + "\n").encode(), SECRET_MODE))
+            hashes[device] = hash_password(password, generated=True)
+    # Secrets first: a crash before devices.json is written leaves bundles nobody accepts yet,
+    # never a registered key without its bundle.
+    atomic_write_many(files)
+    if hashes:
+        _write_password_hashes(broker_password_db(directory), hashes)
+    registry.save(registry_path)
+    return added
 
 
 def client_bundle_path(directory: Path, client: str) -> Path:
@@ -184,26 +249,41 @@ def revoke_device_key(directory: Path, device: str, key_id: str) -> None:
     registry.save(Path(directory) / REGISTRY_FILE)
 
 
-def hash_password(password: str) -> str:
+# Argon2id cost of the hash of a password the key tool generated itself: 24 random bytes
+# (192 bits) cannot be guessed whatever the hash costs, so stretching buys nothing there, while
+# the default cost (64 MiB, 3 passes: ~0.2 s) made provisioning 1,000 devices take minutes and
+# costs the broker ~0.1-0.2 s of its event loop per login. Passwords a person chose (`keys
+# broker-password`) keep the library's default cost. The parameters travel in each hash, so
+# a broker verifies both kinds alike.
+GENERATED_ARGON2_TIME_COST = 1
+GENERATED_ARGON2_MEMORY_KIB = 1024
+
+
+def hash_password(password: str, *, generated: bool = False) -> str:
     """An argon2 hash in the form amqtt's FileAuthPlugin reads (``user:hash`` lines). pwdlib is a
-    plain dependency (not the broker extra): `keys init` makes a fleet's logins on any install."""
+    plain dependency (not the broker extra): `keys init` makes a fleet's logins on any install.
+    ``generated``: the password is a random token from this tool (see GENERATED_ARGON2_TIME_COST)."""
     from pwdlib import PasswordHash
     from pwdlib.hashers.argon2 import Argon2Hasher
 
-    return PasswordHash((Argon2Hasher(),)).hash(password)
+    hasher = Argon2Hasher(time_cost=GENERATED_ARGON2_TIME_COST, memory_cost=GENERATED_ARGON2_MEMORY_KIB,
+                          parallelism=1) if generated else Argon2Hasher()
+    return PasswordHash((hasher,)).hash(password)
 
 
-def write_broker_password(path: Path, user: str, password: str) -> None:
+def write_broker_password(path: Path, user: str, password: str, *, generated: bool = False) -> None:
     """Append/replace ``user`` in an amqtt password file (``user:argon2-hash`` lines), 0600,
     replaced atomically (a reader never sees a half-written file)."""
     check_name("broker user", user)
     if not password or "\n" in password or "\r" in password:
         raise ValueError("a broker password must be one non-empty line")
-    path = Path(path)
-    lines: list[str] = []
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith(f"{user}:")]
-    lines.append(f"{user}:{hash_password(password)}")
+    _write_password_hashes(Path(path), {user: hash_password(password, generated=generated)})
+
+
+def _write_password_hashes(path: Path, hashes: dict[str, str]) -> None:
+    """Set the hashes of ``hashes``' users in the password file at ``path``: one rewrite for all."""
+    lines = [ln for ln in _broker_password_lines(path) if ln.split(":", 1)[0] not in hashes]
+    lines.extend(f"{user}:{digest}" for user, digest in hashes.items())
     atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o600)
 
 
@@ -232,14 +312,22 @@ def add_parser(sub: Any) -> None:
                                   "(each client's --password-file). Every file is 0600.")
     a.add_argument("--fleet", required=True, help="fleet name")
     a.add_argument("--force", action="store_true", help="replace existing keys (devices must be re-provisioned)")
-    a = ks.add_parser("add-device", help="create a device's key bundle and register its public key",
+    a = ks.add_parser("add-device", help="create device key bundles and register their public keys",
                       description="Create device-DEVICE.json (0600), register its public key in devices.json and "
                                   "give it a broker login (broker/DEVICE.password; its hash in broker/passwords). "
                                   "The device id is its broker user name, so role names (coordinator, monitor, "
-                                  "operator) and other broker users' names are refused.")
-    a.add_argument("device", help="device id (letters, digits, '_' and '-'; not a role's name)")
+                                  "operator) and other broker users' names are refused. Many devices at once: "
+                                  "several ids, --count N --prefix P (P0001...PN), or --from-file FILE (one id a "
+                                  "line); every id is checked first, and the registry and password file are "
+                                  "rewritten once for the batch (1,000 devices take a few seconds).")
+    a.add_argument("device", nargs="*", help="device id(s) (letters, digits, '_' and '-'; not a role's name)")
+    a.add_argument("--count", type=int, default=0, help="add this many devices named PREFIX + number")
+    a.add_argument("--prefix", default="device-", help="name prefix for --count (default: device-)")
+    a.add_argument("--start", type=int, default=1, help="first number for --count (default: 1)")
+    a.add_argument("--from-file", type=Path, help="add the device ids listed in this file, one a line")
     a.add_argument("--force", action="store_true",
-                   help="replace an existing bundle; the device's previous keys are revoked (as rotate)")
+                   help="replace an existing bundle; the device's previous keys are revoked (as rotate; "
+                        "one device only)")
     a = ks.add_parser("add-client", help="create a prediction client's key bundle and register it (clients.json)",
                       description="Create CLIENT's Ed25519 key: a bundle client-CLIENT.json (0600) for `fledger "
                                   "predict --remote`, without the fleet model key, and its public key in "
@@ -291,9 +379,23 @@ def _main(args: argparse.Namespace) -> int:
               f"(signing key id {keys.public.sign_key_id}); broker logins for {', '.join(ROLE_USERS)} in "
               f"{directory / BROKER_DIR} (`fledger broker` enforces them)")
     elif args.keys_command == "add-device":
-        path, key_id = add_device(directory, args.device, force=args.force)
-        print(f"device {args.device}: bundle {path} (key id {key_id}) and broker password "
-              f"{directory / BROKER_DIR / (args.device + '.password')}; install both on the device only")
+        devices = list(args.device)
+        if args.count:
+            devices += device_ids(args.prefix, args.count, args.start)
+        if args.from_file:
+            devices += read_device_list(args.from_file)
+        if not devices:
+            raise ValueError("add-device: name a device, or use --count or --from-file")
+        if len(devices) == 1:
+            path, key_id = add_device(directory, devices[0], force=args.force)
+            print(f"device {devices[0]}: bundle {path} (key id {key_id}) and broker password "
+                  f"{directory / BROKER_DIR / (devices[0] + '.password')}; install both on the device only")
+        else:
+            if args.force:
+                raise ValueError("add-device: --force replaces one device's key; use `fledger keys rotate` per device")
+            added = add_devices(directory, devices)
+            print(f"{len(added)} devices, {devices[0]} ... {devices[-1]}: bundles {directory}/device-<id>.json and "
+                  f"broker passwords {directory / BROKER_DIR}/<id>.password; install each pair on its device only")
     elif args.keys_command == "add-client":
         path, key_id = add_client(directory, args.client)
         print(f"client {args.client}: bundle {path} (key id {key_id}); give it to the client only. The owner "
@@ -324,6 +426,22 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["active_keys", "add_client", "add_device", "broker_password_db", "bundle_path", "check_device_id",
-           "init_fleet", "new_broker_user", "read_password_file", "revoke_device_key",
-           "rotate_device_key", "write_broker_password", "write_secret_json"]
+__all__ = [
+    "active_keys",
+    "add_client",
+    "add_device",
+    "add_devices",
+    "broker_password_db",
+    "broker_users",
+    "bundle_path",
+    "check_device_id",
+    "device_ids",
+    "init_fleet",
+    "new_broker_user",
+    "read_device_list",
+    "read_password_file",
+    "revoke_device_key",
+    "rotate_device_key",
+    "write_broker_password",
+    "write_secret_json",
+]

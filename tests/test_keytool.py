@@ -249,3 +249,39 @@ def test_add_device_refuses_ids_of_broker_roles(fleet: Path, device: str, capsys
     assert ("already a broker user" if device == "auditor" else "reserved") in err
     assert (fleet / keytool.REGISTRY_FILE).read_bytes() == before
     assert not keytool.bundle_path(fleet, device).exists()
+
+
+def test_add_many_devices_in_one_batch(fleet: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`add-device --count` and `--from-file`: every device gets a working bundle, its key in the
+    registry and a broker login whose password checks against its hash."""
+    from pwdlib import PasswordHash
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    assert keys_cli(fleet, "add-device", "--count", "12", "--prefix", "dev-") == 0
+    listing = fleet / "more.txt"
+    listing.write_text("# line\nvalve-a\n\nvalve-b  # comment\n")
+    assert keys_cli(fleet, "add-device", "--from-file", str(listing)) == 0
+    expected = [f"dev-{n:02d}" for n in range(1, 13)] + ["valve-a", "valve-b"]
+    reg = registry(fleet)
+    assert sorted(reg.devices) == sorted(expected)
+    db = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in
+          keytool.broker_password_db(fleet).read_text().splitlines()}
+    checker = PasswordHash((Argon2Hasher(),))  # what the broker uses: default parameters, any hash
+    for device in expected:
+        bundle = DeviceBundle.load(keytool.bundle_path(fleet, device))
+        assert mode(keytool.bundle_path(fleet, device)) == 0o600
+        assert reg.public_key(device, bundle.key_id) == bundle.sign_public
+        password = (fleet / keytool.BROKER_DIR / f"{device}.password").read_text().strip()
+        assert checker.verify(password, db[device])
+    assert set(db) == {*expected, *keytool.ROLE_USERS}
+
+
+def test_a_batch_with_one_bad_id_writes_nothing(fleet: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert keys_cli(fleet, "add-device", "pump-01") == 0
+    before = sorted(p.name for p in fleet.rglob("*"))
+    registry_before = (fleet / keytool.REGISTRY_FILE).read_bytes()
+    for argv in (["a-1", "a-2", "monitor"], ["a-1", "pump-01"], ["a-1", "a-1"], ["a-1", "bad/id"]):
+        assert keys_cli(fleet, "add-device", *argv) == 2
+        assert capsys.readouterr().err
+        assert sorted(p.name for p in fleet.rglob("*")) == before
+        assert (fleet / keytool.REGISTRY_FILE).read_bytes() == registry_before

@@ -1,0 +1,67 @@
+"""The link's inbox is bounded in bytes by backpressure: a receiver that falls behind holds a
+bounded amount in memory, the broker keeps the rest, and nothing is lost (real brokers)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import BrokerInfo, Mosquitto, running
+
+from federation.mqtt import MESSAGE_OVERHEAD_BYTES, BrokerConfig, MqttLink
+
+BUDGET = 2 * 1024 * 1024
+MESSAGES = 150
+MESSAGE_BYTES = 300_000  # three frames at the default max_payload
+SENDERS = 4  # chunks of several messages interleave at the receiver
+
+
+@pytest.fixture
+def queueing_mosquitto(tmp_path: Path) -> Iterator[BrokerInfo]:
+    # Unlimited queue for a session: with backpressure the broker is where the backlog waits.
+    with running(Mosquitto(tmp_path / "mosquitto", extra_config="max_queued_messages 0\n")) as broker:
+        yield BrokerInfo("mosquitto", broker.host, broker.port)
+
+
+@pytest.mark.parametrize(("broker_fixture", "version"), [
+    ("queueing_mosquitto", "5"), ("queueing_mosquitto", "3.1.1"), ("embedded_broker", "3.1.1"),
+])
+def test_a_slow_reader_holds_a_bounded_inbox_and_loses_nothing(request: pytest.FixtureRequest, broker_fixture: str,
+                                                               version: str) -> None:
+    broker: BrokerInfo = request.getfixturevalue(broker_fixture)
+    config = BrokerConfig(broker_host=broker.host, broker_port=broker.port, mqtt_version=version,
+                          inbox_bytes=BUDGET)
+    receiver = MqttLink(config, f"slow-{version}", subscriptions=["t/update/+"])
+    senders = [MqttLink(config, f"fast-{version}-{i}") for i in range(SENDERS)]
+    receiver.start(timeout=20)
+    for sender in senders:
+        sender.start(timeout=20)
+    try:
+        sent = {}
+        for i in range(MESSAGES):
+            payload = os.urandom(MESSAGE_BYTES)
+            sent[hashlib.sha256(payload).hexdigest()] = f"t/update/d{i}"
+            senders[i % SENDERS].publish(f"t/update/d{i}", payload)
+        # The reader is busy: everything it would have read at once is offered now.
+        deadline = time.monotonic() + 20
+        while receiver.backpressure_waits == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        # The message that went over the budget is the last one in until the reader takes some.
+        bound = BUDGET + MESSAGE_BYTES + len("t/update/d000") + MESSAGE_OVERHEAD_BYTES
+        assert receiver.backpressure_waits > 0
+        assert BUDGET < receiver.inbox_peak_bytes <= bound
+        received = {}
+        while len(received) < MESSAGES:
+            message = receiver.inbox.get(timeout=20)  # a lost message would time out here
+            received[hashlib.sha256(message.payload).hexdigest()] = message.topic
+        assert received == sent
+        assert receiver.inbox_peak_bytes <= bound and receiver.inbox_bytes == 0
+    finally:
+        receiver.stop()
+        for sender in senders:
+            sender.stop()
