@@ -238,6 +238,7 @@ class MqttLink:
             log.error("broker refused connection: %s", reason)
             return
         self.refused = None
+        self._oversize.connected()
         self.broker_max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)

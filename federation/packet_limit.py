@@ -108,7 +108,9 @@ class OversizeWatch:
     reconnect) was the one outstanding at the previous disconnect too, i.e. the broker dropped
     us again over it. A single disconnect may be the network; the second on the same message
     is not. A disconnect with the MQTT 5 reason "Packet too large" is certain: ``repeat`` at
-    once.
+    once. Only a connection the broker accepted (the owner calls :meth:`connected` on a
+    successful CONNACK) can have carried the message: a connection refused or dropped before
+    that (a cluster node still recovering a session, say) says nothing about it.
     """
 
     def __init__(self, configured: int, threshold: int = LARGE_PUBLISH) -> None:
@@ -118,6 +120,7 @@ class OversizeWatch:
         self._sending: list[Pending] = []  # handed to paho, message id not known yet
         self._early_acks: set[int] = set()  # acknowledged while a large publish was being handed over
         self._suspect: Pending | None = None  # blamed at the previous disconnect
+        self._accepted = False  # the broker accepted the connection now ending (CONNACK success)
         self._lock = threading.Lock()
 
     def sending(self, topic: str, size: int) -> Pending | None:
@@ -153,12 +156,20 @@ class OversizeWatch:
         if pending == self._suspect:
             self._suspect = None  # the message blamed last time was acknowledged after all
 
+    def connected(self) -> None:
+        """The broker accepted a connection: what is outstanding is (re)sent on it."""
+        with self._lock:
+            self._accepted = True
+
     def disconnected(self, *, too_large: bool = False) -> tuple[str | None, bool]:
         with self._lock:
+            accepted, self._accepted = self._accepted, False
             outstanding = [*self._pending.values(), *self._sending]
             if not outstanding:
                 self._suspect = None
                 return None, False
+            if not accepted and not too_large:
+                return None, False  # nothing was sent on it; the suspect stays as it was
             largest = max(outstanding, key=lambda pending: pending.size)
             repeat = too_large or largest == self._suspect
             self._suspect = largest

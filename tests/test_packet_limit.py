@@ -69,6 +69,7 @@ def test_refusal_names_the_size_and_the_setting() -> None:
 
 def test_a_disconnect_after_a_large_publish_is_diagnosed_and_a_repeat_detected() -> None:
     watch = OversizeWatch(configured=0)
+    watch.connected()
     model = watch.sending("fledger/x/model/global", 19_873)
     assert watch.sending("fledger/x/presence/a", 200) is None  # small: never blamed
     diagnosis, repeat = watch.disconnected()  # dropped before paho's publish() even returned
@@ -76,23 +77,35 @@ def test_a_disconnect_after_a_large_publish_is_diagnosed_and_a_repeat_detected()
     assert "19,873-byte publish on fledger/x/model/global" in diagnosis and "--max-payload" in diagnosis
     watch.sent(model, 1)
     watch.sent(watch.sending("fledger/x/model/global", 19_873), 3)  # republished on reconnect
-    assert watch.disconnected()[1]  # dropped again over the same message: a loop
+    assert watch.disconnected() == (None, False)  # refused or dropped before CONNACK: nothing was re-sent
+    watch.connected()
+    assert watch.disconnected()[1]  # dropped again over the same message, once accepted: a loop
     for mid in (1, 3):
         watch.acknowledged(mid)
+    watch.connected()
     assert watch.disconnected() == (None, False)  # nothing large outstanding: not ours to explain
 
     certain = OversizeWatch(configured=120_000)
-    certain.sent(certain.sending("t", 50_000), 7)
+    certain.sent(certain.sending("t", 50_000), 7)  # "Packet too large" is certain, accepted or not
     diagnosis, repeat = certain.disconnected(too_large=True)  # MQTT 5 "Packet too large"
     assert repeat and diagnosis is not None and "it is 120,000" in diagnosis
 
     recovered = OversizeWatch(configured=0)
+    recovered.connected()
     first = recovered.sending("t", 50_000)
     recovered.disconnected()
     recovered.acknowledged(1)  # acknowledged before paho's publish() returned its id
     recovered.sent(first, 1)
     recovered.sent(recovered.sending("t", 50_000), 2)
+    recovered.connected()
     assert not recovered.disconnected()[1]  # the first got through: not a loop
+
+    flapping = OversizeWatch(configured=0)  # a cluster node drops every reconnect before accepting it
+    flapping.connected()
+    flapping.sent(flapping.sending("t", 19_895), 5)
+    assert flapping.disconnected()[0] is not None  # the first drop, on an accepted connection
+    for _ in range(3):
+        assert flapping.disconnected() == (None, False)  # refused reconnects: no blame, no give-up
 
 
 # -- a real mosquitto with a small packet limit ----------------------------------------------------
