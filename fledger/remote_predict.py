@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import queue
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -82,8 +83,10 @@ def predict_remote(args: argparse.Namespace) -> int:
     broker = cfg.load(BrokerConfig, args, section="client")
     topics = Topics(bundle.fleet, broker.topic_prefix)
     pending = wire.seal_request(bundle, inputs)
-    link = MqttLink(broker, f"fledger-client-{bundle.client_id}",
-                    subscriptions=[wire.reply_topic(topics, bundle.client_id)])
+    # A client id of its own per run: two runs of one client at once must not take over each
+    # other's session (the broker would drop one, and its reply with it). A one-shot session.
+    link = MqttLink(broker, f"fledger-client-{bundle.client_id}-{secrets.token_hex(4)}",
+                    subscriptions=[wire.reply_topic(topics, bundle.client_id)], persistent=False)
     link.start(timeout=min(60.0, args.timeout))
     try:
         reply = _wait(link, bundle, pending, args.timeout,
