@@ -4,7 +4,10 @@
   (safetensors: no pickle, so loading can never run code). Written atomically.
 - ``spool/round-RRRRRR/<device>.update``: each accepted update's envelope, written and
   fsynced *before* its ledger block, so after a crash the open round's running sum can be
-  rebuilt from the ledger's accepted records. Removed once the round is aggregated.
+  rebuilt from the ledger's accepted records. A batch of updates is written with concurrent
+  fsyncs and one fsync of the directory (:meth:`Spool.put_many`). A file without a ledger
+  record (a crash came in between) is never read and goes with its round. Removed once the
+  round is aggregated.
 """
 
 from __future__ import annotations
@@ -116,6 +119,15 @@ class Spool:
 
     def put(self, round_number: int, device: str, envelope: bytes) -> None:
         atomic_write(self._round_dir(round_number) / f"{device}.update", envelope)
+
+    def put_many(self, round_number: int, envelopes: list[tuple[str, bytes]]) -> None:
+        """Several devices' envelopes, each file atomic and all durable on return, sharing the
+        directory's fsync (and the file system's journal commits)."""
+        directory = self._round_dir(round_number)
+        try:
+            durable.atomic_write_many([(directory / f"{device}.update", data, 0o644) for device, data in envelopes])
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot write the spool in {directory}: {exc.strerror or exc}") from exc
 
     def get(self, round_number: int, device: str) -> bytes | None:
         path = self._round_dir(round_number) / f"{device}.update"
