@@ -355,7 +355,10 @@ def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
     restore.clear_request(state_dir)
 
 
-UPDATE_BATCH = 32  # update messages taken from the inbox at most per commit group (bounds memory: decoded weights)
+# At most this many update messages, and bytes of them, per commit group: one fsync for many
+# small updates, and the batch's decrypted weights stay small beside the model (the RSS target).
+UPDATE_BATCH = 256
+UPDATE_BATCH_BYTES = 8 * 1024 * 1024
 
 
 def _is_update(topics: Topics, topic: str) -> bool:
@@ -364,10 +367,12 @@ def _is_update(topics: Topics, topic: str) -> bool:
 
 
 def take_updates(first: Message, inbox: queue.Queue[Message], topics: Topics) -> tuple[list[Message], Message | None]:
-    """``first`` and the update messages already queued right behind it (at most UPDATE_BATCH;
-    never waits for more); also the first other message taken, which the caller must handle."""
+    """``first`` and the update messages already queued right behind it (at most UPDATE_BATCH
+    and UPDATE_BATCH_BYTES; never waits for more); also the first other message taken, which
+    the caller must handle."""
     batch = [first]
-    while len(batch) < UPDATE_BATCH:
+    size = len(first.payload)
+    while len(batch) < UPDATE_BATCH and size < UPDATE_BATCH_BYTES:
         try:
             message = inbox.get_nowait()
         except queue.Empty:
@@ -375,6 +380,7 @@ def take_updates(first: Message, inbox: queue.Queue[Message], topics: Topics) ->
         if not _is_update(topics, message.topic):
             return batch, message
         batch.append(message)
+        size += len(message.payload)
     return batch, None
 
 
