@@ -630,10 +630,6 @@ class Coordinator:
             self._open_round(next_round, announce=True)
             self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
         # Durable from here: publish the model, then the blocks.
-        pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
-        if pruned:
-            log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
-                     pruned, self.settings.keep_models)
         self.history.append(block.data)
         log.info("round %d aggregated from %s -> block %d %s", state.number, sorted(state.accepted),
                  block.index, block.hash.hex()[:16])
@@ -643,6 +639,10 @@ class Coordinator:
         self.publish_model()
         self.writer.announce(committed)
         self.publish_status()
+        pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)  # after: not on the model's way
+        if pruned:
+            log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
+                     pruned, self.settings.keep_models)
 
     def _evaluation(self, round_number: int, model: TensorDict) -> dict[str, float | None]:
         """Central evaluation is informative: whatever it gives (a diverged model's Inf or NaN,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +33,13 @@ _SYNC_THREADS = 16
 _SYNC_POOL: list[ThreadPoolExecutor] = []
 
 
+def _pool() -> ThreadPoolExecutor:
+    """The process's threads for file system waits (fsyncs, removals)."""
+    if not _SYNC_POOL:
+        _SYNC_POOL.append(ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="storage"))
+    return _SYNC_POOL[0]
+
+
 def sync_together(paths: list[Path]) -> None:
     """fsync files already in place and their directories, all at once: concurrent fsyncs share
     the file system's journal commits (ext4: one commit covers a new file, its data and its
@@ -43,9 +49,7 @@ def sync_together(paths: list[Path]) -> None:
     try:
         for target in targets:
             fds.append(os.open(target, os.O_RDONLY))
-        if not _SYNC_POOL:
-            _SYNC_POOL.append(ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="fsync"))
-        list(_SYNC_POOL[0].map(os.fsync, fds))
+        list(_pool().map(os.fsync, fds))
     finally:
         for fd in fds:
             os.close(fd)
@@ -187,8 +191,7 @@ class Spool:
         except OSError:
             shutil.rmtree(directory, ignore_errors=True)
             return
-        threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True},
-                         name=f"drop-{directory.name}", daemon=True).start()
+        _pool().submit(shutil.rmtree, doomed, ignore_errors=True)
 
     def drop_before(self, round_number: int) -> list[int]:
         """Remove the spools of rounds before ``round_number`` (closed rounds whose removal a
