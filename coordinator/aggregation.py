@@ -3,8 +3,8 @@
 ``fedavg`` and ``mean`` stream: ``add`` folds one update into a running sum, so memory is
 O(model) whatever the number of clients (Flower's ``aggregate`` stacks every update instead).
 The robust ones (``clipped-fedavg``, the default; ``median``; ``trimmed-mean``; ``krum``;
-``multi-krum``) need every update of the round at once: they keep them in a memory-mapped
-float32 matrix file, not in memory (see :class:`UpdateMatrix`). New strategies (FedProx's
+``multi-krum``) need every update of the round at once: they keep them in a float32 matrix
+file read with pread, not in memory (see :class:`UpdateMatrix`). New strategies (FedProx's
 server side, FedAdam, ...) implement ``add``/``result``/``count`` and register in
 ``STRATEGIES``; ``decisions`` and ``parameters()`` say what they did, for the ledger.
 """
@@ -112,7 +112,7 @@ class PlainMean(WeightedAverage):
 # -- robust strategies ------------------------------------------------------------------------------
 # They need every update of the round at once (a median, a distance to every other update), so
 # the updates go, as they arrive, into a float32 matrix file (one row per update) that is
-# memory-mapped and read a block of columns at a time: memory stays O(model + block), however
+# read back with pread a row or a block of columns at a time: memory stays O(model + block), however
 # many devices send. The file is unlinked from the start, so a crash leaves nothing behind; a
 # restarted coordinator rebuilds it from the spool like the running sum.
 

@@ -288,7 +288,7 @@ class Coordinator:
             policy = dataclasses.replace(policy, deadline_s=deadline)
         self.round = RoundState(number, self._now(), policy)
         # Robust strategies measure distances from the model this round trains from, and keep
-        # the round's updates in a memory-mapped file beside the spool.
+        # the round's updates in a file beside the spool (read back with pread).
         self._strategy = make_strategy(self.settings.strategy, self.settings.strategy_params,
                                        global_model=self.global_model, workdir=self.spool.directory)
         # A new round's round.opened record starts the per-round caps over (in the fold).
