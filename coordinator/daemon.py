@@ -252,13 +252,18 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     last_status = time.monotonic()
+    pending: Message | None = None
     try:
         while not stop.is_set():
             notifier.alive()
-            try:
-                message = link.inbox.get(timeout=0.5)
-            except queue.Empty:
-                message = None
+            message: Message | None
+            if pending is not None:  # taken from the inbox behind a batch: handled now, in order
+                message, pending = pending, None
+            else:
+                try:
+                    message = link.inbox.get(timeout=0.5)
+                except queue.Empty:
+                    message = None
             try:
                 if link.connect_count != connects:
                     # The broker may have restarted and lost retained messages: publish them again.
@@ -267,16 +272,16 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     coordinator.publish_status()
                     coordinator.publish_acks()
                 if message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
-                    batch, message = take_batch(message, link.inbox, topics)
+                    batch, pending = take_batch(message, link.inbox, topics)
                     predictions.handle_batch([(m.topic, m.payload) for m in batch])
-                if message is not None and _is_update(topics, message.topic) and not coordinator.halted:
+                elif message is not None and _is_update(topics, message.topic) and not coordinator.halted:
                     # The updates already waiting, checked one by one, made durable together
-                    # (one ledger fsync); the first other message is handled below.
-                    updates, message = take_updates(message, link.inbox, topics)
+                    # (one ledger fsync); the first other message taken is handled next.
+                    updates, pending = take_updates(message, link.inbox, topics)
                     outcomes = coordinator.handle_updates([(m.topic, m.payload) for m in updates])
                     for update, update_outcome in zip(updates, outcomes, strict=True):
                         observatory.outcome("update", update_outcome, update.received)
-                if message is not None:
+                elif message is not None:
                     kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay,
                                               catch_up)
                     observatory.outcome(kind, outcome, message.received)

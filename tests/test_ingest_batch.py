@@ -148,3 +148,26 @@ def test_the_checkpoint_file_is_written_at_a_bounded_rate_and_its_newest_head_on
     checkpoint.flush()  # on exit
     assert path.read_bytes() == b"head-4"
     write_checkpoint(tmp_path, b"x")  # the plain write stays available
+
+
+def test_the_daemon_takes_only_the_updates_already_waiting_and_hands_back_the_next_message() -> None:
+    import queue
+
+    from coordinator import daemon
+    from federation.mqtt import Message
+
+    def message(topic: str, size: int = 10) -> Message:
+        return Message(topic, bytes(size), False, 0.0)
+
+    inbox: queue.Queue[Message] = queue.Queue()
+    for m in [message(TOPICS.update("dev-b")), message(TOPICS.presence("dev-a")), message(TOPICS.update("dev-c"))]:
+        inbox.put(m)
+    batch, other = daemon.take_updates(message(TOPICS.update("dev-a")), inbox, TOPICS)
+    assert [m.topic for m in batch] == [TOPICS.update("dev-a"), TOPICS.update("dev-b")]
+    assert other is not None and other.topic == TOPICS.presence("dev-a")  # the caller handles it next
+    batch, other = daemon.take_updates(inbox.get(), inbox, TOPICS)  # never waits for more
+    assert len(batch) == 1 and other is None
+    for i in range(3):
+        inbox.put(message(TOPICS.update(f"dev-{i}"), daemon.UPDATE_BATCH_BYTES // 2))
+    batch, other = daemon.take_updates(inbox.get(), inbox, TOPICS)
+    assert len(batch) == 2 and other is None and inbox.qsize() == 1  # bounded in bytes
