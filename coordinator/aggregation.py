@@ -3,8 +3,8 @@
 ``fedavg`` and ``mean`` stream: ``add`` folds one update into a running sum, so memory is
 O(model) whatever the number of clients (Flower's ``aggregate`` stacks every update instead).
 The robust ones (``clipped-fedavg``, the default; ``median``; ``trimmed-mean``; ``krum``;
-``multi-krum``) need every update of the round at once: they keep them in a memory-mapped
-float32 matrix file, not in memory (see :class:`UpdateMatrix`). New strategies (FedProx's
+``multi-krum``) need every update of the round at once: they keep them in a float32 matrix
+file read with pread, not in memory (see :class:`UpdateMatrix`). New strategies (FedProx's
 server side, FedAdam, ...) implement ``add``/``result``/``count`` and register in
 ``STRATEGIES``; ``decisions`` and ``parameters()`` say what they did, for the ledger.
 """
@@ -12,6 +12,7 @@ server side, FedAdam, ...) implement ``add``/``result``/``count`` and register i
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,11 +112,11 @@ class PlainMean(WeightedAverage):
 # -- robust strategies ------------------------------------------------------------------------------
 # They need every update of the round at once (a median, a distance to every other update), so
 # the updates go, as they arrive, into a float32 matrix file (one row per update) that is
-# memory-mapped and read a block of columns at a time: memory stays O(model + block), however
+# read back with pread a row or a block of columns at a time: memory stays O(model + block), however
 # many devices send. The file is unlinked from the start, so a crash leaves nothing behind; a
 # restarted coordinator rebuilds it from the spool like the running sum.
 
-BLOCK_VALUES = 1 << 22  # float32 values read from the matrix at a time (16 MiB)
+BLOCK_VALUES = 1 << 21  # float32 values read from the matrix at a time (8 MiB; 16 MiB as float64)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,11 @@ class _Layout:
 
 
 class UpdateMatrix:
-    """The round's updates as rows of a float32 matrix in an unlinked temporary file."""
+    """The round's updates as rows of a float32 matrix in an unlinked temporary file.
+
+    Read back with ``pread`` (a row, or a block of columns of every row), never memory-mapped:
+    mapped file pages count in the process's RSS, and N x model would then be resident at the
+    end of a round; read this way only one block is in memory at a time (page cache aside)."""
 
     def __init__(self, layout: _Layout, directory: Path | None) -> None:
         self.layout = layout
@@ -191,17 +196,31 @@ class UpdateMatrix:
             self._file.write(np.ascontiguousarray(array, dtype=np.float32).tobytes())
         self.rows += 1
 
-    def view(self) -> np.ndarray:
-        """Read-only memory map of the (rows x model size) matrix."""
+    def _read_into(self, out: np.ndarray, offset: int) -> None:
+        view = out.data.cast("B")
+        while view:
+            got = os.preadv(self._file.fileno(), [view], offset)
+            if got <= 0:
+                raise AggregationError(f"the round's update matrix ended early ({got} bytes at {offset})")
+            view, offset = view[got:], offset + got
+
+    def row(self, index: int) -> np.ndarray:
+        """One update, flat, as float64."""
         self._file.flush()
-        return np.memmap(self._file, dtype=np.float32, mode="r", shape=(self.rows, self.layout.size))
+        out = np.empty(self.layout.size, dtype=np.float32)
+        self._read_into(out, index * self.layout.size * 4)
+        return out.astype(np.float64)
 
     def column_blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        matrix = self.view()
+        """(start, stop, rows x (stop - start) float64) for consecutive blocks of columns."""
+        self._file.flush()
         step = max(1, BLOCK_VALUES // max(1, self.rows))
         for start in range(0, self.layout.size, step):
             stop = min(start + step, self.layout.size)
-            yield start, stop, np.asarray(matrix[:, start:stop], dtype=np.float64)
+            block = np.empty((self.rows, stop - start), dtype=np.float32)
+            for i in range(self.rows):
+                self._read_into(block[i], (i * self.layout.size + start) * 4)
+            yield start, stop, block.astype(np.float64)
 
     def close(self) -> None:
         self._file.close()
@@ -359,10 +378,9 @@ class MultiKrum(_MatrixStrategy):
                                                "score": float(scores[i]),
                                                "worst_selected_score": float(max(scores[j] for j in chosen))}
         weights = np.array([self.samples[i] for i in chosen], dtype=np.float64)
-        view = matrix.view()
         out = np.zeros(matrix.layout.size, dtype=np.float64)
         for weight, i in zip(weights / weights.sum(), chosen, strict=True):
-            out += weight * np.asarray(view[i], dtype=np.float64)
+            out += weight * matrix.row(i)
         return out
 
 
@@ -426,12 +444,11 @@ class ClippedFedAvg(_MatrixStrategy):
         if not weights:  # cannot happen while exclude_factor >= clip_factor >= ... the median is kept
             raise AggregationError("every update was excluded")
         total = sum(weights.values())
-        view = matrix.view()
         layout = matrix.layout
         flat_global = np.concatenate([self.global_model[name].astype(np.float64).ravel() for name in layout.names])
         out = flat_global.copy()
         for i, weight in weights.items():
-            out += (weight / total) * scales[i] * (np.asarray(view[i], dtype=np.float64) - flat_global)
+            out += (weight / total) * scales[i] * (matrix.row(i) - flat_global)
         return out
 
 

@@ -44,7 +44,7 @@ from federation.crypto import ed25519_public
 from federation.fleet_state import FleetLedger
 from federation.keys import CoordinatorKeys, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
-from federation.mqtt import LIVENESS_PERIODS, MqttLink
+from federation.mqtt import LIVENESS_PERIODS, Message, MqttLink
 from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, LedgerCorrupt
@@ -224,13 +224,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         # left (also before a restart: retained_chunks.json) are cleared, and only those.
         link.publish(topic, payload, retain=retain)
 
-    def write_checkpoint(head: bytes) -> None:
-        try:
-            state_guard.write_checkpoint(state_dir, head)
-        except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
-            log.error("cannot write the checkpoint in %s: %s", state_dir, exc)
-
-    publisher = Publisher(publish, topics, keys, on_head=write_checkpoint)
+    checkpoint = state_guard.CheckpointFile(state_dir)
+    publisher = Publisher(publish, topics, keys, on_head=checkpoint.offer)
 
     link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo
     reload_now = threading.Event()
@@ -257,13 +252,18 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     connects = link.connect_count
     last_tick = last_registry_check = 0.0
     last_status = time.monotonic()
+    pending: Message | None = None
     try:
         while not stop.is_set():
             notifier.alive()
-            try:
-                message = link.inbox.get(timeout=0.5)
-            except queue.Empty:
-                message = None
+            message: Message | None
+            if pending is not None:  # taken from the inbox behind a batch: handled now, in order
+                message, pending = pending, None
+            else:
+                try:
+                    message = link.inbox.get(timeout=0.5)
+                except queue.Empty:
+                    message = None
             try:
                 if link.connect_count != connects:
                     # The broker may have restarted and lost retained messages: publish them again.
@@ -272,9 +272,16 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     coordinator.publish_status()
                     coordinator.publish_acks()
                 if message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
-                    batch, message = take_batch(message, link.inbox, topics)
+                    batch, pending = take_batch(message, link.inbox, topics)
                     predictions.handle_batch([(m.topic, m.payload) for m in batch])
-                if message is not None:
+                elif message is not None and _is_update(topics, message.topic) and not coordinator.halted:
+                    # The updates already waiting, checked one by one, made durable together
+                    # (one ledger fsync); the first other message taken is handled next.
+                    updates, pending = take_updates(message, link.inbox, topics)
+                    outcomes = coordinator.handle_updates([(m.topic, m.payload) for m in updates])
+                    for update, update_outcome in zip(updates, outcomes, strict=True):
+                        observatory.outcome("update", update_outcome, update.received)
+                elif message is not None:
                     kind, outcome = _dispatch(coordinator, link, topics, message.topic, message.payload, replay,
                                               catch_up)
                     observatory.outcome(kind, outcome, message.received)
@@ -286,11 +293,13 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     last_tick = now
                     coordinator.tick()
                     if coordinator.presence.expire(config.presence_timeout):
-                        coordinator.publish_status()
+                        coordinator.status_changed()
                     link.expire_partial()
+                    checkpoint.flush_if_due()
                 if now - last_status >= config.heartbeat:  # a heartbeat for agents, an echo for us
                     last_status = now
                     coordinator.publish_status()
+                coordinator.publish_status_if_due()  # changes, at a bounded rate
                 if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
                     reload_now.clear()
                     last_registry_check = now
@@ -331,6 +340,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         coordinator.stopped = True
         link.publish(topics.status, envelope.seal_status(coordinator.keys, coordinator.status()), retain=True, wait=5)
     finally:
+        checkpoint.flush()
         notifier.stopping()
         link.stop(timeout=2)
     return 0
@@ -350,6 +360,35 @@ def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
     restore.clear_request(state_dir)
 
 
+# At most this many update messages, and bytes of them, per commit group: one fsync for many
+# small updates, and the batch's decrypted weights stay small beside the model (the RSS target).
+UPDATE_BATCH = 256
+UPDATE_BATCH_BYTES = 8 * 1024 * 1024
+
+
+def _is_update(topics: Topics, topic: str) -> bool:
+    device = topics.device_of(topic)
+    return device is not None and topic == topics.update(device)
+
+
+def take_updates(first: Message, inbox: queue.Queue[Message], topics: Topics) -> tuple[list[Message], Message | None]:
+    """``first`` and the update messages already queued right behind it (at most UPDATE_BATCH
+    and UPDATE_BATCH_BYTES; never waits for more); also the first other message taken, which
+    the caller must handle."""
+    batch = [first]
+    size = len(first.payload)
+    while len(batch) < UPDATE_BATCH and size < UPDATE_BATCH_BYTES:
+        try:
+            message = inbox.get_nowait()
+        except queue.Empty:
+            return batch, None
+        if not _is_update(topics, message.topic):
+            return batch, message
+        batch.append(message)
+        size += len(message.payload)
+    return batch, None
+
+
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes,
               replay: ReplayLimiter, catch_up: CatchUp) -> tuple[str, Outcome | None]:
     """Hand one message to the coordinator; returns what kind it was and the Outcome if any."""
@@ -360,7 +399,7 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
         return "registration", coordinator.handle_registration(topic, payload)
     if device and topic == topics.presence(device):
         if coordinator.handle_presence(topic, payload):
-            coordinator.publish_status()
+            coordinator.status_changed()
     elif (requester := topics.replay_requester_of(topic)) is not None:
         _replay(coordinator, link, topics, requester, payload, replay)
     elif (requester := topics.catch_up_requester_of(topic)) is not None:

@@ -3,9 +3,11 @@ file, the saved models and the broker's retained ledger head.
 
 - ``STATE/lock``: an exclusive ``flock`` held for the coordinator's lifetime, so a second
   coordinator on the same state directory is refused at once (the lock dies with the process).
-- ``STATE/checkpoint``: the latest block this coordinator appended (signed, so it names height
-  and hash and cannot be forged), rewritten atomically after every append. It catches a
-  ledger.log restored from an older backup or truncated at a block boundary, without a broker.
+- ``STATE/checkpoint``: a recent durable block this coordinator appended (signed, so it names
+  height and hash and cannot be forged), rewritten atomically after a commit group is durable,
+  at most once a second (:class:`CheckpointFile`; the newest head is written on the next tick
+  and on exit). It catches a ledger.log restored from an older backup or truncated at a block
+  boundary, without a broker; it is never ahead of the durable ledger, at most a second behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,41 @@ def lock_state_dir(state_dir: Path) -> int:
 
 def write_checkpoint(state_dir: Path, head_block: bytes) -> None:
     durable.atomic_write(state_dir / CHECKPOINT, head_block)
+
+
+CHECKPOINT_INTERVAL_S = 1.0
+
+
+class CheckpointFile:
+    """``STATE/checkpoint`` at a bounded rate: each write is two fsyncs and a rename, and a
+    busy coordinator makes many commit groups a second. :meth:`offer` a durable head;
+    :meth:`flush_if_due` (the daemon's timer) and :meth:`flush` (on exit) write the newest."""
+
+    def __init__(self, state_dir: Path, *, interval_s: float = CHECKPOINT_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.state_dir = state_dir
+        self.interval_s = interval_s
+        self._clock = clock
+        self._pending: bytes | None = None
+        self._written_at = float("-inf")
+
+    def offer(self, head_block: bytes) -> None:
+        self._pending = head_block
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        if self._pending is not None and self._clock() - self._written_at >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        head, self._pending = self._pending, None
+        if head is None:
+            return
+        self._written_at = self._clock()
+        try:
+            write_checkpoint(self.state_dir, head)
+        except OSError as exc:  # the ledger has the block; the checkpoint only guards against rollback
+            log.error("cannot write the checkpoint in %s: %s", self.state_dir, exc)
 
 
 def read_checkpoint(state_dir: Path, coordinator_key: bytes) -> Head | None:

@@ -4,6 +4,8 @@ Every record the process appends (the coordinator's, the prediction service's) g
 :class:`LedgerWriter`, in this order, each step the commit point of the one before:
 
 accept an update:  spool file (fsync) -> ledger "update" block -> fold (``ledger.state``).
+a batch of them:   all their spool files (fsyncs, one directory fsync) -> their "update"
+                   blocks in one commit group (one fsync) -> fold.
 a new model:       model file (fsync) -> ledger "aggregate"/"model.published" block -> fold,
                    then the spool of the round it closes is removed.
 
@@ -96,6 +98,18 @@ class LedgerWriter:
         """An accepted update: its envelope into the spool (fsync), then its ledger record."""
         self.spool.put(round_number, device, payload)
         return self.append(records.update(statement, signature))
+
+    def accept_updates(self, round_number: int, updates: Sequence[tuple[str, bytes, bytes, bytes]]) -> list[Any]:
+        """Accepted updates ``(device, envelope, statement, signature)``: every envelope into the
+        spool (durable before any of their blocks is written), then their ledger records in one
+        commit group. Returns the durable blocks; the caller acknowledges and announces them."""
+        if not updates:
+            return []
+        self.spool.put_many(round_number, [(device, payload) for device, payload, _, _ in updates])
+        with self.group_commit() as committed:
+            for _, _, statement, signature in updates:
+                self.append(records.update(statement, signature), sign=False)
+        return committed
 
     def new_model(self, round_number: int, model: TensorDict, record: dict[str, Any], *,
                   closes: int | None = None) -> Any:

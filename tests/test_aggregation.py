@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -181,7 +183,9 @@ def test_robust_strategies_keep_updates_on_disk_not_in_memory(tmp_path: object) 
     for i, w in enumerate(honest):
         strategy.add(w, 1, f"d{i}")
     matrix = strategy._matrix  # type: ignore[attr-defined]
-    assert matrix.view().shape == (3, 25)  # one float32 row per update, memory-mapped
+    # one float32 row per update in a file, read back with pread (never mapped: RSS stays O(model))
+    assert np.array_equal(matrix.row(1), np.concatenate([v.ravel() for v in honest[1].values()]).astype(np.float64))
+    assert matrix.rows == 3 and os.fstat(matrix._file.fileno()).st_size == 3 * 25 * 4
     assert not any(isinstance(v, np.ndarray) for v in vars(strategy).values())
 
 

@@ -239,6 +239,10 @@ class FullDiskSpool(Spool):
 
         raise StorageError(errno.ENOSPC, "No space left on device")
 
+    def put_many(self, round_number: int, envelopes: list[tuple[str, bytes]]) -> None:
+        for device, envelope_bytes in envelopes:  # a batch of updates is spooled together
+            self.put(round_number, device, envelope_bytes)
+
 
 def test_full_disk_stops_accepting_without_acknowledging(tmp_path: Path) -> None:
     h = Harness(tmp_path)

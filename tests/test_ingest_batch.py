@@ -1,0 +1,173 @@
+"""Updates that arrive together are made durable together: the spool files first, then their
+ledger records in one commit group; nothing is acknowledged before that fsync, a crash in
+between loses nothing acknowledged, and the fleet status follows changes at a bounded rate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_coordinator import TOPICS, Harness, weights
+
+from coordinator.rounds import RoundPolicy
+from coordinator.service import STATUS_INTERVAL_S
+from coordinator.state_guard import CheckpointFile, write_checkpoint
+from federation import envelope
+from federation.fleet_state import verify_file
+
+
+class Events:
+    """What reached the disk (fsyncs, by file) and the broker (publications), in order."""
+
+    def __init__(self, h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.log: list[tuple[str, str]] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            self.log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        h.coordinator.publisher._send = lambda topic, payload, retain: self.log.append(("publish", topic))
+
+    def index(self, kind: str, where: str) -> list[int]:
+        return [i for i, (k, what) in enumerate(self.log) if k == kind and where in what]
+
+
+def test_a_batch_is_spooled_then_recorded_with_one_fsync_and_acknowledged_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    events = Events(h, monkeypatch)
+    height = h.ledger.head.index
+    outcomes = h.coordinator.handle_updates([(TOPICS.update(d), h.update(d, 1, weights(1.0)))
+                                             for d in ("dev-a", "dev-b")])
+    assert [o.reason for o in outcomes] == ["accepted", "accepted"]
+    ledger_fsyncs = events.index("fsync", "ledger.log")
+    assert len(ledger_fsyncs) == 1  # both records in one commit group
+    assert h.ledger.head.index == height + 2
+    spool_fsyncs = events.index("fsync", "/spool/round-000001")
+    assert spool_fsyncs and max(spool_fsyncs) < ledger_fsyncs[0]  # envelopes durable before their records
+    for device in ("dev-a", "dev-b"):
+        acks = events.index("publish", TOPICS.ack(device))
+        assert acks and min(acks) > ledger_fsyncs[0]  # no acknowledgement before its fsync
+    blocks = events.index("publish", TOPICS.ledger_blocks)
+    assert blocks and min(blocks) > ledger_fsyncs[0]
+
+
+def test_a_device_twice_in_one_batch_is_checked_against_its_first_record(tmp_path: Path) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    first = h.update("dev-a", 1, weights(1.0))
+    second = h.update("dev-a", 1, weights(2.0))
+    outcomes = h.coordinator.handle_updates([(TOPICS.update("dev-a"), first), (TOPICS.update("dev-a"), first),
+                                             (TOPICS.update("dev-a"), second), (TOPICS.update("dev-b"), first)])
+    assert [o.reason for o in outcomes] == ["accepted", "replay", "duplicate_in_round", "topic_mismatch"]
+    assert sum(1 for b in h.ledger if b.data["type"] == "update") == 1
+    assert verify_file(tmp_path / "ledger.log").ok
+
+
+def test_the_rest_of_a_batch_goes_to_the_next_round_once_the_round_closes(tmp_path: Path) -> None:
+    h = Harness(tmp_path, strategy="fedavg")  # min_clients 2
+    messages = [(TOPICS.update(d), h.update(d, 1, weights(1.0))) for d in ("dev-a", "dev-b")]
+    messages += [(TOPICS.update(d), h.update(d, 2, weights(3.0))) for d in ("dev-a", "dev-c")]
+    outcomes = h.coordinator.handle_updates(messages)
+    assert [o.reason for o in outcomes] == ["accepted"] * 4
+    assert h.coordinator.round is not None and h.coordinator.round.number == 3
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.0)
+    kinds = [b.data["type"] for b in h.ledger]
+    assert kinds.count("aggregate") == 2 and kinds.count("update") == 4
+    assert verify_file(tmp_path / "ledger.log").ok
+
+
+def test_a_crash_between_spool_and_ledger_loses_nothing_acknowledged(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    assert h.send("dev-c", h.update("dev-c", 1, weights(5.0))).accepted  # acknowledged before the crash
+    acks_before = [p for t, p, r in h.published if t == TOPICS.ack("dev-a")]
+    batch = [(TOPICS.update(d), h.update(d, 1, weights(1.0))) for d in ("dev-a", "dev-b")]
+
+    class Crash(BaseException):
+        """The process dies here (BaseException: nothing catches it on the way out)."""
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        raise Crash
+
+    monkeypatch.setattr(h.coordinator.writer, "group_commit", crash)  # after the spool, before the ledger
+    with pytest.raises(Crash):
+        h.coordinator.handle_updates(batch)
+    assert (tmp_path / "spool" / "round-000001" / "dev-a.update").exists()  # spooled, never recorded
+    assert [p for t, p, r in h.published if t == TOPICS.ack("dev-a")] == acks_before  # never acknowledged
+    monkeypatch.undo()
+
+    h.coordinator = h.build(register=False)  # the restart: the recorded update is back, the others are not
+    assert h.coordinator.round is not None and sorted(h.coordinator.round.accepted) == ["dev-c"]
+    outcomes = h.coordinator.handle_updates(batch)  # the devices send again: accepted, the round closes
+    assert [o.reason for o in outcomes] == ["accepted", "accepted"]
+    assert h.coordinator.round.number == 2
+    assert verify_file(tmp_path / "ledger.log").ok
+
+
+def test_the_fleet_status_follows_updates_at_a_bounded_rate_and_round_changes_at_once(tmp_path: Path) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    h.coordinator.publish_status()
+    h.published.clear()
+
+    def statuses() -> list[dict[str, Any]]:
+        return [envelope.open_status(p, h.keys.public.sign_public) for t, p, r in h.published if t == TOPICS.status]
+
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0))).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(1.0))).accepted
+    assert not h.coordinator.publish_status_if_due()  # changed, but the last status is not a second old
+    assert statuses() == [] and [t for t, _, _ in h.published].count(TOPICS.ack("dev-b")) == 1
+    h.clock.t += STATUS_INTERVAL_S
+    assert h.coordinator.publish_status_if_due()
+    assert statuses()[-1]["accepted"] == ["dev-a", "dev-b"]
+    assert not h.coordinator.publish_status_if_due()  # nothing changed since
+    assert h.send("dev-c", h.update("dev-c", 1, weights(1.0))).accepted  # closes the round
+    assert statuses()[-1]["round"] == 2  # at once, not at the next tick
+
+
+def test_the_checkpoint_file_is_written_at_a_bounded_rate_and_its_newest_head_on_flush(tmp_path: Path) -> None:
+    now = [100.0]
+    checkpoint = CheckpointFile(tmp_path, interval_s=1.0, clock=lambda: now[0])
+    written: list[bytes] = []
+    path = tmp_path / "checkpoint"
+    checkpoint.offer(b"head-1")
+    written.append(path.read_bytes())
+    checkpoint.offer(b"head-2")
+    checkpoint.offer(b"head-3")
+    assert path.read_bytes() == b"head-1"  # within the second: not yet
+    checkpoint.flush_if_due()
+    assert path.read_bytes() == b"head-1"
+    now[0] += 1.0
+    checkpoint.flush_if_due()
+    assert path.read_bytes() == b"head-3"  # the newest durable head, never an older one after it
+    checkpoint.offer(b"head-4")
+    checkpoint.flush()  # on exit
+    assert path.read_bytes() == b"head-4"
+    write_checkpoint(tmp_path, b"x")  # the plain write stays available
+
+
+def test_the_daemon_takes_only_the_updates_already_waiting_and_hands_back_the_next_message() -> None:
+    import queue
+
+    from coordinator import daemon
+    from federation.mqtt import Message
+
+    def message(topic: str, size: int = 10) -> Message:
+        return Message(topic, bytes(size), False, 0.0)
+
+    inbox: queue.Queue[Message] = queue.Queue()
+    for m in [message(TOPICS.update("dev-b")), message(TOPICS.presence("dev-a")), message(TOPICS.update("dev-c"))]:
+        inbox.put(m)
+    batch, other = daemon.take_updates(message(TOPICS.update("dev-a")), inbox, TOPICS)
+    assert [m.topic for m in batch] == [TOPICS.update("dev-a"), TOPICS.update("dev-b")]
+    assert other is not None and other.topic == TOPICS.presence("dev-a")  # the caller handles it next
+    batch, other = daemon.take_updates(inbox.get(), inbox, TOPICS)  # never waits for more
+    assert len(batch) == 1 and other is None
+    for i in range(3):
+        inbox.put(message(TOPICS.update(f"dev-{i}"), daemon.UPDATE_BATCH_BYTES // 2))
+    batch, other = daemon.take_updates(inbox.get(), inbox, TOPICS)
+    assert len(batch) == 2 and other is None and inbox.qsize() == 1  # bounded in bytes
