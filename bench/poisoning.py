@@ -12,12 +12,15 @@ Attacks, by the 2 hostile agents every round:
   mean - z * std of the honest updates, per coordinate, with z from the fleet's size
   (n=10, f=2: z = 0.25), which stays inside the honest spread so distance checks pass it.
 
-Each (strategy, attack) is compared with the same strategy's clean run (10 honest agents).
+Each (strategy, attack) is compared with the same strategy's clean run (10 honest agents) of the
+same seed (same shards, initial model and shuffling); with several ``--seeds`` the table gives
+the mean ± sample sd over seeds, and targets are judged on the mean per-seed difference.
 Targets: median and trimmed-mean within 0.5 pp of their clean run under scale10, scale1e6,
 signflip and labelflip; the default clipped-fedavg never collapses.
 
-    python bench/poisoning.py                          # full table (~15-30 min on 2 cores)
-    python bench/poisoning.py --limit 200 --rounds 2   # smoke run
+    python bench/poisoning.py                          # every strategy, seeds 0 1 2 (hours on 2 cores)
+    python bench/poisoning.py --limit 200 --rounds 2 --seeds 0   # smoke run
+    # the published table: two processes, then --merge (see docs/robustness.md)
 
 Writes bench/results/poisoning.json.
 """
@@ -83,7 +86,8 @@ def run(task: Task, shards: list[LocalData], test: tuple[torch.Tensor, torch.Ten
     global_model = as_numpy(model)
     n = len(shards)
     bad = set(range(hostile)) if attack != "clean" else set()
-    history, decisions_per_round = [], []
+    history: list[dict[str, Any]] = []
+    decisions_per_round: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory() as workdir:
         for round_number in range(1, rounds + 1):
             honest: list[tuple[int, TensorDict, int]] = []
@@ -132,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=10)
     parser.add_argument("--hostile", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--limit", type=int, default=600, help="training images per agent (of ~6,000 in a shard)")
+    parser.add_argument("--limit", type=int, default=2000,
+                        help="training images per agent, of the 6,000 in each of 10 shards (0: the whole shard)")
     parser.add_argument("--test-limit", type=int, default=10_000, help="images of the central test set used")
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES), choices=sorted(STRATEGIES))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one run per seed (shards, initial model, shuffling); the table gives the mean and "
+                             "spread over seeds and the targets are judged on the mean of per-seed differences")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "poisoning.json")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
@@ -148,35 +155,41 @@ def main(argv: list[str] | None = None) -> int:
         merged = {**reports[0], "results": [r for report in reports for r in report["results"]],
                   "seconds": sum(report["seconds"] for report in reports), "merged_from": [str(p) for p in args.merge]}
         present = {r["strategy"] for r in merged["results"]}
-        table, verdicts = summarise(merged["results"], [s for s in sorted(STRATEGIES) if s in present], list(ATTACKS))
-        merged.update(table_markdown=table, verdicts=verdicts)
+        strategies = [s for s in sorted(STRATEGIES) if s in present]
+        table, verdicts = summarise(merged["results"], strategies, list(ATTACKS))
+        merged.update(table_markdown=table, verdicts=verdicts, summary=summary_rows(merged["results"], strategies,
+                                                                                     list(ATTACKS)))
         merged["settings"]["strategies"] = sorted(present)
+        merged["settings"]["seeds"] = sorted({r.get("seed", 0) for r in merged["results"]})
         print(table + "\n" + "\n".join(verdicts))
         args.out.write_text(json.dumps(merged, indent=2) + "\n")
         print(f"\nwrote {args.out}")
         return 0
     torch.set_num_threads(args.threads)
     task = get_task("mnist")
-    shards = [task.load(i, args.agents, seed=args.seed, limit=args.limit) for i in range(args.agents)]
     test_x, test_y = central_test_set(task)
     test = (test_x[:args.test_limit], test_y[:args.test_limit])
-    print(f"mnist: {args.agents} agents ({args.hostile} hostile), {args.limit} training images each, "
-          f"{args.rounds} rounds, {len(test[1])} test images", flush=True)
+    images = str(args.limit) if args.limit else "all shard"
+    print(f"mnist: {args.agents} agents ({args.hostile} hostile), {images} training images each, "
+          f"{args.rounds} rounds, {len(test[1])} test images, seeds {args.seeds}", flush=True)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for strategy_name in args.strategies:
-        for attack in args.attacks:
-            t0 = time.perf_counter()
-            outcome = run(task, shards, test, strategy_name, attack, args.hostile, args.rounds, args.seed)
-            outcome["seconds"] = round(time.perf_counter() - t0, 1)
-            results.append(outcome)
-            acc = outcome["accuracy"]
-            print(f"  {strategy_name:>14} {attack:>9}: {'halted' if acc is None else f'{100 * acc:6.2f} %'} "
-                  f"({outcome['seconds']:.0f}s)", flush=True)
-            partial = args.out.with_name(args.out.name + ".partial")  # a killed run keeps what it measured
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                           "results": results}, indent=1) + "\n")
+    for seed in args.seeds:
+        shards = [task.load(i, args.agents, seed=seed, limit=args.limit or None) for i in range(args.agents)]
+        for strategy_name in args.strategies:
+            for attack in args.attacks:
+                t0 = time.perf_counter()
+                outcome = run(task, shards, test, strategy_name, attack, args.hostile, args.rounds, seed)
+                outcome["seed"] = seed
+                outcome["seconds"] = round(time.perf_counter() - t0, 1)
+                results.append(outcome)
+                acc = outcome["accuracy"]
+                print(f"  seed {seed} {strategy_name:>14} {attack:>9}: "
+                      f"{'halted' if acc is None else f'{100 * acc:6.2f} %'} ({outcome['seconds']:.0f}s)", flush=True)
+                partial = args.out.with_name(args.out.name + ".partial")  # a killed run keeps what it measured
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                               "results": results}, indent=1) + "\n")
     table, verdicts = summarise(results, args.strategies, args.attacks)
     print("\n" + table)
     for line in verdicts:
@@ -188,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - started, 1),
-        "table_markdown": table, "verdicts": verdicts, "results": results,
+        "table_markdown": table, "verdicts": verdicts,
+        "summary": summary_rows(results, args.strategies, args.attacks), "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -196,33 +210,95 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _pm(values: list[float], signed: bool = False) -> str:
+    mean, sd = _mean_sd(values)
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text if sd is None else f"{text} ±{sd:.2f}"
+
+
+def summary_rows(results: list[dict[str, Any]], strategies: list[str], attacks: list[str]) -> list[dict[str, Any]]:
+    """Per (strategy, attack): accuracy (%) per seed, and pp from the same strategy's clean run of the same seed.
+
+    A difference is only taken between runs of the same seed (same shards, initial model and
+    shuffling), so the spread over seeds is that of the attack's effect, not of the data.
+    """
+    accuracy = {(r["strategy"], r["attack"], r.get("seed", 0)): r["accuracy"] for r in results}
+    rows = []
+    for name in strategies:
+        for attack in attacks:
+            seeds = sorted(seed for (s, a, seed) in accuracy if (s, a) == (name, attack))
+            if not seeds:
+                continue
+            per_seed = {seed: accuracy[(name, attack, seed)] for seed in seeds}
+            finished = [100 * acc for acc in per_seed.values() if acc is not None]
+            deltas = {seed: 100 * (acc - clean) for seed, acc in per_seed.items()
+                      if acc is not None and (clean := accuracy.get((name, "clean", seed))) is not None}
+            row: dict[str, Any] = {"strategy": name, "attack": attack, "seeds": seeds,
+                                   "halted_seeds": [seed for seed, acc in per_seed.items() if acc is None],
+                                   "accuracy_pct_per_seed": {seed: None if acc is None else round(100 * acc, 2)
+                                                             for seed, acc in per_seed.items()}}
+            if finished:
+                mean, sd = _mean_sd(finished)
+                row.update(accuracy_pct_mean=round(mean, 3), accuracy_pct_sd=None if sd is None else round(sd, 3))
+            if attack != "clean" and deltas:
+                mean, sd = _mean_sd(list(deltas.values()))
+                row.update(delta_pp_per_seed={seed: round(d, 2) for seed, d in deltas.items()},
+                           delta_pp_mean=round(mean, 3), delta_pp_sd=None if sd is None else round(sd, 3))
+            rows.append(row)
+    return rows
+
+
 def summarise(results: list[dict[str, Any]], strategies: list[str], attacks: list[str]) -> tuple[str, list[str]]:
-    """A markdown table (accuracy %, and pp from the strategy's clean run) and the target checks."""
-    by = {(r["strategy"], r["attack"]): r["accuracy"] for r in results}
-    lines = ["| strategy | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    """A markdown table and the target checks.
+
+    Cells: mean accuracy (%) over seeds ± its sample standard deviation; in brackets the mean
+    ± sd of the per-seed difference (pp) from the same strategy's clean run. Targets are judged
+    on that mean difference; a run that halted in any seed fails its target.
+    """
+    rows = {(r["strategy"], r["attack"]): r for r in summary_rows(results, strategies, attacks)}
+    lines = ["| strategy | seeds | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 2) + "|"]
     verdicts = []
     for name in strategies:
-        clean = by.get((name, "clean"))
-        cells = []
+        seed_counts = sorted({len(row["seeds"]) for (s, _), row in rows.items() if s == name})
+        cells = ["/".join(str(c) for c in seed_counts) or "0"]
         for attack in attacks:
-            acc = by.get((name, attack))
-            if acc is None:
-                cells.append("halted")
-            elif attack == "clean" or clean is None:
-                cells.append(f"{100 * acc:.2f}")
-            else:
-                cells.append(f"{100 * acc:.2f} ({100 * (acc - clean):+.2f})")
+            row = rows.get((name, attack))
+            if row is None:
+                cells.append("-")
+                continue
+            halted, seeds = row["halted_seeds"], row["seeds"]
+            if len(halted) == len(seeds):
+                cells.append("halted*")
+                continue
+            cell = _pm(list(row["accuracy_pct_per_seed"][s] for s in seeds if s not in halted))
+            if "delta_pp_per_seed" in row:
+                cell += f" ({_pm(list(row['delta_pp_per_seed'].values()), signed=True)})"
+            if halted:
+                cell += f", halted* in {len(halted)} of {len(seeds)} seeds"
+            cells.append(cell)
         lines.append(f"| {name}{' (default)' if name == DEFAULT_STRATEGY else ''} | " + " | ".join(cells) + " |")
         for attack in TARGETED.get(name, ()):
-            acc = by.get((name, attack))
-            if acc is not None and clean is not None and attack in attacks:
-                ok = 100 * (clean - acc) <= TARGET_PP
-                verdicts.append(f"{name} under {attack}: {100 * (acc - clean):+.2f} pp "
-                                f"(target within {TARGET_PP} pp): {'PASS' if ok else 'FAIL'}")
+            row = rows.get((name, attack))
+            if row is None:
+                continue
+            if row["halted_seeds"] or "delta_pp_mean" not in row:
+                verdicts.append(f"{name} under {attack}: halted in seeds {row['halted_seeds']}: FAIL")
+                continue
+            mean = row["delta_pp_mean"]
+            per_seed = ", ".join(f"{d:+.2f}" for d in row["delta_pp_per_seed"].values())
+            verdicts.append(f"{name} under {attack}: {mean:+.2f} pp, mean of {len(row['delta_pp_per_seed'])} "
+                            f"seeds ({per_seed}) (target within {TARGET_PP} pp): "
+                            f"{'PASS' if -mean <= TARGET_PP else 'FAIL'}")
         if name == DEFAULT_STRATEGY:
-            worst = min((by.get((name, a)) or 0.0) for a in attacks)
-            verdicts.append(f"{name} worst accuracy {100 * worst:.2f} % (collapse below {100 * COLLAPSE:.0f} %): "
-                            f"{'PASS' if worst >= COLLAPSE else 'FAIL'}")
+            worst = min((0.0 if acc is None else acc)
+                        for attack in attacks if (name, attack) in rows
+                        for acc in rows[(name, attack)]["accuracy_pct_per_seed"].values())
+            verdicts.append(f"{name} worst accuracy in any run {worst:.2f} % (collapse below {100 * COLLAPSE:.0f} %): "
+                            f"{'PASS' if worst >= 100 * COLLAPSE else 'FAIL'}")
     return "\n".join(lines), verdicts
 
 
