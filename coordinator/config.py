@@ -31,6 +31,12 @@ class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
     csv_features: int = setting(0, "for task csv: number of feature columns of the model")
     min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
     quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
+    mode: str = setting("rounds", "rounds (synchronous: every update belongs to the open round) or async "
+                                  "(FedBuff: aggregate every --buffer updates, whatever model version each "
+                                  "trained from, stale ones down-weighted by 1/sqrt(1+staleness))")
+    buffer: int = setting(0, "async: aggregate once this many updates are in (0: --min-clients)")
+    max_staleness: int = setting(4, "async: refuse (too_stale) an update trained from a model more than this many "
+                                    "versions behind the current one")
     round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
     keep_models: int = setting(10, "keep the model files of this many latest rounds, plus any the ledger marks as "
                                    "restore targets (0: keep all); the ledger keeps every model's hash")

@@ -32,7 +32,7 @@ from coordinator.publisher import Publisher
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.restore import RestoreError
-from coordinator.rounds import RoundPolicy
+from coordinator.rounds import MODES, RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.state_check import StateRefused
 from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
@@ -65,7 +65,12 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
     if config.quorum > config.min_clients:
         raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
                          "closes as soon as min_clients updates are in")
-    return RoundPolicy(config.min_clients, config.quorum, config.round_deadline, config.deadline_factor,
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r}")
+    if config.buffer < 0 or config.max_staleness < 0:
+        raise ValueError("buffer and max_staleness must be >= 0")
+    size = config.buffer if config.mode == "async" and config.buffer else config.min_clients
+    return RoundPolicy(size, min(config.quorum, size), config.round_deadline, config.deadline_factor,
                        config.round_deadline_max)
 
 
@@ -121,6 +126,7 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         strategy=config.strategy, strategy_params=params, max_rounds=config.rounds,
         stop_at=stop_target(config.stop_at, task=config.task, evaluates=evaluate is not None),
         max_update_bytes=config.max_update_bytes, keep_models=config.keep_models, heartbeat_s=config.heartbeat,
+        mode=config.mode, max_staleness=config.max_staleness,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),

@@ -34,11 +34,11 @@ from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, 
 from coordinator.presence import PresenceBook
 from coordinator.publisher import Publish, Publisher
 from coordinator.restore import RestoreError
-from coordinator.rounds import Accepted, RoundPolicy, RoundState
+from coordinator.rounds import Accepted, BufferState, RoundPolicy, RoundState
 from coordinator.stopping import StopTarget
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from coordinator.writer import LedgerLike, LedgerWriter
-from federation import envelope, records
+from federation import deltas, envelope, records
 from federation.codec import (
     TensorDict,
     TensorSpec,
@@ -68,6 +68,8 @@ class CoordinatorSettings:
     max_update_bytes: int = 64 * 1024 * 1024
     keep_models: int = 10  # model files kept besides restore targets (0: all)
     heartbeat_s: float = 0.0  # how often the daemon republishes the status (0: only on changes)
+    mode: str = "rounds"  # or "async": FedBuff (coordinator.rounds.BufferState)
+    max_staleness: int = 4  # async: versions an update's base may be behind the current model
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,10 @@ class Coordinator:
             raise StorageError(5, f"spooled update of {device} for round {self.round.number} is not the one the "
                                   "ledger records")
         weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
+        if sealed.version == 1:  # accepted by the coordinator before the upgrade: full weights
+            weights = deltas.delta(weights, self.global_model)
+        if "weight" in record:  # asynchronous mode: down-weighted by its staleness, as when accepted
+            weights = _scaled(weights, float(record["weight"]))
         self._strategy.add(weights, sealed.header.num_samples, device)
         self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
                                    sealed.header.num_samples, sealed.header.metrics))
@@ -282,11 +288,12 @@ class Coordinator:
         if deadline != policy.deadline_s:
             log.info("round %d stays open %.1fs: adapted to the devices' reported training times", number, deadline)
             policy = dataclasses.replace(policy, deadline_s=deadline)
-        self.round = RoundState(number, self._now(), policy)
-        # Robust strategies measure distances from the model this round trains from, and keep
-        # the round's updates in a memory-mapped file beside the spool.
+        self.round = BufferState(number, self._now(), policy, max_staleness=self.settings.max_staleness) \
+            if self.settings.mode == "async" else RoundState(number, self._now(), policy)
+        # The strategy gets deltas (no reference model: robust strategies measure each delta's
+        # norm) and keeps the round's updates in a memory-mapped file beside the spool.
         self._strategy = make_strategy(self.settings.strategy, self.settings.strategy_params,
-                                       global_model=self.global_model, workdir=self.spool.directory)
+                                       global_model=None, workdir=self.spool.directory)
         # A new round's round.opened record starts the per-round caps over (in the fold).
         if announce and not self.done and not (self.settings.max_rounds and number > self.settings.max_rounds):
             self._append(records.round_opened(number), sign=False)  # signed by its group's last block
@@ -413,8 +420,14 @@ class Coordinator:
                                 msg_id=header.msg_id, payload=payload, record=verdict.record)
         assert verdict.weights is not None
         weights = verdict.weights
+        staleness: dict[str, Any] = {}
+        if isinstance(self.round, BufferState):  # recorded: the buffer (version) it joins, how stale, its weight
+            lag = self.round.staleness(header.round)
+            staleness = {"version": self.round.number, "staleness": lag, "weight": records.staleness_weight(lag)}
+            weights = _scaled(weights, staleness["weight"])
         # Persist, then commit to the ledger, then fold into the running sum.
-        self.writer.accept_update(header.round, header.device, payload, sealed.header_bytes, sealed.signature)
+        self.writer.accept_update(self.round.number, header.device, payload, sealed.header_bytes, sealed.signature,
+                                  **staleness)
         self._strategy.add(weights, header.num_samples, header.device)
         self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                    header.metrics))
@@ -491,7 +504,7 @@ class Coordinator:
     def _close_round(self) -> None:
         assert self.round is not None and self._strategy is not None
         state = self.round
-        new_model = self._strategy.result()
+        new_model = deltas.apply_delta(self.global_model, self._strategy.result())
         model_bytes = encode_tensors(new_model)
         next_round = state.number + 1
         eval_metrics = self._evaluation(state.number, new_model)
@@ -510,6 +523,10 @@ class Coordinator:
         stop_at = self.settings.stop_at
         reached = stop_at is not None and stop_at.reached(metrics)
         ending: dict[str, Any] = {"stop_target": str(stop_at)} if reached else {}  # the run ends with this model
+        if isinstance(state, BufferState):  # what was aggregated, how stale, with which weight
+            buffered = self.fleet_state.rounds[state.number].updates
+            ending.update(mode="async", staleness={u["device"]: u["staleness"] for u in buffered},
+                          weights={u["device"]: u["weight"] for u in buffered}, max_staleness=state.max_staleness)
         # One commit group (one fsync) for the round's three records; the aggregate keeps its own
         # signature because it travels alone, inside the model message. The round's spool goes
         # once the group is durable.
@@ -602,6 +619,12 @@ class Coordinator:
 
 
 ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
+
+
+def _scaled(change: TensorDict, weight: float) -> TensorDict:
+    """A delta times ``weight`` (FedBuff's staleness weight); integer tensors (counters) unscaled."""
+    return {name: (array * weight).astype(array.dtype) if array.dtype.kind == "f" else array
+            for name, array in change.items()}
 
 
 def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

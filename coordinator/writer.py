@@ -92,10 +92,11 @@ class LedgerWriter:
             self._announce(blocks, self.ledger.signed_checkpoint())
 
     def accept_update(self, round_number: int, device: str, payload: bytes, statement: bytes,
-                      signature: bytes) -> Any:
-        """An accepted update: its envelope into the spool (fsync), then its ledger record."""
+                      signature: bytes, **extra: Any) -> Any:
+        """An accepted update: its envelope into the spool (fsync), then its ledger record
+        (``extra``: asynchronous mode's version, staleness and weight)."""
         self.spool.put(round_number, device, payload)
-        return self.append(records.update(statement, signature))
+        return self.append(records.update(statement, signature, **extra))
 
     def new_model(self, round_number: int, model: TensorDict, record: dict[str, Any], *,
                   closes: int | None = None) -> Any:
