@@ -37,6 +37,13 @@ class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
     buffer: int = setting(0, "async: aggregate once this many updates are in (0: --min-clients)")
     max_staleness: int = setting(4, "async: refuse (too_stale) an update trained from a model more than this many "
                                     "versions behind the current one")
+    upstream: str = setting("", "HOST:PORT of an upstream coordinator's broker: this coordinator is then a gateway, "
+                                "a device of that fleet (--upstream-bundle): each round's aggregate goes upstream "
+                                "as one update, and the upstream's next model is the next round's (empty: none)")
+    upstream_bundle: Path | None = setting(None, "the device bundle (fledger keys add-device of the upstream fleet) "
+                                                 "this gateway uses upstream")
+    upstream_username: str | None = setting(None, "MQTT user name on the upstream broker")
+    upstream_password_file: Path | None = setting(None, "file holding the MQTT password on the upstream broker")
     round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
     keep_models: int = setting(10, "keep the model files of this many latest rounds, plus any the ledger marks as "
                                    "restore targets (0: keep all); the ledger keeps every model's hash")

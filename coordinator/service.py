@@ -42,6 +42,7 @@ from federation import deltas, envelope, records
 from federation.codec import (
     TensorDict,
     TensorSpec,
+    check_against_spec,
     decode_tensors,
     encode_tensors,
     spec_of,
@@ -55,6 +56,7 @@ from federation.verdicts import ACCEPTED
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[TensorDict], dict[str, float]]
+SendUpstream = Callable[[TensorDict, int, dict[str, float]], None]  # (aggregated delta, samples, metrics)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Coordinator:
         ledger: LedgerLike, models: ModelStore, spool: Spool, *, initial_model: Callable[[], TensorDict],
         publish: Publish, topics: Topics, evaluate: Evaluate | None = None,
         now: Callable[[], float] = time.time, task_info: dict[str, Any] | None = None,
-        publisher: Publisher | None = None,
+        publisher: Publisher | None = None, send_upstream: SendUpstream | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -116,6 +118,10 @@ class Coordinator:
         self.presence_rejections: Counter[str] = Counter()
         self.acks = DeviceAcks(settings.fleet)
         self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
+        # A gateway (--upstream): each round's aggregated delta goes upstream as one update, and
+        # the next round trains from the model the upstream coordinator publishes next.
+        self._send_upstream = send_upstream
+        self.awaiting_upstream = False
 
     # -- the parts' state ------------------------------------------------------------------------
     # The writer owns the spool, the model files and the ledger; these are its.
@@ -482,7 +488,7 @@ class Coordinator:
     def maybe_close_round(self) -> bool:
         """Aggregate if the open round is ready (enough updates, or deadline with quorum)."""
         assert self.round is not None and self._strategy is not None
-        if self.done or self.halted:
+        if self.done or self.halted or self.awaiting_upstream:
             return False
         now = self._now()
         if not self.round.ready(now):
@@ -504,7 +510,8 @@ class Coordinator:
     def _close_round(self) -> None:
         assert self.round is not None and self._strategy is not None
         state = self.round
-        new_model = deltas.apply_delta(self.global_model, self._strategy.result())
+        change = self._strategy.result()
+        new_model = deltas.apply_delta(self.global_model, change)
         model_bytes = encode_tensors(new_model)
         next_round = state.number + 1
         eval_metrics = self._evaluation(state.number, new_model)
@@ -538,12 +545,17 @@ class Coordinator:
                 excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
                 merkle_root=self.fleet_state.merkle_root_for(state.number), **ending,
             ), closes=state.number)
-            self.global_model = new_model
-            self._model_block = block
             if (self.settings.max_rounds and next_round > self.settings.max_rounds) or reached:
                 self.done = True
-            self._open_round(next_round, announce=True)
-            self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
+            if self._send_upstream is not None and not self.done:
+                # A gateway: the next round opens with the upstream's next model (adopt_upstream_model).
+                self.awaiting_upstream = True
+                self._open_round(next_round, announce=False)
+            else:
+                self.global_model = new_model
+                self._model_block = block
+                self._open_round(next_round, announce=True)
+                self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
         # Durable from here: publish the model, then the blocks.
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)
         if pruned:
@@ -555,9 +567,46 @@ class Coordinator:
         if reached and stop_at is not None:
             log.info("round %d: target %s reached (%s %.6g); training done", state.number, stop_at, stop_at.metric,
                      metrics[stop_at.metric])
+        if self.awaiting_upstream and self._send_upstream is not None:
+            # One update upstream: this gateway's aggregated delta, weighted by all its devices' samples.
+            self._send_upstream(change, block.data["num_samples"], train)
+        else:
+            self.publish_model()
+        self.writer.announce(committed)
+        self.publish_status()
+
+    def adopt_upstream_model(self, model: TensorDict, upstream: dict[str, Any], *,
+                             replace_open_round: bool = False) -> bool:
+        """A gateway's next model: the one its upstream coordinator published after this gateway's
+        update (``upstream``: which round and block it is there). Recorded as the model of the
+        round that waited for it, then published to this gateway's devices. False if no round
+        waits for one (the upstream moved on without us: our round goes on from our model).
+
+        ``replace_open_round`` (at start, when the open round does not train from the upstream's
+        newest model, e.g. after a restart between our update and the upstream's answer): the
+        open round is abandoned, like a restore, and the next one trains from the upstream's."""
+        assert self.round is not None
+        if self.halted or not (self.awaiting_upstream or replace_open_round):
+            return False
+        check_against_spec(model, self.spec)
+        digest = deltas.model_sha256(model)
+        abandoned: dict[str, Any] = {}
+        if not self.awaiting_upstream:
+            abandoned = {"abandoned_round": self.round.number}
+            self._open_round(self.round.number + 1, announce=False)
+        with self.writer.group_commit() as committed:
+            block = self.writer.new_model(self.round.number, model, records.model_published(
+                self.round.number, digest, upstream=upstream, **abandoned), closes=abandoned.get("abandoned_round"))
+            self._append(records.round_opened(self.round.number), sign=False)
+        self.global_model = model
+        self._model_block = block
+        self.awaiting_upstream = False
+        self.round.opened_at = self._now()
+        log.info("round %d trains from the upstream model of its round %s", self.round.number, upstream.get("round"))
         self.publish_model()
         self.writer.announce(committed)
         self.publish_status()
+        return True
 
     def _evaluation(self, round_number: int, model: TensorDict) -> dict[str, float | None]:
         """Central evaluation is informative: whatever it gives (a diverged model's Inf or NaN,

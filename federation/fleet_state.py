@@ -68,11 +68,11 @@ def model_named_by(data: dict[str, Any]) -> tuple[int, bytes] | None:
 
 def starts_model(data: dict[str, Any]) -> bool:
     """Does the record set the model the newest round trains from (an aggregate, the initial
-    model, or a model an operator restored)? A plain ``model.published`` after an aggregate
-    only repeats it."""
+    model, a model an operator restored, or a gateway's upstream model)? A plain
+    ``model.published`` after an aggregate only repeats it."""
     kind = data.get("type")
     return kind == records.AGGREGATE or (kind == records.MODEL_PUBLISHED and
-                                         (bool(data.get("initial")) or "restores" in data))
+                                         (bool(data.get("initial")) or "restores" in data or "upstream" in data))
 
 
 class FleetState:
@@ -179,6 +179,10 @@ class FleetState:
                                      "for that round")
                 if round_number <= max(self.published_models, default=0):
                     raise ValueError(f"a restored model must open a new round, above {max(self.published_models)}")
+            if "upstream" in data:  # a gateway's next model: its upstream coordinator's, after its own aggregate
+                need(data, "upstream", dict)
+                if round_number in self.published_models:
+                    raise ValueError(f"round {round_number} already has a published model")
         elif kind == records.AGGREGATE:
             self._check_aggregate(data)
         elif kind in credits.TYPES:

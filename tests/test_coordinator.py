@@ -38,7 +38,7 @@ def initial_model() -> dict[str, np.ndarray]:
 
 class Harness:
     def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0,
-                 strategy: str = DEFAULT_STRATEGY, mode: dict[str, Any] | None = None) -> None:
+                 strategy: str = DEFAULT_STRATEGY, mode: dict[str, Any] | None = None, gateway: bool = False) -> None:
         self.tmp = tmp
         self.strategy = strategy
         self.keys = CoordinatorKeys.generate(FLEET)
@@ -52,6 +52,9 @@ class Harness:
         self.policy = policy or RoundPolicy(min_clients=2, quorum=1, deadline_s=0)
         self.max_rounds = max_rounds
         self.mode = mode or {}  # e.g. {"mode": "async", "max_staleness": 1}
+        self.upstream: list[tuple[dict[str, np.ndarray], int]] = []  # what a gateway sent upstream
+        self.send_upstream: Any = (lambda change, samples, metrics: self.upstream.append((change, samples))) \
+            if gateway else None
         self.clock = ManualClock(time.time())  # registrations carry the real clock; deadlines are relative
         self.published: list[tuple[str, bytes, bool]] = []
         self.evaluate: Any = None
@@ -68,7 +71,7 @@ class Harness:
                                 strategy=self.strategy, **self.mode),
             self.keys, self.registry, ledger, ModelStore(self.tmp / "models"), Spool(self.tmp / "spool"),
             initial_model=initial_model, publish=lambda t, p, r: self.published.append((t, p, r)),
-            topics=TOPICS, now=self.clock, evaluate=self.evaluate,
+            topics=TOPICS, now=self.clock, evaluate=self.evaluate, send_upstream=self.send_upstream,
         )
         coordinator.start()
         for name, bundle in self.devices.items() if register else ():
@@ -741,4 +744,30 @@ def test_async_mode_counts_a_late_update_down_weighted_and_refuses_one_beyond_th
     h.coordinator = h.build()
     assert h.send("dev-b", h.update("dev-b", 2, weights(1.5), n=10)).accepted  # staleness 1, delta 0
     np.testing.assert_allclose(h.coordinator.global_model["w"], expected + 1.0, rtol=1e-6)
+    assert verify_file(h.tmp / "ledger.log").ok
+
+
+def test_a_gateway_sends_its_aggregate_upstream_and_trains_next_from_the_upstream_model(tmp_path: Path) -> None:
+    h = Harness(tmp_path, strategy="fedavg", gateway=True)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(3.0), n=30)).accepted
+    (change, samples), = h.upstream
+    assert samples == 40
+    np.testing.assert_allclose(change["w"], 2.5)  # the aggregated delta, (10 x 1 + 30 x 3) / 40, against zeros
+    assert h.coordinator.awaiting_upstream and not h.coordinator.maybe_close_round()
+    assert h.send("dev-c", h.update("dev-c", 1, weights(2.0))).reason == "stale_round"
+    upstream_model = weights(2.0)  # the upstream's FedAvg over all its gateways
+    assert h.coordinator.adopt_upstream_model(upstream_model, {"round": 2})
+    assert h.coordinator.round is not None and h.coordinator.round.number == 2
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.0)
+    header, _ = envelope.open_model([p for t, p, r in h.published if t == TOPICS.model][-1], h.devices["dev-a"],
+                                    max_bytes=1 << 20)
+    assert header.round == 2 and header.model_sha256 == deltas.model_sha256(upstream_model)
+    # A restart while waiting for the upstream: the open round is replaced by one on the upstream's model.
+    assert h.send("dev-a", h.update("dev-a", 2, weights(3.0))).accepted
+    assert h.send("dev-b", h.update("dev-b", 2, weights(3.0))).accepted
+    h.coordinator = h.build(register=False)
+    assert h.coordinator.adopt_upstream_model(weights(2.5), {"round": 3}, replace_open_round=True)
+    assert h.coordinator.round is not None and h.coordinator.round.number == 4
+    assert h.send("dev-a", h.update("dev-a", 4, weights(3.0))).accepted  # a delta against the upstream's model
     assert verify_file(h.tmp / "ledger.log").ok
