@@ -507,9 +507,10 @@ def verify_round_proof(proof: RoundProof, aggregate: Block | None = None, coordi
         fields = records.decode_statement(proof.statement)
     except ValueError as exc:
         raise ProofError(str(exc)) from exc
-    if fields["device"] != proof.device or fields["round"] != proof.round:
+    # In asynchronous mode an update trained from version v may be aggregated into a later one.
+    if fields["device"] != proof.device or not isinstance(fields["round"], int) or fields["round"] > proof.round:
         raise ProofError(f"the statement is by {fields['device']!r} for round {fields['round']}, "
-                         f"not by {proof.device!r} for round {proof.round}")
+                         f"not by {proof.device!r} for round {proof.round} or before")
     if not merkle.verify_inclusion(merkle.leaf_hash(proof.leaf), proof.leaf_index, proof.tree_size, proof.path,
                                    proof.root):
         raise ProofError(f"inclusion path does not lead to root {proof.root.hex()[:16]}")

@@ -730,6 +730,9 @@ def test_async_mode_counts_a_late_update_down_weighted_and_refuses_one_beyond_th
     updates = [b.data for b in h.ledger if b.data["type"] == "update" and b.data["device"] == "dev-c"]
     assert (updates[0]["round"], updates[0]["version"], updates[0]["staleness"]) == (1, 2, 1)
     assert verify_file(h.tmp / "ledger.log").ok
+    # dev-c can prove its late update is in version 2's aggregate.
+    proof = h.ledger.inclusion_proof(2, "dev-c")
+    assert proof.verify(h.ledger.block(proof.aggregate_index), h.keys.public.sign_public)
     # The fold's rules (ledger verify) refuse an update record that claims another weight or staleness.
     blocks = list(h.ledger)
     index = next(b.index for b in blocks if b.data is updates[0] or b.data == updates[0])
