@@ -65,7 +65,8 @@ def sealed_messages(task_name: str) -> tuple[bytes, bytes]:
     codec = encode_tensors(state)
     keys = CoordinatorKeys.generate("bench")
     bundle = DeviceBundle("bench", "dev", crypto.ed25519_generate()[0], keys.public, keys.model_key_id, keys.model_key)
-    update = envelope.seal_update(bundle, 1, codec, 100, {"train_loss": 0.1}, dataset_sha256=bytes(32))
+    update = envelope.seal_update(bundle, 1, codec, 100, {"train_loss": 0.1}, dataset_sha256=bytes(32),
+                                  base_sha256=bytes(32))
     with tempfile.TemporaryDirectory() as tmp:  # the model travels with the ledger block that made it
         ledger = FleetLedger.open(Path(tmp) / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet="bench")
         block = ledger.append(records.model_published(1, hashlib.sha256(codec).digest()))

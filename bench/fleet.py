@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from brokers import Mosquitto  # noqa: E402
 
-from federation import envelope  # noqa: E402
+from federation import deltas, envelope  # noqa: E402
 from federation.codec import encode_tensors  # noqa: E402
 from federation.keys import DeviceBundle  # noqa: E402
 from federation.model_init import initial_weights  # noqa: E402
@@ -140,7 +140,7 @@ def envelope_cost(task: str, repeat: int = 100) -> dict[str, float]:
     seed = nacl.signing.SigningKey.generate()
     bundle = DeviceBundle("bench", "dev", bytes(seed), keys.public, keys.model_key_id, keys.model_key)
     message = envelope.seal_update(bundle, 1, encode_tensors(initial_weights(task, 0, seed=1)), 100, {},
-                                   dataset_sha256=bytes(32))
+                                   dataset_sha256=bytes(32), base_sha256=bytes(32))
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -230,13 +230,13 @@ class LedgerWatch:
 
 def sealed_updates(bundles: list[DeviceBundle], task: str, round_number: int, dataset: bytes) -> list[bytes]:
     """One valid update per device: the task's model shape, slightly different weights each."""
-    base = initial_weights(task, 0, seed=1)
+    base = initial_weights(task, 0, seed=0)  # the coordinator's initial model (its --seed 0): the deltas' base
     rng = np.random.default_rng(2)
     out = []
     for bundle in bundles:
         weights = {k: (v + rng.normal(0, 0.01, v.shape).astype(np.float32)) for k, v in base.items()}
-        out.append(envelope.seal_update(bundle, round_number, encode_tensors(weights), 100,
-                                        {"train_loss": 0.5, "train_seconds": 1.0}, dataset_sha256=dataset))
+        out.append(deltas.seal_trained(bundle, round_number, weights, base, 100,
+                                       {"train_loss": 0.5, "train_seconds": 1.0}, dataset_sha256=dataset))
     return out
 
 

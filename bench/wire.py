@@ -45,7 +45,8 @@ def wire_sizes(task_name: str) -> dict[str, Any]:
     codec = encode_tensors(state)
     keys = CoordinatorKeys.generate("bench")
     bundle = DeviceBundle("bench", "dev", crypto.ed25519_generate()[0], keys.public, keys.model_key_id, keys.model_key)
-    sealed = envelope.seal_update(bundle, 1, codec, 100, {"train_loss": 0.1}, dataset_sha256=bytes(32))
+    sealed = envelope.seal_update(bundle, 1, codec, 100, {"train_loss": 0.1}, dataset_sha256=bytes(32),
+                                  base_sha256=bytes(32))
     as_json = json.dumps({k: v.tolist() for k, v in state.items()}).encode()
     return {"task": task_name, "parameters": int(sum(a.size for a in state.values())), "raw_bytes": raw,
             "codec_bytes": len(codec), "envelope_bytes": len(sealed), "json_floats_bytes": len(as_json),
@@ -80,7 +81,7 @@ def ingest(task_name: str, updates: int) -> dict[str, Any]:
             weights = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) * 0.01) if v.dtype.kind == "f" else v
                        for k, v in model.items()}
             payloads.append((bundle, envelope.seal_update(bundle, 1, encode_tensors(weights), 100, {},
-                                                          dataset_sha256=dataset)))
+                                                          dataset_sha256=dataset, base_sha256=bytes(32))))
         start = time.perf_counter()
         for bundle, payload in payloads:
             outcome = coordinator.handle_update(topics.update(bundle.device_id), payload)

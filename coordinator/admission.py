@@ -45,7 +45,7 @@ class UpdateVerdict:
     round: int | None = None
     sealed: SealedUpdate | None = None
     record: bool = False
-    weights: TensorDict | None = None  # decoded and checked against the model, when accepted
+    weights: TensorDict | None = None  # the delta, decoded and checked against the model, when accepted
 
     @property
     def accepted(self) -> bool:
@@ -99,6 +99,12 @@ class Admission:
         def rejected(reason: str, detail: str, *, record: bool = True) -> UpdateVerdict:
             return UpdateVerdict(reason, detail, header.device, header.round, sealed, record)
 
+        if sealed.version != envelope.UPDATE_VERSION:
+            # An older agent: refused by name (in its acknowledgement and the ledger), not misread.
+            return rejected("unsupported_version",
+                            f"update envelope v{sealed.version} (full weights); this coordinator takes "
+                            f"v{envelope.UPDATE_VERSION} (a delta against a named base model): upgrade the agent")
+
         round_problem = round.check(device=header.device, round_number=header.round, msg_id=header.msg_id,
                                     seen=state.accepted_msg_ids)
         if round_problem is not None:
@@ -110,6 +116,10 @@ class Admission:
             return rejected("bad_sample_count", f"num_samples={header.num_samples}")
         if len(header.metrics) > MAX_METRICS or not all(sane(v) for v in header.metrics.values()):
             return rejected("bad_metrics", f"need <= {MAX_METRICS} finite metrics of magnitude <= {METRIC_LIMIT:g}")
+        base = state.published_models.get(header.round)
+        if base is None or base != header.base_sha256:
+            return rejected("wrong_base", f"the delta is against model {header.base_sha256.hex()[:16]}, not the "
+                                          f"model of version {header.round}")
         registered = state.datasets.get(header.device)
         if registered is None or registered.sha256 != header.dataset_sha256:
             return rejected("dataset_not_registered", "the update names a data set this device has not registered")

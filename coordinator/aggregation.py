@@ -236,6 +236,14 @@ def _squared_distance(weights: TensorDict, reference: TensorDict) -> float:
     return total
 
 
+def _squared_norm(weights: TensorDict) -> float:
+    total = 0.0
+    for array in weights.values():
+        flat = array.astype(np.float64).ravel()
+        total += float(np.einsum("i,i->", flat, flat))  # einsum: see _squared_distance
+    return total
+
+
 def lower_median(values: list[float]) -> float:
     """The lower of the two middle values: with n = 2 (one honest, one hostile) the honest one."""
     ordered = sorted(values)
@@ -267,8 +275,8 @@ class _MatrixStrategy:
         if self.global_model is not None:
             self._matrix.layout.check(self.global_model)
             distance = math.sqrt(_squared_distance(weights, self.global_model))
-        else:
-            distance = math.nan
+        else:  # deltas (the coordinator's case): the distance from the base is the delta's norm
+            distance = math.sqrt(_squared_norm(weights))
         self._matrix.append(weights)
         self.clients.append(client or f"#{len(self.clients)}")
         self.samples.append(int(num_samples))
@@ -421,8 +429,6 @@ class ClippedFedAvg(_MatrixStrategy):
         return median, bound, exclude
 
     def _reduce(self, matrix: UpdateMatrix) -> np.ndarray:
-        if self.global_model is None:
-            raise AggregationError(f"{self.name} needs the current global model")
         median, bound, exclude = self.bounds()
         sample_cap = self.params.clip_factor * lower_median([float(s) for s in self.samples]) \
             if self.params.clip_factor > 0 else math.inf
@@ -445,7 +451,8 @@ class ClippedFedAvg(_MatrixStrategy):
             raise AggregationError("every update was excluded")
         total = sum(weights.values())
         layout = matrix.layout
-        flat_global = np.concatenate([self.global_model[name].astype(np.float64).ravel() for name in layout.names])
+        flat_global = np.zeros(layout.size) if self.global_model is None else \
+            np.concatenate([self.global_model[name].astype(np.float64).ravel() for name in layout.names])
         out = flat_global.copy()
         for i, weight in weights.items():
             out += (weight / total) * scales[i] * (matrix.row(i) - flat_global)
@@ -468,8 +475,10 @@ DEFAULT_STRATEGY = ClippedFedAvg.name  # bounded: no single update can move the 
 
 def make_strategy(name: str, params: StrategyParams | None = None, *, global_model: TensorDict | None = None,
                   workdir: Path | None = None) -> Strategy:
-    """A fresh strategy for one round. ``global_model`` is the model the round trains from
-    (clipped-fedavg measures distances from it); ``workdir`` holds the robust strategies'
+    """A fresh strategy for one round. Its inputs are deltas against the round's base model
+    (the coordinator's case, ``global_model=None``: the result is the aggregated delta, distances
+    are the deltas' norms), or full models with ``global_model`` the model they trained from
+    (the result is a model, distances are from it); ``workdir`` holds the robust strategies'
     update matrix (default: the system's temporary directory)."""
     try:
         factory = STRATEGIES[name]

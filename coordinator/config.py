@@ -31,6 +31,19 @@ class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
     csv_features: int = setting(0, "for task csv: number of feature columns of the model")
     min_clients: int = setting(2, "aggregate a round as soon as this many updates are in")
     quorum: int = setting(1, "after the deadline, aggregate with at least this many updates")
+    mode: str = setting("rounds", "rounds (synchronous: every update belongs to the open round) or async "
+                                  "(FedBuff: aggregate every --buffer updates, whatever model version each "
+                                  "trained from, stale ones down-weighted by 1/sqrt(1+staleness))")
+    buffer: int = setting(0, "async: aggregate once this many updates are in (0: --min-clients)")
+    max_staleness: int = setting(4, "async: refuse (too_stale) an update trained from a model more than this many "
+                                    "versions behind the current one")
+    upstream: str = setting("", "HOST:PORT of an upstream coordinator's broker: this coordinator is then a gateway, "
+                                "a device of that fleet (--upstream-bundle): each round's aggregate goes upstream "
+                                "as one update, and the upstream's next model is the next round's (empty: none)")
+    upstream_bundle: Path | None = setting(None, "the device bundle (fledger keys add-device of the upstream fleet) "
+                                                 "this gateway uses upstream")
+    upstream_username: str | None = setting(None, "MQTT user name on the upstream broker")
+    upstream_password_file: Path | None = setting(None, "file holding the MQTT password on the upstream broker")
     round_deadline: float = setting(300.0, "seconds a round stays open before a quorum may close it (0: none)")
     keep_models: int = setting(10, "keep the model files of this many latest rounds, plus any the ledger marks as "
                                    "restore targets (0: keep all); the ledger keeps every model's hash")

@@ -32,19 +32,20 @@ from coordinator.publisher import Publisher
 from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.restore import RestoreError
-from coordinator.rounds import RoundPolicy
-from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
+from coordinator.rounds import MODES, RoundPolicy
+from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome, SendUpstream
 from coordinator.state_check import StateRefused
 from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
-from federation import envelope, exit_codes
+from coordinator.upstream import Upstream
+from federation import deltas, envelope, exit_codes
 from federation.chunk_record import ChunkRecord
 from federation.config import ConfigError
 from federation.crypto import ed25519_public
 from federation.fleet_state import FleetLedger
-from federation.keys import CoordinatorKeys, DeviceRegistry
+from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
-from federation.mqtt import LIVENESS_PERIODS, Message, MqttLink
+from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, Message, MqttLink
 from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, LedgerCorrupt
@@ -65,7 +66,12 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
     if config.quorum > config.min_clients:
         raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
                          "closes as soon as min_clients updates are in")
-    return RoundPolicy(config.min_clients, config.quorum, config.round_deadline, config.deadline_factor,
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r}")
+    if config.buffer < 0 or config.max_staleness < 0:
+        raise ValueError("buffer and max_staleness must be >= 0")
+    size = config.buffer if config.mode == "async" and config.buffer else config.min_clients
+    return RoundPolicy(size, min(config.quorum, size), config.round_deadline, config.deadline_factor,
                        config.round_deadline_max)
 
 
@@ -99,7 +105,9 @@ def open_ledger(config: CoordinatorConfig, keys: CoordinatorKeys) -> FleetLedger
 
 
 def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Evaluate | None = None,
-                      ledger: FleetLedger | None = None, publisher: Publisher | None = None) -> Coordinator:
+                      ledger: FleetLedger | None = None, publisher: Publisher | None = None,
+                      upstream_model: dict[str, Any] | None = None,
+                      send_upstream: SendUpstream | None = None) -> Coordinator:
     policy = round_policy(config)  # checked before any file is opened
     params = strategy_params(config)
     keys = load_keys(config)
@@ -110,6 +118,8 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
     task_layers(config.task, config.csv_features)  # an unknown task or missing --csv-features fails now
 
     def initial_model() -> dict[str, Any]:
+        if upstream_model is not None:  # a gateway starts from its upstream's model
+            return upstream_model
         # numpy, not torch: a coordinator that does not evaluate runs without torch installed.
         return initial_weights(config.task, config.csv_features, config.seed)
 
@@ -121,10 +131,12 @@ def build_coordinator(config: CoordinatorConfig, publish: Any, *, evaluate: Eval
         strategy=config.strategy, strategy_params=params, max_rounds=config.rounds,
         stop_at=stop_target(config.stop_at, task=config.task, evaluates=evaluate is not None),
         max_update_bytes=config.max_update_bytes, keep_models=config.keep_models, heartbeat_s=config.heartbeat,
+        mode=config.mode, max_staleness=config.max_staleness,
     )
     return Coordinator(settings, keys, registry, ledger, ModelStore(state / "models"), Spool(state / "spool"),
                        initial_model=initial_model, publish=publish, topics=Topics(config.fleet, config.topic_prefix),
-                       evaluate=evaluate, task_info={"task": config.task}, publisher=publisher)
+                       evaluate=evaluate, task_info={"task": config.task}, publisher=publisher,
+                       send_upstream=send_upstream)
 
 
 def make_evaluator(task_name: str) -> Evaluate:
@@ -234,14 +246,33 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     notifier = Notifier()
     if not link.start(timeout=60, stop=stop):
         return 0  # stopped while connecting
+    upstream_link, upstream = _start_upstream(config, stop) if config.upstream else (None, None)
+    if config.upstream and upstream is None:
+        link.stop()
+        return 0  # stopped while waiting for the upstream's model
     registry_file = RegistryFile(config.devices)  # before loading it: a change in between is seen
-    coordinator = build_coordinator(config, publish, ledger=ledger, publisher=publisher)
+
+    def send_upstream(change: dict[str, Any], samples: int, metrics: dict[str, float]) -> None:
+        assert upstream is not None
+        # Registered (again, if its devices changed) right before the update, on the same link.
+        upstream.register(coordinator.datasets, time.monotonic())
+        upstream.send(change, samples, metrics, time.monotonic())
+
+    coordinator = build_coordinator(
+        config, publish, ledger=ledger, publisher=publisher,
+        upstream_model=upstream.model[1] if upstream is not None and upstream.model else None,
+        send_upstream=send_upstream if upstream is not None else None)
     observatory.catch_up(coordinator.ledger)
     try:
         coordinator.start()
     except StorageError as exc:  # a missing or damaged model or spool file the ledger names
         link.stop()
         raise StateRefused(str(exc)) from None
+    if upstream is not None and upstream.base is not None and \
+            deltas.model_sha256(coordinator.global_model) != upstream.base.model_sha256:
+        # A restart between our update and the upstream's next model: our deltas must be against
+        # the upstream's model, so the next round trains from it.
+        _adopt(coordinator, upstream, upstream.base, replace_open_round=True)
     notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
     clients_file = RegistryFile(config.clients)
 
@@ -289,6 +320,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                 log.exception("unexpected error handling a message; continuing")
             try:  # apart from message handling, so that no stream of messages can starve it
                 now = time.monotonic()
+                if upstream is not None and upstream_link is not None:
+                    _serve_upstream(coordinator, upstream, upstream_link, now)
                 if now - last_tick >= 0.5:
                     last_tick = now
                     coordinator.tick()
@@ -343,7 +376,67 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         checkpoint.flush()
         notifier.stopping()
         link.stop(timeout=2)
+        if upstream_link is not None:
+            upstream_link.stop(timeout=2)
     return 0
+
+
+def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[MqttLink | None, Upstream | None]:
+    """Connect to the upstream broker as the gateway's device and wait for the upstream's model."""
+    if config.upstream_bundle is None:
+        raise ConfigError("--upstream needs --upstream-bundle (this gateway's device bundle of the upstream fleet)")
+    host, _, port = config.upstream.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--upstream must be HOST:PORT, not {config.upstream!r}")
+    bundle = DeviceBundle.load(config.upstream_bundle)
+    broker = dataclasses.replace(BrokerConfig(), broker_host=host, broker_port=int(port),
+                                 username=config.upstream_username, password_file=config.upstream_password_file,
+                                 topic_prefix=config.topic_prefix, max_payload=config.max_payload)
+    upstream_topics = Topics(bundle.fleet, config.topic_prefix)
+    link = MqttLink(broker, f"fledger-gateway-{config.fleet}-{bundle.device_id}", subscriptions=[])
+    upstream = Upstream(bundle, upstream_topics, lambda topic, payload: link.publish(topic, payload, qos=1))
+    link.subscriptions = upstream.subscriptions
+    if not link.start(timeout=60, stop=stop):
+        return None, None
+    log.info("gateway: device %s of fleet %s upstream at %s; waiting for its model", bundle.device_id, bundle.fleet,
+             config.upstream)
+    while upstream.model is None and not stop.is_set():
+        try:
+            message = link.inbox.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        upstream.on_message(message.topic, message.payload)
+    if upstream.model is None:
+        link.stop(timeout=2)
+        return None, None
+    upstream.base = upstream.model[0]
+    return link, upstream
+
+
+def _serve_upstream(coordinator: Coordinator, upstream: Upstream, link: MqttLink, now: float) -> None:
+    """Upstream messages, the gateway's registration and pending update there, and the next model."""
+    while True:
+        try:
+            message = link.inbox.get_nowait()
+        except queue.Empty:
+            break
+        upstream.on_message(message.topic, message.payload)
+    if upstream.pending is not None:
+        upstream.register(coordinator.datasets, now)  # until acknowledged
+    upstream.resend(now)
+    newer = upstream.newer_model()
+    if newer is not None and coordinator.awaiting_upstream:
+        _adopt(coordinator, upstream, newer[0])
+
+
+def _adopt(coordinator: Coordinator, upstream: Upstream, header: envelope.ModelHeader, *,
+           replace_open_round: bool = False) -> None:
+    assert upstream.model is not None and upstream.model[0] == header
+    if coordinator.adopt_upstream_model(upstream.model[1], {"fleet": header.fleet, "round": header.round,
+                                                            "block_hash": header.block_hash,
+                                                            "model_sha256": header.model_sha256},
+                                        replace_open_round=replace_open_round):
+        upstream.base = header
 
 
 def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:

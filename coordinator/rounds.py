@@ -10,6 +10,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+MODES = ("rounds", "async")  # synchronous rounds, or FedBuff's buffer (BufferState)
+
 
 @dataclass(frozen=True)
 class RoundPolicy:
@@ -100,3 +102,27 @@ class RoundState:
             weight = sum(n for _, n in part)
             summary[name] = sum(v * n for v, n in part) / weight
         return summary
+
+
+@dataclass
+class BufferState(RoundState):
+    """Asynchronous aggregation (FedBuff): ``number`` is the current model version; an update
+    trained from any version at most ``max_staleness`` behind may join the buffer (one per
+    device); the buffer is aggregated once ``policy.min_clients`` (K) updates are in, or at the
+    deadline with a quorum. A slow device's update counts, down-weighted by its staleness."""
+
+    max_staleness: int = 4
+
+    def check(self, *, device: str, round_number: int, msg_id: bytes, seen: set[bytes]) -> str | None:
+        if msg_id in seen:
+            return "replay"
+        if round_number > self.number:
+            return "future_round"
+        if self.number - round_number > self.max_staleness:
+            return "too_stale"
+        if device in self.accepted:
+            return "duplicate_in_round"
+        return None
+
+    def staleness(self, round_number: int) -> int:
+        return self.number - round_number

@@ -36,14 +36,15 @@ from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, 
 from coordinator.presence import PresenceBook
 from coordinator.publisher import Publish, Publisher
 from coordinator.restore import RestoreError
-from coordinator.rounds import Accepted, RoundPolicy, RoundState
+from coordinator.rounds import Accepted, BufferState, RoundPolicy, RoundState
 from coordinator.stopping import StopTarget
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from coordinator.writer import LedgerLike, LedgerWriter
-from federation import envelope, records
+from federation import deltas, envelope, records
 from federation.codec import (
     TensorDict,
     TensorSpec,
+    check_against_spec,
     decode_tensors,
     encode_tensors,
     spec_of,
@@ -57,6 +58,7 @@ from federation.verdicts import ACCEPTED
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[TensorDict], dict[str, float]]
+SendUpstream = Callable[[TensorDict, int, dict[str, float]], None]  # (aggregated delta, samples, metrics)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class CoordinatorSettings:
     max_update_bytes: int = 64 * 1024 * 1024
     keep_models: int = 10  # model files kept besides restore targets (0: all)
     heartbeat_s: float = 0.0  # how often the daemon republishes the status (0: only on changes)
+    mode: str = "rounds"  # or "async": FedBuff (coordinator.rounds.BufferState)
+    max_staleness: int = 4  # async: versions an update's base may be behind the current model
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class Coordinator:
         ledger: LedgerLike, models: ModelStore, spool: Spool, *, initial_model: Callable[[], TensorDict],
         publish: Publish, topics: Topics, evaluate: Evaluate | None = None,
         now: Callable[[], float] = time.time, task_info: dict[str, Any] | None = None,
-        publisher: Publisher | None = None,
+        publisher: Publisher | None = None, send_upstream: SendUpstream | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -118,6 +122,10 @@ class Coordinator:
         self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
         self._status_due = False  # changed since last published (see status_changed)
         self._status_published_at = float("-inf")
+        # A gateway (--upstream): each round's aggregated delta goes upstream as one update, and
+        # the next round trains from the model the upstream coordinator publishes next.
+        self._send_upstream = send_upstream
+        self.awaiting_upstream = False
 
     # -- the parts' state ------------------------------------------------------------------------
     # The writer owns the spool, the model files and the ledger; these are its.
@@ -274,6 +282,10 @@ class Coordinator:
             raise StorageError(5, f"spooled update of {device} for round {self.round.number} is not the one the "
                                   "ledger records")
         weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
+        if sealed.version == 1:  # accepted by the coordinator before the upgrade: full weights
+            weights = deltas.delta(weights, self.global_model)
+        if "weight" in record:  # asynchronous mode: down-weighted by its staleness, as when accepted
+            weights = _scaled(weights, float(record["weight"]))
         self._strategy.add(weights, sealed.header.num_samples, device)
         self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
                                    sealed.header.num_samples, sealed.header.metrics))
@@ -286,11 +298,12 @@ class Coordinator:
         if deadline != policy.deadline_s:
             log.info("round %d stays open %.1fs: adapted to the devices' reported training times", number, deadline)
             policy = dataclasses.replace(policy, deadline_s=deadline)
-        self.round = RoundState(number, self._now(), policy)
-        # Robust strategies measure distances from the model this round trains from, and keep
-        # the round's updates in a file beside the spool (read back with pread).
+        self.round = BufferState(number, self._now(), policy, max_staleness=self.settings.max_staleness) \
+            if self.settings.mode == "async" else RoundState(number, self._now(), policy)
+        # The strategy gets deltas (no reference model: robust strategies measure each delta's
+        # norm) and keeps the round's updates in a file beside the spool (read back with pread).
         self._strategy = make_strategy(self.settings.strategy, self.settings.strategy_params,
-                                       global_model=self.global_model, workdir=self.spool.directory)
+                                       global_model=None, workdir=self.spool.directory)
         # A new round's round.opened record starts the per-round caps over (in the fold).
         if announce and not self.done and not (self.settings.max_rounds and number > self.settings.max_rounds):
             self._append(records.round_opened(number), sign=False)  # signed by its group's last block
@@ -512,13 +525,22 @@ class Coordinator:
         assert self.round is not None and self._strategy is not None
         if not staged:
             return
-        blocks = self.writer.accept_updates(self.round.number, [
-            (v.sealed.header.device, payload, v.sealed.header_bytes, v.sealed.signature)
-            for _, v, payload in staged if v.sealed is not None])
-        for _, verdict, _ in staged:
+        plans: list[tuple[UpdateVerdict, bytes, TensorDict, dict[str, Any]]] = []
+        for _, verdict, payload in staged:
             assert verdict.sealed is not None and verdict.weights is not None
+            weights, staleness = verdict.weights, {}
+            if isinstance(self.round, BufferState):  # recorded: the buffer (version) it joins, how stale, its weight
+                lag = self.round.staleness(verdict.sealed.header.round)
+                staleness = {"version": self.round.number, "staleness": lag, "weight": records.staleness_weight(lag)}
+                weights = _scaled(weights, staleness["weight"])
+            plans.append((verdict, payload, weights, staleness))
+        blocks = self.writer.accept_updates(self.round.number, [
+            (v.sealed.header.device, payload, v.sealed.header_bytes, v.sealed.signature, staleness)
+            for v, payload, _, staleness in plans if v.sealed is not None])
+        for verdict, _, weights, _ in plans:
+            assert verdict.sealed is not None
             header = verdict.sealed.header
-            self._strategy.add(verdict.weights, header.num_samples, header.device)
+            self._strategy.add(weights, header.num_samples, header.device)
             self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
                                        header.metrics))
             self.accepted_total += 1
@@ -571,7 +593,7 @@ class Coordinator:
     def maybe_close_round(self) -> bool:
         """Aggregate if the open round is ready (enough updates, or deadline with quorum)."""
         assert self.round is not None and self._strategy is not None
-        if self.done or self.halted:
+        if self.done or self.halted or self.awaiting_upstream:
             return False
         now = self._now()
         if not self.round.ready(now):
@@ -593,7 +615,8 @@ class Coordinator:
     def _close_round(self) -> None:
         assert self.round is not None and self._strategy is not None
         state = self.round
-        new_model = self._strategy.result()
+        change = self._strategy.result()
+        new_model = deltas.apply_delta(self.global_model, change)
         model_bytes = encode_tensors(new_model)
         next_round = state.number + 1
         eval_metrics = self._evaluation(state.number, new_model)
@@ -612,6 +635,10 @@ class Coordinator:
         stop_at = self.settings.stop_at
         reached = stop_at is not None and stop_at.reached(metrics)
         ending: dict[str, Any] = {"stop_target": str(stop_at)} if reached else {}  # the run ends with this model
+        if isinstance(state, BufferState):  # what was aggregated, how stale, with which weight
+            buffered = self.fleet_state.rounds[state.number].updates
+            ending.update(mode="async", staleness={u["device"]: u["staleness"] for u in buffered},
+                          weights={u["device"]: u["weight"] for u in buffered}, max_staleness=state.max_staleness)
         # One commit group (one fsync) for the round's three records; the aggregate keeps its own
         # signature because it travels alone, inside the model message. The round's spool goes
         # once the group is durable.
@@ -623,12 +650,17 @@ class Coordinator:
                 excluded=_finite(excluded), clipped=_finite(clipped), strategy_params=self._strategy.parameters(),
                 merkle_root=self.fleet_state.merkle_root_for(state.number), **ending,
             ), closes=state.number)
-            self.global_model = new_model
-            self._model_block = block
             if (self.settings.max_rounds and next_round > self.settings.max_rounds) or reached:
                 self.done = True
-            self._open_round(next_round, announce=True)
-            self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
+            if self._send_upstream is not None and not self.done:
+                # A gateway: the next round opens with the upstream's next model (adopt_upstream_model).
+                self.awaiting_upstream = True
+                self._open_round(next_round, announce=False)
+            else:
+                self.global_model = new_model
+                self._model_block = block
+                self._open_round(next_round, announce=True)
+                self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
         # Durable from here: publish the model, then the blocks.
         self.history.append(block.data)
         log.info("round %d aggregated from %s -> block %d %s", state.number, sorted(state.accepted),
@@ -636,13 +668,50 @@ class Coordinator:
         if reached and stop_at is not None:
             log.info("round %d: target %s reached (%s %.6g); training done", state.number, stop_at, stop_at.metric,
                      metrics[stop_at.metric])
-        self.publish_model()
+        if self.awaiting_upstream and self._send_upstream is not None:
+            # One update upstream: this gateway's aggregated delta, weighted by all its devices' samples.
+            self._send_upstream(change, block.data["num_samples"], train)
+        else:
+            self.publish_model()
         self.writer.announce(committed)
         self.publish_status()
         pruned = self.models.prune(self.settings.keep_models, self.keep_model_rounds)  # after: not on the model's way
         if pruned:
             log.info("removed the model files of rounds %s (keeping the last %d; the ledger keeps their hashes)",
                      pruned, self.settings.keep_models)
+
+    def adopt_upstream_model(self, model: TensorDict, upstream: dict[str, Any], *,
+                             replace_open_round: bool = False) -> bool:
+        """A gateway's next model: the one its upstream coordinator published after this gateway's
+        update (``upstream``: which round and block it is there). Recorded as the model of the
+        round that waited for it, then published to this gateway's devices. False if no round
+        waits for one (the upstream moved on without us: our round goes on from our model).
+
+        ``replace_open_round`` (at start, when the open round does not train from the upstream's
+        newest model, e.g. after a restart between our update and the upstream's answer): the
+        open round is abandoned, like a restore, and the next one trains from the upstream's."""
+        assert self.round is not None
+        if self.halted or not (self.awaiting_upstream or replace_open_round):
+            return False
+        check_against_spec(model, self.spec)
+        digest = deltas.model_sha256(model)
+        abandoned: dict[str, Any] = {}
+        if not self.awaiting_upstream:
+            abandoned = {"abandoned_round": self.round.number}
+            self._open_round(self.round.number + 1, announce=False)
+        with self.writer.group_commit() as committed:
+            block = self.writer.new_model(self.round.number, model, records.model_published(
+                self.round.number, digest, upstream=upstream, **abandoned), closes=abandoned.get("abandoned_round"))
+            self._append(records.round_opened(self.round.number), sign=False)
+        self.global_model = model
+        self._model_block = block
+        self.awaiting_upstream = False
+        self.round.opened_at = self._now()
+        log.info("round %d trains from the upstream model of its round %s", self.round.number, upstream.get("round"))
+        self.publish_model()
+        self.writer.announce(committed)
+        self.publish_status()
+        return True
 
     def _evaluation(self, round_number: int, model: TensorDict) -> dict[str, float | None]:
         """Central evaluation is informative: whatever it gives (a diverged model's Inf or NaN,
@@ -716,6 +785,12 @@ def _admission_pool() -> ThreadPoolExecutor:
 
 STATUS_INTERVAL_S = 1.0  # a changed fleet status is republished at most this often (round changes: at once)
 ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
+
+
+def _scaled(change: TensorDict, weight: float) -> TensorDict:
+    """A delta times ``weight`` (FedBuff's staleness weight); integer tensors (counters) unscaled."""
+    return {name: (array * weight).astype(array.dtype) if array.dtype.kind == "f" else array
+            for name, array in change.items()}
 
 
 def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

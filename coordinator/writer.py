@@ -93,22 +93,18 @@ class LedgerWriter:
         if blocks:
             self._announce(blocks, self.ledger.signed_checkpoint())
 
-    def accept_update(self, round_number: int, device: str, payload: bytes, statement: bytes,
-                      signature: bytes) -> Any:
-        """An accepted update: its envelope into the spool (fsync), then its ledger record."""
-        self.spool.put(round_number, device, payload)
-        return self.append(records.update(statement, signature))
-
-    def accept_updates(self, round_number: int, updates: Sequence[tuple[str, bytes, bytes, bytes]]) -> list[Any]:
-        """Accepted updates ``(device, envelope, statement, signature)``: every envelope into the
-        spool (durable before any of their blocks is written), then their ledger records in one
-        commit group. Returns the durable blocks; the caller acknowledges and announces them."""
+    def accept_updates(self, round_number: int,
+                       updates: Sequence[tuple[str, bytes, bytes, bytes, dict[str, Any]]]) -> list[Any]:
+        """Accepted updates ``(device, envelope, statement, signature, extra)``: every envelope into
+        the spool (durable before any of their blocks is written), then their ledger records in one
+        commit group (``extra``: asynchronous mode's version, staleness and weight). Returns the
+        durable blocks; the caller acknowledges and announces them."""
         if not updates:
             return []
-        self.spool.put_many(round_number, [(device, payload) for device, payload, _, _ in updates])
+        self.spool.put_many(round_number, [(device, payload) for device, payload, _, _, _ in updates])
         with self.group_commit() as committed:
-            for _, _, statement, signature in updates:
-                self.append(records.update(statement, signature), sign=False)
+            for _, _, statement, signature, extra in updates:
+                self.append(records.update(statement, signature, **extra), sign=False)
         return committed
 
     def new_model(self, round_number: int, model: TensorDict, record: dict[str, Any], *,

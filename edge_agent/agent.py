@@ -26,7 +26,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import TrainingDivergedError, evaluate, train_local
-from federation import envelope
+from federation import deltas, envelope
 from federation.catch_up import CatchUpSchedule, request_body
 from federation.codec import CodecError, TensorDict, check_against_spec, decode_tensors, encode_tensors, spec_of
 from federation.durable import atomic_write
@@ -279,8 +279,10 @@ class EdgeAgent:
             self._skip_round(round_number, "non-finite weights or metrics beyond "
                              f"{envelope.METRIC_LIMIT:g}: {', '.join(f'{k}={metrics[k]:g}' for k in unusable)}")
             return
-        payload = envelope.seal_update(self.bundle, round_number, encode_tensors(self.model.state_dict()),
-                                       result.num_samples, metrics, dataset_sha256=self.dataset.sha256)
+        # What we changed, against the model we trained from (named by its hash): update envelope v2.
+        change = deltas.delta(self.model.state_dict(), weights)
+        payload = envelope.seal_update(self.bundle, round_number, encode_tensors(change), result.num_samples,
+                                       metrics, dataset_sha256=self.dataset.sha256, base_sha256=header.model_sha256)
         self.outbox.put(round_number, payload)  # durable before it is sent
         self.trained_rounds.append(round_number)
         self.events.trained(round_number, result.seconds, result.num_samples, result.train_loss)

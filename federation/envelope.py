@@ -1,12 +1,14 @@
-"""Signed, encrypted envelopes: device updates and global models (wire format v1).
+"""Signed, encrypted envelopes: device updates (v2) and global models (v1); docs/protocol.md.
 
 Update (device -> coordinator), msgpack map::
 
-    {"fmt": "fledger.update", "v": 1, "hdr": <bytes>, "sig": <64 B>, "ct": <bytes>, "tag": <16 B>}
+    {"fmt": "fledger.update", "v": 2, "hdr": <bytes>, "sig": <64 B>, "ct": <bytes>, "tag": <16 B>}
 
-``hdr`` is a msgpack map (the *statement*): fleet, device, round, key_id, msg_id (16 random
-bytes), epk (the device's ephemeral X25519 public key), to (coordinator key id), iv,
-weights_sha256, num_samples, metrics, codec, created. ``sig`` is the device's Ed25519
+``hdr`` is a msgpack map (the *statement*): fleet, device, round (the model version the update
+trains from), key_id, msg_id (16 random bytes), epk (the device's ephemeral X25519 public key),
+to (coordinator key id), iv, weights_sha256 (of the encoded delta), num_samples, metrics, codec,
+created, dataset_sha256, base_sha256 (the model the delta is against). The ciphertext is the
+delta ``local - base`` (:mod:`federation.deltas`). ``sig`` is the device's Ed25519
 signature over ``hdr``; the AES-256-GCM key comes from X25519(epk, coordinator) + HKDF with
 msg_id as salt, and ``hdr`` is the associated data, so no header field can be swapped.
 
@@ -32,7 +34,9 @@ from federation.keys import CoordinatorKeys, DeviceBundle
 from ledger import canonical
 from ledger.block import Block  # the ledger is a pure library: devices check model blocks with it
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 1  # models, registrations, presence
+UPDATE_VERSION = 2  # v2: the ciphertext is a delta against the model named by ``base_sha256``
+READABLE_UPDATE_VERSIONS = (1, UPDATE_VERSION)  # v1 is parsed only to refuse it by name
 UPDATE_FORMAT = "fledger.update"
 MODEL_FORMAT = "fledger.model"
 UPDATE_KDF_CONTEXT = b"fledger/update/v1"
@@ -65,6 +69,7 @@ class UpdateHeader:
     codec: int
     created: float
     dataset_sha256: bytes
+    base_sha256: bytes = b""  # v2: SHA-256 of the model (of version ``round``) the delta is against
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class SealedUpdate:
     signature: bytes
     ciphertext: bytes
     tag: bytes
+    version: int = UPDATE_VERSION  # of the envelope: only v2 is accepted (a v1 one is refused by name)
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,8 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack_outer(data: bytes, fmt: str, max_bytes: int,
-                  fields: tuple[str, ...] = ("hdr", "sig", "ct", "tag")) -> dict[str, Any]:
+                  fields: tuple[str, ...] = ("hdr", "sig", "ct", "tag"),
+                  versions: tuple[int, ...] = (ENVELOPE_VERSION,)) -> dict[str, Any]:
     if len(data) > max_bytes:
         raise EnvelopeError("oversized", f"{len(data)} bytes exceeds the limit of {max_bytes}")
     try:
@@ -110,8 +117,9 @@ def _unpack_outer(data: bytes, fmt: str, max_bytes: int,
         raise EnvelopeError("malformed", f"not msgpack: {type(exc).__name__}") from exc
     if not isinstance(outer, dict) or outer.get("fmt") != fmt:
         raise EnvelopeError("malformed", f"not a {fmt} envelope")
-    if outer.get("v") != ENVELOPE_VERSION:
-        raise EnvelopeError("unsupported_version", f"envelope version {outer.get('v')!r}")
+    if outer.get("v") not in versions or isinstance(outer.get("v"), bool):
+        raise EnvelopeError("unsupported_version", f"{fmt} envelope version {outer.get('v')!r}; this peer "
+                                                   f"reads {', '.join(map(str, versions))}")
     for name in fields:
         if not isinstance(outer.get(name), bytes):
             raise EnvelopeError("malformed", f"field {name!r} missing or not bytes")
@@ -144,10 +152,14 @@ exceed it treats its training as diverged and skips the round instead of sending
 
 
 def seal_update(
-    bundle: DeviceBundle, round_number: int, weights: bytes, num_samples: int,
-    metrics: dict[str, float], *, dataset_sha256: bytes, now: float | None = None,
+    bundle: DeviceBundle, round_number: int, delta: bytes, num_samples: int,
+    metrics: dict[str, float], *, dataset_sha256: bytes, base_sha256: bytes, now: float | None = None,
 ) -> bytes:
-    """Encrypt and sign encoded weights (from :func:`federation.codec.encode_tensors`)."""
+    """Encrypt and sign an encoded delta (``local - base``, :func:`federation.deltas.delta`, encoded
+    with :func:`federation.codec.encode_tensors`) against the model of version ``round_number``
+    whose SHA-256 is ``base_sha256``."""
+    if len(base_sha256) != 32:
+        raise ValueError("base_sha256 must be the 32-byte SHA-256 of the base model")
     eph_seed, eph_public = crypto.x25519_generate()
     msg_id = crypto.random_bytes(16)
     iv = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
@@ -155,22 +167,27 @@ def seal_update(
         "fleet": bundle.fleet, "device": bundle.device_id, "round": int(round_number),
         "key_id": bundle.key_id, "msg_id": msg_id, "epk": eph_public,
         "to": bundle.coordinator.enc_key_id, "iv": iv,
-        "weights_sha256": hashlib.sha256(weights).digest(), "num_samples": int(num_samples),
+        "weights_sha256": hashlib.sha256(delta).digest(), "num_samples": int(num_samples),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())}, "codec": 1,
         "created": float(time.time() if now is None else now), "dataset_sha256": dataset_sha256,
+        "base_sha256": bytes(base_sha256),
     }
     header_bytes = _pack(header)
     key = crypto.x25519_shared_key(eph_seed, bundle.coordinator.enc_public, msg_id, UPDATE_KDF_CONTEXT)
-    ciphertext, tag = crypto.aes_gcm_encrypt(key, iv, weights, header_bytes)
+    ciphertext, tag = crypto.aes_gcm_encrypt(key, iv, delta, header_bytes)
     return _pack({
-        "fmt": UPDATE_FORMAT, "v": ENVELOPE_VERSION, "hdr": header_bytes,
+        "fmt": UPDATE_FORMAT, "v": UPDATE_VERSION, "hdr": header_bytes,
         "sig": bundle.sign(header_bytes), "ct": ciphertext, "tag": tag,
     })
 
 
 def parse_update(data: bytes, *, max_bytes: int) -> SealedUpdate:
-    """Parse the outer layer and header; no key is needed and nothing is trusted yet."""
-    outer = _unpack_outer(data, UPDATE_FORMAT, max_bytes)
+    """Parse the outer layer and header; no key is needed and nothing is trusted yet.
+
+    A v1 envelope (full weights, no base) is parsed too, so that the coordinator can authenticate
+    its sender and refuse it by name (``unsupported_version``) in the device's acknowledgement."""
+    outer = _unpack_outer(data, UPDATE_FORMAT, max_bytes, versions=READABLE_UPDATE_VERSIONS)
+    version = outer["v"]
     header_bytes = outer["hdr"]
     if len(header_bytes) > MAX_HEADER_BYTES:
         # The header is recorded in the ledger verbatim: its size must not be the sender's choice.
@@ -196,12 +213,17 @@ def parse_update(data: bytes, *, max_bytes: int) -> SealedUpdate:
         num_samples=_field(hdr, "num_samples", int), metrics=metrics,
         codec=_field(hdr, "codec", int), created=_field(hdr, "created", float),
         dataset_sha256=_field(hdr, "dataset_sha256", bytes),
+        base_sha256=_field(hdr, "base_sha256", bytes) if version >= 2 else b"",
     )
+    if version >= 2 and len(header.base_sha256) != 32:
+        raise EnvelopeError("malformed", "base_sha256 must be 32 bytes")
+    if version < 2 and "base_sha256" in hdr:
+        raise EnvelopeError("malformed", "a v1 header has no base_sha256")
     if len(header.msg_id) != 16 or len(header.weights_sha256) != 32 or len(header.epk) != 32:
         raise EnvelopeError("malformed", "msg_id, epk or weights_sha256 has the wrong length")
     if len(outer["sig"]) != 64:
         raise EnvelopeError("malformed", "signature must be 64 bytes")
-    return SealedUpdate(header, header_bytes, outer["sig"], outer["ct"], outer["tag"])
+    return SealedUpdate(header, header_bytes, outer["sig"], outer["ct"], outer["tag"], version)
 
 
 def verify_update_signature(sealed: SealedUpdate, device_public_key: bytes) -> None:
@@ -210,7 +232,7 @@ def verify_update_signature(sealed: SealedUpdate, device_public_key: bytes) -> N
 
 
 def decrypt_update(sealed: SealedUpdate, keys: CoordinatorKeys) -> bytes:
-    """Decrypt and check the weights digest; return the encoded weights."""
+    """Decrypt and check the digest; return the encoded tensors (a delta, in a v2 envelope)."""
     header = sealed.header
     if header.to != keys.public.enc_key_id:
         raise EnvelopeError("wrong_key", f"update is encrypted to key {header.to}, not ours")

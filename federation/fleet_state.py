@@ -68,11 +68,11 @@ def model_named_by(data: dict[str, Any]) -> tuple[int, bytes] | None:
 
 def starts_model(data: dict[str, Any]) -> bool:
     """Does the record set the model the newest round trains from (an aggregate, the initial
-    model, or a model an operator restored)? A plain ``model.published`` after an aggregate
-    only repeats it."""
+    model, a model an operator restored, or a gateway's upstream model)? A plain
+    ``model.published`` after an aggregate only repeats it."""
     kind = data.get("type")
     return kind == records.AGGREGATE or (kind == records.MODEL_PUBLISHED and
-                                         (bool(data.get("initial")) or "restores" in data))
+                                         (bool(data.get("initial")) or "restores" in data or "upstream" in data))
 
 
 class FleetState:
@@ -179,6 +179,10 @@ class FleetState:
                                      "for that round")
                 if round_number <= max(self.published_models, default=0):
                     raise ValueError(f"a restored model must open a new round, above {max(self.published_models)}")
+            if "upstream" in data:  # a gateway's next model: its upstream coordinator's, after its own aggregate
+                need(data, "upstream", dict)
+                if round_number in self.published_models:
+                    raise ValueError(f"round {round_number} already has a published model")
         elif kind == records.AGGREGATE:
             self._check_aggregate(data)
         elif kind in credits.TYPES:
@@ -226,6 +230,13 @@ class FleetState:
         for name in ("device", "round", "key_id", "weights_sha256", "num_samples", "metrics"):
             if fields[name] != data[name] or type(fields[name]) is not type(data[name]):
                 raise ValueError(f"record field {name!r} differs from the device's signed statement")
+        base = fields.get("base_sha256")
+        if base is not None and base != self.published_models.get(round_number):
+            # A delta (update envelope v2) counts only against the model the chain published for its version.
+            raise ValueError(f"the update's delta is against base {_hex(base)}, not the model published for "
+                             f"version {round_number}")
+        if "version" in data:  # asynchronous mode: the buffer it joins and how stale its base was
+            round_number = self._check_staleness(data, round_number)
         info = self.rounds.get(round_number)
         if info is not None:
             if info.aggregate is not None:
@@ -234,6 +245,21 @@ class FleetState:
                 raise ValueError(f"second accepted update of {device!r} in round {round_number}")
         if chain.device_signatures and not chain.verifier.verify(owner[1], statement, device_sig):
             raise ValueError(f"bad device signature of {device!r} (key {key_id})")
+
+    def _check_staleness(self, data: dict[str, Any], base_version: int) -> int:
+        """An asynchronous update's ``version`` (the model version whose buffer it joins: the
+        newest), ``staleness`` (version - its base's) and ``weight`` (1/sqrt(1+staleness)); returns
+        the version."""
+        version = need(data, "version", int)
+        staleness = need(data, "staleness", int)
+        weight = need(data, "weight", float)
+        if version != self.model_round:
+            raise ValueError(f"update joins version {version}, but the newest model is version {self.model_round}")
+        if staleness != version - base_version or staleness < 0:
+            raise ValueError(f"staleness {staleness} is not version {version} minus its base's {base_version}")
+        if weight != records.staleness_weight(staleness):
+            raise ValueError(f"weight {weight} is not 1/sqrt(1+{staleness})")
+        return version
 
     def _check_aggregate(self, data: dict[str, Any]) -> None:
         round_number = need(data, "round", int)
@@ -262,6 +288,16 @@ class FleetState:
         if not set(clipped) <= set(used):
             raise ValueError(f"clipped devices {sorted(set(clipped) - set(used))} are not participants of round "
                              f"{round_number}")
+        if data.get("mode") == "async":  # what was aggregated, with what staleness and weight
+            limit = need(data, "max_staleness", int)
+            for name in ("staleness", "weights"):
+                recorded = need(data, name, dict)
+                field_name = "staleness" if name == "staleness" else "weight"
+                actual = {u["device"]: u.get(field_name) for u in info.updates}
+                if recorded != actual:
+                    raise ValueError(f"{name} {recorded} are not those of version {round_number}'s updates {actual}")
+            if any(s > limit for s in data["staleness"].values()):
+                raise ValueError(f"an update staler than max_staleness {limit} was aggregated")
         expected = merkle.root(info.leaves)
         if root != expected:
             raise ValueError(f"merkle_root {root.hex()[:16]} is not the root of round {round_number}'s "
@@ -287,7 +323,7 @@ class FleetState:
                                                          key_id if signed else None)
             self.registrations_this_round[(data["device"], key_id)] += 1
         elif kind == records.UPDATE:
-            info = self.rounds.setdefault(data["round"], RoundInfo())
+            info = self.rounds.setdefault(data.get("version", data["round"]), RoundInfo())
             info.leaves.append(merkle.leaf_hash(records.update_leaf(data["statement"], data["device_sig"])))
             info.devices.append(data["device"])
             info.blocks.append(block.index)
@@ -354,6 +390,10 @@ def _decisions(data: dict[str, Any], name: str) -> dict[str, Any]:
         if not isinstance(why, dict) or not isinstance(why.get("reason"), str):
             raise ValueError(f"{name} entry of {device!r} must give its reason")
     return value
+
+
+def _hex(value: Any) -> str:
+    return value.hex()[:16] if isinstance(value, bytes) else repr(value)
 
 
 def _statement_field(record: dict[str, Any], name: str) -> Any:
@@ -467,9 +507,10 @@ def verify_round_proof(proof: RoundProof, aggregate: Block | None = None, coordi
         fields = records.decode_statement(proof.statement)
     except ValueError as exc:
         raise ProofError(str(exc)) from exc
-    if fields["device"] != proof.device or fields["round"] != proof.round:
+    # In asynchronous mode an update trained from version v may be aggregated into a later one.
+    if fields["device"] != proof.device or not isinstance(fields["round"], int) or fields["round"] > proof.round:
         raise ProofError(f"the statement is by {fields['device']!r} for round {fields['round']}, "
-                         f"not by {proof.device!r} for round {proof.round}")
+                         f"not by {proof.device!r} for round {proof.round} or before")
     if not merkle.verify_inclusion(merkle.leaf_hash(proof.leaf), proof.leaf_index, proof.tree_size, proof.path,
                                    proof.root):
         raise ProofError(f"inclusion path does not lead to root {proof.root.hex()[:16]}")

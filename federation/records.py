@@ -8,6 +8,7 @@ pay-per-prediction records are in :mod:`federation.credits`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -87,6 +88,12 @@ def aggregate(round: int, participants: list[str], model_sha256: bytes, strategy
     return {**extra, "type": AGGREGATE, "round": int(round), "participants": list(participants),
             "model_sha256": bytes(model_sha256), "strategy": strategy, "metrics": metrics,
             "merkle_root": bytes(merkle_root)}
+
+
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's weight of an update trained ``staleness`` model versions ago: 1/sqrt(1+s)
+    (Nguyen et al. 2022). The coordinator scales the delta by it; the rule recomputes it."""
+    return 1.0 / math.sqrt(1.0 + staleness)
 
 
 def update_leaf(statement: bytes, device_sig: bytes) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.admission import MAX_REGISTRATIONS_PER_ROUND, MAX_REJECTION_RECORDS, Admission, UpdateVerdict
 from coordinator.rounds import RoundPolicy, RoundState
-from federation import crypto, envelope
+from federation import crypto, deltas, envelope
 from federation.codec import encode_tensors, spec_of
 from federation.fleet_state import FleetState, Registration
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
@@ -34,14 +34,16 @@ class Fleet:
                                               self.keys.model_key)
         self.state = FleetState()
         self.state.datasets["dev-a"] = Registration(DATASET, 1.0, self.devices["dev-a"].key_id)
+        self.state.published_models[3] = deltas.model_sha256(MODEL)  # the base of round 3's deltas
         self.round = RoundState(3, 0.0, RoundPolicy(min_clients=2))
         self.admission = Admission(FLEET, self.keys, TOPICS, max_update_bytes=1 << 20)
 
     def update(self, device: str = "dev-a", round_number: int = 3, value: float = 1.0, n: int = 10,
                shape: tuple[int, ...] = (2, 2), metrics: dict[str, float] | None = None) -> bytes:
-        weights = {"w": np.full(shape, value, np.float32)}
-        return envelope.seal_update(self.devices[device], round_number, encode_tensors(weights), n,
-                                    metrics or {"train_loss": 0.5}, dataset_sha256=DATASET)
+        change = {"w": np.full(shape, value, np.float32)}  # a delta against MODEL (zeros), of any shape
+        return envelope.seal_update(self.devices[device], round_number, encode_tensors(change), n,
+                                    metrics or {"train_loss": 0.5}, dataset_sha256=DATASET,
+                                    base_sha256=deltas.model_sha256(MODEL))
 
     def judge(self, payload: bytes, device: str = "dev-a", done: bool = False) -> UpdateVerdict:
         return self.admission.update(TOPICS.update(device), payload, registry=self.registry, round=self.round,
@@ -72,7 +74,7 @@ def test_unauthenticated_rejections_are_neither_recorded_nor_answered(fleet: Fle
         assert not verdict.accepted and not verdict.authenticated and not verdict.record, reason
     unknown = DeviceBundle(FLEET, "dev-a", crypto.ed25519_generate()[0], fleet.keys.public, fleet.keys.model_key_id,
                            fleet.keys.model_key)
-    payload = envelope.seal_update(unknown, 3, encode_tensors(MODEL), 1, {}, dataset_sha256=DATASET)
+    payload = deltas.seal_trained(unknown, 3, MODEL, MODEL, 1, {}, dataset_sha256=DATASET)
     assert fleet.judge(payload).reason == "unknown_key"
 
 

@@ -1,9 +1,11 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from coordinator.aggregation import AggregationError, make_strategy
+from federation import deltas
 
 
 def updates(n: int, seed: int = 0) -> list[tuple[dict[str, np.ndarray], int]]:
@@ -194,7 +196,23 @@ def test_strategy_parameters_are_checked() -> None:
                 {"clip_factor": float("nan")}):
         with pytest.raises(AggregationError):
             StrategyParams(**bad)  # type: ignore[arg-type]
-    with pytest.raises(AggregationError, match="global model"):
-        strategy = make_strategy("clipped-fedavg")
-        strategy.add({"w": np.zeros(2, np.float32)}, 1)
-        strategy.result()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "clipped-fedavg", "median", "trimmed-mean", "krum", "multi-krum"])
+def test_a_strategy_given_deltas_gives_the_delta_of_what_it_gives_for_full_models(name: str, tmp_path: Path) -> None:
+    """Update envelope v2 carries deltas: base + strategy(deltas) must be strategy(models), one
+    hostile update included (clipping, exclusion, medians and Krum act on the deltas alike)."""
+    rng = np.random.default_rng(7)
+    base = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    models = [{k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in base.items()}
+              for _ in range(5)]
+    models.append({k: (v + 50).astype(np.float32) for k, v in base.items()})  # an attacker
+    full = make_strategy(name, global_model=base, workdir=tmp_path)
+    on_deltas = make_strategy(name, workdir=tmp_path)
+    for i, model in enumerate(models):
+        full.add(model, 10 + i, f"d{i}")
+        on_deltas.add(deltas.delta(model, base), 10 + i, f"d{i}")
+    expected, got = full.result(), deltas.apply_delta(base, on_deltas.result())
+    for key in base:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-5)
+    assert on_deltas.decisions.keys() == full.decisions.keys()

@@ -347,7 +347,8 @@ def test_device_update_over_tls_reaches_only_the_coordinator_and_never_in_clear(
     neither the weight values, nor the marker tensor, nor the tensor names."""
     keys, bundle = fleet_keys()
     weights = sample_weights()
-    envelope = seal_update(bundle, 3, weights, num_samples=128, metrics={"train_loss": 0.25}, dataset_sha256=bytes(32))
+    envelope = seal_update(bundle, 3, weights, num_samples=128, metrics={"train_loss": 0.25}, dataset_sha256=bytes(32),
+                           base_sha256=bytes(32))
     for secret in (FLOAT_PATTERN, MARKER, b"secret_layer"):
         assert secret not in envelope
 

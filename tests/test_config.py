@@ -125,3 +125,17 @@ def test_strategy_and_its_parameters_from_toml_and_flags(tmp_path: Path) -> None
         strategy_params(dataclasses.replace(config, strategy="avg"))
     with pytest.raises(ValueError, match="trim_fraction"):
         strategy_params(dataclasses.replace(config, trim_fraction=0.5))
+
+
+def test_async_mode_from_toml_and_flags(tmp_path: Path) -> None:
+    from coordinator.daemon import round_policy
+
+    toml = tmp_path / "fledger.toml"
+    toml.write_text('[coordinator]\nmode = "async"\nbuffer = 3\nmax_staleness = 2\nmin_clients = 10\nquorum = 5\n')
+    config = cfg.load(CoordinatorConfig, parse(CoordinatorConfig, ["--max-staleness", "6"]), section="coordinator",
+                      config_file=toml, environ={})
+    assert (config.mode, config.buffer, config.max_staleness) == ("async", 3, 6)
+    policy = round_policy(config)
+    assert (policy.min_clients, policy.quorum) == (3, 3)  # the buffer size, not min_clients
+    with pytest.raises(ValueError, match="mode must be one of rounds, async"):
+        round_policy(dataclasses.replace(config, mode="fedbuff"))

@@ -3,6 +3,7 @@ the global model and the ledger as they were; good input aggregates correctly, a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -17,12 +18,14 @@ from coordinator.aggregation import DEFAULT_STRATEGY
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
-from federation import crypto, envelope
-from federation.codec import decode_tensors, encode_tensors
-from federation.fleet_state import FleetLedger, verify_file
+from federation import crypto, deltas, envelope
+from federation.codec import decode_tensors, encode_tensors, spec_of
+from federation.fleet_state import FleetLedger, FleetState, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.topics import Topics
+from federation.verdicts import EXPLANATIONS, FINAL_REASONS
 from ledger import Ed25519Signer
+from ledger.verify import ChainState
 
 FLEET = "unit"
 DATASET = hashlib.sha256(b"a data set").digest()
@@ -35,7 +38,7 @@ def initial_model() -> dict[str, np.ndarray]:
 
 class Harness:
     def __init__(self, tmp: Path, policy: RoundPolicy | None = None, max_rounds: int = 0,
-                 strategy: str = DEFAULT_STRATEGY) -> None:
+                 strategy: str = DEFAULT_STRATEGY, mode: dict[str, Any] | None = None, gateway: bool = False) -> None:
         self.tmp = tmp
         self.strategy = strategy
         self.keys = CoordinatorKeys.generate(FLEET)
@@ -48,6 +51,10 @@ class Harness:
                                               self.keys.model_key)
         self.policy = policy or RoundPolicy(min_clients=2, quorum=1, deadline_s=0)
         self.max_rounds = max_rounds
+        self.mode = mode or {}  # e.g. {"mode": "async", "max_staleness": 1}
+        self.upstream: list[tuple[dict[str, np.ndarray], int]] = []  # what a gateway sent upstream
+        self.send_upstream: Any = (lambda change, samples, metrics: self.upstream.append((change, samples))) \
+            if gateway else None
         self.clock = ManualClock(time.time())  # registrations carry the real clock; deadlines are relative
         self.published: list[tuple[str, bytes, bool]] = []
         self.evaluate: Any = None
@@ -61,10 +68,10 @@ class Harness:
         self.ledger = ledger
         coordinator = Coordinator(
             CoordinatorSettings(FLEET, self.policy, max_rounds=self.max_rounds, max_update_bytes=1 << 20,
-                                strategy=self.strategy),
+                                strategy=self.strategy, **self.mode),
             self.keys, self.registry, ledger, ModelStore(self.tmp / "models"), Spool(self.tmp / "spool"),
             initial_model=initial_model, publish=lambda t, p, r: self.published.append((t, p, r)),
-            topics=TOPICS, now=self.clock, evaluate=self.evaluate,
+            topics=TOPICS, now=self.clock, evaluate=self.evaluate, send_upstream=self.send_upstream,
         )
         coordinator.start()
         for name, bundle in self.devices.items() if register else ():
@@ -74,8 +81,17 @@ class Harness:
 
     def update(self, device: str, round_number: int, weights: dict[str, np.ndarray], n: int = 10,
                metrics: dict[str, float] | None = None, dataset: bytes = DATASET) -> bytes:
-        return envelope.seal_update(self.devices[device], round_number, encode_tensors(weights), n,
-                                    metrics or {"train_loss": 0.5}, dataset_sha256=dataset)
+        base = self.base(round_number)
+        if spec_of(weights) != spec_of(base):  # malformed on purpose: sent as the delta, as it is
+            return envelope.seal_update(self.devices[device], round_number, encode_tensors(weights), n,
+                                        metrics or {"train_loss": 0.5}, dataset_sha256=dataset,
+                                        base_sha256=deltas.model_sha256(base))
+        return deltas.seal_trained(self.devices[device], round_number, weights, base, n,
+                                   metrics or {"train_loss": 0.5}, dataset_sha256=dataset)
+
+    def base(self, round_number: int) -> dict[str, np.ndarray]:
+        """The model round ``round_number`` trains from (the current one for a round not opened)."""
+        return self.coordinator.models.load(round_number) or self.coordinator.global_model
 
     def send(self, device: str, payload: bytes) -> Any:
         return self.coordinator.handle_update(TOPICS.update(device), payload)
@@ -170,7 +186,7 @@ def test_forged_device_and_wrong_topic_and_revoked_key(h: Harness) -> None:
     height = h.ledger.head.index
     forger_seed, _ = crypto.ed25519_generate()
     forged = DeviceBundle(FLEET, "dev-a", forger_seed, h.keys.public, h.keys.model_key_id, h.keys.model_key)
-    payload = envelope.seal_update(forged, 1, encode_tensors(weights(9)), 10, {}, dataset_sha256=DATASET)
+    payload = deltas.seal_trained(forged, 1, weights(9), h.base(1), 10, {}, dataset_sha256=DATASET)
     assert h.send("dev-a", payload).reason == "unknown_key"
     # dev-b publishing dev-a's genuine update on its own topic
     assert h.send("dev-b", h.update("dev-a", 1, weights(1))).reason == "topic_mismatch"
@@ -270,8 +286,7 @@ def test_dataset_registration_is_signed_recorded_once_and_required(tmp_path: Pat
     assert not outcome.accepted and outcome.reason == "registration_unknown_key"
     assert h.ledger.head.index == height
     # an update that names another data set is refused
-    other = envelope.seal_update(h.devices["dev-a"], 1, encode_tensors(weights(1)), 10, {},
-                                 dataset_sha256=bytes(32))
+    other = deltas.seal_trained(h.devices["dev-a"], 1, weights(1), h.base(1), 10, {}, dataset_sha256=bytes(32))
     assert h.send("dev-a", other).reason == "dataset_not_registered"
 
 
@@ -643,3 +658,123 @@ def test_a_restore_record_must_name_a_recorded_model(tmp_path: Path) -> None:
         h.ledger.append(records.model_published(1, digest, restores=1))
     h.ledger.append(records.model_published(2, digest, restores=1))
     assert verify_file(tmp_path / "ledger.log").ok
+
+
+def _seal_v1_update(bundle: DeviceBundle, round_number: int, model: dict[str, np.ndarray], n: int) -> bytes:
+    """An update as an agent before update envelope v2 sealed it: full weights, no base."""
+    eph_seed, eph_public = crypto.x25519_generate()
+    msg_id, iv = crypto.random_bytes(16), crypto.random_bytes(crypto.GCM_NONCE_BYTES)
+    body = encode_tensors(model)
+    header = msgpack.packb({
+        "fleet": bundle.fleet, "device": bundle.device_id, "round": round_number, "key_id": bundle.key_id,
+        "msg_id": msg_id, "epk": eph_public, "to": bundle.coordinator.enc_key_id, "iv": iv,
+        "weights_sha256": hashlib.sha256(body).digest(), "num_samples": n, "metrics": {}, "codec": 1,
+        "created": time.time(), "dataset_sha256": DATASET}, use_bin_type=True)
+    key = crypto.x25519_shared_key(eph_seed, bundle.coordinator.enc_public, msg_id, envelope.UPDATE_KDF_CONTEXT)
+    ciphertext, tag = crypto.aes_gcm_encrypt(key, iv, body, header)
+    return msgpack.packb({"fmt": "fledger.update", "v": 1, "hdr": header, "sig": bundle.sign(header),
+                          "ct": ciphertext, "tag": tag}, use_bin_type=True)
+
+
+def test_an_older_agents_full_weights_update_is_refused_by_name_counted_recorded_and_answered(h: Harness) -> None:
+    before = encode_tensors(h.coordinator.global_model)
+    payload = _seal_v1_update(h.devices["dev-a"], 1, weights(5.0), 10)
+    outcome = h.send("dev-a", payload)
+    assert not outcome.accepted and outcome.reason == "unsupported_version"
+    assert h.coordinator.rejections["unsupported_version"] == 1
+    record = h.ledger.head.data
+    assert record["type"] == "update.rejected" and record["reason"] == "unsupported_version"
+    # The device's acknowledgement names the reason, which the agent logs (and drops the update).
+    acks = [p for t, p, r in h.published if t == TOPICS.ack("dev-a")]
+    body = envelope.open_ack(acks[-1], h.keys.public.sign_public, fleet=FLEET, device="dev-a")
+    assert [v["verdict"] for v in body["updates"].values()] == ["unsupported_version"]
+    assert "unsupported_version" in FINAL_REASONS and "upgrade the agent" in EXPLANATIONS["unsupported_version"]
+    assert encode_tensors(h.coordinator.global_model) == before and verify_file(h.tmp / "ledger.log").ok
+
+
+def test_a_delta_against_another_base_is_refused_as_wrong_base(h: Harness) -> None:
+    other_base = weights(0.5)  # not the model the coordinator published for round 1
+    payload = deltas.seal_trained(h.devices["dev-a"], 1, weights(1.0), other_base, 10, {}, dataset_sha256=DATASET)
+    assert h.send("dev-a", payload).reason == "wrong_base"
+    assert h.ledger.head.data["reason"] == "wrong_base"
+    # The same change against the published base counts, and the model moves by the delta.
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0))).accepted
+
+
+def test_each_rounds_deltas_are_added_to_the_model_that_round_trained_from(tmp_path: Path) -> None:
+    h = Harness(tmp_path, strategy="fedavg")
+    assert h.send("dev-a", h.update("dev-a", 1, weights(2.0))).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(4.0))).accepted  # round 2 trains from 3.0
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.0)
+    assert h.send("dev-a", h.update("dev-a", 2, weights(5.0))).accepted  # delta +2 against 3.0
+    assert h.send("dev-b", h.update("dev-b", 2, weights(3.0))).accepted  # delta 0
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 4.0)
+    assert verify_file(h.tmp / "ledger.log").ok
+
+
+def test_async_mode_counts_a_late_update_down_weighted_and_refuses_one_beyond_the_staleness_limit(
+        tmp_path: Path) -> None:
+    """FedBuff: every 2 updates, whatever version each trained from; stale ones weighted 1/sqrt(1+s)."""
+    h = Harness(tmp_path, strategy="fedavg", mode={"mode": "async", "max_staleness": 1})
+    assert h.coordinator.settings.mode == "async"
+    late_c = h.update("dev-c", 1, weights(3.0), n=10)  # trained from version 1, arrives after it closed
+    late_b = h.update("dev-b", 1, weights(9.0), n=10)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(2.0), n=10)).accepted  # buffer full: version 2
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 1.5)
+    assert h.send("dev-c", late_c).accepted  # staleness 1: counts, with weight 1/sqrt(2)
+    assert h.send("dev-a", h.update("dev-a", 2, weights(2.5), n=10)).accepted  # delta +1, fresh
+    weight = 1 / np.sqrt(2)
+    expected = 1.5 + (10 * weight * (3.0 - 0.0) + 10 * 1.0) / 20  # dev-c's delta is against version 1 (zeros)
+    np.testing.assert_allclose(h.coordinator.global_model["w"], expected, rtol=1e-6)
+    assert h.send("dev-b", late_b).reason == "too_stale"  # version 3 now: 2 behind, limit 1
+    aggregate = [b.data for b in h.ledger if b.data["type"] == "aggregate"][-1]
+    assert aggregate["mode"] == "async" and aggregate["staleness"] == {"dev-c": 1, "dev-a": 0}
+    assert aggregate["weights"] == {"dev-c": pytest.approx(weight), "dev-a": 1.0}
+    updates = [b.data for b in h.ledger if b.data["type"] == "update" and b.data["device"] == "dev-c"]
+    assert (updates[0]["round"], updates[0]["version"], updates[0]["staleness"]) == (1, 2, 1)
+    assert verify_file(h.tmp / "ledger.log").ok
+    # dev-c can prove its late update is in version 2's aggregate.
+    proof = h.ledger.inclusion_proof(2, "dev-c")
+    assert proof.verify(h.ledger.block(proof.aggregate_index), h.keys.public.sign_public)
+    # The fold's rules (ledger verify) refuse an update record that claims another weight or staleness.
+    blocks = list(h.ledger)
+    index = next(b.index for b in blocks if b.data is updates[0] or b.data == updates[0])
+    before, chain = FleetState.of(blocks[:index]), ChainState()
+    chain.fleet = FLEET
+    before.check(blocks[index], chain)  # the genuine record passes
+    for forged in ({"weight": 1.0}, {"staleness": 0}, {"version": 1}):
+        with pytest.raises(ValueError, match=r"weight|staleness|version"):
+            before.check(dataclasses.replace(blocks[index], data={**updates[0], **forged}), chain)
+    # A restart rebuilds the buffer with its weights: one more fresh update aggregates the same way.
+    assert h.send("dev-c", h.update("dev-c", 3, weights(expected + 2.0), n=10)).accepted
+    h.coordinator = h.build()
+    assert h.send("dev-b", h.update("dev-b", 2, weights(1.5), n=10)).accepted  # staleness 1, delta 0
+    np.testing.assert_allclose(h.coordinator.global_model["w"], expected + 1.0, rtol=1e-6)
+    assert verify_file(h.tmp / "ledger.log").ok
+
+
+def test_a_gateway_sends_its_aggregate_upstream_and_trains_next_from_the_upstream_model(tmp_path: Path) -> None:
+    h = Harness(tmp_path, strategy="fedavg", gateway=True)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(3.0), n=30)).accepted
+    (change, samples), = h.upstream
+    assert samples == 40
+    np.testing.assert_allclose(change["w"], 2.5)  # the aggregated delta, (10 x 1 + 30 x 3) / 40, against zeros
+    assert h.coordinator.awaiting_upstream and not h.coordinator.maybe_close_round()
+    assert h.send("dev-c", h.update("dev-c", 1, weights(2.0))).reason == "stale_round"
+    upstream_model = weights(2.0)  # the upstream's FedAvg over all its gateways
+    assert h.coordinator.adopt_upstream_model(upstream_model, {"round": 2})
+    assert h.coordinator.round is not None and h.coordinator.round.number == 2
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 2.0)
+    header, _ = envelope.open_model([p for t, p, r in h.published if t == TOPICS.model][-1], h.devices["dev-a"],
+                                    max_bytes=1 << 20)
+    assert header.round == 2 and header.model_sha256 == deltas.model_sha256(upstream_model)
+    # A restart while waiting for the upstream: the open round is replaced by one on the upstream's model.
+    assert h.send("dev-a", h.update("dev-a", 2, weights(3.0))).accepted
+    assert h.send("dev-b", h.update("dev-b", 2, weights(3.0))).accepted
+    h.coordinator = h.build(register=False)
+    assert h.coordinator.adopt_upstream_model(weights(2.5), {"round": 3}, replace_open_round=True)
+    assert h.coordinator.round is not None and h.coordinator.round.number == 4
+    assert h.send("dev-a", h.update("dev-a", 4, weights(3.0))).accepted  # a delta against the upstream's model
+    assert verify_file(h.tmp / "ledger.log").ok

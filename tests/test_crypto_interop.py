@@ -106,7 +106,8 @@ def test_old_and_new_updates_open_on_both_sides() -> None:
     old_message = envelope.parse_update(old_seal_update(bundle, weights), max_bytes=1 << 20)
     assert envelope.decrypt_update(old_message, keys) == weights
     new_message = envelope.parse_update(
-        envelope.seal_update(bundle, 1, weights, 3, {}, dataset_sha256=bytes(32)), max_bytes=1 << 20)
+        envelope.seal_update(bundle, 1, weights, 3, {}, dataset_sha256=bytes(32),
+                             base_sha256=bytes(32)), max_bytes=1 << 20)
     # ...and the old (pycryptodome) coordinator code derives the same AES key for a new update.
     header = new_message.header
     old_key = old_shared_key(keys.enc_seed, header.epk, header.msg_id, envelope.UPDATE_KDF_CONTEXT)

@@ -25,7 +25,7 @@ def fleet() -> tuple[CoordinatorKeys, DeviceBundle, DeviceBundle]:
 def test_update_round_trip(fleet) -> None:  # type: ignore[no-untyped-def]
     keys, dev, _ = fleet
     weights = b"\x01\x02" * 500
-    data = envelope.seal_update(dev, 4, weights, 123, {"train_loss": 0.5}, dataset_sha256=DATA)
+    data = envelope.seal_update(dev, 4, weights, 123, {"train_loss": 0.5}, dataset_sha256=DATA, base_sha256=bytes(32))
     sealed = envelope.parse_update(data, max_bytes=LIMIT)
     assert (sealed.header.device, sealed.header.round, sealed.header.num_samples) == ("dev-a", 4, 123)
     assert sealed.header.weights_sha256 == hashlib.sha256(weights).digest()
@@ -36,8 +36,10 @@ def test_update_round_trip(fleet) -> None:  # type: ignore[no-untyped-def]
 
 def test_two_seals_differ_and_ids_are_fresh(fleet) -> None:  # type: ignore[no-untyped-def]
     _, dev, _ = fleet
-    a = envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 64, 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
-    b = envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 64, 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
+    a = envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 64, 1, {}, dataset_sha256=DATA,
+                                                   base_sha256=bytes(32)), max_bytes=LIMIT)
+    b = envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 64, 1, {}, dataset_sha256=DATA,
+                                                   base_sha256=bytes(32)), max_bytes=LIMIT)
     assert a.header.msg_id != b.header.msg_id and a.ciphertext != b.ciphertext
 
 
@@ -49,7 +51,7 @@ def _mutate(data: bytes, **changes: object) -> bytes:
 
 def test_tampered_ciphertext_fails_authentication(fleet) -> None:  # type: ignore[no-untyped-def]
     keys, dev, _ = fleet
-    data = envelope.seal_update(dev, 1, b"weights" * 10, 5, {}, dataset_sha256=DATA)
+    data = envelope.seal_update(dev, 1, b"weights" * 10, 5, {}, dataset_sha256=DATA, base_sha256=bytes(32))
     ct = bytearray(msgpack.unpackb(data)["ct"])
     ct[3] ^= 1
     sealed = envelope.parse_update(_mutate(data, ct=bytes(ct)), max_bytes=LIMIT)
@@ -61,7 +63,7 @@ def test_tampered_ciphertext_fails_authentication(fleet) -> None:  # type: ignor
 
 def test_swapped_header_breaks_signature(fleet) -> None:  # type: ignore[no-untyped-def]
     keys, dev, _ = fleet
-    data = envelope.seal_update(dev, 1, b"weights", 5, {}, dataset_sha256=DATA)
+    data = envelope.seal_update(dev, 1, b"weights", 5, {}, dataset_sha256=DATA, base_sha256=bytes(32))
     hdr = msgpack.unpackb(msgpack.unpackb(data)["hdr"])
     hdr["round"] = 2
     sealed = envelope.parse_update(_mutate(data, hdr=msgpack.packb(hdr)), max_bytes=LIMIT)
@@ -75,14 +77,16 @@ def test_swapped_header_breaks_signature(fleet) -> None:  # type: ignore[no-unty
 def test_other_device_cannot_sign_for_me(fleet) -> None:  # type: ignore[no-untyped-def]
     _, dev_a, dev_b = fleet
     forged = DeviceBundle("f1", "dev-a", dev_b.sign_seed, dev_b.coordinator, dev_b.model_key_id, dev_b.model_key)
-    sealed = envelope.parse_update(envelope.seal_update(forged, 1, b"w", 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
+    sealed = envelope.parse_update(envelope.seal_update(forged, 1, b"w", 1, {}, dataset_sha256=DATA,
+                                                        base_sha256=bytes(32)), max_bytes=LIMIT)
     with pytest.raises(EnvelopeError):
         envelope.verify_update_signature(sealed, dev_a.sign_public)
 
 
 def test_wrong_coordinator_key_cannot_decrypt(fleet) -> None:  # type: ignore[no-untyped-def]
     _, dev, _ = fleet
-    sealed = envelope.parse_update(envelope.seal_update(dev, 1, b"w", 1, {}, dataset_sha256=DATA), max_bytes=LIMIT)
+    sealed = envelope.parse_update(envelope.seal_update(dev, 1, b"w", 1, {}, dataset_sha256=DATA,
+                                                        base_sha256=bytes(32)), max_bytes=LIMIT)
     with pytest.raises(EnvelopeError) as err:
         envelope.decrypt_update(sealed, CoordinatorKeys.generate("f1"))
     assert err.value.reason == "wrong_key"
@@ -99,7 +103,8 @@ def test_malformed(data: bytes) -> None:
 def test_oversized_rejected_before_decoding(fleet) -> None:  # type: ignore[no-untyped-def]
     _, dev, _ = fleet
     with pytest.raises(EnvelopeError) as err:
-        envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 5000, 1, {}, dataset_sha256=DATA), max_bytes=1000)
+        envelope.parse_update(envelope.seal_update(dev, 1, b"w" * 5000, 1, {}, dataset_sha256=DATA,
+                                                   base_sha256=bytes(32)), max_bytes=1000)
     assert err.value.reason == "oversized"
 
 

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.storage import ModelStore, Spool
-from federation import crypto, envelope
+from federation import crypto, deltas, envelope
 from federation.codec import encode_tensors
 from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
@@ -81,7 +81,8 @@ class Target:
                 TOPICS.register(name), envelope.seal_dataset(bundle, DATASET, 100, {"task": "fuzz"}))
             assert outcome.accepted
         self.valid_update = envelope.seal_update(self.bundles["dev-a"], 1, encode_tensors(_weights(1.0)), 10,
-                                                 {"train_loss": 0.5}, dataset_sha256=DATASET)
+                                                 {"train_loss": 0.5}, dataset_sha256=DATASET,
+                                                 base_sha256=deltas.model_sha256(_model()))
         self.valid_registration = envelope.seal_dataset(self.bundles["dev-a"], DATASET, 100, {"task": "fuzz"})
         self.model_bytes = encode_tensors(self.coordinator.global_model)
         self.recorded_msg_ids: set[bytes] = set()
@@ -294,7 +295,8 @@ def test_fuzz_summary_and_chain(target: Target) -> None:
     # cases reach depends on their order (once dev-a's genuine update is in, its later ones
     # stop at duplicate_in_round), and that order is not the same in every checkout.
     genuine_b = msgpack.unpackb(envelope.seal_update(target.bundles["dev-b"], 1, encode_tensors(_weights(2.0)), 10,
-                                                     {"train_loss": 0.5}, dataset_sha256=DATASET), raw=False)
+                                                     {"train_loss": 0.5}, dataset_sha256=DATASET,
+                                                     base_sha256=deltas.model_sha256(_model())), raw=False)
     for name, value in RESIGNED_VALUES:
         hdr = msgpack.unpackb(genuine_b["hdr"], raw=False)
         hdr.update({name: value, "msg_id": hashlib.sha256(repr((name, value)).encode()).digest()[:16]})
@@ -304,12 +306,14 @@ def test_fuzz_summary_and_chain(target: Target) -> None:
     # A byte-identical replay and a second update in the round, deterministically too: whether
     # random cases reach them depends on their order (a genuine update must be accepted first).
     genuine = envelope.seal_update(target.bundles["dev-b"], 1, encode_tensors(_weights(2.0)), 10,
-                                   {"train_loss": 0.5}, dataset_sha256=DATASET)
+                                   {"train_loss": 0.5}, dataset_sha256=DATASET,
+                                   base_sha256=deltas.model_sha256(_model()))
     first = c.handle_update(TOPICS.update("dev-b"), genuine)
     assert first.accepted or first.reason == "duplicate_in_round", first
     assert c.handle_update(TOPICS.update("dev-b"), genuine).reason == "replay"
     another = envelope.seal_update(target.bundles["dev-b"], 1, encode_tensors(_weights(3.0)), 10,
-                                   {"train_loss": 0.5}, dataset_sha256=DATASET)
+                                   {"train_loss": 0.5}, dataset_sha256=DATASET,
+                                   base_sha256=deltas.model_sha256(_model()))
     assert c.handle_update(TOPICS.update("dev-b"), another).reason == "duplicate_in_round"
     for reason in ("malformed", "unsupported_version", "wrong_fleet", "topic_mismatch", "unknown_key",
                    "bad_signature", "replay", "stale_round", "future_round", "duplicate_in_round", "decrypt_failed",

@@ -68,16 +68,22 @@ def test_a_device_twice_in_one_batch_is_checked_against_its_first_record(tmp_pat
     assert verify_file(tmp_path / "ledger.log").ok
 
 
-def test_the_rest_of_a_batch_goes_to_the_next_round_once_the_round_closes(tmp_path: Path) -> None:
+def test_the_rest_of_a_batch_is_checked_after_the_round_closes(tmp_path: Path) -> None:
+    """The batch stops where the round becomes ready: what follows is checked against the next
+    round (a late third update for round 1 is stale, not added to a closed round), and the
+    round's two updates are aggregated once."""
     h = Harness(tmp_path, strategy="fedavg")  # min_clients 2
-    messages = [(TOPICS.update(d), h.update(d, 1, weights(1.0))) for d in ("dev-a", "dev-b")]
-    messages += [(TOPICS.update(d), h.update(d, 2, weights(3.0))) for d in ("dev-a", "dev-c")]
+    messages = [(TOPICS.update(d), h.update(d, 1, weights(1.0))) for d in ("dev-a", "dev-b", "dev-c")]
     outcomes = h.coordinator.handle_updates(messages)
-    assert [o.reason for o in outcomes] == ["accepted"] * 4
-    assert h.coordinator.round is not None and h.coordinator.round.number == 3
-    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.0)
+    assert [o.reason for o in outcomes] == ["accepted", "accepted", "stale_round"]
+    assert h.coordinator.round is not None and h.coordinator.round.number == 2
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 1.0, rtol=1e-6)
     kinds = [b.data["type"] for b in h.ledger]
-    assert kinds.count("aggregate") == 2 and kinds.count("update") == 4
+    assert kinds.count("aggregate") == 1 and kinds.count("update") == 2
+    # The next round's updates (trained from its model) are accepted as usual.
+    assert all(h.send(d, h.update(d, 2, weights(3.0))).accepted for d in ("dev-a", "dev-c"))
+    assert h.coordinator.round.number == 3
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 3.0, rtol=1e-6)
     assert verify_file(tmp_path / "ledger.log").ok
 
 

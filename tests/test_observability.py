@@ -106,7 +106,8 @@ def test_metrics_status_dashboard_and_report_of_a_real_run(embedded_broker: Brok
         client.publish(f"fledger/{fed.fleet}/update/edge-1", b"not an update", qos=1).wait_for_publish(10)
         # A genuine device's update for a round long closed: authenticated, so recorded in the ledger.
         stale = envelope.seal_update(DeviceBundle.load(keytool.bundle_path(fed.keys, "edge-2")), 1,
-                                     encode_tensors({"w": np.zeros(2, np.float32)}), 10, {}, dataset_sha256=bytes(32))
+                                     encode_tensors({"w": np.zeros(2, np.float32)}), 10, {}, dataset_sha256=bytes(32),
+                                     base_sha256=bytes(32))
         client.publish(f"fledger/{fed.fleet}/update/edge-2", stale, qos=1).wait_for_publish(10)
         client.loop_stop()
         client.disconnect()

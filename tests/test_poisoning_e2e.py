@@ -21,7 +21,7 @@ from conftest import BrokerInfo
 from federation_run import Federation
 
 from coordinator.storage import read_model_file
-from federation import envelope
+from federation import deltas, envelope
 from federation.codec import decode_tensors, encode_tensors
 from federation.fleet_state import FleetLedger, verify_file
 from federation.keys import CoordinatorKeys, DeviceBundle
@@ -62,8 +62,8 @@ def test_a_device_sending_1e6_scaled_updates_every_round_cannot_stop_or_steer_th
                 round_number, body = latest
                 if round_number not in attacked:
                     poisoned = {k: (v * 1e6).astype(v.dtype) for k, v in decode_tensors(body).items()}
-                    attacked[round_number] = (envelope.seal_update(
-                        hostile, round_number, encode_tensors(poisoned), 300, {"train_loss": 0.5},
+                    attacked[round_number] = (deltas.seal_trained(
+                        hostile, round_number, poisoned, decode_tensors(body), 300, {"train_loss": 0.5},
                         dataset_sha256=dataset), 0.0)
                 payload, sent = attacked[round_number]
                 if "edge-3" not in status.get("accepted", []) and time.monotonic() - sent > 5:

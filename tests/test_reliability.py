@@ -315,7 +315,7 @@ def test_dropout_deadline_quorum_stale_update_and_rejoin(mosquitto_path: Mosquit
         # A straggler's late update for a closed round (genuinely signed by edge-3) is stale.
         bundle = DeviceBundle.load(keytool.bundle_path(fed.keys, "edge-3"))
         late = envelope.seal_update(bundle, 1, encode_tensors({"w": np.zeros(2, np.float32)}), 300,
-                                    {"train_loss": 1.0}, dataset_sha256=bytes(32))
+                                    {"train_loss": 1.0}, dataset_sha256=bytes(32), base_sha256=bytes(32))
         status.link.publish(Topics(fed.fleet).update("edge-3"), late, wait=5)
         wait_for("the late update rejected as stale_round",
                  lambda: status.poll().get("rejections", {}).get("stale_round", 0) >= 1, 20, fed)

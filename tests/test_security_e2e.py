@@ -301,7 +301,8 @@ class Fleet:
     def update(self, bundle: DeviceBundle, round_number: int) -> bytes:
         weights = {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}
         return envelope.seal_update(bundle, round_number, encode_tensors(weights), 10, {"train_loss": 0.5},
-                                    dataset_sha256=DATASET)
+                                    dataset_sha256=DATASET,
+                                    base_sha256=self.ledger.state.published_models.get(round_number, bytes(32)))
 
 
 @pytest.mark.parametrize("apply", ["restart", "live"])
