@@ -129,8 +129,11 @@ class Coordinator:
         self.intake = UpdateIntake(self)  # batched update ingest; owns the admission threads
 
     def close(self) -> None:
-        """Release what this coordinator holds outside its state (the admission threads)."""
+        """Release what this coordinator holds outside its state (its threads: admission, and
+        the spool's and model store's file system waits)."""
         self.intake.close()
+        self.spool.close()
+        self.models.close()
 
     @property
     def strategy(self) -> Strategy | None:
