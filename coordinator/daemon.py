@@ -378,6 +378,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         link.stop(timeout=2)
         if upstream_link is not None:
             upstream_link.stop(timeout=2)
+        coordinator.close()  # its admission threads
     return 0
 
 

@@ -25,14 +25,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from coordinator import restore
 from coordinator.acks import DeviceAcks
-from coordinator.admission import Admission, UpdateVerdict, sane
+from coordinator.admission import Admission, sane
 from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
+from coordinator.intake import UpdateIntake, scaled
 from coordinator.presence import PresenceBook
 from coordinator.publisher import Publish, Publisher
 from coordinator.restore import RestoreError
@@ -126,6 +126,19 @@ class Coordinator:
         # the next round trains from the model the upstream coordinator publishes next.
         self._send_upstream = send_upstream
         self.awaiting_upstream = False
+        self.intake = UpdateIntake(self)  # batched update ingest; owns the admission threads
+
+    def close(self) -> None:
+        """Release what this coordinator holds outside its state (its threads: admission, and
+        the spool's and model store's file system waits)."""
+        self.intake.close()
+        self.spool.close()
+        self.models.close()
+
+    @property
+    def strategy(self) -> Strategy | None:
+        """The open round's (or buffer's) aggregation strategy."""
+        return self._strategy
 
     # -- the parts' state ------------------------------------------------------------------------
     # The writer owns the spool, the model files and the ledger; these are its.
@@ -285,7 +298,7 @@ class Coordinator:
         if sealed.version == 1:  # accepted by the coordinator before the upgrade: full weights
             weights = deltas.delta(weights, self.global_model)
         if "weight" in record:  # asynchronous mode: down-weighted by its staleness, as when accepted
-            weights = _scaled(weights, float(record["weight"]))
+            weights = scaled(weights, float(record["weight"]))
         self._strategy.add(weights, sealed.header.num_samples, device)
         self.round.accept(Accepted(device, sealed.header.msg_id, sealed.header.weights_sha256,
                                    sealed.header.num_samples, sealed.header.metrics))
@@ -393,7 +406,7 @@ class Coordinator:
         for device in sorted(self._ack_sent_at):
             self.publish_ack(device)
 
-    def _ack_verdict(self, device: str, round_number: int, msg_id: bytes, verdict: str) -> None:
+    def ack_verdict(self, device: str, round_number: int, msg_id: bytes, verdict: str) -> None:
         if self.acks.verdict(device, round_number, msg_id, verdict):
             self.publish_ack(device)
         elif self._now() - self._ack_sent_at.get(device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
@@ -402,7 +415,7 @@ class Coordinator:
             self.publish_ack(device)
 
     # -- updates ----------------------------------------------------------------------------------
-    def _reject(self, reason: str, detail: str, *, device: str | None = None, round_number: int | None = None,
+    def reject(self, reason: str, detail: str, *, device: str | None = None, round_number: int | None = None,
                 msg_id: bytes | None = None, payload: bytes = b"", record: bool = False) -> Outcome:
         self.rejections[reason] += 1
         log.warning("rejected update from %s (round %s): %s: %s", device or "?", round_number, reason, detail)
@@ -420,135 +433,9 @@ class Coordinator:
         return self.handle_updates([(topic, payload)])[0]
 
     def handle_updates(self, messages: Sequence[tuple[str, bytes]]) -> list[Outcome]:
-        """Update messages already waiting, in arrival order: one Outcome each.
-
-        They are admitted one by one (pure verdicts), and the accepted ones of a batch become
-        durable together: their spool files, then their ledger records in one commit group
-        (:meth:`LedgerWriter.accept_updates`). Only then are they added to the round, answered
-        and announced: no acknowledgement before its fsync. A batch ends early where a device
-        comes a second time (its verdict needs the first one's record) and where the round
-        becomes ready (the rest may be for the next round); the rest follows in the next batch.
-        Never raises for bad input: every failure becomes a counted rejection."""
-        outcomes: list[Outcome] = []
-        while len(outcomes) < len(messages):
-            outcomes.extend(self._update_batch(messages[len(outcomes):]))
-        return outcomes
-
-    def _update_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[Outcome]:
-        assert self.round is not None
-        batch: list[tuple[str, bytes]] = []
-        devices: set[str] = set()
-        for topic, payload in messages:
-            device = self.topics.device_of(topic)
-            if device is not None and device in devices:
-                break  # its verdict depends on the first one's record: next batch
-            if device is not None:
-                devices.add(device)
-            batch.append((topic, payload))
-        verdicts = self._verdicts(batch)
-        outcomes: list[Outcome | None] = []
-        staged: list[tuple[int, UpdateVerdict, bytes]] = []  # (position, accepted verdict, envelope)
-        for (topic, payload), verdict in zip(batch, verdicts, strict=True):
-            try:
-                outcome, accepted = self._act_on_verdict(topic, payload, verdict)
-            except StorageError as exc:  # a rejection record could not be written
-                self.halted = self.halted or str(exc)
-                outcome, accepted = self._reject("storage_error", str(exc)), None
-            if accepted is None:
-                outcomes.append(outcome)
-                continue
-            staged.append((len(outcomes), accepted, payload))
-            outcomes.append(None)
-            if len(self.round.accepted) + len(staged) >= self.settings.policy.min_clients:
-                break  # the round may close on this batch: later messages may be for the next round
-        try:
-            self._commit_updates(staged)
-        except StorageError as exc:
-            self.halted = self.halted or str(exc)
-            for position, _, _ in staged:
-                outcomes[position] = self._reject("storage_error", str(exc))
-            return [o for o in outcomes if o is not None]
-        for position, accepted, _ in staged:
-            assert accepted.sealed is not None
-            outcomes[position] = Outcome(True, "accepted", accepted.sealed.header.device, accepted.sealed.header.round)
-        if staged:
-            self.maybe_close_round()
-        return [o for o in outcomes if o is not None]
-
-    def _verdicts(self, batch: Sequence[tuple[str, bytes]]) -> list[UpdateVerdict | Exception]:
-        """Admission's verdicts on a batch, computed side by side (:data:`ADMISSION_THREADS`):
-        admission is pure and nothing it reads changes until the batch is acted on, and the
-        cryptography (libsodium, pycryptodome, hashlib) releases the GIL. An exception (a bug)
-        is returned in its message's place."""
-        assert self.round is not None
-        if self.halted:
-            return [RuntimeError("halted")] * len(batch)  # not checked: refused as halted
-        round_state, state, registry, spec, done = self.round, self.fleet_state, self.registry, self.spec, self.done
-
-        def verdict(message: tuple[str, bytes]) -> UpdateVerdict | Exception:
-            try:
-                return self.admission.update(message[0], message[1], registry=registry, round=round_state,
-                                             state=state, spec=spec, done=done)
-            except Exception as exc:
-                return exc
-
-        if len(batch) < 2 or ADMISSION_THREADS < 2:
-            return [verdict(message) for message in batch]
-        return list(_admission_pool().map(verdict, batch))
-
-    def _act_on_verdict(self, topic: str, payload: bytes, verdict: UpdateVerdict | Exception
-                        ) -> tuple[Outcome | None, UpdateVerdict | None]:
-        """The rejection's Outcome (counted, recorded, answered), or the accepted verdict (not
-        yet durable)."""
-        if self.halted:
-            return self._reject("halted", self.halted), None
-        if isinstance(verdict, Exception):  # a bug must not kill the worker nor touch the model
-            log.error("unexpected error while checking an update", exc_info=verdict)
-            return self._reject("internal_error", f"{type(verdict).__name__}: {verdict}"), None
-        if verdict.sealed is None:  # not authenticated: counted, never recorded nor answered
-            return self._reject(verdict.reason, verdict.detail, device=verdict.device, round_number=verdict.round), None
-        header = verdict.sealed.header
-        seconds = header.metrics.get("train_seconds") if isinstance(header.metrics, dict) else None
-        if isinstance(seconds, (int, float)) and sane(float(seconds)):
-            self.train_seconds[header.device] = float(seconds)  # also from a late update: it tells the most
-        if not verdict.accepted:
-            # Only accepted updates' ids are in accepted_msg_ids: a replay's answer is "accepted".
-            self._ack_verdict(header.device, header.round, header.msg_id,
-                              ACCEPTED if verdict.reason == "replay" else verdict.reason)
-            return self._reject(verdict.reason, verdict.detail, device=header.device, round_number=header.round,
-                                msg_id=header.msg_id, payload=payload, record=verdict.record), None
-        return None, verdict
-
-    def _commit_updates(self, staged: list[tuple[int, UpdateVerdict, bytes]]) -> None:
-        """Accepted updates made durable together (spool, then one ledger commit group); then,
-        and only then, folded into the round, acknowledged and announced."""
-        assert self.round is not None and self._strategy is not None
-        if not staged:
-            return
-        plans: list[tuple[UpdateVerdict, bytes, TensorDict, dict[str, Any]]] = []
-        for _, verdict, payload in staged:
-            assert verdict.sealed is not None and verdict.weights is not None
-            weights, staleness = verdict.weights, {}
-            if isinstance(self.round, BufferState):  # recorded: the buffer (version) it joins, how stale, its weight
-                lag = self.round.staleness(verdict.sealed.header.round)
-                staleness = {"version": self.round.number, "staleness": lag, "weight": records.staleness_weight(lag)}
-                weights = _scaled(weights, staleness["weight"])
-            plans.append((verdict, payload, weights, staleness))
-        blocks = self.writer.accept_updates(self.round.number, [
-            (v.sealed.header.device, payload, v.sealed.header_bytes, v.sealed.signature, staleness)
-            for v, payload, _, staleness in plans if v.sealed is not None])
-        for verdict, _, weights, _ in plans:
-            assert verdict.sealed is not None
-            header = verdict.sealed.header
-            self._strategy.add(weights, header.num_samples, header.device)
-            self.round.accept(Accepted(header.device, header.msg_id, header.weights_sha256, header.num_samples,
-                                       header.metrics))
-            self.accepted_total += 1
-            self._ack_verdict(header.device, header.round, header.msg_id, ACCEPTED)
-            log.info("accepted update from %s for round %d (%d samples); %d/%d in", header.device, header.round,
-                     header.num_samples, len(self.round.accepted), self.settings.policy.min_clients)
-        self.writer.announce(blocks)
-        self.status_changed()
+        """Update messages already waiting, in arrival order: one Outcome each (see
+        :meth:`coordinator.intake.UpdateIntake.handle_updates`). Never raises for bad input."""
+        return self.intake.handle_updates(messages)
 
     def handle_registration(self, topic: str, payload: bytes) -> Outcome:
         """A device's signed dataset registration: recorded in the ledger once per new digest.
@@ -558,14 +445,14 @@ class Coordinator:
             return self._handle_registration(topic, payload)
         except Exception as exc:
             log.exception("unexpected error while checking a registration")
-            return self._reject("internal_error", f"{type(exc).__name__}: {exc}")
+            return self.reject("internal_error", f"{type(exc).__name__}: {exc}")
 
     def _handle_registration(self, topic: str, payload: bytes) -> Outcome:
         verdict = self.admission.registration(topic, payload, registry=self.registry)
         if verdict.statement is None:
-            return self._reject(verdict.reason, verdict.detail, device=verdict.device)
+            return self.reject(verdict.reason, verdict.detail, device=verdict.device)
         if self.halted:
-            return self._reject("halted", self.halted)
+            return self.reject("halted", self.halted)
         statement = verdict.statement
         verdict = self.admission.registration_news(statement, registry=self.registry, state=self.fleet_state,
                                                    now=self._now())
@@ -574,14 +461,14 @@ class Coordinator:
                 self.publish_ack(statement.device)  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
         if verdict.reason != "register":
-            return self._reject(verdict.reason, verdict.detail, device=statement.device)
+            return self.reject(verdict.reason, verdict.detail, device=statement.device)
         try:
             self._append(records.dataset(statement.device, statement.sha256, statement.size, statement.schema,
                                          key_id=statement.key_id, statement=statement.statement,
                                          device_sig=statement.signature))
         except StorageError as exc:
             self.halted = str(exc)
-            return self._reject("storage_error", str(exc))
+            return self.reject("storage_error", str(exc))
         self.acks.registered(statement.device, statement.sha256)
         self.publish_ack(statement.device)
         log.info("device %s registered data set %s (%d bytes, %s)", statement.device, statement.sha256.hex()[:16],
@@ -772,25 +659,8 @@ class Coordinator:
         self.maybe_close_round()
 
 
-ADMISSION_THREADS = 2  # verdicts of a batch computed side by side (2-2.5x for 424 KB updates on 2 cores)
-_POOL: list[ThreadPoolExecutor] = []
-
-
-def _admission_pool() -> ThreadPoolExecutor:
-    """One pool for the process (tests build many coordinators)."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="admission"))
-    return _POOL[0]
-
-
 STATUS_INTERVAL_S = 1.0  # a changed fleet status is republished at most this often (round changes: at once)
 ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
-
-
-def _scaled(change: TensorDict, weight: float) -> TensorDict:
-    """A delta times ``weight`` (FedBuff's staleness weight); integer tensors (counters) unscaled."""
-    return {name: (array * weight).astype(array.dtype) if array.dtype.kind == "f" else array
-            for name, array in change.items()}
 
 
 def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

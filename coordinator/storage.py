@@ -29,18 +29,27 @@ class StorageError(OSError):
     """The coordinator cannot persist what it must; it stops accepting rather than lie."""
 
 
-_SYNC_THREADS = 16
-_SYNC_POOL: list[ThreadPoolExecutor] = []
+class SyncThreads:
+    """Threads for file system waits (fsyncs, removals), owned by one store: created by its
+    first wait, ended by :meth:`close`."""
+
+    def __init__(self, threads: int = 16) -> None:
+        self._threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="storage")
+        return self._pool
+
+    def close(self) -> None:
+        """Wait for what was handed to the threads (a background removal) and end them."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
-def _pool() -> ThreadPoolExecutor:
-    """The process's threads for file system waits (fsyncs, removals)."""
-    if not _SYNC_POOL:
-        _SYNC_POOL.append(ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="storage"))
-    return _SYNC_POOL[0]
-
-
-def sync_together(paths: list[Path]) -> None:
+def sync_together(paths: list[Path], threads: SyncThreads) -> None:
     """fsync files already in place and their directories, all at once: concurrent fsyncs share
     the file system's journal commits (ext4: one commit covers a new file, its data and its
     directory entry), so N files cost about one fsync's wait, not 2N. Raises OSError."""
@@ -49,7 +58,7 @@ def sync_together(paths: list[Path]) -> None:
     try:
         for target in targets:
             fds.append(os.open(target, os.O_RDONLY))
-        list(_pool().map(os.fsync, fds))
+        list(threads.pool().map(os.fsync, fds))
     finally:
         for fd in fds:
             os.close(fd)
@@ -76,6 +85,10 @@ def atomic_write(path: Path, data: bytes) -> None:
 class ModelStore:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self.threads = SyncThreads()
+
+    def close(self) -> None:
+        self.threads.close()
 
     def path(self, round_number: int) -> Path:
         return self.directory / f"global-{round_number:06d}.safetensors"
@@ -94,7 +107,7 @@ class ModelStore:
             # The record naming it is appended after this returns: file and directory are
             # fsynced together (one wait), and a crash before leaves a file no record names.
             os.replace(tmp, path)
-            sync_together([path])
+            sync_together([path], self.threads)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot save model {path}: {exc.strerror or exc}") from exc
         return path
@@ -153,6 +166,10 @@ DROPPED = ".dropped-"  # prefix of a closed round's spool being deleted
 class Spool:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self.threads = SyncThreads()
+
+    def close(self) -> None:
+        self.threads.close()
 
     def _round_dir(self, round_number: int) -> Path:
         return self.directory / f"round-{round_number:06d}"
@@ -170,7 +187,7 @@ class Spool:
             paths = [directory / f"{device}.update" for device, _ in envelopes]
             for path, (_, data) in zip(paths, envelopes, strict=True):
                 place(path, data)
-            sync_together(paths)
+            sync_together(paths, self.threads)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot write the spool in {directory}: {exc.strerror or exc}") from exc
 
@@ -191,7 +208,7 @@ class Spool:
         except OSError:
             shutil.rmtree(directory, ignore_errors=True)
             return
-        _pool().submit(shutil.rmtree, doomed, ignore_errors=True)
+        self.threads.pool().submit(shutil.rmtree, doomed, ignore_errors=True)
 
     def drop_before(self, round_number: int) -> list[int]:
         """Remove the spools of rounds before ``round_number`` (closed rounds whose removal a

@@ -5,6 +5,7 @@ between loses nothing acknowledged, and the fleet status follows changes at a bo
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,23 @@ def test_the_daemon_takes_only_the_updates_already_waiting_and_hands_back_the_ne
         inbox.put(message(TOPICS.update(f"dev-{i}"), daemon.UPDATE_BATCH_BYTES // 2))
     batch, other = daemon.take_updates(inbox.get(), inbox, TOPICS)
     assert len(batch) == 2 and other is None and inbox.qsize() == 1  # bounded in bytes
+
+
+def test_admission_threads_are_the_coordinators_started_by_a_batch_and_ended_by_close(tmp_path: Path) -> None:
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    before = _threads()
+    assert h.coordinator.handle_update(TOPICS.update("dev-a"), h.update("dev-a", 1, weights(1.0))).accepted
+    assert not _threads("admission") - before  # one message at a time: checked in place, no pool
+    outcomes = h.coordinator.handle_updates([(TOPICS.update(d), h.update(d, 1, weights(1.0)))
+                                             for d in ("dev-b", "dev-c")])
+    assert [o.reason for o in outcomes] == ["accepted", "accepted"]
+    assert _threads("admission") - before  # the batch's verdicts were computed side by side
+    started = _threads() - before
+    assert _threads("storage") & started  # the spool's fsyncs waited side by side too
+    h.coordinator.close()
+    assert not any(t.is_alive() for t in started)
+
+
+def _threads(prefix: str = "") -> set[threading.Thread]:
+    """The coordinators' worker threads (admission verdicts, file system waits) alive now."""
+    return {t for t in threading.enumerate() if t.name.startswith(prefix or ("admission", "storage"))}
