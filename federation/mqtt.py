@@ -160,6 +160,7 @@ class MqttLink:
         self.inbox_bytes = 0
         self.inbox_peak_bytes = 0  # the most it held (benchmarks and tests read it)
         self.backpressure_waits = 0  # times the network thread waited for room in the inbox
+        self.backpressure_overruns = 0  # waits that ended without room (stalled owner, or one awaiting a PUBACK)
         self._inbox_room = threading.Condition()
         self._publish_waits = 0  # owners waiting for a PUBACK: the network thread must not wait then
         self.connected = threading.Event()
@@ -294,6 +295,8 @@ class MqttLink:
             if self.inbox_bytes > self.inbox_budget and not self._stopping:
                 self.backpressure_waits += 1
                 self._inbox_room.wait_for(self._may_read, timeout=BACKPRESSURE_WAIT_S)
+                if self.inbox_bytes > self.inbox_budget and not self._stopping:
+                    self.backpressure_overruns += 1  # no room came in time: one more message may come in
 
     def _may_read(self) -> bool:
         # An owner waiting for a PUBACK takes nothing out meanwhile: let the acknowledgement in.
