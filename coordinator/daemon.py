@@ -45,7 +45,7 @@ from federation.crypto import ed25519_public
 from federation.fleet_state import FleetLedger
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
-from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, Message, MqttLink
+from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, Message, MqttLink, take_following
 from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, LedgerCorrupt
@@ -469,18 +469,8 @@ def take_updates(first: Message, inbox: queue.Queue[Message], topics: Topics) ->
     """``first`` and the update messages already queued right behind it (at most UPDATE_BATCH
     and UPDATE_BATCH_BYTES; never waits for more); also the first other message taken, which
     the caller must handle."""
-    batch = [first]
-    size = len(first.payload)
-    while len(batch) < UPDATE_BATCH and size < UPDATE_BATCH_BYTES:
-        try:
-            message = inbox.get_nowait()
-        except queue.Empty:
-            return batch, None
-        if not _is_update(topics, message.topic):
-            return batch, message
-        batch.append(message)
-        size += len(message.payload)
-    return batch, None
+    return take_following(first, inbox, lambda topic: _is_update(topics, topic), max_count=UPDATE_BATCH,
+                          max_bytes=UPDATE_BATCH_BYTES)
 
 
 def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: str, payload: bytes,

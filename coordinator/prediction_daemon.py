@@ -18,7 +18,7 @@ from coordinator.service import Coordinator
 from federation import prediction_wire as wire
 from federation.codec import encode_tensors
 from federation.keys import DeviceRegistry
-from federation.mqtt import Message
+from federation.mqtt import Message, take_following
 from federation.topics import Topics
 
 if TYPE_CHECKING:
@@ -41,16 +41,7 @@ PREDICTION_BATCH = 64  # queued requests answered with one ledger fsync (group c
 def take_batch(first: Message, inbox: queue.Queue[Message], topics: Topics) -> tuple[list[Message], Message | None]:
     """``first`` and the prediction messages queued right behind it (at most PREDICTION_BATCH);
     also the first other message taken from the queue, which the caller must still handle."""
-    batch = [first]
-    while len(batch) < PREDICTION_BATCH:
-        try:
-            message = inbox.get_nowait()
-        except queue.Empty:
-            return batch, None
-        if not is_prediction_topic(topics, message.topic):
-            return batch, message
-        batch.append(message)
-    return batch, None
+    return take_following(first, inbox, lambda topic: is_prediction_topic(topics, topic), max_count=PREDICTION_BATCH)
 
 
 def prediction_settings(config: CoordinatorConfig) -> PredictionSettings:

@@ -142,6 +142,26 @@ class Inbox(queue.Queue[Message]):
         return message
 
 
+def take_following(first: Message, inbox: queue.Queue[Message], belongs: Callable[[str], bool], *,
+                   max_count: int, max_bytes: int | None = None) -> tuple[list[Message], Message | None]:
+    """``first`` and the messages of the same kind (``belongs(topic)``) already queued right
+    behind it, at most ``max_count`` of them and, with ``max_bytes``, until their payloads reach
+    it; never waits for more. Also returns the first other message taken out, which the caller
+    must still handle."""
+    batch = [first]
+    size = len(first.payload)
+    while len(batch) < max_count and (max_bytes is None or size < max_bytes):
+        try:
+            message = inbox.get_nowait()
+        except queue.Empty:
+            return batch, None
+        if not belongs(message.topic):
+            return batch, message
+        batch.append(message)
+        size += len(message.payload)
+    return batch, None
+
+
 class MqttLink:
     """A connected, self-healing MQTT client that puts received messages on ``inbox``."""
 
