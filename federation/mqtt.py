@@ -481,7 +481,8 @@ class MqttLink:
 
     def _may_send_whole(self, topic: str, payload: bytes) -> bool:
         """False (and the link failed) when the broker said it would drop this unchunked payload."""
-        reason = refusal(len(payload), topic, self.broker_max_packet, mqtt5=self.mqtt5)
+        reason = refusal(len(payload), topic, self.broker_max_packet, mqtt5=self.mqtt5,
+                         configured=self.config.max_payload)
         if reason is None:
             return True
         if self.failed is None:

@@ -64,7 +64,7 @@ def test_refusal_names_the_size_and_the_setting() -> None:
     reason = refusal(19_873, "fledger/x/model/global", LIMIT, mqtt5=True)
     assert reason is not None
     assert "19,873-byte" in reason and "fledger/x/model/global" in reason and "10,000" in reason
-    assert "--max-payload" in reason
+    assert "--max-payload" in reason and "it is 0: chunking is off" in reason
 
 
 def test_a_disconnect_after_a_large_publish_is_diagnosed_and_a_repeat_detected() -> None:
@@ -75,6 +75,7 @@ def test_a_disconnect_after_a_large_publish_is_diagnosed_and_a_repeat_detected()
     diagnosis, repeat = watch.disconnected()  # dropped before paho's publish() even returned
     assert diagnosis is not None and not repeat  # once may be the network
     assert "19,873-byte publish on fledger/x/model/global" in diagnosis and "--max-payload" in diagnosis
+    assert "it is 0: chunking is off" in diagnosis  # says what the setting is now
     watch.sent(model, 1)
     watch.sent(watch.sending("fledger/x/model/global", 19_873), 3)  # republished on reconnect
     assert watch.disconnected() == (None, False)  # refused or dropped before CONNACK: nothing was re-sent
@@ -197,6 +198,7 @@ def test_chunking_off_one_error_with_size_and_setting_and_no_loop(
     size = re.search(r"(\d[\d,]*)-byte", errors[0])
     assert size and int(size.group(1).replace(",", "")) > LIMIT
     assert "fledger/test/model/global" in errors[0] and "--max-payload" in errors[0]
+    assert "chunking is off" in errors[0]  # the setting's current value: the user knows what to change
     assert code == 4, log  # stopped with the broker's exit code
     # At most one reconnect of its link, then it stopped (the start-up probe of the retained
     # head is a separate, short-lived client: "-probe").
