@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import independent_verifier as outsider
+import msgpack
 import pytest
 from test_coordinator import TOPICS, Harness, weights
 
@@ -58,6 +59,10 @@ def test_an_outsider_verifies_blocks_proofs_and_checkpoints(demo: Harness, tmp_p
     blocks = outsider.verify_chain(payloads, pinned_coordinator_key=demo.keys.public.sign_public)
     assert {b["data"]["type"] for b in blocks} == ALL_TYPES
     assert len(blocks) == demo.ledger.height
+    # group commit: the round's close left a sealed block (no signature of its own), which the
+    # outsider accepted through the links to the group's signed last block
+    sealed = [b["index"] for b in blocks if b["key_id"] == "" and b["signature"] == b""]
+    assert sealed and all(blocks[i + 1]["signature"] for i in sealed), sealed
 
     # `show --json` carries each block's exact bytes: the frame payloads, and bodies that hash to `hash`
     code, out = fledger(capsys, "show", "--json", path)
@@ -120,6 +125,24 @@ def test_the_outsider_catches_tampering(demo: Harness, tmp_path: Path, capsys: p
     bad_sig = wire[:-1] + bytes([wire[-1] ^ 1])
     with pytest.raises(outsider.Invalid, match=f"block {target}: bad coordinator signature"):
         outsider.verify_chain(outsider.read_frames(str(rewritten(target, bad_sig))))
+    # a sealed block of a commit group, changed and re-hashed so its own hash matches: the block
+    # after it no longer links, so the group's signature no longer covers it
+    sealed = next(i for i, b in enumerate(blocks) if b["signature"] == b"")
+    body = bytearray(blocks[sealed]["body"])
+    body[body.index(b"\xcb") + 8] ^= 1  # the last byte of the float64 timestamp: still canonical
+    forged = msgpack.packb([bytes(body), outsider.sha256(bytes(body)), "", b""], use_bin_type=True)
+    with pytest.raises(outsider.Invalid, match=f"block {sealed + 1}: index or prev_hash does not link"):
+        outsider.verify_chain(outsider.read_frames(str(rewritten(sealed, forged))))
+    # a chain cut after a sealed block: nothing signed proves it
+    with pytest.raises(outsider.Invalid, match="last block carries no signature"):
+        outsider.verify_chain(payloads[:sealed + 1])
+    # a signed block stripped of its coordinator's signature where no later block seals it
+    # (the genesis block), or with a key id but no signature
+    genesis = outsider.unpack(payloads[0])
+    for key_id in ("", genesis[2]):
+        stripped = msgpack.packb([genesis[0], genesis[1], key_id, b""], use_bin_type=True)
+        with pytest.raises(outsider.Invalid, match="block 0: bad coordinator signature"):
+            outsider.verify_chain([stripped, *payloads[1:]])
     # a coordinator key other than the pinned one
     with pytest.raises(outsider.Invalid, match="pinned"):
         outsider.verify_chain(payloads, pinned_coordinator_key=bytes(32))
