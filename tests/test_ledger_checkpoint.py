@@ -81,9 +81,18 @@ def test_note_verification_refuses_what_the_spec_refuses() -> None:
     forged = GO_NOTE.replace("x08go", "y08go")  # same key id, wrong signature bytes
     with pytest.raises(NoteError):
         open_note(forged, name, public)
-    for vkey in (GO_VKEY.replace("c74f20a3", "c74f20a4"), "PeterNeumann+c74f20a3", GO_VKEY[:-2], "a b+00+AA=="):
+    for vkey in (GO_VKEY.replace("c74f20a3", "c74f20a4"), "PeterNeumann+c74f20a3", GO_VKEY[:-2], "a b+00+AA==",
+                 None, 5, GO_VKEY.encode()):
         with pytest.raises(NoteError):
-            parse_verifier_key(vkey)
+            parse_verifier_key(vkey)  # type: ignore[arg-type]
+    # wrong types are refused as malformed input too, never a TypeError from inside
+    for junk in (None, 5, "x", public[:31], public.hex(), [public]):
+        with pytest.raises(NoteError):
+            open_note(GO_NOTE, name, junk)  # type: ignore[arg-type]
+        with pytest.raises(NoteError):
+            open_note(GO_NOTE, junk, public)  # type: ignore[arg-type]
+        with pytest.raises(NoteError):
+            open_note(junk, name, public)  # type: ignore[arg-type]
 
 
 def test_checkpoint_text_round_trip_and_strict_parsing() -> None:
