@@ -16,6 +16,8 @@ import msgpack
 import pytest
 from test_coordinator import TOPICS, Harness, weights
 
+from coordinator.rounds import RoundPolicy
+
 ALL_TYPES = {"genesis", "device.key", "device.key_revoked", "dataset", "round.opened", "update", "update.rejected",
              "aggregate", "model.published", "site.note"}
 
@@ -180,3 +182,24 @@ def test_the_example_checkpoint_in_the_docs_verifies() -> None:
     vkey = section.split("verifier key: `", 1)[1].split("`", 1)[0]
     origin, size, root = outsider.open_checkpoint(note, vkey)
     assert origin.startswith("fledger/plant7/") and size == 9 and len(root) == 32
+
+
+def test_an_excluded_update_is_a_leaf_and_its_device_can_prove_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The round tree holds every accepted update, the ones the strategy excluded too (a scaled,
+    poisoned update here): its tree size is participants + excluded, as docs/ledger.md says."""
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    for device, value in (("dev-a", 1.1), ("dev-b", 1.2), ("dev-c", 1.1e6)):
+        assert h.send(device, h.update(device, 1, weights(value))).accepted
+    path = str(h.ledger.path)
+    blocks = outsider.verify_chain(outsider.read_frames(path), pinned_coordinator_key=h.keys.public.sign_public)
+    aggregate = next(b["data"] for b in blocks if b["data"]["type"] == "aggregate")
+    assert aggregate["participants"] == ["dev-a", "dev-b"] and list(aggregate["excluded"]) == ["dev-c"]
+    for device in ("dev-a", "dev-c"):
+        code, out = fledger(capsys, "prove", path, "--round", "1", "--device", device, "--json")
+        assert code == 0
+        proof = json.loads(out)
+        assert proof["tree_size"] == 3
+        outsider.verify_round_proof(proof, blocks)
+        with pytest.raises(outsider.Invalid):  # the size of the participants alone is not the tree's
+            outsider.verify_round_proof({**proof, "tree_size": 2}, blocks)
