@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from federation.chunk_record import ChunkRecord
-from federation.chunking import ChunkError, Reassembler, retained_topics, split, stream_key
+from federation.chunking import MIN_MAX_PAYLOAD, ChunkError, Reassembler, retained_topics, split, stream_key
 from federation.config import ConfigError, read_secret, setting
 from federation.packet_limit import (
     DEFAULT_MAX_PAYLOAD,
@@ -95,6 +95,11 @@ class BrokerConfig:
         # Caught when the settings are read, not 60 s later when connecting fails.
         if not 0 < self.broker_port < 65536:
             raise ConfigError(f"broker port {self.broker_port} is not in 1..65535")
+        if self.max_payload != 0 and self.max_payload < MIN_MAX_PAYLOAD:
+            raise ConfigError(f"max_payload {self.max_payload} is below the minimum of {MIN_MAX_PAYLOAD} bytes "
+                              "(0 turns chunking off)")
+        if self.keepalive <= 0:
+            raise ConfigError(f"keepalive {self.keepalive} must be a positive number of seconds")
 
 
 class LivenessWatchdog:

@@ -210,6 +210,29 @@ def test_chunking_off_one_error_with_size_and_setting_and_no_loop(
     assert _oversize_disconnects(small_broker) == (0 if version == "auto" else 2)  # sent twice, not in a loop
 
 
+def test_an_agent_with_chunking_off_stops_on_its_oversized_update(small_broker: Mosquitto, tmp_path: Path) -> None:
+    """The device side of the diagnosis: its update is over the broker's unstated limit (MQTT
+    3.1.1, chunking off), so the broker drops it; the agent says so once, with the size and the
+    setting, and exits with the broker's code instead of re-sending the update for ever."""
+    fed = Federation(tmp_path, small_broker.host, small_broker.port, rounds=1, devices=("edge-1",), limit=200,
+                     extra_agent=["--max-payload", "0", "--mqtt-version", "3.1.1"])
+    try:
+        fed.start_all()
+        code = fed.wait("edge-1", 120)
+    finally:
+        fed.stop()
+    log = (fed.logs / "edge-1.log").read_text()
+    errors = [line for line in log.splitlines() if " ERROR " in line and "-byte" in line]
+    assert len(errors) == 1, log
+    size = re.search(r"(\d[\d,]*)-byte", errors[0])
+    assert size and int(size.group(1).replace(",", "")) > LIMIT
+    assert "fledger/test/update/edge-1" in errors[0] and "it is 0: chunking is off" in errors[0], errors[0]
+    assert code == 4, log
+    assert _oversize_disconnects(small_broker) == 2  # sent twice, not in a loop
+    # nothing of the device reached the ledger: the coordinator never got the update
+    assert "accepted update from edge-1" not in (fed.logs / "coordinator.log").read_text()
+
+
 def test_replayed_ledger_blocks_are_framed_too(small_broker: Mosquitto) -> None:
     """publish_all (the coordinator's ledger replays) frames every message: one bigger than the
     broker's limit arrives whole."""
