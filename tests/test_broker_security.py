@@ -47,7 +47,7 @@ ACL = ROOT / "deploy" / "mosquitto" / "fledger.acl"  # a link to fledger/fledger
 
 FLEET = "plant7"
 DEV_A, DEV_B = "pump-01", "pump-02"
-USERS = ("coordinator", "monitor", "operator", DEV_A, DEV_B)
+USERS = ("coordinator", "monitor", "operator", "owner", DEV_A, DEV_B)
 TOPICS = Topics(FLEET)
 QUIET = 0.5  # seconds to keep listening after the sentinel, for stragglers
 
@@ -222,8 +222,16 @@ class Client:
         event = self._subacks.setdefault(mid, threading.Event())
         assert event.wait(10), "no SUBACK"
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True) -> Any:
+        """Publish at QoS 1; unless ``wait`` is False, wait for the PUBACK (else: the caller waits
+        with :meth:`acked`, e.g. for the last of a batch: a client's publishes stay in order)."""
         info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if wait:
+            self.acked(info)
+        return info
+
+    @staticmethod
+    def acked(info: Any) -> None:
         info.wait_for_publish(timeout=10)
         assert info.is_published(), "no PUBACK"
 
@@ -452,9 +460,10 @@ def test_embedded_amqtt_broker_password_file(tmp_path: Path) -> None:
 
 # -- the same roles on the embedded broker and on mosquitto: every role x every topic ------------
 
-ROLES = ("coordinator", "monitor", "operator", DEV_A, DEV_B)
+ROLES = ("coordinator", "monitor", "operator", "owner", DEV_A, DEV_B)  # every `user` block and both devices
 MATRIX_TOPICS = (
-    TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head,
+    TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, f"{TOPICS.status}/chunk/0", TOPICS.ledger_blocks,
+    TOPICS.ledger_head, f"{TOPICS.ledger_head}/chunk/0", TOPICS.ledger_checkpoint,
     TOPICS.ledger_replay("monitor"), TOPICS.ledger_replay(DEV_A), f"{TOPICS.base}/ledger/replay",
     TOPICS.update(DEV_A), TOPICS.update(DEV_B), TOPICS.register(DEV_A), TOPICS.register(DEV_B),
     TOPICS.presence(DEV_A), TOPICS.presence(DEV_B), f"{TOPICS.base}/ack/{DEV_A}", f"{TOPICS.base}/ack/{DEV_B}",
@@ -462,6 +471,8 @@ MATRIX_TOPICS = (
     TOPICS.catch_up(DEV_A), TOPICS.catch_up("monitor"), TOPICS.catch_up_reply(DEV_A, "model"),
     TOPICS.catch_up_reply(DEV_A, "status"), TOPICS.catch_up_reply("monitor", "status"),
     TOPICS.catch_up_reply("operator", "head"),
+    f"{TOPICS.base}/credits/order", f"{TOPICS.base}/credits/reply", f"{TOPICS.base}/predict/{DEV_A}/request",
+    f"{TOPICS.base}/predict/{DEV_A}/reply", f"{TOPICS.base}/predict/owner/request",
 )
 
 
@@ -487,8 +498,9 @@ def observe_matrix(connect: Any) -> set[tuple[str, str, str]]:
             for topic in MATRIX_TOPICS:
                 client.subscribe(topic)
         for role, client in clients.items():
-            for topic in MATRIX_TOPICS:
-                client.publish(topic, f"{run}|{role}|{topic}".encode())
+            sent = [client.publish(topic, f"{run}|{role}|{topic}".encode(), wait=False) for topic in MATRIX_TOPICS]
+            for info in sent:
+                client.acked(info)
         end = f"{run}|end".encode()
         clients["coordinator"].publish(TOPICS.model, end)
         seen: set[tuple[str, str, str]] = set()
@@ -505,23 +517,87 @@ def observe_matrix(connect: Any) -> set[tuple[str, str, str]]:
             client.close()
 
 
+END_TOPIC = f"{TOPICS.model}/chunk/999"  # every user may read it, only the coordinator write it
+
+
+def observe_retained(connect: Any, writers: dict[str, str]) -> set[tuple[str, str, str]]:
+    """(publisher, receiver, topic) for every RETAINED message a client is handed when it
+    subscribes to ``#`` after: each topic's one allowed writer (``writers``) retained a message
+    there, and then every other role tried to overwrite it and to delete it (an empty retained
+    payload), as the issue's device deleted the retained global model. The retained messages are
+    cleared again afterwards."""
+    run = uuid.uuid4().hex[:8]
+    clients = {role: connect(role) for role in ROLES}
+    try:
+        for topic, writer in writers.items():
+            clients[writer].publish(topic, f"{run}|{writer}|{topic}".encode(), retain=True)
+        for role, client in clients.items():
+            sent = []
+            for topic in MATRIX_TOPICS:
+                if writers.get(topic) != role:
+                    sent.append(client.publish(topic, f"{run}|{role}|{topic}".encode(), retain=True, wait=False))
+                    sent.append(client.publish(topic, b"", retain=True, wait=False))
+            for info in sent:
+                client.acked(info)
+        end = f"{run}|end".encode()
+        clients["coordinator"].publish(END_TOPIC, end, retain=True)
+    finally:
+        for client in clients.values():
+            client.close()
+    seen: set[tuple[str, str, str]] = set()
+    late = {role: connect(role) for role in ROLES}  # subscribing after everything was retained
+    try:
+        for client in late.values():
+            client.subscribe("#")
+        for receiver, client in late.items():
+            for topic, payload, retained in client.collect_until(end):
+                parts = payload.decode(errors="replace").split("|")
+                if parts[0] != run or len(parts) != 3:
+                    continue  # the end marker, or another test's retained message
+                assert retained, f"a live message {payload!r} after the publishers left"
+                assert parts[2] == topic, f"{payload!r} arrived on {topic}"
+                seen.add((parts[1], receiver, topic))
+    finally:
+        for client in late.values():
+            client.close()
+    cleaner = {role: connect(role) for role in {*writers.values(), "coordinator"}}
+    try:
+        for topic, writer in writers.items():
+            cleaner[writer].publish(topic, b"", retain=True)
+        cleaner["coordinator"].publish(END_TOPIC, b"", retain=True)
+    finally:
+        for client in cleaner.values():
+            client.close()
+    return seen
+
+
 def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: SecureBroker, tmp_path: Path) -> None:
     """The must-have: the zero-setup broker is as strict as the hardened deployment. Every role
     (coordinator, monitor, operator, two devices) publishes to and subscribes to every topic
     on both brokers; the deliveries are identical, and they are what fledger.acl says."""
     from fledger.acl import Acl
 
+    acl = Acl.load(ACL)
+    allowed_writers = {t: [p for p in ROLES if acl.allows(p, t, "write")] for t in MATRIX_TOPICS}
+    assert all(len(w) <= 1 for w in allowed_writers.values()), allowed_writers  # one owner per topic
+    writers_by_acl = {t: w[0] for t, w in allowed_writers.items() if w}
     passwords = {user: secure_broker.password(user) for user in ROLES}
     on_mosquitto = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
+    retained_on_mosquitto = observe_retained(lambda role: Client(secure_broker, role).__enter__(), writers_by_acl)
     with embedded_with_passwords(passwords, tmp_path) as embedded:
         address = (embedded.host, embedded.port)
         on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
+        retained_on_amqtt = observe_retained(lambda role: Client(address, role, passwords[role]).__enter__(),
+                                             writers_by_acl)
 
-    acl = Acl.load(ACL)
     expected = {(p, r, t) for p in ROLES for r in ROLES for t in MATRIX_TOPICS
                 if acl.allows(p, t, "write") and acl.allows(r, t, "read")}
     assert on_amqtt == on_mosquitto
     assert on_mosquitto == expected
+    # Retained messages: a client subscribing to `#` later is handed exactly the retained messages
+    # it may read, each still its one writer's (no other role overwrote or deleted one), on both.
+    assert retained_on_amqtt == retained_on_mosquitto
+    assert retained_on_mosquitto == expected
     writers = {t: {p for p, _, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
     readers = {t: {r for _, r, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
     for topic in (TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head):
@@ -541,6 +617,14 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     assert readers[TOPICS.catch_up_reply(DEV_A, "status")] == set()  # a device never reads the fleet status
     assert readers[TOPICS.catch_up_reply("monitor", "status")] == {"monitor"}
     assert readers[TOPICS.catch_up_reply("operator", "head")] == {"operator"}
+    assert writers[TOPICS.ledger_checkpoint] == {"coordinator"}
+    assert readers[f"{TOPICS.status}/chunk/0"] == {"coordinator", "monitor", "operator"}  # chunks like the whole
+    # The owner's orders reach the coordinator only; nobody may ask for predictions with the shipped
+    # ACL (each client gets its own lines), and only the coordinator answers.
+    assert writers[f"{TOPICS.base}/credits/order"] == {"owner"}
+    assert readers[f"{TOPICS.base}/credits/order"] == {"coordinator"}
+    assert readers[f"{TOPICS.base}/credits/reply"] == {"owner"}
+    assert not writers[f"{TOPICS.base}/predict/{DEV_A}/request"] and not writers[f"{TOPICS.base}/predict/owner/request"]
 
 
 def test_embedded_broker_hands_retained_messages_only_to_matching_readable_subscriptions(tmp_path: Path) -> None:
