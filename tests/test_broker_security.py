@@ -216,6 +216,18 @@ class Client:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def will(self, topic: str, payload: bytes, *, retain: bool = False) -> Client:
+        """A Last Will, set before :meth:`connect`."""
+        self._client.will_set(topic, payload, qos=1, retain=retain)
+        return self
+
+    def drop(self) -> None:
+        """Lose the connection without a DISCONNECT (the broker then publishes the Last Will)."""
+        self._client.loop_stop()  # no reconnect
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+
     def subscribe(self, topic: str) -> None:
         result, mid = self._client.subscribe(topic, qos=1)
         assert result == paho.MQTT_ERR_SUCCESS and mid is not None
@@ -625,6 +637,44 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     assert readers[f"{TOPICS.base}/credits/order"] == {"coordinator"}
     assert readers[f"{TOPICS.base}/credits/reply"] == {"owner"}
     assert not writers[f"{TOPICS.base}/predict/{DEV_A}/request"] and not writers[f"{TOPICS.base}/predict/owner/request"]
+
+
+@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded"])
+def test_a_last_will_is_held_to_the_acl_like_any_publish(secure_broker: SecureBroker, tmp_path: Path,
+                                                        broker_kind: str) -> None:
+    """A device that sets its Last Will to the global model (retained) or to another device's
+    presence, then drops its connection, changes nothing: on mosquitto and on the embedded broker
+    (amqtt on its own broadcasts and retains a will unchecked; FledgerBroker checks it). Its will
+    to its own presence topic is delivered, and marks the end."""
+    model, evil = token("model"), token("will")
+    if broker_kind == "mosquitto":
+        connect: Any = lambda user: Client(secure_broker, user)  # noqa: E731
+        embedded = None
+    else:
+        passwords = {user: f"pw-{user}-{uuid.uuid4().hex}" for user in ("coordinator", DEV_A, DEV_B)}
+        embedded = embedded_with_passwords(passwords, tmp_path).start()
+        connect = lambda user: Client((embedded.host, embedded.port), user, passwords[user])  # noqa: E731
+    try:
+        with connect("coordinator") as coordinator:
+            coordinator.publish(TOPICS.model, model, retain=True)
+            coordinator.subscribe(TOPICS.model)
+            coordinator.subscribe(f"{TOPICS.base}/presence/#")
+            drain(coordinator)
+            forbidden = [connect(DEV_A).will(TOPICS.model, evil, retain=True),
+                         connect(DEV_A).will(TOPICS.presence(DEV_B), evil, retain=True)]
+            own = connect(DEV_A).will(TOPICS.presence(DEV_A), b"own-will-" + evil)
+            for client in (*forbidden, own):
+                assert client.connect(), client.reason
+            for client in (*forbidden, own):
+                client.drop()
+            got = coordinator.collect_until(b"own-will-" + evil, timeout=30)
+        with connect(DEV_B) as late:  # the model is still the coordinator's
+            late.subscribe(TOPICS.model)
+            assert late.messages.get(timeout=10) == (TOPICS.model, model, True)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    assert [(t, p) for t, p, _ in got] == [(TOPICS.presence(DEV_A), b"own-will-" + evil)]
 
 
 def test_embedded_broker_hands_retained_messages_only_to_matching_readable_subscriptions(tmp_path: Path) -> None:
