@@ -247,8 +247,9 @@ class Client:
         info.wait_for_publish(timeout=10)
         assert info.is_published(), "no PUBACK"
 
-    def collect_until(self, sentinel: bytes, timeout: float = 10.0) -> list[tuple[str, bytes, bool]]:
-        """All messages received up to and including ``sentinel``, then QUIET seconds more."""
+    def collect_until(self, sentinel: bytes, timeout: float = 10.0,
+                      quiet: float = QUIET) -> list[tuple[str, bytes, bool]]:
+        """All messages received up to and including ``sentinel``, then ``quiet`` seconds more."""
         got: list[tuple[str, bytes, bool]] = []
         wait = timeout
         while True:
@@ -258,7 +259,7 @@ class Client:
                 break
             got.append(message)
             if message[1] == sentinel:
-                wait = QUIET
+                wait = quiet
         assert any(payload == sentinel for _, payload, _ in got), f"sentinel never arrived; got {got}"
         return got
 
@@ -495,9 +496,10 @@ def embedded_with_passwords(passwords: dict[str, str], directory: Path) -> Embed
     return EmbeddedBroker(password_file=db)
 
 
-def observe_matrix(connect: Any) -> set[tuple[str, str, str]]:
+def observe_matrix(connect: Any) -> tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]]:
     """(publisher, receiver, topic) for every message delivered when every role subscribes to
-    every topic (one subscription each, exact names) and then publishes to every topic.
+    every topic (one subscription each, exact names) and then publishes to every topic; and the
+    same for a second client of every role subscribed to ``#`` alone (a wildcard subscriber).
 
     A delivery proves both that the publisher may write the topic and that the receiver may
     read it; the broker's SUBACK and PUBACK prove nothing (mosquitto 2.0.11 grants and acks
@@ -505,27 +507,33 @@ def observe_matrix(connect: Any) -> set[tuple[str, str, str]]:
     may read, marks the end for each receiver."""
     run = uuid.uuid4().hex[:8]
     clients = {role: connect(role) for role in ROLES}
+    spies = {role: connect(role) for role in ROLES}
     try:
         for client in clients.values():
             for topic in MATRIX_TOPICS:
                 client.subscribe(topic)
+        for spy in spies.values():
+            spy.subscribe("#")
         for role, client in clients.items():
             sent = [client.publish(topic, f"{run}|{role}|{topic}".encode(), wait=False) for topic in MATRIX_TOPICS]
             for info in sent:
                 client.acked(info)
         end = f"{run}|end".encode()
         clients["coordinator"].publish(TOPICS.model, end)
-        seen: set[tuple[str, str, str]] = set()
-        for receiver, client in clients.items():
-            for topic, payload, retained in client.collect_until(end):
-                parts = payload.decode(errors="replace").split("|")
-                if retained or parts[0] != run or len(parts) != 3:
-                    continue  # a retained message of another test, or the end marker
-                assert parts[2] == topic, f"{payload!r} arrived on {topic}"
-                seen.add((parts[1], receiver, topic))
+        seen: tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]] = (set(), set())
+        quiet = QUIET  # after the first receiver's wait, the others' messages are long queued
+        for into, group in zip(seen, (clients, spies), strict=True):
+            for receiver, client in group.items():
+                for topic, payload, retained in client.collect_until(end, quiet=quiet):
+                    parts = payload.decode(errors="replace").split("|")
+                    if retained or parts[0] != run or len(parts) != 3:
+                        continue  # a retained message of another test, or the end marker
+                    assert parts[2] == topic, f"{payload!r} arrived on {topic}"
+                    into.add((parts[1], receiver, topic))
+                quiet = 0.1
         return seen
     finally:
-        for client in clients.values():
+        for client in (*clients.values(), *spies.values()):
             client.close()
 
 
@@ -594,11 +602,11 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     assert all(len(w) <= 1 for w in allowed_writers.values()), allowed_writers  # one owner per topic
     writers_by_acl = {t: w[0] for t, w in allowed_writers.items() if w}
     passwords = {user: secure_broker.password(user) for user in ROLES}
-    on_mosquitto = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
+    on_mosquitto, wildcard_on_mosquitto = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
     retained_on_mosquitto = observe_retained(lambda role: Client(secure_broker, role).__enter__(), writers_by_acl)
     with embedded_with_passwords(passwords, tmp_path) as embedded:
         address = (embedded.host, embedded.port)
-        on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
+        on_amqtt, wildcard_on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
         retained_on_amqtt = observe_retained(lambda role: Client(address, role, passwords[role]).__enter__(),
                                              writers_by_acl)
 
@@ -606,6 +614,8 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
                 if acl.allows(p, t, "write") and acl.allows(r, t, "read")}
     assert on_amqtt == on_mosquitto
     assert on_mosquitto == expected
+    # A subscriber to `#` receives exactly what it may read, live, on both brokers.
+    assert wildcard_on_amqtt == wildcard_on_mosquitto == expected
     # Retained messages: a client subscribing to `#` later is handed exactly the retained messages
     # it may read, each still its one writer's (no other role overwrote or deleted one), on both.
     assert retained_on_amqtt == retained_on_mosquitto
