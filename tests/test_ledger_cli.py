@@ -384,3 +384,26 @@ def test_follow_with_a_refused_login_exits_4(tmp_path: Path) -> None:
         refused = cli(*base, "--password-file", str(wrong))
     assert refused.returncode == 4, refused.stderr[-2000:]
     assert "refused the connection: Not authorized" in refused.stderr and "ALERT" not in refused.stderr
+
+
+def test_follow_pinned_by_genesis_hash_ignores_a_forged_genesis(finished_round: Harness, embedded_broker: BrokerInfo,
+                                                               tmp_path: Path) -> None:
+    """`--genesis HASH` and no key: a self-signed genesis of another key, published first, is
+    ignored and never stored; the chain whose genesis has that hash is followed and stored."""
+    h = finished_round
+    chain = [b.to_bytes() for b in h.ledger]
+    with FleetLedger.open(tmp_path / "forged.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
+        forged_genesis = other.block(0).to_bytes()
+    replica = tmp_path / "replica"
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", FLEET, "--broker-host",
+         embedded_broker.host, "--broker-port", str(embedded_broker.port), "--timeout", "60",
+         "--genesis", h.ledger.block(0).hash.hex(), "--until-height", str(len(chain)), "--replica", str(replica)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _publish_to(follower, embedded_broker, chain[-1], before=(forged_genesis, *chain[:-1]))
+    assert follower.returncode == 0, err[-2000:]
+    assert f"replica verified to height {len(chain)}" in out and "ALERT" not in err
+    assert "not_pinned_genesis" in err
+    from fledger.ledger_cli import ReplicaFile
+
+    assert ReplicaFile(replica).load() == chain
