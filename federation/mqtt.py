@@ -34,7 +34,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -554,8 +554,15 @@ def offers_mqtt5(config: BrokerConfig, client_id: str, timeout: float = PROBE_TI
     amqtt and NATS refuse the protocol version at once, others may close the connection; silence
     until ``timeout`` also means no. (amqtt does not answer a CONNECT with properties at all,
     which is why the real connection is not the probe.) Raises OSError if unreachable.
+
+    The probe logs in as nobody: the question is the protocol, which a broker answers before
+    it looks at credentials (an MQTT 5 broker that wants a login answers "not authorized" in
+    an MQTT 5 CONNACK, which is a yes). amqtt misreads an MQTT 5 CONNECT that carries a user
+    name and waits for bytes that never come, so a probe with the login cost every process 5 s
+    on the embedded broker with the fleet's logins (the default).
     """
-    client = _configured_client(config, f"{client_id}-probe", paho.MQTTv5)
+    client = _configured_client(replace(config, username=None, password_file=None), f"{client_id}-probe",
+                                paho.MQTTv5)
     answer: list[bool] = []
     client.on_connect = lambda c, u, f, reason, p: answer.append(reason.value not in UNSUPPORTED_PROTOCOL)
     client.connect(config.broker_host, config.broker_port, config.keepalive, clean_start=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BrokerInfo, Mosquitto, running
+from conftest import Mosquitto, running
 from federation_run import Federation
 
 from federation.chunking import split
@@ -29,6 +29,8 @@ from federation.packet_limit import (
     refusal,
 )
 from federation.topics import Topics
+from fledger.broker import EmbeddedBroker
+from fledger.keytool import write_broker_password
 
 LIMIT = 10_000
 LONGEST_MODEL_TOPIC = Topics("f" * 64, "p" * 64).model  # names are at most 64 characters
@@ -148,8 +150,23 @@ def test_mqtt5_link_learns_the_limit_and_keeps_its_session(small_broker: Mosquit
         sender.stop()
 
 
-def test_amqtt_gets_mqtt_3_1_1_in_auto_mode(embedded_broker: BrokerInfo) -> None:
-    config = BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port)
+@pytest.mark.parametrize("login", [False, True])
+def test_amqtt_gets_mqtt_3_1_1_in_auto_mode(tmp_path: Path, login: bool) -> None:
+    """With the fleet's logins (the embedded broker's default) as without: amqtt misreads an
+    MQTT 5 CONNECT that carries a login and never answers it, so the probe must not carry one."""
+    passwords = tmp_path / "passwords"
+    write_broker_password(passwords, "coordinator", "coordinator-password")
+    (tmp_path / "coordinator.password").write_text("coordinator-password\n")
+    (tmp_path / "acl").write_text("user coordinator\ntopic readwrite t/#\n")  # the test's topic
+    with EmbeddedBroker(password_file=passwords if login else None,
+                        acl_file=tmp_path / "acl" if login else None) as broker:
+        config = BrokerConfig(broker_host=broker.host, broker_port=broker.port,
+                              **({"username": "coordinator", "password_file": tmp_path / "coordinator.password"}
+                                 if login else {}))
+        _auto_link_on_amqtt(config)
+
+
+def _auto_link_on_amqtt(config: BrokerConfig) -> None:
     link = MqttLink(config, "t-auto", subscriptions=["t/x"])
     started = time.monotonic()
     link.start(timeout=20)
