@@ -48,6 +48,7 @@ class Rig:
         self.task = task
         self.settings = PredictionSettings(fee=fee, fee_per=fee_per, max_rows=16, max_request_bytes=64 * 1024)
         self.published: list[tuple[str, bytes]] = []
+        self.correlations: list[bytes | None] = []  # the MQTT 5 Correlation Data of each published message
         self.ledger = FleetLedger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
         self.service = self.new_service()
 
@@ -57,8 +58,11 @@ class Rig:
         return PredictionService(self.settings, self.keys, self.clients, self.ledger.state.accounts,
                                  append=self.ledger.append,
                                  model=lambda: self.model, predictor=predictor,
-                                 publish=lambda t, p: self.published.append((t, p)), topics=self.topics,
-                                 now=lambda: self.clock[0])
+                                 publish=self._publish, topics=self.topics, now=lambda: self.clock[0])
+
+    def _publish(self, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
+        self.published.append((topic, payload))
+        self.correlations.append(correlation)
 
     def order(self, action: str, amount: int, client: str | None = None, keys: CoordinatorKeys | None = None
               ) -> dict[str, Any]:
@@ -153,6 +157,44 @@ def test_replayed_request_is_answered_with_the_same_receipt_and_never_charged_tw
     status, refused = rig.send(pending)
     assert status == "duplicate" and refused is not None and "already answered" in refused.detail
     assert len(rig.receipts()) == 1 and rig.service.accounts.balance("alice") == 8
+
+
+def test_mqtt5_requests_are_answered_on_their_response_topic_with_their_correlation_data(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.order("deposit", 10, "alice")
+    own = wire.reply_topic(rig.topics, "alice")
+    request = wire.request_topic(rig.topics, "alice")
+    pending = rig.request(ROWS)
+    assert rig.service.handle_request(request, pending.payload, response_topic=own,
+                                      correlation=pending.request_id).status == "ok"
+    assert rig.published[-1][0] == own and rig.correlations[-1] == pending.request_id
+    first = wire.open_reply(rig.published[-1][1], rig.bundle, pending)
+    # The replay (the client resending) is answered with the same reply and echoes its own data.
+    assert rig.service.handle_request(request, pending.payload, response_topic=own,
+                                      correlation=b"resend").status == "duplicate"
+    assert rig.correlations[-1] == b"resend"
+    again = wire.open_reply(rig.published[-1][1], rig.bundle, pending)
+    assert again.receipt is not None and first.receipt is not None and again.receipt.hash == first.receipt.hash
+    # A response topic that is not the client's own (another client's replies, the fleet's model
+    # topic) is not followed: the answer, a refusal here, goes to the client's own reply topic.
+    for foreign in (wire.reply_topic(rig.topics, "bob"), rig.topics.model):
+        refused = rig.request(np.ones((2, 4), np.float32))
+        assert rig.service.handle_request(request, refused.payload, response_topic=foreign,
+                                          correlation=refused.request_id).status == "wrong_shape"
+        assert rig.published[-1][0] == own and rig.correlations[-1] == refused.request_id
+    assert rig.service.foreign_response_topics == 2
+    # Over MQTT 3.1.1 there are no properties: the fixed reply topic, no correlation data.
+    assert rig.send(rig.request(ROWS))[0] == "ok" and rig.correlations[-1] is None
+    # Correlation data too long to echo is dropped; the signed request id still matches the reply.
+    pending = rig.request(ROWS)
+    rig.service.handle_batch([_Delivery(request, pending.payload, own, bytes(257))])
+    assert rig.correlations[-1] is None and wire.open_reply(rig.published[-1][1], rig.bundle, pending).status == "ok"
+    assert len(rig.receipts()) == 3 and rig.service.accounts.balance("alice") == 4
+
+
+class _Delivery:
+    def __init__(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+        self.topic, self.payload, self.response_topic, self.correlation = topic, payload, response_topic, correlation
 
 
 def _tampered_signature(rig: Rig) -> bytes:
