@@ -203,6 +203,12 @@ def _tampered_signature(rig: Rig) -> bytes:
     return msgpack.packb(outer, use_bin_type=True)
 
 
+def _unsigned(rig: Rig) -> bytes:
+    outer = msgpack.unpackb(rig.request(ROWS).payload, raw=False)
+    del outer["sig"]
+    return msgpack.packb(outer, use_bin_type=True)
+
+
 def _tampered_inputs(rig: Rig) -> bytes:
     outer = msgpack.unpackb(rig.request(ROWS).payload, raw=False)
     outer["ct"] = bytes([outer["ct"][0] ^ 1]) + outer["ct"][1:]
@@ -212,6 +218,7 @@ def _tampered_inputs(rig: Rig) -> bytes:
 @pytest.mark.parametrize(("make", "reason"), [
     (lambda rig: b"\x00not msgpack", "malformed"),
     (lambda rig: b"x" * (64 * 1024 + 1), "oversized"),
+    (_unsigned, "malformed"),
     (_tampered_signature, "bad_signature"),
     (_tampered_inputs, "decrypt_failed"),
     (lambda rig: rig.request(np.ones((2, 4), np.float32)).payload, "wrong_shape"),
