@@ -103,7 +103,8 @@ class PredictionService:
                  accounts: credits.Accounts, *, append: Append, model: Callable[[], CurrentModel],
                  predictor: Predictor | None, publish: Publish, topics: Topics,
                  now: Callable[[], float] = time.time, group_commit: GroupCommit = contextlib.nullcontext,
-                 announce: Callable[[Sequence[Any]], None] = lambda blocks: None) -> None:
+                 announce: Callable[[Sequence[Any]], None] = lambda blocks: None,
+                 block: Callable[[int], Any] | None = None) -> None:
         self.settings = settings
         self.keys = keys
         self.clients = clients
@@ -121,6 +122,7 @@ class PredictionService:
         self._replies: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
         self._group_commit = group_commit
         self._announce = announce  # tells followers of the ledger about blocks, once they are durable
+        self._block = block  # a ledger block by index: a charged request's receipt, to answer it again
         self._held: list[tuple[str, bytes, bytes | None]] | None = None  # replies held until the group commit
         self._new_blocks: list[Any] = []
         self.foreign_response_topics = 0  # MQTT 5 requests naming a response topic not their client's
@@ -230,12 +232,11 @@ class PredictionService:
         key = (client, request_id)
         if key in self.accounts.charged:
             self.rejections["duplicate"] += 1
-            cached = self._replies.get(key)
-            if cached is not None:  # the same reply again: the same receipt, no second charge
-                self._send(route[0], cached, route[1])
-            else:
-                raise _Refusal("duplicate", f"request already answered and charged, receipt in ledger block "
-                                            f"{self.accounts.charged[key]}", request_id)
+            # The same answer again, with the same receipt, never a second charge: from the replies
+            # kept, or (after a restart, when a crash may have lost the reply after its receipt was
+            # durable) recomputed and sent only if it is exactly the answer the receipt records.
+            reply = self._replies.get(key) or self._answer_again(client, sealed)
+            self._send(route[0], reply, route[1])
             log.info("replayed request %s of %s: answered with its receipt, not charged again",
                      request_id.hex()[:8], client)
             return Outcome("duplicate", client)
@@ -272,12 +273,48 @@ class PredictionService:
         block = self._record(record)  # durable before anyone sees the answer
         reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
                                  balance=self.accounts.balance(client), output=predictor.output, now=self._now())
-        self._replies[key] = reply
-        while len(self._replies) > settings.reply_cache:
-            self._replies.popitem(last=False)
+        self._keep(client, request_id, reply)
         self.answered += 1
         self._send(route[0], reply, route[1])
         return Outcome("ok", client, fee)
+
+    def _answer_again(self, client: str, sealed: wire.SealedRequest) -> bytes:
+        """The reply to a charged request no longer kept: the predictions recomputed with the
+        receipt's model, sent with the receipt if their digest is the one it records (the same
+        request bytes, the same model, a deterministic model). Otherwise a ``duplicate`` refusal
+        naming the receipt's block: the charge stands, the ledger proves what was answered."""
+        request_id = sealed.header.request_id
+        index = self.accounts.charged[(client, request_id)]
+        refusal = _Refusal("duplicate", f"request already answered and charged, receipt in ledger block {index}",
+                           request_id)
+        block = self._block(index) if self._block is not None else None
+        predictor = self.predictor
+        if block is None or predictor is None or block.data.get("request_sha256") != sealed.digest \
+                or abs(self._now() - sealed.header.created) > self.settings.max_skew:
+            raise refusal
+        model = self._model()
+        if model.sha256 != block.data["model_sha256"]:
+            raise _Refusal("duplicate", f"{refusal.detail}; its model (round {block.data['round']}) is no longer "
+                                        "the current one, so the answer cannot be sent again", request_id)
+        try:
+            inputs, reply_key = wire.decrypt_request(sealed, self.keys, max_bytes=self.settings.max_request_bytes)
+            predictor.check(inputs)
+        except (EnvelopeError, InputError):
+            raise refusal from None
+        encoded = wire.encode_predictions(predictor(model.sha256, model.weights, inputs))
+        if _sha256(encoded) != block.data["reply_sha256"]:
+            log.warning("request %s of %s: the recomputed answer differs from its receipt's digest; not sent",
+                        request_id.hex()[:8], client)
+            raise refusal
+        reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
+                                 balance=self.accounts.balance(client), output=predictor.output, now=self._now())
+        self._keep(client, request_id, reply)
+        return reply
+
+    def _keep(self, client: str, request_id: bytes, reply: bytes) -> None:
+        self._replies[(client, request_id)] = reply
+        while len(self._replies) > self.settings.reply_cache:
+            self._replies.popitem(last=False)
 
     # -- the owner's orders ----------------------------------------------------------------------
     def handle_order(self, payload: bytes) -> dict[str, Any]:

@@ -58,7 +58,8 @@ class Rig:
         return PredictionService(self.settings, self.keys, self.clients, self.ledger.state.accounts,
                                  append=self.ledger.append,
                                  model=lambda: self.model, predictor=predictor,
-                                 publish=self._publish, topics=self.topics, now=lambda: self.clock[0])
+                                 publish=self._publish, topics=self.topics, now=lambda: self.clock[0],
+                                 block=self.ledger.block)
 
     def _publish(self, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
         self.published.append((topic, payload))
@@ -152,11 +153,44 @@ def test_replayed_request_is_answered_with_the_same_receipt_and_never_charged_tw
     assert status == "duplicate" and again is not None and again.receipt is not None and first is not None
     assert first.receipt is not None and again.receipt.hash == first.receipt.hash
     assert len(rig.receipts()) == 1 and rig.service.accounts.balance("alice") == 8
-    # After a restart (no reply cache) the replay is refused, still not charged.
+
+
+def test_a_charged_request_whose_reply_was_lost_in_a_crash_is_answered_again_with_its_receipt(tmp_path: Path
+                                                                                             ) -> None:
+    rig = Rig(tmp_path)
+    rig.order("deposit", 10, "alice")
+    pending, stale = rig.request(ROWS), rig.request(ROWS)
+    _, first = rig.send(pending)
+    rig.send(stale)
+    assert first is not None and first.receipt is not None and first.predictions is not None
+    # A restart: no reply is kept. The resend gets the same predictions bound to the same receipt.
     rig.service = rig.new_service()
+    status, again = rig.send(pending)
+    assert status == "duplicate" and again is not None and again.status == "ok" and again.receipt is not None
+    assert again.receipt.hash == first.receipt.hash and again.predictions is not None
+    np.testing.assert_array_equal(again.predictions, first.predictions)
+    assert again.balance == 6 and len(rig.receipts()) == 2
+    # Past the freshness window, or with another model now, or if the answer would differ from
+    # the receipt's digest: a refusal naming the receipt, still no second charge.
+    rig.clock[0] += 301
+    rig.service = rig.new_service()
+    status, refused = rig.send(stale)
+    assert status == "duplicate" and refused is not None and refused.status == "refused"
+    assert f"receipt in ledger block {first.receipt.index + 1}" in refused.detail
+    rig.clock[0] -= 301
+    rig.service = rig.new_service()
+    old_model = rig.model
+    rig.model = CurrentModel(2, bytes(32), rig.weights)
     status, refused = rig.send(pending)
-    assert status == "duplicate" and refused is not None and "already answered" in refused.detail
-    assert len(rig.receipts()) == 1 and rig.service.accounts.balance("alice") == 8
+    assert status == "duplicate" and refused is not None and "no longer the current one" in refused.detail
+    rig.model = old_model
+    rig.service = rig.new_service()
+    rig.service.predictor = RegressionPredictor(rig.task, rig.x_scaler, Standardizer(
+        np.array([0.0], np.float32), np.array([1.0], np.float32)))  # another target scaler: other values
+    status, refused = rig.send(pending)
+    assert status == "duplicate" and refused is not None and refused.status == "refused"
+    assert len(rig.receipts()) == 2 and rig.service.accounts.balance("alice") == 6
+    assert credits.fold(rig.ledger).balance("alice") == 6
 
 
 def test_mqtt5_requests_are_answered_on_their_response_topic_with_their_correlation_data(tmp_path: Path) -> None:
