@@ -267,8 +267,9 @@ class PredictionService:
         model = self._model()
         predictions = predictor(model.sha256, model.weights, inputs)
         encoded = wire.encode_predictions(predictions)
+        scaler = {"scaler_sha256": predictor.scaler_sha256} if predictor.scaler_sha256 is not None else {}
         record = credits.receipt(client, request_id, rows, fee, model.round, model.sha256, sealed.digest,
-                                 _sha256(encoded))
+                                 _sha256(encoded), **scaler)
         self.accounts.check(record, fleet=self.keys.fleet)  # the ledger checks again on append
         block = self._record(record)  # durable before anyone sees the answer
         reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
@@ -290,6 +291,7 @@ class PredictionService:
         block = self._block(index) if self._block is not None else None
         predictor = self.predictor
         if block is None or predictor is None or block.data.get("request_sha256") != sealed.digest \
+                or block.data.get("scaler_sha256") != predictor.scaler_sha256 \
                 or abs(self._now() - sealed.header.created) > self.settings.max_skew:
             raise refusal
         model = self._model()

@@ -107,9 +107,10 @@ def predict_remote(args: argparse.Namespace) -> int:
         return USAGE
     _print(reply)
     receipt = reply.receipt
-    print(f"# {len(reply.predictions)} predictions, model of round {reply.round} ({reply.model_sha256.hex()[:16]}), "
-          f"fee {reply.fee}, balance {reply.balance}; request {pending.request_id.hex()}, receipt ledger block "
-          f"{receipt.index} {receipt.hash.hex()[:16]}", file=sys.stderr)
+    scaler = f", scaler {reply.scaler_sha256.hex()[:16]}" if reply.scaler_sha256 else ""
+    print(f"# {len(reply.predictions)} predictions, model of round {reply.round} ({reply.model_sha256.hex()[:16]}"
+          f"{scaler}), fee {reply.fee}, balance {reply.balance}; request {pending.request_id.hex()}, receipt ledger "
+          f"block {receipt.index} {receipt.hash.hex()[:16]}", file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.inference import RegressionPredictor
+from coordinator.inference import RegressionPredictor, scaler_digest
 from coordinator.predictions import CurrentModel, PredictionService, PredictionSettings
 from federation import credits, crypto
 from federation import prediction_wire as wire
@@ -117,6 +117,10 @@ def test_answered_request_is_charged_once_with_a_receipt_bound_to_the_reply(tmp_
     [receipt] = rig.receipts()
     assert receipt["client"] == "alice" and receipt["request_id"] == pending.request_id and receipt["rows"] == 2
     assert receipt["reply_sha256"] == hashlib.sha256(wire.encode_predictions(reply.predictions)).digest()
+    # The scaler that gave original units is named beside the model, in the receipt and the reply.
+    assert receipt["scaler_sha256"] == reply.scaler_sha256 == scaler_digest(rig.x_scaler, rig.y_scaler)
+    assert scaler_digest(rig.x_scaler, Standardizer(np.array([0.0], np.float32), np.array([1.0], np.float32))) \
+        != reply.scaler_sha256
     assert reply.receipt is not None and reply.receipt.hash == rig.ledger.head.hash  # in the chain, signed
     assert verify_file(rig.ledger.path).ok
     assert credits.fold(rig.ledger).balance("alice") == 3
@@ -391,6 +395,7 @@ def test_mnist_requests_get_class_probabilities(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
     status, reply = rig.send(rig.request(images))
     assert status == "ok" and reply is not None and reply.output == "probabilities"
+    assert reply.scaler_sha256 == b"" and "scaler_sha256" not in rig.receipts()[-1]  # images: no scaler
     assert reply.predictions is not None and reply.predictions.shape == (3, 10)
     np.testing.assert_allclose(reply.predictions.sum(axis=1), 1.0, rtol=1e-5)
     model = task.build_model()

@@ -121,6 +121,7 @@ def test_paid_predictions_with_restart(embedded_broker: BrokerInfo, tmp_path: Pa
                          request_id.group(1)))
         assert proof.returncode == 0, proof.stderr
         assert json.loads(proof.stdout)["verified"] is True and json.loads(proof.stdout)["fee"] == 2
+        assert len(bytes.fromhex(json.loads(proof.stdout)["scaler_sha256"])) == 32  # California's standardisers
         assert verify_file(ledger_path).ok
     finally:
         fed.stop()

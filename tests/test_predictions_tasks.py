@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.inference import RegressionPredictor, make_predictor
+from coordinator.inference import RegressionPredictor, load_scaler, make_predictor, scaler_digest
 from federation.datasets import Standardizer
 from fledger import keytool
 from tests.conftest import BrokerInfo
@@ -87,6 +87,8 @@ def test_paid_predictions_for_a_csv_task_and_for_mnist(embedded_broker: BrokerIn
                              str(keytool.client_bundle_path(fed.keys, "alice")), *broker, "--timeout", "90"))
         assert answered.returncode == 0, answered.stderr + fed.log_tail()
         assert "fee 6, balance 4" in answered.stderr  # 3 rows at 2 each
+        if task == "csv":  # the scaler that gave original units is named with the model
+            assert f"scaler {scaler_digest(*load_scaler(scaler)).hex()[:16]}" in answered.stderr
         lines = answered.stdout.strip().splitlines()
         if task == "mnist":
             assert lines[0] == "row,class," + ",".join(f"p{i}" for i in range(10)) and len(lines) == 4
