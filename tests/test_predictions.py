@@ -429,3 +429,53 @@ def test_clients_and_devices_are_kept_apart_by_the_key_tool(tmp_path: Path) -> N
         keytool.add_client(keys, "owner")
     with pytest.raises(FileExistsError):
         keytool.add_client(keys, "alice")
+
+
+def test_a_reply_is_bound_to_its_receipt_which_is_provably_in_the_chain(tmp_path: Path, capsys: Any) -> None:
+    import json
+
+    from fledger.cli import main
+    from ledger import merkle
+
+    rig = Rig(tmp_path)
+    rig.order("deposit", 10, "alice")
+    first, second = rig.request(ROWS), rig.request(ROWS[:1])
+    rig.send(first)
+    reply_first = rig.published[-1][1]
+    rig.send(second)
+    reply_second = rig.published[-1][1]
+    # Another receipt block under the first reply (a genuine, signed block of the same client) is
+    # refused: the reply names its receipt, which records the digest of exactly these predictions.
+    outer = msgpack.unpackb(reply_first, raw=False)
+    outer["block"] = msgpack.unpackb(reply_second, raw=False)["block"]
+    with pytest.raises(wire.EnvelopeError) as refused:
+        wire.open_reply(msgpack.packb(outer, use_bin_type=True), rig.bundle, first)
+    assert refused.value.reason == "receipt_mismatch"
+    outer = msgpack.unpackb(reply_first, raw=False)  # other predictions under the signed header
+    outer["ct"] = bytes([outer["ct"][0] ^ 1]) + outer["ct"][1:]
+    with pytest.raises(wire.EnvelopeError):
+        wire.open_reply(msgpack.packb(outer, use_bin_type=True), rig.bundle, first)
+    receipt = wire.open_reply(reply_first, rig.bundle, first).receipt
+    assert receipt is not None
+
+    # `fledger credits receipt` from the ledger file: a proof anyone checks against the chain root
+    # (the root a monitor's signed checkpoint states), here recomputed from the printed JSON alone.
+    capsys.readouterr()
+    assert main(["credits", "receipt", str(rig.ledger.path), "--client", "alice", "--request-id",
+                 first.request_id.hex()]) == 0
+    proof = json.loads(capsys.readouterr().out)
+    assert proof["verified"] and proof["block_hash"] == receipt.hash.hex() and proof["block_index"] == receipt.index
+    assert proof["reply_sha256"] == receipt.data["reply_sha256"].hex() and proof["fee"] == 2
+    assert bytes.fromhex(proof["chain_root"]) == rig.ledger.chain_root(proof["tree_size"])
+    assert merkle.verify_inclusion(merkle.leaf_hash(bytes.fromhex(proof["block_hash"])), proof["block_index"],
+                                   proof["tree_size"], [bytes.fromhex(p) for p in proof["path"]],
+                                   bytes.fromhex(proof["chain_root"]))
+    assert not merkle.verify_inclusion(merkle.leaf_hash(bytes(32)), proof["block_index"], proof["tree_size"],
+                                       [bytes.fromhex(p) for p in proof["path"]], bytes.fromhex(proof["chain_root"]))
+    assert main(["credits", "receipt", str(rig.ledger.path), "--client", "alice", "--request-id",
+                 bytes(16).hex()]) == 1
+    capsys.readouterr()
+    assert main(["credits", "balance", str(rig.ledger.path), "--json"]) == 0  # the ledger file alone
+    assert json.loads(capsys.readouterr().out) == {
+        "clients": {"alice": {"deposited": 10, "spent": 4, "balance": 6, "requests": 2}},
+        "collected": 4, "withdrawn": 0, "held": 4}
