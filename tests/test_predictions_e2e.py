@@ -54,7 +54,8 @@ def _start(fed: Federation, connects: int) -> None:
 
 def test_paid_predictions_with_restart(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
     fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, devices=("edge-1",), rounds=0,
-                     extra_coordinator=["--predict-fee", "2"])
+                     # --heartbeat 2: after the SIGKILL the new coordinator waits ~2 heartbeats, not ~31 s
+                     extra_coordinator=["--predict-fee", "2", "--heartbeat", "2"])
     keytool.add_client(fed.keys, "alice")
     fed.extra_coordinator += ["--clients", str(fed.keys / keytool.CLIENTS_FILE)]
     broker = fed.broker_args()
