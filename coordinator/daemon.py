@@ -276,8 +276,10 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
     clients_file = RegistryFile(config.clients)
 
-    def publish_reply(topic: str, payload: bytes) -> None:
-        link.publish(topic, payload, chunked=True)  # a large reply (many rows) is chunked like a model
+    def publish_reply(topic: str, payload: bytes, correlation: bytes | None = None) -> None:
+        # A large reply (many rows) is chunked like a model; over MQTT 5 it echoes the request's
+        # Correlation Data (docs/predictions.md).
+        link.publish(topic, payload, chunked=True, correlation=correlation)
 
     predictions = build_prediction_service(config, coordinator, publish_reply)
     connects = link.connect_count
@@ -304,7 +306,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     coordinator.publish_acks()
                 if message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
                     batch, pending = take_batch(message, link.inbox, topics)
-                    predictions.handle_batch([(m.topic, m.payload) for m in batch])
+                    predictions.handle_batch(batch)
                 elif message is not None and _is_update(topics, message.topic) and not coordinator.halted:
                     # The updates already waiting, checked one by one, made durable together
                     # (one ledger fsync); the first other message taken is handled next.
