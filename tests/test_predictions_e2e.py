@@ -46,7 +46,9 @@ def _wait_for_log(fed: Federation, text: str, timeout: float = 90.0) -> None:
 def _start(fed: Federation, connects: int) -> None:
     fed.start_coordinator()
     deadline = time.monotonic() + 90
-    while (fed.logs / "coordinator.log").read_text(errors="replace").count("connected to") < connects:
+    # the coordinator's own link, not its short start-up probe of the retained head ("-probe")
+    mark = f"as fledger-coordinator-{fed.fleet} ("
+    while (fed.logs / "coordinator.log").read_text(errors="replace").count(mark) < connects:
         assert time.monotonic() < deadline, fed.log_tail()
         time.sleep(0.2)
     time.sleep(0.5)  # subscriptions are made right after the connect
