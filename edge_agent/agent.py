@@ -22,7 +22,6 @@ import torch
 from edge_agent import chain_pin
 from edge_agent.chain_pin import ChainPin
 from edge_agent.metrics import NO_EVENTS, AgentEvents
-from edge_agent.outbox import Outbox
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import TrainingDivergedError, evaluate, train_local
@@ -33,6 +32,7 @@ from federation.durable import atomic_write
 from federation.envelope import EnvelopeError, ModelHeader
 from federation.keys import DeviceBundle
 from federation.mqtt import Message
+from federation.outbox import Outbox
 from federation.tasks import LocalData, Task
 from federation.topics import Topics
 from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
