@@ -7,6 +7,7 @@ gateway's devices are this test (fixed deltas).
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -18,17 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import Mosquitto, running
 from test_gateways import _coordinator, _records
 from test_reliability import wait_for
 
 from coordinator.storage import ModelStore
-from coordinator.upstream import gateway_dataset
+from coordinator.upstream import Upstream, gateway_dataset
 from federation import deltas, envelope
 from federation.codec import decode_tensors
+from federation.envelope import ModelHeader
 from federation.fleet_state import verify_file
-from federation.keys import DeviceBundle
+from federation.keys import CoordinatorKeys, DeviceBundle
 from federation.mqtt import BrokerConfig, MqttLink
+from federation.outbox import Outbox
 from federation.topics import Topics
 from fledger import keytool
 
@@ -256,3 +260,55 @@ def test_a_gateway_whose_devices_change_data_sets_registers_once_per_upstream_ro
     for level in ("top", "gwa"):
         report = verify_file(tmp_path / level / "ledger.log")
         assert report.ok, (level, report)
+
+
+def _upstream(tmp_path: Path, sent: list[tuple[str, bytes]]) -> tuple[Upstream, CoordinatorKeys]:
+    keys = keytool.init_fleet(tmp_path / "keys", "top")
+    keytool.add_device(tmp_path / "keys", "gwa")
+    bundle = DeviceBundle.load(keytool.bundle_path(tmp_path / "keys", "gwa"))
+    return Upstream(bundle, Topics("top"), lambda topic, payload: sent.append((topic, payload)),
+                    Outbox(tmp_path / "upstream-outbox")), keys
+
+
+def _model_header(round_number: int) -> ModelHeader:
+    return ModelHeader("top", round_number, bytes(32), bytes(32), 0, False, "k", "k", bytes(12), 0.0, {})
+
+
+def test_the_upstream_outbox_resends_after_a_restart_and_drops_on_a_final_answer_or_a_closed_round(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sent: list[tuple[str, bytes]] = []
+    up, keys = _upstream(tmp_path, sent)
+    topics, change = Topics("top"), {"w": np.ones(3, np.float32)}
+    up.base = _model_header(1)
+    up.send(change, 40, {"train_loss": 0.5}, {"a1": DATASET}, now=0.0)
+    assert [t for t, _ in sent] == [topics.register("gwa"), topics.update("gwa")]  # registered with the update
+    update = sent[-1][1]
+    msg_id = envelope.parse_update(update, max_bytes=len(update)).header.msg_id.hex()
+    # Killed before any answer: a new process finds the same bytes in the outbox and sends them again.
+    sent.clear()
+    again = Upstream(up.bundle, topics, lambda topic, payload: sent.append((topic, payload)),
+                     Outbox(tmp_path / "upstream-outbox"))
+    assert again.restore() == 1
+    again.resend(now=100.0)
+    assert sent == [(topics.register("gwa"), up.outbox.get(1, kind="register")), (topics.update("gwa"), update)]
+    again.resend(now=101.0)
+    assert len(sent) == 2  # not before RESEND_S
+    # Registered and not yet answered: only the update goes again.
+    ack = {"fleet": "top", "device": "gwa", "registered": gateway_dataset({"a1": DATASET}).hex(), "updates": {}}
+    again.on_message(topics.ack("gwa"), envelope.seal_ack(keys, ack))
+    again.resend(now=110.0)
+    assert [t for t, _ in sent[2:]] == [topics.update("gwa")]
+    # A final refusal: dropped, with a line saying why.
+    ack["updates"] = {msg_id: {"round": 1, "verdict": "wrong_base"}}
+    again.on_message(topics.ack("gwa"), envelope.seal_ack(keys, ack))
+    with caplog.at_level(logging.WARNING):
+        again.resend(now=120.0)
+    assert again.pending == [] and "will not count our update for its round 1: wrong_base" in caplog.text
+    # A round the upstream closed without answering: dropped too, and a newer model answers it.
+    again.base = _model_header(2)
+    again.send(change, 40, {"train_loss": 0.5}, {"a1": DATASET}, now=130.0)
+    assert again.pending == [2] and again.newer_model() is None
+    again.model = (_model_header(3), change)
+    assert again.newer_model() is not None
+    again.resend(now=131.0)
+    assert again.pending == [] and "closed its round 2 without answering" in caplog.text
