@@ -133,8 +133,8 @@ class Upstream:
     def send(self, change: TensorDict, num_samples: int, metrics: dict[str, float],
              registrations: dict[str, bytes], now: float) -> None:
         """One update upstream: the gateway's aggregated delta against ``base``, naming the data
-        set of ``registrations`` (its devices' registrations now), registered with it if the
-        upstream does not list that one yet. Both are durable in the outbox before they are sent."""
+        set of ``registrations`` (its devices' registrations now), registered with it while the
+        upstream does not list that one. Both are durable in the outbox before they are sent."""
         if self.base is None:
             raise RuntimeError("no upstream model to send a delta against")
         dataset = gateway_dataset(registrations)
@@ -142,9 +142,10 @@ class Upstream:
         payload = envelope.seal_update(self.bundle, round_number, encode_tensors(change), num_samples,
                                        {k: v for k, v in metrics.items() if isinstance(v, float)},
                                        dataset_sha256=dataset, base_sha256=self.base.model_sha256)
-        if self.ack.get("registered") != dataset.hex():
-            self.outbox.put(round_number, envelope.seal_dataset(
-                self.bundle, dataset, len(registrations), {"gateway": sorted(registrations)}), kind="register")
+        # Kept even when the upstream lists the data set already: sent only while it does not
+        # (an upstream that lost its state answers dataset_not_registered, and gets it again).
+        self.outbox.put(round_number, envelope.seal_dataset(
+            self.bundle, dataset, len(registrations), {"gateway": sorted(registrations)}), kind="register")
         self.outbox.put(round_number, payload)  # last: the update marks a complete entry
         self.dataset, self.awaiting_after = dataset, round_number
         self._last_send.pop(round_number, None)

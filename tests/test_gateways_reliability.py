@@ -306,9 +306,15 @@ def test_the_upstream_outbox_resends_after_a_restart_and_drops_on_a_final_answer
     assert again.pending == [] and "will not count our update for its round 1: wrong_base" in caplog.text
     # A round the upstream closed without answering: dropped too, and a newer model answers it.
     again.base = _model_header(2)
+    sent.clear()
     again.send(change, 40, {"train_loss": 0.5}, {"a1": DATASET}, now=130.0)
+    assert [t for t, _ in sent] == [topics.update("gwa")]  # the upstream lists the data set already
     assert again.pending == [2] and again.newer_model() is None
+    # An upstream that lost the registration (fresh state) gets it again with the next resend.
+    again.on_message(topics.ack("gwa"), envelope.seal_ack(keys, {**ack, "registered": None}))
+    again.resend(now=136.0)
+    assert [t for t, _ in sent[1:]] == [topics.register("gwa"), topics.update("gwa")]
     again.model = (_model_header(3), change)
     assert again.newer_model() is not None
-    again.resend(now=131.0)
+    again.resend(now=137.0)
     assert again.pending == [] and "closed its round 2 without answering" in caplog.text
