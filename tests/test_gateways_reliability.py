@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import Mosquitto, running
+from test_coordinator import Harness, weights
 from test_gateways import _coordinator, _records
 from test_reliability import wait_for
 
+from coordinator.daemon import _resume_upstream
 from coordinator.storage import ModelStore
 from coordinator.upstream import Upstream, gateway_dataset
 from federation import deltas, envelope
@@ -318,3 +320,31 @@ def test_the_upstream_outbox_resends_after_a_restart_and_drops_on_a_final_answer
     assert again.newer_model() is not None
     again.resend(now=137.0)
     assert again.pending == [] and "closed its round 2 without answering" in caplog.text
+
+
+def test_a_gateway_restarted_after_its_aggregate_waits_for_the_upstream_or_moves_on_if_nothing_was_sent(
+        tmp_path: Path) -> None:
+    (tmp_path / "gw").mkdir()
+    h = Harness(tmp_path / "gw", strategy="fedavg", gateway=True)
+    assert h.send("dev-a", h.update("dev-a", 1, weights(1.0), n=10)).accepted
+    assert h.send("dev-b", h.update("dev-b", 1, weights(3.0), n=30)).accepted
+    sent: list[tuple[str, bytes]] = []
+    up, _ = _upstream(tmp_path, sent)
+    up.model = (_model_header(1), weights(0.0))
+    up.base = up.model[0]
+    (change, samples), = h.upstream
+    up.send(change, samples, {}, {"dev-a": DATASET}, now=0.0)
+    # Restarted with the update in the outbox: still waiting for the upstream's answer.
+    h.coordinator = h.build(register=False)
+    assert h.coordinator.awaiting_upstream
+    _resume_upstream(h.coordinator, up)
+    assert h.coordinator.awaiting_upstream and up.awaiting_after == 1 and up.newer_model() is None
+    # Restarted after the aggregate but before the outbox write (nothing went upstream): the next
+    # round trains from the upstream's newest model at once instead of waiting for ever.
+    up.outbox.remove(1)
+    h.coordinator = h.build(register=False)
+    _resume_upstream(h.coordinator, up)
+    assert not h.coordinator.awaiting_upstream and h.coordinator.round is not None
+    assert h.coordinator.round.number == 2
+    np.testing.assert_allclose(h.coordinator.global_model["w"], 0.0)
+    assert verify_file(h.tmp / "ledger.log").ok
