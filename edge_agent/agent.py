@@ -358,6 +358,9 @@ class EdgeAgent:
                     del self._awaiting_verdict[next(iter(self._awaiting_verdict))]
                 log.info("round %d closed before the coordinator acknowledged our update; waiting for its verdict",
                          closed)
+            else:  # gone or unreadable (a damaged outbox file): nothing to wait for
+                log.warning("dropped our update for round %d from the outbox: its round has closed and the entry "
+                            "is unreadable", closed)
             self._outbox_msg_ids.pop(closed, None)
 
     def _explain_late_verdicts(self) -> None:

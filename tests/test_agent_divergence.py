@@ -85,3 +85,26 @@ def test_divergence_skips_the_round_and_the_next_model_is_trained(tmp_path: Path
     agent.step(timeout=0.01)
     assert updates() == [3] and agent.trained_rounds == [3]
     ledger.close()
+
+
+def test_an_unreadable_outbox_entry_of_a_closed_round_is_dropped_with_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    keys = CoordinatorKeys.generate(FLEET)
+    seed, _ = crypto.ed25519_generate()
+    bundle = DeviceBundle(FLEET, "dev-1", seed, keys.public, keys.model_key_id, keys.model_key)
+    task = get_task("csv", n_features=3)
+    x = torch.zeros((8, 3))
+    data = LocalData(x, torch.zeros(8), x, torch.zeros(8), "regression")
+    link = MemoryLink()
+    agent = EdgeAgent(bundle, task, data, link, TOPICS, tmp_path / "agent",
+                      dataset=Fingerprint(hashlib.sha256(b"d").digest(), 1, {}), register=False)
+    agent.outbox.put(1, b"damaged")  # e.g. a disk error: not an update we can name
+    ledger = FleetLedger.open(tmp_path / "ledger.log", signer=Ed25519Signer(keys.sign_seed), fleet=FLEET)
+    body = encode_tensors({k: v.detach().numpy().copy() for k, v in task.build_model().state_dict().items()})
+    block = ledger.append(records.model_published(2, hashlib.sha256(body).digest()))
+    link.inbox.put(Message(TOPICS.model, envelope.seal_model(keys, 2, body, block=block.to_bytes()), True, 0.0))
+    with caplog.at_level(logging.WARNING):
+        agent.step(timeout=0.01)
+    assert agent.outbox.rounds() == [2]  # round 1's entry gone, round 2 trained
+    assert any("dropped our update for round 1 from the outbox" in r.getMessage() for r in caplog.records)
+    ledger.close()
