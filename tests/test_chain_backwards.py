@@ -3,7 +3,8 @@
 The one rollback the coordinator cannot see for itself: its whole state directory (ledger,
 checkpoint, models) comes back from an older backup while the broker lost its retained messages
 (restarted without persistence). Nothing it can see shows a longer chain, so it starts, behind
-what it published. The agents' pins do show it: every running agent logs an ERROR naming what
+what it published. (Had only ledger.log and the checkpoint been lost, its model files would show
+it: that start is refused first.) The agents' pins do show it: every running agent logs an ERROR naming what
 happened and the fix, and follows nothing the rolled-back coordinator says (no update of theirs
 lands on the re-run rounds, so published history is not forked through them).
 """
@@ -17,8 +18,10 @@ from pathlib import Path
 from conftest import Mosquitto, running
 from federation_run import Federation
 from test_reliability import aggregates, ledger_records, log_text, wait_for
+from test_state_safety import coordinator_once, refusal
 
 from edge_agent import chain_pin
+from federation import exit_codes
 
 
 def stop_coordinator(fed: Federation) -> None:
@@ -45,11 +48,21 @@ def test_agents_refuse_a_coordinator_restored_from_an_older_backup(tmp_path: Pat
             stop_coordinator(fed)
             pinned = {d: chain_pin.load(tmp_path / d) for d in fed.devices}
             assert all(p is not None and p.round > last_backed_up + 1 for p in pinned.values()), pinned
-            # The state directory comes back from the backup; the broker restarts without persistence.
-            shutil.rmtree(fed.state)
-            shutil.copytree(backup, fed.state)
+            # The broker restarts without persistence: its retained ledger head is gone.
             broker.stop()
             broker.start()
+            # Then ledger.log and the checkpoint lost, the models left: the models still show it.
+            aside = tmp_path / "aside"
+            aside.mkdir()
+            for name in ("ledger.log", "checkpoint"):
+                shutil.move(fed.state / name, aside / name)
+            code, err = coordinator_once(fed)
+            line = refusal(err)
+            assert code == exit_codes.STATE and "holds the model for round" in line and "ledger is empty" in line, err
+            assert not (fed.state / "ledger.log").exists()
+            # The state directory comes back from the backup: nothing the coordinator sees is ahead.
+            shutil.rmtree(fed.state)
+            shutil.copytree(backup, fed.state)
             fed.start_coordinator()
             wait_for("the coordinator to resume from the backup",
                      lambda: log_text(fed, "coordinator").count("resumed at round") >= 2, 60, fed)
