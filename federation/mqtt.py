@@ -34,7 +34,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from federation.chunk_record import ChunkRecord
-from federation.chunking import ChunkError, Reassembler, retained_topics, split, stream_key
+from federation.chunking import MIN_MAX_PAYLOAD, ChunkError, Reassembler, retained_topics, split, stream_key
 from federation.config import ConfigError, read_secret, setting
 from federation.packet_limit import (
     DEFAULT_MAX_PAYLOAD,
@@ -95,6 +95,11 @@ class BrokerConfig:
         # Caught when the settings are read, not 60 s later when connecting fails.
         if not 0 < self.broker_port < 65536:
             raise ConfigError(f"broker port {self.broker_port} is not in 1..65535")
+        if self.max_payload != 0 and self.max_payload < MIN_MAX_PAYLOAD:
+            raise ConfigError(f"max_payload {self.max_payload} is below the minimum of {MIN_MAX_PAYLOAD} bytes "
+                              "(0 turns chunking off)")
+        if self.keepalive <= 0:
+            raise ConfigError(f"keepalive {self.keepalive} must be a positive number of seconds")
 
 
 class LivenessWatchdog:
@@ -481,7 +486,8 @@ class MqttLink:
 
     def _may_send_whole(self, topic: str, payload: bytes) -> bool:
         """False (and the link failed) when the broker said it would drop this unchunked payload."""
-        reason = refusal(len(payload), topic, self.broker_max_packet, mqtt5=self.mqtt5)
+        reason = refusal(len(payload), topic, self.broker_max_packet, mqtt5=self.mqtt5,
+                         configured=self.config.max_payload)
         if reason is None:
             return True
         if self.failed is None:
@@ -548,8 +554,15 @@ def offers_mqtt5(config: BrokerConfig, client_id: str, timeout: float = PROBE_TI
     amqtt and NATS refuse the protocol version at once, others may close the connection; silence
     until ``timeout`` also means no. (amqtt does not answer a CONNECT with properties at all,
     which is why the real connection is not the probe.) Raises OSError if unreachable.
+
+    The probe logs in as nobody: the question is the protocol, which a broker answers before
+    it looks at credentials (an MQTT 5 broker that wants a login answers "not authorized" in
+    an MQTT 5 CONNACK, which is a yes). amqtt misreads an MQTT 5 CONNECT that carries a user
+    name and waits for bytes that never come, so a probe with the login cost every process 5 s
+    on the embedded broker with the fleet's logins (the default).
     """
-    client = _configured_client(config, f"{client_id}-probe", paho.MQTTv5)
+    client = _configured_client(replace(config, username=None, password_file=None), f"{client_id}-probe",
+                                paho.MQTTv5)
     answer: list[bool] = []
     client.on_connect = lambda c, u, f, reason, p: answer.append(reason.value not in UNSUPPORTED_PROTOCOL)
     client.connect(config.broker_host, config.broker_port, config.keepalive, clean_start=True)
