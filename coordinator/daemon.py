@@ -71,6 +71,8 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r}")
     if config.buffer < 0 or config.max_staleness < 0:
         raise ValueError("buffer and max_staleness must be >= 0")
+    if config.keep_models < 0:
+        raise ValueError(f"keep_models must be >= 0 (0: keep every model file), not {config.keep_models}")
     size = config.buffer if config.mode == "async" and config.buffer else config.min_clients
     return RoundPolicy(size, min(config.quorum, size), config.round_deadline, config.deadline_factor,
                        config.round_deadline_max)
