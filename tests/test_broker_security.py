@@ -735,6 +735,8 @@ class NatsNode:
     mqtt_port: int
     client_port: int
     keys: Path
+    auth_file: Path
+    pid: int
 
     def password(self, user: str) -> str:
         return (self.keys / "broker" / f"{user}.password").read_text().strip()
@@ -769,7 +771,7 @@ def nats_node(tmp_path: Path) -> Iterator[NatsNode]:
             wait_port("127.0.0.1", mqtt_port, timeout=20)
         except TimeoutError:
             raise AssertionError((node / "nats.log").read_text()) from None
-        yield NatsNode("127.0.0.1", mqtt_port, client_port, keys)
+        yield NatsNode("127.0.0.1", mqtt_port, client_port, keys, node / "fledger-auth.conf", proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -831,17 +833,51 @@ def test_nats_enforces_the_same_roles_as_mosquitto(mosquitto_matrix: MatrixOnMos
         assert set(spy.refused) == {"$MQTT/sub/#", "$MQTT/#"}
 
 
-@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded"])
+def test_nats_reload_cuts_off_a_revoked_device_and_keeps_the_others(nats_node: NatsNode) -> None:
+    """docs/deploy.md: after `fledger keys revoke`, regenerate and `nats-server --signal reload`.
+    The revoked device, connected at the time, is disconnected and cannot log in again; the
+    other device's connection and the coordinator's stay up and keep working."""
+    import sys
+
+    from fledger import keytool
+    from tests.broker_clusters import NATS_SERVER
+
+    address = (nats_node.host, nats_node.mqtt_port)
+    passwords = {user: nats_node.password(user) for user in ("coordinator", DEV_A, DEV_B)}
+    lost, after = threading.Event(), token("after-reload")
+    with Client(address, "coordinator", passwords["coordinator"]) as coordinator, \
+            Client(address, DEV_A, passwords[DEV_A]) as device, Client(address, DEV_B, passwords[DEV_B]) as revoked:
+        revoked._client.on_disconnect = lambda *args: lost.set()
+        coordinator.subscribe(TOPICS.updates)
+        registry = keytool.DeviceRegistry.load(nats_node.keys / keytool.REGISTRY_FILE)
+        for key_id in keytool.active_keys(registry, DEV_B):
+            keytool.revoke_device_key(nats_node.keys, DEV_B, key_id)
+        generated = subprocess.run([sys.executable, "-m", "fledger.cli", "keys", "--dir", str(nats_node.keys),
+                                    "nats-config", "--out", str(nats_node.auth_file)],
+                                   capture_output=True, text=True, timeout=60)
+        assert generated.returncode == 0, generated.stderr
+        subprocess.run([NATS_SERVER, "--signal", f"reload={nats_node.pid}"], check=True, timeout=30)
+        assert lost.wait(10), "the revoked device's connection survived the reload"
+        device.publish(TOPICS.update(DEV_A), after)
+        assert coordinator.messages.get(timeout=10)[1] == after
+        revoked._client.loop_stop()  # no reconnect attempts of its own
+    assert not Client(address, DEV_B, passwords[DEV_B]).connect(timeout=15)
+
+
+@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded", "nats"])
 def test_a_last_will_is_held_to_the_acl_like_any_publish(secure_broker: SecureBroker, tmp_path: Path,
-                                                        broker_kind: str) -> None:
+                                                        broker_kind: str, request: pytest.FixtureRequest) -> None:
     """A device that sets its Last Will to the global model (retained) or to another device's
     presence, then drops its connection, changes nothing: on mosquitto and on the embedded broker
     (amqtt on its own broadcasts and retains a will unchecked; FledgerBroker checks it). Its will
     to its own presence topic is delivered, and marks the end."""
     model, evil = token("model"), token("will")
+    embedded = None
     if broker_kind == "mosquitto":
         connect: Any = lambda user: Client(secure_broker, user)  # noqa: E731
-        embedded = None
+    elif broker_kind == "nats":
+        node: NatsNode = request.getfixturevalue("nats_node")
+        connect = lambda user: Client((node.host, node.mqtt_port), user, node.password(user))  # noqa: E731
     else:
         passwords = {user: f"pw-{user}-{uuid.uuid4().hex}" for user in ("coordinator", DEV_A, DEV_B)}
         embedded = embedded_with_passwords(passwords, tmp_path).start()
