@@ -14,6 +14,7 @@ sentinel arrives, the forbidden message would have arrived before it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import ssl
@@ -742,39 +743,47 @@ class NatsNode:
         return (self.keys / "broker" / f"{user}.password").read_text().strip()
 
 
-@pytest.fixture
-def nats_node(tmp_path: Path) -> Iterator[NatsNode]:
+@contextlib.contextmanager
+def nats_running(directory: Path, keys: Path) -> Iterator[NatsNode]:
     """A nats-server running deploy/nats/nats-node.conf with the authorization that
-    `fledger keys nats-config` generates for a fleet made by `fledger keys` (both devices)."""
+    `fledger keys nats-config` generates for the fleet in ``keys``."""
     import sys
 
-    from fledger import keytool
     from tests.broker_clusters import NATS_SERVER, nats_available
     from tests.conftest import wait_port
 
     assert nats_available(), "nats-server is not installed (scripts/setup.sh installs it)"
-    keys = tmp_path / "keys"
-    keytool.init_fleet(keys, FLEET)
-    keytool.add_devices(keys, [DEV_A, DEV_B])
-    node = tmp_path / "nats"
-    (node / "js").mkdir(parents=True)
+    (directory / "js").mkdir(parents=True)
+    auth = directory / "fledger-auth.conf"
     generated = subprocess.run([sys.executable, "-m", "fledger.cli", "keys", "--dir", str(keys), "nats-config",
-                                "--out", str(node / "fledger-auth.conf")], capture_output=True, text=True, timeout=60)
+                                "--out", str(auth)], capture_output=True, text=True, timeout=60)
     assert generated.returncode == 0, generated.stderr
-    assert (node / "fledger-auth.conf").stat().st_mode & 0o777 == 0o600
+    assert auth.stat().st_mode & 0o777 == 0o600
     client_port, mqtt_port = free_port(), free_port()
-    (node / "nats.conf").write_text(nats_config_from_deploy(node / "js", client_port, mqtt_port))
-    with open(node / "nats.log", "wb") as log:
-        proc = subprocess.Popen([NATS_SERVER, "-c", str(node / "nats.conf")], stdout=log, stderr=subprocess.STDOUT)
+    (directory / "nats.conf").write_text(nats_config_from_deploy(directory / "js", client_port, mqtt_port))
+    with open(directory / "nats.log", "wb") as log:
+        proc = subprocess.Popen([NATS_SERVER, "-c", str(directory / "nats.conf")], stdout=log, stderr=subprocess.STDOUT)
     try:
         try:
             wait_port("127.0.0.1", mqtt_port, timeout=20)
         except TimeoutError:
-            raise AssertionError((node / "nats.log").read_text()) from None
-        yield NatsNode("127.0.0.1", mqtt_port, client_port, keys, node / "fledger-auth.conf", proc.pid)
+            raise AssertionError((directory / "nats.log").read_text()) from None
+        yield NatsNode("127.0.0.1", mqtt_port, client_port, keys, auth, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture
+def nats_node(tmp_path: Path) -> Iterator[NatsNode]:
+    """:func:`nats_running` for a fleet made by `fledger keys` with both devices."""
+    from fledger import keytool
+
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, FLEET)
+    keytool.add_devices(keys, [DEV_A, DEV_B])
+    with nats_running(tmp_path / "nats", keys) as node:
+        yield node
 
 
 def nats_core_login(host: str, port: int, user: str, password: str) -> str:
@@ -956,3 +965,27 @@ def test_fledger_broker_uses_the_fleets_logins_and_runs_open_only_when_asked(tmp
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_fleet_runs_on_nats_with_the_generated_logins(tmp_path: Path) -> None:
+    """Real coordinator and agent processes, each logged in as its own user, on a nats-server with
+    the authorization `fledger keys nats-config` generated: the rounds complete and the ledger
+    verifies, so no fledger process needs a right the ACL does not give it (NATS refuses a
+    subscription beyond its user's rights, where mosquitto would grant it)."""
+    from tests.federation_run import Federation
+    from tests.test_reliability import check_final_ledger, finish
+
+    fed = Federation(tmp_path / "fleet", "127.0.0.1", 0, fleet=FLEET, rounds=2)
+    with nats_running(tmp_path / "nats", fed.keys) as node:
+        fed.port = node.mqtt_port
+        fed.logins = {user: fed.keys / "broker" / f"{user}.password" for user in ("coordinator", *fed.devices)}
+        try:
+            fed.start_all()
+            finish(fed, timeout=120)
+        finally:
+            fed.stop()
+    check_final_ledger(fed, 2, participants=sorted(fed.devices))
+    # Every process logged in (the node refuses anonymous logins) and none was refused a publish or
+    # a subscription ("Publish Violation" / "Subscription Violation" in the server's log).
+    log = (tmp_path / "nats" / "nats.log").read_text()
+    assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
