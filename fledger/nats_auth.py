@@ -14,7 +14,8 @@ the SAME file mosquitto and the embedded broker enforce (``fledger/fledger.acl``
 - every user may also subscribe to ``$MQTT.sub.>``: nats-server 2.9-2.11 delivers QoS 1 messages
   through an internal subscription on ``$MQTT.sub.<id>`` that is checked against the user's
   permissions (without it every QoS 1 SUBSCRIBE fails). An MQTT client cannot subscribe to
-  ``$MQTT/...`` topics itself (refused, tested); releases from 2.12 allow it implicitly;
+  ``$MQTT/...`` topics itself (refused, tested); newer releases (nats-server PR 7637) allow it
+  implicitly;
 - every user may connect over MQTT only (``allowed_connection_types``), never as a NATS core
   client (which could call the JetStream API on the account that holds the MQTT state).
 
