@@ -353,8 +353,10 @@ def add_parser(sub: Any) -> None:
                                   "with an active key (user = device id) and per prediction client, each with the "
                                   "publish/subscribe permissions the ACL gives it (MQTT topics as NATS subjects), "
                                   "MQTT connections only, and a bcrypt hash of its broker/<user>.password. "
-                                  "Regenerate after add-device, revoke, add-client or an ACL change, copy to every "
-                                  "node, then `nats-server --signal reload`. The file is 0600.")
+                                  "Regenerate after add-device, revoke, add-client or an ACL change (a user whose "
+                                  "password is unchanged keeps its hash, so only what changed differs), copy to "
+                                  "every node, "
+                                  "then `nats-server --signal reload`. The file is 0600.")
     a.add_argument("--out", type=Path, required=True, help="file to write (e.g. /etc/nats/fledger-auth.conf)")
     a.add_argument("--acl", type=Path, help="the ACL to translate (default: fledger's shipped fledger.acl)")
     a.add_argument("--bcrypt-cost", type=int, default=4,
@@ -425,11 +427,11 @@ def _main(args: argparse.Namespace) -> int:
         print(f"revoked key {args.key_id} of {args.device}; a running coordinator reading {directory / REGISTRY_FILE} "
               "applies it within 2 s")
     elif args.keys_command == "nats-config":
-        from fledger.nats_auth import build_from_keys, render
+        from fledger.nats_auth import build_from_keys, read_hashes, render
 
         if not 4 <= args.bcrypt_cost <= 31:
             raise ValueError(f"--bcrypt-cost must be 4..31, not {args.bcrypt_cost}")
-        users = build_from_keys(directory, args.acl, rounds=args.bcrypt_cost)
+        users = build_from_keys(directory, args.acl, rounds=args.bcrypt_cost, previous=read_hashes(args.out))
         atomic_write(args.out, render(users.acl, users.hashes, source=str(args.acl or "fledger.acl")).encode(),
                      mode=0o600)
         for user in users.skipped:

@@ -123,6 +123,32 @@ def hash_password(password: str, rounds: int = GENERATED_BCRYPT_ROUNDS) -> str:
     return BcryptHasher(rounds=rounds).hash(password)
 
 
+def read_hashes(path: Path) -> dict[str, str]:
+    """user -> bcrypt hash in a file :func:`render` wrote (empty if there is none)."""
+    if not Path(path).exists():
+        return {}
+    hashes: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip().startswith('{"user"'):
+            entry = json.loads(line)
+            hashes[str(entry["user"])] = str(entry["password"])
+    return hashes
+
+
+def _current_hash(password: str, previous: str | None, rounds: int) -> str:
+    """``previous`` if it is a hash of ``password`` at this cost (so a regenerated file changes only
+    where something changed), else a new hash."""
+    from pwdlib.hashers.bcrypt import BcryptHasher
+
+    if previous is not None and previous.startswith(f"$2b${rounds:02d}$"):
+        try:
+            if BcryptHasher().verify(password, previous):
+                return previous
+        except ValueError:
+            pass
+    return hash_password(password, rounds)
+
+
 def render(acl: Acl, hashes: dict[str, str], *, source: str = "") -> str:
     """The ``authorization { users: [...] }`` block (NATS config syntax; JSON values, so every
     name and hash is quoted as NATS expects). ``hashes``: user -> bcrypt hash."""
@@ -153,9 +179,10 @@ class FleetUsers:
 
 
 def build_from_keys(directory: Path, acl_path: Path | None = None, *,
-                    rounds: int = GENERATED_BCRYPT_ROUNDS) -> FleetUsers:
+                    rounds: int = GENERATED_BCRYPT_ROUNDS, previous: dict[str, str] | None = None) -> FleetUsers:
     """The users, their hashes and the ACL (plus one block per prediction client) of the fleet
-    whose keys are in ``directory``."""
+    whose keys are in ``directory``. A hash in ``previous`` (the file written last time) that
+    still matches the user's password is kept."""
     from federation.keys import DeviceRegistry
     from federation.topics import check_name
     from fledger import keytool
@@ -181,7 +208,7 @@ def build_from_keys(directory: Path, acl_path: Path | None = None, *,
         if not password_file.exists():
             skipped.append(user)
             continue
-        hashes[user] = hash_password(keytool.read_password_file(password_file), rounds)
+        hashes[user] = _current_hash(keytool.read_password_file(password_file), (previous or {}).get(user), rounds)
     return FleetUsers(hashes, acl, skipped)
 
 
@@ -195,5 +222,6 @@ __all__ = [
     "filter_to_subjects",
     "hash_password",
     "permissions_for",
+    "read_hashes",
     "render",
 ]

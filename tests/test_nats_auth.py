@@ -106,3 +106,26 @@ def test_an_acl_user_without_a_password_file_gets_no_login_and_a_warning(tmp_pat
     assert result.returncode == 0, result.stderr
     assert "monitor2" in result.stderr and "no NATS login" in result.stderr
     assert "monitor2" not in users_in(tmp_path / "auth.conf")
+
+
+def test_regenerating_changes_only_what_changed(tmp_path: Path) -> None:
+    """A config-management run that regenerates the file after every change: users whose password
+    is unchanged keep their hash (bcrypt salts are random), a changed password gets a new one, a
+    new device is added, and a revoked one disappears."""
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, "plant7")
+    keytool.add_devices(keys, ["pump-01", "pump-02"])
+    out = tmp_path / "fledger-auth.conf"
+    assert run_cli("--dir", str(keys), "nats-config", "--out", str(out)).returncode == 0
+    first = users_in(out)
+    (keys / "broker" / "monitor.password").write_text("a-new-monitor-password\n")
+    keytool.add_devices(keys, ["pump-03"])
+    gone = keytool.active_keys(keytool.DeviceRegistry.load(keys / keytool.REGISTRY_FILE), "pump-02")[0]
+    keytool.revoke_device_key(keys, "pump-02", gone)
+    assert run_cli("--dir", str(keys), "nats-config", "--out", str(out)).returncode == 0
+    second = users_in(out)
+    assert set(second) == set(first) - {"pump-02"} | {"pump-03"}
+    for user in ("coordinator", "operator", "owner", "pump-01"):
+        assert second[user] == first[user], user
+    assert second["monitor"]["password"] != first["monitor"]["password"]
+    assert BcryptHasher().verify("a-new-monitor-password", str(second["monitor"]["password"]))
