@@ -11,7 +11,7 @@ the SAME file mosquitto and the embedded broker enforce (``fledger/fledger.acl``
 - an MQTT filter becomes NATS subjects as nats-server maps MQTT topics: ``/`` -> ``.``,
   ``+`` -> ``*``, and ``a/#`` -> ``a`` AND ``a.>`` (MQTT's ``#`` also matches the parent level,
   NATS's ``>`` does not);
-- every user may also subscribe to ``$MQTT.sub.>``: nats-server 2.9-2.11 delivers QoS 1 messages
+- every user may also subscribe to ``$MQTT.sub.>``: nats-server 2.9 (tested: 2.9.10) delivers QoS 1 messages
   through an internal subscription on ``$MQTT.sub.<id>`` that is checked against the user's
   permissions (without it every QoS 1 SUBSCRIBE fails). An MQTT client cannot subscribe to
   ``$MQTT/...`` topics itself (refused, tested); newer releases (nats-server PR 7637) allow it
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from fledger.acl import READ, WRITE, Acl
 
-# nats-server 2.9-2.11: QoS 1 deliveries go through an internal subscription on $MQTT.sub.<id>,
+# nats-server 2.9 (2.9.10 here): QoS 1 deliveries go through an internal subscription on $MQTT.sub.<id>,
 # checked against the user's subscribe permissions (nats-server PR 7637 made it implicit later).
 MQTT_INTERNAL_SUBSCRIBE = "$MQTT.sub.>"
 
