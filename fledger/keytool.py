@@ -347,6 +347,20 @@ def add_parser(sub: Any) -> None:
     a = ks.add_parser("revoke", help="revoke a device key (its updates are rejected from then on)")
     a.add_argument("device")
     a.add_argument("key_id")
+    a = ks.add_parser("nats-config", help="write the NATS authorization block (users, bcrypt hashes, permissions)",
+                      description="Write the `authorization { users: [...] }` block that a NATS node's config "
+                                  "includes (deploy/nats/nats-node.conf): one user per ACL `user` block, per device "
+                                  "with an active key (user = device id) and per prediction client, each with the "
+                                  "publish/subscribe permissions the ACL gives it (MQTT topics as NATS subjects), "
+                                  "MQTT connections only, and a bcrypt hash of its broker/<user>.password. "
+                                  "Regenerate after add-device, revoke, add-client or an ACL change (a user whose "
+                                  "password is unchanged keeps its hash, so only what changed differs), copy to "
+                                  "every node, "
+                                  "then `nats-server --signal reload`. The file is 0600.")
+    a.add_argument("--out", type=Path, required=True, help="file to write (e.g. /etc/nats/fledger-auth.conf)")
+    a.add_argument("--acl", type=Path, help="the ACL to translate (default: fledger's shipped fledger.acl)")
+    a.add_argument("--bcrypt-cost", type=int, default=4,
+                   help="bcrypt cost (default 4: the passwords are 192-bit random tokens; 10+ for chosen ones)")
     a = ks.add_parser("list", help="list registered devices and key ids (device, key id, active/revoked)")
     # allow_abbrev=False: `--password SECRET` must be an error, not an abbreviation of --password-file.
     a = ks.add_parser("broker-password", help="set a user's password in an amqtt password file", allow_abbrev=False,
@@ -398,10 +412,11 @@ def _main(args: argparse.Namespace) -> int:
                   f"broker passwords {directory / BROKER_DIR}/<id>.password; install each pair on its device only")
     elif args.keys_command == "add-client":
         path, key_id = add_client(directory, args.client)
+        from fledger.nats_auth import client_acl_text
+
         print(f"client {args.client}: bundle {path} (key id {key_id}); give it to the client only. The owner "
-              f"credits it with `fledger credits deposit {args.client} AMOUNT`. For mosquitto's acl_file:\n"
-              f"user {args.client}\ntopic write fledger/+/predict/{args.client}/request\n"
-              f"topic read fledger/+/predict/{args.client}/reply")
+              f"credits it with `fledger credits deposit {args.client} AMOUNT`. For mosquitto's acl_file "
+              f"(`fledger keys nats-config` adds it by itself):\n{client_acl_text(args.client).rstrip()}")
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "
@@ -411,6 +426,19 @@ def _main(args: argparse.Namespace) -> int:
         revoke_device_key(directory, args.device, args.key_id)
         print(f"revoked key {args.key_id} of {args.device}; a running coordinator reading {directory / REGISTRY_FILE} "
               "applies it within 2 s")
+    elif args.keys_command == "nats-config":
+        from fledger.nats_auth import build_from_keys, read_hashes, render
+
+        if not 4 <= args.bcrypt_cost <= 31:
+            raise ValueError(f"--bcrypt-cost must be 4..31, not {args.bcrypt_cost}")
+        users = build_from_keys(directory, args.acl, rounds=args.bcrypt_cost, previous=read_hashes(args.out))
+        atomic_write(args.out, render(users.acl, users.hashes, source=str(args.acl or "fledger.acl")).encode(),
+                     mode=0o600)
+        for user in users.skipped:
+            print(f"fledger keys: warning: no {directory / BROKER_DIR / (user + '.password')}: user {user} gets no "
+                  "NATS login", file=sys.stderr)
+        print(f"{args.out}: {len(users.hashes)} NATS users ({', '.join(sorted(users.hashes)[:6])}"
+              f"{', ...' if len(users.hashes) > 6 else ''}); copy it to every node and `nats-server --signal reload`")
     elif args.keys_command == "list":
         registry = DeviceRegistry.load(directory / REGISTRY_FILE)
         for device, record in sorted(registry.devices.items()):

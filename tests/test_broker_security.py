@@ -14,6 +14,7 @@ sentinel arrives, the forbidden message would have arrived before it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import ssl
@@ -172,6 +173,8 @@ class Client:
         self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self._connack = threading.Event()
         self._subacks: dict[int, threading.Event] = {}
+        self._failed: set[int] = set()  # mids of SUBACKs that said failure
+        self.refused: list[str] = []  # filters whose SUBACK said failure (0x80)
         self.reason: Any = None
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{uuid.uuid4().hex[:8]}",
                                    clean_session=True, protocol=paho.MQTTv311)
@@ -193,6 +196,8 @@ class Client:
         self._connack.set()
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if any(reason.is_failure for reason in reasons):
+            self._failed.add(mid)
         self._subacks.setdefault(mid, threading.Event()).set()
 
     def connect(self, timeout: float = 10.0) -> bool:
@@ -233,6 +238,8 @@ class Client:
         assert result == paho.MQTT_ERR_SUCCESS and mid is not None
         event = self._subacks.setdefault(mid, threading.Event())
         assert event.wait(10), "no SUBACK"
+        if mid in self._failed:
+            self.refused.append(topic)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True) -> Any:
         """Publish at QoS 1; unless ``wait`` is False, wait for the PUBACK (else: the caller waits
@@ -496,15 +503,29 @@ def embedded_with_passwords(passwords: dict[str, str], directory: Path) -> Embed
     return EmbeddedBroker(password_file=db)
 
 
-def observe_matrix(connect: Any) -> tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]]:
+@dataclass
+class Answers:
+    """What one broker did with the role-by-topic matrix (see :func:`observe_matrix`)."""
+    live: set[tuple[str, str, str]]  # (publisher, receiver, topic), exact subscriptions
+    wildcard: set[tuple[str, str, str]]  # the same for subscribers to `#`
+    refused: set[tuple[str, str]]  # (role, filter) whose SUBACK said failure
+
+
+SPY_END = f"{TOPICS.model}/chunk/998"  # readable by every user: where `#` subscribers learn of the end
+
+
+def observe_matrix(connect: Any) -> Answers:
     """(publisher, receiver, topic) for every message delivered when every role subscribes to
     every topic (one subscription each, exact names) and then publishes to every topic; and the
-    same for a second client of every role subscribed to ``#`` alone (a wildcard subscriber).
+    same for a second client of every role subscribed to ``#`` (a wildcard subscriber); and the
+    subscriptions the broker refused in its SUBACK.
 
     A delivery proves both that the publisher may write the topic and that the receiver may
     read it; the broker's SUBACK and PUBACK prove nothing (mosquitto 2.0.11 grants and acks
     denied ones). A final message from the coordinator on the model topic, which every user
-    may read, marks the end for each receiver."""
+    may read, marks the end for each receiver; the `#` subscribers also hold an exact
+    subscription to SPY_END, where the same marker goes (a broker that refuses their `#`
+    still tells them the end)."""
     run = uuid.uuid4().hex[:8]
     clients = {role: connect(role) for role in ROLES}
     spies = {role: connect(role) for role in ROLES}
@@ -514,12 +535,14 @@ def observe_matrix(connect: Any) -> tuple[set[tuple[str, str, str]], set[tuple[s
                 client.subscribe(topic)
         for spy in spies.values():
             spy.subscribe("#")
+            spy.subscribe(SPY_END)
         for role, client in clients.items():
             sent = [client.publish(topic, f"{run}|{role}|{topic}".encode(), wait=False) for topic in MATRIX_TOPICS]
             for info in sent:
                 client.acked(info)
         end = f"{run}|end".encode()
         clients["coordinator"].publish(TOPICS.model, end)
+        clients["coordinator"].publish(SPY_END, end)
         seen: tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]] = (set(), set())
         quiet = QUIET  # after the first receiver's wait, the others' messages are long queued
         for into, group in zip(seen, (clients, spies), strict=True):
@@ -531,7 +554,9 @@ def observe_matrix(connect: Any) -> tuple[set[tuple[str, str, str]], set[tuple[s
                     assert parts[2] == topic, f"{payload!r} arrived on {topic}"
                     into.add((parts[1], receiver, topic))
                 quiet = 0.1
-        return seen
+        refused = {(role, topic) for group in (clients, spies) for role, client in group.items()
+                   for topic in client.refused}
+        return Answers(seen[0], seen[1], refused)
     finally:
         for client in (*clients.values(), *spies.values()):
             client.close()
@@ -540,12 +565,13 @@ def observe_matrix(connect: Any) -> tuple[set[tuple[str, str, str]], set[tuple[s
 END_TOPIC = f"{TOPICS.model}/chunk/999"  # every user may read it, only the coordinator write it
 
 
-def observe_retained(connect: Any, writers: dict[str, str]) -> set[tuple[str, str, str]]:
+def observe_retained(connect: Any, writers: dict[str, str],
+                     filters: tuple[str, ...] = ("#",)) -> set[tuple[str, str, str]]:
     """(publisher, receiver, topic) for every RETAINED message a client is handed when it
-    subscribes to ``#`` after: each topic's one allowed writer (``writers``) retained a message
-    there, and then every other role tried to overwrite it and to delete it (an empty retained
-    payload), as the issue's device deleted the retained global model. The retained messages are
-    cleared again afterwards."""
+    subscribes to ``filters`` (``#``, or each topic) after: each topic's one allowed writer
+    (``writers``) retained a message there, and then every other role tried to overwrite it and
+    to delete it (an empty retained payload), as the issue's device deleted the retained global
+    model. The retained messages are cleared again afterwards."""
     run = uuid.uuid4().hex[:8]
     clients = {role: connect(role) for role in ROLES}
     try:
@@ -568,7 +594,8 @@ def observe_retained(connect: Any, writers: dict[str, str]) -> set[tuple[str, st
     late = {role: connect(role) for role in ROLES}  # subscribing after everything was retained
     try:
         for client in late.values():
-            client.subscribe("#")
+            for topic_filter in (*filters, END_TOPIC):
+                client.subscribe(topic_filter)
         for receiver, client in late.items():
             for topic, payload, retained in client.collect_until(end):
                 parts = payload.decode(errors="replace").split("|")
@@ -591,37 +618,57 @@ def observe_retained(connect: Any, writers: dict[str, str]) -> set[tuple[str, st
     return seen
 
 
-def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: SecureBroker, tmp_path: Path) -> None:
-    """The must-have: the zero-setup broker is as strict as the hardened deployment. Every role
-    (coordinator, monitor, operator, two devices) publishes to and subscribes to every topic
-    on both brokers; the deliveries are identical, and they are what fledger.acl says."""
+@dataclass
+class MatrixOnMosquitto:
+    acl: Any  # fledger.acl.Acl
+    writers_by_acl: dict[str, str]  # topic -> its one allowed writer
+    expected: set[tuple[str, str, str]]  # (publisher, receiver, topic) that fledger.acl allows
+    answers: Answers
+    retained: set[tuple[str, str, str]]
+
+
+@pytest.fixture(scope="module")
+def mosquitto_matrix(secure_broker: SecureBroker) -> MatrixOnMosquitto:
+    """The role-by-topic matrix on the real mosquitto with deploy/'s config: the reference every
+    other broker is held to."""
     from fledger.acl import Acl
 
     acl = Acl.load(ACL)
     allowed_writers = {t: [p for p in ROLES if acl.allows(p, t, "write")] for t in MATRIX_TOPICS}
     assert all(len(w) <= 1 for w in allowed_writers.values()), allowed_writers  # one owner per topic
     writers_by_acl = {t: w[0] for t, w in allowed_writers.items() if w}
-    passwords = {user: secure_broker.password(user) for user in ROLES}
-    on_mosquitto, wildcard_on_mosquitto = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
-    retained_on_mosquitto = observe_retained(lambda role: Client(secure_broker, role).__enter__(), writers_by_acl)
-    with embedded_with_passwords(passwords, tmp_path) as embedded:
-        address = (embedded.host, embedded.port)
-        on_amqtt, wildcard_on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
-        retained_on_amqtt = observe_retained(lambda role: Client(address, role, passwords[role]).__enter__(),
-                                             writers_by_acl)
-
     expected = {(p, r, t) for p in ROLES for r in ROLES for t in MATRIX_TOPICS
                 if acl.allows(p, t, "write") and acl.allows(r, t, "read")}
-    assert on_amqtt == on_mosquitto
-    assert on_mosquitto == expected
-    # A subscriber to `#` receives exactly what it may read, live, on both brokers.
-    assert wildcard_on_amqtt == wildcard_on_mosquitto == expected
+    answers = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
+    retained = observe_retained(lambda role: Client(secure_broker, role).__enter__(), writers_by_acl)
+    return MatrixOnMosquitto(acl, writers_by_acl, expected, answers, retained)
+
+
+def test_embedded_broker_enforces_the_same_roles_as_mosquitto(mosquitto_matrix: MatrixOnMosquitto,
+                                                              secure_broker: SecureBroker, tmp_path: Path) -> None:
+    """The must-have: the zero-setup broker is as strict as the hardened deployment. Every role
+    (coordinator, monitor, operator, two devices) publishes to and subscribes to every topic
+    on both brokers; the deliveries are identical, and they are what fledger.acl says."""
+    on_mosquitto, expected = mosquitto_matrix.answers, mosquitto_matrix.expected
+    passwords = {user: secure_broker.password(user) for user in ROLES}
+    with embedded_with_passwords(passwords, tmp_path) as embedded:
+        address = (embedded.host, embedded.port)
+        on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
+        retained_on_amqtt = observe_retained(lambda role: Client(address, role, passwords[role]).__enter__(),
+                                             mosquitto_matrix.writers_by_acl)
+
+    assert on_amqtt.live == on_mosquitto.live
+    assert on_mosquitto.live == expected
+    # A subscriber to `#` receives exactly what it may read, live, on both brokers; neither refuses
+    # a subscription (SUBACK), both filter each message.
+    assert on_amqtt.wildcard == on_mosquitto.wildcard == expected
+    assert on_amqtt.refused == on_mosquitto.refused == set()
     # Retained messages: a client subscribing to `#` later is handed exactly the retained messages
     # it may read, each still its one writer's (no other role overwrote or deleted one), on both.
-    assert retained_on_amqtt == retained_on_mosquitto
-    assert retained_on_mosquitto == expected
-    writers = {t: {p for p, _, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
-    readers = {t: {r for _, r, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
+    assert retained_on_amqtt == mosquitto_matrix.retained
+    assert mosquitto_matrix.retained == expected
+    writers = {t: {p for p, _, tt in on_amqtt.live if tt == t} for t in MATRIX_TOPICS}
+    readers = {t: {r for _, r, tt in on_amqtt.live if tt == t} for t in MATRIX_TOPICS}
     for topic in (TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head):
         assert writers[topic] == {"coordinator"}, topic
     assert writers[TOPICS.update(DEV_A)] == {DEV_A} and readers[TOPICS.update(DEV_A)] == {"coordinator"}
@@ -649,17 +696,197 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     assert not writers[f"{TOPICS.base}/predict/{DEV_A}/request"] and not writers[f"{TOPICS.base}/predict/owner/request"]
 
 
-@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded"])
+# -- the same roles on NATS (deploy/nats, `fledger keys nats-config`) -------------------------------
+
+NATS_CONF = ROOT / "deploy" / "nats" / "nats-node.conf"
+NATS_AUTH_INCLUDE = "include ./fledger-auth.conf"
+
+
+def nats_config_from_deploy(store: Path, client_port: int, mqtt_port: int) -> str:
+    """deploy/nats/nats-node.conf as one node on loopback: the listen addresses and store_dir
+    rewritten, the `cluster` block (routes to the example hosts) dropped, comments dropped;
+    everything else, above all the include of the generated authorization, as shipped."""
+    out: list[str] = []
+    blocks: list[str] = []  # the names of the blocks we are in
+    for raw in NATS_CONF.read_text().splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        words = line.split()
+        inside_cluster = "cluster" in blocks or (not blocks and words[0] == "cluster")
+        if words[0] == "listen:":
+            line = f"  listen: 127.0.0.1:{mqtt_port}" if blocks == ["mqtt"] else f"listen: 127.0.0.1:{client_port}"
+        elif words[0] == "store_dir:":
+            line = f'  store_dir: "{store}"'
+        if not inside_cluster:
+            out.append(line)
+        if line.rstrip().endswith("{"):
+            blocks.append(words[0])
+        elif line.strip() == "}":
+            blocks.pop()
+    text = "\n".join(out) + "\n"
+    assert NATS_AUTH_INCLUDE in text and "mqtt {" in text and "jetstream {" in text, text
+    assert "cluster" not in text and "no_auth_user" not in text
+    return text
+
+
+@dataclass
+class NatsNode:
+    host: str
+    mqtt_port: int
+    client_port: int
+    keys: Path
+    auth_file: Path
+    pid: int
+
+    def password(self, user: str) -> str:
+        return (self.keys / "broker" / f"{user}.password").read_text().strip()
+
+
+@contextlib.contextmanager
+def nats_running(directory: Path, keys: Path) -> Iterator[NatsNode]:
+    """A nats-server running deploy/nats/nats-node.conf with the authorization that
+    `fledger keys nats-config` generates for the fleet in ``keys``."""
+    import sys
+
+    from tests.broker_clusters import NATS_SERVER, nats_available
+    from tests.conftest import wait_port
+
+    assert nats_available(), "nats-server is not installed (scripts/setup.sh installs it)"
+    (directory / "js").mkdir(parents=True)
+    auth = directory / "fledger-auth.conf"
+    generated = subprocess.run([sys.executable, "-m", "fledger.cli", "keys", "--dir", str(keys), "nats-config",
+                                "--out", str(auth)], capture_output=True, text=True, timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    assert auth.stat().st_mode & 0o777 == 0o600
+    client_port, mqtt_port = free_port(), free_port()
+    (directory / "nats.conf").write_text(nats_config_from_deploy(directory / "js", client_port, mqtt_port))
+    with open(directory / "nats.log", "wb") as log:
+        proc = subprocess.Popen([NATS_SERVER, "-c", str(directory / "nats.conf")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_port("127.0.0.1", mqtt_port, timeout=20)
+        except TimeoutError:
+            raise AssertionError((directory / "nats.log").read_text()) from None
+        yield NatsNode("127.0.0.1", mqtt_port, client_port, keys, auth, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def nats_node(tmp_path: Path) -> Iterator[NatsNode]:
+    """:func:`nats_running` for a fleet made by `fledger keys` with both devices."""
+    from fledger import keytool
+
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, FLEET)
+    keytool.add_devices(keys, [DEV_A, DEV_B])
+    with nats_running(tmp_path / "nats", keys) as node:
+        yield node
+
+
+def nats_core_login(host: str, port: int, user: str, password: str) -> str:
+    """The server's answer to a NATS core protocol CONNECT with this login ("+OK"/"PONG" or "-ERR ...")."""
+    import json
+    import socket
+
+    with socket.create_connection((host, port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"INFO ")
+        connect = {"user": user, "pass": password, "verbose": False, "pedantic": False}
+        sock.sendall(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+        return reader.readline().decode().strip()
+
+
+def test_nats_enforces_the_same_roles_as_mosquitto(mosquitto_matrix: MatrixOnMosquitto, nats_node: NatsNode) -> None:
+    """The broker docs/deploy.md recommends past one machine, with the authorization generated
+    from the same ACL: every role publishes to and subscribes to every topic, as on mosquitto.
+
+    Live deliveries and retained messages are the same as on mosquitto, and what fledger.acl
+    says. NATS differs in how it says no (docs/security.md, "Which broker enforces what"): it
+    REFUSES a subscription its user may not read (SUBACK failure) where mosquitto grants it and
+    delivers nothing; so a subscriber to `#` gets nothing at all on NATS (no user may read
+    everything), where mosquitto filters each message."""
+    acl, expected = mosquitto_matrix.acl, mosquitto_matrix.expected
+    passwords = {role: nats_node.password(role) for role in ROLES}
+    address = (nats_node.host, nats_node.mqtt_port)
+    connect = lambda role: Client(address, role, passwords[role]).__enter__()  # noqa: E731
+    on_nats = observe_matrix(connect)
+    retained_exact = observe_retained(connect, mosquitto_matrix.writers_by_acl, ("#", *MATRIX_TOPICS))
+
+    assert on_nats.live == mosquitto_matrix.answers.live == expected
+    # Each exact subscription is refused exactly when the ACL does not let its user read the topic.
+    unreadable = {(r, t) for r in ROLES for t in MATRIX_TOPICS if not acl.allows(r, t, "read")}
+    assert {(r, t) for r, t in on_nats.refused if t != "#"} == unreadable
+    # `#` is refused for every role (mosquitto grants it and filters), so nothing arrives through it.
+    assert {(r, t) for r, t in on_nats.refused if t == "#"} == {(r, "#") for r in ROLES}
+    assert on_nats.wildcard == set()
+    # Retained: a later subscriber to each topic is handed exactly the retained messages it may read,
+    # each still its one writer's: nobody else overwrote or deleted one (mosquitto: the same via `#`).
+    assert retained_exact == mosquitto_matrix.retained == expected
+
+    # Logins: anonymous, a wrong password and another user's password are refused over MQTT ...
+    assert not Client(address, None).connect(timeout=15)
+    assert not Client(address, DEV_A, "not-the-password").connect(timeout=15)
+    assert not Client(address, DEV_A, passwords[DEV_B]).connect(timeout=15)
+    # ... and no fleet user may log in as a NATS core client (that could call the JetStream API
+    # of the account that holds every MQTT session and retained message).
+    assert nats_core_login(nats_node.host, nats_node.client_port, "coordinator",
+                           passwords["coordinator"]).startswith("-ERR")
+    # An MQTT client cannot reach the server's internal QoS 1 delivery subjects ($MQTT.sub.<id>),
+    # which every user may subscribe to internally (nats-server 2.9).
+    with Client(address, DEV_A, passwords[DEV_A]) as spy:
+        for topic_filter in ("$MQTT/sub/#", "$MQTT/#"):
+            spy.subscribe(topic_filter)
+        assert set(spy.refused) == {"$MQTT/sub/#", "$MQTT/#"}
+
+
+def test_nats_reload_cuts_off_a_revoked_device_and_keeps_the_others(nats_node: NatsNode) -> None:
+    """docs/deploy.md: after `fledger keys revoke`, regenerate and `nats-server --signal reload`.
+    The revoked device, connected at the time, is disconnected and cannot log in again; the
+    other device's connection and the coordinator's stay up and keep working."""
+    import sys
+
+    from fledger import keytool
+    from tests.broker_clusters import NATS_SERVER
+
+    address = (nats_node.host, nats_node.mqtt_port)
+    passwords = {user: nats_node.password(user) for user in ("coordinator", DEV_A, DEV_B)}
+    lost, after = threading.Event(), token("after-reload")
+    with Client(address, "coordinator", passwords["coordinator"]) as coordinator, \
+            Client(address, DEV_A, passwords[DEV_A]) as device, Client(address, DEV_B, passwords[DEV_B]) as revoked:
+        revoked._client.on_disconnect = lambda *args: lost.set()
+        coordinator.subscribe(TOPICS.updates)
+        registry = keytool.DeviceRegistry.load(nats_node.keys / keytool.REGISTRY_FILE)
+        for key_id in keytool.active_keys(registry, DEV_B):
+            keytool.revoke_device_key(nats_node.keys, DEV_B, key_id)
+        generated = subprocess.run([sys.executable, "-m", "fledger.cli", "keys", "--dir", str(nats_node.keys),
+                                    "nats-config", "--out", str(nats_node.auth_file)],
+                                   capture_output=True, text=True, timeout=60)
+        assert generated.returncode == 0, generated.stderr
+        subprocess.run([NATS_SERVER, "--signal", f"reload={nats_node.pid}"], check=True, timeout=30)
+        assert lost.wait(10), "the revoked device's connection survived the reload"
+        device.publish(TOPICS.update(DEV_A), after)
+        assert coordinator.messages.get(timeout=10)[1] == after
+        revoked._client.loop_stop()  # no reconnect attempts of its own
+    assert not Client(address, DEV_B, passwords[DEV_B]).connect(timeout=15)
+
+
+@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded", "nats"])
 def test_a_last_will_is_held_to_the_acl_like_any_publish(secure_broker: SecureBroker, tmp_path: Path,
-                                                        broker_kind: str) -> None:
+                                                        broker_kind: str, request: pytest.FixtureRequest) -> None:
     """A device that sets its Last Will to the global model (retained) or to another device's
     presence, then drops its connection, changes nothing: on mosquitto and on the embedded broker
     (amqtt on its own broadcasts and retains a will unchecked; FledgerBroker checks it). Its will
     to its own presence topic is delivered, and marks the end."""
     model, evil = token("model"), token("will")
+    embedded = None
     if broker_kind == "mosquitto":
         connect: Any = lambda user: Client(secure_broker, user)  # noqa: E731
-        embedded = None
+    elif broker_kind == "nats":
+        node: NatsNode = request.getfixturevalue("nats_node")
+        connect = lambda user: Client((node.host, node.mqtt_port), user, node.password(user))  # noqa: E731
     else:
         passwords = {user: f"pw-{user}-{uuid.uuid4().hex}" for user in ("coordinator", DEV_A, DEV_B)}
         embedded = embedded_with_passwords(passwords, tmp_path).start()
@@ -738,3 +965,27 @@ def test_fledger_broker_uses_the_fleets_logins_and_runs_open_only_when_asked(tmp
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_fleet_runs_on_nats_with_the_generated_logins(tmp_path: Path) -> None:
+    """Real coordinator and agent processes, each logged in as its own user, on a nats-server with
+    the authorization `fledger keys nats-config` generated: the rounds complete and the ledger
+    verifies, so no fledger process needs a right the ACL does not give it (NATS refuses a
+    subscription beyond its user's rights, where mosquitto would grant it)."""
+    from tests.federation_run import Federation
+    from tests.test_reliability import check_final_ledger, finish
+
+    fed = Federation(tmp_path / "fleet", "127.0.0.1", 0, fleet=FLEET, rounds=2)
+    with nats_running(tmp_path / "nats", fed.keys) as node:
+        fed.port = node.mqtt_port
+        fed.logins = {user: fed.keys / "broker" / f"{user}.password" for user in ("coordinator", *fed.devices)}
+        try:
+            fed.start_all()
+            finish(fed, timeout=120)
+        finally:
+            fed.stop()
+    check_final_ledger(fed, 2, participants=sorted(fed.devices))
+    # Every process logged in (the node refuses anonymous logins) and none was refused a publish or
+    # a subscription ("Publish Violation" / "Subscription Violation" in the server's log).
+    log = (tmp_path / "nats" / "nats.log").read_text()
+    assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
