@@ -60,13 +60,13 @@ class RoundResult:
     @classmethod
     def of(cls, block: Block) -> RoundResult:
         data = block.data
-        metrics = data.get("metrics")
-        samples = data.get("num_samples")
+        metrics, samples, digest, strategy = (data.get(name) for name in ("metrics", "num_samples", "model_sha256",
+                                                                          "strategy"))
         return cls(int(data["round"]), [str(p) for p in data.get("participants") or ()],
                    samples if type(samples) is int else None,
                    {str(k): (float(v) if isinstance(v, (int, float)) else None) for k, v in metrics.items()}
                    if isinstance(metrics, dict) else {},
-                   bytes(data["model_sha256"]), data.get("strategy") if isinstance(data.get("strategy"), str) else None,
+                   bytes(digest) if isinstance(digest, bytes) else b"", strategy if isinstance(strategy, str) else None,
                    block.index, block.hash, block.timestamp)
 
 
