@@ -17,11 +17,13 @@ answer depends on who asks:
   latest ledger block on ``catchup/<user>/head``. Whether they are delivered is the broker's ACL's
   decision, the same as for the retained ``status`` and ``ledger/head`` (docs/security.md).
 
-Every answer is a message the coordinator signs anyway; nothing new is trusted. Bounds: one
-served request per requester per ``interval_s``; a fixed number of requests and bytes for all
-requesters together per window; nothing more while the previous answer is unacknowledged by the
-broker (paho's outgoing queue is unbounded). Refusals are counted by reason and logged once per
-requester, reason and window.
+Every answer is a message the coordinator signs anyway; nothing new is trusted. Bounds
+(:class:`CatchUpLimits`, the coordinator's ``catch_up_*`` settings): one served request per
+requester per ``interval_s``; at most ``window_requests`` requests and ``window_bytes`` bytes for
+all requesters together per window; nothing more while the previous answer is unacknowledged by
+the broker (paho's outgoing queue is unbounded). Refusals are counted by reason and logged once
+per requester, reason and window; ``counted`` hears of every served and refused request (the
+coordinator's metrics).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from federation import envelope
 from federation.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,26 @@ _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 Publish = Callable[[str, Iterable[bytes]], Callable[[], bool]]  # MqttLink.publish_all
 
 
+SERVED = "served"  # what ``counted`` hears of a served request; else the refusal's reason
+REFUSALS = ("malformed", "too_often", "busy", "previous_reply_in_flight", "byte_budget")
+
+
 @dataclass(frozen=True)
 class CatchUpLimits:
+    """Defaults of the coordinator's ``catch_up_*`` settings (coordinator/config.py)."""
+
     interval_s: float = 5.0  # per requester: an agent asks again after a few seconds at most
     window_s: float = 10.0
     window_requests: int = 2_000  # served per window, all requesters together (a fleet rejoining)
     window_bytes: int = 64 << 20  # sent per window, all requesters together (~6.4 MiB/s)
+
+    def check(self) -> CatchUpLimits:
+        """Itself, or ValueError naming the setting that is not positive."""
+        for name, value in (("catch_up_interval", self.interval_s), ("catch_up_window_requests", self.window_requests),
+                            ("catch_up_window_bytes", self.window_bytes), ("catch-up window", self.window_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class FleetNow:
 
 def fleet_now(coordinator: Any) -> FleetNow:
     """The coordinator's current state as a catch-up answer sees it (the only coupling to it)."""
+
+    from federation import envelope  # here: coordinator/config.py reads CatchUpLimits and must stay light
 
     def is_device(name: str) -> bool:
         record = coordinator.registry.devices.get(name)
@@ -107,6 +124,7 @@ class CatchUp:
     clock: Callable[[], float] = time.monotonic
     refused: Counter[str] = field(default_factory=Counter)  # reason -> requests dropped
     served: int = 0
+    counted: Callable[[str], None] = field(default=lambda result: None)  # SERVED or the refusal's reason
     _last_served: dict[str, float] = field(default_factory=dict)
     _window_start: float = float("-inf")
     _window_requests: int = 0
@@ -141,6 +159,7 @@ class CatchUp:
         self._window_requests += 1
         self._window_bytes += size
         self.served += 1
+        self.counted(SERVED)
         checks = [publish(topic, [body]) for topic, body in replies]
         self._delivered = lambda: all(check() for check in checks)
         if device:
@@ -167,6 +186,7 @@ class CatchUp:
 
     def _refuse(self, requester: str, reason: str) -> bool:
         self.refused[reason] += 1
+        self.counted(reason)
         if (requester, reason) not in self._warned:  # once per requester, reason and window: no log flood
             self._warned.add((requester, reason))
             log.warning("catch-up request from %s refused: %s (%d %s refusals so far; more this window are "

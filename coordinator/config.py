@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.aggregation import DEFAULT_STRATEGY, StrategyParams
+from coordinator.catch_up import CatchUpLimits
 from coordinator.dashboard import DashboardConfig
 from coordinator.replay import ReplayLimits
 from federation.config import setting
@@ -83,6 +84,14 @@ class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
                                                  "bytes of replayed blocks per requester per 10 s window")
     replay_window_bytes: int = setting(ReplayLimits.window_bytes,
                                        "bytes of replayed blocks for all requesters together per 10 s window")
+    catch_up_interval: float = setting(CatchUpLimits.interval_s, "seconds between two served catch-up requests of "
+                                       "one requester (others are counted and dropped; agents retry after 5 s, "
+                                       "doubling)")
+    catch_up_window_requests: int = setting(CatchUpLimits.window_requests, "catch-up requests served per 10 s window, "
+                                            "all requesters together (a fleet rejoining at once)")
+    catch_up_window_bytes: int = setting(CatchUpLimits.window_bytes, "bytes of catch-up answers (models, status, "
+                                         "ledger head) per 10 s window, all requesters together; keep it above "
+                                         "the model message's size")
     presence_timeout: float = setting(45.0, "mark a device offline after this many seconds without a heartbeat "
                                             "(0: only its Last Will)")
     new_chain: bool = setting(False, "start a new ledger in an empty state directory although the broker shows "

@@ -18,7 +18,7 @@ from typing import Any
 
 from coordinator import restore, state_check, state_guard
 from coordinator.aggregation import STRATEGIES, StrategyParams
-from coordinator.catch_up import CatchUp, fleet_now
+from coordinator.catch_up import CatchUp, CatchUpLimits, fleet_now
 from coordinator.config import DEFAULT_REPLAY_BATCH as DEFAULT_REPLAY_BATCH  # re-exported: the settings moved
 from coordinator.config import CoordinatorConfig as CoordinatorConfig  # to a light module for the CLI's parser
 from coordinator.observe import Observatory
@@ -58,6 +58,12 @@ def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
     return ReplayLimits(interval_s=config.replay_interval, max_blocks=config.replay_batch,
                         max_bytes=config.replay_bytes, requester_window_bytes=config.replay_requester_window_bytes,
                         window_bytes=config.replay_window_bytes)
+
+
+def catch_up_limits(config: CoordinatorConfig) -> CatchUpLimits:
+    """The catch-up bounds, checked (ValueError: each must be > 0) before anything is opened."""
+    return CatchUpLimits(interval_s=config.catch_up_interval, window_requests=config.catch_up_window_requests,
+                         window_bytes=config.catch_up_window_bytes).check()
 
 
 def round_policy(config: CoordinatorConfig) -> RoundPolicy:
@@ -173,6 +179,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     # Everything local is checked before connecting: settings, keys, registry, task, state.
     round_policy(config)
     strategy_params(config)
+    catch_up_limits(config)
     if config.evaluate and config.task not in CENTRAL_TEST_SETS:
         raise ConfigError(f"--evaluate: the coordinator has no test set for task {config.task} (its data is on the "
                           "devices); leave --evaluate off and watch the devices' clients_* metrics instead")
@@ -231,7 +238,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                                    topics.catch_up_requests, *prediction_subscriptions(topics)],
                     chunk_record=ChunkRecord(state_dir / "retained_chunks.json"))
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
-    catch_up = CatchUp(topics, clock=time.monotonic)
+    catch_up = CatchUp(topics, catch_up_limits(config), clock=time.monotonic, counted=observatory.catch_up_answered)
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
         observatory.published(topic, payload)

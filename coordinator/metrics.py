@@ -1,8 +1,9 @@
 """The coordinator's Prometheus metrics: their definitions, and how each is kept up to date.
 
 They are fed from what the coordinator already produces, never by the checking code itself:
-the outcome of each message (counted where the daemon dispatches it), the ledger blocks it
-appends and the signed status it publishes (both seen as they are published). So a counter
+the outcome of each message (counted where the daemon dispatches it), the answer to each
+catch-up request (coordinator/catch_up.py), the ledger blocks it appends and the signed status
+it publishes (both seen as they are published). So a counter
 here cannot disagree with the ledger: every "accepted" outcome is one ``update`` block.
 """
 
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.catch_up import SERVED
 from federation import records
+from federation.fleet_state import RoundResult
 from federation.observability import LATENCY_BUCKETS, new_registry, prometheus
+from ledger import Block
 
 STATES = ("waiting", "aggregating", "done", "halted")
 
@@ -58,6 +62,13 @@ class CoordinatorMetrics:
             "reported, by metric (e.g. train_loss, test_mse on their local test split)", ["metric"],
             registry=registry)
 
+        self.catch_up_served = client.Counter(
+            "fledger_coordinator_catch_up_served", "catch-up requests answered (coordinator/catch_up.py)",
+            registry=registry)
+        self.catch_up_refused = client.Counter(
+            "fledger_coordinator_catch_up_refused", "catch-up requests refused, by reason (malformed, too_often, "
+            "busy, previous_reply_in_flight, byte_budget)", ["reason"], registry=registry)
+
     def outcome(self, kind: str, accepted: bool, reason: str, seconds: float | None) -> None:
         """One message handled: ``kind`` is "update" or "registration"."""
         if kind == "registration":
@@ -70,21 +81,29 @@ class CoordinatorMetrics:
         if seconds is not None:
             self.ingest_seconds.labels(result="accepted" if accepted else "rejected").observe(max(0.0, seconds))
 
-    def block(self, index: int, data: dict[str, Any], *, replayed: bool = False) -> None:
+    def block(self, block: Block, *, replayed: bool = False) -> None:
         """A ledger block: appended now, or (``replayed``) read from the ledger at start-up."""
-        self.ledger_height.set(index + 1)
-        if data.get("type") != records.AGGREGATE:
+        self.ledger_height.set(block.index + 1)
+        if block.data.get("type") != records.AGGREGATE:
             return
         if not replayed:
             self.rounds_closed.inc()
-        self.round_participants.set(len(data.get("participants") or ()))
-        for name, value in (data.get("metrics") or {}).items():
-            if not isinstance(value, (int, float)):
-                continue  # None: the evaluation failed or diverged (recorded as such in the ledger)
+        result = RoundResult.of(block)  # the aggregate as the fleet's fold reads it
+        self.round_participants.set(len(result.participants))
+        for name, value in result.metrics.items():
+            if value is None:
+                continue  # the evaluation failed or diverged (recorded as such in the ledger)
             if name.startswith("test_"):
                 self.model_test_metric.labels(metric=name[len("test_"):]).set(value)
             elif name.startswith("clients_"):
                 self.model_clients_metric.labels(metric=name[len("clients_"):]).set(value)
+
+    def catch_up(self, result: str) -> None:
+        """A catch-up request: ``"served"``, or refused with this reason."""
+        if result == SERVED:
+            self.catch_up_served.inc()
+        else:
+            self.catch_up_refused.labels(reason=result).inc()
 
     def status(self, body: dict[str, Any]) -> None:
         """The fleet status the coordinator just signed and published."""

@@ -85,8 +85,13 @@ class Observatory:
         seconds = time.time() - received if received is not None else None
         self.metrics.outcome(kind, outcome.accepted, outcome.reason, seconds)
 
+    def catch_up_answered(self, result: str) -> None:
+        """A catch-up request served (``"served"``) or refused (the reason): coordinator/catch_up.py."""
+        if self.metrics is not None:
+            self.metrics.catch_up(result)
+
     def _block(self, block: Block, *, replayed: bool) -> None:
         if self.metrics is not None:
-            self.metrics.block(block.index, block.data, replayed=replayed)
+            self.metrics.block(block, replayed=replayed)
         if self.view is not None:
             self.view.add_block(block)

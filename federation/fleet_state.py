@@ -44,6 +44,78 @@ class RoundInfo:
 
 
 @dataclass(frozen=True)
+class RoundResult:
+    """What a round's aggregate record says, as reports and dashboards show it."""
+
+    round: int
+    participants: list[str]  # the devices whose updates were used
+    num_samples: int | None  # their training samples together (None: not recorded)
+    metrics: dict[str, float | None]  # None: recorded but not a number (an evaluation that failed)
+    model_sha256: bytes  # the model it produced (the one round+1 trains from)
+    strategy: str | None
+    block: int  # index of the aggregate block
+    hash: bytes  # its hash
+    time: float  # its timestamp
+
+    @classmethod
+    def of(cls, block: Block) -> RoundResult:
+        data = block.data
+        metrics, samples, digest, strategy = (data.get(name) for name in ("metrics", "num_samples", "model_sha256",
+                                                                          "strategy"))
+        return cls(int(data["round"]), [str(p) for p in data.get("participants") or ()],
+                   samples if type(samples) is int else None,
+                   {str(k): (float(v) if isinstance(v, (int, float)) else None) for k, v in metrics.items()}
+                   if isinstance(metrics, dict) else {},
+                   bytes(digest) if isinstance(digest, bytes) else b"", strategy if isinstance(strategy, str) else None,
+                   block.index, block.hash, block.timestamp)
+
+
+class RunHistory:
+    """The run round by round, as ``fledger report`` and the coordinator's dashboard show it: the
+    task, the open round, each aggregated round's :class:`RoundResult` and the rejections recorded.
+
+    A small fold (no update records): :class:`FleetState` keeps one (``state.history``), and a reader
+    fed block by block without the chain (the dashboard) folds its own. ``apply`` checks nothing."""
+
+    def __init__(self) -> None:
+        self.task: str | None = None  # the task the initial model.published names
+        self.open_round: int | None = None  # the newest round.opened
+        self.results: dict[int, RoundResult] = {}  # aggregated rounds, in the order aggregated
+        # Rejections recorded, by reason, per round open when each was recorded (a device may claim
+        # any round number); 0: before the first round opened.
+        self.rejected: dict[int, Counter[str]] = {}
+
+    def apply(self, block: Block) -> None:
+        data = block.data
+        kind = data.get("type")
+        if kind == records.ROUND_OPENED:
+            self.open_round = int(data["round"])
+        elif kind == records.MODEL_PUBLISHED and data.get("initial"):
+            task = data.get("task")
+            if isinstance(task, dict) and task.get("task"):
+                self.task = str(task["task"])
+        elif kind == records.UPDATE_REJECTED:
+            key = self.open_round if self.open_round is not None else 0
+            self.rejected.setdefault(key, Counter())[str(data.get("reason"))] += 1
+        elif kind == records.AGGREGATE:
+            result = RoundResult.of(block)
+            self.results[result.round] = result
+
+    def rejected_in(self, round_number: int | None) -> Counter[str]:
+        """Rejections recorded while ``round_number`` was the open round, by reason."""
+        return Counter(self.rejected.get(round_number, {})) if round_number is not None else Counter()
+
+    def rejected_unaggregated(self) -> Counter[str]:
+        """Rejections recorded while no aggregated round was open (the open round's, and any before
+        the first round opened), by reason."""
+        total: Counter[str] = Counter()
+        for round_number, counts in self.rejected.items():
+            if round_number not in self.results:
+                total.update(counts)
+        return total
+
+
+@dataclass(frozen=True)
 class Registration:
     """A device's current data set as the ledger records it."""
 
@@ -99,6 +171,7 @@ class FleetState:
         self.rejections_this_round: Counter[str] = Counter()
         self.registrations_this_round: Counter[tuple[str, str]] = Counter()
         self.accounts = credits.Accounts()  # pay-per-prediction balances (federation/credits.py)
+        self.history = RunHistory()  # task, open round, aggregated rounds' results, rejections per round
 
     @classmethod
     def of(cls, blocks: Iterable[Block]) -> FleetState:
@@ -309,6 +382,7 @@ class FleetState:
         data = block.data
         kind = data["type"]
         self.height = block.index + 1
+        self.history.apply(block)
         if block.index == 0:
             self.fleet = str(data.get("fleet", ""))
             self.genesis_hash = block.hash

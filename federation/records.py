@@ -18,8 +18,8 @@ from ledger.genesis import GENESIS, genesis
 from ledger.keys import key_id_of
 
 __all__ = ["AGGREGATE", "DATASET", "DEVICE_KEY", "DEVICE_KEY_REVOKED", "GENESIS", "MODEL_PUBLISHED", "ROUND_OPENED",
-           "STATEMENT_FIELDS", "UPDATE", "UPDATE_REJECTED", "aggregate", "dataset", "decode_statement", "device_key",
-           "device_key_revoked", "genesis", "model_published", "round_opened", "statement", "update",
+           "STATEMENT_FIELDS", "UPDATE", "UPDATE_REJECTED", "aggregate", "dataset", "decode_statement", "describe",
+           "device_key", "device_key_revoked", "genesis", "model_published", "round_opened", "statement", "update",
            "update_leaf", "update_rejected"]
 DEVICE_KEY = "device.key"
 DEVICE_KEY_REVOKED = "device.key_revoked"
@@ -88,6 +88,31 @@ def aggregate(round: int, participants: list[str], model_sha256: bytes, strategy
     return {**extra, "type": AGGREGATE, "round": int(round), "participants": list(participants),
             "model_sha256": bytes(model_sha256), "strategy": strategy, "metrics": metrics,
             "merkle_root": bytes(merkle_root)}
+
+
+def describe(data: dict[str, Any]) -> str:
+    """One line saying what a record records (the dashboard's list of recent blocks)."""
+    kind = data.get("type")
+    device = data.get("device")
+    if kind == UPDATE:
+        return f"{device}: update for round {data.get('round')} ({data.get('num_samples')} samples)"
+    if kind == UPDATE_REJECTED:
+        return f"{device}: update rejected ({data.get('reason')})"
+    if kind == AGGREGATE:
+        return f"round {data.get('round')} aggregated from {len(data.get('participants') or ())} devices"
+    if kind == ROUND_OPENED:
+        return f"round {data.get('round')} opened"
+    if kind == MODEL_PUBLISHED:
+        return f"model for round {data.get('round')} published" + (" (initial)" if data.get("initial") else "")
+    if kind == DATASET:
+        return f"{device}: data set registered ({data.get('size')} bytes)"
+    if kind == DEVICE_KEY:
+        return f"{device}: key {data.get('key_id')} registered"
+    if kind == DEVICE_KEY_REVOKED:
+        return f"{device}: key {data.get('key_id')} revoked"
+    if kind == GENESIS:
+        return f"fleet {data.get('fleet')} founded"
+    return str(kind)
 
 
 def staleness_weight(staleness: int) -> float:

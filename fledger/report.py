@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federation import records
 from federation.config import ConfigError
 from federation.fleet_state import FleetLedger
 
@@ -68,33 +67,13 @@ class RunSummary:
 
 
 def summarize_ledger(ledger: FleetLedger) -> RunSummary:
-    """Rounds, participation, metrics and recorded rejections, read from the blocks."""
-    task: str | None = None
-    rounds: list[RoundRow] = []
-    rejected: dict[int, Counter[str]] = {}
-    open_round = 0
-    for block in ledger:
-        data = block.data
-        kind = data.get("type")
-        if kind == records.ROUND_OPENED:
-            open_round = int(data["round"])
-        elif kind == records.MODEL_PUBLISHED and data.get("initial") and isinstance(data.get("task"), dict):
-            task = data["task"].get("task")
-        elif kind == records.UPDATE_REJECTED:
-            # Counted in the round open when it was recorded: a device may claim any round number.
-            rejected.setdefault(open_round, Counter())[str(data.get("reason"))] += 1
-        elif kind == records.AGGREGATE:
-            metrics = data.get("metrics") or {}
-            rounds.append(RoundRow(
-                int(data["round"]), list(data.get("participants") or []), int(data.get("num_samples") or 0),
-                {str(k): (float(v) if isinstance(v, (int, float)) else None) for k, v in metrics.items()},
-                bytes(data["model_sha256"]), block.index))
-    for row in rounds:
-        row.rejected = rejected.pop(row.round, Counter())
-    still_open: Counter[str] = Counter()
-    for counts in rejected.values():
-        still_open.update(counts)
-    return RunSummary(ledger.fleet, task, ledger.height, ledger.head.hash.hex(), rounds, still_open)
+    """Rounds, participation, metrics and recorded rejections, as the fleet's fold of the chain reads them."""
+    history = ledger.state.history
+    rounds = [RoundRow(r.round, list(r.participants), r.num_samples or 0, dict(r.metrics), r.model_sha256, r.block,
+                       history.rejected_in(r.round))
+              for r in history.results.values()]
+    return RunSummary(ledger.fleet, history.task, ledger.height, ledger.head.hash.hex(), rounds,
+                      history.rejected_unaggregated())
 
 
 def verified_model(models: Path, row: RoundRow) -> Any:

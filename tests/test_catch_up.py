@@ -18,7 +18,8 @@ from coordinator.catch_up import MAX_REQUEST_BYTES, CatchUp, CatchUpLimits, Flee
 from federation.catch_up import CatchUpSchedule, request_body
 from federation.topics import Topics
 from fledger import keytool
-from tests.conftest import Mosquitto, running
+from fledger.broker import free_port
+from tests.conftest import BrokerInfo, Mosquitto, running
 from tests.federation_run import Federation
 from tests.test_reliability import check_final_ledger, finish, ledger_records, log_text, wait_for
 
@@ -97,6 +98,18 @@ def test_the_byte_budget_is_shared_by_all_requesters() -> None:
     assert server.serve("dev-2", b"{}", fleet(acks), sent)
     assert not server.serve("dev-3", b"{}", fleet(acks), sent)
     assert server.refused == {"byte_budget": 1} and acks == ["dev-1", "dev-2"]
+
+
+def test_every_answer_is_counted_for_the_metrics() -> None:
+    clock, sent, acks, heard = Clock(), Sent(), [], []
+    server = CatchUp(TOPICS, CatchUpLimits(window_requests=1), clock, counted=heard.append)
+    assert server.serve("dev-1", b"{}", fleet(acks), sent)
+    assert not server.serve("dev-1", b"{}", fleet(acks), sent)
+    assert not server.serve("dev-2", b"{}", fleet(acks), sent)
+    assert not server.serve("dev-3", b"[", fleet(acks), sent)
+    assert heard == ["served", "too_often", "busy", "malformed"]
+    with pytest.raises(ValueError, match="catch_up_window_requests must be > 0"):
+        CatchUpLimits(window_requests=0).check()
 
 
 @pytest.mark.parametrize("payload", [b"[1]", b"{not json", b'{"have": "abc"}', b'{"have": 7}',
@@ -186,3 +199,41 @@ def test_agents_get_the_model_by_asking_when_the_broker_hands_them_no_retained_o
     check_final_ledger(fed, 2)
     for device in fed.devices:
         assert "asked the coordinator to catch us up (no model yet)" in log_text(fed, device)
+
+
+def test_a_limit_set_by_flag_is_enforced_and_the_refusal_is_a_metric(embedded_broker: BrokerInfo,
+                                                                     tmp_path: Path) -> None:
+    """`--catch-up-window-requests 1` on a real coordinator and broker: of two monitors asking at
+    once, the first gets the status and ledger head, the second nothing (the default allows 2,000),
+    and Prometheus counts one served and one refused as `busy`."""
+    from tests.test_observability import scrape, value
+
+    metrics_port = free_port()
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=0,
+                     extra_coordinator=["--metrics-port", str(metrics_port), "--catch-up-window-requests", "1"])
+    topics = Topics(fed.fleet)
+    received: list[str] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="catch-up-asker")
+    client.on_message = lambda _c, _u, message: received.append(message.topic)
+    client.connect(embedded_broker.host, embedded_broker.port)
+    client.loop_start()
+    try:
+        for topic in (topics.status, topics.catch_up_replies("monitor-a"), topics.catch_up_replies("monitor-b")):
+            client.subscribe(topic, qos=1)
+        fed.start_coordinator()
+        # Its retained status: it is connected and subscribed to the catch-up requests.
+        wait_for("the coordinator's status", lambda: topics.status in received, 120, fed)
+        for asker in ("monitor-a", "monitor-b"):
+            client.publish(topics.catch_up(asker), b"{}", qos=1).wait_for_publish(10)
+        refused = "fledger_coordinator_catch_up_refused_total"
+        wait_for("one refusal counted", lambda: value(scrape(metrics_port), refused, reason="busy") == 1, 60, fed)
+        samples = scrape(metrics_port)
+        assert value(samples, "fledger_coordinator_catch_up_served_total") == 1
+        wait_for("the first monitor's answer", lambda: topics.catch_up_reply("monitor-a", "head") in received, 30, fed)
+        assert topics.catch_up_reply("monitor-a", "status") in received
+        assert not [t for t in received if t.startswith(topics.catch_up("monitor-b"))]
+        assert "catch-up request from monitor-b refused: busy" in log_text(fed, "coordinator")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        fed.stop()

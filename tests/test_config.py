@@ -139,3 +139,17 @@ def test_async_mode_from_toml_and_flags(tmp_path: Path) -> None:
     assert (policy.min_clients, policy.quorum) == (3, 3)  # the buffer size, not min_clients
     with pytest.raises(ValueError, match="mode must be one of rounds, async"):
         round_policy(dataclasses.replace(config, mode="fedbuff"))
+
+
+def test_catch_up_limits_from_toml_and_flags_and_a_non_positive_one_is_refused(tmp_path: Path) -> None:
+    from coordinator.daemon import catch_up_limits
+
+    toml = tmp_path / "fledger.toml"
+    toml.write_text('[coordinator]\ncatch_up_interval = 2.5\ncatch_up_window_bytes = 1048576\n')
+    config = cfg.load(CoordinatorConfig, parse(CoordinatorConfig, ["--catch-up-window-requests", "7"]),
+                      section="coordinator", config_file=toml, environ={})
+    limits = catch_up_limits(config)
+    assert (limits.interval_s, limits.window_requests, limits.window_bytes) == (2.5, 7, 1 << 20)
+    for name, bad in (("catch_up_interval", 0.0), ("catch_up_window_requests", -1), ("catch_up_window_bytes", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be > 0"):
+            catch_up_limits(dataclasses.replace(config, **{name: bad}))

@@ -62,6 +62,12 @@ def test_the_fold_is_what_the_chain_says(tmp_path: Path) -> None:
     assert b"c".ljust(16, b".") in state.accepted_msg_ids
     # the per-round caps count from the newest round.opened
     assert not state.rejections_this_round and not state.registrations_this_round
+    # the run as reports and dashboards read it: results of aggregated rounds, rejections by open round
+    history = state.history
+    assert list(history.results) == [1] and history.results[1].participants == ["d1", "d2"]
+    assert history.results[1].model_sha256 == b"\x01" * 32 and history.results[1].block == ledger.height - 4
+    assert history.open_round == 2 and history.rejected == {1: {"bad_tensors": 1}}
+    assert not history.rejected_unaggregated()
     # a fold read back from the file equals the one kept on append
     again = FleetState.of(FleetLedger.open(tmp_path / "l"))
     assert again.rounds == state.rounds and again.datasets == state.datasets and again.model_round == 2

@@ -65,6 +65,8 @@ def test_each_operator_error_is_one_line_and_an_exit_code(tmp_path: Path) -> Non
         "devices typo": (coordinator("--devices", str(keys / "devces.json")), exit_codes.USAGE, "devces.json"),
         "port out of range": (coordinator("--broker-port", "99999"), exit_codes.USAGE, "99999"),
         "negative model retention": (coordinator("--keep-models", "-1"), exit_codes.USAGE, "keep_models"),
+        "catch-up limit not positive": (coordinator("--catch-up-window-requests", "0"), exit_codes.USAGE,
+                                        "catch_up_window_requests must be > 0"),
         "max payload too small": (coordinator("--max-payload", "100"), exit_codes.USAGE, "max_payload 100"),
         "corrupt model for predict": (cli("predict", "--model", str(tmp_path / "model.safetensors"), "--data",
                                           str(tmp_path / "ragged.csv")), exit_codes.USAGE, "model.safetensors"),
