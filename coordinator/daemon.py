@@ -55,9 +55,10 @@ log = logging.getLogger(__name__)
 
 
 def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
+    """The replay bounds, checked (ValueError: each must be > 0) before anything is opened."""
     return ReplayLimits(interval_s=config.replay_interval, max_blocks=config.replay_batch,
                         max_bytes=config.replay_bytes, requester_window_bytes=config.replay_requester_window_bytes,
-                        window_bytes=config.replay_window_bytes)
+                        window_bytes=config.replay_window_bytes).check()
 
 
 def catch_up_limits(config: CoordinatorConfig) -> CatchUpLimits:
@@ -180,6 +181,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
     round_policy(config)
     strategy_params(config)
     catch_up_limits(config)
+    replay_limits(config)
     if config.evaluate and config.task not in CENTRAL_TEST_SETS:
         raise ConfigError(f"--evaluate: the coordinator has no test set for task {config.task} (its data is on the "
                           "devices); leave --evaluate off and watch the devices' clients_* metrics instead")
@@ -237,7 +239,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
                                    topics.catch_up_requests, *prediction_subscriptions(topics)],
                     chunk_record=ChunkRecord(state_dir / "retained_chunks.json"))
-    replay = ReplayLimiter(replay_limits(config), clock=time.monotonic)
+    replay = ReplayLimiter(replay_limits(config), clock=time.monotonic, counted=observatory.replay_answered)
     catch_up = CatchUp(topics, catch_up_limits(config), clock=time.monotonic, counted=observatory.catch_up_answered)
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:

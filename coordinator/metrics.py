@@ -2,7 +2,8 @@
 
 They are fed from what the coordinator already produces, never by the checking code itself:
 the outcome of each message (counted where the daemon dispatches it), the answer to each
-catch-up request (coordinator/catch_up.py), the ledger blocks it appends and the signed status
+catch-up request (coordinator/catch_up.py) and ledger replay request (coordinator/replay.py), the
+ledger blocks it appends and the signed status
 it publishes (both seen as they are published). So a counter
 here cannot disagree with the ledger: every "accepted" outcome is one ``update`` block.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator import replay
 from coordinator.catch_up import SERVED
 from federation import records
 from federation.fleet_state import RoundResult
@@ -69,6 +71,13 @@ class CoordinatorMetrics:
             "fledger_coordinator_catch_up_refused", "catch-up requests refused, by reason (malformed, too_often, "
             "busy, previous_reply_in_flight, byte_budget)", ["reason"], registry=registry)
 
+        self.replay_served = client.Counter(
+            "fledger_coordinator_replay_served", "ledger replay requests answered (coordinator/replay.py)",
+            registry=registry)
+        self.replay_refused = client.Counter(
+            "fledger_coordinator_replay_refused", "ledger replay requests refused, by reason (malformed, too_often, "
+            "previous_replay_in_flight, byte_budget)", ["reason"], registry=registry)
+
     def outcome(self, kind: str, accepted: bool, reason: str, seconds: float | None) -> None:
         """One message handled: ``kind`` is "update" or "registration"."""
         if kind == "registration":
@@ -104,6 +113,13 @@ class CoordinatorMetrics:
             self.catch_up_served.inc()
         else:
             self.catch_up_refused.labels(reason=result).inc()
+
+    def replay(self, result: str) -> None:
+        """A ledger replay request: ``"served"``, or refused with this reason."""
+        if result == replay.SERVED:
+            self.replay_served.inc()
+        else:
+            self.replay_refused.labels(reason=result).inc()
 
     def status(self, body: dict[str, Any]) -> None:
         """The fleet status the coordinator just signed and published."""

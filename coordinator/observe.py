@@ -90,6 +90,11 @@ class Observatory:
         if self.metrics is not None:
             self.metrics.catch_up(result)
 
+    def replay_answered(self, result: str) -> None:
+        """A ledger replay request served (``"served"``) or refused (the reason): coordinator/replay.py."""
+        if self.metrics is not None:
+            self.metrics.replay(result)
+
     def _block(self, block: Block, *, replayed: bool) -> None:
         if self.metrics is not None:
             self.metrics.block(block, replayed=replayed)

@@ -27,16 +27,31 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256
+SERVED = "served"  # what ``counted`` hears of a served request; else the refusal's reason
+REFUSALS = ("malformed", "too_often", "previous_replay_in_flight", "byte_budget")
 
 
 @dataclass(frozen=True)
 class ReplayLimits:
+    """Defaults of the coordinator's ``replay_*`` settings (coordinator/config.py)."""
+
     interval_s: float = 2.0
     max_blocks: int = 10_000
     max_bytes: int = 1 << 20
     window_s: float = 10.0
     requester_window_bytes: int = 4 << 20
     window_bytes: int = 16 << 20
+
+    def check(self) -> ReplayLimits:
+        """Itself, or ValueError naming the setting that is not positive (0 would refuse or
+        starve every monitor: a bound, not a way to turn replays off)."""
+        for name, value in (("replay_interval", self.interval_s), ("replay_batch", self.max_blocks),
+                            ("replay_bytes", self.max_bytes), ("replay window", self.window_s),
+                            ("replay_requester_window_bytes", self.requester_window_bytes),
+                            ("replay_window_bytes", self.window_bytes)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value}")
+        return self
 
 
 def parse_request(payload: bytes) -> int | None:
@@ -56,6 +71,7 @@ class ReplayLimiter:
     limits: ReplayLimits = field(default_factory=ReplayLimits)
     clock: Callable[[], float] = time.monotonic
     refused: Counter[str] = field(default_factory=Counter)  # reason -> requests dropped
+    counted: Callable[[str], None] = field(default=lambda result: None)  # SERVED or the refusal's reason (metrics)
     _last_served: dict[str, float] = field(default_factory=dict)
     _window_start: float = float("-inf")
     _window_used: Counter[str] = field(default_factory=Counter)  # requester -> bytes this window
@@ -91,6 +107,7 @@ class ReplayLimiter:
             return self._refuse(requester, "byte_budget")
         self._last_served[requester] = now
         self._window_used[requester] += size
+        self.counted(SERVED)
         return chosen
 
     def sent(self, delivered: Callable[[], bool]) -> None:
@@ -99,6 +116,7 @@ class ReplayLimiter:
 
     def _refuse(self, requester: str, reason: str) -> list[bytes]:
         self.refused[reason] += 1
+        self.counted(reason)
         if (requester, reason) not in self._warned:  # once per requester, reason and window: no log flood
             self._warned.add((requester, reason))
             log.warning("ledger replay request from %s refused: %s (%d %s refusals so far; more this window "

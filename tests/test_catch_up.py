@@ -233,6 +233,13 @@ def test_a_limit_set_by_flag_is_enforced_and_the_refusal_is_a_metric(embedded_br
         assert topics.catch_up_reply("monitor-a", "status") in received
         assert not [t for t in received if t.startswith(topics.catch_up("monitor-b"))]
         assert "catch-up request from monitor-b refused: busy" in log_text(fed, "coordinator")
+        # Ledger replays are counted the same way: of two requests at once, the second is too soon.
+        for _ in range(2):
+            client.publish(topics.ledger_replay("monitor"), b'{"from": 0}', qos=1).wait_for_publish(10)
+        wait_for("the replay refusal counted",
+                 lambda: value(scrape(metrics_port), "fledger_coordinator_replay_refused_total",
+                               reason="too_often") == 1, 60, fed)
+        assert value(scrape(metrics_port), "fledger_coordinator_replay_served_total") == 1
     finally:
         client.loop_stop()
         client.disconnect()

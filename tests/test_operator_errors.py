@@ -68,6 +68,7 @@ def test_each_operator_error_is_one_line_and_an_exit_code(tmp_path: Path) -> Non
         "catch-up limit not positive": (coordinator("--catch-up-window-requests", "0"), exit_codes.USAGE,
                                         "catch_up_window_requests must be > 0"),
         "max payload too small": (coordinator("--max-payload", "100"), exit_codes.USAGE, "max_payload 100"),
+        "replay bytes zero": (coordinator("--replay-bytes", "0"), exit_codes.USAGE, "replay_bytes"),
         "corrupt model for predict": (cli("predict", "--model", str(tmp_path / "model.safetensors"), "--data",
                                           str(tmp_path / "ragged.csv")), exit_codes.USAGE, "model.safetensors"),
     }

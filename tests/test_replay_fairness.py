@@ -7,6 +7,7 @@ an honest `fledger ledger follow` that must still catch up."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -14,11 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from federation_run import Federation
 from manual_clock import ManualClock
 from test_ledger_cli import _height_once
 
-from coordinator.replay import ReplayLimiter, ReplayLimits, parse_request
+from coordinator.replay import REFUSALS, SERVED, ReplayLimiter, ReplayLimits, parse_request
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from fledger import keytool
@@ -56,6 +58,21 @@ def test_each_requester_is_limited_on_its_own() -> None:
     clock.t += 2.0
     assert len(limiter.request("flooder", b'{"from": 0}', blocks)) == 10
     assert limiter.request("flooder", b'{"from": 1e9}', blocks) == [] and limiter.refused["malformed"] == 1
+
+
+def test_every_answer_is_counted_and_a_non_positive_limit_is_refused() -> None:
+    heard: list[str] = []
+    limiter = ReplayLimiter(ReplayLimits(), clock=ManualClock(100.0), counted=heard.append)
+    blocks = blocks_of(chain(3))
+    limiter.request("monitor", b'{"from": 0}', blocks)
+    limiter.request("monitor", b'{"from": 0}', blocks)
+    limiter.request("other", b"junk", blocks)
+    assert heard == [SERVED, "too_often", "malformed"]
+    assert set(heard) - {SERVED} <= set(REFUSALS)
+    ReplayLimits().check()
+    for name in ("interval_s", "max_blocks", "max_bytes", "requester_window_bytes", "window_bytes"):
+        with pytest.raises(ValueError, match="must be > 0"):
+            dataclasses.replace(ReplayLimits(), **{name: 0}).check()
 
 
 def test_byte_budgets_per_requester_and_per_window_bound_the_amplification() -> None:
