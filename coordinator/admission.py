@@ -9,6 +9,7 @@ message ids, the per-round record caps) comes from the fold, :class:`FleetState`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -109,7 +110,10 @@ class Admission:
                 device=header.device, round_number=header.round, msg_id=header.msg_id,
                 seen=state.accepted_msg_ids) is not None:
             return Opened(payload, parsed, public_key, signature)
-        return Opened(payload, parsed, public_key, signature, spec, self._open(parsed, spec))
+        weights = self._open(parsed, spec)
+        if not isinstance(weights, Exception):  # its copy of the ciphertext is no longer needed
+            parsed = dataclasses.replace(parsed, ciphertext=b"")
+        return Opened(payload, parsed, public_key, signature, spec, weights)
 
     def update(self, topic: str, payload: bytes, *, registry: DeviceRegistry, round: RoundState,
                state: FleetState, spec: TensorSpec, done: bool, opened: Opened | None = None) -> UpdateVerdict:
@@ -165,8 +169,13 @@ class Admission:
         registered = state.datasets.get(header.device)
         if registered is None or registered.sha256 != header.dataset_sha256:
             return rejected("dataset_not_registered", "the update names a data set this device has not registered")
-        weights = opened.weights if verified and opened is not None and opened.spec is spec \
-            and opened.weights is not None else self._open(sealed, spec)
+        if verified and opened is not None and opened.spec is spec and opened.weights is not None:
+            weights = opened.weights
+        else:  # (from the payload again if the copy opened ahead dropped its ciphertext)
+            full = sealed if sealed.ciphertext or opened is None else self._parse(payload)
+            weights = self._open(full, spec) if isinstance(full, SealedUpdate) else full
+        if isinstance(weights, dict):  # accepted below
+            sealed = dataclasses.replace(sealed, ciphertext=b"")  # the verdict keeps the header, not the bytes
         if isinstance(weights, EnvelopeError):
             return rejected(weights.reason, weights.detail)
         if isinstance(weights, CodecError):

@@ -299,6 +299,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
             if ahead is not None:  # taken from the inbox behind a batch and opened: handled now, in order
                 updates, ahead = ahead, None
                 message = updates[0]
+                link.hold(updates, held=False)
             elif pending is not None:  # taken from the inbox behind a batch: handled now, in order
                 message, pending = pending, None
             else:
@@ -328,7 +329,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                         coordinator.intake.open_ahead([(m.topic, m.payload) for m in updates])
                     if pending is None:
                         ahead, pending = take_ahead(link.inbox, topics)
-                        if ahead is not None:
+                        if ahead is not None:  # still counted in the inbox's budget (memory)
+                            link.hold(ahead)
                             coordinator.intake.open_ahead([(m.topic, m.payload) for m in ahead])
                     outcomes = coordinator.handle_updates([(m.topic, m.payload) for m in updates])
                     for update, update_outcome in zip(updates, outcomes, strict=True):
