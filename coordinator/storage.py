@@ -180,6 +180,19 @@ def read_model_file(path: Path) -> TensorDict:
         raise ModelFileError(f"{path} is not a model file saved by fledger (damaged?): {exc}") from None
 
 
+def _write_segment(segment: tuple[Path, list[tuple[str, bytes]]]) -> dict[str, tuple[Path, int, int]]:
+    """Write one spool segment (on a storage thread: the entries are packed there too); returns
+    where each envelope is in it."""
+    path, envelopes = segment
+    entries = [msgpack.packb([device, data], use_bin_type=True) for device, data in envelopes]
+    where, offset = {}, 0
+    for (device, data), entry in zip(envelopes, entries, strict=True):
+        offset += len(entry)
+        where[device] = (path, offset - len(data), len(data))  # the envelope ends its entry
+    write_synced(path, *entries)
+    return where
+
+
 class ModelFileError(ValueError):
     """A model file that cannot be read back (truncated, damaged, not a fledger model)."""
 
@@ -216,19 +229,17 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
             index = self._round_index(round_number)
             number = self._next_segment.get(round_number, 0)
-            segments: list[tuple[Path, list[bytes]]] = []
+            segments: list[tuple[Path, list[tuple[str, bytes]]]] = []
             size = SEGMENT_BYTES
             for device, data in envelopes:
-                entry = msgpack.packb([device, data], use_bin_type=True)  # the envelope ends the entry
-                if size + len(entry) > SEGMENT_BYTES and size > 0:
+                if size + len(data) > SEGMENT_BYTES and size > 0:
                     segments.append((directory / f"batch-{number:012d}-{len(segments):04d}.spool", []))
                     size = 0
-                path, parts = segments[-1]
-                size += len(entry)
-                index[device] = (path, size - len(data), len(data))
-                parts.append(entry)
+                segments[-1][1].append((device, data))
+                size += len(data)
             self._next_segment[round_number] = number + 1
-            list(self.threads.pool().map(lambda segment: write_synced(segment[0], *segment[1]), segments))
+            for written in self.threads.pool().map(_write_segment, segments):
+                index.update(written)
             sync_directory(directory)
         except OSError as exc:
             self._index.pop(round_number, None)  # read again from what is on disk
