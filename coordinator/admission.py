@@ -47,6 +47,7 @@ class UpdateVerdict:
     sealed: SealedUpdate | None = None
     record: bool = False
     weights: TensorDict | None = None  # the delta, decoded and checked against the model, when accepted
+    public_key: bytes | None = None  # the key its signature was verified with, when accepted
 
     @property
     def accepted(self) -> bool:
@@ -180,7 +181,8 @@ class Admission:
             return rejected(weights.reason, weights.detail)
         if isinstance(weights, CodecError):
             return rejected("bad_tensors", str(weights))
-        return UpdateVerdict("accepted", "", header.device, header.round, sealed, weights=weights)
+        return UpdateVerdict("accepted", "", header.device, header.round, sealed, weights=weights,
+                             public_key=public_key)
 
     def _parse(self, payload: bytes) -> SealedUpdate | EnvelopeError:
         try:

@@ -213,6 +213,9 @@ class UpdateIntake:
                 staleness = {"version": c.round.number, "staleness": lag, "weight": records.staleness_weight(lag)}
                 weights = scaled(weights, staleness["weight"])
             plans.append((verdict, payload, weights, staleness))
+        for verdict, _, _, _ in plans:  # verified by admission: the ledger's check need not repeat it
+            if verdict.sealed is not None and verdict.public_key is not None:
+                c.writer.ledger.vouch(verdict.public_key, verdict.sealed.header_bytes, verdict.sealed.signature)
         blocks = c.writer.accept_updates(c.round.number, [
             (v.sealed.header.device, payload, v.sealed.header_bytes, v.sealed.signature, staleness)
             for v, payload, _, staleness in plans if v.sealed is not None])
