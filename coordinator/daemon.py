@@ -47,6 +47,7 @@ from federation.fleet_state import FleetLedger
 from federation.keys import CoordinatorKeys, DeviceBundle, DeviceRegistry
 from federation.model_init import initial_weights, task_layers
 from federation.mqtt import LIVENESS_PERIODS, BrokerConfig, Message, MqttLink, take_following
+from federation.outbox import Outbox
 from federation.systemd import Notifier
 from federation.topics import Topics
 from ledger import Ed25519Signer, LedgerCorrupt
@@ -71,6 +72,8 @@ def round_policy(config: CoordinatorConfig) -> RoundPolicy:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r}")
     if config.buffer < 0 or config.max_staleness < 0:
         raise ValueError("buffer and max_staleness must be >= 0")
+    if config.keep_models < 0:
+        raise ValueError(f"keep_models must be >= 0 (0: keep every model file), not {config.keep_models}")
     size = config.buffer if config.mode == "async" and config.buffer else config.min_clients
     return RoundPolicy(size, min(config.quorum, size), config.round_deadline, config.deadline_factor,
                        config.round_deadline_max)
@@ -261,9 +264,9 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
 
     def send_upstream(change: dict[str, Any], samples: int, metrics: dict[str, float]) -> None:
         assert upstream is not None
-        # Registered (again, if its devices changed) right before the update, on the same link.
-        upstream.register(coordinator.datasets, time.monotonic())
-        upstream.send(change, samples, metrics, time.monotonic())
+        # With the data set its devices have registered now (registered upstream with the update,
+        # if changed): once per upstream round however often they change (docs/protocol.md).
+        upstream.send(change, samples, metrics, coordinator.datasets, time.monotonic())
 
     coordinator = build_coordinator(
         config, publish, ledger=ledger, publisher=publisher,
@@ -275,16 +278,15 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     except StorageError as exc:  # a missing or damaged model or spool file the ledger names
         link.stop()
         raise StateRefused(str(exc)) from None
-    if upstream is not None and upstream.base is not None and \
-            deltas.model_sha256(coordinator.global_model) != upstream.base.model_sha256:
-        # A restart between our update and the upstream's next model: our deltas must be against
-        # the upstream's model, so the next round trains from it.
-        _adopt(coordinator, upstream, upstream.base, replace_open_round=True)
+    if upstream is not None:
+        _resume_upstream(coordinator, upstream)
     notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
     clients_file = RegistryFile(config.clients)
 
-    def publish_reply(topic: str, payload: bytes) -> None:
-        link.publish(topic, payload, chunked=True)  # a large reply (many rows) is chunked like a model
+    def publish_reply(topic: str, payload: bytes, correlation: bytes | None = None) -> None:
+        # A large reply (many rows) is chunked like a model; over MQTT 5 it echoes the request's
+        # Correlation Data (docs/predictions.md).
+        link.publish(topic, payload, chunked=True, correlation=correlation)
 
     predictions = build_prediction_service(config, coordinator, publish_reply)
     connects = link.connect_count
@@ -317,7 +319,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     coordinator.publish_acks()
                 if message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
                     batch, pending = take_batch(message, link.inbox, topics)
-                    predictions.handle_batch([(m.topic, m.payload) for m in batch])
+                    predictions.handle_batch(batch)
                 elif updates is not None or (message is not None and _is_update(topics, message.topic)
                                              and not coordinator.halted):
                     # The updates already waiting, checked one by one, made durable together
@@ -419,7 +421,8 @@ def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[M
                                  topic_prefix=config.topic_prefix, max_payload=config.max_payload)
     upstream_topics = Topics(bundle.fleet, config.topic_prefix)
     link = MqttLink(broker, f"fledger-gateway-{config.fleet}-{bundle.device_id}", subscriptions=[])
-    upstream = Upstream(bundle, upstream_topics, lambda topic, payload: link.publish(topic, payload, qos=1))
+    upstream = Upstream(bundle, upstream_topics, lambda topic, payload: link.publish(topic, payload, qos=1),
+                        Outbox(Path(config.state_dir) / "upstream-outbox"))
     link.subscriptions = upstream.subscriptions
     if not link.start(timeout=60, stop=stop):
         return None, None
@@ -446,9 +449,7 @@ def _serve_upstream(coordinator: Coordinator, upstream: Upstream, link: MqttLink
         except queue.Empty:
             break
         upstream.on_message(message.topic, message.payload)
-    if upstream.pending is not None:
-        upstream.register(coordinator.datasets, now)  # until acknowledged
-    upstream.resend(now)
+    upstream.resend(now)  # the outbox, until the upstream answers
     newer = upstream.newer_model()
     if newer is not None and coordinator.awaiting_upstream:
         _adopt(coordinator, upstream, newer[0])
@@ -461,7 +462,26 @@ def _adopt(coordinator: Coordinator, upstream: Upstream, header: envelope.ModelH
                                                             "block_hash": header.block_hash,
                                                             "model_sha256": header.model_sha256},
                                         replace_open_round=replace_open_round):
-        upstream.base = header
+        upstream.adopted(header)
+
+
+def _resume_upstream(coordinator: Coordinator, upstream: Upstream) -> None:
+    """After a start: go on where the gateway stopped towards its upstream."""
+    assert upstream.model is not None
+    if coordinator.awaiting_upstream:
+        # Stopped after our round's aggregate: the update sent upstream is in the outbox and goes
+        # again (the same bytes: counted once) until a newer upstream model answers it.
+        if upstream.restore() is None:
+            # Stopped between the aggregate and the outbox: nothing went upstream. The round's
+            # work is lost; the next round trains from the upstream's newest model.
+            log.warning("gateway: our last round's aggregate was not sent upstream before the stop; the next round "
+                        "trains from the upstream's model of its round %d", upstream.model[0].round)
+            _adopt(coordinator, upstream, upstream.model[0])
+    elif upstream.base is not None and deltas.model_sha256(coordinator.global_model) != upstream.base.model_sha256:
+        # Our open round trains from another model than the upstream's newest (it moved on while
+        # we were stopped): our deltas must be against the upstream's model, so the next round
+        # trains from it.
+        _adopt(coordinator, upstream, upstream.base, replace_open_round=True)
 
 
 def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:

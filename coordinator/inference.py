@@ -8,6 +8,7 @@ data, a CSV task's come from an agent's scaler.json), class probabilities for MN
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ class Predictor:
     global model changes (keyed by its hash)."""
 
     output = "values"
+    scaler_sha256: bytes | None = None  # what maps inputs and outputs to the data's units, if anything
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -64,6 +66,7 @@ class RegressionPredictor(Predictor):
         super().__init__(task)
         self.features, self.target = features, target
         self.n_features = int(features.mean.shape[0])
+        self.scaler_sha256 = scaler_digest(features, target)
 
     def check(self, x: np.ndarray) -> None:
         if x.ndim != 2 or x.shape[1] != self.n_features:
@@ -104,6 +107,15 @@ class ClassificationPredictor(Predictor):
         import torch
 
         return torch.softmax(out, dim=1).numpy()
+
+
+def scaler_digest(features: Standardizer, target: Standardizer) -> bytes:
+    """SHA-256 of the standardisers (canonical JSON of scaler.json's ``features`` and ``target``):
+    receipts and replies name it beside the model's hash, so an answer in original units says
+    which scaler produced them."""
+    canonical = json.dumps({"features": features.to_dict(), "target": target.to_dict()}, sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).digest()
 
 
 def load_scaler(path: Path) -> tuple[Standardizer, Standardizer]:

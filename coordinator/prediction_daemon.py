@@ -87,4 +87,4 @@ def build_prediction_service(config: CoordinatorConfig, coordinator: Coordinator
     return PredictionService(prediction_settings(config), coordinator.keys, DeviceRegistry.load(config.clients),
                              writer.state.accounts, append=append, model=current_model, predictor=predictor,
                              publish=publish, topics=topics, group_commit=writer.group_commit,
-                             announce=writer.announce)
+                             announce=writer.announce, block=coordinator.ledger.block)

@@ -29,7 +29,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator.inference import InputError, Predictor
 from federation import credits
@@ -41,9 +41,26 @@ from federation.topics import Topics
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes], None]
+# publish(topic, payload) and, for an answer to an MQTT 5 request that carried Correlation Data,
+# publish(topic, payload, correlation): the daemon sets it as the reply's Correlation Data.
+Publish = Callable[..., None]
+MAX_CORRELATION_BYTES = 256  # longer Correlation Data is not echoed (the signed request id still matches)
 Append = Callable[[dict[str, Any]], Any]  # appends a record (durably, unless in a group commit), returns the block
 GroupCommit = Callable[[], AbstractContextManager[Any]]
+
+
+class Delivery(Protocol):
+    """A received request or order (federation.mqtt.Message is one): its topic and payload, and
+    over MQTT 5 the Response Topic and Correlation Data the sender set (else None)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def response_topic(self) -> str | None: ...
+    @property
+    def correlation(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,8 @@ class PredictionService:
                  accounts: credits.Accounts, *, append: Append, model: Callable[[], CurrentModel],
                  predictor: Predictor | None, publish: Publish, topics: Topics,
                  now: Callable[[], float] = time.time, group_commit: GroupCommit = contextlib.nullcontext,
-                 announce: Callable[[Sequence[Any]], None] = lambda blocks: None) -> None:
+                 announce: Callable[[Sequence[Any]], None] = lambda blocks: None,
+                 block: Callable[[int], Any] | None = None) -> None:
         self.settings = settings
         self.keys = keys
         self.clients = clients
@@ -104,14 +122,40 @@ class PredictionService:
         self._replies: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
         self._group_commit = group_commit
         self._announce = announce  # tells followers of the ledger about blocks, once they are durable
-        self._held: list[tuple[str, bytes]] | None = None  # replies held back until the group commit
+        self._block = block  # a ledger block by index: a charged request's receipt, to answer it again
+        self._held: list[tuple[str, bytes, bytes | None]] | None = None  # replies held until the group commit
         self._new_blocks: list[Any] = []
+        self.foreign_response_topics = 0  # MQTT 5 requests naming a response topic not their client's
 
-    def _send(self, topic: str, payload: bytes) -> None:
+    def _send(self, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
         if self._held is not None:
-            self._held.append((topic, payload))
+            self._held.append((topic, payload, correlation))
         else:
+            self._put(topic, payload, correlation)
+
+    def _put(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        if correlation is None:
             self._publish(topic, payload)
+        else:
+            self._publish(topic, payload, correlation)
+
+    def _route(self, client: str, response_topic: str | None, correlation: bytes | None
+               ) -> tuple[str, bytes | None]:
+        """Where the answer to ``client``'s request goes, and the Correlation Data it carries.
+
+        An MQTT 5 request names its Response Topic; the coordinator follows it only when it is
+        the client's own reply topic. Any other would let a client direct the coordinator's
+        signed messages onto topics it may not publish to itself (the broker's ACL gives each
+        client only its own reply topic to read): such a request is answered on its client's
+        reply topic. Over MQTT 3.1.1 (no properties) that fixed topic is the only one."""
+        topic = wire.reply_topic(self.topics, client)
+        if response_topic is not None and response_topic != topic:
+            self.foreign_response_topics += 1
+            log.warning("a request of %s names the response topic %r, not its own: answered on %s",
+                        client, response_topic[:200], topic)
+        if correlation is not None and len(correlation) > MAX_CORRELATION_BYTES:
+            correlation = None
+        return topic, correlation
 
     def _record(self, record: dict[str, Any]) -> Any:
         block = self._append(record)
@@ -121,37 +165,50 @@ class PredictionService:
             self._announce([block])
         return block
 
-    def handle_batch(self, messages: Iterable[tuple[str, bytes]]) -> list[Outcome | dict[str, Any]]:
-        """Requests and orders, answered in order with one fsync for all their records."""
+    def handle_batch(self, messages: Iterable[tuple[str, bytes] | Delivery]) -> list[Outcome | dict[str, Any]]:
+        """Requests and orders (``(topic, payload)`` or received messages, which may carry an
+        MQTT 5 response topic), answered in order with one fsync for all their records."""
         self._held, self._new_blocks = [], []
         held, blocks = self._held, self._new_blocks
         try:
             with self._group_commit():
-                results = [self.handle_order(payload) if topic == wire.order_topic(self.topics)
-                           else self.handle_request(topic, payload) for topic, payload in messages]
+                results: list[Outcome | dict[str, Any]] = []
+                for message in messages:
+                    if isinstance(message, tuple):
+                        topic, payload = message
+                        response_topic, correlation = None, None
+                    else:
+                        topic, payload = message.topic, message.payload
+                        response_topic, correlation = message.response_topic, message.correlation
+                    results.append(self.handle_order(payload) if topic == wire.order_topic(self.topics) else
+                                   self.handle_request(topic, payload, response_topic=response_topic,
+                                                       correlation=correlation))
         finally:
             self._held, self._new_blocks = None, []
         self._announce(blocks)  # durable now
-        for topic, payload in held:
-            self._publish(topic, payload)
+        for topic, payload, correlation in held:
+            self._put(topic, payload, correlation)
         return results
 
     # -- requests --------------------------------------------------------------------------------
-    def handle_request(self, topic: str, payload: bytes) -> Outcome:
+    def handle_request(self, topic: str, payload: bytes, *, response_topic: str | None = None,
+                       correlation: bytes | None = None) -> Outcome:
+        """Answer one request (``response_topic``, ``correlation``: its MQTT 5 properties)."""
         client = wire.client_of(self.topics, topic)
         if client is None:
             return Outcome("not_a_request")
+        route = self._route(client, response_topic, correlation)
         try:
-            return self._handle_request(client, payload)
+            return self._handle_request(client, payload, route)
         except _Refusal as refusal:
             self.rejections[refusal.reason] += 1
             log.warning("refused a prediction request from %s: %s: %s", client, refusal.reason, refusal.detail)
-            self._send(wire.reply_topic(self.topics, client),
-                       wire.seal_refusal(self.keys, client, refusal.request_id, refusal.reason, refusal.detail,
-                                            balance=refusal.balance, now=self._now()))
+            refused = wire.seal_refusal(self.keys, client, refusal.request_id, refusal.reason, refusal.detail,
+                                        balance=refusal.balance, now=self._now())
+            self._send(route[0], refused, route[1])
             return Outcome(refusal.reason, client)
 
-    def _handle_request(self, client: str, payload: bytes) -> Outcome:
+    def _handle_request(self, client: str, payload: bytes, route: tuple[str, bytes | None]) -> Outcome:
         settings = self.settings
         if len(payload) > settings.max_request_bytes:
             raise _Refusal("oversized", f"{len(payload)} bytes exceeds {settings.max_request_bytes}")
@@ -175,12 +232,11 @@ class PredictionService:
         key = (client, request_id)
         if key in self.accounts.charged:
             self.rejections["duplicate"] += 1
-            cached = self._replies.get(key)
-            if cached is not None:  # the same reply again: the same receipt, no second charge
-                self._send(wire.reply_topic(self.topics, client), cached)
-            else:
-                raise _Refusal("duplicate", f"request already answered and charged, receipt in ledger block "
-                                            f"{self.accounts.charged[key]}", request_id)
+            # The same answer again, with the same receipt, never a second charge: from the replies
+            # kept, or (after a restart, when a crash may have lost the reply after its receipt was
+            # durable) recomputed and sent only if it is exactly the answer the receipt records.
+            reply = self._replies.get(key) or self._answer_again(client, sealed)
+            self._send(route[0], reply, route[1])
             log.info("replayed request %s of %s: answered with its receipt, not charged again",
                      request_id.hex()[:8], client)
             return Outcome("duplicate", client)
@@ -211,18 +267,56 @@ class PredictionService:
         model = self._model()
         predictions = predictor(model.sha256, model.weights, inputs)
         encoded = wire.encode_predictions(predictions)
+        scaler = {"scaler_sha256": predictor.scaler_sha256} if predictor.scaler_sha256 is not None else {}
         record = credits.receipt(client, request_id, rows, fee, model.round, model.sha256, sealed.digest,
-                                 _sha256(encoded))
+                                 _sha256(encoded), **scaler)
         self.accounts.check(record, fleet=self.keys.fleet)  # the ledger checks again on append
         block = self._record(record)  # durable before anyone sees the answer
         reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
                                  balance=self.accounts.balance(client), output=predictor.output, now=self._now())
-        self._replies[key] = reply
-        while len(self._replies) > settings.reply_cache:
-            self._replies.popitem(last=False)
+        self._keep(client, request_id, reply)
         self.answered += 1
-        self._send(wire.reply_topic(self.topics, client), reply)
+        self._send(route[0], reply, route[1])
         return Outcome("ok", client, fee)
+
+    def _answer_again(self, client: str, sealed: wire.SealedRequest) -> bytes:
+        """The reply to a charged request no longer kept: the predictions recomputed with the
+        receipt's model, sent with the receipt if their digest is the one it records (the same
+        request bytes, the same model, a deterministic model). Otherwise a ``duplicate`` refusal
+        naming the receipt's block: the charge stands, the ledger proves what was answered."""
+        request_id = sealed.header.request_id
+        index = self.accounts.charged[(client, request_id)]
+        refusal = _Refusal("duplicate", f"request already answered and charged, receipt in ledger block {index}",
+                           request_id)
+        block = self._block(index) if self._block is not None else None
+        predictor = self.predictor
+        if block is None or predictor is None or block.data.get("request_sha256") != sealed.digest \
+                or block.data.get("scaler_sha256") != predictor.scaler_sha256 \
+                or abs(self._now() - sealed.header.created) > self.settings.max_skew:
+            raise refusal
+        model = self._model()
+        if model.sha256 != block.data["model_sha256"]:
+            raise _Refusal("duplicate", f"{refusal.detail}; its model (round {block.data['round']}) is no longer "
+                                        "the current one, so the answer cannot be sent again", request_id)
+        try:
+            inputs, reply_key = wire.decrypt_request(sealed, self.keys, max_bytes=self.settings.max_request_bytes)
+            predictor.check(inputs)
+        except (EnvelopeError, InputError):
+            raise refusal from None
+        encoded = wire.encode_predictions(predictor(model.sha256, model.weights, inputs))
+        if _sha256(encoded) != block.data["reply_sha256"]:
+            log.warning("request %s of %s: the recomputed answer differs from its receipt's digest; not sent",
+                        request_id.hex()[:8], client)
+            raise refusal
+        reply = wire.seal_answer(self.keys, client, request_id, reply_key, encoded, receipt=block,
+                                 balance=self.accounts.balance(client), output=predictor.output, now=self._now())
+        self._keep(client, request_id, reply)
+        return reply
+
+    def _keep(self, client: str, request_id: bytes, reply: bytes) -> None:
+        self._replies[(client, request_id)] = reply
+        while len(self._replies) > self.settings.reply_cache:
+            self._replies.popitem(last=False)
 
     # -- the owner's orders ----------------------------------------------------------------------
     def handle_order(self, payload: bytes) -> dict[str, Any]:

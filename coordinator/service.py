@@ -219,7 +219,12 @@ class Coordinator:
             self.done = True  # the run had reached its target before this restart
         info = fleet.rounds.get(round_number)
         opened_at = info.opened_at if info is not None else None
-        self._open_round(round_number, announce=opened_at is None)
+        # A gateway stopped after its round's aggregate, before the upstream's next model: it still
+        # waits for that model (its update is in the upstream outbox); its aggregate is not a model
+        # its devices train from.
+        self.awaiting_upstream = self._send_upstream is not None and not self.done and \
+            last_model_block.data.get("type") == records.AGGREGATE and round_number not in fleet.published_rounds
+        self._open_round(round_number, announce=opened_at is None and not self.awaiting_upstream)
         if opened_at is not None and self.round is not None:
             self.round.opened_at = opened_at  # a restart does not extend the deadline
         # Re-add this round's already accepted updates (their envelopes are in the spool).
@@ -232,9 +237,12 @@ class Coordinator:
         dropped = self.spool.drop_before(round_number)
         if dropped:
             log.info("removed the spools of closed rounds %s (a crash interrupted their removal)", dropped)
-        self.publish_model()
-        if round_number not in fleet.published_rounds:  # a crash came between the aggregate and this record
-            self._append(records.model_published(round_number, last_model_block.data["model_sha256"]))
+        if self.awaiting_upstream:
+            log.info("gateway: round %d waits for the upstream's next model", round_number)
+        else:
+            self.publish_model()
+            if round_number not in fleet.published_rounds:  # a crash came between the aggregate and this record
+                self._append(records.model_published(round_number, last_model_block.data["model_sha256"]))
         self.publish_status()
         self.maybe_close_round()
 
@@ -331,6 +339,12 @@ class Coordinator:
 
     def publish_model(self) -> None:
         assert self.round is not None
+        if self.awaiting_upstream:
+            # A gateway between its aggregate and the upstream's next model: the open round has no
+            # model yet; the last one published stays the devices' (again, e.g. after a reconnect).
+            if self.model_message:
+                self.publisher.model(self.model_message)
+            return
         weights = encode_tensors(self.global_model)
         self.model_message = envelope.seal_model(
             self.keys, self.round.number, weights, block=self._model_block.to_bytes(), done=self.done,

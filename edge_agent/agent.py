@@ -22,7 +22,6 @@ import torch
 from edge_agent import chain_pin
 from edge_agent.chain_pin import ChainPin
 from edge_agent.metrics import NO_EVENTS, AgentEvents
-from edge_agent.outbox import Outbox
 from edge_agent.presence import PresenceSession
 from edge_agent.registration import Fingerprint, mark_acknowledged
 from edge_agent.training import TrainingDivergedError, evaluate, train_local
@@ -33,6 +32,7 @@ from federation.durable import atomic_write
 from federation.envelope import EnvelopeError, ModelHeader
 from federation.keys import DeviceBundle
 from federation.mqtt import Message
+from federation.outbox import Outbox
 from federation.tasks import LocalData, Task
 from federation.topics import Topics
 from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
@@ -112,6 +112,7 @@ class EdgeAgent:
         self.chain = chain_pin.load(self.state_dir)
         self.chain_problem: str | None = None  # why the coordinator's model is refused, while it is
         self._last_chain_error = float("-inf")
+        self._left_out_told = 0  # the last round whose exclusion from the aggregate was logged
         self._stop: Callable[[], bool] = lambda: False
         self._alive: Callable[[], None] = lambda: None
         self.events: AgentEvents = NO_EVENTS  # metrics (edge_agent.metrics), when switched on
@@ -162,6 +163,7 @@ class EdgeAgent:
             self.last_trained_round = header.round - 1
             atomic_write(self._last_round_file, str(self.last_trained_round).encode())
         self.chain_problem = None
+        self._tell_if_left_out(header.block_data)
         pin = chain_pin.advance(self.chain, seen)
         if pin != self.chain:
             chain_pin.save(self.state_dir, pin)
@@ -172,6 +174,22 @@ class EdgeAgent:
             # fresh state), which a long-running agent (--no-exit-when-done) joins.
             self.latest = (header, weights)
             self._latest_message = payload
+
+    def _tell_if_left_out(self, block: dict[str, Any]) -> None:
+        """An accepted update can still be left out of the round's aggregate (a robust strategy
+        excluded it): the aggregate block the model travels with says so, and why. Logged once."""
+        excluded = block.get("excluded") if block.get("type") == "aggregate" else None
+        why = excluded.get(self.bundle.device_id) if isinstance(excluded, dict) else None
+        round_number = block.get("round")
+        if not isinstance(why, dict) or not isinstance(round_number, int) or round_number <= self._left_out_told:
+            return
+        self._left_out_told = round_number
+        self.events.rejected(round_number, "excluded")
+        log.warning("round %d: the coordinator accepted our update but left it out of the aggregate: %s (%s); see "
+                    "docs/robustness.md (a device whose data differs much from the others' is left out too)",
+                    round_number, why.get("reason"), ", ".join(
+                        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in why.items() if k not in ("action", "reason")))
 
     def drain(self, timeout: float) -> None:
         """Handle everything queued, waiting up to ``timeout`` for the first message."""
@@ -358,6 +376,9 @@ class EdgeAgent:
                     del self._awaiting_verdict[next(iter(self._awaiting_verdict))]
                 log.info("round %d closed before the coordinator acknowledged our update; waiting for its verdict",
                          closed)
+            else:  # gone or unreadable (a damaged outbox file): nothing to wait for
+                log.warning("dropped our update for round %d from the outbox: its round has closed and the entry "
+                            "is unreadable", closed)
             self._outbox_msg_ids.pop(closed, None)
 
     def _explain_late_verdicts(self) -> None:

@@ -5,7 +5,8 @@ Three record types (see docs/predictions.md):
 - ``credits.deposit``: the owner credits a client (``client``, ``amount``), carrying the
   owner's signed order (``order`` bytes, ``owner_sig``);
 - ``prediction.receipt``: an answered request was charged (``client``, ``request_id``,
-  ``rows``, ``fee``, ``round``, ``model_sha256``, ``request_sha256``, ``reply_sha256``);
+  ``rows``, ``fee``, ``round``, ``model_sha256``, ``request_sha256``, ``reply_sha256``, and
+  for regression ``scaler_sha256``);
 - ``credits.withdrawal``: the owner takes out collected fees (``amount``, ``order``,
   ``owner_sig``).
 
@@ -108,6 +109,8 @@ class Accounts:
             _int(data, "round")
             for name in ("model_sha256", "request_sha256", "reply_sha256"):
                 _bytes(data, name, 32)
+            if "scaler_sha256" in data:  # regression: the standardisers that gave original units
+                _bytes(data, "scaler_sha256", 32)
             if (client, request_id) in self.charged:
                 raise ValueError(f"request {request_id.hex()} of {client!r} was already charged in block "
                                  f"{self.charged[(client, request_id)]}")

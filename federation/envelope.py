@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -97,6 +97,8 @@ class ModelHeader:
     iv: bytes
     created: float
     info: dict[str, Any]
+    # The verified ledger block the model travels with (an aggregate names who was left out and why).
+    block_data: dict[str, Any] = field(default_factory=dict)
 
 
 MAX_HEADER_BYTES = 4096
@@ -273,7 +275,7 @@ def seal_model(
     })
 
 
-def _check_model_block(raw: Any, header: ModelHeader, coordinator_sign_public: bytes) -> None:
+def _check_model_block(raw: Any, header: ModelHeader, coordinator_sign_public: bytes) -> Block:
     """The named ledger block must be genuine (its hash, the coordinator's signature) and record
     exactly this model: its hash and round."""
     if not isinstance(raw, bytes):
@@ -288,6 +290,7 @@ def _check_model_block(raw: Any, header: ModelHeader, coordinator_sign_public: b
         raise EnvelopeError("bad_signature", f"ledger block {block.index} is not signed by the coordinator")
     if model_named_by(block.data) != (header.round, header.model_sha256):  # the fleet's one reading of it
         raise EnvelopeError("ledger_mismatch", f"ledger block {block.index} records another model or round")
+    return block
 
 
 def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[ModelHeader, bytes]:
@@ -309,7 +312,8 @@ def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[Mo
     )
     if header.fleet != bundle.fleet:
         raise EnvelopeError("wrong_fleet", f"model is for fleet {header.fleet!r}")
-    _check_model_block(outer.get("block"), header, bundle.coordinator.sign_public)
+    block = _check_model_block(outer.get("block"), header, bundle.coordinator.sign_public)
+    header = dataclasses.replace(header, block_data=block.data)
     if header.model_key_id != bundle.model_key_id:
         raise EnvelopeError(
             "wrong_key", f"model encrypted with key {header.model_key_id}, we hold {bundle.model_key_id}"

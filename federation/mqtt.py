@@ -34,7 +34,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from federation.chunk_record import ChunkRecord
-from federation.chunking import ChunkError, Reassembler, retained_topics, split, stream_key
+from federation.chunking import MIN_MAX_PAYLOAD, ChunkError, Reassembler, retained_topics, split, stream_key
 from federation.config import ConfigError, read_secret, setting
 from federation.packet_limit import (
     DEFAULT_MAX_PAYLOAD,
@@ -95,6 +95,11 @@ class BrokerConfig:
         # Caught when the settings are read, not 60 s later when connecting fails.
         if not 0 < self.broker_port < 65536:
             raise ConfigError(f"broker port {self.broker_port} is not in 1..65535")
+        if self.max_payload != 0 and self.max_payload < MIN_MAX_PAYLOAD:
+            raise ConfigError(f"max_payload {self.max_payload} is below the minimum of {MIN_MAX_PAYLOAD} bytes "
+                              "(0 turns chunking off)")
+        if self.keepalive <= 0:
+            raise ConfigError(f"keepalive {self.keepalive} must be a positive number of seconds")
 
 
 class LivenessWatchdog:
@@ -121,6 +126,11 @@ class Message:
     payload: bytes
     retain: bool
     received: float
+    # MQTT 5 request/response (None over 3.1.1, or when the sender set none): where the sender
+    # asks for the answer, and the bytes to echo with it. A chunked message takes them from the
+    # frame that completed it (a fledger sender sets them on every frame).
+    response_topic: str | None = None
+    correlation: bytes | None = None
 
     @property
     def inbox_bytes(self) -> int:
@@ -302,7 +312,8 @@ class MqttLink:
             return
         if whole is None:
             return  # a chunk: the message is not complete yet
-        self._admit(Message(stream_key(msg.topic), whole, bool(msg.retain), time.time()))
+        response_topic, correlation = _response_properties(msg)
+        self._admit(Message(stream_key(msg.topic), whole, bool(msg.retain), time.time(), response_topic, correlation))
 
     def _admit(self, message: Message) -> None:
         """Queue ``message``; while the inbox is over budget, wait (paho acknowledges the message
@@ -415,7 +426,8 @@ class MqttLink:
         self._client.subscribe(topic, qos=1)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                wait: float | None = None, chunked: bool = True) -> bool:
+                wait: float | None = None, chunked: bool = True, response_topic: str | None = None,
+                correlation: bytes | None = None) -> bool:
         """Publish; with ``wait`` block up to that many seconds for the broker's PUBACK(s).
 
         ``chunked`` (the default, for every fledger message): with ``max_payload`` set (the
@@ -425,8 +437,13 @@ class MqttLink:
         that are not fledger). Chunk topics left by a larger earlier message on the same
         retained topic are deleted (also those of an earlier run, with a ``chunk_record``).
         Returns False, without sending, when the broker has said it would drop the unchunked
-        payload (``failed`` is then set)."""
+        payload (``failed`` is then set).
+
+        ``response_topic`` and ``correlation``: the MQTT 5 Response Topic and Correlation Data
+        of a request, or of a response (correlation only), set on every frame; not sent over
+        MQTT 3.1.1, which has no properties (the payload must then say what they would)."""
         limit = payload_limit(self.config.max_payload, self.broker_max_packet, topic, mqtt5=self.mqtt5)
+        properties = self._publish_properties(response_topic, correlation)
         if not (chunked and limit) and not self._may_send_whole(topic, payload):
             return False
         if chunked and limit:
@@ -442,7 +459,7 @@ class MqttLink:
                 pubs = [(topic, frame) for frame in frames]
         else:
             pubs = [(topic, payload)]
-        infos = [self._publish_one(t, p, qos=qos, retain=retain) for t, p in pubs]
+        infos = [self._publish_one(t, p, qos=qos, retain=retain, properties=properties) for t, p in pubs]
         if self._chunk_record is not None and retain and chunked and limit:
             self._chunk_record.set(topic, self._chunk_counts[topic])  # the leftovers' deletes are queued
         if wait is None:
@@ -483,15 +500,27 @@ class MqttLink:
 
         return acknowledged
 
-    def _publish_one(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> paho.MQTTMessageInfo:
+    def _publish_properties(self, response_topic: str | None, correlation: bytes | None) -> Properties | None:
+        if not self.mqtt5 or (response_topic is None and correlation is None):
+            return None
+        properties = Properties(PacketTypes.PUBLISH)
+        if response_topic is not None:
+            properties.ResponseTopic = response_topic
+        if correlation is not None:
+            properties.CorrelationData = correlation
+        return properties
+
+    def _publish_one(self, topic: str, payload: bytes, *, qos: int, retain: bool = False,
+                     properties: Properties | None = None) -> paho.MQTTMessageInfo:
         watched = self._oversize.sending(topic, len(payload)) if qos > 0 else None
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         self._oversize.sent(watched, info.mid)
         return info
 
     def _may_send_whole(self, topic: str, payload: bytes) -> bool:
         """False (and the link failed) when the broker said it would drop this unchunked payload."""
-        reason = refusal(len(payload), topic, self.broker_max_packet, mqtt5=self.mqtt5)
+        reason = refusal(len(payload), topic, self.broker_max_packet, mqtt5=self.mqtt5,
+                         configured=self.config.max_payload)
         if reason is None:
             return True
         if self.failed is None:
@@ -522,6 +551,17 @@ class MqttLink:
 
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5 Session Expiry Interval: as 3.1.1's clean_session=False
 PROBE_TIMEOUT_S = 5.0
+def _response_properties(msg: Any) -> tuple[str | None, bytes | None]:
+    """(Response Topic, Correlation Data) of a received MQTT 5 PUBLISH; (None, None) otherwise."""
+    properties = getattr(msg, "properties", None)
+    if properties is None:
+        return None, None
+    response_topic = getattr(properties, "ResponseTopic", None)
+    correlation = getattr(properties, "CorrelationData", None)
+    return (response_topic if isinstance(response_topic, str) and response_topic else None,
+            bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None)
+
+
 _PROTOCOLS = {"auto": None, "5": paho.MQTTv5, "3.1.1": paho.MQTTv311}
 
 
@@ -558,8 +598,15 @@ def offers_mqtt5(config: BrokerConfig, client_id: str, timeout: float = PROBE_TI
     amqtt and NATS refuse the protocol version at once, others may close the connection; silence
     until ``timeout`` also means no. (amqtt does not answer a CONNECT with properties at all,
     which is why the real connection is not the probe.) Raises OSError if unreachable.
+
+    The probe logs in as nobody: the question is the protocol, which a broker answers before
+    it looks at credentials (an MQTT 5 broker that wants a login answers "not authorized" in
+    an MQTT 5 CONNACK, which is a yes). amqtt misreads an MQTT 5 CONNECT that carries a user
+    name and waits for bytes that never come, so a probe with the login cost every process 5 s
+    on the embedded broker with the fleet's logins (the default).
     """
-    client = _configured_client(config, f"{client_id}-probe", paho.MQTTv5)
+    client = _configured_client(replace(config, username=None, password_file=None), f"{client_id}-probe",
+                                paho.MQTTv5)
     answer: list[bool] = []
     client.on_connect = lambda c, u, f, reason, p: answer.append(reason.value not in UNSUPPORTED_PROTOCOL)
     client.connect(config.broker_host, config.broker_port, config.keepalive, clean_start=True)

@@ -73,22 +73,30 @@ def payload_limit(configured: int, broker_max_packet: int | None, topic: str, *,
     return min(configured, room)
 
 
-def refusal(size: int, topic: str, broker_max_packet: int | None, *, mqtt5: bool) -> str | None:
-    """Why a ``size``-byte payload on ``topic`` must not be sent whole (None: it may)."""
+def _now(configured: int) -> str:
+    """What the setting is now, for the error lines."""
+    return f"it is {configured:,}" if configured else "it is 0: chunking is off"
+
+
+def refusal(size: int, topic: str, broker_max_packet: int | None, *, mqtt5: bool, configured: int = 0) -> str | None:
+    """Why a ``size``-byte payload on ``topic`` must not be sent whole (None: it may).
+
+    ``configured`` is the ``max_payload`` setting: whole payloads are sent only with chunking
+    off (0), so the line says that chunking is off and how to turn it on."""
     if not broker_max_packet:
         return None
     packet = size + publish_overhead(topic, size, mqtt5=mqtt5)
     if packet <= broker_max_packet:
         return None
     return (f"not sending a {size:,}-byte message on {topic}: the broker's maximum packet size is "
-            f"{broker_max_packet:,} bytes (MQTT 5 CONNACK); set {SETTING} below it (0 turns chunking off)")
+            f"{broker_max_packet:,} bytes (MQTT 5 CONNACK); set {SETTING} to a size in bytes "
+            f"(the default {DEFAULT_MAX_PAYLOAD:,} is lowered to the broker's limit) ({_now(configured)})")
 
 
 def disconnect_diagnosis(size: int, topic: str, configured: int) -> str:
     """The one ERROR line for a disconnect that followed a large publish."""
-    now = f"it is {configured:,}" if configured else "0 turns chunking off"
     return (f"broker disconnected after a {size:,}-byte publish on {topic}: over its packet limit? "
-            f"set {SETTING} below the broker's limit ({now})")
+            f"set {SETTING} below the broker's limit ({_now(configured)})")
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,7 @@ class PredictionReply:
     fee: int = 0
     balance: int = 0
     output: str = ""  # "values" (regression, original units) or "probabilities" (classification)
+    scaler_sha256: bytes = b""  # regression: the standardisers the receipt names (empty: none)
     predictions: np.ndarray | None = None
     receipt: Block | None = None
 
@@ -291,7 +292,9 @@ def seal_answer(keys: CoordinatorKeys, client: str, request_id: bytes, reply_key
     digest the ``receipt`` block records."""
     data = receipt.data
     iv = crypto.random_bytes(crypto.GCM_NONCE_BYTES)
+    scaler = {"scaler_sha256": data["scaler_sha256"]} if "scaler_sha256" in data else {}
     header_bytes = _pack({
+        **scaler,
         "fleet": keys.fleet, "client": client, "request_id": request_id, "status": OK, "reason": "", "detail": "",
         "created": float(time.time() if now is None else now), "round": data["round"],
         "model_sha256": data["model_sha256"], "rows": data["rows"], "fee": data["fee"], "balance": int(balance),
@@ -318,7 +321,7 @@ def _check_receipt(raw: Any, hdr: dict[str, Any], coordinator_sign_public: bytes
     if not crypto.ed25519_verify(coordinator_sign_public, block.hash, block.signature):
         raise EnvelopeError("bad_signature", f"receipt block {block.index} is not signed by the coordinator")
     data = block.data
-    for name in ("client", "request_id", "fee", "round", "model_sha256", "reply_sha256", "rows"):
+    for name in ("client", "request_id", "fee", "round", "model_sha256", "reply_sha256", "rows", "scaler_sha256"):
         if data.get(name) != hdr.get(name):
             raise EnvelopeError("receipt_mismatch", f"receipt field {name!r} differs from the reply")
     if data.get("type") != RECEIPT:
@@ -355,7 +358,7 @@ def open_reply(data: bytes, bundle: ClientBundle, pending: PendingRequest, *, ma
     return PredictionReply(bundle.client_id, pending.request_id, OK, round=_field(hdr, "round", int),
                            model_sha256=_field(hdr, "model_sha256", bytes), fee=_field(hdr, "fee", int),
                            balance=_field(hdr, "balance", int), output=_field(hdr, "output", str),
-                           predictions=predictions, receipt=receipt)
+                           predictions=predictions, receipt=receipt, scaler_sha256=bytes(hdr.get("scaler_sha256", b"")))
 
 
 # --- the owner's orders -------------------------------------------------------------------------

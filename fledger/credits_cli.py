@@ -94,7 +94,8 @@ def prove_receipt(args: argparse.Namespace) -> int:
     path = merkle.inclusion_proof(leaves, index)
     ok = ok and merkle.verify_inclusion(merkle.leaf_hash(block.hash), index, size, path, root)
     data = block.data
-    print(json.dumps({"client": data["client"], "request_id": data["request_id"].hex(), "rows": data["rows"],
+    scaler = {"scaler_sha256": data["scaler_sha256"].hex()} if "scaler_sha256" in data else {}
+    print(json.dumps({**scaler, "client": data["client"], "request_id": data["request_id"].hex(), "rows": data["rows"],
                       "fee": data["fee"], "round": data["round"], "model_sha256": data["model_sha256"].hex(),
                       "reply_sha256": data["reply_sha256"].hex(), "block_index": index, "block_hash": block.hash.hex(),
                       "tree_size": size, "chain_root": root.hex(), "path": [p.hex() for p in path], "verified": ok},

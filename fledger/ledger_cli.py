@@ -346,7 +346,13 @@ class FollowedCheckpoints:
         try:
             checkpoint = watch.note(raw, self.replica.hashes)
         except NoteError as exc:
-            log.warning("ignored a checkpoint not signed by the coordinator: %s", exc)
+            # Counted with the replica's other ignored messages, and logged like them (the 1st,
+            # 2nd, 4th... time): a flood of junk notes must not flood the log either.
+            self.replica.ignored["checkpoint_not_signed"] += 1
+            count = self.replica.ignored["checkpoint_not_signed"]
+            if count & (count - 1) == 0:
+                log.warning("ignored a checkpoint not signed by the coordinator: %s (ignored so far: %s)",
+                            exc, dict(self.replica.ignored))
             return
         log.debug("checkpoint at size %d received", checkpoint.size)
 

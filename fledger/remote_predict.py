@@ -88,10 +88,15 @@ def predict_remote(args: argparse.Namespace) -> int:
     link = MqttLink(broker, f"fledger-client-{bundle.client_id}-{secrets.token_hex(4)}",
                     subscriptions=[wire.reply_topic(topics, bundle.client_id)], persistent=False)
     link.start(timeout=min(60.0, args.timeout))
+    reply_topic = wire.reply_topic(topics, bundle.client_id)
     try:
+        # Over MQTT 5 the request names its response topic and the request id as Correlation
+        # Data (the coordinator echoes it); over 3.1.1 these are not sent and the reply comes on
+        # the same fixed topic, matched by the request id in its signed header either way.
         reply = _wait(link, bundle, pending, args.timeout,
                       lambda: link.publish(wire.request_topic(topics, bundle.client_id), pending.payload,
-                                           chunked=True))
+                                           chunked=True, response_topic=reply_topic,
+                                           correlation=pending.request_id))
     finally:
         link.stop()
     if reply is None:
@@ -102,9 +107,10 @@ def predict_remote(args: argparse.Namespace) -> int:
         return USAGE
     _print(reply)
     receipt = reply.receipt
-    print(f"# {len(reply.predictions)} predictions, model of round {reply.round} ({reply.model_sha256.hex()[:16]}), "
-          f"fee {reply.fee}, balance {reply.balance}; request {pending.request_id.hex()}, receipt ledger block "
-          f"{receipt.index} {receipt.hash.hex()[:16]}", file=sys.stderr)
+    scaler = f", scaler {reply.scaler_sha256.hex()[:16]}" if reply.scaler_sha256 else ""
+    print(f"# {len(reply.predictions)} predictions, model of round {reply.round} ({reply.model_sha256.hex()[:16]}"
+          f"{scaler}), fee {reply.fee}, balance {reply.balance}; request {pending.request_id.hex()}, receipt ledger "
+          f"block {receipt.index} {receipt.hash.hex()[:16]}", file=sys.stderr)
     return 0
 
 
@@ -123,6 +129,8 @@ def _wait(link: MqttLink, bundle: wire.ClientBundle, pending: wire.PendingReques
             message = link.inbox.get(timeout=0.5)
         except queue.Empty:
             continue
+        if message.correlation is not None and message.correlation != pending.request_id:
+            continue  # MQTT 5: the answer to another request of this client, no need to open it
         try:
             return wire.open_reply(message.payload, bundle, pending)
         except EnvelopeError as exc:

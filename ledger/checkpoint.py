@@ -64,18 +64,20 @@ def _b64decode(text: str, what: str) -> bytes:
 
 def key_id(name: str, public_key: bytes) -> bytes:
     """signed-note key ID: the first 4 bytes of SHA-256(name || 0x0A || 0x01 || public key)."""
+    if not isinstance(public_key, bytes | bytearray) or len(public_key) != 32:
+        raise NoteError("an Ed25519 public key is 32 bytes")
     return hashlib.sha256(check_name(name).encode() + b"\n" + bytes([ED25519]) + bytes(public_key)).digest()[:4]
 
 
 def verifier_key(name: str, public_key: bytes) -> str:
     """The verifier key string ``<name>+<8 hex key id>+<base64(0x01 || public key)>`` that note tooling takes."""
-    if len(public_key) != 32:
-        raise NoteError("an Ed25519 public key is 32 bytes")
     return f"{name}+{key_id(name, public_key).hex()}+{base64.b64encode(bytes([ED25519]) + public_key).decode()}"
 
 
 def parse_verifier_key(vkey: str) -> tuple[str, bytes]:
     """(name, 32-byte Ed25519 public key) of a verifier key string; its key id must match."""
+    if not isinstance(vkey, str):
+        raise NoteError(f"a verifier key is text, not {type(vkey).__name__}")
     parts = vkey.strip().split("+", 2)
     if len(parts) != 3:
         raise NoteError("a verifier key is <name>+<key id>+<base64 key>")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -29,12 +30,41 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fledger.broker import free_port
-
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the real script; /usr/sbin's wrapper su's to rabbitmq
 EPMD = shutil.which("epmd") or "/usr/bin/epmd"
 HOST = "127.0.0.1"
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_taken: set[int] = set()
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range. A cluster's ports are all chosen before
+    its nodes start, one by one, over several seconds: a port from the ephemeral range (what
+    binding port 0 gives) can meanwhile become the source port of any outgoing connection,
+    and the node then fails with eaddrinuse (seen on RabbitMQ's AMQP listener)."""
+    low = _ephemeral_range()[0]
+    for _ in range(1000):
+        port = random.randrange(10_000, low)
+        if port in _taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def nats_available() -> bool:

@@ -299,8 +299,9 @@ def verify_round_proof(proof: dict[str, Any], blocks: list[dict[str, Any]]) -> N
     if not inclusion_ok(leaf_hash(leaf), proof["leaf_index"], proof["tree_size"], path, root):
         raise Invalid("inclusion path does not lead to the root")
     aggregate = blocks[proof["aggregate_index"]]["data"]
+    accepted = len(aggregate.get("participants", [])) + len(aggregate.get("excluded", {}))  # every leaf
     if (aggregate.get("type") != "aggregate" or aggregate.get("round") != proof["round"]
-            or aggregate.get("merkle_root") != root or len(aggregate.get("participants", [])) != proof["tree_size"]):
+            or aggregate.get("merkle_root") != root or accepted != proof["tree_size"]):
         raise Invalid("the aggregate block does not hold this root for this round and size")
     update = blocks[proof["update_index"]]["data"]
     if update.get("statement") != statement or update.get("device_sig") != device_sig:

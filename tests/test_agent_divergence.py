@@ -85,3 +85,60 @@ def test_divergence_skips_the_round_and_the_next_model_is_trained(tmp_path: Path
     agent.step(timeout=0.01)
     assert updates() == [3] and agent.trained_rounds == [3]
     ledger.close()
+
+
+class SmallFleet:
+    """One agent on a tiny CSV task, its in-memory link, and the coordinator's keys and ledger."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.keys = CoordinatorKeys.generate(FLEET)
+        seed, _ = crypto.ed25519_generate()
+        bundle = DeviceBundle(FLEET, "dev-1", seed, self.keys.public, self.keys.model_key_id, self.keys.model_key)
+        self.task = get_task("csv", n_features=3)
+        x = torch.zeros((8, 3))
+        self.link = MemoryLink()
+        self.agent = EdgeAgent(bundle, self.task, LocalData(x, torch.zeros(8), x, torch.zeros(8), "regression"),
+                               self.link, TOPICS, tmp_path / "agent",
+                               dataset=Fingerprint(hashlib.sha256(b"d").digest(), 1, {}), register=False)
+        self.ledger = FleetLedger.open(tmp_path / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed),
+                                       fleet=FLEET)
+
+    def deliver(self, round_number: int, **extra: Any) -> None:
+        body = encode_tensors({k: v.detach().numpy().copy() for k, v in self.task.build_model().state_dict().items()})
+        block = self.ledger.append(records.model_published(round_number, hashlib.sha256(body).digest(), **extra))
+        sealed = envelope.seal_model(self.keys, round_number, body, block=block.to_bytes())
+        self.link.inbox.put(Message(TOPICS.model, sealed, True, 0.0))
+
+
+def test_an_unreadable_outbox_entry_of_a_closed_round_is_dropped_with_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fleet = SmallFleet(tmp_path)
+    fleet.agent.outbox.put(1, b"damaged")  # e.g. a disk error: not an update we can name
+    fleet.deliver(2)
+    with caplog.at_level(logging.WARNING):
+        fleet.agent.step(timeout=0.01)
+    assert fleet.agent.outbox.rounds() == [2]  # round 1's entry gone, round 2 trained
+    assert any("dropped our update for round 1 from the outbox" in r.getMessage() for r in caplog.records)
+    fleet.ledger.close()
+
+
+@pytest.mark.parametrize("verdict, words, kept", [
+    ("bad_metrics", "did not count our update: bad_metrics (its reported metrics are not finite", False),
+    ("halted", "did not count our update yet: halted (it may be temporary); will send it again", True),
+])
+def test_the_device_logs_why_its_update_was_not_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                       verdict: str, words: str, kept: bool) -> None:
+    fleet = SmallFleet(tmp_path)
+    fleet.deliver(1, initial=True)
+    fleet.agent.step(timeout=0.01)
+    sent = [p for t, p in fleet.link.sent if t == TOPICS.update("dev-1")]
+    assert len(sent) == 1
+    msg_id = envelope.parse_update(sent[0], max_bytes=1 << 24).header.msg_id.hex()
+    ack = {"fleet": FLEET, "device": "dev-1", "registered": hashlib.sha256(b"d").hexdigest(),
+           "updates": {msg_id: {"round": 1, "verdict": verdict}}, "time": 1.0}
+    fleet.link.inbox.put(Message(TOPICS.ack("dev-1"), envelope.seal_ack(fleet.keys, ack), False, 0.0))
+    with caplog.at_level(logging.WARNING):
+        fleet.agent.step(timeout=0.01)
+    assert [r.getMessage() for r in caplog.records if words in r.getMessage()], caplog.text
+    assert (fleet.agent.outbox.rounds() == [1]) == kept
+    fleet.ledger.close()

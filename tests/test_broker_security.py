@@ -47,7 +47,7 @@ ACL = ROOT / "deploy" / "mosquitto" / "fledger.acl"  # a link to fledger/fledger
 
 FLEET = "plant7"
 DEV_A, DEV_B = "pump-01", "pump-02"
-USERS = ("coordinator", "monitor", "operator", DEV_A, DEV_B)
+USERS = ("coordinator", "monitor", "operator", "owner", DEV_A, DEV_B)
 TOPICS = Topics(FLEET)
 QUIET = 0.5  # seconds to keep listening after the sentinel, for stragglers
 
@@ -216,19 +216,40 @@ class Client:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def will(self, topic: str, payload: bytes, *, retain: bool = False) -> Client:
+        """A Last Will, set before :meth:`connect`."""
+        self._client.will_set(topic, payload, qos=1, retain=retain)
+        return self
+
+    def drop(self) -> None:
+        """Lose the connection without a DISCONNECT (the broker then publishes the Last Will)."""
+        self._client.loop_stop()  # no reconnect
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+
     def subscribe(self, topic: str) -> None:
         result, mid = self._client.subscribe(topic, qos=1)
         assert result == paho.MQTT_ERR_SUCCESS and mid is not None
         event = self._subacks.setdefault(mid, threading.Event())
         assert event.wait(10), "no SUBACK"
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True) -> Any:
+        """Publish at QoS 1; unless ``wait`` is False, wait for the PUBACK (else: the caller waits
+        with :meth:`acked`, e.g. for the last of a batch: a client's publishes stay in order)."""
         info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if wait:
+            self.acked(info)
+        return info
+
+    @staticmethod
+    def acked(info: Any) -> None:
         info.wait_for_publish(timeout=10)
         assert info.is_published(), "no PUBACK"
 
-    def collect_until(self, sentinel: bytes, timeout: float = 10.0) -> list[tuple[str, bytes, bool]]:
-        """All messages received up to and including ``sentinel``, then QUIET seconds more."""
+    def collect_until(self, sentinel: bytes, timeout: float = 10.0,
+                      quiet: float = QUIET) -> list[tuple[str, bytes, bool]]:
+        """All messages received up to and including ``sentinel``, then ``quiet`` seconds more."""
         got: list[tuple[str, bytes, bool]] = []
         wait = timeout
         while True:
@@ -238,7 +259,7 @@ class Client:
                 break
             got.append(message)
             if message[1] == sentinel:
-                wait = QUIET
+                wait = quiet
         assert any(payload == sentinel for _, payload, _ in got), f"sentinel never arrived; got {got}"
         return got
 
@@ -452,9 +473,10 @@ def test_embedded_amqtt_broker_password_file(tmp_path: Path) -> None:
 
 # -- the same roles on the embedded broker and on mosquitto: every role x every topic ------------
 
-ROLES = ("coordinator", "monitor", "operator", DEV_A, DEV_B)
+ROLES = ("coordinator", "monitor", "operator", "owner", DEV_A, DEV_B)  # every `user` block and both devices
 MATRIX_TOPICS = (
-    TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head,
+    TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, f"{TOPICS.status}/chunk/0", TOPICS.ledger_blocks,
+    TOPICS.ledger_head, f"{TOPICS.ledger_head}/chunk/0", TOPICS.ledger_checkpoint,
     TOPICS.ledger_replay("monitor"), TOPICS.ledger_replay(DEV_A), f"{TOPICS.base}/ledger/replay",
     TOPICS.update(DEV_A), TOPICS.update(DEV_B), TOPICS.register(DEV_A), TOPICS.register(DEV_B),
     TOPICS.presence(DEV_A), TOPICS.presence(DEV_B), f"{TOPICS.base}/ack/{DEV_A}", f"{TOPICS.base}/ack/{DEV_B}",
@@ -462,6 +484,8 @@ MATRIX_TOPICS = (
     TOPICS.catch_up(DEV_A), TOPICS.catch_up("monitor"), TOPICS.catch_up_reply(DEV_A, "model"),
     TOPICS.catch_up_reply(DEV_A, "status"), TOPICS.catch_up_reply("monitor", "status"),
     TOPICS.catch_up_reply("operator", "head"),
+    f"{TOPICS.base}/credits/order", f"{TOPICS.base}/credits/reply", f"{TOPICS.base}/predict/{DEV_A}/request",
+    f"{TOPICS.base}/predict/{DEV_A}/reply", f"{TOPICS.base}/predict/owner/request",
 )
 
 
@@ -472,9 +496,10 @@ def embedded_with_passwords(passwords: dict[str, str], directory: Path) -> Embed
     return EmbeddedBroker(password_file=db)
 
 
-def observe_matrix(connect: Any) -> set[tuple[str, str, str]]:
+def observe_matrix(connect: Any) -> tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]]:
     """(publisher, receiver, topic) for every message delivered when every role subscribes to
-    every topic (one subscription each, exact names) and then publishes to every topic.
+    every topic (one subscription each, exact names) and then publishes to every topic; and the
+    same for a second client of every role subscribed to ``#`` alone (a wildcard subscriber).
 
     A delivery proves both that the publisher may write the topic and that the receiver may
     read it; the broker's SUBACK and PUBACK prove nothing (mosquitto 2.0.11 grants and acks
@@ -482,27 +507,88 @@ def observe_matrix(connect: Any) -> set[tuple[str, str, str]]:
     may read, marks the end for each receiver."""
     run = uuid.uuid4().hex[:8]
     clients = {role: connect(role) for role in ROLES}
+    spies = {role: connect(role) for role in ROLES}
     try:
         for client in clients.values():
             for topic in MATRIX_TOPICS:
                 client.subscribe(topic)
+        for spy in spies.values():
+            spy.subscribe("#")
         for role, client in clients.items():
-            for topic in MATRIX_TOPICS:
-                client.publish(topic, f"{run}|{role}|{topic}".encode())
+            sent = [client.publish(topic, f"{run}|{role}|{topic}".encode(), wait=False) for topic in MATRIX_TOPICS]
+            for info in sent:
+                client.acked(info)
         end = f"{run}|end".encode()
         clients["coordinator"].publish(TOPICS.model, end)
-        seen: set[tuple[str, str, str]] = set()
-        for receiver, client in clients.items():
-            for topic, payload, retained in client.collect_until(end):
-                parts = payload.decode(errors="replace").split("|")
-                if retained or parts[0] != run or len(parts) != 3:
-                    continue  # a retained message of another test, or the end marker
-                assert parts[2] == topic, f"{payload!r} arrived on {topic}"
-                seen.add((parts[1], receiver, topic))
+        seen: tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]] = (set(), set())
+        quiet = QUIET  # after the first receiver's wait, the others' messages are long queued
+        for into, group in zip(seen, (clients, spies), strict=True):
+            for receiver, client in group.items():
+                for topic, payload, retained in client.collect_until(end, quiet=quiet):
+                    parts = payload.decode(errors="replace").split("|")
+                    if retained or parts[0] != run or len(parts) != 3:
+                        continue  # a retained message of another test, or the end marker
+                    assert parts[2] == topic, f"{payload!r} arrived on {topic}"
+                    into.add((parts[1], receiver, topic))
+                quiet = 0.1
         return seen
+    finally:
+        for client in (*clients.values(), *spies.values()):
+            client.close()
+
+
+END_TOPIC = f"{TOPICS.model}/chunk/999"  # every user may read it, only the coordinator write it
+
+
+def observe_retained(connect: Any, writers: dict[str, str]) -> set[tuple[str, str, str]]:
+    """(publisher, receiver, topic) for every RETAINED message a client is handed when it
+    subscribes to ``#`` after: each topic's one allowed writer (``writers``) retained a message
+    there, and then every other role tried to overwrite it and to delete it (an empty retained
+    payload), as the issue's device deleted the retained global model. The retained messages are
+    cleared again afterwards."""
+    run = uuid.uuid4().hex[:8]
+    clients = {role: connect(role) for role in ROLES}
+    try:
+        for topic, writer in writers.items():
+            clients[writer].publish(topic, f"{run}|{writer}|{topic}".encode(), retain=True)
+        for role, client in clients.items():
+            sent = []
+            for topic in MATRIX_TOPICS:
+                if writers.get(topic) != role:
+                    sent.append(client.publish(topic, f"{run}|{role}|{topic}".encode(), retain=True, wait=False))
+                    sent.append(client.publish(topic, b"", retain=True, wait=False))
+            for info in sent:
+                client.acked(info)
+        end = f"{run}|end".encode()
+        clients["coordinator"].publish(END_TOPIC, end, retain=True)
     finally:
         for client in clients.values():
             client.close()
+    seen: set[tuple[str, str, str]] = set()
+    late = {role: connect(role) for role in ROLES}  # subscribing after everything was retained
+    try:
+        for client in late.values():
+            client.subscribe("#")
+        for receiver, client in late.items():
+            for topic, payload, retained in client.collect_until(end):
+                parts = payload.decode(errors="replace").split("|")
+                if parts[0] != run or len(parts) != 3:
+                    continue  # the end marker, or another test's retained message
+                assert retained, f"a live message {payload!r} after the publishers left"
+                assert parts[2] == topic, f"{payload!r} arrived on {topic}"
+                seen.add((parts[1], receiver, topic))
+    finally:
+        for client in late.values():
+            client.close()
+    cleaner = {role: connect(role) for role in {*writers.values(), "coordinator"}}
+    try:
+        for topic, writer in writers.items():
+            cleaner[writer].publish(topic, b"", retain=True)
+        cleaner["coordinator"].publish(END_TOPIC, b"", retain=True)
+    finally:
+        for client in cleaner.values():
+            client.close()
+    return seen
 
 
 def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: SecureBroker, tmp_path: Path) -> None:
@@ -511,17 +597,29 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     on both brokers; the deliveries are identical, and they are what fledger.acl says."""
     from fledger.acl import Acl
 
+    acl = Acl.load(ACL)
+    allowed_writers = {t: [p for p in ROLES if acl.allows(p, t, "write")] for t in MATRIX_TOPICS}
+    assert all(len(w) <= 1 for w in allowed_writers.values()), allowed_writers  # one owner per topic
+    writers_by_acl = {t: w[0] for t, w in allowed_writers.items() if w}
     passwords = {user: secure_broker.password(user) for user in ROLES}
-    on_mosquitto = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
+    on_mosquitto, wildcard_on_mosquitto = observe_matrix(lambda role: Client(secure_broker, role).__enter__())
+    retained_on_mosquitto = observe_retained(lambda role: Client(secure_broker, role).__enter__(), writers_by_acl)
     with embedded_with_passwords(passwords, tmp_path) as embedded:
         address = (embedded.host, embedded.port)
-        on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
+        on_amqtt, wildcard_on_amqtt = observe_matrix(lambda role: Client(address, role, passwords[role]).__enter__())
+        retained_on_amqtt = observe_retained(lambda role: Client(address, role, passwords[role]).__enter__(),
+                                             writers_by_acl)
 
-    acl = Acl.load(ACL)
     expected = {(p, r, t) for p in ROLES for r in ROLES for t in MATRIX_TOPICS
                 if acl.allows(p, t, "write") and acl.allows(r, t, "read")}
     assert on_amqtt == on_mosquitto
     assert on_mosquitto == expected
+    # A subscriber to `#` receives exactly what it may read, live, on both brokers.
+    assert wildcard_on_amqtt == wildcard_on_mosquitto == expected
+    # Retained messages: a client subscribing to `#` later is handed exactly the retained messages
+    # it may read, each still its one writer's (no other role overwrote or deleted one), on both.
+    assert retained_on_amqtt == retained_on_mosquitto
+    assert retained_on_mosquitto == expected
     writers = {t: {p for p, _, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
     readers = {t: {r for _, r, tt in on_amqtt if tt == t} for t in MATRIX_TOPICS}
     for topic in (TOPICS.model, f"{TOPICS.model}/chunk/0", TOPICS.status, TOPICS.ledger_blocks, TOPICS.ledger_head):
@@ -541,6 +639,52 @@ def test_embedded_broker_enforces_the_same_roles_as_mosquitto(secure_broker: Sec
     assert readers[TOPICS.catch_up_reply(DEV_A, "status")] == set()  # a device never reads the fleet status
     assert readers[TOPICS.catch_up_reply("monitor", "status")] == {"monitor"}
     assert readers[TOPICS.catch_up_reply("operator", "head")] == {"operator"}
+    assert writers[TOPICS.ledger_checkpoint] == {"coordinator"}
+    assert readers[f"{TOPICS.status}/chunk/0"] == {"coordinator", "monitor", "operator"}  # chunks like the whole
+    # The owner's orders reach the coordinator only; nobody may ask for predictions with the shipped
+    # ACL (each client gets its own lines), and only the coordinator answers.
+    assert writers[f"{TOPICS.base}/credits/order"] == {"owner"}
+    assert readers[f"{TOPICS.base}/credits/order"] == {"coordinator"}
+    assert readers[f"{TOPICS.base}/credits/reply"] == {"owner"}
+    assert not writers[f"{TOPICS.base}/predict/{DEV_A}/request"] and not writers[f"{TOPICS.base}/predict/owner/request"]
+
+
+@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded"])
+def test_a_last_will_is_held_to_the_acl_like_any_publish(secure_broker: SecureBroker, tmp_path: Path,
+                                                        broker_kind: str) -> None:
+    """A device that sets its Last Will to the global model (retained) or to another device's
+    presence, then drops its connection, changes nothing: on mosquitto and on the embedded broker
+    (amqtt on its own broadcasts and retains a will unchecked; FledgerBroker checks it). Its will
+    to its own presence topic is delivered, and marks the end."""
+    model, evil = token("model"), token("will")
+    if broker_kind == "mosquitto":
+        connect: Any = lambda user: Client(secure_broker, user)  # noqa: E731
+        embedded = None
+    else:
+        passwords = {user: f"pw-{user}-{uuid.uuid4().hex}" for user in ("coordinator", DEV_A, DEV_B)}
+        embedded = embedded_with_passwords(passwords, tmp_path).start()
+        connect = lambda user: Client((embedded.host, embedded.port), user, passwords[user])  # noqa: E731
+    try:
+        with connect("coordinator") as coordinator:
+            coordinator.publish(TOPICS.model, model, retain=True)
+            coordinator.subscribe(TOPICS.model)
+            coordinator.subscribe(f"{TOPICS.base}/presence/#")
+            drain(coordinator)
+            forbidden = [connect(DEV_A).will(TOPICS.model, evil, retain=True),
+                         connect(DEV_A).will(TOPICS.presence(DEV_B), evil, retain=True)]
+            own = connect(DEV_A).will(TOPICS.presence(DEV_A), b"own-will-" + evil)
+            for client in (*forbidden, own):
+                assert client.connect(), client.reason
+            for client in (*forbidden, own):
+                client.drop()
+            got = coordinator.collect_until(b"own-will-" + evil, timeout=30)
+        with connect(DEV_B) as late:  # the model is still the coordinator's
+            late.subscribe(TOPICS.model)
+            assert late.messages.get(timeout=10) == (TOPICS.model, model, True)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    assert [(t, p) for t, p, _ in got] == [(TOPICS.presence(DEV_A), b"own-will-" + evil)]
 
 
 def test_embedded_broker_hands_retained_messages_only_to_matching_readable_subscriptions(tmp_path: Path) -> None:

@@ -770,11 +770,24 @@ def test_a_gateway_sends_its_aggregate_upstream_and_trains_next_from_the_upstrea
     header, _ = envelope.open_model([p for t, p, r in h.published if t == TOPICS.model][-1], h.devices["dev-a"],
                                     max_bytes=1 << 20)
     assert header.round == 2 and header.model_sha256 == deltas.model_sha256(upstream_model)
-    # A restart while waiting for the upstream: the open round is replaced by one on the upstream's model.
+    # A restart after the aggregate, before the upstream's answer: still waiting for it (the update
+    # is in the daemon's upstream outbox); the aggregate is not published to the devices.
     assert h.send("dev-a", h.update("dev-a", 2, weights(3.0))).accepted
     assert h.send("dev-b", h.update("dev-b", 2, weights(3.0))).accepted
+    published = len([t for t, p, r in h.published if t == TOPICS.model])
     h.coordinator = h.build(register=False)
-    assert h.coordinator.adopt_upstream_model(weights(2.5), {"round": 3}, replace_open_round=True)
+    assert h.coordinator.awaiting_upstream and h.coordinator.round is not None and h.coordinator.round.number == 3
+    assert len([t for t, p, r in h.published if t == TOPICS.model]) == published
+    assert 3 not in h.coordinator.fleet_state.published_rounds
+    assert h.send("dev-a", h.update("dev-a", 3, weights(3.0))).reason == "wrong_base"  # round 3 has no model yet
+    assert h.coordinator.adopt_upstream_model(weights(2.5), {"round": 3})
+    assert h.coordinator.round.number == 3 and not h.coordinator.awaiting_upstream
+    # A restart while a round is open and the upstream moved on: the open round is replaced by one
+    # on the upstream's model.
+    assert h.send("dev-a", h.update("dev-a", 3, weights(3.0))).accepted
+    h.coordinator = h.build(register=False)
+    assert not h.coordinator.awaiting_upstream
+    assert h.coordinator.adopt_upstream_model(weights(2.75), {"round": 4}, replace_open_round=True)
     assert h.coordinator.round is not None and h.coordinator.round.number == 4
     assert h.send("dev-a", h.update("dev-a", 4, weights(3.0))).accepted  # a delta against the upstream's model
     assert verify_file(h.tmp / "ledger.log").ok

@@ -12,8 +12,11 @@ import zlib
 from pathlib import Path
 
 import independent_verifier as outsider
+import msgpack
 import pytest
 from test_coordinator import TOPICS, Harness, weights
+
+from coordinator.rounds import RoundPolicy
 
 ALL_TYPES = {"genesis", "device.key", "device.key_revoked", "dataset", "round.opened", "update", "update.rejected",
              "aggregate", "model.published", "site.note"}
@@ -58,6 +61,10 @@ def test_an_outsider_verifies_blocks_proofs_and_checkpoints(demo: Harness, tmp_p
     blocks = outsider.verify_chain(payloads, pinned_coordinator_key=demo.keys.public.sign_public)
     assert {b["data"]["type"] for b in blocks} == ALL_TYPES
     assert len(blocks) == demo.ledger.height
+    # group commit: the round's close left a sealed block (no signature of its own), which the
+    # outsider accepted through the links to the group's signed last block
+    sealed = [b["index"] for b in blocks if b["key_id"] == "" and b["signature"] == b""]
+    assert sealed and all(blocks[i + 1]["signature"] for i in sealed), sealed
 
     # `show --json` carries each block's exact bytes: the frame payloads, and bodies that hash to `hash`
     code, out = fledger(capsys, "show", "--json", path)
@@ -120,6 +127,24 @@ def test_the_outsider_catches_tampering(demo: Harness, tmp_path: Path, capsys: p
     bad_sig = wire[:-1] + bytes([wire[-1] ^ 1])
     with pytest.raises(outsider.Invalid, match=f"block {target}: bad coordinator signature"):
         outsider.verify_chain(outsider.read_frames(str(rewritten(target, bad_sig))))
+    # a sealed block of a commit group, changed and re-hashed so its own hash matches: the block
+    # after it no longer links, so the group's signature no longer covers it
+    sealed = next(i for i, b in enumerate(blocks) if b["signature"] == b"")
+    body = bytearray(blocks[sealed]["body"])
+    body[body.index(b"\xcb") + 8] ^= 1  # the last byte of the float64 timestamp: still canonical
+    forged = msgpack.packb([bytes(body), outsider.sha256(bytes(body)), "", b""], use_bin_type=True)
+    with pytest.raises(outsider.Invalid, match=f"block {sealed + 1}: index or prev_hash does not link"):
+        outsider.verify_chain(outsider.read_frames(str(rewritten(sealed, forged))))
+    # a chain cut after a sealed block: nothing signed proves it
+    with pytest.raises(outsider.Invalid, match="last block carries no signature"):
+        outsider.verify_chain(payloads[:sealed + 1])
+    # a signed block stripped of its coordinator's signature where no later block seals it
+    # (the genesis block), or with a key id but no signature
+    genesis = outsider.unpack(payloads[0])
+    for key_id in ("", genesis[2]):
+        stripped = msgpack.packb([genesis[0], genesis[1], key_id, b""], use_bin_type=True)
+        with pytest.raises(outsider.Invalid, match="block 0: bad coordinator signature"):
+            outsider.verify_chain([stripped, *payloads[1:]])
     # a coordinator key other than the pinned one
     with pytest.raises(outsider.Invalid, match="pinned"):
         outsider.verify_chain(payloads, pinned_coordinator_key=bytes(32))
@@ -157,3 +182,24 @@ def test_the_example_checkpoint_in_the_docs_verifies() -> None:
     vkey = section.split("verifier key: `", 1)[1].split("`", 1)[0]
     origin, size, root = outsider.open_checkpoint(note, vkey)
     assert origin.startswith("fledger/plant7/") and size == 9 and len(root) == 32
+
+
+def test_an_excluded_update_is_a_leaf_and_its_device_can_prove_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The round tree holds every accepted update, the ones the strategy excluded too (a scaled,
+    poisoned update here): its tree size is participants + excluded, as docs/ledger.md says."""
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    for device, value in (("dev-a", 1.1), ("dev-b", 1.2), ("dev-c", 1.1e6)):
+        assert h.send(device, h.update(device, 1, weights(value))).accepted
+    path = str(h.ledger.path)
+    blocks = outsider.verify_chain(outsider.read_frames(path), pinned_coordinator_key=h.keys.public.sign_public)
+    aggregate = next(b["data"] for b in blocks if b["data"]["type"] == "aggregate")
+    assert aggregate["participants"] == ["dev-a", "dev-b"] and list(aggregate["excluded"]) == ["dev-c"]
+    for device in ("dev-a", "dev-c"):
+        code, out = fledger(capsys, "prove", path, "--round", "1", "--device", device, "--json")
+        assert code == 0
+        proof = json.loads(out)
+        assert proof["tree_size"] == 3
+        outsider.verify_round_proof(proof, blocks)
+        with pytest.raises(outsider.Invalid):  # the size of the participants alone is not the tree's
+            outsider.verify_round_proof({**proof, "tree_size": 2}, blocks)

@@ -233,7 +233,15 @@ def test_init_and_add_device_make_broker_logins(fleet: Path) -> None:
         assert password_file.read_text().strip() not in db.read_text()
 
 
-@pytest.mark.parametrize("device", ["coordinator", "monitor", "operator", "Monitor", "auditor"])
+def test_every_user_of_the_shipped_acl_is_a_reserved_role() -> None:
+    """A role added to fledger/fledger.acl (a `user` block) is refused as a device id too, and
+    `keys init` makes its login: the two lists cannot drift apart."""
+    from fledger.acl import Acl
+
+    assert set(Acl.load().users) == set(keytool.ROLE_USERS)
+
+
+@pytest.mark.parametrize("device", ["coordinator", "monitor", "operator", "owner", "Monitor", "OWNER", "auditor"])
 def test_add_device_refuses_ids_of_broker_roles(fleet: Path, device: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A device's broker user is its id: `coordinator` as a device would get the coordinator's
     rights on the broker. So are other broker users that are no device (here an extra monitor

@@ -81,9 +81,18 @@ def test_note_verification_refuses_what_the_spec_refuses() -> None:
     forged = GO_NOTE.replace("x08go", "y08go")  # same key id, wrong signature bytes
     with pytest.raises(NoteError):
         open_note(forged, name, public)
-    for vkey in (GO_VKEY.replace("c74f20a3", "c74f20a4"), "PeterNeumann+c74f20a3", GO_VKEY[:-2], "a b+00+AA=="):
+    for vkey in (GO_VKEY.replace("c74f20a3", "c74f20a4"), "PeterNeumann+c74f20a3", GO_VKEY[:-2], "a b+00+AA==",
+                 None, 5, GO_VKEY.encode()):
         with pytest.raises(NoteError):
-            parse_verifier_key(vkey)
+            parse_verifier_key(vkey)  # type: ignore[arg-type]
+    # wrong types are refused as malformed input too, never a TypeError from inside
+    for junk in (None, 5, "x", public[:31], public.hex(), [public]):
+        with pytest.raises(NoteError):
+            open_note(GO_NOTE, name, junk)  # type: ignore[arg-type]
+        with pytest.raises(NoteError):
+            open_note(GO_NOTE, junk, public)  # type: ignore[arg-type]
+        with pytest.raises(NoteError):
+            open_note(junk, name, public)  # type: ignore[arg-type]
 
 
 def test_checkpoint_text_round_trip_and_strict_parsing() -> None:
@@ -253,6 +262,38 @@ def test_checkpoint_watch_confirms_notes_and_catches_a_split_view(tmp_path: Path
         honest.append(records.round_opened(6))
         with pytest.raises(SplitView, match="size 7"):
             watch.blocks([b.hash for b in honest])
+
+
+def test_follow_counts_junk_and_foreign_checkpoints_without_flooding_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What `ledger follow` does with notes on ledger/checkpoint that the pinned coordinator did not
+    sign (anyone the broker lets publish could send them): each is counted with the replica's other
+    ignored messages and none is an alert; the log names them at the 1st, 2nd, 4th... only."""
+    import logging
+
+    from federation.fleet_state import FleetState
+    from fledger.ledger_cli import FollowedCheckpoints
+    from ledger import Replica
+
+    signer = Ed25519Signer(bytes(32))
+    with FleetLedger.open(tmp_path / "l.log", signer=signer, fleet="demo", now=lambda: 1.7e9) as ledger:
+        ledger.append(records.round_opened(1))
+        blocks, genuine = list(ledger), ledger.signed_checkpoint()
+        foreign = sign_checkpoint(ledger.checkpoint(), Ed25519Signer(bytes([7]) * 32))
+    replica = Replica(signer.public_key, rules=FleetState)
+    followed = FollowedCheckpoints(replica)
+    for block in blocks:
+        replica.offer(block.to_bytes())
+        followed.blocks()
+    with caplog.at_level(logging.WARNING, logger="fledger.ledger"):
+        for i in range(50):
+            followed.note(b"\xff twelve junk" if i % 2 else foreign.encode())
+    followed.note(genuine.encode())  # the coordinator's own note still confirms
+    assert replica.ignored["checkpoint_not_signed"] == 50
+    assert followed.watch is not None and followed.watch.latest is not None
+    assert followed.watch.latest.size == len(blocks)
+    warnings = [r for r in caplog.records if "ignored a checkpoint" in r.getMessage()]
+    assert len(warnings) == 6  # the 1st, 2nd, 4th, 8th, 16th and 32nd
 
 
 def test_follow_alerts_on_a_signed_checkpoint_of_another_history(tmp_path: Path, embedded_broker: BrokerInfo) -> None:

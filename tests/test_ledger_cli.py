@@ -324,3 +324,86 @@ def _follow(fed: Any, broker: BrokerInfo, height: int, replica: Path) -> subproc
          broker.host, "--broker-port", str(broker.port), "--until-height", str(height),
          "--timeout", "60", "--replica", str(replica), "--coordinator-key", str(fed.keys / "coordinator.json")],
         capture_output=True, text=True, timeout=90)
+
+
+def test_follow_alerts_on_a_gap_only_when_the_coordinator_signed_past_it(
+        finished_round: Harness, embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    """Two real monitors, no coordinator process to answer their replay requests, --gap-timeout 2.
+    Both are sent blocks far ahead signed by ANOTHER key (and junk): that is no gap, no alert, and
+    the first runs into its --timeout (exit 3). Then the other is also sent the coordinator's own
+    block one past the next: a gap the coordinator's signature proves, unfilled, so exit 1 (gap)."""
+    h = finished_round
+    copy = tmp_path / "seen.log"
+    shutil.copy(h.ledger.path, copy)
+    height = h.ledger.height
+    with FleetLedger.open(tmp_path / "forged.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
+        while other.height <= height + 5:
+            other.append(records.round_opened(other.height))
+        foreign = [other.block(i).to_bytes() for i in (height + 1, height + 5)]
+    h.ledger.append({"type": "operator.note", "text": "withheld"})
+    signed_ahead = h.ledger.append({"type": "operator.note", "text": "signed past the gap"}).to_bytes()
+    key = h.keys.public.sign_public
+    fooled = _follower(embedded_broker, copy, key, "--gap-timeout", "2", "--timeout", "6", "--client-id", "fooled")
+    gapped = _follower(embedded_broker, copy, key, "--gap-timeout", "2", "--timeout", "30", "--client-id", "gapped")
+    publisher = MqttLink(BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port),
+                         "test-gap-publisher")
+    publisher.start(timeout=20)
+    try:
+        _wait_for(fooled, "connected to")
+        _wait_for(gapped, "connected to")
+        deadline = time.monotonic() + 40
+        while (fooled.poll() is None or gapped.poll() is None) and time.monotonic() < deadline:
+            for raw in (*foreign, b"twelve bytes"):
+                publisher.publish(TOPICS.ledger_blocks, raw, wait=10)
+            if fooled.poll() is not None:  # both follow the same topic: the signed block once it is gone
+                publisher.publish(TOPICS.ledger_blocks, signed_ahead, wait=10)
+            time.sleep(1.0)
+    finally:
+        publisher.stop()
+    _, fooled_err = fooled.communicate(timeout=30)
+    _, gapped_err = gapped.communicate(timeout=30)
+    assert fooled.returncode == 3 and "ALERT" not in fooled_err, fooled_err[-2000:]
+    assert "not_coordinator_signed" in fooled_err
+    assert gapped.returncode == 1, gapped_err[-2000:]
+    assert f"ALERT: gap at block {height}" in gapped_err
+
+
+def test_follow_with_a_refused_login_exits_4(tmp_path: Path) -> None:
+    """A broker that refuses the login is a connectivity problem (4), not tampering (1) or usage (2)."""
+    from fledger import keytool
+    from fledger.broker import EmbeddedBroker
+
+    keytool.init_fleet(tmp_path / "keys", FLEET)
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-monitors-password\n")
+    wrong.chmod(0o600)
+    with EmbeddedBroker(password_file=keytool.broker_password_db(tmp_path / "keys")) as broker:
+        base = ("ledger", "follow", "--fleet", FLEET, "--broker-host", broker.host, "--broker-port", str(broker.port),
+                "--coordinator-key", str(tmp_path / "keys" / "coordinator.json"), "--username", "monitor",
+                "--timeout", "20")
+        refused = cli(*base, "--password-file", str(wrong))
+    assert refused.returncode == 4, refused.stderr[-2000:]
+    assert "refused the connection: Not authorized" in refused.stderr and "ALERT" not in refused.stderr
+
+
+def test_follow_pinned_by_genesis_hash_ignores_a_forged_genesis(finished_round: Harness, embedded_broker: BrokerInfo,
+                                                               tmp_path: Path) -> None:
+    """`--genesis HASH` and no key: a self-signed genesis of another key, published first, is
+    ignored and never stored; the chain whose genesis has that hash is followed and stored."""
+    h = finished_round
+    chain = [b.to_bytes() for b in h.ledger]
+    with FleetLedger.open(tmp_path / "forged.log", signer=Ed25519Signer(bytes(range(32))), fleet=FLEET) as other:
+        forged_genesis = other.block(0).to_bytes()
+    replica = tmp_path / "replica"
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", FLEET, "--broker-host",
+         embedded_broker.host, "--broker-port", str(embedded_broker.port), "--timeout", "60",
+         "--genesis", h.ledger.block(0).hash.hex(), "--until-height", str(len(chain)), "--replica", str(replica)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _publish_to(follower, embedded_broker, chain[-1], before=(forged_genesis, *chain[:-1]))
+    assert follower.returncode == 0, err[-2000:]
+    assert f"replica verified to height {len(chain)}" in out and "ALERT" not in err
+    assert "not_pinned_genesis" in err
+    from fledger.ledger_cli import ReplicaFile
+
+    assert ReplicaFile(replica).load() == chain

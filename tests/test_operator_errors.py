@@ -4,6 +4,7 @@ closed, so a command that tried to connect first would hang in its retries inste
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def test_each_operator_error_is_one_line_and_an_exit_code(tmp_path: Path) -> Non
         (tmp_path / f"{name}.csv").write_text(text)
     coordinator_keys = str(keys / keytool.COORDINATOR_FILE)
     (tmp_path / "half_key.json").write_text((keys / keytool.COORDINATOR_FILE).read_text().replace("enc_seed", "x"))
+    half_bundle = json.loads(Path(bundle).read_text())
+    del half_bundle["sign_seed"]
+    (tmp_path / "half_bundle.json").write_text(json.dumps(half_bundle))
     (tmp_path / "model.safetensors").write_bytes(b"\x10" + bytes(7) + b'{"a":1}')
 
     def coordinator(*extra: str, state: str = "state") -> list[str]:
@@ -54,8 +58,14 @@ def test_each_operator_error_is_one_line_and_an_exit_code(tmp_path: Path) -> Non
                             str(tmp_path / "nope.csv"), "--target", "y"), exit_codes.USAGE, "not found"),
         "key file missing a field": (coordinator("--keys", str(tmp_path / "half_key.json")), exit_codes.USAGE,
                                      "enc_seed"),
+        "device bundle missing a field": (cli("agent", *broker, "--bundle", str(tmp_path / "half_bundle.json"),
+                                              "--task", "csv", "--data", str(tmp_path / "ragged.csv"), "--target",
+                                              "y"), exit_codes.USAGE, "sign_seed"),
+        "task typo": (coordinator("--task", "califronia"), exit_codes.USAGE, "califronia"),
         "devices typo": (coordinator("--devices", str(keys / "devces.json")), exit_codes.USAGE, "devces.json"),
         "port out of range": (coordinator("--broker-port", "99999"), exit_codes.USAGE, "99999"),
+        "negative model retention": (coordinator("--keep-models", "-1"), exit_codes.USAGE, "keep_models"),
+        "max payload too small": (coordinator("--max-payload", "100"), exit_codes.USAGE, "max_payload 100"),
         "corrupt model for predict": (cli("predict", "--model", str(tmp_path / "model.safetensors"), "--data",
                                           str(tmp_path / "ragged.csv")), exit_codes.USAGE, "model.safetensors"),
     }

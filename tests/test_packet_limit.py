@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BrokerInfo, Mosquitto, running
+from conftest import Mosquitto, running
 from federation_run import Federation
 
 from federation.chunking import split
@@ -29,6 +29,8 @@ from federation.packet_limit import (
     refusal,
 )
 from federation.topics import Topics
+from fledger.broker import EmbeddedBroker
+from fledger.keytool import write_broker_password
 
 LIMIT = 10_000
 LONGEST_MODEL_TOPIC = Topics("f" * 64, "p" * 64).model  # names are at most 64 characters
@@ -64,7 +66,7 @@ def test_refusal_names_the_size_and_the_setting() -> None:
     reason = refusal(19_873, "fledger/x/model/global", LIMIT, mqtt5=True)
     assert reason is not None
     assert "19,873-byte" in reason and "fledger/x/model/global" in reason and "10,000" in reason
-    assert "--max-payload" in reason
+    assert "--max-payload" in reason and "it is 0: chunking is off" in reason
 
 
 def test_a_disconnect_after_a_large_publish_is_diagnosed_and_a_repeat_detected() -> None:
@@ -75,6 +77,7 @@ def test_a_disconnect_after_a_large_publish_is_diagnosed_and_a_repeat_detected()
     diagnosis, repeat = watch.disconnected()  # dropped before paho's publish() even returned
     assert diagnosis is not None and not repeat  # once may be the network
     assert "19,873-byte publish on fledger/x/model/global" in diagnosis and "--max-payload" in diagnosis
+    assert "it is 0: chunking is off" in diagnosis  # says what the setting is now
     watch.sent(model, 1)
     watch.sent(watch.sending("fledger/x/model/global", 19_873), 3)  # republished on reconnect
     assert watch.disconnected() == (None, False)  # refused or dropped before CONNACK: nothing was re-sent
@@ -147,8 +150,23 @@ def test_mqtt5_link_learns_the_limit_and_keeps_its_session(small_broker: Mosquit
         sender.stop()
 
 
-def test_amqtt_gets_mqtt_3_1_1_in_auto_mode(embedded_broker: BrokerInfo) -> None:
-    config = BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port)
+@pytest.mark.parametrize("login", [False, True])
+def test_amqtt_gets_mqtt_3_1_1_in_auto_mode(tmp_path: Path, login: bool) -> None:
+    """With the fleet's logins (the embedded broker's default) as without: amqtt misreads an
+    MQTT 5 CONNECT that carries a login and never answers it, so the probe must not carry one."""
+    passwords = tmp_path / "passwords"
+    write_broker_password(passwords, "coordinator", "coordinator-password")
+    (tmp_path / "coordinator.password").write_text("coordinator-password\n")
+    (tmp_path / "acl").write_text("user coordinator\ntopic readwrite t/#\n")  # the test's topic
+    with EmbeddedBroker(password_file=passwords if login else None,
+                        acl_file=tmp_path / "acl" if login else None) as broker:
+        config = BrokerConfig(broker_host=broker.host, broker_port=broker.port,
+                              **({"username": "coordinator", "password_file": tmp_path / "coordinator.password"}
+                                 if login else {}))
+        _auto_link_on_amqtt(config)
+
+
+def _auto_link_on_amqtt(config: BrokerConfig) -> None:
     link = MqttLink(config, "t-auto", subscriptions=["t/x"])
     started = time.monotonic()
     link.start(timeout=20)
@@ -177,15 +195,18 @@ def test_full_run_with_default_settings_under_a_small_packet_limit(small_broker:
     assert _oversize_disconnects(small_broker) == 0
 
 
-@pytest.mark.parametrize("version", ["auto", "3.1.1"])
+@pytest.mark.parametrize(("version", "max_payload"), [("auto", "0"), ("3.1.1", "0"), ("3.1.1", None)])
 def test_chunking_off_one_error_with_size_and_setting_and_no_loop(
-    small_broker: Mosquitto, tmp_path: Path, version: str,
+    small_broker: Mosquitto, tmp_path: Path, version: str, max_payload: str | None,
 ) -> None:
     """MQTT 5 (auto on mosquitto): the broker's stated limit refuses the model before sending it.
     MQTT 3.1.1: the broker drops the connection; the re-send is dropped too and the coordinator
-    stops, instead of publishing the model ~100 times a minute."""
+    stops, instead of publishing the model ~100 times a minute. The same with chunking on at
+    its default over 3.1.1, where the broker's limit (10,000) is below the default frame size
+    and nothing tells fledger: the line then says what the setting is now."""
     fed = Federation(tmp_path, small_broker.host, small_broker.port, rounds=1,
-                     extra_coordinator=["--max-payload", "0", "--mqtt-version", version])
+                     extra_coordinator=[*(["--max-payload", max_payload] if max_payload else []),
+                                        "--mqtt-version", version])
     try:
         fed.start_coordinator()
         code = fed.wait("coordinator", 90)
@@ -197,11 +218,36 @@ def test_chunking_off_one_error_with_size_and_setting_and_no_loop(
     size = re.search(r"(\d[\d,]*)-byte", errors[0])
     assert size and int(size.group(1).replace(",", "")) > LIMIT
     assert "fledger/test/model/global" in errors[0] and "--max-payload" in errors[0]
+    # the setting's current value: the user knows what to change
+    assert ("it is 0: chunking is off" if max_payload == "0" else f"it is {DEFAULT_MAX_PAYLOAD:,}") in errors[0]
     assert code == 4, log  # stopped with the broker's exit code
     # At most one reconnect of its link, then it stopped (the start-up probe of the retained
     # head is a separate, short-lived client: "-probe").
     assert log.count("as fledger-coordinator-test (") <= 2, log
     assert _oversize_disconnects(small_broker) == (0 if version == "auto" else 2)  # sent twice, not in a loop
+
+
+def test_an_agent_with_chunking_off_stops_on_its_oversized_update(small_broker: Mosquitto, tmp_path: Path) -> None:
+    """The device side of the diagnosis: its update is over the broker's unstated limit (MQTT
+    3.1.1, chunking off), so the broker drops it; the agent says so once, with the size and the
+    setting, and exits with the broker's code instead of re-sending the update for ever."""
+    fed = Federation(tmp_path, small_broker.host, small_broker.port, rounds=1, devices=("edge-1",), limit=200,
+                     extra_agent=["--max-payload", "0", "--mqtt-version", "3.1.1"])
+    try:
+        fed.start_all()
+        code = fed.wait("edge-1", 120)
+    finally:
+        fed.stop()
+    log = (fed.logs / "edge-1.log").read_text()
+    errors = [line for line in log.splitlines() if " ERROR " in line and "-byte" in line]
+    assert len(errors) == 1, log
+    size = re.search(r"(\d[\d,]*)-byte", errors[0])
+    assert size and int(size.group(1).replace(",", "")) > LIMIT
+    assert "fledger/test/update/edge-1" in errors[0] and "it is 0: chunking is off" in errors[0], errors[0]
+    assert code == 4, log
+    assert _oversize_disconnects(small_broker) == 2  # sent twice, not in a loop
+    # nothing of the device reached the ledger: the coordinator never got the update
+    assert "accepted update from edge-1" not in (fed.logs / "coordinator.log").read_text()
 
 
 def test_replayed_ledger_blocks_are_framed_too(small_broker: Mosquitto) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.inference import RegressionPredictor
+from coordinator.inference import RegressionPredictor, scaler_digest
 from coordinator.predictions import CurrentModel, PredictionService, PredictionSettings
 from federation import credits, crypto
 from federation import prediction_wire as wire
@@ -48,6 +48,7 @@ class Rig:
         self.task = task
         self.settings = PredictionSettings(fee=fee, fee_per=fee_per, max_rows=16, max_request_bytes=64 * 1024)
         self.published: list[tuple[str, bytes]] = []
+        self.correlations: list[bytes | None] = []  # the MQTT 5 Correlation Data of each published message
         self.ledger = FleetLedger.open(tmp / "ledger.log", signer=Ed25519Signer(self.keys.sign_seed), fleet=FLEET)
         self.service = self.new_service()
 
@@ -57,8 +58,12 @@ class Rig:
         return PredictionService(self.settings, self.keys, self.clients, self.ledger.state.accounts,
                                  append=self.ledger.append,
                                  model=lambda: self.model, predictor=predictor,
-                                 publish=lambda t, p: self.published.append((t, p)), topics=self.topics,
-                                 now=lambda: self.clock[0])
+                                 publish=self._publish, topics=self.topics, now=lambda: self.clock[0],
+                                 block=self.ledger.block)
+
+    def _publish(self, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
+        self.published.append((topic, payload))
+        self.correlations.append(correlation)
 
     def order(self, action: str, amount: int, client: str | None = None, keys: CoordinatorKeys | None = None
               ) -> dict[str, Any]:
@@ -112,6 +117,10 @@ def test_answered_request_is_charged_once_with_a_receipt_bound_to_the_reply(tmp_
     [receipt] = rig.receipts()
     assert receipt["client"] == "alice" and receipt["request_id"] == pending.request_id and receipt["rows"] == 2
     assert receipt["reply_sha256"] == hashlib.sha256(wire.encode_predictions(reply.predictions)).digest()
+    # The scaler that gave original units is named beside the model, in the receipt and the reply.
+    assert receipt["scaler_sha256"] == reply.scaler_sha256 == scaler_digest(rig.x_scaler, rig.y_scaler)
+    assert scaler_digest(rig.x_scaler, Standardizer(np.array([0.0], np.float32), np.array([1.0], np.float32))) \
+        != reply.scaler_sha256
     assert reply.receipt is not None and reply.receipt.hash == rig.ledger.head.hash  # in the chain, signed
     assert verify_file(rig.ledger.path).ok
     assert credits.fold(rig.ledger).balance("alice") == 3
@@ -148,16 +157,93 @@ def test_replayed_request_is_answered_with_the_same_receipt_and_never_charged_tw
     assert status == "duplicate" and again is not None and again.receipt is not None and first is not None
     assert first.receipt is not None and again.receipt.hash == first.receipt.hash
     assert len(rig.receipts()) == 1 and rig.service.accounts.balance("alice") == 8
-    # After a restart (no reply cache) the replay is refused, still not charged.
+
+
+def test_a_charged_request_whose_reply_was_lost_in_a_crash_is_answered_again_with_its_receipt(tmp_path: Path
+                                                                                             ) -> None:
+    rig = Rig(tmp_path)
+    rig.order("deposit", 10, "alice")
+    pending, stale = rig.request(ROWS), rig.request(ROWS)
+    _, first = rig.send(pending)
+    rig.send(stale)
+    assert first is not None and first.receipt is not None and first.predictions is not None
+    # A restart: no reply is kept. The resend gets the same predictions bound to the same receipt.
     rig.service = rig.new_service()
+    status, again = rig.send(pending)
+    assert status == "duplicate" and again is not None and again.status == "ok" and again.receipt is not None
+    assert again.receipt.hash == first.receipt.hash and again.predictions is not None
+    np.testing.assert_array_equal(again.predictions, first.predictions)
+    assert again.balance == 6 and len(rig.receipts()) == 2
+    # Past the freshness window, or with another model now, or if the answer would differ from
+    # the receipt's digest: a refusal naming the receipt, still no second charge.
+    rig.clock[0] += 301
+    rig.service = rig.new_service()
+    status, refused = rig.send(stale)
+    assert status == "duplicate" and refused is not None and refused.status == "refused"
+    assert f"receipt in ledger block {first.receipt.index + 1}" in refused.detail
+    rig.clock[0] -= 301
+    rig.service = rig.new_service()
+    old_model = rig.model
+    rig.model = CurrentModel(2, bytes(32), rig.weights)
     status, refused = rig.send(pending)
-    assert status == "duplicate" and refused is not None and "already answered" in refused.detail
-    assert len(rig.receipts()) == 1 and rig.service.accounts.balance("alice") == 8
+    assert status == "duplicate" and refused is not None and "no longer the current one" in refused.detail
+    rig.model = old_model
+    rig.service = rig.new_service()
+    rig.service.predictor = RegressionPredictor(rig.task, rig.x_scaler, Standardizer(
+        np.array([0.0], np.float32), np.array([1.0], np.float32)))  # another target scaler: other values
+    status, refused = rig.send(pending)
+    assert status == "duplicate" and refused is not None and refused.status == "refused"
+    assert len(rig.receipts()) == 2 and rig.service.accounts.balance("alice") == 6
+    assert credits.fold(rig.ledger).balance("alice") == 6
+
+
+def test_mqtt5_requests_are_answered_on_their_response_topic_with_their_correlation_data(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.order("deposit", 10, "alice")
+    own = wire.reply_topic(rig.topics, "alice")
+    request = wire.request_topic(rig.topics, "alice")
+    pending = rig.request(ROWS)
+    assert rig.service.handle_request(request, pending.payload, response_topic=own,
+                                      correlation=pending.request_id).status == "ok"
+    assert rig.published[-1][0] == own and rig.correlations[-1] == pending.request_id
+    first = wire.open_reply(rig.published[-1][1], rig.bundle, pending)
+    # The replay (the client resending) is answered with the same reply and echoes its own data.
+    assert rig.service.handle_request(request, pending.payload, response_topic=own,
+                                      correlation=b"resend").status == "duplicate"
+    assert rig.correlations[-1] == b"resend"
+    again = wire.open_reply(rig.published[-1][1], rig.bundle, pending)
+    assert again.receipt is not None and first.receipt is not None and again.receipt.hash == first.receipt.hash
+    # A response topic that is not the client's own (another client's replies, the fleet's model
+    # topic) is not followed: the answer, a refusal here, goes to the client's own reply topic.
+    for foreign in (wire.reply_topic(rig.topics, "bob"), rig.topics.model):
+        refused = rig.request(np.ones((2, 4), np.float32))
+        assert rig.service.handle_request(request, refused.payload, response_topic=foreign,
+                                          correlation=refused.request_id).status == "wrong_shape"
+        assert rig.published[-1][0] == own and rig.correlations[-1] == refused.request_id
+    assert rig.service.foreign_response_topics == 2
+    # Over MQTT 3.1.1 there are no properties: the fixed reply topic, no correlation data.
+    assert rig.send(rig.request(ROWS))[0] == "ok" and rig.correlations[-1] is None
+    # Correlation data too long to echo is dropped; the signed request id still matches the reply.
+    pending = rig.request(ROWS)
+    rig.service.handle_batch([_Delivery(request, pending.payload, own, bytes(257))])
+    assert rig.correlations[-1] is None and wire.open_reply(rig.published[-1][1], rig.bundle, pending).status == "ok"
+    assert len(rig.receipts()) == 3 and rig.service.accounts.balance("alice") == 4
+
+
+class _Delivery:
+    def __init__(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+        self.topic, self.payload, self.response_topic, self.correlation = topic, payload, response_topic, correlation
 
 
 def _tampered_signature(rig: Rig) -> bytes:
     outer = msgpack.unpackb(rig.request(ROWS).payload, raw=False)
     outer["sig"] = bytes(64)
+    return msgpack.packb(outer, use_bin_type=True)
+
+
+def _unsigned(rig: Rig) -> bytes:
+    outer = msgpack.unpackb(rig.request(ROWS).payload, raw=False)
+    del outer["sig"]
     return msgpack.packb(outer, use_bin_type=True)
 
 
@@ -170,6 +256,7 @@ def _tampered_inputs(rig: Rig) -> bytes:
 @pytest.mark.parametrize(("make", "reason"), [
     (lambda rig: b"\x00not msgpack", "malformed"),
     (lambda rig: b"x" * (64 * 1024 + 1), "oversized"),
+    (_unsigned, "malformed"),
     (_tampered_signature, "bad_signature"),
     (_tampered_inputs, "decrypt_failed"),
     (lambda rig: rig.request(np.ones((2, 4), np.float32)).payload, "wrong_shape"),
@@ -308,6 +395,7 @@ def test_mnist_requests_get_class_probabilities(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
     status, reply = rig.send(rig.request(images))
     assert status == "ok" and reply is not None and reply.output == "probabilities"
+    assert reply.scaler_sha256 == b"" and "scaler_sha256" not in rig.receipts()[-1]  # images: no scaler
     assert reply.predictions is not None and reply.predictions.shape == (3, 10)
     np.testing.assert_allclose(reply.predictions.sum(axis=1), 1.0, rtol=1e-5)
     model = task.build_model()
@@ -341,3 +429,53 @@ def test_clients_and_devices_are_kept_apart_by_the_key_tool(tmp_path: Path) -> N
         keytool.add_client(keys, "owner")
     with pytest.raises(FileExistsError):
         keytool.add_client(keys, "alice")
+
+
+def test_a_reply_is_bound_to_its_receipt_which_is_provably_in_the_chain(tmp_path: Path, capsys: Any) -> None:
+    import json
+
+    from fledger.cli import main
+    from ledger import merkle
+
+    rig = Rig(tmp_path)
+    rig.order("deposit", 10, "alice")
+    first, second = rig.request(ROWS), rig.request(ROWS[:1])
+    rig.send(first)
+    reply_first = rig.published[-1][1]
+    rig.send(second)
+    reply_second = rig.published[-1][1]
+    # Another receipt block under the first reply (a genuine, signed block of the same client) is
+    # refused: the reply names its receipt, which records the digest of exactly these predictions.
+    outer = msgpack.unpackb(reply_first, raw=False)
+    outer["block"] = msgpack.unpackb(reply_second, raw=False)["block"]
+    with pytest.raises(wire.EnvelopeError) as refused:
+        wire.open_reply(msgpack.packb(outer, use_bin_type=True), rig.bundle, first)
+    assert refused.value.reason == "receipt_mismatch"
+    outer = msgpack.unpackb(reply_first, raw=False)  # other predictions under the signed header
+    outer["ct"] = bytes([outer["ct"][0] ^ 1]) + outer["ct"][1:]
+    with pytest.raises(wire.EnvelopeError):
+        wire.open_reply(msgpack.packb(outer, use_bin_type=True), rig.bundle, first)
+    receipt = wire.open_reply(reply_first, rig.bundle, first).receipt
+    assert receipt is not None
+
+    # `fledger credits receipt` from the ledger file: a proof anyone checks against the chain root
+    # (the root a monitor's signed checkpoint states), here recomputed from the printed JSON alone.
+    capsys.readouterr()
+    assert main(["credits", "receipt", str(rig.ledger.path), "--client", "alice", "--request-id",
+                 first.request_id.hex()]) == 0
+    proof = json.loads(capsys.readouterr().out)
+    assert proof["verified"] and proof["block_hash"] == receipt.hash.hex() and proof["block_index"] == receipt.index
+    assert proof["reply_sha256"] == receipt.data["reply_sha256"].hex() and proof["fee"] == 2
+    assert bytes.fromhex(proof["chain_root"]) == rig.ledger.chain_root(proof["tree_size"])
+    assert merkle.verify_inclusion(merkle.leaf_hash(bytes.fromhex(proof["block_hash"])), proof["block_index"],
+                                   proof["tree_size"], [bytes.fromhex(p) for p in proof["path"]],
+                                   bytes.fromhex(proof["chain_root"]))
+    assert not merkle.verify_inclusion(merkle.leaf_hash(bytes(32)), proof["block_index"], proof["tree_size"],
+                                       [bytes.fromhex(p) for p in proof["path"]], bytes.fromhex(proof["chain_root"]))
+    assert main(["credits", "receipt", str(rig.ledger.path), "--client", "alice", "--request-id",
+                 bytes(16).hex()]) == 1
+    capsys.readouterr()
+    assert main(["credits", "balance", str(rig.ledger.path), "--json"]) == 0  # the ledger file alone
+    assert json.loads(capsys.readouterr().out) == {
+        "clients": {"alice": {"deposited": 10, "spent": 4, "balance": 6, "requests": 2}},
+        "collected": 4, "withdrawn": 0, "held": 4}

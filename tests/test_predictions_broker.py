@@ -1,16 +1,23 @@
 """Paid predictions on mosquitto with the deploy config (TLS, passwords, deploy/mosquitto/fledger.acl
 plus the lines `fledger keys add-client` prints): roles kept apart by the broker, and the whole
-path (owner deposit, client request, signed reply) over MQTT 3.1.1 with real processes."""
+path (owner deposit, client request, signed reply) with real processes, over MQTT 5 (response
+topic and correlation data) and over MQTT 3.1.1."""
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from federation import prediction_wire as wire
+from federation.mqtt import BrokerConfig, Message, MqttLink
+from federation.topics import Topics
 from fledger import keytool
 from tests.conftest import Mosquitto
 from tests.federation_run import Federation
@@ -86,7 +93,7 @@ def test_paid_prediction_over_mosquitto(broker: SecureBroker, tmp_path: Path) ->
     cli = [sys.executable, "-m", "fledger.cli", "--log-level", "WARNING"]
     try:
         fed.start_coordinator()
-        deposit = subprocess.run([*cli, "credits", "deposit", "alice", "5", "--keys",
+        deposit = subprocess.run([*cli, "credits", "deposit", "alice", "20", "--keys",
                                   str(fed.keys / keytool.COORDINATOR_FILE), *login("owner"), "--timeout", "120"],
                                  capture_output=True, text=True, timeout=240)
         assert deposit.returncode == 0, deposit.stderr + fed.log_tail()
@@ -94,6 +101,45 @@ def test_paid_prediction_over_mosquitto(broker: SecureBroker, tmp_path: Path) ->
                                    str(keytool.client_bundle_path(fed.keys, "alice")), *login("alice"),
                                    "--timeout", "120"], capture_output=True, text=True, timeout=240)
         assert answered.returncode == 0, answered.stderr + fed.log_tail()
-        assert answered.stdout.splitlines()[0] == "row,prediction" and "fee 3, balance 2" in answered.stderr
+        assert answered.stdout.splitlines()[0] == "row,prediction" and "fee 3, balance 17" in answered.stderr
+
+        bundle = wire.ClientBundle.load(keytool.client_bundle_path(fed.keys, "alice"))
+        topics = Topics(FLEET)
+        own, request = wire.reply_topic(topics, "alice"), wire.request_topic(topics, "alice")
+        row = np.array([[8.3252, 41.0, 6.98, 1.02, 322.0, 2.56, 37.88, -122.23]], np.float32)
+
+        def ask(link: MqttLink, response_topic: str | None) -> tuple[Message, wire.PredictionReply]:
+            pending = wire.seal_request(bundle, row)
+            link.publish(request, pending.payload, response_topic=response_topic, correlation=pending.request_id)
+            message = link.inbox.get(timeout=60)
+            return message, wire.open_reply(message.payload, bundle, pending)
+
+        config = {"broker_host": broker.host, "broker_port": broker.port, "username": "alice",
+                  "password_file": broker.pki / "alice.password", "tls_ca": broker.pki / "ca.crt"}
+        v5 = MqttLink(BrokerConfig(**config, mqtt_version="5"), "alice-v5", subscriptions=[own], persistent=False)
+        assert v5.start(timeout=30) and v5.mqtt5
+        try:
+            time.sleep(0.5)  # the subscription is made right after the connect
+            message, reply = ask(v5, own)  # MQTT 5: answered on the response topic, correlation echoed
+            assert reply.status == "ok" and reply.balance == 14 and message.topic == own
+            assert message.correlation == reply.request_id
+            # Another client's reply topic as the response topic: the answer still comes to alice.
+            message, reply = ask(v5, wire.reply_topic(topics, "bob"))
+            assert reply.status == "ok" and reply.balance == 11 and message.topic == own
+            assert message.correlation == reply.request_id
+        finally:
+            v5.stop()
+        v3 = MqttLink(BrokerConfig(**config, mqtt_version="3.1.1"), "alice-v3", subscriptions=[own],
+                      persistent=False)
+        assert v3.start(timeout=30) and not v3.mqtt5
+        try:
+            time.sleep(0.5)  # the subscription is made right after the connect
+            message, reply = ask(v3, own)  # MQTT 3.1.1: no properties, the fixed topic
+            assert reply.status == "ok" and reply.balance == 8 and message.correlation is None
+            with pytest.raises(queue.Empty):
+                v3.inbox.get(timeout=1)  # one request, one answer
+        finally:
+            v3.stop()
+        assert "names the response topic" in (fed.logs / "coordinator.log").read_text()
     finally:
         fed.stop()

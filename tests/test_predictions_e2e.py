@@ -4,17 +4,22 @@ concurrent clients, a SIGKILL of the coordinator and balances recomputed from th
 from __future__ import annotations
 
 import json
+import queue
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import msgpack
 
 from federation import credits
 from federation.exit_codes import TIMEOUT, USAGE
 from federation.fleet_state import FleetLedger, verify_file
 from fledger import keytool
+from fledger.credits_cli import RESEND_S
 from tests.conftest import BrokerInfo
 from tests.federation_run import Federation
 
@@ -41,7 +46,9 @@ def _wait_for_log(fed: Federation, text: str, timeout: float = 90.0) -> None:
 def _start(fed: Federation, connects: int) -> None:
     fed.start_coordinator()
     deadline = time.monotonic() + 90
-    while (fed.logs / "coordinator.log").read_text(errors="replace").count("connected to") < connects:
+    # the coordinator's own link, not its short start-up probe of the retained head ("-probe")
+    mark = f"as fledger-coordinator-{fed.fleet} ("
+    while (fed.logs / "coordinator.log").read_text(errors="replace").count(mark) < connects:
         assert time.monotonic() < deadline, fed.log_tail()
         time.sleep(0.2)
     time.sleep(0.5)  # subscriptions are made right after the connect
@@ -49,7 +56,8 @@ def _start(fed: Federation, connects: int) -> None:
 
 def test_paid_predictions_with_restart(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
     fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, devices=("edge-1",), rounds=0,
-                     extra_coordinator=["--predict-fee", "2"])
+                     # --heartbeat 2: after the SIGKILL the new coordinator waits ~2 heartbeats, not ~31 s
+                     extra_coordinator=["--predict-fee", "2", "--heartbeat", "2"])
     keytool.add_client(fed.keys, "alice")
     fed.extra_coordinator += ["--clients", str(fed.keys / keytool.CLIENTS_FILE)]
     broker = fed.broker_args()
@@ -116,9 +124,114 @@ def test_paid_predictions_with_restart(embedded_broker: BrokerInfo, tmp_path: Pa
                          request_id.group(1)))
         assert proof.returncode == 0, proof.stderr
         assert json.loads(proof.stdout)["verified"] is True and json.loads(proof.stdout)["fee"] == 2
+        assert len(bytes.fromhex(json.loads(proof.stdout)["scaler_sha256"])) == 32  # California's standardisers
         assert verify_file(ledger_path).ok
     finally:
         fed.stop()
+
+
+def test_sigkill_while_requests_are_in_flight(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    """A burst of requests, the coordinator killed mid-way: every answer a client got has its
+    receipt in the ledger file (durable before the reply); after the restart the same requests
+    sent again are charged only if they were not before, each id once; those charged before
+    (their replies perhaps lost in the crash) get the same answer with the same receipt; the
+    coordinator's balance is the ledger's."""
+    import numpy as np
+
+    from federation import prediction_wire as wire
+    from federation.mqtt import BrokerConfig, MqttLink
+    from federation.topics import Topics
+
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, devices=("edge-1",), rounds=0,
+                     # --heartbeat 2: the restarted coordinator waits ~2 heartbeats to see that no other runs
+                     extra_coordinator=["--predict-fee", "1", "--heartbeat", "2"])
+    keytool.add_client(fed.keys, "alice")
+    fed.extra_coordinator += ["--clients", str(fed.keys / keytool.CLIENTS_FILE)]
+    owner = ["--keys", str(fed.keys / keytool.COORDINATOR_FILE), *fed.broker_args(), "--timeout", "60"]
+    ledger_path = fed.state / "ledger.log"
+    bundle = wire.ClientBundle.load(keytool.client_bundle_path(fed.keys, "alice"))
+    topics = Topics(bundle.fleet)
+    row = np.array([[8.3, 41.0, 7.0, 1.0, 322.0, 2.6, 37.9, -122.2]], np.float32)
+    requests = [wire.seal_request(bundle, row) for _ in range(300)]
+    by_id = {r.request_id: r for r in requests}
+    link = MqttLink(BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port),
+                    "alice-burst", subscriptions=[wire.reply_topic(topics, "alice")], persistent=False)
+
+    def send(pendings: list[wire.PendingRequest]) -> None:
+        for pending in pendings:
+            link.publish(wire.request_topic(topics, "alice"), pending.payload)
+
+    def replies(until: Callable[[dict[bytes, list[wire.PredictionReply]]], bool], got: dict[bytes, list[
+            wire.PredictionReply]], timeout: float, *, resend: bool = False) -> None:
+        """Collect replies until ``until(got)``; with ``resend``, ask again for the unanswered
+        every RESEND_S, as `fledger predict --remote` does."""
+        deadline = time.monotonic() + timeout
+        sent = time.monotonic()
+        while not until(got) and time.monotonic() < deadline:
+            if resend and time.monotonic() - sent > RESEND_S:
+                sent = time.monotonic()
+                send([r for r in requests if r.request_id not in got])
+            try:
+                message = link.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            header = msgpack.unpackb(msgpack.unpackb(message.payload, raw=False)["hdr"], raw=False)
+            pending = by_id[header["request_id"]]
+            got.setdefault(pending.request_id, []).append(wire.open_reply(message.payload, bundle, pending))
+
+    def ledger_receipts() -> dict[bytes, tuple[int, bytes]]:
+        with FleetLedger.open(ledger_path) as ledger:
+            return {b.data["request_id"]: (b.index, b.hash) for b in ledger if b.data["type"] == credits.RECEIPT}
+
+    try:
+        _start(fed, 1)
+        done = subprocess.run(_cli("credits", "deposit", "alice", "1000", *owner), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr + fed.log_tail()
+        assert link.start(timeout=30)
+        time.sleep(0.5)  # the subscription is made right after the connect
+        send(requests)
+        before: dict[bytes, list[wire.PredictionReply]] = {}
+        replies(lambda got: len(got) >= 20, before, 60)
+        fed.procs["coordinator"].send_signal(signal.SIGKILL)
+        fed.procs["coordinator"].wait(timeout=30)
+        replies(lambda got: False, before, 1.0)  # whatever was on its way
+        assert 20 <= len(before) < len(requests), "the kill came after every request was answered"
+        charged = ledger_receipts()
+        for request_id, answers in before.items():  # every answer given is in the ledger, as it said
+            for reply in answers:
+                assert reply.status == "ok" and reply.receipt is not None
+                assert charged[request_id] == (reply.receipt.index, reply.receipt.hash)
+        assert file_balance(ledger_path) == 1000 - len(charged)
+
+        fed.start_coordinator()  # requests queued while it was down may reach it too: answered once each
+        send(requests)  # the client asks again with the same ids, until answered
+        after: dict[bytes, list[wire.PredictionReply]] = {}
+        replies(lambda got: len(got) == len(requests), after, 120, resend=True)
+        assert len(after) == len(requests), fed.log_tail()
+        final = ledger_receipts()
+        assert len(final) == len(requests)  # each id charged exactly once, none lost
+        lost = [i for i in charged if i not in before]  # charged, the reply lost in the crash
+        for request_id, answers in after.items():
+            for reply in answers:  # answered: with the receipt of before the crash, if charged then
+                assert reply.status == "ok" and reply.receipt is not None, reply
+                assert final[request_id] == (reply.receipt.index, reply.receipt.hash)
+                if request_id in charged:
+                    assert charged[request_id] == final[request_id]
+        assert all(after[i][0].predictions is not None for i in lost)
+        assert file_balance(ledger_path) == 1000 - len(requests)
+        done = subprocess.run(_cli("credits", "deposit", "alice", "1", *owner), capture_output=True, text=True,
+                              timeout=120)  # the coordinator's own balance, confirmed by it
+        assert done.returncode == 0 and f"balance {1000 - len(requests) + 1}" in done.stdout, done.stderr
+        assert verify_file(ledger_path).ok
+    finally:
+        link.stop()
+        fed.stop()
+
+
+def file_balance(ledger_path: Path) -> int:
+    with FleetLedger.open(ledger_path) as ledger:
+        return credits.fold(ledger).balance("alice")
 
 
 def test_predict_remote_times_out_without_a_coordinator(embedded_broker: BrokerInfo, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 A fleet runs two rounds while a monitor keeps a verified replica. Then, as an operator might:
 the ledger is truncated at a block boundary (an old backup), a bit is flipped in its last block,
-the state directory is wiped, ledger.log is emptied beside its models. Each start is refused with
+the state directory is wiped, ledger.log is emptied beside its models (and restored). Each start is refused with
 exit code 5 and one line saying what happened and how to fix it; `fledger ledger restore` from the
 monitor's replica brings the coordinator back where it was; --new-chain starts afresh on purpose.
 """
@@ -108,6 +108,12 @@ def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosq
     code, err = coordinator_once(fed)
     assert code == exit_codes.STATE and "empty" in refusal(err), err
     assert log_path.read_bytes() == b""
+    # A lost ledger (here: emptied) is rebuilt from the replica too, and the coordinator resumes.
+    done = restore(fed, replica)
+    assert done.returncode == 0, done.stderr
+    assert log_path.read_bytes() == good
+    code, err = coordinator_once(fed)
+    assert code == 0 and "resumed at round 3" in err, err
 
     # The whole state directory lost: the broker's retained head shows the fleet's chain.
     shutil.move(fed.state, tmp_path / "old-state")

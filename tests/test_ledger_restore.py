@@ -1,0 +1,97 @@
+"""`fledger ledger restore` refuses what it must (real `fledger` processes on real files): a replica
+not signed by this coordinator's key, a replica of a different history, one behind the ledger, a
+state directory in use, a missing model file; and rebuilds a rolled-back ledger from a good one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from test_coordinator import FLEET, Harness, weights
+
+from coordinator import state_guard
+from federation import exit_codes, records
+from federation.fleet_state import FleetLedger
+from fledger.ledger_cli import ReplicaFile
+from ledger import Ed25519Signer, storage
+
+
+def run_fleet(tmp: Path) -> Harness:
+    tmp.mkdir()
+    h = Harness(tmp)
+    for round_number in (1, 2):
+        for device in ("dev-a", "dev-b"):
+            assert h.send(device, h.update(device, round_number, weights(float(round_number)))).accepted
+    h.ledger.close()
+    return h
+
+
+def replica_of(log: Path, path: Path, blocks: int | None = None) -> Path:
+    replica = ReplicaFile(path)
+    for block in list(FleetLedger.open(log))[:blocks]:
+        replica.append(block.to_bytes())
+    return path
+
+
+def restore(state: Path, replica: Path, keys: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fledger.cli", "ledger", "restore", "--replica", str(replica),
+                           "--state-dir", str(state), "--keys", str(keys)], capture_output=True, text=True, timeout=60)
+
+
+def test_restore_checks_the_replica_against_the_coordinators_key_and_the_ledger(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    h = run_fleet(state)
+    keys = tmp_path / "coordinator.json"
+    h.keys.save(keys)
+    log = state / "ledger.log"
+    good = log.read_bytes()
+    offsets = storage.scan(good).offsets
+    replica = replica_of(log, tmp_path / "good.replica")
+
+    # Another coordinator's chain (same fleet name, another key) is refused: nothing changes.
+    other = run_fleet(tmp_path / "other")
+    forged = replica_of(other.tmp / "ledger.log", tmp_path / "forged.replica")
+    done = restore(state, forged, keys)
+    assert done.returncode == exit_codes.TAMPERED and "does not verify against" in done.stderr, done.stderr
+    assert log.read_bytes() == good
+
+    # A replica behind the ledger has nothing to restore.
+    short = replica_of(log, tmp_path / "short.replica", 4)
+    done = restore(state, short, keys)
+    assert done.returncode == exit_codes.STATE and "nothing to restore" in done.stderr, done.stderr
+
+    # The state directory in use by a coordinator: refused.
+    lock = state_guard.lock_state_dir(state)
+    try:
+        done = restore(state, replica, keys)
+        assert done.returncode == exit_codes.STATE and "another coordinator" in done.stderr, done.stderr
+    finally:
+        os.close(lock)
+
+    # A ledger that forked from the replica's history: refused, never replaced.
+    forked = bytearray(good[:offsets[-2]])
+    log.write_bytes(bytes(forked))
+    ledger = FleetLedger.open(log, signer=Ed25519Signer(h.keys.sign_seed), fleet=FLEET)
+    ledger.append(records.update_rejected("dev-c", 3, "stale_round", bytes(32)))
+    ledger.close()
+    fork = log.read_bytes()
+    done = restore(state, replica, keys)
+    assert done.returncode == exit_codes.TAMPERED and "different history" in done.stderr, done.stderr
+    assert log.read_bytes() == fork
+
+    # Rolled back (an older backup) with the latest model file gone: the model is named, exit 5.
+    log.write_bytes(good[:offsets[-4]])
+    model = h.coordinator.models.path(3)
+    shutil.move(model, tmp_path / "model-3")
+    done = restore(state, replica, keys)
+    assert done.returncode == exit_codes.STATE and str(model) in done.stderr and "missing" in done.stderr, \
+        done.stderr
+    # With the file back, the ledger is rebuilt exactly and the old one kept aside.
+    shutil.move(tmp_path / "model-3", model)
+    done = restore(state, replica, keys)
+    assert done.returncode == 0, done.stderr
+    assert log.read_bytes() == good
+    assert "model of round 3" in done.stdout and list(state.glob("ledger.log.before-restore-*"))
