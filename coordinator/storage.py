@@ -90,14 +90,6 @@ def write_synced(path: Path, *parts: bytes) -> None:
     os.replace(tmp, path)
 
 
-def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Durable write-then-rename; a failure becomes a StorageError naming the file."""
     try:
@@ -240,7 +232,7 @@ class Spool:
             self._next_segment[round_number] = number + 1
             for written in self.threads.pool().map(_write_segment, segments):
                 index.update(written)
-            sync_directory(directory)
+            durable.fsync_dir(directory)
         except OSError as exc:
             self._index.pop(round_number, None)  # read again from what is on disk
             raise StorageError(exc.errno, f"cannot write the spool in {directory}: {exc.strerror or exc}") from exc
