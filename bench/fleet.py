@@ -17,11 +17,13 @@ For each task and N, in one run:
    coordinator's RSS idle (after registration, before the updates) and peak, and what the
    ledger holds afterwards: every update accepted, nothing rejected, nothing lost;
 5. the crypto ceiling, measured here on one core in the same run: per update of that size,
-   AES-256-GCM decryption + SHA-256 of the weights + one Ed25519 verification + one X25519
-   (libsodium, pycryptodome: the libraries the coordinator uses). ``ratio`` = ingest rate /
-   ceiling. Beside it, ``envelope/s``: the coordinator's own code for the same steps
-   (federation/envelope.py: parse, verify, X25519 + HKDF, decrypt, digest; plus decoding the
-   tensors), on one core.
+   one X25519 + HKDF-SHA256, AES-256-GCM decryption, SHA-256 of the weights and one Ed25519
+   verification (libsodium, pycryptodome: the libraries the coordinator uses). ``ratio`` =
+   ingest rate / ceiling. Beside it, ``envelope/s``: the coordinator's own code for the same
+   steps (federation/envelope.py: parse, verify, X25519 + HKDF, decrypt, digest; plus decoding
+   the tensors), on one core; and ``disk/s``: updates of that size per second that this disk
+   makes durable (64 MiB written and fsynced, in the same run), a bound no ingest can pass
+   while every update is spooled durably before it is acknowledged.
 
 ``--profile DIR`` runs the coordinator under cProfile (its main thread: the worker that checks,
 decrypts, records and aggregates) and writes one .prof per run. Prints a table and writes JSON.
@@ -50,6 +52,8 @@ import nacl.bindings
 import nacl.signing
 import numpy as np
 from Crypto.Cipher import AES
+from Crypto.Hash import SHA256
+from Crypto.Protocol.KDF import HKDF
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -112,14 +116,16 @@ def crypto_ceiling(weights_bytes: int, repeat: int = 200) -> dict[str, float]:
     signature = signer.sign(header).signature
     verifier = signer.verify_key
     coordinator_seed, peer = os.urandom(32), nacl.bindings.crypto_scalarmult_base(os.urandom(32))
+    salt = os.urandom(16)
 
     def one() -> None:
+        secret = nacl.bindings.crypto_scalarmult(coordinator_seed, peer)
+        HKDF(secret, 32, salt, SHA256, context=b"fledger/update/v1")
         decrypt = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=16)
         decrypt.update(header)
         plain = decrypt.decrypt_and_verify(ciphertext, tag)
         hashlib.sha256(plain).digest()
         verifier.verify(header, signature)
-        nacl.bindings.crypto_scalarmult(coordinator_seed, peer)
 
     times = []
     for _ in range(repeat):
@@ -128,6 +134,28 @@ def crypto_ceiling(weights_bytes: int, repeat: int = 200) -> dict[str, float]:
         times.append(time.perf_counter() - start)
     per_update = statistics.median(times)
     return {"per_update_ms": 1000 * per_update, "updates_per_s": 1 / per_update}
+
+
+def disk_rate(directory: Path, update_bytes: int, total: int = 64 << 20) -> dict[str, float]:
+    """Updates of ``update_bytes`` per second this disk makes durable: ``total`` bytes written in
+    1 MiB files and fsynced (as the spool's segments), then their directory."""
+    data = os.urandom(1 << 20)
+    start = time.perf_counter()
+    fds = []
+    for i in range(total >> 20):
+        fd = os.open(directory / f"disk-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, data)
+        fds.append(fd)
+    for fd in fds:
+        os.fsync(fd)
+        os.close(fd)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    os.fsync(dir_fd)
+    os.close(dir_fd)
+    seconds = time.perf_counter() - start
+    for i in range(total >> 20):
+        os.unlink(directory / f"disk-{i}")
+    return {"mb_per_s": total / seconds / 1e6, "updates_per_s": total / seconds / update_bytes}
 
 
 def envelope_cost(task: str, repeat: int = 100) -> dict[str, float]:
@@ -184,6 +212,12 @@ class RssSampler(threading.Thread):
 
     def between(self, start: float, end: float, field: str = "VmRSS") -> list[float]:
         return [rss[field] for t, rss in self.samples if start <= t <= end]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -248,20 +282,6 @@ EXPERIMENTS = {
     "blas-1thread": "import os; os.environ['OPENBLAS_NUM_THREADS'] = '1'",
     # every fsync a no-op: how much of the time per update is the disk rather than the CPU
     "no-fsync": "import os; os.fsync = lambda fd: None",
-    # the signed fleet status (its size grows with N) republished at most once a second
-    "status-1hz": (
-        "import time; from coordinator import service; _ps = service.Coordinator.publish_status; _t = [0.0]\n"
-        "def _status(self):\n"
-        "    if time.monotonic() - _t[0] >= 1.0 or self.done or self.halted:\n"
-        "        _t[0] = time.monotonic(); _ps(self)\n"
-        "service.Coordinator.publish_status = _status"),
-    # the rollback checkpoint file (2 fsyncs) written at most once a second, not per block
-    "checkpoint-1hz": (
-        "import time; from coordinator import state_guard; _wc = state_guard.write_checkpoint; _c = [0.0]\n"
-        "def _checkpoint(state_dir, block):\n"
-        "    if time.monotonic() - _c[0] >= 1.0:\n"
-        "        _c[0] = time.monotonic(); _wc(state_dir, block)\n"
-        "state_guard.write_checkpoint = _checkpoint"),
 }
 
 
@@ -321,10 +341,12 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
         time.sleep(1.0)
         started = time.monotonic()
         idle = {f: statistics.median(rss.between(idle_start, started, f)) for f in RssSampler.FIELDS}
+        cpu_before = cpu_seconds(coordinator.pid)
         for i, (bundle, update) in enumerate(zip(bundles, updates, strict=True)):
             links[i % publishers].publish(topics.update(bundle.device_id), update)
         published = time.monotonic()
         watch.wait(lambda: watch.counts.get("aggregate", 0) >= 1, 1800, "the aggregate block")
+        coordinator_cpu = cpu_seconds(coordinator.pid) - cpu_before
         finished = watch.first["aggregate"]
         ingested = watch.last.get("update", finished)
         peak = {f: max(rss.between(started, finished + 0.5, f)) for f in RssSampler.FIELDS}
@@ -355,7 +377,8 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
         "publishers": publishers, "provisioning": provisioning,
         "publish_seconds": published - started, "seconds_to_aggregate": seconds,
         "last_accept_seconds": ingested - started,
-        "updates_per_s": n / seconds, "rss_idle_mib": idle["VmRSS"], "rss_peak_mib": peak["VmRSS"],
+        "updates_per_s": n / seconds, "coordinator_cpu_s": coordinator_cpu,
+        "rss_idle_mib": idle["VmRSS"], "rss_peak_mib": peak["VmRSS"],
         "rss_anon_idle_mib": idle["RssAnon"], "rss_anon_peak_mib": peak["RssAnon"],
         "rss_file_peak_mib": peak["RssFile"], "rss_peak_while_ingesting_mib": peak_ingest,
         "accepted": accepted, "rejected": rejected, "participants": len(aggregate["participants"]),
@@ -380,6 +403,8 @@ def main() -> int:
         for n in (int(s) for s in args.sizes.split(",")):
             with tempfile.TemporaryDirectory(prefix=f"fleet-{task}-{n}-") as tmp:
                 row = run_one(task, n, args.publishers, args.profile, Path(tmp), args.experiment)
+                disk = disk_rate(Path(tmp), row["update_bytes"])  # the disk the coordinator's state was on
+            row["disk_mb_per_s"], row["disk_updates_per_s"] = disk["mb_per_s"], disk["updates_per_s"]
             # The ceiling right after the run it is compared with: the same load on the machine.
             ceilings[task] = ceiling = crypto_ceiling(weights_bytes)
             row["ceiling_updates_per_s"] = ceiling["updates_per_s"]
@@ -388,16 +413,18 @@ def main() -> int:
             rows.append(row)
             label = f"{task} N={n}" + "".join(f" +{e}" for e in args.experiment)
             print(f"{label}: {row['seconds_to_aggregate']:.2f} s, {row['updates_per_s']:.0f} updates/s, "
-                  f"ratio {row['ratio']:.1%}, RSS {row['rss_idle_mib']:.0f} -> {row['rss_peak_mib']:.0f} MiB "
+                  f"crypto ceiling {row['ceiling_updates_per_s']:.0f}/s, ratio {row['ratio']:.1%} "
+                  f"(disk {row['disk_updates_per_s']:.0f}/s, coordinator CPU {row['coordinator_cpu_s']:.2f} s), "
+                  f"RSS {row['rss_idle_mib']:.0f} -> {row['rss_peak_mib']:.0f} MiB "
                   f"(anonymous {row['rss_anon_idle_mib']:.0f} -> {row['rss_anon_peak_mib']:.0f}), "
                   f"lost {row['lost']}", flush=True)
     print(f"\n{'task':<11}{'N':>6}{'update B':>10}{'provision s':>12}{'to aggregate s':>15}{'updates/s':>10}"
-          f"{'ceiling/s':>10}{'envelope/s':>11}{'ratio':>7}{'RSS idle':>9}{'RSS peak':>9}{'anon idle':>10}"
+          f"{'ceiling/s':>10}{'envelope/s':>11}{'disk/s':>8}{'ratio':>7}{'RSS idle':>9}{'RSS peak':>9}{'anon idle':>10}"
           f"{'anon peak':>10}{'lost':>5}")
     for r in rows:
         print(f"{r['task']:<11}{r['devices']:>6}{r['update_bytes']:>10,}{r['provisioning']['seconds']:>12.1f}"
               f"{r['seconds_to_aggregate']:>15.2f}{r['updates_per_s']:>10.0f}{r['ceiling_updates_per_s']:>10.0f}"
-              f"{r['envelope_updates_per_s']:>11.0f}"
+              f"{r['envelope_updates_per_s']:>11.0f}{r['disk_updates_per_s']:>8.0f}"
               f"{r['ratio']:>7.1%}{r['rss_idle_mib']:>9.0f}{r['rss_peak_mib']:>9.0f}{r['rss_anon_idle_mib']:>10.0f}"
               f"{r['rss_anon_peak_mib']:>10.0f}{r['lost']:>5}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ message ids, the per-round record caps) comes from the fold, :class:`FleetState`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class UpdateVerdict:
     sealed: SealedUpdate | None = None
     record: bool = False
     weights: TensorDict | None = None  # the delta, decoded and checked against the model, when accepted
+    public_key: bytes | None = None  # the key its signature was verified with, when accepted
 
     @property
     def accepted(self) -> bool:
@@ -54,6 +56,21 @@ class UpdateVerdict:
     @property
     def authenticated(self) -> bool:
         return self.sealed is not None
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What :meth:`Admission.open_ahead` did of one update message's costly steps: ``parsed``
+    (or why not), the signature checked with ``public_key`` (``signature_error`` None: it
+    verifies), and the tensors decrypted and checked against ``spec`` (or why not; None: not
+    tried)."""
+
+    payload: bytes
+    parsed: SealedUpdate | EnvelopeError
+    public_key: bytes | None = None
+    signature_error: EnvelopeError | None = None
+    spec: TensorSpec | None = None
+    weights: TensorDict | EnvelopeError | CodecError | None = None
 
 
 @dataclass(frozen=True)
@@ -72,14 +89,44 @@ class Admission:
         self.max_update_bytes = max_update_bytes
 
     # -- updates ----------------------------------------------------------------------------------
+    def open_ahead(self, topic: str, payload: bytes, *, registry: DeviceRegistry, round: RoundState,
+                   state: FleetState, spec: TensorSpec) -> Opened:
+        """The costly part of a verdict, done before it is due (on another thread, while the
+        batch before is being made durable): parse, verify the device's signature, and, for an
+        update the round could take, decrypt, decode and check the tensors. Pure, and it decides
+        nothing: :meth:`update` with ``opened`` reaches exactly the verdict it reaches without,
+        in the same order of checks, using these results where they still apply (the same
+        payload, public key and spec) and computing what is missing. What it reads of ``round``
+        and ``state`` only spares work: a replay or an update for another round is not
+        decrypted ahead (it may still be decrypted when due, if the round moved on to it)."""
+        parsed = self._parse(payload)
+        if not isinstance(parsed, SealedUpdate):
+            return Opened(payload, parsed)
+        header = parsed.header
+        public_key = registry.public_key(header.device, header.key_id)
+        if public_key is None or header.fleet != self.fleet or self.topics.device_of(topic) != header.device:
+            return Opened(payload, parsed)
+        signature = self._verify(parsed, public_key)
+        if signature is not None or parsed.version != envelope.UPDATE_VERSION or round.check(
+                device=header.device, round_number=header.round, msg_id=header.msg_id,
+                seen=state.accepted_msg_ids) is not None:
+            return Opened(payload, parsed, public_key, signature)
+        weights = self._open(parsed, spec)
+        if not isinstance(weights, Exception):  # its copy of the ciphertext is no longer needed
+            parsed = dataclasses.replace(parsed, ciphertext=b"")
+        return Opened(payload, parsed, public_key, signature, spec, weights)
+
     def update(self, topic: str, payload: bytes, *, registry: DeviceRegistry, round: RoundState,
-               state: FleetState, spec: TensorSpec, done: bool) -> UpdateVerdict:
-        """The verdict on one update message, checked end to end (decryption included)."""
+               state: FleetState, spec: TensorSpec, done: bool, opened: Opened | None = None) -> UpdateVerdict:
+        """The verdict on one update message, checked end to end (decryption included);
+        ``opened``: the costly steps already done by :meth:`open_ahead` (used where they apply)."""
+        if opened is not None and opened.payload is not payload:
+            opened = None
         topic_device = self.topics.device_of(topic)
-        try:
-            sealed = envelope.parse_update(payload, max_bytes=self.max_update_bytes)
-        except EnvelopeError as exc:
-            return UpdateVerdict(exc.reason, exc.detail, topic_device)
+        parsed = opened.parsed if opened is not None else self._parse(payload)
+        if not isinstance(parsed, SealedUpdate):
+            return UpdateVerdict(parsed.reason, parsed.detail, topic_device)
+        sealed = parsed
         header = sealed.header
         if header.fleet != self.fleet:
             return UpdateVerdict("wrong_fleet", f"update for fleet {header.fleet!r}", header.device)
@@ -90,10 +137,10 @@ class Admission:
             known = registry.devices.get(header.device)
             reason = "revoked_key" if known and header.key_id in known.revoked else "unknown_key"
             return UpdateVerdict(reason, f"device {header.device!r} key {header.key_id!r}", header.device)
-        try:
-            envelope.verify_update_signature(sealed, public_key)
-        except EnvelopeError as exc:
-            return UpdateVerdict(exc.reason, exc.detail, header.device, header.round)
+        verified = opened is not None and opened.public_key is not None and opened.public_key == public_key
+        bad_signature = opened.signature_error if verified and opened is not None else self._verify(sealed, public_key)
+        if bad_signature is not None:
+            return UpdateVerdict(bad_signature.reason, bad_signature.detail, header.device, header.round)
 
         # From here on the sender is authenticated: rejections go to the ledger too.
         def rejected(reason: str, detail: str, *, record: bool = True) -> UpdateVerdict:
@@ -123,14 +170,42 @@ class Admission:
         registered = state.datasets.get(header.device)
         if registered is None or registered.sha256 != header.dataset_sha256:
             return rejected("dataset_not_registered", "the update names a data set this device has not registered")
+        if verified and opened is not None and opened.spec is spec and opened.weights is not None:
+            weights = opened.weights
+        else:  # (from the payload again if the copy opened ahead dropped its ciphertext)
+            full = sealed if sealed.ciphertext or opened is None else self._parse(payload)
+            weights = self._open(full, spec) if isinstance(full, SealedUpdate) else full
+        if isinstance(weights, dict):  # accepted below
+            sealed = dataclasses.replace(sealed, ciphertext=b"")  # the verdict keeps the header, not the bytes
+        if isinstance(weights, EnvelopeError):
+            return rejected(weights.reason, weights.detail)
+        if isinstance(weights, CodecError):
+            return rejected("bad_tensors", str(weights))
+        return UpdateVerdict("accepted", "", header.device, header.round, sealed, weights=weights,
+                             public_key=public_key)
+
+    def _parse(self, payload: bytes) -> SealedUpdate | EnvelopeError:
+        try:
+            return envelope.parse_update(payload, max_bytes=self.max_update_bytes)
+        except EnvelopeError as exc:
+            return exc
+
+    @staticmethod
+    def _verify(sealed: SealedUpdate, public_key: bytes) -> EnvelopeError | None:
+        try:
+            envelope.verify_update_signature(sealed, public_key)
+        except EnvelopeError as exc:
+            return exc
+        return None
+
+    def _open(self, sealed: SealedUpdate, spec: TensorSpec) -> TensorDict | EnvelopeError | CodecError:
+        """Decrypt, decode and check the tensors against the model; the error instead of raising."""
         try:
             weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
             check_against_spec(weights, spec)
-        except EnvelopeError as exc:
-            return rejected(exc.reason, exc.detail)
-        except CodecError as exc:
-            return rejected("bad_tensors", str(exc))
-        return UpdateVerdict("accepted", "", header.device, header.round, sealed, weights=weights)
+        except (EnvelopeError, CodecError) as exc:
+            return exc
+        return weights
 
     @staticmethod
     def may_record_rejection(state: FleetState, device: str, msg_id: bytes | None) -> bool:

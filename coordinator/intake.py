@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from coordinator.admission import UpdateVerdict, sane
+from coordinator.admission import Opened, UpdateVerdict, sane
 from coordinator.rounds import Accepted, BufferState
 from coordinator.storage import StorageError
 from federation import records
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADMISSION_THREADS = 2  # verdicts of a batch computed side by side (2-2.5x for 424 KB updates on 2 cores)
+MAX_AHEAD = 1024  # messages opened ahead and not yet judged (a bound, never reached by the daemon's use)
 
 
 class UpdateIntake:
@@ -37,12 +38,40 @@ class UpdateIntake:
         self._coordinator = coordinator
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None  # created by the first batch of two or more
+        # Update messages being opened ahead (Admission.open_ahead), by id of their payload.
+        self._ahead: dict[int, tuple[bytes, Future[Opened]]] = {}
 
     def close(self) -> None:
         """Shut the admission pool down (idempotent; a later batch would create a new one)."""
+        self._ahead.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+    def open_ahead(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Start the costly part of these update messages' verdicts (parse, signature, decryption,
+        tensors: :meth:`Admission.open_ahead`) on the admission threads, to be used when they are
+        handed to :meth:`handle_updates`: the daemon opens the next batch while this one is made
+        durable. Decides nothing; a message never handed in is forgotten at :data:`MAX_AHEAD`."""
+        c = self._coordinator
+        if self._threads < 2 or c.halted or c.round is None:
+            return
+        if len(self._ahead) + len(messages) > MAX_AHEAD:
+            self._ahead.clear()
+        admission, round_state, state, registry, spec = c.admission, c.round, c.fleet_state, c.registry, c.spec
+        pool = self._admission_pool()
+        for topic, payload in messages:
+            self._ahead[id(payload)] = (payload, pool.submit(
+                admission.open_ahead, topic, payload, registry=registry, round=round_state, state=state, spec=spec))
+
+    def _admission_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="admission")
+        return self._pool
+
+    def _opened(self, payload: bytes) -> Future[Opened] | None:
+        entry = self._ahead.pop(id(payload), None)
+        return entry[1] if entry is not None and entry[0] is payload else None
 
     def handle_updates(self, messages: Sequence[tuple[str, bytes]]) -> list[Outcome]:
         """Update messages already waiting, in arrival order: one Outcome each.
@@ -110,23 +139,38 @@ class UpdateIntake:
         is returned in its message's place."""
         c = self._coordinator
         assert c.round is not None
+        opened = [self._opened(payload) for _, payload in batch]  # forgotten here, whatever happens next
         if c.halted:
             return [RuntimeError("halted")] * len(batch)  # not checked: refused as halted
         admission, round_state, state, registry, spec, done = \
             c.admission, c.round, c.fleet_state, c.registry, c.spec, c.done
 
-        def verdict(message: tuple[str, bytes]) -> UpdateVerdict | Exception:
+        def verdict(message: tuple[str, bytes], ahead: Opened | None = None) -> UpdateVerdict | Exception:
             try:
                 return admission.update(message[0], message[1], registry=registry, round=round_state,
-                                        state=state, spec=spec, done=done)
+                                        state=state, spec=spec, done=done, opened=ahead)
             except Exception as exc:
                 return exc
 
-        if len(batch) < 2 or self._threads < 2:
+        if (len(batch) < 2 or self._threads < 2) and not any(opened):
             return [verdict(message) for message in batch]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="admission")
-        return list(self._pool.map(verdict, batch))
+        # Messages not opened ahead get their whole verdict on the admission threads; those opened
+        # ahead, only the rest of it here, in order (cheap: what remains are look-ups).
+        pool = self._admission_pool()
+        whole = {i: pool.submit(verdict, message) for i, (message, ahead) in enumerate(zip(batch, opened, strict=True))
+                 if ahead is None}
+        out: list[UpdateVerdict | Exception] = []
+        for i, (message, ahead) in enumerate(zip(batch, opened, strict=True)):
+            if ahead is None:
+                out.append(whole[i].result())
+                continue
+            try:
+                done_ahead = ahead.result()
+            except Exception as exc:  # a bug in open_ahead: the whole verdict, here
+                log.error("opening an update ahead failed", exc_info=exc)
+                done_ahead = None
+            out.append(verdict(message, done_ahead))
+        return out
 
     def _act_on_verdict(self, topic: str, payload: bytes, verdict: UpdateVerdict | Exception
                         ) -> tuple[Outcome | None, UpdateVerdict | None]:
@@ -169,6 +213,9 @@ class UpdateIntake:
                 staleness = {"version": c.round.number, "staleness": lag, "weight": records.staleness_weight(lag)}
                 weights = scaled(weights, staleness["weight"])
             plans.append((verdict, payload, weights, staleness))
+        for verdict, _, _, _ in plans:  # verified by admission: the ledger's check need not repeat it
+            if verdict.sealed is not None and verdict.public_key is not None:
+                c.writer.ledger.vouch(verdict.public_key, verdict.sealed.header_bytes, verdict.sealed.signature)
         blocks = c.writer.accept_updates(c.round.number, [
             (v.sealed.header.device, payload, v.sealed.header_bytes, v.sealed.signature, staleness)
             for v, payload, _, staleness in plans if v.sealed is not None])

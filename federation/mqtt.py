@@ -340,6 +340,16 @@ class MqttLink:
             if self.inbox_bytes <= self.inbox_budget:
                 self._inbox_room.notify_all()
 
+    def hold(self, messages: Iterable[Message], held: bool = True) -> None:
+        """Count messages the owner took out of the inbox but keeps in memory for later (a batch
+        read ahead) against the inbox's budget, as if still in it (``held=False``: done with
+        them, room again): what is received and not yet handled stays within the budget."""
+        size = sum(message.inbox_bytes for message in messages)
+        with self._inbox_room:
+            self.inbox_bytes += size if held else -size
+            if self.inbox_bytes <= self.inbox_budget:
+                self._inbox_room.notify_all()
+
     # -- API ------------------------------------------------------------------------------------
     def start(self, timeout: float | None = 30.0, *, stop: threading.Event | None = None) -> bool:
         """Connect (retrying with jittered backoff until ``timeout``) and start the network loop.

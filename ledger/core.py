@@ -316,6 +316,12 @@ class Ledger:
             size = len(self._blocks) if size is None else size
             return checkpoints.Checkpoint(self.origin, size, self.chain_root(size))
 
+    def vouch(self, public_key: bytes, message: bytes, signature: bytes) -> None:
+        """The caller has just verified this signature (e.g. a device's, on a record it is about
+        to append): the append's check of these very bytes does not verify it again
+        (:meth:`ledger.keys.Verifier.vouch`). Reading or verifying the ledger checks it as ever."""
+        self._state.verifier.vouch(public_key, message, signature)
+
     def signed_checkpoint(self) -> str:
         """The current tree head as a signed note, signed by the writer's coordinator key."""
         if self._signer is None:

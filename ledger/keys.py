@@ -131,8 +131,19 @@ def valid_public_key(public_key: bytes) -> bool:
 class Verifier:
     """Signature checks with the public keys validated once and cached."""
 
+    MAX_VOUCHED = 4096
+
     def __init__(self) -> None:
         self._cache: dict[bytes, nacl.signing.VerifyKey | None] = {}
+        self._vouched: set[tuple[bytes, bytes, bytes]] = set()
+
+    def vouch(self, public_key: bytes, msg: bytes, signature: bytes) -> None:
+        """The caller has just verified exactly this signature (libsodium, as :meth:`verify`
+        would): the next :meth:`verify` of these very bytes answers True without repeating
+        it. Any other key, message or signature is verified as usual; a bounded set."""
+        if len(self._vouched) >= self.MAX_VOUCHED:
+            self._vouched.clear()
+        self._vouched.add((bytes(public_key), bytes(msg), bytes(signature)))
 
     def _get(self, public_key: bytes) -> nacl.signing.VerifyKey | None:
         try:
@@ -154,6 +165,9 @@ class Verifier:
     def verify(self, public_key: bytes, msg: bytes, signature: bytes) -> bool:
         if len(signature) != 64:
             return False
+        if self._vouched and (public_key, msg, signature) in self._vouched:
+            self._vouched.discard((public_key, msg, signature))
+            return True
         verifier = self._get(public_key)
         if verifier is None:
             return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -127,3 +128,66 @@ def test_registration_verdicts(fleet: Fleet) -> None:
     fleet.state.registrations_this_round[("dev-b", bundle.key_id)] = MAX_REGISTRATIONS_PER_ROUND
     assert news(newer, registry=fleet.registry, state=fleet.state,
                 now=newer.created).reason == "registration_rate"
+
+
+def test_opening_ahead_changes_no_verdict_even_when_the_state_moves_on_in_between(fleet: Fleet) -> None:
+    """The daemon opens the next batch (signature, decryption) while the one before is made
+    durable: the verdict must be the one reached without opening ahead, with the state as it is
+    when the verdict is due, not as it was when the message was opened."""
+    spec = spec_of(MODEL)
+    good = fleet.update(value=2.0)
+    tampered = bytearray(fleet.update())
+    tampered[-30] ^= 1  # in the ciphertext or its tag: signed header intact, decryption fails
+    outer = msgpack.unpackb(good)
+    forged = msgpack.packb({**outer, "sig": bytes(64)})
+    messages = {
+        "accepted": (good, "dev-a"), "decrypt_failed": (bytes(tampered), "dev-a"),
+        "bad_tensors": (fleet.update(shape=(3, 2)), "dev-a"), "malformed": (b"\x00junk", "dev-a"),
+        "topic_mismatch": (good, "dev-b"), "bad_signature": (forged, "dev-a"),
+        "stale_round": (fleet.update(round_number=2), "dev-a"), "future_round": (fleet.update(round_number=4), "dev-a"),
+        "dataset_not_registered": (fleet.update("dev-b"), "dev-b"),
+    }
+
+    def both(payload: bytes, device: str) -> tuple[UpdateVerdict, UpdateVerdict]:
+        opened = fleet.admission.open_ahead(TOPICS.update(device), payload, registry=fleet.registry,
+                                            round=fleet.round, state=fleet.state, spec=spec)
+        ahead = fleet.admission.update(TOPICS.update(device), payload, registry=fleet.registry, round=fleet.round,
+                                       state=fleet.state, spec=spec, done=False, opened=opened)
+        return ahead, fleet.judge(payload, device=device)
+
+    def same(a: UpdateVerdict, b: UpdateVerdict) -> bool:
+        return (a.reason, a.detail, a.device, a.round, a.record, a.authenticated) == \
+            (b.reason, b.detail, b.device, b.round, b.record, b.authenticated) and \
+            (a.weights is None) == (b.weights is None)
+
+    for reason, (payload, device) in messages.items():
+        ahead, now = both(payload, device)
+        assert ahead.reason == reason and same(ahead, now), reason
+    # Opened while acceptable; by the time it is judged the state has moved on: a replay, or the
+    # device's key revoked; opened for round 4 while 3 was open, judged once 4 is open.
+    opened = fleet.admission.open_ahead(TOPICS.update("dev-a"), good, registry=fleet.registry, round=fleet.round,
+                                        state=fleet.state, spec=spec)
+    assert opened.weights is not None  # it was decrypted ahead
+    fleet.state.accepted_msg_ids.add(envelope.parse_update(good, max_bytes=1 << 20).header.msg_id)
+    verdict = fleet.admission.update(TOPICS.update("dev-a"), good, registry=fleet.registry, round=fleet.round,
+                                     state=fleet.state, spec=spec, done=False, opened=opened)
+    assert verdict.reason == "replay" and not verdict.record
+    fresh = fleet.update(value=3.0)
+    opened = fleet.admission.open_ahead(TOPICS.update("dev-a"), fresh, registry=fleet.registry, round=fleet.round,
+                                        state=fleet.state, spec=spec)
+    _, public = crypto.ed25519_generate()
+    rotated = DeviceRegistry()
+    rotated.add("dev-a", public)  # dev-a's key replaced: the signature checked ahead no longer counts
+    verdict = fleet.admission.update(TOPICS.update("dev-a"), fresh, registry=rotated, round=fleet.round,
+                                     state=fleet.state, spec=spec, done=False, opened=opened)
+    assert verdict.reason == "unknown_key"
+    later = fleet.update(round_number=4, value=4.0)
+    opened = fleet.admission.open_ahead(TOPICS.update("dev-a"), later, registry=fleet.registry, round=fleet.round,
+                                        state=fleet.state, spec=spec)
+    assert opened.weights is None  # not for the open round: not decrypted ahead
+    fleet.state.published_models[4] = deltas.model_sha256(MODEL)
+    verdict = fleet.admission.update(TOPICS.update("dev-a"), later, registry=fleet.registry,
+                                     round=RoundState(4, 0.0, RoundPolicy(min_clients=2)), state=fleet.state, spec=spec,
+                                     done=False, opened=opened)
+    assert verdict.accepted and verdict.weights is not None
+    np.testing.assert_array_equal(verdict.weights["w"], np.full((2, 2), 4.0, np.float32))

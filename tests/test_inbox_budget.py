@@ -69,3 +69,40 @@ def test_a_slow_reader_holds_a_bounded_inbox_and_loses_nothing(request: pytest.F
         receiver.stop()
         for sender in senders:
             sender.stop()
+
+
+def test_messages_read_ahead_and_held_still_count_against_the_budget(queueing_mosquitto: BrokerInfo) -> None:
+    """The coordinator takes the next batch out of the inbox to open it early but keeps it in
+    memory (MqttLink.hold): while held, the link reads no more than the budget allows; once the
+    owner lets go of them, the rest comes in and nothing is lost."""
+    broker = queueing_mosquitto
+    config = BrokerConfig(broker_host=broker.host, broker_port=broker.port, inbox_bytes=BUDGET)
+    receiver = MqttLink(config, "holder", subscriptions=["t/update/+"])
+    sender = MqttLink(config, "sender")
+    receiver.start(timeout=20)
+    sender.start(timeout=20)
+    try:
+        sent = set()
+        for i in range(30):
+            payload = os.urandom(MESSAGE_BYTES)
+            sent.add(hashlib.sha256(payload).hexdigest())
+            sender.publish(f"t/update/d{i:03d}", payload)
+        deadline = time.monotonic() + 20
+        while receiver.backpressure_waits == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = [receiver.inbox.get(timeout=20) for _ in range(5)]  # read ahead, still in memory
+        receiver.hold(held)
+        time.sleep(1.0)
+        per_message = MESSAGE_BYTES + len("t/update/d000") + MESSAGE_OVERHEAD_BYTES
+        bound = BUDGET + (1 + receiver.backpressure_overruns) * per_message
+        assert receiver.inbox_peak_bytes <= bound  # taking them out made no room while they are held
+        assert receiver.inbox.qsize() * per_message + len(held) * per_message <= bound
+        receiver.hold(held, held=False)
+        received = {hashlib.sha256(m.payload).hexdigest() for m in held}
+        while len(received) < len(sent):
+            received.add(hashlib.sha256(receiver.inbox.get(timeout=20).payload).hexdigest())
+        assert received == sent and receiver.inbox_bytes == 0
+        assert receiver.inbox_peak_bytes <= BUDGET + (1 + receiver.backpressure_overruns) * per_message
+    finally:
+        receiver.stop()
+        sender.stop()

@@ -104,7 +104,7 @@ def test_a_crash_between_spool_and_ledger_loses_nothing_acknowledged(tmp_path: P
     monkeypatch.setattr(h.coordinator.writer, "group_commit", crash)  # after the spool, before the ledger
     with pytest.raises(Crash):
         h.coordinator.handle_updates(batch)
-    assert (tmp_path / "spool" / "round-000001" / "dev-a.update").exists()  # spooled, never recorded
+    assert h.coordinator.spool.get(1, "dev-a") == batch[0][1]  # spooled, never recorded
     assert [p for t, p, r in h.published if t == TOPICS.ack("dev-a")] == acks_before  # never acknowledged
     monkeypatch.undo()
 
@@ -198,3 +198,31 @@ def test_admission_threads_are_the_coordinators_started_by_a_batch_and_ended_by_
 def _threads(prefix: str = "") -> set[threading.Thread]:
     """The coordinators' worker threads (admission verdicts, file system waits) alive now."""
     return {t for t in threading.enumerate() if t.name.startswith(prefix or ("admission", "storage"))}
+
+
+def test_the_spool_keeps_a_batch_in_a_few_segment_files_and_reads_each_devices_latest_back(tmp_path: Path) -> None:
+    """256 small updates cost a few fsyncs, not 256; after a restart (a new Spool on the same
+    directory) every device's latest envelope comes back byte for byte, also from a spool of an
+    earlier version (one file per device) and an envelope larger than a segment."""
+    from coordinator.storage import SEGMENT_BYTES, Spool
+
+    spool = Spool(tmp_path / "spool")
+    small = {f"dev-{i:03d}": os.urandom(20_000) for i in range(256)}
+    spool.put_many(1, list(small.items()))
+    files = sorted((tmp_path / "spool" / "round-000001").iterdir())
+    assert 1 < len(files) <= 256 * 20_000 // SEGMENT_BYTES + 2 and all(f.suffix == ".spool" for f in files)
+    large = os.urandom(SEGMENT_BYTES + 5)
+    again = os.urandom(100)  # dev-000 once more, in a later batch (after a crash before its record)
+    spool.put_many(1, [("dev-big", large), ("dev-000", again)])
+    (tmp_path / "spool" / "round-000001" / "dev-old.update").write_bytes(b"from an earlier version")
+    spool.close()
+    for reader in (spool, Spool(tmp_path / "spool")):
+        assert reader.get(1, "dev-000") == again and reader.get(1, "dev-big") == large
+        assert all(reader.get(1, d) == data for d, data in small.items() if d != "dev-000")
+        assert reader.get(1, "dev-old") == b"from an earlier version" and reader.get(1, "dev-none") is None
+    restarted = Spool(tmp_path / "spool")
+    restarted.put_many(1, [("dev-001", b"newest")])  # numbered after the segments already there
+    assert Spool(tmp_path / "spool").get(1, "dev-001") == b"newest"
+    restarted.drop_round(1)
+    restarted.close()
+    assert restarted.get(1, "dev-001") is None

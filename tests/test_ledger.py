@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import nacl.signing
 import pytest
 
 from federation import records
@@ -654,3 +655,46 @@ def test_replica_offer_acts_only_on_what_the_pinned_coordinator_signed(tmp_path:
     unsigned = dataclasses.replace(fake_genesis, signature=bytes(64))
     assert tofu.offer(unsigned.to_bytes()).message.startswith("bad_genesis")
     assert tofu.offer(blocks[0].to_bytes()).kind == "appended"
+
+
+def test_a_vouched_device_signature_is_not_verified_again_on_append_but_only_those_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's admission has just verified an update's signature: the append's check
+    of those very bytes need not repeat it. A vouch for other bytes (another signature, key or
+    statement) changes nothing, and verifying the file afterwards checks every signature."""
+    ledger = FleetLedger.open(tmp_path / "l.log", signer=COORD, fleet=FLEET, now=clock())
+    for d in ("dev1", "dev2"):
+        ledger.append(records.device_key(d, DEV[d].public_key))
+        ledger.append(records.dataset(d, hashlib.sha256(d.encode()).digest(), 1234, {"columns": ["a"]}))
+    ledger.append(records.round_opened(1))
+    verified: list[bytes] = []  # messages libsodium verified
+    real = nacl.signing.VerifyKey.verify
+
+    def counting(self: nacl.signing.VerifyKey, smessage: bytes, signature: bytes | None = None) -> bytes:
+        verified.append(bytes(smessage))
+        return real(self, smessage, signature)
+
+    good = signed_update("dev1", 1)
+    ledger.vouch(DEV["dev1"].public_key, good["statement"], good["device_sig"])
+    monkeypatch.setattr(nacl.signing.VerifyKey, "verify", counting)
+    ledger.append(good)
+    assert good["statement"] not in verified  # vouched: not verified again
+    forged = signed_update("dev2", 1)
+    ledger.vouch(DEV["dev2"].public_key, forged["statement"], bytes(64))  # a vouch for other bytes
+    with pytest.raises(VerifyError, match="device signature"):
+        ledger.append({**forged, "device_sig": bytes(63) + b"\x01"})
+    ledger.append(forged)
+    assert verified.count(forged["statement"]) == 2  # checked as ever, the forgery and then the genuine one
+    monkeypatch.undo()
+    ledger.close()
+    assert verify_file(tmp_path / "l.log").ok
+    bad = tmp_path / "bad.log"
+    bad_ledger = FleetLedger.open(bad, signer=COORD, fleet=FLEET, now=clock())
+    bad_ledger.append(records.device_key("dev1", DEV["dev1"].public_key))
+    bad_ledger.append(records.dataset("dev1", hashlib.sha256(b"dev1").digest(), 1234, {"columns": ["a"]}))
+    bad_ledger.append(records.round_opened(1))
+    statement = signed_update("dev1", 1)["statement"]
+    bad_ledger.vouch(DEV["dev1"].public_key, statement, bytes(64))  # a false vouch: the ledger trusts its caller,
+    bad_ledger.append({**signed_update("dev1", 1), "device_sig": bytes(64)})
+    bad_ledger.close()
+    assert not verify_file(bad).ok  # but verifying the file proves every signature
