@@ -89,6 +89,8 @@ def test_restore_checks_the_replica_against_the_coordinators_key_and_the_ledger(
     done = restore(state, replica, keys)
     assert done.returncode == exit_codes.STATE and str(model) in done.stderr and "missing" in done.stderr, \
         done.stderr
+    assert "--from-broker" in done.stderr, done.stderr  # the way out is named
+    assert log.read_bytes() == good[:offsets[-4]] and not list(state.glob("ledger.log.before-restore-*"))
     # With the file back, the ledger is rebuilt exactly and the old one kept aside.
     shutil.move(tmp_path / "model-3", model)
     done = restore(state, replica, keys)
