@@ -51,7 +51,8 @@ def add_parser(actions: Any) -> None:
         "restore", help="rebuild the coordinator's ledger (and, --from-broker, its latest model) from a monitor's "
                         "verified replica",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_paragraphs("Rebuild STATE_DIR/ledger.log from a replica kept by `fledger ledger follow --replica`, "
+        description=_paragraphs(
+                    "Rebuild STATE_DIR/ledger.log from a replica kept by `fledger ledger follow --replica`, "
                     "verified block by block against the coordinator's key. The old ledger.log is kept as "
                     "ledger.log.before-restore-<time>. Run it with the coordinator stopped; then start the "
                     "coordinator again.\n\n"
