@@ -30,7 +30,7 @@ from typing import Any
 
 from coordinator import state_guard
 from coordinator.state_check import StateRefused
-from coordinator.storage import ModelFileError, ModelStore
+from coordinator.storage import ModelFileError, ModelStore, Spool
 from federation import config as cfg
 from federation import durable, envelope, exit_codes
 from federation.codec import CodecError, TensorDict, decode_tensors, encode_tensors
@@ -153,6 +153,7 @@ class Plan:
     round: int | None  # the round the coordinator resumes at (None: no model named yet)
     model: TensorDict | None = None  # from the broker, to save as that round's model
     aside: Path | None = None  # a model file that does not match the ledger, to keep aside
+    lost_updates: list[str] = dataclasses.field(default_factory=list)  # accepted in the open round, not spooled
 
 
 def _plan(state_dir: Path, blocks: list[Block], keys: CoordinatorKeys, broker: BrokerConfig | None,
@@ -177,17 +178,21 @@ def _plan(state_dir: Path, blocks: list[Block], keys: CoordinatorKeys, broker: B
         raise Refused(exit_codes.STATE, f"{store.directory} holds models up to round {max(newer)}, beyond this "
                                         f"replica's round {round_number}: the replica is behind what was published; "
                                         "restore from a monitor that is up to date")
+    info = fleet.rounds.get(round_number)
+    spool = Spool(state_dir / "spool")
+    lost = [str(r["device"]) for r in (info.updates if info is not None else [])
+            if spool.get(round_number, str(r["device"])) is None]
     local = store.path(round_number)
     problem = _local_model_problem(local, expected, round_number)
     if problem is None:
-        return Plan(round_number)
+        return Plan(round_number, lost_updates=lost)
     if broker is None:
         hint = "copy it back from a backup, or rerun with --from-broker to take the fleet's retained model" \
             if "missing" in problem else "rerun with --from-broker to take the fleet's retained model instead"
         raise Refused(exit_codes.STATE, f"{problem} (SHA-256 of its encoding {expected.hex()}): {hint}; the "
                                         "coordinator cannot resume without it")
     model = fetch_model(broker, keys, round_number, expected, broker_wait)
-    return Plan(round_number, model, local if local.exists() else None)
+    return Plan(round_number, model, local if local.exists() else None, lost)
 
 
 def _local_model_problem(path: Path, expected: bytes, round_number: int) -> str | None:
@@ -215,7 +220,7 @@ def fetch_model(broker: BrokerConfig, keys: CoordinatorKeys, round_number: int, 
     link = MqttLink(broker, f"fledger-restore-{keys.fleet}-{os.getpid()}",
                     subscriptions=[topics.model, topics.model_chunks], persistent=False)
     try:
-        link.start(timeout=min(60.0, max(wait, 5.0)))
+        link.start(timeout=min(60.0, max(wait, 1.0)))
     except ConnectionError as exc:
         raise Refused(exit_codes.UNREACHABLE, f"--from-broker: {exc}") from None
     try:
@@ -299,5 +304,13 @@ def _write(state_dir: Path, blocks: list[Block], plan: Plan) -> None:
     durable.atomic_write(path, b"".join(storage.frame(b.to_bytes()) for b in blocks))
     state_guard.write_checkpoint(state_dir, blocks[-1].to_bytes())
     print(f"restored {path}: height {len(blocks)}, head {blocks[-1].hash.hex()[:16]}, model of round {plan.round}")
-    if plan.round is not None:
-        print(f"model file for round {plan.round} matches the ledger; start the coordinator to resume")
+    if plan.round is None:
+        return
+    if plan.lost_updates:
+        # The spool held these updates' envelopes (encrypted to the coordinator; the devices dropped
+        # them from their outboxes once accepted): the open round cannot be rebuilt without them.
+        print(f"fledger ledger restore: warning: round {plan.round} is open with accepted updates of "
+              f"{', '.join(plan.lost_updates)} whose envelopes were in the lost spool ({state_dir / 'spool'}); "
+              "the coordinator cannot resume that round without them (see docs/reliability.md)", file=sys.stderr)
+        return
+    print(f"model file for round {plan.round} matches the ledger; start the coordinator to resume")
