@@ -5,11 +5,12 @@ from a monitor's replica and the broker's retained global model, and the coordin
 A fleet runs two rounds while a monitor keeps a verified replica; the coordinator's state
 directory is then moved away whole. Without --from-broker the restore names the missing model
 and writes nothing. With it, a retained model that is junk, signed by another key, or a genuine
-older model of the coordinator (re-published by the test with its key) is refused with one line
-and an exit code, and nothing is written. With the coordinator's own retained model back, the
-ledger and the model file are restored byte for byte, the coordinator resumes at round 3 and
-runs a third round with both agents (their updates are deltas against the restored model), and
-the ledger verifies.
+older model of the coordinator (re-published by the test with its key), and no retained model
+at all, are each refused with one line and an exit code, and nothing is written. With the
+coordinator's own retained model back, the ledger is restored byte for byte and the model file
+to the ledger's hash (a damaged file in its place is kept aside); the coordinator resumes at
+round 3 and runs a third round with both agents (their updates are deltas against the restored
+model), and the ledger verifies.
 """
 
 from __future__ import annotations
@@ -144,9 +145,17 @@ def test_lost_state_directory_is_restored_from_replica_and_retained_model(mosqui
         assert "nothing written" in lines[0] and nothing_written(), done.stderr
 
     # The coordinator's retained model back: ledger and model file restored exactly.
+    # (A damaged model file in its place is kept aside, not trusted and not deleted.) The broker
+    # settings come from the coordinator's TOML file, as an operator would pass them.
     retained.replace(genuine)
-    done = restore(fed, replica, "--from-broker", *fed.broker_args(), "--broker-wait", "5")
+    model_file.parent.mkdir(parents=True)
+    model_file.write_bytes(b"damaged")
+    toml = tmp_path / "coordinator.toml"
+    toml.write_text(f'[broker]\nbroker_host = "{fed.host}"\nbroker_port = {fed.port}\n\n'
+                    f'[coordinator]\nfleet = "{fed.fleet}"\n')
+    done = restore(fed, replica, "--from-broker", "--config", str(toml), "--broker-wait", "5")
     assert done.returncode == exit_codes.OK, done.stderr
+    assert [p.read_bytes() for p in model_file.parent.glob(f"{model_file.name}.mismatch-*")] == [b"damaged"]
     assert "wrote the broker's model of round 3" in done.stdout, done.stdout
     assert (fed.state / "ledger.log").read_bytes() == good
     assert read_model_file(model_file).keys() == read_model_file(old / "models" / model_file.name).keys()
