@@ -187,7 +187,7 @@ def _plan(state_dir: Path, blocks: list[Block], keys: CoordinatorKeys, broker: B
     if problem is None:
         return Plan(round_number, lost_updates=lost)
     if broker is None:
-        hint = "copy it back from a backup, or rerun with --from-broker to take the fleet's retained model" \
+        hint = "copy it back from a backup and rerun, or rerun with --from-broker to take the fleet's retained model" \
             if "missing" in problem else "rerun with --from-broker to take the fleet's retained model instead"
         raise Refused(exit_codes.STATE, f"{problem} (SHA-256 of its encoding {expected.hex()}): {hint}; the "
                                         "coordinator cannot resume without it")
