@@ -295,13 +295,24 @@ def _check_model_block(raw: Any, header: ModelHeader, coordinator_sign_public: b
 
 def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[ModelHeader, bytes]:
     """Verify the coordinator's signature, decrypt, and check the model digest."""
+    return _open_model(data, fleet=bundle.fleet, coordinator_sign_public=bundle.coordinator.sign_public,
+                       model_key_id=bundle.model_key_id, model_key=bundle.model_key, max_bytes=max_bytes)
+
+
+def open_own_model(data: bytes, keys: CoordinatorKeys, *, max_bytes: int) -> tuple[ModelHeader, bytes]:
+    """The checks of :func:`open_model`, with the coordinator's own key file: reading back a model
+    it published (``fledger ledger restore --from-broker``)."""
+    return _open_model(data, fleet=keys.fleet, coordinator_sign_public=keys.public.sign_public,
+                       model_key_id=keys.model_key_id, model_key=keys.model_key, max_bytes=max_bytes)
+
+
+def _open_model(data: bytes, *, fleet: str, coordinator_sign_public: bytes, model_key_id: str, model_key: bytes,
+                max_bytes: int) -> tuple[ModelHeader, bytes]:
     outer = _unpack_outer(data, MODEL_FORMAT, max_bytes)
     header_bytes = outer["hdr"]
-    if not crypto.ed25519_verify(bundle.coordinator.sign_public, header_bytes, outer["sig"]):
+    if not crypto.ed25519_verify(coordinator_sign_public, header_bytes, outer["sig"]):
         raise EnvelopeError("bad_signature", "global model is not signed by the fleet's coordinator")
-    hdr = msgpack.unpackb(header_bytes, raw=False)
-    if not isinstance(hdr, dict):
-        raise EnvelopeError("malformed", "model header is not a map")
+    hdr = _header_map(header_bytes, "model header")
     header = ModelHeader(
         fleet=_field(hdr, "fleet", str), round=_field(hdr, "round", int),
         model_sha256=_field(hdr, "model_sha256", bytes), block_hash=_field(hdr, "block_hash", bytes),
@@ -310,16 +321,16 @@ def open_model(data: bytes, bundle: DeviceBundle, *, max_bytes: int) -> tuple[Mo
         iv=_field(hdr, "iv", bytes), created=_field(hdr, "created", float),
         info=_field(hdr, "info", dict),
     )
-    if header.fleet != bundle.fleet:
+    if header.fleet != fleet:
         raise EnvelopeError("wrong_fleet", f"model is for fleet {header.fleet!r}")
-    block = _check_model_block(outer.get("block"), header, bundle.coordinator.sign_public)
+    block = _check_model_block(outer.get("block"), header, coordinator_sign_public)
     header = dataclasses.replace(header, block_data=block.data)
-    if header.model_key_id != bundle.model_key_id:
+    if header.model_key_id != model_key_id:
         raise EnvelopeError(
-            "wrong_key", f"model encrypted with key {header.model_key_id}, we hold {bundle.model_key_id}"
+            "wrong_key", f"model encrypted with key {header.model_key_id}, we hold {model_key_id}"
         )
     try:
-        weights = crypto.aes_gcm_decrypt(bundle.model_key, header.iv, outer["ct"], outer["tag"], header_bytes)
+        weights = crypto.aes_gcm_decrypt(model_key, header.iv, outer["ct"], outer["tag"], header_bytes)
     except crypto.CryptoError as exc:
         raise EnvelopeError("decrypt_failed", str(exc)) from exc
     if hashlib.sha256(weights).digest() != header.model_sha256:

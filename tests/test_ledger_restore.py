@@ -89,9 +89,33 @@ def test_restore_checks_the_replica_against_the_coordinators_key_and_the_ledger(
     done = restore(state, replica, keys)
     assert done.returncode == exit_codes.STATE and str(model) in done.stderr and "missing" in done.stderr, \
         done.stderr
+    assert "--from-broker" in done.stderr, done.stderr  # the way out is named
+    assert log.read_bytes() == good[:offsets[-4]] and not list(state.glob("ledger.log.before-restore-*"))
     # With the file back, the ledger is rebuilt exactly and the old one kept aside.
     shutil.move(tmp_path / "model-3", model)
     done = restore(state, replica, keys)
     assert done.returncode == 0, done.stderr
     assert log.read_bytes() == good
     assert "model of round 3" in done.stdout and list(state.glob("ledger.log.before-restore-*"))
+
+
+def test_restore_says_when_the_open_rounds_accepted_updates_went_with_the_spool(tmp_path: Path) -> None:
+    """The spool holds the open round's accepted envelopes (the devices have dropped them from their
+    outboxes): a restore after losing it says the coordinator cannot resume that round, by device."""
+    state = tmp_path / "state"
+    state.mkdir()
+    h = Harness(state)
+    for device in ("dev-a", "dev-b"):
+        assert h.send(device, h.update(device, 1, weights(1.0))).accepted
+    assert h.send("dev-a", h.update("dev-a", 2, weights(2.0))).accepted  # round 2 stays open
+    h.ledger.close()
+    keys = tmp_path / "coordinator.json"
+    h.keys.save(keys)
+    replica = replica_of(state / "ledger.log", tmp_path / "good.replica")
+    (state / "ledger.log").unlink()
+    shutil.rmtree(state / "spool")
+    done = restore(state, replica, keys)
+    assert done.returncode == 0, done.stderr
+    assert "round 2 is open with accepted updates of dev-a" in done.stderr and "lost spool" in done.stderr, \
+        done.stderr
+    assert "start the coordinator to resume" not in done.stdout
