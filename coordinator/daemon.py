@@ -283,12 +283,18 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         send_upstream=send_upstream if upstream is not None else None)
     observatory.catch_up(coordinator.ledger)
     try:
-        coordinator.start()
+        pending_restore = restore.read_request(state_dir)
+    except RestoreError:
+        pending_restore = None  # refused, with why, when the loop applies it
+    try:
+        coordinator.start(pending_restore)
     except StorageError as exc:  # a missing or damaged model or spool file the ledger names
         link.stop()
         raise StateRefused(str(exc)) from None
     if upstream is not None:
         _resume_upstream(coordinator, upstream)
+    if pending_restore is not None and pending_restore.lost_updates:
+        apply_restore_request(coordinator, state_dir)  # before any tick could close the round short
     notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
     clients_file = RegistryFile(config.clients)
 

@@ -41,17 +41,27 @@ class RestoreRequest:
     round: int  # the round whose global model is republished
     reason: str
     request_id: str  # recorded with the restore, so a request is never applied twice
+    # Left by `fledger ledger restore` when the lost state directory held accepted updates of the
+    # open round (``round``): their envelopes went with the spool, so the coordinator starts that
+    # round without them and this request runs it again as the next round, from the same model.
+    lost_updates: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"round": self.round, "reason": self.reason, "request_id": self.request_id}
+        return {"round": self.round, "reason": self.reason, "request_id": self.request_id,
+                **({"lost_updates": list(self.lost_updates)} if self.lost_updates else {})}
+
+    def lost_in(self, round_number: int) -> frozenset[str]:
+        """Devices whose accepted update of the open ``round_number`` may be missing from the spool."""
+        return frozenset(self.lost_updates) if round_number == self.round else frozenset()
 
 
 def request_path(state_dir: Path) -> Path:
     return Path(state_dir) / REQUEST_FILE
 
 
-def write_request(state_dir: Path, round_number: int, reason: str) -> RestoreRequest:
-    request = RestoreRequest(int(round_number), reason, secrets.token_hex(8))
+def write_request(state_dir: Path, round_number: int, reason: str, *,
+                  lost_updates: tuple[str, ...] = ()) -> RestoreRequest:
+    request = RestoreRequest(int(round_number), reason, secrets.token_hex(8), tuple(lost_updates))
     for stale in (REQUEST_FILE + ".refused", REQUEST_FILE + ".refused.txt"):  # an earlier request's
         (Path(state_dir) / stale).unlink(missing_ok=True)
     atomic_write(request_path(state_dir), json.dumps({**request.to_json(), "requested": time.time()}).encode())
@@ -70,7 +80,10 @@ def read_request(state_dir: Path) -> RestoreRequest | None:
     if not isinstance(raw, dict) or type(raw.get("round")) is not int or not isinstance(raw.get("reason"), str) \
             or not isinstance(raw.get("request_id"), str):
         raise RestoreError(f"{path}: not a restore request (needs round, reason, request_id)")
-    return RestoreRequest(raw["round"], raw["reason"][:500], raw["request_id"][:64])
+    lost = raw.get("lost_updates", [])
+    if not isinstance(lost, list) or not all(isinstance(device, str) for device in lost):
+        raise RestoreError(f"{path}: not a restore request (lost_updates must be a list of device ids)")
+    return RestoreRequest(raw["round"], raw["reason"][:500], raw["request_id"][:64], tuple(lost))
 
 
 def clear_request(state_dir: Path, refused: str | None = None) -> None:

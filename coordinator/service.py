@@ -35,7 +35,7 @@ from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, 
 from coordinator.intake import UpdateIntake, scaled
 from coordinator.presence import PresenceBook
 from coordinator.publisher import Publish, Publisher
-from coordinator.restore import RestoreError
+from coordinator.restore import RestoreError, RestoreRequest
 from coordinator.rounds import Accepted, BufferState, RoundPolicy, RoundState
 from coordinator.stopping import StopTarget
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
@@ -179,8 +179,12 @@ class Coordinator:
         return self.fleet_state.restored_rounds
 
     # -- start-up and recovery ------------------------------------------------------------------
-    def start(self) -> None:
-        """Load or initialise the global model and rebuild the open round from the ledger."""
+    def start(self, pending_restore: RestoreRequest | None = None) -> None:
+        """Load or initialise the global model and rebuild the open round from the ledger.
+
+        ``pending_restore``: the restore request waiting in the state directory, if any. One left
+        by `fledger ledger restore` names the open round's accepted updates that were lost with
+        the spool: the round starts without them, to be run again when the request is applied."""
         self.spool.check_writable()
         fleet = self.fleet_state
         self._genesis: bytes = fleet.genesis_hash  # named in every model: agents pin the chain they follow
@@ -228,7 +232,14 @@ class Coordinator:
         if opened_at is not None and self.round is not None:
             self.round.opened_at = opened_at  # a restart does not extend the deadline
         # Re-add this round's already accepted updates (their envelopes are in the spool).
+        lost = pending_restore.lost_in(round_number) if pending_restore is not None else frozenset()
+        skipped = False
         for record in (info.updates if info is not None else []):
+            if str(record["device"]) in lost and self.spool.get(round_number, str(record["device"])) is None:
+                log.warning("accepted update of %s for round %d was lost with the state directory; the round runs "
+                            "again as round %d (restore request)", record["device"], round_number, round_number + 1)
+                skipped = True
+                continue
             self._restore_accepted(record)
         for device in sorted(self.round.accepted if self.round else ()):
             self.publish_ack(device)  # a crash may have come before the acknowledgement went out
@@ -244,7 +255,8 @@ class Coordinator:
             if round_number not in fleet.published_rounds:  # a crash came between the aggregate and this record
                 self._append(records.model_published(round_number, last_model_block.data["model_sha256"]))
         self.publish_status()
-        self.maybe_close_round()
+        if not skipped:  # else the restore request abandons this round: it must not close short of them
+            self.maybe_close_round()
 
     def _record_keys(self, registry: DeviceRegistry) -> None:
         """Record in the ledger every device key the registry knows and every revocation, once:

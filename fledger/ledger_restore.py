@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator import state_guard
+from coordinator import restore, state_guard
 from coordinator.state_check import StateRefused
 from coordinator.storage import ModelFileError, ModelStore, Spool
 from federation import config as cfg
@@ -308,9 +308,14 @@ def _write(state_dir: Path, blocks: list[Block], plan: Plan) -> None:
         return
     if plan.lost_updates:
         # The spool held these updates' envelopes (encrypted to the coordinator; the devices dropped
-        # them from their outboxes once accepted): the open round cannot be rebuilt without them.
-        print(f"fledger ledger restore: warning: round {plan.round} is open with accepted updates of "
-              f"{', '.join(plan.lost_updates)} whose envelopes were in the lost spool ({state_dir / 'spool'}); "
-              "the coordinator cannot resume that round without them (see docs/reliability.md)", file=sys.stderr)
+        # them from their outboxes once accepted): the open round cannot be rebuilt without them, so
+        # it is run again as the next round, from the same model (a restore request, applied at start).
+        devices = ", ".join(plan.lost_updates)
+        restore.write_request(state_dir, plan.round, f"accepted updates of {devices} were lost with the state "
+                              f"directory; round {plan.round} runs again", lost_updates=tuple(plan.lost_updates))
+        print(f"fledger ledger restore: warning: round {plan.round} is open with accepted updates of {devices} "
+              f"whose envelopes were in the lost spool ({state_dir / 'spool'}); the coordinator will run that round "
+              f"again as round {plan.round + 1} from the same model (a restore request is left in {state_dir}; "
+              "see docs/reliability.md)", file=sys.stderr)
         return
     print(f"model file for round {plan.round} matches the ledger; start the coordinator to resume")

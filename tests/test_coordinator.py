@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from manual_clock import ManualClock
 
+from coordinator import restore
 from coordinator.aggregation import DEFAULT_STRATEGY
 from coordinator.rounds import RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings
@@ -73,7 +74,7 @@ class Harness:
             initial_model=initial_model, publish=lambda t, p, r: self.published.append((t, p, r)),
             topics=TOPICS, now=self.clock, evaluate=self.evaluate, send_upstream=self.send_upstream,
         )
-        coordinator.start()
+        coordinator.start(restore.read_request(self.tmp))  # the daemon passes the pending restore request too
         for name, bundle in self.devices.items() if register else ():
             payload = envelope.seal_dataset(bundle, DATASET, 1234, {"task": "unit"})
             coordinator.handle_registration(TOPICS.register(name), payload)

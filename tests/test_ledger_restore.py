@@ -13,8 +13,10 @@ from pathlib import Path
 from test_coordinator import FLEET, Harness, weights
 
 from coordinator import state_guard
+from coordinator.daemon import apply_restore_request
+from coordinator.restore import request_path as restore_request_path
 from federation import exit_codes, records
-from federation.fleet_state import FleetLedger
+from federation.fleet_state import FleetLedger, verify_file
 from fledger.ledger_cli import ReplicaFile
 from ledger import Ed25519Signer, storage
 
@@ -118,4 +120,21 @@ def test_restore_says_when_the_open_rounds_accepted_updates_went_with_the_spool(
     assert done.returncode == 0, done.stderr
     assert "round 2 is open with accepted updates of dev-a" in done.stderr and "lost spool" in done.stderr, \
         done.stderr
+    assert "run that round again as round 3" in done.stderr, done.stderr
     assert "start the coordinator to resume" not in done.stdout
+    # The coordinator starts (it used to refuse: "missing from the spool"), runs round 2 again as
+    # round 3 from the same model, and the devices' new updates are aggregated.
+    h.coordinator = h.build()
+    apply_restore_request(h.coordinator, state)  # what the daemon does right after a start like this
+    assert h.coordinator.round is not None and h.coordinator.round.number == 3
+    chain = list(h.ledger)
+    rerun = [b.data for b in chain if b.data.get("type") == records.MODEL_PUBLISHED and b.data.get("round") == 3]
+    assert len(rerun) == 1 and rerun[0]["restores"] == 2 and rerun[0]["abandoned_round"] == 2, rerun
+    assert "dev-a" in rerun[0]["reason"]
+    assert not restore_request_path(state).exists()  # applied once
+    for device in ("dev-a", "dev-b"):
+        assert h.send(device, h.update(device, 3, weights(3.0))).accepted
+    aggregates = [b.data for b in h.ledger if b.data.get("type") == records.AGGREGATE]
+    assert aggregates[-1]["round"] == 3 and sorted(aggregates[-1]["participants"]) == ["dev-a", "dev-b"]
+    h.ledger.close()
+    assert verify_file(state / "ledger.log", h.keys.public.sign_public).ok
