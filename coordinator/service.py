@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator import restore
-from coordinator.acks import DeviceAcks
+from coordinator.acks import AckPublisher, DeviceAcks
 from coordinator.admission import Admission, sane
 from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
 from coordinator.intake import UpdateIntake, scaled
@@ -37,6 +37,7 @@ from coordinator.presence import PresenceBook
 from coordinator.publisher import Publish, Publisher
 from coordinator.restore import RestoreError, RestoreRequest
 from coordinator.rounds import Accepted, BufferState, RoundPolicy, RoundState
+from coordinator.status import StatusPublisher, fleet_status
 from coordinator.stopping import StopTarget
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from coordinator.writer import LedgerLike, LedgerWriter
@@ -119,9 +120,8 @@ class Coordinator:
         self.presence = PresenceBook(now)
         self.presence_rejections: Counter[str] = Counter()
         self.acks = DeviceAcks(settings.fleet)
-        self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
-        self._status_due = False  # changed since last published (see status_changed)
-        self._status_published_at = float("-inf")
+        self.ack_publisher = AckPublisher(self.acks, self.publisher.ack, now, self._open_round_number)
+        self.status_publisher = StatusPublisher(self.status, self.publisher.status, now)
         # A gateway (--upstream): each round's aggregated delta goes upstream as one update, and
         # the next round trains from the model the upstream coordinator publishes next.
         self._send_upstream = send_upstream
@@ -325,6 +325,10 @@ class Coordinator:
         self.acks.verdict(device, self.round.number, sealed.header.msg_id, ACCEPTED)
         log.info("restored accepted update of %s for round %d", device, self.round.number)
 
+    def _open_round_number(self) -> int:
+        assert self.round is not None
+        return self.round.number
+
     def _open_round(self, number: int, *, announce: bool) -> None:
         policy = self.settings.policy
         deadline = policy.deadline_for(self.train_seconds.values())
@@ -365,22 +369,15 @@ class Coordinator:
         self.publisher.model(self.model_message)
 
     def status(self) -> dict[str, Any]:
+        """The fleet status body now (:func:`coordinator.status.fleet_status`)."""
         assert self.round is not None
         head = self.ledger.head
-        return {
-            "fleet": self.settings.fleet, "round": self.round.number,
-            "state": "halted" if self.halted else "done" if self.done else "stopped" if self.stopped else
-                     ("waiting" if self.round.waiting_for() else "aggregating"),
-            "session": self.session, "heartbeat": self.settings.heartbeat_s,
-            "halted": self.halted, "accepted": sorted(self.round.accepted),
-            "waiting_for": 0 if self.done else self.round.waiting_for(),
-            "min_clients": self.settings.policy.min_clients,
-            "height": head.index + 1, "head": head.hash.hex(),
-            "rejections": dict(self.rejections), "accepted_total": self.accepted_total,
-            "presence": self.presence.states(), "presence_rejections": dict(self.presence_rejections),
-            "datasets": {d: h.hex() for d, h in sorted(self.datasets.items())},
-            "time": self._now(),
-        }
+        return fleet_status(
+            fleet=self.settings.fleet, round_state=self.round, halted=self.halted, done=self.done,
+            stopped=self.stopped, session=self.session, heartbeat_s=self.settings.heartbeat_s,
+            min_clients=self.settings.policy.min_clients, height=head.index + 1, head=head.hash,
+            rejections=self.rejections, accepted_total=self.accepted_total, presence=self.presence.states(),
+            presence_rejections=self.presence_rejections, datasets=self.datasets.items(), now=self._now())
 
     def handle_presence(self, topic: str, payload: bytes) -> bool:
         """A device's signed heartbeat or Last Will. True when the status should be republished."""
@@ -401,44 +398,27 @@ class Coordinator:
 
     def publish_status(self) -> None:
         """The signed fleet status, now (round opened or closed, halt, heartbeat, reconnect)."""
-        self.publisher.status(self.status())
-        self._status_published_at = self._now()
-        self._status_due = False
+        self.status_publisher.publish()
 
     def status_changed(self) -> None:
-        """Something the status shows changed (an update accepted, a data set, a presence): it
-        is republished by :meth:`publish_status_if_due`, at most every STATUS_INTERVAL_S. The
-        status grows with the fleet; each device learns of its own update from its ack."""
-        self._status_due = True
+        """Something the status shows changed: republished at most every STATUS_INTERVAL_S."""
+        self.status_publisher.changed()
 
     def publish_status_if_due(self) -> bool:
-        """Publish a changed status if the last one is STATUS_INTERVAL_S old (the daemon calls
-        this after every message and timer). True if it published."""
-        if not self._status_due or self._now() - self._status_published_at < STATUS_INTERVAL_S:
-            return False
-        self.publish_status()
-        return True
+        """Publish a changed status if it is due (the daemon calls this after every message and
+        timer). True if it published."""
+        return self.status_publisher.publish_if_due()
 
     def publish_ack(self, device: str) -> None:
         """Tell one device (retained, signed) what the coordinator knows of it."""
-        assert self.round is not None
-        body = self.acks.body(device, open_round=self.round.number, now=self._now())
-        self.publisher.ack(device, body)
-        self._ack_sent_at[device] = self._now()
+        self.ack_publisher.publish(device)
 
     def publish_acks(self) -> None:
-        """Every known device's acknowledgement again (after a reconnect: a broker restart loses
-        retained messages)."""
-        for device in sorted(self._ack_sent_at):
-            self.publish_ack(device)
+        """Every known device's acknowledgement again (after a reconnect)."""
+        self.ack_publisher.publish_all()
 
     def ack_verdict(self, device: str, round_number: int, msg_id: bytes, verdict: str) -> None:
-        if self.acks.verdict(device, round_number, msg_id, verdict):
-            self.publish_ack(device)
-        elif self._now() - self._ack_sent_at.get(device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
-            # A resend of something already answered: the device missed the answer. Bounded,
-            # because anyone who saw a genuine update can replay it.
-            self.publish_ack(device)
+        self.ack_publisher.verdict(device, round_number, msg_id, verdict)
 
     # -- updates ----------------------------------------------------------------------------------
     def reject(self, reason: str, detail: str, *, device: str | None = None, round_number: int | None = None,
@@ -483,8 +463,7 @@ class Coordinator:
         verdict = self.admission.registration_news(statement, registry=self.registry, state=self.fleet_state,
                                                    now=self._now())
         if verdict.reason == "already_registered":
-            if self._now() - self._ack_sent_at.get(statement.device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
-                self.publish_ack(statement.device)  # a resend: the device has not seen our acknowledgement
+            self.ack_publisher.repeat(statement.device)  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
         if verdict.reason != "register":
             return self.reject(verdict.reason, verdict.detail, device=statement.device)
@@ -685,8 +664,6 @@ class Coordinator:
         self.maybe_close_round()
 
 
-STATUS_INTERVAL_S = 1.0  # a changed fleet status is republished at most this often (round changes: at once)
-ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
 
 
 def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
