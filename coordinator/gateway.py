@@ -7,7 +7,7 @@ a model and waits (``awaiting``), and the model the upstream publishes next beco
 model (:meth:`Gateway.adopt`): recorded in the ledger, naming where it comes from, then published
 to the gateway's devices. The :class:`coordinator.service.Coordinator` owns the state this
 changes (the open round, the global model, the writer) and delegates its gateway steps here;
-the daemon's upstream link feeds :meth:`Gateway.adopt` with what :class:`Upstream` received.
+the daemon hands the model :class:`Upstream` received to ``Coordinator.adopt_upstream_model``.
 
 :func:`awaits_upstream` (where a restarted gateway stands) is pure.
 """
