@@ -5,19 +5,24 @@ update it sent (accepted, or the reason it was not counted), and the round that 
 fleet status holds every device's details and is for the operator; a device reads only its own
 acknowledgement, so the cost of telling it is independent of the fleet's size.
 
-Pure: the coordinator feeds events in and publishes :meth:`DeviceAcks.body` (signed) on the
-device's retained ``ack`` topic.
+:class:`DeviceAcks` is pure: the coordinator feeds events in. :class:`AckPublisher` publishes a
+device's :meth:`DeviceAcks.body` (signed, on its retained ``ack`` topic) when there is news, and
+repeats an unchanged one at most every :data:`ACK_REPEAT_INTERVAL_S` (a resend of something
+already answered: the device missed the answer). It is given its clock, the open round and the
+signing sender (:meth:`coordinator.publisher.Publisher.ack`), so tests drive it without a broker.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from federation.verdicts import ACCEPTED
 
 MAX_VERDICTS = 8  # per device: enough for a resend of the last rounds, bounded whatever it sends
+ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
 
 
 @dataclass
@@ -58,3 +63,47 @@ class DeviceAcks:
             "fleet": self.fleet, "device": device, "round": open_round, "registered": state.registered,
             "updates": {msg_id: dict(v) for msg_id, v in state.verdicts.items()}, "time": now,
         }
+
+
+class AckPublisher:
+    """Publishes each device's acknowledgement: on news at once, unchanged at a bounded rate.
+
+    Called only once what it acknowledges is durable (the coordinator's order of writes)."""
+
+    def __init__(self, acks: DeviceAcks, send: Callable[[str, dict[str, Any]], None], now: Callable[[], float],
+                 open_round: Callable[[], int], *, repeat_s: float = ACK_REPEAT_INTERVAL_S) -> None:
+        self.acks = acks
+        self._send = send
+        self._now = now
+        self._open_round = open_round
+        self.repeat_s = repeat_s
+        self._sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
+
+    def publish(self, device: str) -> None:
+        """Tell one device (retained, signed) what the coordinator knows of it."""
+        self._send(device, self.acks.body(device, open_round=self._open_round(), now=self._now()))
+        self._sent_at[device] = self._now()
+
+    def publish_all(self) -> None:
+        """Every known device's acknowledgement again (after a reconnect: a broker restart loses
+        retained messages)."""
+        for device in sorted(self._sent_at):
+            self.publish(device)
+
+    def repeat_due(self, device: str, now: float) -> bool:
+        """Whether ``device``'s unchanged acknowledgement may go again at ``now``."""
+        return now - self._sent_at.get(device, float("-inf")) >= self.repeat_s
+
+    def repeat(self, device: str) -> None:
+        """A device sent again what was answered already (it missed the answer): its
+        acknowledgement again, if :meth:`repeat_due`. Bounded, because anyone who saw a genuine
+        message can replay it."""
+        if self.repeat_due(device, self._now()):
+            self.publish(device)
+
+    def verdict(self, device: str, round_number: int, msg_id: bytes, verdict: str) -> None:
+        """The verdict on one of ``device``'s updates: published if new, else repeated (bounded)."""
+        if self.acks.verdict(device, round_number, msg_id, verdict):
+            self.publish(device)
+        else:
+            self.repeat(device)

@@ -22,6 +22,7 @@ from coordinator.aggregation import STRATEGIES, StrategyParams
 from coordinator.catch_up import CatchUp, CatchUpLimits, fleet_now
 from coordinator.config import DEFAULT_REPLAY_BATCH as DEFAULT_REPLAY_BATCH  # re-exported: the settings moved
 from coordinator.config import CoordinatorConfig as CoordinatorConfig  # to a light module for the CLI's parser
+from coordinator.gateway import SendUpstream
 from coordinator.observe import Observatory
 from coordinator.prediction_daemon import (
     build_prediction_service,
@@ -34,7 +35,7 @@ from coordinator.registry_file import RegistryFile
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from coordinator.restore import RestoreError
 from coordinator.rounds import MODES, RoundPolicy
-from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome, SendUpstream
+from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.state_check import StateRefused
 from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
 from coordinator.storage import ModelStore, Spool, StorageError

@@ -29,14 +29,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator import restore
-from coordinator.acks import DeviceAcks
+from coordinator.acks import AckPublisher, DeviceAcks
 from coordinator.admission import Admission, sane
 from coordinator.aggregation import DEFAULT_STRATEGY, Strategy, StrategyParams, make_strategy
+from coordinator.gateway import Gateway, SendUpstream, awaits_upstream
 from coordinator.intake import UpdateIntake, scaled
 from coordinator.presence import PresenceBook
 from coordinator.publisher import Publish, Publisher
 from coordinator.restore import RestoreError, RestoreRequest
 from coordinator.rounds import Accepted, BufferState, RoundPolicy, RoundState
+from coordinator.status import StatusPublisher, fleet_status
 from coordinator.stopping import StopTarget
 from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from coordinator.writer import LedgerLike, LedgerWriter
@@ -44,7 +46,6 @@ from federation import deltas, envelope, records
 from federation.codec import (
     TensorDict,
     TensorSpec,
-    check_against_spec,
     decode_tensors,
     encode_tensors,
     spec_of,
@@ -58,7 +59,6 @@ from federation.verdicts import ACCEPTED
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[TensorDict], dict[str, float]]
-SendUpstream = Callable[[TensorDict, int, dict[str, float]], None]  # (aggregated delta, samples, metrics)
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,11 @@ class Coordinator:
         self.presence = PresenceBook(now)
         self.presence_rejections: Counter[str] = Counter()
         self.acks = DeviceAcks(settings.fleet)
-        self._ack_sent_at: dict[str, float] = {}  # device -> when its acknowledgement was last published
-        self._status_due = False  # changed since last published (see status_changed)
-        self._status_published_at = float("-inf")
+        self.ack_publisher = AckPublisher(self.acks, self.publisher.ack, now, self._open_round_number)
+        self.status_publisher = StatusPublisher(self.status, self.publisher.status, now)
         # A gateway (--upstream): each round's aggregated delta goes upstream as one update, and
         # the next round trains from the model the upstream coordinator publishes next.
-        self._send_upstream = send_upstream
-        self.awaiting_upstream = False
+        self.gateway = Gateway(self, send_upstream, now) if send_upstream is not None else None
         self.intake = UpdateIntake(self)  # batched update ingest; owns the admission threads
 
     def close(self) -> None:
@@ -134,6 +132,11 @@ class Coordinator:
         self.intake.close()
         self.spool.close()
         self.models.close()
+
+    @property
+    def awaiting_upstream(self) -> bool:
+        """A gateway between its round's aggregate and the upstream's next model."""
+        return self.gateway is not None and self.gateway.awaiting
 
     @property
     def strategy(self) -> Strategy | None:
@@ -223,12 +226,9 @@ class Coordinator:
             self.done = True  # the run had reached its target before this restart
         info = fleet.rounds.get(round_number)
         opened_at = info.opened_at if info is not None else None
-        # A gateway stopped after its round's aggregate, before the upstream's next model: it still
-        # waits for that model (its update is in the upstream outbox); its aggregate is not a model
-        # its devices train from.
-        self.awaiting_upstream = self._send_upstream is not None and not self.done and \
-            last_model_block.data.get("type") == records.AGGREGATE and round_number not in fleet.published_rounds
-        self._open_round(round_number, announce=opened_at is None and not self.awaiting_upstream)
+        if self.gateway is not None:  # stopped after its aggregate, it still waits for the upstream's model
+            self.gateway.awaiting = awaits_upstream(fleet, round_number, done=self.done)
+        self.open_round(round_number, announce=opened_at is None and not self.awaiting_upstream)
         if opened_at is not None and self.round is not None:
             self.round.opened_at = opened_at  # a restart does not extend the deadline
         # Re-add this round's already accepted updates (their envelopes are in the spool).
@@ -325,7 +325,13 @@ class Coordinator:
         self.acks.verdict(device, self.round.number, sealed.header.msg_id, ACCEPTED)
         log.info("restored accepted update of %s for round %d", device, self.round.number)
 
-    def _open_round(self, number: int, *, announce: bool) -> None:
+    def _open_round_number(self) -> int:
+        assert self.round is not None
+        return self.round.number
+
+    def open_round(self, number: int, *, announce: bool) -> None:
+        """Open round ``number`` (adaptive deadline, a fresh strategy); ``announce``: record its
+        round.opened (not for a round that waits for a model: the model's record comes first)."""
         policy = self.settings.policy
         deadline = policy.deadline_for(self.train_seconds.values())
         if deadline != policy.deadline_s:
@@ -344,6 +350,11 @@ class Coordinator:
     # -- ledger and publishing ------------------------------------------------------------------
     def _append(self, data: dict[str, Any], *, sign: bool = True) -> Any:
         return self.writer.append(data, sign=sign)
+
+    def install_model(self, model: TensorDict, block: Any) -> None:
+        """``model`` (recorded in the durable ``block``) is the global model from now on."""
+        self.global_model = model
+        self._model_block = block
 
     def announce_block(self, block: Any) -> None:
         """Tell the ledger's followers about a durable block (for every block, whoever appended it)."""
@@ -365,22 +376,15 @@ class Coordinator:
         self.publisher.model(self.model_message)
 
     def status(self) -> dict[str, Any]:
+        """The fleet status body now (:func:`coordinator.status.fleet_status`)."""
         assert self.round is not None
         head = self.ledger.head
-        return {
-            "fleet": self.settings.fleet, "round": self.round.number,
-            "state": "halted" if self.halted else "done" if self.done else "stopped" if self.stopped else
-                     ("waiting" if self.round.waiting_for() else "aggregating"),
-            "session": self.session, "heartbeat": self.settings.heartbeat_s,
-            "halted": self.halted, "accepted": sorted(self.round.accepted),
-            "waiting_for": 0 if self.done else self.round.waiting_for(),
-            "min_clients": self.settings.policy.min_clients,
-            "height": head.index + 1, "head": head.hash.hex(),
-            "rejections": dict(self.rejections), "accepted_total": self.accepted_total,
-            "presence": self.presence.states(), "presence_rejections": dict(self.presence_rejections),
-            "datasets": {d: h.hex() for d, h in sorted(self.datasets.items())},
-            "time": self._now(),
-        }
+        return fleet_status(
+            fleet=self.settings.fleet, round_state=self.round, halted=self.halted, done=self.done,
+            stopped=self.stopped, session=self.session, heartbeat_s=self.settings.heartbeat_s,
+            min_clients=self.settings.policy.min_clients, height=head.index + 1, head=head.hash,
+            rejections=self.rejections, accepted_total=self.accepted_total, presence=self.presence.states(),
+            presence_rejections=self.presence_rejections, datasets=self.datasets.items(), now=self._now())
 
     def handle_presence(self, topic: str, payload: bytes) -> bool:
         """A device's signed heartbeat or Last Will. True when the status should be republished."""
@@ -401,44 +405,27 @@ class Coordinator:
 
     def publish_status(self) -> None:
         """The signed fleet status, now (round opened or closed, halt, heartbeat, reconnect)."""
-        self.publisher.status(self.status())
-        self._status_published_at = self._now()
-        self._status_due = False
+        self.status_publisher.publish()
 
     def status_changed(self) -> None:
-        """Something the status shows changed (an update accepted, a data set, a presence): it
-        is republished by :meth:`publish_status_if_due`, at most every STATUS_INTERVAL_S. The
-        status grows with the fleet; each device learns of its own update from its ack."""
-        self._status_due = True
+        """Something the status shows changed: republished at most every STATUS_INTERVAL_S."""
+        self.status_publisher.changed()
 
     def publish_status_if_due(self) -> bool:
-        """Publish a changed status if the last one is STATUS_INTERVAL_S old (the daemon calls
-        this after every message and timer). True if it published."""
-        if not self._status_due or self._now() - self._status_published_at < STATUS_INTERVAL_S:
-            return False
-        self.publish_status()
-        return True
+        """Publish a changed status if it is due (the daemon calls this after every message and
+        timer). True if it published."""
+        return self.status_publisher.publish_if_due()
 
     def publish_ack(self, device: str) -> None:
         """Tell one device (retained, signed) what the coordinator knows of it."""
-        assert self.round is not None
-        body = self.acks.body(device, open_round=self.round.number, now=self._now())
-        self.publisher.ack(device, body)
-        self._ack_sent_at[device] = self._now()
+        self.ack_publisher.publish(device)
 
     def publish_acks(self) -> None:
-        """Every known device's acknowledgement again (after a reconnect: a broker restart loses
-        retained messages)."""
-        for device in sorted(self._ack_sent_at):
-            self.publish_ack(device)
+        """Every known device's acknowledgement again (after a reconnect)."""
+        self.ack_publisher.publish_all()
 
     def ack_verdict(self, device: str, round_number: int, msg_id: bytes, verdict: str) -> None:
-        if self.acks.verdict(device, round_number, msg_id, verdict):
-            self.publish_ack(device)
-        elif self._now() - self._ack_sent_at.get(device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
-            # A resend of something already answered: the device missed the answer. Bounded,
-            # because anyone who saw a genuine update can replay it.
-            self.publish_ack(device)
+        self.ack_publisher.verdict(device, round_number, msg_id, verdict)
 
     # -- updates ----------------------------------------------------------------------------------
     def reject(self, reason: str, detail: str, *, device: str | None = None, round_number: int | None = None,
@@ -483,8 +470,7 @@ class Coordinator:
         verdict = self.admission.registration_news(statement, registry=self.registry, state=self.fleet_state,
                                                    now=self._now())
         if verdict.reason == "already_registered":
-            if self._now() - self._ack_sent_at.get(statement.device, float("-inf")) >= ACK_REPEAT_INTERVAL_S:
-                self.publish_ack(statement.device)  # a resend: the device has not seen our acknowledgement
+            self.ack_publisher.repeat(statement.device)  # a resend: the device has not seen our acknowledgement
             return Outcome(True, "already_registered", statement.device)
         if verdict.reason != "register":
             return self.reject(verdict.reason, verdict.detail, device=statement.device)
@@ -565,14 +551,13 @@ class Coordinator:
             ), closes=state.number)
             if (self.settings.max_rounds and next_round > self.settings.max_rounds) or reached:
                 self.done = True
-            if self._send_upstream is not None and not self.done:
-                # A gateway: the next round opens with the upstream's next model (adopt_upstream_model).
-                self.awaiting_upstream = True
-                self._open_round(next_round, announce=False)
+            if self.gateway is not None and not self.done:
+                # A gateway: the next round opens with the upstream's next model (Gateway.adopt).
+                self.gateway.awaiting = True
+                self.open_round(next_round, announce=False)
             else:
-                self.global_model = new_model
-                self._model_block = block
-                self._open_round(next_round, announce=True)
+                self.install_model(new_model, block)
+                self.open_round(next_round, announce=True)
                 self._append(records.model_published(next_round, block.data["model_sha256"]), sign=False)
         # Durable from here: publish the model, then the blocks.
         self.history.append(block.data)
@@ -581,9 +566,8 @@ class Coordinator:
         if reached and stop_at is not None:
             log.info("round %d: target %s reached (%s %.6g); training done", state.number, stop_at, stop_at.metric,
                      metrics[stop_at.metric])
-        if self.awaiting_upstream and self._send_upstream is not None:
-            # One update upstream: this gateway's aggregated delta, weighted by all its devices' samples.
-            self._send_upstream(change, block.data["num_samples"], train)
+        if self.gateway is not None and self.gateway.awaiting:
+            self.gateway.send(change, block.data["num_samples"], train)
         else:
             self.publish_model()
         self.writer.announce(committed)
@@ -595,36 +579,11 @@ class Coordinator:
 
     def adopt_upstream_model(self, model: TensorDict, upstream: dict[str, Any], *,
                              replace_open_round: bool = False) -> bool:
-        """A gateway's next model: the one its upstream coordinator published after this gateway's
-        update (``upstream``: which round and block it is there). Recorded as the model of the
-        round that waited for it, then published to this gateway's devices. False if no round
-        waits for one (the upstream moved on without us: our round goes on from our model).
-
-        ``replace_open_round`` (at start, when the open round does not train from the upstream's
-        newest model, e.g. after a restart between our update and the upstream's answer): the
-        open round is abandoned, like a restore, and the next one trains from the upstream's."""
-        assert self.round is not None
-        if self.halted or not (self.awaiting_upstream or replace_open_round):
+        """A gateway's next model, from its upstream (:meth:`coordinator.gateway.Gateway.adopt`).
+        False if no round waits for one, or this coordinator is no gateway."""
+        if self.gateway is None:
             return False
-        check_against_spec(model, self.spec)
-        digest = deltas.model_sha256(model)
-        abandoned: dict[str, Any] = {}
-        if not self.awaiting_upstream:
-            abandoned = {"abandoned_round": self.round.number}
-            self._open_round(self.round.number + 1, announce=False)
-        with self.writer.group_commit() as committed:
-            block = self.writer.new_model(self.round.number, model, records.model_published(
-                self.round.number, digest, upstream=upstream, **abandoned), closes=abandoned.get("abandoned_round"))
-            self._append(records.round_opened(self.round.number), sign=False)
-        self.global_model = model
-        self._model_block = block
-        self.awaiting_upstream = False
-        self.round.opened_at = self._now()
-        log.info("round %d trains from the upstream model of its round %s", self.round.number, upstream.get("round"))
-        self.publish_model()
-        self.writer.announce(committed)
-        self.publish_status()
-        return True
+        return self.gateway.adopt(model, upstream, replace_open_round=replace_open_round)
 
     def _evaluation(self, round_number: int, model: TensorDict) -> dict[str, float | None]:
         """Central evaluation is informative: whatever it gives (a diverged model's Inf or NaN,
@@ -670,12 +629,11 @@ class Coordinator:
         block = self.writer.new_model(new_round, model, records.model_published(
             new_round, digest, restores=round_to_restore, abandoned_round=abandoned, reason=reason,
             **({"request_id": request_id} if request_id else {})), closes=abandoned)
-        self.global_model = model
-        self._model_block = block
+        self.install_model(model, block)
         log.warning("restored the global model of round %d as round %d (round %d abandoned): %s -> block %d",
                     round_to_restore, new_round, abandoned, reason, block.index)
         self.done = bool(self.settings.max_rounds and new_round > self.settings.max_rounds)
-        self._open_round(new_round, announce=True)
+        self.open_round(new_round, announce=True)
         self.publish_model()
         self.publish_status()
         return block
@@ -685,8 +643,6 @@ class Coordinator:
         self.maybe_close_round()
 
 
-STATUS_INTERVAL_S = 1.0  # a changed fleet status is republished at most this often (round changes: at once)
-ACK_REPEAT_INTERVAL_S = 1.0  # a device's unchanged acknowledgement is published again at most this often
 
 
 def _finite(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

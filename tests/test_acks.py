@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from manual_clock import ManualClock
 from test_coordinator import TOPICS, Harness, weights
 
-from coordinator.acks import MAX_VERDICTS, DeviceAcks
+from coordinator.acks import ACK_REPEAT_INTERVAL_S, MAX_VERDICTS, AckPublisher, DeviceAcks
 from federation import envelope
 from federation.envelope import EnvelopeError
 from federation.keys import CoordinatorKeys
@@ -111,3 +112,26 @@ def test_verdicts_are_bounded_and_accepted_is_never_overwritten() -> None:
     updates = acks.body("d", open_round=1, now=0.0)["updates"]
     assert len(updates) == MAX_VERDICTS
     assert (bytes([2 + 2 * MAX_VERDICTS]) * 16).hex() in updates  # the newest are kept
+
+
+def test_the_ack_publisher_tells_news_at_once_and_repeats_an_unchanged_ack_at_most_once_a_second() -> None:
+    clock = ManualClock()
+    sent: list[tuple[str, dict[str, Any]]] = []
+    publisher = AckPublisher(DeviceAcks("f"), lambda device, body: sent.append((device, body)), clock, lambda: 4)
+    publisher.verdict("dev-a", 4, b"\x01", ACCEPTED)
+    assert sent == [("dev-a", {"fleet": "f", "device": "dev-a", "round": 4, "registered": None,
+                               "updates": {"01": {"round": 4, "verdict": ACCEPTED}}, "time": clock.t})]
+    publisher.verdict("dev-a", 4, b"\x01", ACCEPTED)  # a resend, answered already
+    publisher.repeat("dev-a")
+    assert len(sent) == 1 and not publisher.repeat_due("dev-a", clock.t + ACK_REPEAT_INTERVAL_S * 0.99)
+    publisher.verdict("dev-a", 4, b"\x02", "stale_round")  # news goes out at once
+    assert len(sent) == 2 and sent[-1][1]["updates"]["02"]["verdict"] == "stale_round"
+    clock.t += ACK_REPEAT_INTERVAL_S
+    publisher.verdict("dev-a", 4, b"\x01", ACCEPTED)
+    assert len(sent) == 3
+    assert publisher.repeat_due("dev-b", clock.t)  # never told: due
+    publisher.acks.registered("dev-b", b"\xbb")
+    publisher.publish("dev-b")
+    sent.clear()
+    publisher.publish_all()  # after a reconnect: every device told, in order
+    assert [device for device, _ in sent] == ["dev-a", "dev-b"] and sent[1][1]["registered"] == "bb"

@@ -560,7 +560,7 @@ def test_a_crash_right_after_the_aggregate_block_is_completed_at_restart(h: Harn
     def crash(*args: Any, **kwargs: Any) -> None:
         raise SystemExit("killed")
 
-    monkeypatch.setattr(Coordinator, "_open_round", crash)
+    monkeypatch.setattr(Coordinator, "open_round", crash)
     assert h.send("dev-a", h.update("dev-a", 1, weights(1))).accepted
     with pytest.raises(SystemExit):
         h.send("dev-b", h.update("dev-b", 1, weights(3)))

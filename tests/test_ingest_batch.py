@@ -14,8 +14,8 @@ import pytest
 from test_coordinator import TOPICS, Harness, weights
 
 from coordinator.rounds import RoundPolicy
-from coordinator.service import STATUS_INTERVAL_S
 from coordinator.state_guard import CheckpointFile, write_checkpoint
+from coordinator.status import STATUS_INTERVAL_S
 from federation import envelope
 from federation.fleet_state import verify_file
 
