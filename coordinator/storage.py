@@ -31,6 +31,7 @@ from federation.codec import TensorDict
 
 log = logging.getLogger(__name__)
 
+MAX_ENTRY_BYTES = (1 << 32) - 1  # a spool entry read back (msgpack bin 32: an envelope below 4 GiB)
 SEGMENT_BYTES = 1 << 20  # envelopes per spool segment file (one fsync each); a larger envelope goes alone
 
 
@@ -260,7 +261,10 @@ class Spool:
         for path in segments:
             try:
                 with open(path, "rb") as handle:
-                    unpacker = msgpack.Unpacker(handle, raw=False, max_bin_len=1 << 31, max_str_len=1024,
+                    # max_buffer_size: an entry is buffered whole, and msgpack's default (100 MiB)
+                    # is below what --max-update-bytes allows (BufferFull: a sound segment unread).
+                    unpacker = msgpack.Unpacker(handle, raw=False, max_buffer_size=MAX_ENTRY_BYTES,
+                                                max_bin_len=MAX_ENTRY_BYTES - 2048, max_str_len=1024,
                                                 max_array_len=2, max_map_len=0)
                     for entry in unpacker:
                         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
@@ -268,7 +272,8 @@ class Spool:
                             raise ValueError("not a [device, envelope] entry")
                         index[entry[0]] = (path, unpacker.tell() - len(entry[1]), len(entry[1]))
             except (ValueError, msgpack.UnpackException) as exc:  # renamed only once complete: a damaged disk
-                log.error("spool segment %s is damaged after %d entries: %s", path, len(index), exc)
+                log.error("spool segment %s is damaged after %d entries: %s: %s", path, len(index),
+                          type(exc).__name__, exc)
         if segments:
             self._next_segment[round_number] = max(
                 self._next_segment.get(round_number, 0), int(segments[-1].name.split("-")[1]) + 1)

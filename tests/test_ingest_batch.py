@@ -226,3 +226,21 @@ def test_the_spool_keeps_a_batch_in_a_few_segment_files_and_reads_each_devices_l
     restarted.drop_round(1)
     restarted.close()
     assert restarted.get(1, "dev-001") is None
+
+
+def test_an_envelope_over_100_mib_spooled_before_a_crash_is_read_back_after_it(tmp_path: Path) -> None:
+    """--max-update-bytes may be raised past 100 MiB (a large model): such an update is spooled,
+    recorded and acknowledged, so after a restart it must come back from its segment. msgpack's
+    Unpacker buffers at most 100 MiB by default: the segment looked damaged, the update was
+    'missing from the spool' and the coordinator could not start again."""
+    from coordinator.storage import Spool
+
+    large = b"\x01" * ((100 << 20) + 1)
+    spool = Spool(tmp_path / "spool")
+    spool.put_many(1, [("dev-a", b"small"), ("dev-big", large)])
+    spool.close()
+    restarted = Spool(tmp_path / "spool")
+    try:
+        assert restarted.get(1, "dev-big") == large and restarted.get(1, "dev-a") == b"small"
+    finally:
+        restarted.close()
