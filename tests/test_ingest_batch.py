@@ -244,3 +244,26 @@ def test_an_envelope_over_100_mib_spooled_before_a_crash_is_read_back_after_it(t
         assert restarted.get(1, "dev-big") == large and restarted.get(1, "dev-a") == b"small"
     finally:
         restarted.close()
+
+
+def test_one_device_flooding_a_batch_gets_no_more_updates_decrypted_ahead_than_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile registered device fills the batch read ahead with many genuine updates for the
+    open round (new message ids). Only its first can be accepted (duplicate_in_round for the
+    rest, decided before any decryption when each is judged): opening ahead must not decrypt,
+    decode and hold the rest's tensors either (CPU and memory an attacker would get for free)."""
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    flood = [(TOPICS.update("dev-a"), h.update("dev-a", 1, weights(float(i)))) for i in range(6)]
+    batch = [*flood, (TOPICS.update("dev-b"), h.update("dev-b", 1, weights(1.0)))]
+    decrypted: list[bytes] = []
+    real = envelope.decrypt_update
+
+    def counting(sealed: Any, keys: Any) -> bytes:
+        decrypted.append(sealed.header.msg_id)
+        return real(sealed, keys)
+
+    monkeypatch.setattr(envelope, "decrypt_update", counting)
+    h.coordinator.intake.open_ahead(batch)
+    outcomes = h.coordinator.handle_updates(batch)
+    assert [o.reason for o in outcomes] == ["accepted", *["duplicate_in_round"] * 5, "accepted"]
+    assert len(decrypted) == 2  # dev-a's first and dev-b's, as without opening ahead
