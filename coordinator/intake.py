@@ -92,8 +92,12 @@ class UpdateIntake:
         becomes ready (the rest may be for the next round); the rest follows in the next batch.
         Never raises for bad input: every failure becomes a counted rejection."""
         outcomes: list[Outcome] = []
-        while len(outcomes) < len(messages):
-            outcomes.extend(self._update_batch(messages[len(outcomes):]))
+        try:
+            while len(outcomes) < len(messages):
+                outcomes.extend(self._update_batch(messages[len(outcomes):]))
+        finally:  # an unexpected error: what was opened ahead of the rest is not kept
+            for _, payload in messages[len(outcomes):]:
+                self._opened(payload)
         return outcomes
 
     def _update_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[Outcome]:

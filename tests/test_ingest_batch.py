@@ -267,3 +267,24 @@ def test_one_device_flooding_a_batch_gets_no_more_updates_decrypted_ahead_than_b
     outcomes = h.coordinator.handle_updates(batch)
     assert [o.reason for o in outcomes] == ["accepted", *["duplicate_in_round"] * 5, "accepted"]
     assert len(decrypted) == 2  # dev-a's first and dev-b's, as without opening ahead
+
+
+def test_a_batch_that_fails_midway_leaves_nothing_opened_ahead_behind(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Updates opened ahead (payload, decrypted tensors) are kept until judged: a batch that ends
+    in an unexpected error (the daemon logs it and goes on) must not leave the rest of it held,
+    batch after batch, until the MAX_AHEAD count (1,024 envelopes and their tensors)."""
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    batch = [(TOPICS.update("dev-a"), h.update("dev-a", 1, weights(1.0))),
+             (TOPICS.update("dev-a"), h.update("dev-a", 1, weights(2.0))),  # ends the first sub-batch
+             (TOPICS.update("dev-b"), h.update("dev-b", 1, weights(1.0)))]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(h.coordinator.writer, "accept_updates", broken)
+    intake = h.coordinator.intake
+    intake.open_ahead(batch)
+    with pytest.raises(RuntimeError):
+        h.coordinator.handle_updates(batch)
+    assert intake._ahead == {}
