@@ -201,6 +201,7 @@ class Spool:
         # and the next segment number; kept as segments are written, read from them after a restart.
         self._index: dict[int, dict[str, tuple[Path, int, int]]] = {}
         self._next_segment: dict[int, int] = {}
+        self._named: set[int] = set()  # rounds whose directory's entry in the spool was fsynced
 
     def close(self) -> None:
         self.threads.close()
@@ -234,6 +235,9 @@ class Spool:
             for written in self.threads.pool().map(_write_segment, segments):
                 index.update(written)
             durable.fsync_dir(directory)
+            if round_number not in self._named:  # the round's directory is named in the spool's: that
+                durable.fsync_dir(self.directory)  # entry too, once per process (made before a crash?)
+                self._named.add(round_number)
         except OSError as exc:
             self._index.pop(round_number, None)  # read again from what is on disk
             raise StorageError(exc.errno, f"cannot write the spool in {directory}: {exc.strerror or exc}") from exc
@@ -286,6 +290,7 @@ class Spool:
         directory = self._round_dir(round_number)
         self._index.pop(round_number, None)
         self._next_segment.pop(round_number, None)
+        self._named.discard(round_number)
         doomed = self.directory / f"{DROPPED}{directory.name}-{os.urandom(4).hex()}"
         try:
             os.rename(directory, doomed)

@@ -288,3 +288,28 @@ def test_a_batch_that_fails_midway_leaves_nothing_opened_ahead_behind(tmp_path: 
     with pytest.raises(RuntimeError):
         h.coordinator.handle_updates(batch)
     assert intake._ahead == {}
+
+
+def test_a_rounds_new_spool_directory_is_itself_made_durable_before_its_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first batch of a round creates spool/round-RRRRRR: fsyncing that directory makes the
+    segments' names durable, but its own name lives in spool/, which must be fsynced too, or a
+    power cut after the acknowledgement can lose the whole round's directory (POSIX; ext4's
+    journal usually hides it)."""
+    from coordinator import storage
+
+    synced: list[Path] = []
+    real = storage.durable.fsync_dir
+
+    def recording(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(storage.durable, "fsync_dir", recording)
+    spool = storage.Spool(tmp_path / "spool")
+    spool.put_many(1, [("dev-a", b"x")])
+    assert tmp_path / "spool" / "round-000001" in synced and tmp_path / "spool" in synced
+    synced.clear()
+    spool.put_many(1, [("dev-b", b"y")])  # the directory is there already: one fsync of it
+    assert synced == [tmp_path / "spool" / "round-000001"]
+    spool.close()
