@@ -313,3 +313,21 @@ def test_a_rounds_new_spool_directory_is_itself_made_durable_before_its_records(
     spool.put_many(1, [("dev-b", b"y")])  # the directory is there already: one fsync of it
     assert synced == [tmp_path / "spool" / "round-000001"]
     spool.close()
+
+
+def test_a_damaged_spool_segment_stops_the_restart_with_a_storage_error_naming_it(tmp_path: Path) -> None:
+    """A segment damaged on disk after an update was acknowledged (a flipped bit in an envelope):
+    the restart must not accept junk nor lose the update silently, and the operator gets the
+    storage refusal naming the device, round and spool (the daemon turns it into a clear 'state
+    refused' exit), not a decryption traceback."""
+    from coordinator.storage import StorageError
+
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    batch = [(TOPICS.update(d), h.update(d, 1, weights(1.0))) for d in ("dev-a", "dev-b")]
+    assert [o.reason for o in h.coordinator.handle_updates(batch)] == ["accepted", "accepted"]
+    segment = next((tmp_path / "spool" / "round-000001").glob("*.spool"))
+    damaged = bytearray(segment.read_bytes())
+    damaged[-40] ^= 1  # inside dev-b's envelope, the last entry: its ciphertext or tag
+    segment.write_bytes(bytes(damaged))
+    with pytest.raises(StorageError, match="dev-b for round 1 is damaged in the spool"):
+        h.build(register=False)
