@@ -52,7 +52,10 @@ class UpdateIntake:
         """Start the costly part of these update messages' verdicts (parse, signature, decryption,
         tensors: :meth:`Admission.open_ahead`) on the admission threads, to be used when they are
         handed to :meth:`handle_updates`: the daemon opens the next batch while this one is made
-        durable. Decides nothing; a message never handed in is forgotten at :data:`MAX_AHEAD`."""
+        durable. Decides nothing; a message never handed in is forgotten at :data:`MAX_AHEAD`.
+        Only a device's first message here is opened: its later ones are judged after the first
+        one's record (duplicate_in_round, before any decryption, once it is accepted), so opening
+        them ahead would let one device have a whole batch decrypted and held for nothing."""
         c = self._coordinator
         if self._threads < 2 or c.halted or c.round is None:
             return
@@ -60,7 +63,12 @@ class UpdateIntake:
             self._ahead.clear()
         admission, round_state, state, registry, spec = c.admission, c.round, c.fleet_state, c.registry, c.spec
         pool = self._admission_pool()
+        devices: set[str | None] = set()
         for topic, payload in messages:
+            device = c.topics.device_of(topic)
+            if device in devices:
+                continue  # judged whole when due (and after its device's first message)
+            devices.add(device)
             self._ahead[id(payload)] = (payload, pool.submit(
                 admission.open_ahead, topic, payload, registry=registry, round=round_state, state=state, spec=spec))
 
@@ -84,8 +92,12 @@ class UpdateIntake:
         becomes ready (the rest may be for the next round); the rest follows in the next batch.
         Never raises for bad input: every failure becomes a counted rejection."""
         outcomes: list[Outcome] = []
-        while len(outcomes) < len(messages):
-            outcomes.extend(self._update_batch(messages[len(outcomes):]))
+        try:
+            while len(outcomes) < len(messages):
+                outcomes.extend(self._update_batch(messages[len(outcomes):]))
+        finally:  # an unexpected error: what was opened ahead of the rest is not kept
+            for _, payload in messages[len(outcomes):]:
+                self._opened(payload)
         return outcomes
 
     def _update_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[Outcome]:

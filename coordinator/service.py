@@ -44,6 +44,7 @@ from coordinator.storage import ModelFileError, ModelStore, Spool, StorageError
 from coordinator.writer import LedgerLike, LedgerWriter
 from federation import deltas, envelope, records
 from federation.codec import (
+    CodecError,
     TensorDict,
     TensorSpec,
     decode_tensors,
@@ -310,11 +311,15 @@ class Coordinator:
         if raw is None:
             raise StorageError(2, f"update of {device} for round {self.round.number} is in the ledger but "
                                   "missing from the spool")
-        sealed = envelope.parse_update(raw, max_bytes=self.settings.max_update_bytes)
-        if sealed.header_bytes != record["statement"]:
-            raise StorageError(5, f"spooled update of {device} for round {self.round.number} is not the one the "
-                                  "ledger records")
-        weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
+        try:
+            sealed = envelope.parse_update(raw, max_bytes=self.settings.max_update_bytes)
+            if sealed.header_bytes != record["statement"]:
+                raise StorageError(5, f"spooled update of {device} for round {self.round.number} is not the one "
+                                      "the ledger records")
+            weights = decode_tensors(envelope.decrypt_update(sealed, self.keys))
+        except (EnvelopeError, CodecError) as exc:  # checked when accepted: the spool was damaged since
+            raise StorageError(5, f"spooled update of {device} for round {self.round.number} is damaged in the "
+                                  f"spool ({self.spool.directory}): {exc}") from None
         if sealed.version == 1:  # accepted by the coordinator before the upgrade: full weights
             weights = deltas.delta(weights, self.global_model)
         if "weight" in record:  # asynchronous mode: down-weighted by its staleness, as when accepted

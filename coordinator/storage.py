@@ -31,6 +31,7 @@ from federation.codec import TensorDict
 
 log = logging.getLogger(__name__)
 
+MAX_ENTRY_BYTES = (1 << 32) - 1  # a spool entry read back (msgpack bin 32: an envelope below 4 GiB)
 SEGMENT_BYTES = 1 << 20  # envelopes per spool segment file (one fsync each); a larger envelope goes alone
 
 
@@ -200,6 +201,7 @@ class Spool:
         # and the next segment number; kept as segments are written, read from them after a restart.
         self._index: dict[int, dict[str, tuple[Path, int, int]]] = {}
         self._next_segment: dict[int, int] = {}
+        self._named: set[int] = set()  # rounds whose directory's entry in the spool was fsynced
 
     def close(self) -> None:
         self.threads.close()
@@ -233,6 +235,9 @@ class Spool:
             for written in self.threads.pool().map(_write_segment, segments):
                 index.update(written)
             durable.fsync_dir(directory)
+            if round_number not in self._named:  # the round's directory is named in the spool's: that
+                durable.fsync_dir(self.directory)  # entry too, once per process (made before a crash?)
+                self._named.add(round_number)
         except OSError as exc:
             self._index.pop(round_number, None)  # read again from what is on disk
             raise StorageError(exc.errno, f"cannot write the spool in {directory}: {exc.strerror or exc}") from exc
@@ -260,7 +265,10 @@ class Spool:
         for path in segments:
             try:
                 with open(path, "rb") as handle:
-                    unpacker = msgpack.Unpacker(handle, raw=False, max_bin_len=1 << 31, max_str_len=1024,
+                    # max_buffer_size: an entry is buffered whole, and msgpack's default (100 MiB)
+                    # is below what --max-update-bytes allows (BufferFull: a sound segment unread).
+                    unpacker = msgpack.Unpacker(handle, raw=False, max_buffer_size=MAX_ENTRY_BYTES,
+                                                max_bin_len=MAX_ENTRY_BYTES - 2048, max_str_len=1024,
                                                 max_array_len=2, max_map_len=0)
                     for entry in unpacker:
                         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
@@ -268,7 +276,8 @@ class Spool:
                             raise ValueError("not a [device, envelope] entry")
                         index[entry[0]] = (path, unpacker.tell() - len(entry[1]), len(entry[1]))
             except (ValueError, msgpack.UnpackException) as exc:  # renamed only once complete: a damaged disk
-                log.error("spool segment %s is damaged after %d entries: %s", path, len(index), exc)
+                log.error("spool segment %s is damaged after %d entries: %s: %s", path, len(index),
+                          type(exc).__name__, exc)
         if segments:
             self._next_segment[round_number] = max(
                 self._next_segment.get(round_number, 0), int(segments[-1].name.split("-")[1]) + 1)
@@ -281,6 +290,7 @@ class Spool:
         directory = self._round_dir(round_number)
         self._index.pop(round_number, None)
         self._next_segment.pop(round_number, None)
+        self._named.discard(round_number)
         doomed = self.directory / f"{DROPPED}{directory.name}-{os.urandom(4).hex()}"
         try:
             os.rename(directory, doomed)

@@ -226,3 +226,108 @@ def test_the_spool_keeps_a_batch_in_a_few_segment_files_and_reads_each_devices_l
     restarted.drop_round(1)
     restarted.close()
     assert restarted.get(1, "dev-001") is None
+
+
+def test_an_envelope_over_100_mib_spooled_before_a_crash_is_read_back_after_it(tmp_path: Path) -> None:
+    """--max-update-bytes may be raised past 100 MiB (a large model): such an update is spooled,
+    recorded and acknowledged, so after a restart it must come back from its segment. msgpack's
+    Unpacker buffers at most 100 MiB by default: the segment looked damaged, the update was
+    'missing from the spool' and the coordinator could not start again."""
+    from coordinator.storage import Spool
+
+    large = b"\x01" * ((100 << 20) + 1)
+    spool = Spool(tmp_path / "spool")
+    spool.put_many(1, [("dev-a", b"small"), ("dev-big", large)])
+    spool.close()
+    restarted = Spool(tmp_path / "spool")
+    try:
+        assert restarted.get(1, "dev-big") == large and restarted.get(1, "dev-a") == b"small"
+    finally:
+        restarted.close()
+
+
+def test_one_device_flooding_a_batch_gets_no_more_updates_decrypted_ahead_than_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile registered device fills the batch read ahead with many genuine updates for the
+    open round (new message ids). Only its first can be accepted (duplicate_in_round for the
+    rest, decided before any decryption when each is judged): opening ahead must not decrypt,
+    decode and hold the rest's tensors either (CPU and memory an attacker would get for free)."""
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    flood = [(TOPICS.update("dev-a"), h.update("dev-a", 1, weights(float(i)))) for i in range(6)]
+    batch = [*flood, (TOPICS.update("dev-b"), h.update("dev-b", 1, weights(1.0)))]
+    decrypted: list[bytes] = []
+    real = envelope.decrypt_update
+
+    def counting(sealed: Any, keys: Any) -> bytes:
+        decrypted.append(sealed.header.msg_id)
+        return real(sealed, keys)
+
+    monkeypatch.setattr(envelope, "decrypt_update", counting)
+    h.coordinator.intake.open_ahead(batch)
+    outcomes = h.coordinator.handle_updates(batch)
+    assert [o.reason for o in outcomes] == ["accepted", *["duplicate_in_round"] * 5, "accepted"]
+    assert len(decrypted) == 2  # dev-a's first and dev-b's, as without opening ahead
+
+
+def test_a_batch_that_fails_midway_leaves_nothing_opened_ahead_behind(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Updates opened ahead (payload, decrypted tensors) are kept until judged: a batch that ends
+    in an unexpected error (the daemon logs it and goes on) must not leave the rest of it held,
+    batch after batch, until the MAX_AHEAD count (1,024 envelopes and their tensors)."""
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    batch = [(TOPICS.update("dev-a"), h.update("dev-a", 1, weights(1.0))),
+             (TOPICS.update("dev-a"), h.update("dev-a", 1, weights(2.0))),  # ends the first sub-batch
+             (TOPICS.update("dev-b"), h.update("dev-b", 1, weights(1.0)))]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(h.coordinator.writer, "accept_updates", broken)
+    intake = h.coordinator.intake
+    intake.open_ahead(batch)
+    with pytest.raises(RuntimeError):
+        h.coordinator.handle_updates(batch)
+    assert intake._ahead == {}
+
+
+def test_a_rounds_new_spool_directory_is_itself_made_durable_before_its_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first batch of a round creates spool/round-RRRRRR: fsyncing that directory makes the
+    segments' names durable, but its own name lives in spool/, which must be fsynced too, or a
+    power cut after the acknowledgement can lose the whole round's directory (POSIX; ext4's
+    journal usually hides it)."""
+    from coordinator import storage
+
+    synced: list[Path] = []
+    real = storage.durable.fsync_dir
+
+    def recording(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(storage.durable, "fsync_dir", recording)
+    spool = storage.Spool(tmp_path / "spool")
+    spool.put_many(1, [("dev-a", b"x")])
+    assert tmp_path / "spool" / "round-000001" in synced and tmp_path / "spool" in synced
+    synced.clear()
+    spool.put_many(1, [("dev-b", b"y")])  # the directory is there already: one fsync of it
+    assert synced == [tmp_path / "spool" / "round-000001"]
+    spool.close()
+
+
+def test_a_damaged_spool_segment_stops_the_restart_with_a_storage_error_naming_it(tmp_path: Path) -> None:
+    """A segment damaged on disk after an update was acknowledged (a flipped bit in an envelope):
+    the restart must not accept junk nor lose the update silently, and the operator gets the
+    storage refusal naming the device, round and spool (the daemon turns it into a clear 'state
+    refused' exit), not a decryption traceback."""
+    from coordinator.storage import StorageError
+
+    h = Harness(tmp_path, RoundPolicy(min_clients=3, quorum=1, deadline_s=0))
+    batch = [(TOPICS.update(d), h.update(d, 1, weights(1.0))) for d in ("dev-a", "dev-b")]
+    assert [o.reason for o in h.coordinator.handle_updates(batch)] == ["accepted", "accepted"]
+    segment = next((tmp_path / "spool" / "round-000001").glob("*.spool"))
+    damaged = bytearray(segment.read_bytes())
+    damaged[-40] ^= 1  # inside dev-b's envelope, the last entry: its ciphertext or tag
+    segment.write_bytes(bytes(damaged))
+    with pytest.raises(StorageError, match="dev-b for round 1 is damaged in the spool"):
+        h.build(register=False)
