@@ -177,6 +177,16 @@ class _Layout:
         return out
 
 
+def _iov_max() -> int:
+    try:
+        return max(1, os.sysconf("SC_IOV_MAX"))
+    except (ValueError, OSError):
+        return 1024
+
+
+_IOV_MAX = _iov_max()  # buffers one pwritev takes at most (Linux: 1,024; the codec allows 4,096 tensors)
+
+
 class UpdateMatrix:
     """The round's updates as rows of a float32 matrix in an unlinked temporary file.
 
@@ -196,7 +206,7 @@ class UpdateMatrix:
         parts = [np.ascontiguousarray(array, dtype=np.float32).data.cast("B") for array in weights.values()]
         offset = self.rows * self.layout.size * 4
         while parts:
-            written = os.pwritev(self._file.fileno(), parts, offset)
+            written = os.pwritev(self._file.fileno(), parts[:_IOV_MAX], offset)  # a model may have more tensors
             offset += written
             while parts and written >= len(parts[0]):
                 written -= len(parts[0])

@@ -122,6 +122,16 @@ def test_median_and_trimmed_mean_match_numpy(tmp_path: object) -> None:
     assert strategy.parameters() == {"trim_fraction": 0.3, "trimmed_each_end": 2}  # type: ignore[attr-defined]
 
 
+def test_a_model_with_more_tensors_than_one_system_call_takes_is_stored_whole(tmp_path: object) -> None:
+    """The codec allows 4,096 tensors; one pwritev takes 1,024 buffers (Linux's IOV_MAX)."""
+    rng = np.random.default_rng(3)
+    global_model = {f"t{i:04d}": np.zeros(2, np.float32) for i in range(1500)}
+    honest = [{k: rng.standard_normal(2).astype(np.float32) for k in global_model} for _ in range(3)]
+    median, _ = run("median", global_model, [(f"d{i}", w, 10) for i, w in enumerate(honest)], tmp_path=tmp_path)
+    for name in ("t0000", "t1023", "t1024", "t1499"):
+        np.testing.assert_allclose(median[name], np.median(np.stack([w[name] for w in honest]), axis=0), rtol=1e-6)
+
+
 def test_median_is_not_moved_by_two_scaled_updates(tmp_path: object) -> None:
     global_model, honest = fleet(8)
     items = [(f"h{i}", w, 100) for i, w in enumerate(honest)]
