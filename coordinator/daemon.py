@@ -22,7 +22,7 @@ from coordinator.aggregation import STRATEGIES, StrategyParams
 from coordinator.catch_up import CatchUp, CatchUpLimits, fleet_now
 from coordinator.config import DEFAULT_REPLAY_BATCH as DEFAULT_REPLAY_BATCH  # re-exported: the settings moved
 from coordinator.config import CoordinatorConfig as CoordinatorConfig  # to a light module for the CLI's parser
-from coordinator.gateway import SendUpstream
+from coordinator.gateway import SendUpstream, resume_upstream, serve_upstream
 from coordinator.observe import Observatory
 from coordinator.prediction_daemon import (
     build_prediction_service,
@@ -40,7 +40,7 @@ from coordinator.state_check import StateRefused
 from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
 from coordinator.upstream import Upstream
-from federation import deltas, envelope, exit_codes
+from federation import envelope, exit_codes
 from federation.chunk_record import ChunkRecord
 from federation.config import ConfigError
 from federation.crypto import ed25519_public
@@ -293,7 +293,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         link.stop()
         raise StateRefused(str(exc)) from None
     if upstream is not None:
-        _resume_upstream(coordinator, upstream)
+        resume_upstream(coordinator, upstream)
     if pending_restore is not None and pending_restore.lost_updates:
         apply_restore_request(coordinator, state_dir)  # before any tick could close the round short
     notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
@@ -363,7 +363,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
             try:  # apart from message handling, so that no stream of messages can starve it
                 now = time.monotonic()
                 if upstream is not None and upstream_link is not None:
-                    _serve_upstream(coordinator, upstream, upstream_link, now)
+                    serve_upstream(coordinator, upstream, upstream_link.inbox, now)
                 if now - last_tick >= 0.5:
                     last_tick = now
                     coordinator.tick()
@@ -455,49 +455,6 @@ def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[M
         return None, None
     upstream.base = upstream.model[0]
     return link, upstream
-
-
-def _serve_upstream(coordinator: Coordinator, upstream: Upstream, link: MqttLink, now: float) -> None:
-    """Upstream messages, the gateway's registration and pending update there, and the next model."""
-    while True:
-        try:
-            message = link.inbox.get_nowait()
-        except queue.Empty:
-            break
-        upstream.on_message(message.topic, message.payload)
-    upstream.resend(now)  # the outbox, until the upstream answers
-    newer = upstream.newer_model()
-    if newer is not None and coordinator.awaiting_upstream:
-        _adopt(coordinator, upstream, newer[0])
-
-
-def _adopt(coordinator: Coordinator, upstream: Upstream, header: envelope.ModelHeader, *,
-           replace_open_round: bool = False) -> None:
-    assert upstream.model is not None and upstream.model[0] == header
-    if coordinator.adopt_upstream_model(upstream.model[1], {"fleet": header.fleet, "round": header.round,
-                                                            "block_hash": header.block_hash,
-                                                            "model_sha256": header.model_sha256},
-                                        replace_open_round=replace_open_round):
-        upstream.adopted(header)
-
-
-def _resume_upstream(coordinator: Coordinator, upstream: Upstream) -> None:
-    """After a start: go on where the gateway stopped towards its upstream."""
-    assert upstream.model is not None
-    if coordinator.awaiting_upstream:
-        # Stopped after our round's aggregate: the update sent upstream is in the outbox and goes
-        # again (the same bytes: counted once) until a newer upstream model answers it.
-        if upstream.restore() is None:
-            # Stopped between the aggregate and the outbox: nothing went upstream. The round's
-            # work is lost; the next round trains from the upstream's newest model.
-            log.warning("gateway: our last round's aggregate was not sent upstream before the stop; the next round "
-                        "trains from the upstream's model of its round %d", upstream.model[0].round)
-            _adopt(coordinator, upstream, upstream.model[0])
-    elif upstream.base is not None and deltas.model_sha256(coordinator.global_model) != upstream.base.model_sha256:
-        # Our open round trains from another model than the upstream's newest (it moved on while
-        # we were stopped): our deltas must be against the upstream's model, so the next round
-        # trains from it.
-        _adopt(coordinator, upstream, upstream.base, replace_open_round=True)
 
 
 def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:

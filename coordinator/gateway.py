@@ -6,28 +6,38 @@ the aggregate is not its devices' next model: the aggregated delta goes upstream
 a model and waits (``awaiting``), and the model the upstream publishes next becomes that round's
 model (:meth:`Gateway.adopt`): recorded in the ledger, naming where it comes from, then published
 to the gateway's devices. The :class:`coordinator.service.Coordinator` owns the state this
-changes (the open round, the global model, the writer) and delegates its gateway steps here;
-the daemon hands the model :class:`Upstream` received to ``Coordinator.adopt_upstream_model``.
+changes (the open round, the global model, the writer) and delegates its gateway steps here.
 
-:func:`awaits_upstream` (where a restarted gateway stands) is pure.
+Between the two sides, :class:`Upstream` (the gateway as a device upstream) and the
+coordinator: :func:`serve_upstream` (each pass of the daemon's loop) feeds what the upstream
+link received to :class:`Upstream` and hands a newer upstream model to
+``Coordinator.adopt_upstream_model`` (:func:`adopt_upstream`); :func:`resume_upstream` (at start)
+goes on where a stopped gateway left off. :func:`awaits_upstream` (where a restarted gateway
+stands) is pure.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from federation import deltas, records
+from federation import deltas, envelope, records
 from federation.codec import TensorDict, check_against_spec
 from federation.fleet_state import FleetState
 
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
+    from coordinator.upstream import Upstream
+    from federation.mqtt import Message
 
 # The coordinator's logger: these lines were the coordinator's before this part had its own
 # module, and operators' filters on the logger name keep working.
 log = logging.getLogger("coordinator.service")
+# Likewise the daemon's: resume_upstream's line was logged by coordinator/daemon.py before it
+# moved here, under that logger name, which is kept.
+daemon_log = logging.getLogger("coordinator.daemon")
 
 SendUpstream = Callable[[TensorDict, int, dict[str, float]], None]  # (aggregated delta, samples, metrics)
 
@@ -87,3 +97,48 @@ class Gateway:
         c.writer.announce(committed)
         c.publish_status()
         return True
+
+
+def serve_upstream(coordinator: Coordinator, upstream: Upstream, inbox: queue.Queue[Message], now: float) -> None:
+    """Upstream messages, the gateway's registration and pending update there, and the next model."""
+    while True:
+        try:
+            message = inbox.get_nowait()
+        except queue.Empty:
+            break
+        upstream.on_message(message.topic, message.payload)
+    upstream.resend(now)  # the outbox, until the upstream answers
+    newer = upstream.newer_model()
+    if newer is not None and coordinator.awaiting_upstream:
+        adopt_upstream(coordinator, upstream, newer[0])
+
+
+def adopt_upstream(coordinator: Coordinator, upstream: Upstream, header: envelope.ModelHeader, *,
+                   replace_open_round: bool = False) -> None:
+    """The upstream model ``header`` (the newest :class:`Upstream` holds) as the coordinator's
+    next model; :class:`Upstream` then trains from it (its base) if the coordinator took it."""
+    assert upstream.model is not None and upstream.model[0] == header
+    if coordinator.adopt_upstream_model(upstream.model[1], {"fleet": header.fleet, "round": header.round,
+                                                            "block_hash": header.block_hash,
+                                                            "model_sha256": header.model_sha256},
+                                        replace_open_round=replace_open_round):
+        upstream.adopted(header)
+
+
+def resume_upstream(coordinator: Coordinator, upstream: Upstream) -> None:
+    """After a start: go on where the gateway stopped towards its upstream."""
+    assert upstream.model is not None
+    if coordinator.awaiting_upstream:
+        # Stopped after our round's aggregate: the update sent upstream is in the outbox and goes
+        # again (the same bytes: counted once) until a newer upstream model answers it.
+        if upstream.restore() is None:
+            # Stopped between the aggregate and the outbox: nothing went upstream. The round's
+            # work is lost; the next round trains from the upstream's newest model.
+            daemon_log.warning("gateway: our last round's aggregate was not sent upstream before the stop; the next "
+                               "round trains from the upstream's model of its round %d", upstream.model[0].round)
+            adopt_upstream(coordinator, upstream, upstream.model[0])
+    elif upstream.base is not None and deltas.model_sha256(coordinator.global_model) != upstream.base.model_sha256:
+        # Our open round trains from another model than the upstream's newest (it moved on while
+        # we were stopped): our deltas must be against the upstream's model, so the next round
+        # trains from it.
+        adopt_upstream(coordinator, upstream, upstream.base, replace_open_round=True)

@@ -25,7 +25,7 @@ from test_coordinator import Harness, weights
 from test_gateways import _coordinator, _records
 from test_reliability import wait_for
 
-from coordinator.daemon import _resume_upstream
+from coordinator.gateway import resume_upstream
 from coordinator.storage import ModelStore
 from coordinator.upstream import Upstream, gateway_dataset
 from federation import deltas, envelope
@@ -337,13 +337,13 @@ def test_a_gateway_restarted_after_its_aggregate_waits_for_the_upstream_or_moves
     # Restarted with the update in the outbox: still waiting for the upstream's answer.
     h.coordinator = h.build(register=False)
     assert h.coordinator.awaiting_upstream
-    _resume_upstream(h.coordinator, up)
+    resume_upstream(h.coordinator, up)
     assert h.coordinator.awaiting_upstream and up.awaiting_after == 1 and up.newer_model() is None
     # Restarted after the aggregate but before the outbox write (nothing went upstream): the next
     # round trains from the upstream's newest model at once instead of waiting for ever.
     up.outbox.remove(1)
     h.coordinator = h.build(register=False)
-    _resume_upstream(h.coordinator, up)
+    resume_upstream(h.coordinator, up)
     assert not h.coordinator.awaiting_upstream and h.coordinator.round is not None
     assert h.coordinator.round.number == 2
     np.testing.assert_allclose(h.coordinator.global_model["w"], 0.0)
