@@ -295,7 +295,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     if upstream is not None:
         resume_upstream(coordinator, upstream)
     if pending_restore is not None and pending_restore.lost_updates:
-        apply_restore_request(coordinator, state_dir)  # before any tick could close the round short
+        restore.apply_request(coordinator, state_dir)  # before any tick could close the round short
     notifier.ready(f"fleet {config.fleet}: connected, ledger height {coordinator.ledger.head.index + 1}")
     clients_file = RegistryFile(config.clients)
 
@@ -378,7 +378,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                 if reload_now.is_set() or now - last_registry_check >= REGISTRY_CHECK_S:
                     reload_now.clear()
                     last_registry_check = now
-                    apply_restore_request(coordinator, Path(config.state_dir))
+                    restore.apply_request(coordinator, Path(config.state_dir))
                     registry = registry_file.changed()
                     if registry is not None:
                         try:
@@ -455,20 +455,6 @@ def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[M
         return None, None
     upstream.base = upstream.model[0]
     return link, upstream
-
-
-def apply_restore_request(coordinator: Coordinator, state_dir: Path) -> None:
-    """Apply a `fledger restore-model` request left in the state directory, if there is one."""
-    try:
-        request = restore.read_request(state_dir)
-        if request is None:
-            return
-        coordinator.restore_model(request.round, request.reason, request_id=request.request_id)
-    except RestoreError as exc:
-        log.error("restore request refused: %s", exc)
-        restore.clear_request(state_dir, refused=str(exc))
-        return
-    restore.clear_request(state_dir)
 
 
 SWITCH_INTERVAL_S = 0.0005  # the interpreter's thread switch interval in the coordinator (default 0.005)

@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.storage import ModelStore, atomic_write, read_model_file
 from federation.codec import encode_tensors
 from ledger import Block
 from ledger import storage as ledger_storage
+
+if TYPE_CHECKING:
+    from coordinator.service import Coordinator
+
+# The daemon's logger: apply_request's line was logged by coordinator/daemon.py before it moved
+# here, and operators' filters on the logger name keep working.
+log = logging.getLogger("coordinator.daemon")
 
 REQUEST_FILE = "restore-request.json"
 
@@ -93,6 +101,20 @@ def clear_request(state_dir: Path, refused: str | None = None) -> None:
         path.replace(path.with_name(REQUEST_FILE + ".refused"))
         path.with_name(REQUEST_FILE + ".refused.txt").write_text(refused + "\n")
     path.unlink(missing_ok=True)
+
+
+def apply_request(coordinator: Coordinator, state_dir: Path) -> None:
+    """Apply a `fledger restore-model` request left in the state directory, if there is one."""
+    try:
+        request = read_request(state_dir)
+        if request is None:
+            return
+        coordinator.restore_model(request.round, request.reason, request_id=request.request_id)
+    except RestoreError as exc:
+        log.error("restore request refused: %s", exc)
+        clear_request(state_dir, refused=str(exc))
+        return
+    clear_request(state_dir)
 
 
 def checked_model(models: ModelStore, recorded: dict[int, bytes], round_number: int) -> tuple[Any, bytes]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from test_coordinator import FLEET, Harness, weights
 
 from coordinator import state_guard
-from coordinator.daemon import apply_restore_request
+from coordinator.restore import apply_request
 from coordinator.restore import request_path as restore_request_path
 from federation import exit_codes, records
 from federation.fleet_state import FleetLedger, verify_file
@@ -125,7 +125,7 @@ def test_restore_says_when_the_open_rounds_accepted_updates_went_with_the_spool(
     # The coordinator starts (it used to refuse: "missing from the spool"), runs round 2 again as
     # round 3 from the same model, and the devices' new updates are aggregated.
     h.coordinator = h.build()
-    apply_restore_request(h.coordinator, state)  # what the daemon does right after a start like this
+    apply_request(h.coordinator, state)  # what the daemon does right after a start like this
     assert h.coordinator.round is not None and h.coordinator.round.number == 3
     chain = list(h.ledger)
     rerun = [b.data for b in chain if b.data.get("type") == records.MODEL_PUBLISHED and b.data.get("round") == 3]

@@ -27,7 +27,7 @@ def test_the_coordinator_keeps_the_last_models_and_what_an_operator_restored(tmp
     operator restored nor the round it opened, and the ledger still names every model's hash."""
     from test_coordinator import Harness, weights
 
-    from coordinator.daemon import apply_restore_request
+    from coordinator.restore import apply_request
     from fledger.cli import main
 
     h = Harness(tmp_path, mode={"keep_models": 1})
@@ -45,7 +45,7 @@ def test_the_coordinator_keeps_the_last_models_and_what_an_operator_restored(tmp
     h.coordinator.models.save(1, {k: np.zeros_like(v) for k, v in weights(0.0).items()})
     assert main(["restore-model", "--state-dir", str(tmp_path), "--round", "1", "--reason", "t", "--wait", "0.1"]) \
         == exit_codes.TIMEOUT  # written; no coordinator process answered in time
-    apply_restore_request(h.coordinator, tmp_path)
+    apply_request(h.coordinator, tmp_path)
     assert h.coordinator.round.number == 4
     for value in (3.0, 4.0, 5.0):
         close_round(value)

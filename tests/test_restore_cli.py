@@ -10,7 +10,7 @@ import numpy as np
 from test_coordinator import Harness, weights
 
 from coordinator import restore
-from coordinator.daemon import apply_restore_request
+from coordinator.restore import apply_request
 from federation import exit_codes
 from fledger.cli import main
 
@@ -33,14 +33,14 @@ def test_restore_model_command_checks_then_the_coordinator_applies_it_once(tmp_p
     request = restore.read_request(tmp_path)
     assert request is not None and (request.round, request.reason) == (1, "test")
 
-    apply_restore_request(h.coordinator, tmp_path)  # what the daemon does every 2 s and on SIGHUP
+    apply_request(h.coordinator, tmp_path)  # what the daemon does every 2 s and on SIGHUP
     assert not restore.request_path(tmp_path).exists()
     assert h.coordinator.round is not None and h.coordinator.round.number == 3
     np.testing.assert_allclose(h.coordinator.global_model["w"], 0.0)  # round 1's (initial) model
     restore.atomic_write(restore.request_path(tmp_path), json.dumps(request.to_json()).encode())
-    apply_restore_request(h.coordinator, tmp_path)  # the same request again (a crash before removal)
+    apply_request(h.coordinator, tmp_path)  # the same request again (a crash before removal)
     assert h.coordinator.round.number == 3 and not restore.request_path(tmp_path).exists()
     restore.atomic_write(restore.request_path(tmp_path), b'{"round": 99, "reason": "x", "request_id": "y"}')
-    apply_restore_request(h.coordinator, tmp_path)  # refused: kept aside with the reason
+    apply_request(h.coordinator, tmp_path)  # refused: kept aside with the reason
     refused = tmp_path / (restore.REQUEST_FILE + ".refused.txt")
     assert "not before the open round" in refused.read_text() and h.coordinator.round.number == 3
