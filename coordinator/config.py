@@ -1,4 +1,8 @@
-"""The coordinator's settings (defaults < TOML < FLEDGER_* environment < flags).
+"""The coordinator's settings (defaults < TOML < FLEDGER_* environment < flags), and their checks.
+
+Each setting is checked on its own here (:func:`check_settings`, and the builders of what the
+parts take: :func:`round_policy`, :func:`strategy_params`, :func:`replay_limits`,
+:func:`catch_up_limits`), before the daemon opens a file or connects.
 
 Apart from the daemon so that `fledger coordinator --help` builds its parser without loading the
 ledger, the crypto or the service (only numpy and paho, for defaults shared with them);
@@ -10,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.aggregation import DEFAULT_STRATEGY, StrategyParams
+from coordinator.aggregation import DEFAULT_STRATEGY, STRATEGIES, StrategyParams
 from coordinator.catch_up import CatchUpLimits
 from coordinator.dashboard import DashboardConfig
 from coordinator.replay import ReplayLimits
-from federation.config import setting
+from coordinator.rounds import MODES, RoundPolicy
+from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
+from federation.config import ConfigError, setting
 from federation.mqtt import BrokerConfig
 from federation.observability import MetricsConfig
 
@@ -111,3 +117,55 @@ class CoordinatorConfig(DashboardConfig, MetricsConfig, BrokerConfig):
     predict_scaler: Path | None = setting(None, "an agent's scaler.json: maps prediction inputs and outputs to "
                                                 "original units (required for task csv; california's is "
                                                 "computed from the vendored data)")
+
+
+def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
+    """The replay bounds, checked (ValueError: each must be > 0) before anything is opened."""
+    return ReplayLimits(interval_s=config.replay_interval, max_blocks=config.replay_batch,
+                        max_bytes=config.replay_bytes, requester_window_bytes=config.replay_requester_window_bytes,
+                        window_bytes=config.replay_window_bytes).check()
+
+
+def catch_up_limits(config: CoordinatorConfig) -> CatchUpLimits:
+    """The catch-up bounds, checked (ValueError: each must be > 0) before anything is opened."""
+    return CatchUpLimits(interval_s=config.catch_up_interval, window_requests=config.catch_up_window_requests,
+                         window_bytes=config.catch_up_window_bytes).check()
+
+
+def round_policy(config: CoordinatorConfig) -> RoundPolicy:
+    """The round settings, checked (ValueError) before anything is opened or connected."""
+    if not config.heartbeat > 0:
+        raise ValueError(f"heartbeat must be > 0 seconds, not {config.heartbeat}")
+    if config.quorum > config.min_clients:
+        raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
+                         "closes as soon as min_clients updates are in")
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r}")
+    if config.buffer < 0 or config.max_staleness < 0:
+        raise ValueError("buffer and max_staleness must be >= 0")
+    if config.keep_models < 0:
+        raise ValueError(f"keep_models must be >= 0 (0: keep every model file), not {config.keep_models}")
+    size = config.buffer if config.mode == "async" and config.buffer else config.min_clients
+    return RoundPolicy(size, min(config.quorum, size), config.round_deadline, config.deadline_factor,
+                       config.round_deadline_max)
+
+
+def strategy_params(config: CoordinatorConfig) -> StrategyParams:
+    """The strategy and its settings, checked (ValueError) before anything is opened."""
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
+    return StrategyParams(clip_factor=config.clip_factor, exclude_factor=config.exclude_factor,
+                          clip_norm=config.clip_norm, trim_fraction=config.trim_fraction,
+                          byzantine=config.krum_byzantine, krum_select=config.krum_select)
+
+
+def check_settings(config: CoordinatorConfig) -> None:
+    """Every setting that can be checked without opening a file (ValueError, ConfigError)."""
+    round_policy(config)
+    strategy_params(config)
+    catch_up_limits(config)
+    replay_limits(config)
+    if config.evaluate and config.task not in CENTRAL_TEST_SETS:
+        raise ConfigError(f"--evaluate: the coordinator has no test set for task {config.task} (its data is on the "
+                          "devices); leave --evaluate off and watch the devices' clients_* metrics instead")
+    stop_target(config.stop_at, task=config.task, evaluates=config.evaluate)

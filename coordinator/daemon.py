@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from coordinator import restore, state_check, state_guard
-from coordinator.aggregation import STRATEGIES, StrategyParams
-from coordinator.catch_up import CatchUp, CatchUpLimits, fleet_now
+from coordinator.catch_up import CatchUp, fleet_now
 from coordinator.config import DEFAULT_REPLAY_BATCH as DEFAULT_REPLAY_BATCH  # re-exported: the settings moved
 from coordinator.config import CoordinatorConfig as CoordinatorConfig  # to a light module for the CLI's parser
+from coordinator.config import catch_up_limits, check_settings, replay_limits, round_policy, strategy_params
 from coordinator.gateway import SendUpstream, resume_upstream, serve_upstream
 from coordinator.observe import Observatory
 from coordinator.prediction_daemon import (
@@ -32,12 +32,11 @@ from coordinator.prediction_daemon import (
 )
 from coordinator.publisher import Publisher
 from coordinator.registry_file import RegistryFile
-from coordinator.replay import ReplayLimiter, ReplayLimits
+from coordinator.replay import ReplayLimiter
 from coordinator.restore import RestoreError
-from coordinator.rounds import MODES, RoundPolicy
 from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outcome
 from coordinator.state_check import StateRefused
-from coordinator.stopping import CENTRAL_TEST_SETS, stop_target
+from coordinator.stopping import stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
 from coordinator.upstream import Upstream
 from federation import envelope, exit_codes
@@ -54,46 +53,6 @@ from federation.topics import Topics
 from ledger import Ed25519Signer, LedgerCorrupt
 
 log = logging.getLogger(__name__)
-
-
-def replay_limits(config: CoordinatorConfig) -> ReplayLimits:
-    """The replay bounds, checked (ValueError: each must be > 0) before anything is opened."""
-    return ReplayLimits(interval_s=config.replay_interval, max_blocks=config.replay_batch,
-                        max_bytes=config.replay_bytes, requester_window_bytes=config.replay_requester_window_bytes,
-                        window_bytes=config.replay_window_bytes).check()
-
-
-def catch_up_limits(config: CoordinatorConfig) -> CatchUpLimits:
-    """The catch-up bounds, checked (ValueError: each must be > 0) before anything is opened."""
-    return CatchUpLimits(interval_s=config.catch_up_interval, window_requests=config.catch_up_window_requests,
-                         window_bytes=config.catch_up_window_bytes).check()
-
-
-def round_policy(config: CoordinatorConfig) -> RoundPolicy:
-    """The round settings, checked (ValueError) before anything is opened or connected."""
-    if not config.heartbeat > 0:
-        raise ValueError(f"heartbeat must be > 0 seconds, not {config.heartbeat}")
-    if config.quorum > config.min_clients:
-        raise ValueError(f"quorum ({config.quorum}) cannot exceed min_clients ({config.min_clients}): a round "
-                         "closes as soon as min_clients updates are in")
-    if config.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {config.mode!r}")
-    if config.buffer < 0 or config.max_staleness < 0:
-        raise ValueError("buffer and max_staleness must be >= 0")
-    if config.keep_models < 0:
-        raise ValueError(f"keep_models must be >= 0 (0: keep every model file), not {config.keep_models}")
-    size = config.buffer if config.mode == "async" and config.buffer else config.min_clients
-    return RoundPolicy(size, min(config.quorum, size), config.round_deadline, config.deadline_factor,
-                       config.round_deadline_max)
-
-
-def strategy_params(config: CoordinatorConfig) -> StrategyParams:
-    """The strategy and its settings, checked (ValueError) before anything is opened."""
-    if config.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {config.strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
-    return StrategyParams(clip_factor=config.clip_factor, exclude_factor=config.exclude_factor,
-                          clip_norm=config.clip_norm, trim_fraction=config.trim_fraction,
-                          byzantine=config.krum_byzantine, krum_select=config.krum_select)
 
 
 def load_keys(config: CoordinatorConfig) -> CoordinatorKeys:
@@ -186,14 +145,7 @@ def run(config: CoordinatorConfig, *, stop: threading.Event | None = None) -> in
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     # Everything local is checked before connecting: settings, keys, registry, task, state.
-    round_policy(config)
-    strategy_params(config)
-    catch_up_limits(config)
-    replay_limits(config)
-    if config.evaluate and config.task not in CENTRAL_TEST_SETS:
-        raise ConfigError(f"--evaluate: the coordinator has no test set for task {config.task} (its data is on the "
-                          "devices); leave --evaluate off and watch the devices' clients_* metrics instead")
-    stop_target(config.stop_at, task=config.task, evaluates=config.evaluate)
+    check_settings(config)
     keys = load_keys(config)
     load_registry(config)
     task_layers(config.task, config.csv_features)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.daemon import CoordinatorConfig
+from coordinator.config import CoordinatorConfig
 from edge_agent.daemon import AgentConfig
 from federation import config as cfg
 
@@ -112,7 +112,7 @@ def test_quorum_above_min_clients_is_refused() -> None:
 
 
 def test_strategy_and_its_parameters_from_toml_and_flags(tmp_path: Path) -> None:
-    from coordinator.daemon import strategy_params
+    from coordinator.config import strategy_params
 
     toml = tmp_path / "fledger.toml"
     toml.write_text('[coordinator]\nstrategy = "trimmed-mean"\ntrim_fraction = 0.1\nclip-factor = 4\n')
@@ -128,7 +128,7 @@ def test_strategy_and_its_parameters_from_toml_and_flags(tmp_path: Path) -> None
 
 
 def test_async_mode_from_toml_and_flags(tmp_path: Path) -> None:
-    from coordinator.daemon import round_policy
+    from coordinator.config import round_policy
 
     toml = tmp_path / "fledger.toml"
     toml.write_text('[coordinator]\nmode = "async"\nbuffer = 3\nmax_staleness = 2\nmin_clients = 10\nquorum = 5\n')
@@ -142,7 +142,7 @@ def test_async_mode_from_toml_and_flags(tmp_path: Path) -> None:
 
 
 def test_catch_up_limits_from_toml_and_flags_and_a_non_positive_one_is_refused(tmp_path: Path) -> None:
-    from coordinator.daemon import catch_up_limits
+    from coordinator.config import catch_up_limits
 
     toml = tmp_path / "fledger.toml"
     toml.write_text('[coordinator]\ncatch_up_interval = 2.5\ncatch_up_window_bytes = 1048576\n')
