@@ -454,19 +454,9 @@ def _dispatch(coordinator: Coordinator, link: MqttLink, topics: Topics, topic: s
         if coordinator.handle_presence(topic, payload):
             coordinator.status_changed()
     elif (requester := topics.replay_requester_of(topic)) is not None:
-        _replay(coordinator, link, topics, requester, payload, replay)
+        replay.serve(requester, payload, coordinator.ledger, link.publish_all, topics.ledger_blocks)  # replay.py
     elif (requester := topics.catch_up_requester_of(topic)) is not None:
         catch_up.serve(requester, payload, fleet_now(coordinator), link.publish_all)  # coordinator/catch_up.py
     # anything else (amqtt hands out retained messages of other topics) is ignored
     return "other", None
 
-
-def _replay(coordinator: Coordinator, link: MqttLink, topics: Topics, requester: str, payload: bytes,
-            limiter: ReplayLimiter) -> None:
-    """A monitor asked for blocks from some height: re-send them on the ledger topic, within
-    the limiter's per-requester and per-window bounds."""
-    blocks = limiter.request(requester, payload,
-                             lambda start, end: (block.to_bytes() for block in coordinator.ledger.blocks(start, end)))
-    if blocks:
-        limiter.sent(link.publish_all(topics.ledger_blocks, blocks))
-        log.info("replayed %d ledger blocks (%d bytes) for %s", len(blocks), sum(map(len, blocks)), requester)

@@ -3,7 +3,7 @@
 A monitor asks on ``<prefix>/<fleet>/ledger/replay/<its broker user>`` for the blocks from
 some height; the broker ACL lets only that user write that topic, so the topic names the
 requester (MQTT 3.1.1 tells a subscriber nothing about the publisher). Pure: the clock is
-passed in, and the caller does the publishing. Bounds (docs/security.md, "Replays"):
+passed in, and so are the ledger and the publishing (:meth:`ReplayLimiter.serve`). Bounds (docs/security.md, "Replays"):
 
 - per requester: at most one served request per ``interval_s`` and ``requester_window_bytes``
   per window; every other request is counted and dropped, whatever its content;
@@ -23,8 +23,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+# The daemon's logger for the served replay's line: ReplayLimiter.serve was the daemon's before it
+# moved here, and operators' filters on the logger name keep working.
+daemon_log = logging.getLogger("coordinator.daemon")
 
 MAX_REQUEST_BYTES = 256
 SERVED = "served"  # what ``counted`` hears of a served request; else the refusal's reason
@@ -64,6 +68,19 @@ def parse_request(payload: bytes) -> int | None:
         return None
     start = request.get("from") if isinstance(request, dict) else None
     return start if type(start) is int and start >= 0 else None
+
+
+class _Serialised(Protocol):
+    def to_bytes(self) -> bytes: ...
+
+
+class BlockSource(Protocol):
+    """What is replayed from: the coordinator's ledger (``blocks(start, end)``: that index range)."""
+
+    def blocks(self, start: int, end: int) -> Iterable[_Serialised]: ...
+
+
+PublishAll = Callable[[str, Iterable[bytes]], Callable[[], bool]]  # MqttLink.publish_all: (topic, blocks) -> delivered?
 
 
 @dataclass
@@ -109,6 +126,16 @@ class ReplayLimiter:
         self._window_used[requester] += size
         self.counted(SERVED)
         return chosen
+
+    def serve(self, requester: str, payload: bytes, ledger: BlockSource, publish_all: PublishAll, topic: str) -> None:
+        """A monitor asked for blocks from some height: re-send them from ``ledger`` on ``topic``
+        (the ledger blocks topic), within the per-requester and per-window bounds."""
+        blocks = self.request(requester, payload,
+                              lambda start, end: (block.to_bytes() for block in ledger.blocks(start, end)))
+        if blocks:
+            self.sent(publish_all(topic, blocks))
+            daemon_log.info("replayed %d ledger blocks (%d bytes) for %s", len(blocks), sum(map(len, blocks)),
+                            requester)
 
     def sent(self, delivered: Callable[[], bool]) -> None:
         """Tell the limiter how to check that the replay just published has been acknowledged."""

@@ -14,7 +14,6 @@ import pytest
 from conftest import Mosquitto
 from test_coordinator import TOPICS, Harness
 
-from coordinator import daemon
 from coordinator.replay import ReplayLimiter, ReplayLimits
 from federation.mqtt import BrokerConfig, MqttLink
 
@@ -30,9 +29,9 @@ def test_a_replay_waits_for_the_previous_one_to_be_delivered(tmp_path: Path, cap
     try:
         broker.proc.send_signal(signal.SIGSTOP)
         with caplog.at_level(logging.INFO, logger="coordinator.daemon"):
-            daemon._replay(h.coordinator, link, TOPICS, "monitor", request, limiter)
+            limiter.serve("monitor", request, h.coordinator.ledger, link.publish_all, TOPICS.ledger_blocks)
             time.sleep(0.5)
-            daemon._replay(h.coordinator, link, TOPICS, "monitor", request, limiter)
+            limiter.serve("monitor", request, h.coordinator.ledger, link.publish_all, TOPICS.ledger_blocks)
         messages = [r.getMessage() for r in caplog.records]
         assert sum("replayed" in m for m in messages) == 1, messages
         assert limiter.refused["previous_replay_in_flight"] == 1, messages
@@ -43,7 +42,7 @@ def test_a_replay_waits_for_the_previous_one_to_be_delivered(tmp_path: Path, cap
             time.sleep(0.05)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="coordinator.daemon"):
-            daemon._replay(h.coordinator, link, TOPICS, "monitor", request, limiter)
+            limiter.serve("monitor", request, h.coordinator.ledger, link.publish_all, TOPICS.ledger_blocks)
         assert any("replayed" in r.getMessage() for r in caplog.records)
     finally:
         broker.proc.send_signal(signal.SIGCONT)
