@@ -2,7 +2,8 @@
 
 Each setting is checked on its own here (:func:`check_settings`, and the builders of what the
 parts take: :func:`round_policy`, :func:`strategy_params`, :func:`replay_limits`,
-:func:`catch_up_limits`), before the daemon opens a file or connects.
+:func:`catch_up_limits`), before the daemon opens a file or connects; a gateway's upstream
+broker by :func:`upstream_address`.
 
 Apart from the daemon so that `fledger coordinator --help` builds its parser without loading the
 ledger, the crypto or the service (only numpy and paho, for defaults shared with them);
@@ -169,3 +170,13 @@ def check_settings(config: CoordinatorConfig) -> None:
         raise ConfigError(f"--evaluate: the coordinator has no test set for task {config.task} (its data is on the "
                           "devices); leave --evaluate off and watch the devices' clients_* metrics instead")
     stop_target(config.stop_at, task=config.task, evaluates=config.evaluate)
+
+
+def upstream_address(config: CoordinatorConfig) -> tuple[str, int]:
+    """A gateway's upstream broker (``--upstream HOST:PORT``, with ``--upstream-bundle``), checked (ConfigError)."""
+    if config.upstream_bundle is None:
+        raise ConfigError("--upstream needs --upstream-bundle (this gateway's device bundle of the upstream fleet)")
+    host, _, port = config.upstream.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--upstream must be HOST:PORT, not {config.upstream!r}")
+    return host, int(port)

@@ -21,8 +21,15 @@ from coordinator import restore, state_check, state_guard
 from coordinator.catch_up import CatchUp, fleet_now
 from coordinator.config import DEFAULT_REPLAY_BATCH as DEFAULT_REPLAY_BATCH  # re-exported: the settings moved
 from coordinator.config import CoordinatorConfig as CoordinatorConfig  # to a light module for the CLI's parser
-from coordinator.config import catch_up_limits, check_settings, replay_limits, round_policy, strategy_params
-from coordinator.gateway import SendUpstream, resume_upstream, serve_upstream
+from coordinator.config import (
+    catch_up_limits,
+    check_settings,
+    replay_limits,
+    round_policy,
+    strategy_params,
+    upstream_address,
+)
+from coordinator.gateway import SendUpstream, resume_upstream, serve_upstream, wait_for_upstream_model
 from coordinator.observe import Observatory
 from coordinator.prediction_daemon import (
     build_prediction_service,
@@ -378,13 +385,10 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
 
 def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[MqttLink | None, Upstream | None]:
     """Connect to the upstream broker as the gateway's device and wait for the upstream's model."""
-    if config.upstream_bundle is None:
-        raise ConfigError("--upstream needs --upstream-bundle (this gateway's device bundle of the upstream fleet)")
-    host, _, port = config.upstream.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--upstream must be HOST:PORT, not {config.upstream!r}")
+    host, port = upstream_address(config)
+    assert config.upstream_bundle is not None  # checked by upstream_address
     bundle = DeviceBundle.load(config.upstream_bundle)
-    broker = dataclasses.replace(BrokerConfig(), broker_host=host, broker_port=int(port),
+    broker = dataclasses.replace(BrokerConfig(), broker_host=host, broker_port=port,
                                  username=config.upstream_username, password_file=config.upstream_password_file,
                                  topic_prefix=config.topic_prefix, max_payload=config.max_payload)
     upstream_topics = Topics(bundle.fleet, config.topic_prefix)
@@ -396,16 +400,9 @@ def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[M
         return None, None
     log.info("gateway: device %s of fleet %s upstream at %s; waiting for its model", bundle.device_id, bundle.fleet,
              config.upstream)
-    while upstream.model is None and not stop.is_set():
-        try:
-            message = link.inbox.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        upstream.on_message(message.topic, message.payload)
-    if upstream.model is None:
+    if not wait_for_upstream_model(upstream, link.inbox, stop):
         link.stop(timeout=2)
         return None, None
-    upstream.base = upstream.model[0]
     return link, upstream
 
 

@@ -9,7 +9,8 @@ to the gateway's devices. The :class:`coordinator.service.Coordinator` owns the 
 changes (the open round, the global model, the writer) and delegates its gateway steps here.
 
 Between the two sides, :class:`Upstream` (the gateway as a device upstream) and the
-coordinator: :func:`serve_upstream` (each pass of the daemon's loop) feeds what the upstream
+coordinator: :func:`wait_for_upstream_model` (at start, before the coordinator is built),
+:func:`serve_upstream` (each pass of the daemon's loop) feeds what the upstream
 link received to :class:`Upstream` and hands a newer upstream model to
 ``Coordinator.adopt_upstream_model`` (:func:`adopt_upstream`); :func:`resume_upstream` (at start)
 goes on where a stopped gateway left off. :func:`awaits_upstream` (where a restarted gateway
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +99,21 @@ class Gateway:
         c.writer.announce(committed)
         c.publish_status()
         return True
+
+
+def wait_for_upstream_model(upstream: Upstream, inbox: queue.Queue[Message], stop: threading.Event) -> bool:
+    """At start: feed the upstream link's messages to ``upstream`` until its first model is in,
+    which the gateway's open round then trains from (False: stopped first)."""
+    while upstream.model is None and not stop.is_set():
+        try:
+            message = inbox.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        upstream.on_message(message.topic, message.payload)
+    if upstream.model is None:
+        return False
+    upstream.base = upstream.model[0]
+    return True
 
 
 def serve_upstream(coordinator: Coordinator, upstream: Upstream, inbox: queue.Queue[Message], now: float) -> None:

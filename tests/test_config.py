@@ -153,3 +153,17 @@ def test_catch_up_limits_from_toml_and_flags_and_a_non_positive_one_is_refused(t
     for name, bad in (("catch_up_interval", 0.0), ("catch_up_window_requests", -1), ("catch_up_window_bytes", 0)):
         with pytest.raises(ValueError, match=f"{name} must be > 0"):
             catch_up_limits(dataclasses.replace(config, **{name: bad}))
+
+
+def test_a_gateways_upstream_needs_its_bundle_and_host_port(tmp_path: Path) -> None:
+    from coordinator.config import upstream_address
+
+    config = cfg.load(CoordinatorConfig, parse(CoordinatorConfig, ["--upstream", "top.example:1883"]),
+                      section="coordinator", environ={})
+    with pytest.raises(cfg.ConfigError, match="--upstream needs --upstream-bundle"):
+        upstream_address(config)
+    config = dataclasses.replace(config, upstream_bundle=tmp_path / "bundle.json")
+    assert upstream_address(config) == ("top.example", 1883)
+    for bad in ("top.example", ":1883", "top.example:port"):
+        with pytest.raises(cfg.ConfigError, match="--upstream must be HOST:PORT"):
+            upstream_address(dataclasses.replace(config, upstream=bad))
