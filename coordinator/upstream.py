@@ -18,7 +18,8 @@ on disk (``federation/outbox.py``, written before sending) and resends it until 
 acknowledgement gives a verdict or the upstream publishes a newer model (the round closed): a
 gateway killed between its send and the upstream's answer resends the same bytes after its
 restart, which the upstream counts once. No network here beyond the ``publish`` callable; the
-daemon feeds :meth:`Upstream.on_message` with what arrives from the upstream broker.
+daemon's upstream link feeds :meth:`Upstream.on_message` with what arrives from the upstream broker
+(``coordinator/gateway.py``: ``wait_for_upstream_model``, ``serve_upstream``).
 """
 
 from __future__ import annotations
