@@ -23,7 +23,8 @@ without ``i``. Every chunk carries the whole description, so chunks may arrive i
 and the first one seen is enough to reject a transfer that is too large. The reassembly
 budget counts only chunks actually received (their bytes plus a fixed per-chunk overhead),
 never a declared size (a header costs the sender nothing to forge), and one stream (topic)
-may hold at most one message's worth of it.
+may hold at most one message's worth of it. Receiving copies each chunk once: a large chunk is
+held as a view into the received frame (see :data:`HOLD_VIEW_MIN`) until the message is joined.
 """
 
 from __future__ import annotations
