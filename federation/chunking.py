@@ -23,7 +23,8 @@ without ``i``. Every chunk carries the whole description, so chunks may arrive i
 and the first one seen is enough to reject a transfer that is too large. The reassembly
 budget counts only chunks actually received (their bytes plus a fixed per-chunk overhead),
 never a declared size (a header costs the sender nothing to forge), and one stream (topic)
-may hold at most one message's worth of it.
+may hold at most one message's worth of it. Receiving copies each chunk once: a large chunk is
+held as a view into the received frame (see :data:`HOLD_VIEW_MIN`) until the message is joined.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ STREAM_SHARE_SLACK = 8
 # one's on the same stream; with 1, a stale chunk would evict the current model.
 MAX_TRANSFERS_PER_KEY = 2
 MAX_REPORTS = 64  # superseded errors kept for expire(); beyond that they are only counted
+# A chunk of at least this many bytes, received as ``bytes`` (immutable: paho's payloads are),
+# is held as a view into its frame instead of a copy, so each received chunk is copied once, into
+# the joined message. The frame's header bytes and the view object are then charged too
+# (VIEW_OVERHEAD: memoryview + its managed buffer, ~240 bytes on CPython 3.11); below this size
+# the copy is cheap and the smaller charge lets tiny chunks go further.
+HOLD_VIEW_MIN = 16 * 1024
+VIEW_OVERHEAD = 256
 
 
 class ChunkError(ValueError):
@@ -242,7 +250,7 @@ def _bytes_field(head: dict[str, Any], name: str, length: int) -> bytes:
     return value
 
 
-def _parse_header(frame: bytes, manifest: bool) -> tuple[Header, int]:
+def _parse_header(frame: memoryview, manifest: bool) -> tuple[Header, int]:
     if len(frame) < _CHUNK_PREFIX:
         raise ChunkError(MALFORMED, "frame too short")
     (hlen,) = _LEN.unpack_from(frame, len(PREFIX) + 1)
@@ -269,27 +277,35 @@ def _parse_header(frame: bytes, manifest: bool) -> tuple[Header, int]:
 
 def parse_frame(frame: bytes) -> Frame:
     """Parse one payload. Anything not starting with ``FLC`` is an ``unframed`` legacy payload."""
-    if frame[:len(MAGIC)] != MAGIC:
-        return Frame("unframed", bytes(frame))
-    if frame[len(MAGIC):len(PREFIX)] != VERSION:
-        version = bytes(frame[len(MAGIC):len(PREFIX)])
+    kind, data, header = _parse_view(frame)
+    return Frame(kind, bytes(data), header)
+
+
+def _parse_view(frame: bytes) -> tuple[str, memoryview, Header | None]:
+    """:func:`parse_frame` without copying: the data is a view into ``frame`` (the chunk path
+    of a received 424 KB update copied each chunk here, then again to join them)."""
+    view = memoryview(frame).cast("B")  # bytes-like of any shape: index and len() in bytes
+    if view[:len(MAGIC)] != MAGIC:
+        return "unframed", view, None
+    if view[len(MAGIC):len(PREFIX)] != VERSION:
+        version = bytes(view[len(MAGIC):len(PREFIX)])
         raise ChunkError(UNSUPPORTED_VERSION, f"frame version {version!r}, expected {VERSION!r}")
-    kind = frame[len(PREFIX):len(PREFIX) + 1]
+    kind = view[len(PREFIX):len(PREFIX) + 1]
     if kind == KIND_WHOLE:
-        return Frame("whole", bytes(frame[WHOLE_OVERHEAD:]))
+        return "whole", view[WHOLE_OVERHEAD:], None
     if kind == KIND_MANIFEST:
-        header, end = _parse_header(frame, manifest=True)
-        if end != len(frame):
+        header, end = _parse_header(view, manifest=True)
+        if end != len(view):
             raise ChunkError(MALFORMED, "manifest carries data")
-        return Frame("manifest", b"", header)
+        return "manifest", view[end:], header
     if kind == KIND_CHUNK:
-        header, end = _parse_header(frame, manifest=False)
-        data = bytes(frame[end:])
+        header, end = _parse_header(view, manifest=False)
+        data = view[end:]
         last = header.size - header.chunk_size * (header.count - 1)
         want = header.chunk_size if header.index < header.count - 1 else last
         if len(data) != want:
             raise ChunkError(MALFORMED, f"chunk {header.index} has {len(data)} bytes, expected {want}")
-        return Frame("chunk", data, header)
+        return "chunk", data, header
     raise ChunkError(MALFORMED, f"unknown frame kind {bytes(kind)!r}")
 
 
@@ -298,9 +314,13 @@ class _Transfer:
     key: str
     header: Header
     started: float
-    chunks: dict[int, bytes] = field(default_factory=dict)
+    chunks: dict[int, bytes | memoryview] = field(default_factory=dict)
     received: int = 0  # data bytes
-    charged: int = 0  # data bytes + CHUNK_OVERHEAD per chunk: what the budget counts
+    charged: int = 0  # data bytes + CHUNK_OVERHEAD per chunk (+ frame header and view): the budget's count
+    # SHA-256 of chunks 0 .. hashed-1, fed as they arrive in order (the usual case), so the
+    # integrity check needs no pass over the whole message once it is complete.
+    hasher: Any = None
+    hashed: int = 0
 
 
 class Reassembler:
@@ -495,17 +515,18 @@ class Reassembler:
         if len(frame) == 0:
             self.events["empty"] += 1
             return None
-        parsed = parse_frame(frame)
-        if parsed.kind in ("whole", "unframed"):
-            if parsed.kind == "unframed" and not self.accept_unframed:
+        kind, data, header = _parse_view(frame)
+        if kind in ("whole", "unframed"):
+            if kind == "unframed" and not self.accept_unframed:
                 raise ChunkError(MALFORMED, "payload is not a chunking frame (no FLC1 magic)")
-            self._check_size(len(parsed.data))
-            self.events[parsed.kind] += 1
-            return parsed.data
-        header = parsed.header
+            self._check_size(len(data))
+            self.events[kind] += 1
+            if kind == "unframed" and type(frame) is bytes:
+                return frame  # as it came: no copy
+            return bytes(data)  # the one copy: strips the 5-byte FLC1W prefix
         assert header is not None
         tid = (key, header.id)
-        if parsed.kind == "manifest":
+        if kind == "manifest":
             self.events["manifest"] += 1
             # A sender publishes a message's chunks before its manifest, so partial messages of
             # other ids on this stream are stale (an older retained model): free them now.
@@ -524,29 +545,43 @@ class Reassembler:
                 raise
         elif not transfer.header.same_message(header):
             raise ChunkError(INCONSISTENT, f"header of message {header.id.hex()[:8]} differs from its earlier chunks")
-        if parsed.kind == "manifest":
+        if kind == "manifest":
             return None  # the transfer now exists: if its chunks never come, it times out
         previous = transfer.chunks.get(header.index)
         if previous is not None:
-            if previous != parsed.data:
+            if previous != data:
                 raise ChunkError(INCONSISTENT, f"chunk {header.index} of message {header.id.hex()[:8]} "
                                                "arrived twice with different bytes")
             self.events["duplicate"] += 1
             return None
-        cost = len(parsed.data) + CHUNK_OVERHEAD
+        held: bytes | memoryview
+        if len(data) >= HOLD_VIEW_MIN and type(frame) is bytes:
+            held = data  # keeps the frame alive: charge its header bytes and the view too
+            cost = len(frame) + CHUNK_OVERHEAD + VIEW_OVERHEAD
+        else:
+            held = bytes(data)
+            cost = len(data) + CHUNK_OVERHEAD
         self._make_room(tid, header, cost)
-        transfer.chunks[header.index] = parsed.data
-        transfer.received += len(parsed.data)
+        chunks = transfer.chunks
+        chunks[header.index] = held
+        transfer.received += len(data)
         transfer.charged += cost
-        self._buffered += len(parsed.data)
+        self._buffered += len(data)
         self._charged += cost
         self._stream_charged[key] = self._stream_charged.get(key, 0) + cost
         self.events["chunks"] += 1
-        if len(transfer.chunks) < header.count:
+        if transfer.hashed in chunks:
+            if transfer.hasher is None:
+                transfer.hasher = hashlib.sha256()
+            while transfer.hashed in chunks:  # in order so far: hash what is now contiguous
+                transfer.hasher.update(chunks[transfer.hashed])
+                transfer.hashed += 1
+        if len(chunks) < header.count:
             return None
-        message = b"".join(transfer.chunks[i] for i in range(header.count))
-        transfer.chunks.clear()
-        ok = hashlib.sha256(message).digest() == header.sha256
+        # All chunks are in, so all were hashed in order above (hashed == count).
+        ok = transfer.hasher.digest() == header.sha256
+        message = b"".join([chunks[i] for i in range(header.count)]) if ok else b""
+        chunks.clear()
         self._drop(tid, "done" if ok else "failed")
         if not ok:
             raise ChunkError(DIGEST_MISMATCH, f"message {header.id.hex()[:8]} ({header.size} bytes, "

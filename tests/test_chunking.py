@@ -23,7 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from federation.chunking import (
     CHUNK_OVERHEAD,
+    HOLD_VIEW_MIN,
     MIN_MAX_PAYLOAD,
+    VIEW_OVERHEAD,
     ChunkError,
     Header,
     Reassembler,
@@ -406,6 +408,82 @@ def test_tiny_chunks_exhaust_the_budget_by_their_overhead() -> None:
         tracemalloc.stop()
     assert r.bytes_charged <= budget and r.errors["over_budget"] > 0
     assert grown <= budget  # about 0.6 x here; counting data alone it was 4 x the budget
+
+
+# -- large chunks: held as views into the received frames, copied once --------------------------
+
+BIG_PAYLOAD = 65536 - 1024  # chunks of ~64 KB, above HOLD_VIEW_MIN
+
+
+def test_large_chunks_any_order_duplicates_tampering_and_their_charge() -> None:
+    rng = random.Random(7)
+    message = os.urandom(1 << 20)
+    frames = split(message, BIG_PAYLOAD)
+    assert len(parse_frame(frames[0]).data) >= HOLD_VIEW_MIN and len(frames) > 10
+    order = frames + rng.sample(frames, 6)  # redeliveries, before and after completion
+    rng.shuffle(order)
+    r = make()
+    assert feed_all(r, "t/a", order) == [message]
+    assert r.events["completed"] == 1 and r.events["duplicate"] + r.events["ignored_done"] == 6
+    assert r.partial_count == 0 and r.bytes_charged == 0 and not r.errors
+
+    # Held chunks are charged their whole frame plus the view, on top of CHUNK_OVERHEAD.
+    r = make()
+    assert feed_all(r, "t/a", frames[:3]) == []
+    data = sum(len(parse_frame(f).data) for f in frames[:3])
+    assert r.bytes_in_flight == data
+    assert r.bytes_charged == sum(len(f) + CHUNK_OVERHEAD + VIEW_OVERHEAD for f in frames[:3])
+    # The same index again with other bytes is refused; a flipped bit anywhere fails the digest.
+    bad = bytearray(frames[1])
+    bad[-1] ^= 0x01
+    assert reason_of(lambda: r.feed("t/a", bytes(bad))) == "inconsistent"
+    for position in (0, len(frames) - 1):  # hashed as they arrive in order / at the end
+        tampered = list(frames)
+        flipped = bytearray(tampered[position])
+        flipped[chunk_data_offset(tampered[position]) + 5] ^= 0x80
+        tampered[position] = bytes(flipped)
+        r = make()
+        with pytest.raises(ChunkError) as info:
+            feed_all(r, "t/b", list(reversed(tampered)) if position else tampered)
+        assert info.value.reason == "digest_mismatch"
+        assert r.partial_count == 0 and r.bytes_charged == 0 and r.bytes_in_flight == 0
+
+
+def test_large_chunks_fed_as_mutable_buffers_are_copied() -> None:
+    """A view is held only into immutable bytes: a caller reusing its buffer corrupts nothing."""
+    message = os.urandom(300_000)
+    frames = [bytearray(f) for f in split(message, BIG_PAYLOAD)]
+    r = make()
+    for frame in frames[:-1]:
+        assert r.feed("t/a", frame) is None  # type: ignore[arg-type]
+        frame[:] = b"\0" * len(frame)  # a view held into it would now see zeros
+    assert r.feed("t/a", frames[-1]) == message  # type: ignore[arg-type]
+
+
+def test_large_chunks_real_memory_stays_within_the_charge() -> None:
+    """Holding views keeps whole frames alive: the charge must still bound what they take."""
+    budget = 3_000_000
+    r = make(budget=budget, limit=400_000)
+    # Chunks just above HOLD_VIEW_MIN: the most frames, and so the most views, per byte held.
+    messages = [split(os.urandom(400_000), HOLD_VIEW_MIN + 1024)[:-1] for _ in range(12)]  # never completed
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for k, frames in enumerate(messages):
+            for frame in frames:
+                received = bytes(bytearray(frame))  # a fresh object, as paho hands over each payload
+                try:
+                    r.feed(f"t/{k}", received)
+                except ChunkError as exc:
+                    assert exc.reason == "over_budget"
+                del received
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert r.bytes_charged <= budget and r.errors["over_budget"] > 0
+    # Each partial message also has its _Transfer, hasher and ids (~2 KB, not charged, as before);
+    # not charging the frames' headers and views, this was ~70 KB over.
+    assert grown <= r.bytes_charged + 3072 * r.partial_count, (grown, r.bytes_charged)
 
 
 def test_inconsistent_and_malformed_frames() -> None:
