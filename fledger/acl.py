@@ -30,6 +30,19 @@ def default_acl_text() -> str:
     return resources.files("fledger").joinpath("fledger.acl").read_text()
 
 
+def client_acl_text(client: str) -> str:
+    """The ACL lines of a prediction client (`fledger keys add-client` prints them for
+    mosquitto's acl_file; the embedded broker and the NATS generator add them for every client
+    with an active key in clients.json)."""
+    return (f"user {client}\ntopic write fledger/+/predict/{client}/request\n"
+            f"topic read fledger/+/predict/{client}/reply\n")
+
+
+def with_clients(text: str, clients: list[str]) -> str:
+    """``text`` (an ACL) followed by the blocks of these prediction clients."""
+    return text + "\n" + "".join(client_acl_text(client) for client in clients)
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT 3.1.1 matching of a concrete ``topic`` against a filter with ``+``/``#``."""
     if topic.startswith("$") != topic_filter.startswith("$"):

@@ -24,7 +24,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from fledger.acl import READ, WRITE, Acl
+from fledger.acl import READ, WRITE, Acl, default_acl_text, with_clients
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def broker_config(host: str, port: int, password_file: Path | None = None,
                   certfile: Path | None = None, keyfile: Path | None = None,
-                  acl_file: Path | None = None) -> dict[str, Any]:
+                  acl_file: Path | None = None, clients: tuple[str, ...] = ()) -> dict[str, Any]:
     """amqtt's configuration. With ``password_file``, the ACL (``acl_file`` or fledger's
-    shipped one) is enforced too: roles need user names."""
+    shipped one, plus the blocks of the prediction ``clients``) is enforced too: roles need
+    user names."""
     listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}"}
     if certfile:
         listener.update({"ssl": True, "certfile": str(certfile), "keyfile": str(keyfile)})
@@ -48,7 +49,7 @@ def broker_config(host: str, port: int, password_file: Path | None = None,
         # FileAuthPlugin alone: adding AnonymousAuthPlugin(allow_anonymous=False) would let
         # any user name in (amqtt 0.12.1).
         plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)},
-                   f"{__name__}.AclTopicPlugin": {"acl_file": str(acl_file or "")}}
+                   f"{__name__}.AclTopicPlugin": {"acl_file": str(acl_file or ""), "clients": ",".join(clients)}}
     else:
         plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     return {"listeners": {"default": listener}, "plugins": plugins}
@@ -63,10 +64,14 @@ class AclTopicPlugin(BaseTopicPlugin):
     @dataclass
     class Config:
         acl_file: str = ""  # empty: fledger's shipped ACL
+        clients: str = ""  # prediction clients, comma-separated: each gets its block (acl.client_acl_text)
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self.acl = Acl.load(Path(self.config.acl_file) if self.config.acl_file else None)
+        path = Path(self.config.acl_file) if self.config.acl_file else None
+        text = path.read_text() if path is not None else default_acl_text()
+        clients = [c for c in self.config.clients.split(",") if c]
+        self.acl = Acl.parse(with_clients(text, clients), str(path or "fledger.acl"))
 
     async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
                               action: Action | None = None) -> bool:
@@ -173,11 +178,14 @@ class EmbeddedBroker:
     """amqtt running on its own event loop in a background thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None,
-                 password_file: Path | None = None, acl_file: Path | None = None) -> None:
+                 password_file: Path | None = None, acl_file: Path | None = None,
+                 clients: tuple[str, ...] = ()) -> None:
         """Without ``password_file`` the broker is anonymous and open (tests only); with it,
-        logins are checked and ``acl_file`` (default: fledger's shipped ACL) is enforced."""
-        if acl_file is not None and password_file is None:
+        logins are checked and ``acl_file`` (default: fledger's shipped ACL) is enforced, with
+        a block for each prediction client in ``clients`` (`fledger keys add-client`)."""
+        if (acl_file is not None or clients) and password_file is None:
             raise ValueError("an ACL needs user names: give a password file too")
+        self.clients = tuple(clients)
         self.host = host
         self.port = port or free_port(host)
         self.password_file = password_file
@@ -206,7 +214,7 @@ class EmbeddedBroker:
         async def boot() -> None:
             # Broker() must be built inside a running loop (amqtt 0.12.1).
             self._broker = FledgerBroker(broker_config(self.host, self.port, self.password_file,
-                                                       acl_file=self.acl_file))
+                                                       acl_file=self.acl_file, clients=self.clients))
             self._broker.logger.addFilter(_PROBE_FILTER)  # the same object: added once
             _guard_subscription_table(self._broker)
             await self._broker.start()

@@ -55,9 +55,13 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             raise cfg.ConfigError("--anonymous has no user names, so no --password-file or --acl-file")
         log.warning("anonymous broker: no logins and NO access control (any client may publish anything); "
                     "for tests only")
-    broker = EmbeddedBroker(args.host, args.port, password_file, args.acl_file).start()
+    clients: tuple[str, ...] = ()
+    if not args.anonymous and args.password_file is None:  # the fleet's logins: its prediction clients too
+        clients = keytool.active_clients(args.keys)
+    broker = EmbeddedBroker(args.host, args.port, password_file, args.acl_file, clients).start()
     mode = "anonymous, no access control" if args.anonymous else \
-        f"logins from {password_file}, ACL {args.acl_file or 'fledger/fledger.acl'}"
+        f"logins from {password_file}, ACL {args.acl_file or 'fledger/fledger.acl'}" + \
+        (f" with prediction clients {', '.join(clients)}" if clients else "")
     print(f"embedded MQTT broker on {broker.host}:{broker.port} ({mode}; Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

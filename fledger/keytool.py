@@ -93,6 +93,12 @@ def _new_bundle(directory: Path, device: str) -> tuple[DeviceBundle, bytes]:
     return DeviceBundle(keys.fleet, device, seed, keys.public, keys.model_key_id, keys.model_key), public
 
 
+def active_clients(directory: Path) -> tuple[str, ...]:
+    """The prediction clients of the fleet in ``directory`` with an active key (clients.json)."""
+    clients = DeviceRegistry.load(Path(directory) / CLIENTS_FILE)
+    return tuple(sorted(c for c in clients.devices if active_keys(clients, c)))
+
+
 def active_keys(registry: DeviceRegistry, device: str) -> list[str]:
     record = registry.devices.get(device)
     if record is None:
@@ -412,11 +418,12 @@ def _main(args: argparse.Namespace) -> int:
                   f"broker passwords {directory / BROKER_DIR}/<id>.password; install each pair on its device only")
     elif args.keys_command == "add-client":
         path, key_id = add_client(directory, args.client)
-        from fledger.nats_auth import client_acl_text
+        from fledger.acl import client_acl_text
 
         print(f"client {args.client}: bundle {path} (key id {key_id}); give it to the client only. The owner "
               f"credits it with `fledger credits deposit {args.client} AMOUNT`. For mosquitto's acl_file "
-              f"(`fledger keys nats-config` adds it by itself):\n{client_acl_text(args.client).rstrip()}")
+              f"(the embedded broker, at its next start, and `fledger keys nats-config` add it by "
+              f"themselves):\n{client_acl_text(args.client).rstrip()}")
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fledger.acl import READ, WRITE, Acl
+from fledger.acl import READ, WRITE, Acl, client_acl_text, with_clients
 
 # nats-server 2.9 (2.9.10 here): QoS 1 deliveries go through an internal subscription on $MQTT.sub.<id>,
 # checked against the user's subscribe permissions (nats-server PR 7637 made it implicit later).
@@ -51,13 +51,6 @@ GENERATED_BCRYPT_ROUNDS = 4
 
 class NatsConfigError(ValueError):
     """The ACL or the fleet holds something NATS permissions cannot express."""
-
-
-def client_acl_text(client: str) -> str:
-    """The ACL lines of a prediction client (`fledger keys add-client` prints them for
-    mosquitto's acl_file; the NATS generator adds them for every client in clients.json)."""
-    return (f"user {client}\ntopic write fledger/+/predict/{client}/request\n"
-            f"topic read fledger/+/predict/{client}/reply\n")
 
 
 def filter_to_subjects(topic_filter: str) -> list[str]:
@@ -199,7 +192,7 @@ def build_from_keys(directory: Path, acl_path: Path | None = None, *,
     if clash:
         raise NatsConfigError(f"{', '.join(sorted(clash))}: a device or client with the name of an ACL user block "
                               "would get that role's rights")
-    acl = Acl.parse(text + "\n" + "".join(client_acl_text(c) for c in client_names), str(acl_path or "fledger.acl"))
+    acl = Acl.parse(with_clients(text, client_names), str(acl_path or "fledger.acl"))
     hashes: dict[str, str] = {}
     skipped: list[str] = []
     for user in sorted({*base.users, *devices, *client_names}):

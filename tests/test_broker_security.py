@@ -951,17 +951,31 @@ def test_fledger_broker_uses_the_fleets_logins_and_runs_open_only_when_asked(tmp
     assert refused.returncode == 2 and "fledger keys" in refused.stderr and "--anonymous" in refused.stderr
     keytool.init_fleet(tmp_path / "keys", FLEET)
     keytool.add_device(tmp_path / "keys", DEV_A)
+    keytool.add_client(tmp_path / "keys", "alice")
     port = free_port()
     with open(tmp_path / "broker.log", "wb") as log:
         proc = subprocess.Popen([*cli, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port("127.0.0.1", port, timeout=30)
         address = ("127.0.0.1", port)
-        password = (tmp_path / "keys" / "broker" / f"{DEV_A}.password").read_text().strip()
+
+        def password(user: str) -> str:
+            return (tmp_path / "keys" / "broker" / f"{user}.password").read_text().strip()
+
         assert not Client(address, None).connect(timeout=15)  # anonymous
         assert not Client(address, DEV_A, "wrong").connect(timeout=15)
-        with Client(address, DEV_A, password):
-            pass
+        # The fleet's prediction client may ask on its own request topic (clients.json gives it
+        # its ACL block, as `fledger keys add-client` printed it), not in another's name; a
+        # device may not ask at all.
+        request = f"{TOPICS.base}/predict/alice/request"
+        with Client(address, DEV_A, password(DEV_A)) as device, Client(address, "alice", password("alice")) as alice, \
+                Client(address, "coordinator", password("coordinator")) as coordinator:
+            coordinator.subscribe(f"{TOPICS.base}/predict/+/request")
+            device.publish(request, b"from a device")
+            alice.publish(f"{TOPICS.base}/predict/bob/request", b"in bob's name")
+            alice.publish(request, b"from alice")
+            got = coordinator.collect_until(b"from alice", timeout=15)
+            assert [(topic, payload) for topic, payload, _ in got] == [(request, b"from alice")]
     finally:
         proc.terminate()
         proc.wait(timeout=20)
