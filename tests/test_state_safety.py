@@ -83,6 +83,17 @@ def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosq
     code, err = coordinator_once(fed)
     assert code == 0, err
 
+    # A crash just after the next model's file was fsynced, before its ledger records: that file
+    # was never published, and the start is not refused (it was: exit 5, the coordinator down
+    # for good; seen in test_reliability's SIGKILLs).
+    models = fed.state / "models"
+    newest = max(int(p.stem.split("-")[1]) for p in models.glob("global-*.safetensors"))
+    orphan = models / f"global-{newest + 1:06d}.safetensors"
+    shutil.copy(models / f"global-{newest:06d}.safetensors", orphan)
+    code, err = coordinator_once(fed)
+    assert code == 0 and f"holds the model for round {newest + 1}, which the ledger does not name" in err, err
+    orphan.unlink()
+
     # An older copy of the ledger (cut at a block boundary): the checkpoint and broker show more.
     # Cut after a signed block, as an older copy of a healthy ledger ends (a cut inside a commit
     # group would leave an unsealed tail, which the ledger sets aside at open as never acknowledged).
