@@ -90,9 +90,17 @@ def check(evidence: Evidence, *, new_chain: bool = False) -> str | None:
                 f"ledger.log block {head.height - 1} is {evidence.local_hash_at(head.height - 1).hex()[:16]} but "
                 f"{head.source} shows {head.hash.hex()[:16]}: this ledger is a different history from the one "
                 f"published; {RESTORE_HINT}")
+    orphan = None
     if evidence.model_files:
         newest = max(evidence.model_files)
-        if evidence.model_round is None or newest > evidence.model_round:
+        if (evidence.heads and evidence.model_round is not None and newest == evidence.model_round + 1
+                and not [r for r in evidence.model_files if evidence.model_round < r < newest]):
+            # A crash between the next model's file (written first) and its ledger records: that
+            # model was never published (publishing follows the records), and what was published
+            # (the heads, checked above) is no further than this ledger. Closing the round again
+            # rewrites the file. Only this one file: two ahead, or ahead without heads, is refused.
+            orphan = newest
+        elif evidence.model_round is None or newest > evidence.model_round:
             where = ("the ledger is empty" if evidence.model_round is None
                      else f"the ledger only reaches round {evidence.model_round}")
             raise StateRefused(
@@ -101,4 +109,9 @@ def check(evidence: Evidence, *, new_chain: bool = False) -> str | None:
                 + ("" if height else f", {NEW_CHAIN_HINT}"))
     if not evidence.heads:
         return None
-    return "ledger matches " + ", ".join(f"{h.source} (height {h.height})" for h in evidence.heads)
+    note = "ledger matches " + ", ".join(f"{h.source} (height {h.height})" for h in evidence.heads)
+    if orphan is not None:
+        note += (f"; {evidence.models_dir} holds the model for round {orphan}, which the ledger does not name "
+                 "(written just before a crash, never published): round "
+                 f"{evidence.model_round} closes again and replaces it")
+    return note

@@ -11,8 +11,11 @@ lands on the re-run rounds, so published history is not forked through them).
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from conftest import Mosquitto, running
@@ -21,13 +24,37 @@ from test_reliability import aggregates, ledger_records, log_text, wait_for
 from test_state_safety import coordinator_once, refusal
 
 from edge_agent import chain_pin
-from federation import exit_codes
+from federation import envelope, exit_codes
+from federation.keys import DeviceBundle
+from federation.mqtt import BrokerConfig, MqttLink
+from federation.topics import Topics
+from fledger import keytool
 
 
 def stop_coordinator(fed: Federation) -> None:
     proc = fed.procs["coordinator"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0, fed.log_tail()
+
+
+def retained_model(fed: Federation, broker: Mosquitto) -> tuple[int, int]:
+    """(round, ledger height) of the fleet's retained global model, as an agent pins it."""
+    topics = Topics(fed.fleet)
+    bundle = DeviceBundle.load(keytool.bundle_path(fed.keys, fed.devices[0]))
+    link = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port), "test-retained-model",
+                    subscriptions=[topics.model], persistent=False)
+    assert link.start(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                message = link.inbox.get(timeout=1)
+                if message.topic == topics.model:
+                    header, _ = envelope.open_model(message.payload, bundle, max_bytes=1 << 24)
+                    return header.round, header.block_index + 1
+    finally:
+        link.stop()
+    raise AssertionError(f"no retained model on the broker\n{fed.log_tail()}")
 
 
 def test_agents_refuse_a_coordinator_restored_from_an_older_backup(tmp_path: Path) -> None:
@@ -46,6 +73,12 @@ def test_agents_refuse_a_coordinator_restored_from_an_older_backup(tmp_path: Pat
             wait_for("three more rounds", lambda: max((a["round"] for a in aggregates(fed)), default=0)
                      >= last_backed_up + 3, 120, fed)
             stop_coordinator(fed)
+            # The pins are read once the agents have taken the last model the broker has (the
+            # retained one): it may still be on its way to them when the coordinator has exited.
+            last = retained_model(fed, broker)
+            wait_for("the agents pinned at the last model published", lambda: all(
+                (p := chain_pin.load(tmp_path / d)) is not None and (p.round, p.height) == last
+                for d in fed.devices), 60, fed)
             pinned = {d: chain_pin.load(tmp_path / d) for d in fed.devices}
             assert all(p is not None and p.round > last_backed_up + 1 for p in pinned.values()), pinned
             # The broker restarts without persistence: its retained ledger head is gone.

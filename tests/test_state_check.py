@@ -36,6 +36,19 @@ def test_behind_or_beside_what_was_published_is_refused(case: Evidence, words: l
     assert "\n" not in str(refused.value)
 
 
+def test_a_model_file_written_just_before_a_crash_does_not_stop_the_start() -> None:
+    """The next model's file is fsynced before its ledger records (then it is published): a
+    crash between the two leaves one file the ledger does not name. With what was published
+    known (a head) and no further than the ledger, the coordinator starts (it was refused,
+    exit 5, and stayed down: seen in test_coordinator_sigkilled_at_random_moments)."""
+    note = check(evidence(7, Head(7, HASHES[6], "checkpoint"), model_round=2, files=(1, 2, 3)))
+    assert note is not None and "round 3" in note and "never published" in note
+    with pytest.raises(StateRefused, match="round 4"):  # two ahead: not one crash
+        check(evidence(7, Head(7, HASHES[6], "checkpoint"), model_round=2, files=(1, 2, 3, 4)))
+    with pytest.raises(StateRefused, match="only reaches round 2"):  # nothing known of what was published
+        check(evidence(7, model_round=2, files=(1, 2, 3)))
+
+
 def test_new_chain_only_from_an_empty_state_directory() -> None:
     assert "new chain" in str(check(evidence(0, Head(6, HASHES[5], "broker")), new_chain=True))
     with pytest.raises(StateRefused, match="move the state directory away"):
