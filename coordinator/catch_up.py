@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.request_tally import RequestTally, ignore
 from federation.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 Publish = Callable[[str, Iterable[bytes]], Callable[[], bool]]  # MqttLink.publish_all
 
 
-SERVED = "served"  # what ``counted`` hears of a served request; else the refusal's reason
 REFUSALS = ("malformed", "too_often", "busy", "previous_reply_in_flight", "byte_budget")
 
 
@@ -122,16 +122,22 @@ class CatchUp:
     topics: Topics
     limits: CatchUpLimits = field(default_factory=CatchUpLimits)
     clock: Callable[[], float] = time.monotonic
-    refused: Counter[str] = field(default_factory=Counter)  # reason -> requests dropped
     served: int = 0
-    counted: Callable[[str], None] = field(default=lambda result: None)  # SERVED or the refusal's reason
+    counted: Callable[[str], None] = ignore  # SERVED or the refusal's reason (metrics)
     _last_served: dict[str, float] = field(default_factory=dict)
     _window_start: float = float("-inf")
     _window_requests: int = 0
     _window_bytes: int = 0
     _delivered: Callable[[], bool] = field(default=lambda: True)
-    _warned: set[tuple[str, str]] = field(default_factory=set)  # (requester, reason) logged this window
     _model_digest: tuple[bytes, str] = (b"", "")  # (model message, its hex SHA-256): hashed once per model
+
+    def __post_init__(self) -> None:
+        self.tally = RequestTally("catch-up request", log, self.counted)
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Refused requests by reason."""
+        return self.tally.refused
 
     def serve(self, requester: str, payload: bytes, fleet: FleetNow, publish: Publish) -> bool:
         """Answer ``requester``'s request within the bounds; False if refused (counted)."""
@@ -159,7 +165,7 @@ class CatchUp:
         self._window_requests += 1
         self._window_bytes += size
         self.served += 1
-        self.counted(SERVED)
+        self.tally.served()
         checks = [publish(topic, [body]) for topic, body in replies]
         self._delivered = lambda: all(check() for check in checks)
         if device:
@@ -180,15 +186,11 @@ class CatchUp:
         return self._model_digest[1]
 
     def _new_window(self, now: float) -> None:
-        self._window_start, self._window_requests, self._window_bytes, self._warned = now, 0, 0, set()
+        self._window_start, self._window_requests, self._window_bytes = now, 0, 0
+        self.tally.new_window()
         # Forget requesters who may ask again anyway: the table stays as small as the recent askers.
         self._last_served = {r: t for r, t in self._last_served.items() if now - t < self.limits.interval_s}
 
     def _refuse(self, requester: str, reason: str) -> bool:
-        self.refused[reason] += 1
-        self.counted(reason)
-        if (requester, reason) not in self._warned:  # once per requester, reason and window: no log flood
-            self._warned.add((requester, reason))
-            log.warning("catch-up request from %s refused: %s (%d %s refusals so far; more this window are "
-                        "counted, not logged)", requester, reason, self.refused[reason], reason)
+        self.tally.refuse(requester, reason)
         return False

@@ -3,17 +3,16 @@
 They are fed from what the coordinator already produces, never by the checking code itself:
 the outcome of each message (counted where the daemon dispatches it), the answer to each
 catch-up request (coordinator/catch_up.py) and ledger replay request (coordinator/replay.py), the
-ledger blocks it appends and the signed status
-it publishes (both seen as they are published). So a counter
-here cannot disagree with the ledger: every "accepted" outcome is one ``update`` block.
+ledger blocks it appends and the signed status it publishes (both seen as they are published).
+So a counter here cannot disagree with the ledger: every "accepted" outcome is one ``update`` block.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from coordinator import replay
-from coordinator.catch_up import SERVED
+from coordinator import catch_up, replay
+from coordinator.request_tally import SERVED
 from federation import records
 from federation.fleet_state import RoundResult
 from federation.observability import LATENCY_BUCKETS, new_registry, prometheus
@@ -64,19 +63,11 @@ class CoordinatorMetrics:
             "reported, by metric (e.g. train_loss, test_mse on their local test split)", ["metric"],
             registry=registry)
 
-        self.catch_up_served = client.Counter(
-            "fledger_coordinator_catch_up_served", "catch-up requests answered (coordinator/catch_up.py)",
-            registry=registry)
-        self.catch_up_refused = client.Counter(
-            "fledger_coordinator_catch_up_refused", "catch-up requests refused, by reason (malformed, too_often, "
-            "busy, previous_reply_in_flight, byte_budget)", ["reason"], registry=registry)
-
-        self.replay_served = client.Counter(
-            "fledger_coordinator_replay_served", "ledger replay requests answered (coordinator/replay.py)",
-            registry=registry)
-        self.replay_refused = client.Counter(
-            "fledger_coordinator_replay_refused", "ledger replay requests refused, by reason (malformed, too_often, "
-            "previous_replay_in_flight, byte_budget)", ["reason"], registry=registry)
+        # A catch-up or ledger replay request: "served", or refused with this reason (RequestTally).
+        self.catch_up = _RequestCounters(client, registry, "catch_up", "catch-up requests",
+                                         "coordinator/catch_up.py", catch_up.REFUSALS)
+        self.replay = _RequestCounters(client, registry, "replay", "ledger replay requests",
+                                       "coordinator/replay.py", replay.REFUSALS)
 
     def outcome(self, kind: str, accepted: bool, reason: str, seconds: float | None) -> None:
         """One message handled: ``kind`` is "update" or "registration"."""
@@ -107,20 +98,6 @@ class CoordinatorMetrics:
             elif name.startswith("clients_"):
                 self.model_clients_metric.labels(metric=name[len("clients_"):]).set(value)
 
-    def catch_up(self, result: str) -> None:
-        """A catch-up request: ``"served"``, or refused with this reason."""
-        if result == SERVED:
-            self.catch_up_served.inc()
-        else:
-            self.catch_up_refused.labels(reason=result).inc()
-
-    def replay(self, result: str) -> None:
-        """A ledger replay request: ``"served"``, or refused with this reason."""
-        if result == replay.SERVED:
-            self.replay_served.inc()
-        else:
-            self.replay_refused.labels(reason=result).inc()
-
     def status(self, body: dict[str, Any]) -> None:
         """The fleet status the coordinator just signed and published."""
         if isinstance(body.get("round"), int):
@@ -135,3 +112,21 @@ class CoordinatorMetrics:
         if isinstance(presence, dict):
             self.devices_known.set(len(presence))
             self.devices_online.set(sum(1 for state in presence.values() if state == "online"))
+
+
+class _RequestCounters:
+    """The served and refused counters of one rate-limited request service."""
+
+    def __init__(self, client: Any, registry: Any, name: str, what: str, source: str,
+                 reasons: tuple[str, ...]) -> None:
+        self.served = client.Counter(f"fledger_coordinator_{name}_served", f"{what} answered ({source})",
+                                     registry=registry)
+        self.refused = client.Counter(f"fledger_coordinator_{name}_refused",
+                                      f"{what} refused, by reason ({', '.join(reasons)})", ["reason"],
+                                      registry=registry)
+
+    def __call__(self, result: str) -> None:
+        if result == SERVED:
+            self.served.inc()
+        else:
+            self.refused.labels(reason=result).inc()

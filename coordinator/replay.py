@@ -25,13 +25,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from coordinator.request_tally import RequestTally, ignore
+
 log = logging.getLogger(__name__)
 # The daemon's logger for the served replay's line: ReplayLimiter.serve was the daemon's before it
 # moved here, and operators' filters on the logger name keep working.
 daemon_log = logging.getLogger("coordinator.daemon")
 
 MAX_REQUEST_BYTES = 256
-SERVED = "served"  # what ``counted`` hears of a served request; else the refusal's reason
 REFUSALS = ("malformed", "too_often", "previous_replay_in_flight", "byte_budget")
 
 
@@ -87,20 +88,27 @@ PublishAll = Callable[[str, Iterable[bytes]], Callable[[], bool]]  # MqttLink.pu
 class ReplayLimiter:
     limits: ReplayLimits = field(default_factory=ReplayLimits)
     clock: Callable[[], float] = time.monotonic
-    refused: Counter[str] = field(default_factory=Counter)  # reason -> requests dropped
-    counted: Callable[[str], None] = field(default=lambda result: None)  # SERVED or the refusal's reason (metrics)
+    counted: Callable[[str], None] = ignore  # SERVED or the refusal's reason (metrics)
     _last_served: dict[str, float] = field(default_factory=dict)
     _window_start: float = float("-inf")
     _window_used: Counter[str] = field(default_factory=Counter)  # requester -> bytes this window
     _delivered: Callable[[], bool] = field(default=lambda: True)
-    _warned: set[tuple[str, str]] = field(default_factory=set)  # (requester, reason) logged this window
+
+    def __post_init__(self) -> None:
+        self.tally = RequestTally("ledger replay request", log, self.counted)
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Refused requests by reason."""
+        return self.tally.refused
 
     def request(self, requester: str, payload: bytes, blocks: Callable[[int, int], Iterable[bytes]]) -> list[bytes]:
         """The blocks to re-send for ``requester``'s ``payload`` (empty: refused, counted).
         ``blocks(start, end)`` yields the serialised blocks of that index range."""
         now = self.clock()
         if now - self._window_start >= self.limits.window_s:
-            self._window_start, self._window_used, self._warned = now, Counter(), set()
+            self._window_start, self._window_used = now, Counter()
+            self.tally.new_window()
         start = parse_request(payload)
         if start is None:
             return self._refuse(requester, "malformed")
@@ -124,7 +132,7 @@ class ReplayLimiter:
             return self._refuse(requester, "byte_budget")
         self._last_served[requester] = now
         self._window_used[requester] += size
-        self.counted(SERVED)
+        self.tally.served()
         return chosen
 
     def serve(self, requester: str, payload: bytes, ledger: BlockSource, publish_all: PublishAll, topic: str) -> None:
@@ -142,10 +150,5 @@ class ReplayLimiter:
         self._delivered = delivered
 
     def _refuse(self, requester: str, reason: str) -> list[bytes]:
-        self.refused[reason] += 1
-        self.counted(reason)
-        if (requester, reason) not in self._warned:  # once per requester, reason and window: no log flood
-            self._warned.add((requester, reason))
-            log.warning("ledger replay request from %s refused: %s (%d %s refusals so far; more this window "
-                        "are counted, not logged)", requester, reason, self.refused[reason], reason)
+        self.tally.refuse(requester, reason)
         return []

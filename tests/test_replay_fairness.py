@@ -20,7 +20,8 @@ from federation_run import Federation
 from manual_clock import ManualClock
 from test_ledger_cli import _height_once
 
-from coordinator.replay import REFUSALS, SERVED, ReplayLimiter, ReplayLimits, parse_request
+from coordinator.replay import REFUSALS, ReplayLimiter, ReplayLimits, parse_request
+from coordinator.request_tally import SERVED
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from fledger import keytool
