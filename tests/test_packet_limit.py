@@ -195,6 +195,16 @@ def test_full_run_with_default_settings_under_a_small_packet_limit(small_broker:
     assert _oversize_disconnects(small_broker) == 0
 
 
+def _the_oversize_error(log: str) -> str:
+    """The one ERROR line of a process whose publish was over the broker's limit: it names a size
+    above that limit."""
+    errors = [line for line in log.splitlines() if " ERROR " in line and "-byte" in line]
+    assert len(errors) == 1, log
+    size = re.search(r"(\d[\d,]*)-byte", errors[0])
+    assert size and int(size.group(1).replace(",", "")) > LIMIT
+    return errors[0]
+
+
 @pytest.mark.parametrize(("version", "max_payload"), [("auto", "0"), ("3.1.1", "0"), ("3.1.1", None)])
 def test_chunking_off_one_error_with_size_and_setting_and_no_loop(
     small_broker: Mosquitto, tmp_path: Path, version: str, max_payload: str | None,
@@ -213,13 +223,10 @@ def test_chunking_off_one_error_with_size_and_setting_and_no_loop(
     finally:
         fed.stop()
     log = (fed.logs / "coordinator.log").read_text()
-    errors = [line for line in log.splitlines() if " ERROR " in line and "-byte" in line]
-    assert len(errors) == 1, log
-    size = re.search(r"(\d[\d,]*)-byte", errors[0])
-    assert size and int(size.group(1).replace(",", "")) > LIMIT
-    assert "fledger/test/model/global" in errors[0] and "--max-payload" in errors[0]
+    error = _the_oversize_error(log)
+    assert "fledger/test/model/global" in error and "--max-payload" in error
     # the setting's current value: the user knows what to change
-    assert ("it is 0: chunking is off" if max_payload == "0" else f"it is {DEFAULT_MAX_PAYLOAD:,}") in errors[0]
+    assert ("it is 0: chunking is off" if max_payload == "0" else f"it is {DEFAULT_MAX_PAYLOAD:,}") in error
     assert code == 4, log  # stopped with the broker's exit code
     # At most one reconnect of its link, then it stopped (the start-up probe of the retained
     # head is a separate, short-lived client: "-probe").
@@ -239,11 +246,8 @@ def test_an_agent_with_chunking_off_stops_on_its_oversized_update(small_broker: 
     finally:
         fed.stop()
     log = (fed.logs / "edge-1.log").read_text()
-    errors = [line for line in log.splitlines() if " ERROR " in line and "-byte" in line]
-    assert len(errors) == 1, log
-    size = re.search(r"(\d[\d,]*)-byte", errors[0])
-    assert size and int(size.group(1).replace(",", "")) > LIMIT
-    assert "fledger/test/update/edge-1" in errors[0] and "it is 0: chunking is off" in errors[0], errors[0]
+    error = _the_oversize_error(log)
+    assert "fledger/test/update/edge-1" in error and "it is 0: chunking is off" in error, error
     assert code == 4, log
     assert _oversize_disconnects(small_broker) == 2  # sent twice, not in a loop
     # nothing of the device reached the ledger: the coordinator never got the update
