@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ from pathlib import Path
 
 from conftest import BrokerInfo
 from federation_run import Federation
-from test_reliability import finish, wait_for
+from test_reliability import finish
+from test_state_safety import run_fleet_with_a_replica
 
 from coordinator.storage import read_model_file
 from federation import crypto, envelope, exit_codes, records
@@ -37,7 +37,6 @@ from federation.keys import CoordinatorKeys
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from fledger import keytool
-from fledger.ledger_cli import ReplicaFile
 
 
 def restore(fed: Federation, replica: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -86,21 +85,7 @@ def test_lost_state_directory_is_restored_from_replica_and_retained_model(mosqui
                      extra_coordinator=["--head-wait", "2"])
     keys_file = fed.keys / keytool.COORDINATOR_FILE
     replica = tmp_path / "monitor.replica"
-    monitor = subprocess.Popen(
-        [sys.executable, "-m", "fledger.cli", "ledger", "follow", "--fleet", fed.fleet, *fed.broker_args(),
-         "--replica", str(replica), "--coordinator-key", str(keys_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
-        fed.start_all()
-        finish(fed)
-        height = FleetLedger.open(fed.state / "ledger.log").height
-        wait_for("the monitor's replica at the ledger's height",
-                 lambda: len(ReplicaFile(replica).load()) == height, 30, fed)
-    finally:
-        monitor.send_signal(signal.SIGTERM)
-        monitor.wait(10)
-        fed.stop()
+    run_fleet_with_a_replica(fed, replica)
     retained = Retained(fed)
     genuine = retained.read()
     good = (fed.state / "ledger.log").read_bytes()

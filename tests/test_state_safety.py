@@ -47,12 +47,11 @@ def restore(fed: Federation, replica: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosquitto_broker: BrokerInfo,
-                                                                            tmp_path: Path) -> None:
-    broker = mosquitto_broker
-    fed = Federation(tmp_path, broker.host, broker.port, rounds=2, limit=200,
-                     extra_coordinator=["--head-wait", "2"])
-    replica = tmp_path / "monitor.replica"
+def run_fleet_with_a_replica(fed: Federation, replica: Path) -> int:
+    """Run the fleet to its end while a monitor (`ledger follow --replica`) keeps a verified
+    replica; return the ledger's height, which the replica has reached."""
+    from fledger.ledger_cli import ReplicaFile
+
     monitor_log = fed.logs / "monitor.log"
     with open(monitor_log, "ab") as out:
         monitor = subprocess.Popen(
@@ -67,14 +66,22 @@ def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosq
         fed.start_all()
         finish(fed)
         height = FleetLedger.open(fed.state / "ledger.log").height
-        from fledger.ledger_cli import ReplicaFile
-
         wait_for("the monitor's replica at the ledger's height",
                  lambda: len(ReplicaFile(replica).load()) == height, 30, fed)
     finally:
         monitor.send_signal(signal.SIGTERM)
         monitor.wait(10)
         fed.stop()
+    return height
+
+
+def test_rollback_corruption_and_lost_state_are_refused_and_restore_resumes(mosquitto_broker: BrokerInfo,
+                                                                            tmp_path: Path) -> None:
+    broker = mosquitto_broker
+    fed = Federation(tmp_path, broker.host, broker.port, rounds=2, limit=200,
+                     extra_coordinator=["--head-wait", "2"])
+    replica = tmp_path / "monitor.replica"
+    height = run_fleet_with_a_replica(fed, replica)
     log_path = fed.state / "ledger.log"
     good = log_path.read_bytes()
     offsets = storage.scan(good).offsets
