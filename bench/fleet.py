@@ -386,6 +386,61 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
     }
 
 
+def run_floor(task: str, n: int, publishers: int, workdir: Path, mode: str, threads: int = 1) -> dict[str, Any]:
+    """The same fleet and load as ``run_one``, but received by bench/ingest_floor.py instead of
+    the coordinator: ``floor-receive`` only takes each update whole off the inbox, ``floor-open``
+    also opens it (signature, X25519 + HKDF, AES-GCM, digest, tensors). The time runs from the
+    first publish until the N-th update was taken."""
+    fleet = f"f{n}{task[:3]}"
+    keys = workdir / "keys"
+    provisioning = provision(keys, fleet, n)
+    bundles = [DeviceBundle.load(keys / f"device-dev-{i:0{len(str(n))}d}.json") for i in range(1, n + 1)]
+    topics = Topics(fleet)
+    broker = Mosquitto(workdir, BROKER_CONFIG)
+    config = BrokerConfig(broker_port=broker.port)
+    opening = ["--open", "--threads", str(threads)] if mode == "floor-open" else []
+    command = [sys.executable, str(ROOT / "bench" / "ingest_floor.py"), "--port", str(broker.port), "--fleet", fleet,
+               "--keys", str(keys), "--count", str(n), *opening]
+    links = [MqttLink(config, f"bench-dev-{os.getpid()}-{i}", persistent=False) for i in range(publishers)]
+    floor = subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert floor.stdout is not None
+        if floor.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{command} did not start")
+        for link in links:
+            link.start(timeout=20)
+        updates = sealed_updates(bundles, task, 1, hashlib.sha256(b"bench data set").digest())
+        cpu_before = cpu_seconds(floor.pid)
+        started = time.monotonic()
+        for i, (bundle, update) in enumerate(zip(bundles, updates, strict=True)):
+            links[i % publishers].publish(topics.update(bundle.device_id), update)
+        published = time.monotonic()
+        done = floor.stdout.readline().split()
+        if not done or done[0] != "done":
+            raise RuntimeError(f"{command} ended without taking {n} updates")
+        floor_cpu = cpu_seconds(floor.pid) - cpu_before
+        finished = float(done[2])
+        update_bytes = len(updates[0])
+        code = floor.wait(60)
+    finally:
+        for link in links:
+            link.stop(timeout=2)
+        if floor.poll() is None:
+            floor.terminate()
+            floor.wait(30)
+        broker.stop()
+    if code != 0:
+        raise RuntimeError(f"{command} exited with {code}")
+    seconds = finished - started
+    return {
+        "task": task, "devices": n, "update_bytes": update_bytes, "publishers": publishers,
+        "provisioning": provisioning, "subscriber": mode, "threads": threads, "publish_seconds": published - started,
+        "seconds_to_aggregate": seconds, "updates_per_s": n / seconds, "coordinator_cpu_s": floor_cpu,
+        "rss_idle_mib": 0.0, "rss_peak_mib": 0.0, "rss_anon_idle_mib": 0.0, "rss_anon_peak_mib": 0.0,
+        "lost": 0, "experiments": [],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000", help="fleet sizes, comma separated (default 100,1000)")
@@ -394,6 +449,11 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, help="run the coordinator under cProfile, .prof files here")
     parser.add_argument("--experiment", action="append", choices=sorted(EXPERIMENTS), default=[],
                         help="patch one per-update cost out of the coordinator process (repeatable; see EXPERIMENTS)")
+    parser.add_argument("--subscriber", choices=["coordinator", "floor-receive", "floor-open"], default="coordinator",
+                        help="who takes the updates: the real coordinator (default), or bench/ingest_floor.py, "
+                             "which only receives them (floor-receive) or also opens them (floor-open): "
+                             "what this machine, broker and paho allow before the coordinator's own work")
+    parser.add_argument("--floor-threads", type=int, default=1, help="threads floor-open opens updates on (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -402,7 +462,10 @@ def main() -> int:
         weights_bytes = len(encode_tensors(initial_weights(task, 0, seed=1)))
         for n in (int(s) for s in args.sizes.split(",")):
             with tempfile.TemporaryDirectory(prefix=f"fleet-{task}-{n}-") as tmp:
-                row = run_one(task, n, args.publishers, args.profile, Path(tmp), args.experiment)
+                if args.subscriber == "coordinator":
+                    row = run_one(task, n, args.publishers, args.profile, Path(tmp), args.experiment)
+                else:
+                    row = run_floor(task, n, args.publishers, Path(tmp), args.subscriber, args.floor_threads)
                 disk = disk_rate(Path(tmp), row["update_bytes"])  # the disk the coordinator's state was on
             row["disk_mb_per_s"], row["disk_updates_per_s"] = disk["mb_per_s"], disk["updates_per_s"]
             # The ceiling right after the run it is compared with: the same load on the machine.
@@ -411,7 +474,9 @@ def main() -> int:
             row["envelope_updates_per_s"] = envelope_cost(task)["updates_per_s"]
             row["ratio"] = row["updates_per_s"] / ceiling["updates_per_s"]
             rows.append(row)
-            label = f"{task} N={n}" + "".join(f" +{e}" for e in args.experiment)
+            label = f"{task} N={n} {args.subscriber}" + "".join(f" +{e}" for e in args.experiment)
+            if args.subscriber == "floor-open":
+                label += f" ({args.floor_threads} thread(s))"
             print(f"{label}: {row['seconds_to_aggregate']:.2f} s, {row['updates_per_s']:.0f} updates/s, "
                   f"crypto ceiling {row['ceiling_updates_per_s']:.0f}/s, ratio {row['ratio']:.1%} "
                   f"(disk {row['disk_updates_per_s']:.0f}/s, coordinator CPU {row['coordinator_cpu_s']:.2f} s), "
