@@ -341,12 +341,14 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
         time.sleep(1.0)
         started = time.monotonic()
         idle = {f: statistics.median(rss.between(idle_start, started, f)) for f in RssSampler.FIELDS}
-        cpu_before = cpu_seconds(coordinator.pid)
+        cpu_before, broker_before, own_before = \
+            cpu_seconds(coordinator.pid), cpu_seconds(broker.proc.pid), time.process_time()
         for i, (bundle, update) in enumerate(zip(bundles, updates, strict=True)):
             links[i % publishers].publish(topics.update(bundle.device_id), update)
         published = time.monotonic()
         watch.wait(lambda: watch.counts.get("aggregate", 0) >= 1, 1800, "the aggregate block")
         coordinator_cpu = cpu_seconds(coordinator.pid) - cpu_before
+        broker_cpu, generator_cpu = cpu_seconds(broker.proc.pid) - broker_before, time.process_time() - own_before
         finished = watch.first["aggregate"]
         ingested = watch.last.get("update", finished)
         peak = {f: max(rss.between(started, finished + 0.5, f)) for f in RssSampler.FIELDS}
@@ -378,6 +380,7 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
         "publish_seconds": published - started, "seconds_to_aggregate": seconds,
         "last_accept_seconds": ingested - started,
         "updates_per_s": n / seconds, "coordinator_cpu_s": coordinator_cpu,
+        "broker_cpu_s": broker_cpu, "generator_cpu_s": generator_cpu,
         "rss_idle_mib": idle["VmRSS"], "rss_peak_mib": peak["VmRSS"],
         "rss_anon_idle_mib": idle["RssAnon"], "rss_anon_peak_mib": peak["RssAnon"],
         "rss_file_peak_mib": peak["RssFile"], "rss_peak_while_ingesting_mib": peak_ingest,
@@ -410,7 +413,8 @@ def run_floor(task: str, n: int, publishers: int, workdir: Path, mode: str, thre
         for link in links:
             link.start(timeout=20)
         updates = sealed_updates(bundles, task, 1, hashlib.sha256(b"bench data set").digest())
-        cpu_before = cpu_seconds(floor.pid)
+        cpu_before, broker_before, own_before = \
+            cpu_seconds(floor.pid), cpu_seconds(broker.proc.pid), time.process_time()
         started = time.monotonic()
         for i, (bundle, update) in enumerate(zip(bundles, updates, strict=True)):
             links[i % publishers].publish(topics.update(bundle.device_id), update)
@@ -419,6 +423,7 @@ def run_floor(task: str, n: int, publishers: int, workdir: Path, mode: str, thre
         if not done or done[0] != "done":
             raise RuntimeError(f"{command} ended without taking {n} updates")
         floor_cpu = cpu_seconds(floor.pid) - cpu_before
+        broker_cpu, generator_cpu = cpu_seconds(broker.proc.pid) - broker_before, time.process_time() - own_before
         finished = float(done[2])
         update_bytes = len(updates[0])
         code = floor.wait(60)
@@ -436,6 +441,7 @@ def run_floor(task: str, n: int, publishers: int, workdir: Path, mode: str, thre
         "task": task, "devices": n, "update_bytes": update_bytes, "publishers": publishers,
         "provisioning": provisioning, "subscriber": mode, "threads": threads, "publish_seconds": published - started,
         "seconds_to_aggregate": seconds, "updates_per_s": n / seconds, "coordinator_cpu_s": floor_cpu,
+        "broker_cpu_s": broker_cpu, "generator_cpu_s": generator_cpu,
         "rss_idle_mib": 0.0, "rss_peak_mib": 0.0, "rss_anon_idle_mib": 0.0, "rss_anon_peak_mib": 0.0,
         "lost": 0, "experiments": [],
     }
@@ -479,7 +485,8 @@ def main() -> int:
                 label += f" ({args.floor_threads} thread(s))"
             print(f"{label}: {row['seconds_to_aggregate']:.2f} s, {row['updates_per_s']:.0f} updates/s, "
                   f"crypto ceiling {row['ceiling_updates_per_s']:.0f}/s, ratio {row['ratio']:.1%} "
-                  f"(disk {row['disk_updates_per_s']:.0f}/s, coordinator CPU {row['coordinator_cpu_s']:.2f} s), "
+                  f"(disk {row['disk_updates_per_s']:.0f}/s, CPU s: {args.subscriber} {row['coordinator_cpu_s']:.2f}, "
+                  f"broker {row['broker_cpu_s']:.2f}, load generator {row['generator_cpu_s']:.2f}), "
                   f"RSS {row['rss_idle_mib']:.0f} -> {row['rss_peak_mib']:.0f} MiB "
                   f"(anonymous {row['rss_anon_idle_mib']:.0f} -> {row['rss_anon_peak_mib']:.0f}), "
                   f"lost {row['lost']}", flush=True)
