@@ -178,9 +178,11 @@ def test_coordinator_sigkilled_at_random_moments(password_broker: tuple[Embedded
                 time.sleep(1.0)  # recorded after the publish call: let the MQTT thread send it
             else:
                 # A random moment after (re)connecting: restoring, waiting, accepting, aggregating.
-                connects = text.count("connected to")
+                # Its own link's connection, not the start-up check's probe (a client id of its own).
+                connected = f"as fledger-coordinator-{fed.fleet} ("
+                connects = text.count(connected)
                 wait_for("the coordinator to connect", lambda c=connects, p=proc: p.poll() is not None or log_text(
-                    fed, "coordinator").count("connected to") > c, 60, fed, poll=0.01)
+                    fed, "coordinator").count(connected) > c, 60, fed, poll=0.01)
                 time.sleep(rng.uniform(0.0, 0.5))
             if proc.poll() is not None:
                 break  # it finished all rounds before we got to kill it
