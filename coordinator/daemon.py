@@ -225,7 +225,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     notifier = Notifier()
     if not link.start(timeout=60, stop=stop):
         return 0  # stopped while connecting
-    upstream_link, upstream = _start_upstream(config, stop) if config.upstream else (None, None)
+    upstream_link, upstream = _start_upstream(config, stop, observatory) if config.upstream else (None, None)
     if config.upstream and upstream is None:
         link.stop()
         return 0  # stopped while waiting for the upstream's model
@@ -383,7 +383,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     return 0
 
 
-def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[MqttLink | None, Upstream | None]:
+def _start_upstream(config: CoordinatorConfig, stop: threading.Event,
+                    observatory: Observatory) -> tuple[MqttLink | None, Upstream | None]:
     """Connect to the upstream broker as the gateway's device and wait for the upstream's model."""
     host, port = upstream_address(config)
     assert config.upstream_bundle is not None  # checked by upstream_address
@@ -394,7 +395,7 @@ def _start_upstream(config: CoordinatorConfig, stop: threading.Event) -> tuple[M
     upstream_topics = Topics(bundle.fleet, config.topic_prefix)
     link = MqttLink(broker, f"fledger-gateway-{config.fleet}-{bundle.device_id}", subscriptions=[])
     upstream = Upstream(bundle, upstream_topics, lambda topic, payload: link.publish(topic, payload, qos=1),
-                        Outbox(Path(config.state_dir) / "upstream-outbox"))
+                        Outbox(Path(config.state_dir) / "upstream-outbox"), on_left_out=observatory.upstream_left_out)
     link.subscriptions = upstream.subscriptions
     if not link.start(timeout=60, stop=stop):
         return None, None

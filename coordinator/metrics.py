@@ -33,6 +33,10 @@ class CoordinatorMetrics:
         self.updates_rejected = client.Counter(
             "fledger_coordinator_updates_rejected", "updates rejected, by reason (see docs/protocol.md)",
             ["reason"], registry=registry)
+        self.upstream_excluded = client.Counter(
+            "fledger_coordinator_upstream_excluded", "a gateway's updates the upstream accepted and then left out "
+            "of its aggregate, by the upstream strategy's reason (e.g. distance, krum_score)", ["reason"],
+            registry=registry)
         self.registrations = client.Counter(
             "fledger_coordinator_registrations", "data set registrations handled, by result",
             ["result"], registry=registry)

@@ -17,6 +17,7 @@ from coordinator.dashboard import DashboardServer
 from coordinator.fleet_view import FleetView
 from federation.observability import Endpoints, serve_metrics
 from federation.topics import Topics
+from federation.verdicts import LeftOut
 from ledger import Block, BlockFormatError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,11 @@ class Observatory:
         """A ledger replay request served (``"served"``) or refused (the reason): coordinator/replay.py."""
         if self.metrics is not None:
             self.metrics.replay(result)
+
+    def upstream_left_out(self, why: LeftOut) -> None:
+        """A gateway's accepted update that the upstream left out of its aggregate (coordinator/upstream.py)."""
+        if self.metrics is not None:
+            self.metrics.upstream_excluded.labels(reason=why.reason).inc()
 
     def _block(self, block: Block, *, replayed: bool) -> None:
         if self.metrics is not None:

@@ -20,6 +20,11 @@ gateway killed between its send and the upstream's answer resends the same bytes
 restart, which the upstream counts once. No network here beyond the ``publish`` callable; the
 daemon's upstream link feeds :meth:`Upstream.on_message` with what arrives from the upstream broker
 (``coordinator/gateway.py``: ``wait_for_upstream_model``, ``serve_upstream``).
+
+An accepted update can still be left out of the upstream's aggregate by its robust strategy:
+the aggregate block each upstream model travels with says so and why (``federation.verdicts.
+left_out``, as an edge agent reads it). The gateway logs it once per upstream round and hands it
+to ``on_left_out`` (the daemon counts it in the coordinator's metrics).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from federation.envelope import EnvelopeError, ModelHeader, UpdateHeader
 from federation.keys import DeviceBundle
 from federation.outbox import Outbox
 from federation.topics import Topics
-from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
+from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS, LeftOut, left_out
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,9 @@ class Upstream:
     awaiting_after: int | None = None  # our last update's upstream round: a newer model answers it
     dataset: bytes = b""  # the data set our last update named
     ack: dict[str, Any] = field(default_factory=dict)
+    on_left_out: Callable[[LeftOut], object] = lambda _: None  # our update was accepted, then left out
     _last_send: dict[int, float] = field(default_factory=dict)  # upstream round -> when last sent
+    _left_out_told: int = 0  # the last upstream round whose exclusion from the aggregate was logged
 
     @property
     def subscriptions(self) -> list[str]:
@@ -94,7 +101,18 @@ class Upstream:
             return None
         self.model = (header, weights)
         log.info("upstream model for its round %d (block %d)", header.round, header.block_index)
+        self._tell_if_left_out(header.block_data)
         return header
+
+    def _tell_if_left_out(self, block: dict[str, Any]) -> None:
+        why = left_out(block, self.bundle.device_id)
+        if why is None or why.round <= self._left_out_told:
+            return
+        self._left_out_told = why.round
+        self.on_left_out(why)
+        log.warning("upstream round %d: the upstream accepted our update but left it out of its aggregate: %s; see "
+                    "docs/robustness.md (a gateway whose devices' data differs much from the other gateways' is "
+                    "left out too)", why.round, why)
 
     @property
     def registered(self) -> bool:

@@ -35,7 +35,7 @@ from federation.mqtt import Message
 from federation.outbox import Outbox
 from federation.tasks import LocalData, Task
 from federation.topics import Topics
-from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS
+from federation.verdicts import ACCEPTED, EXPLANATIONS, FINAL_REASONS, left_out
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +178,14 @@ class EdgeAgent:
     def _tell_if_left_out(self, block: dict[str, Any]) -> None:
         """An accepted update can still be left out of the round's aggregate (a robust strategy
         excluded it): the aggregate block the model travels with says so, and why. Logged once."""
-        excluded = block.get("excluded") if block.get("type") == "aggregate" else None
-        why = excluded.get(self.bundle.device_id) if isinstance(excluded, dict) else None
-        round_number = block.get("round")
-        if not isinstance(why, dict) or not isinstance(round_number, int) or round_number <= self._left_out_told:
+        why = left_out(block, self.bundle.device_id)
+        if why is None or why.round <= self._left_out_told:
             return
-        self._left_out_told = round_number
-        self.events.rejected(round_number, "excluded")
-        log.warning("round %d: the coordinator accepted our update but left it out of the aggregate: %s (%s); see "
+        self._left_out_told = why.round
+        self.events.rejected(why.round, "excluded")
+        log.warning("round %d: the coordinator accepted our update but left it out of the aggregate: %s; see "
                     "docs/robustness.md (a device whose data differs much from the others' is left out too)",
-                    round_number, why.get("reason"), ", ".join(
-                        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in why.items() if k not in ("action", "reason")))
+                    why.round, why)
 
     def drain(self, timeout: float) -> None:
         """Handle everything queued, waiting up to ``timeout`` for the first message."""

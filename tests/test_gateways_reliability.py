@@ -49,6 +49,7 @@ class Tiers:
     low_port: int
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     bundles: dict[str, DeviceBundle] = field(default_factory=dict)
+    gateway_extra: tuple[str, ...] = ()  # more options for the gateway
 
     @property
     def logs(self) -> Path:
@@ -64,7 +65,7 @@ class Tiers:
         return self.spawn("gwa", _coordinator(
             self.tmp / "keys" / "gwa", self.tmp / "gwa", "gwa", self.low_port, "--rounds", "0", "--heartbeat", "2",
             "--upstream", f"127.0.0.1:{self.top_port}",
-            "--upstream-bundle", str(keytool.bundle_path(self.tmp / "keys" / "top", "gwa"))))
+            "--upstream-bundle", str(keytool.bundle_path(self.tmp / "keys" / "top", "gwa")), *self.gateway_extra))
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
@@ -76,7 +77,8 @@ class Tiers:
 
 
 @contextmanager
-def tiers(tmp_path: Path, *top_extra: str, top_gateways: tuple[str, ...] = ("gwa",)) -> Iterator[Tiers]:
+def tiers(tmp_path: Path, *top_extra: str, top_gateways: tuple[str, ...] = ("gwa",),
+          gateway_extra: tuple[str, ...] = ()) -> Iterator[Tiers]:
     keytool.init_fleet(tmp_path / "keys" / "top", "top")
     for gateway in top_gateways:
         keytool.add_device(tmp_path / "keys" / "top", gateway)
@@ -86,7 +88,7 @@ def tiers(tmp_path: Path, *top_extra: str, top_gateways: tuple[str, ...] = ("gwa
     (tmp_path / "logs").mkdir()
     with running(Mosquitto(tmp_path / "top-broker")) as top_broker, \
             running(Mosquitto(tmp_path / "gateway-broker")) as low_broker:
-        t = Tiers(tmp_path, top_broker.port, low_broker.port)
+        t = Tiers(tmp_path, top_broker.port, low_broker.port, gateway_extra=gateway_extra)
         t.bundles = {device: DeviceBundle.load(keytool.bundle_path(tmp_path / "keys" / "gwa", device))
                      for device in DEVICES}
         try:
