@@ -181,8 +181,8 @@ def test_coordinator_sigkilled_at_random_moments(password_broker: tuple[Embedded
                 # Its own link's connection, not the start-up check's probe (a client id of its own).
                 connected = f"as fledger-coordinator-{fed.fleet} ("
                 connects = text.count(connected)
-                wait_for("the coordinator to connect", lambda c=connects, p=proc: p.poll() is not None or log_text(
-                    fed, "coordinator").count(connected) > c, 60, fed, poll=0.01)
+                wait_for("the coordinator to connect", lambda c=connects, p=proc, line=connected: p.poll() is not None
+                         or log_text(fed, "coordinator").count(line) > c, 60, fed, poll=0.01)
                 time.sleep(rng.uniform(0.0, 0.5))
             if proc.poll() is not None:
                 break  # it finished all rounds before we got to kill it
