@@ -45,6 +45,7 @@ from coordinator.service import Coordinator, CoordinatorSettings, Evaluate, Outc
 from coordinator.state_check import StateRefused
 from coordinator.stopping import stop_target
 from coordinator.storage import ModelStore, Spool, StorageError
+from coordinator.twin_watch import TwinWatch
 from coordinator.upstream import Upstream
 from federation import envelope, exit_codes
 from federation.chunk_record import ChunkRecord
@@ -204,7 +205,9 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     link_config = dataclasses.replace(config, max_message_bytes=min(config.max_message_bytes, config.max_update_bytes))
     link = MqttLink(link_config, client_id,
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
-                                   topics.catch_up_requests, *prediction_subscriptions(topics)],
+                                   topics.catch_up_requests, *prediction_subscriptions(topics),
+                                   # another writer of our ledger (coordinator/twin_watch.py)
+                                   topics.ledger_head, topics.ledger_head_chunks],
                     chunk_record=ChunkRecord(state_dir / "retained_chunks.json"))
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic, counted=observatory.replay_answered)
     catch_up = CatchUp(topics, catch_up_limits(config), clock=time.monotonic, counted=observatory.catch_up_answered)
@@ -216,6 +219,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         link.publish(topic, payload, retain=retain)
 
     checkpoint = state_guard.CheckpointFile(state_dir)
+    twin_watch = TwinWatch(config.fleet, coordinator_key, counted=observatory.head_seen)
     publisher = Publisher(publish, topics, keys, on_head=checkpoint.offer)
 
     link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo
@@ -292,7 +296,14 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     coordinator.publish_model()
                     coordinator.publish_status()
                     coordinator.publish_acks()
-                if message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
+                if message is not None and message.topic == topics.ledger_head:
+                    another_writer = twin_watch.check(message.payload, retained=message.retain,
+                                                      height=coordinator.ledger.head.index + 1,
+                                                      hash_at=lambda index: coordinator.ledger.block(index).hash)
+                    if another_writer is not None:
+                        log.error("%s", another_writer)
+                        return exit_codes.STATE  # at once: no further block, model, ack or status from us
+                elif message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
                     batch, pending = take_batch(message, link.inbox, topics)
                     predictions.handle_batch(batch)
                 elif updates is not None or (message is not None and _is_update(topics, message.topic)

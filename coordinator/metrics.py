@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator import catch_up, replay
+from coordinator import catch_up, replay, twin_watch
 from coordinator.request_tally import SERVED
 from federation import records
 from federation.fleet_state import RoundResult
@@ -66,6 +66,11 @@ class CoordinatorMetrics:
             "fledger_coordinator_model_clients_metric", "sample-weighted mean of what the last round's devices "
             "reported, by metric (e.g. train_loss, test_mse on their local test split)", ["metric"],
             registry=registry)
+
+        self.ledger_heads = client.Counter(
+            "fledger_coordinator_ledger_heads", "ledger/head messages received, by verdict "
+            f"({', '.join(twin_watch.VERDICTS)}; coordinator/twin_watch.py): another_writer stops the coordinator",
+            ["verdict"], registry=registry)
 
         # A catch-up or ledger replay request: "served", or refused with this reason (RequestTally).
         self.catch_up = _RequestCounters(client, registry, "catch_up", "catch-up requests",

@@ -101,6 +101,11 @@ class Observatory:
         if self.metrics is not None:
             self.metrics.upstream_excluded.labels(reason=why.reason).inc()
 
+    def head_seen(self, verdict: str) -> None:
+        """A ledger/head message judged by coordinator/twin_watch.py (ours, retained, junk, another_writer)."""
+        if self.metrics is not None:
+            self.metrics.ledger_heads.labels(verdict=verdict).inc()
+
     def _block(self, block: Block, *, replayed: bool) -> None:
         if self.metrics is not None:
             self.metrics.block(block, replayed=replayed)

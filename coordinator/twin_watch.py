@@ -1,0 +1,102 @@
+"""While running: is another process writing this fleet's ledger with our key?
+
+Two coordinators with the same keys but different state directories (a backup restored onto a
+second gateway while the first still runs, one started by hand beside the systemd one) can both
+pass the start-up check (coordinator/state_check.py) when they start together at the same
+height. Each then appends its own blocks at the same indexes and publishes its own head: a fork
+nobody would notice. The running coordinator therefore also reads the fleet's retained
+``ledger/head`` and judges every head it receives here (pure: the daemon passes the message and
+the ledger, and stops on ANOTHER_WRITER).
+
+- Not signed by our key: junk (anyone can publish on an open broker), counted, never acted on.
+- A retained delivery (MQTT retain flag set): what the broker held when we (re)subscribed. The
+  start-up check judged it already, and it may rightly be an old chain's head (after
+  ``--new-chain`` or ``ledger restore``), so it is not acted on. Both brokers fledger supports
+  clear the flag on live deliveries to an existing subscriber (MQTT 3.1.1 3.3.1.3, and MQTT 5
+  without Retain As Published; measured on amqtt 0.12.1 and mosquitto 2.0.11), so every head
+  published while we run arrives with it cleared. (amqtt sets it on messages it queued for a
+  persistent session while offline: those are skipped, and the next live head is judged.)
+- Our own head echoed back: we publish a head only after appending its block, so our ledger
+  holds that very block at its index, also when later blocks followed (under load the echo
+  arrives after more appends) and after a reconnect.
+- Signed by our key, but beyond our height or with another hash than our block at its index:
+  another writer. Stop before publishing anything more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from coordinator.state_check import signed_head
+
+log = logging.getLogger(__name__)
+
+# What a received head was judged to be (also the metric's label).
+OURS = "ours"  # a block our ledger holds at that index: our own echo, or an older head of ours
+RETAINED = "retained"  # delivered because we (re)subscribed: judged at start, never acted on
+JUNK = "junk"  # not a block signed by this coordinator's key
+ANOTHER_WRITER = "another_writer"  # signed by our key, not in our ledger: another coordinator writes
+VERDICTS = (OURS, RETAINED, JUNK, ANOTHER_WRITER)
+
+
+@dataclass(frozen=True)
+class HeadVerdict:
+    verdict: str
+    index: int | None = None  # the received block's index (a block signed by our key)
+    their_hash: bytes | None = None
+    our_hash: bytes | None = None  # our block at that index; None when it is beyond our height
+    our_height: int = 0
+
+
+def judge_head(payload: bytes, *, retained: bool, coordinator_key: bytes, height: int,
+               hash_at: Callable[[int], bytes]) -> HeadVerdict:
+    """Judge one ``ledger/head`` message against our ledger (``height`` blocks, ``hash_at(i)``
+    the hash of our block ``i``)."""
+    if retained:
+        return HeadVerdict(RETAINED, our_height=height)
+    head = signed_head(payload, coordinator_key, "a live ledger head")
+    if head is None:
+        return HeadVerdict(JUNK, our_height=height)
+    index = head.height - 1
+    if index >= height:
+        return HeadVerdict(ANOTHER_WRITER, index, head.hash, None, height)
+    ours = hash_at(index)
+    return HeadVerdict(OURS if ours == head.hash else ANOTHER_WRITER, index, head.hash, ours, height)
+
+
+def alarm(fleet: str, seen: HeadVerdict) -> str:
+    """The one ERROR line for ANOTHER_WRITER: what was seen, and what to do."""
+    assert seen.index is not None and seen.their_hash is not None
+    ours = (f"ours is {seen.our_hash.hex()[:16]}" if seen.our_hash is not None
+            else "ours does not reach it")
+    return (f"another coordinator is writing the ledger of fleet {fleet}: block {seen.index} signed by this "
+            f"coordinator's key is {seen.their_hash.hex()[:16]}, {ours} (our height {seen.our_height}); stopping "
+            "so the chain does not fork; stop the other coordinator (same keys, another state directory), then "
+            "check this ledger with `fledger ledger verify` and restore it with `fledger ledger restore` if needed")
+
+
+class TwinWatch:
+    """Judges each live ledger head the daemon receives; counts the verdicts (``counts``, and
+    ``counted`` for the metrics) and warns once about junk."""
+
+    def __init__(self, fleet: str, coordinator_key: bytes, *,
+                 counted: Callable[[str], None] | None = None) -> None:
+        self.fleet = fleet
+        self.coordinator_key = coordinator_key
+        self.counts: Counter[str] = Counter()
+        self._counted = counted
+
+    def check(self, payload: bytes, *, retained: bool, height: int, hash_at: Callable[[int], bytes]) -> str | None:
+        """The ERROR line if another writer was seen (the caller stops at once), else None."""
+        seen = judge_head(payload, retained=retained, coordinator_key=self.coordinator_key, height=height,
+                          hash_at=hash_at)
+        self.counts[seen.verdict] += 1
+        if self._counted is not None:
+            self._counted(seen.verdict)
+        if seen.verdict == JUNK and self.counts[JUNK] == 1:  # once: a flood must not flood the log
+            log.warning("ignored a ledger head not signed by this coordinator's key on fleet %s's topic "
+                        "(counted as junk; not acted on)", self.fleet)
+        return alarm(self.fleet, seen) if seen.verdict == ANOTHER_WRITER else None

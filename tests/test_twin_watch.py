@@ -1,0 +1,125 @@
+"""Another writer of the fleet's ledger, judged from one ledger/head message (no network).
+
+The live half is tests/test_twin_coordinators.py (two coordinator processes, both brokers)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from coordinator.twin_watch import ANOTHER_WRITER, JUNK, OURS, RETAINED, TwinWatch, judge_head
+from federation.crypto import ed25519_public
+from federation.fleet_state import FleetLedger
+from ledger import Ed25519Signer
+
+SEED, OTHER_SEED = bytes(range(32)), bytes(range(1, 33))
+KEY = ed25519_public(SEED)
+
+
+def record(n: int) -> dict[str, object]:
+    return {"type": "model.published", "round": n, "initial": n == 1, "model_sha256": bytes([n]) * 32}
+
+
+def open_ledger(path: Path, seed: bytes = SEED) -> FleetLedger:
+    return FleetLedger.open(path, signer=Ed25519Signer(seed), fleet="f")
+
+
+@pytest.fixture
+def ours(tmp_path: Path) -> FleetLedger:
+    ledger = open_ledger(tmp_path / "ours.log")
+    for n in (1, 2, 3):
+        ledger.append(record(n))
+    return ledger  # height 4: genesis and three records
+
+
+def judge(ledger: FleetLedger, payload: bytes, *, retained: bool = False) -> str:
+    return judge_head(payload, retained=retained, coordinator_key=KEY, height=ledger.height,
+                      hash_at=lambda i: ledger.block(i).hash).verdict
+
+
+def test_our_own_echo_and_older_heads_of_ours_are_ignored(ours: FleetLedger) -> None:
+    assert judge(ours, ours.head.to_bytes()) == OURS
+    assert all(judge(ours, ours.block(i).to_bytes()) == OURS for i in range(ours.height))
+
+
+def test_echoes_arriving_after_more_appends_are_ours(tmp_path: Path) -> None:
+    """Under load each commit group's head is published as it becomes durable and echoed back
+    behind many later appends (and again after a reconnect): every one is still ours."""
+    ledger = open_ledger(tmp_path / "busy.log")
+    heads = []
+    for group in range(50):
+        with ledger.group_commit() as committed:
+            for n in range(4):
+                ledger.append(record(2 + group * 4 + n), sign=False)
+        heads.append(committed[-1].to_bytes())
+    assert [judge(ledger, head) for head in heads] == [OURS] * 50
+
+
+def test_a_head_another_key_signed_is_junk(tmp_path: Path, ours: FleetLedger) -> None:
+    stranger = open_ledger(tmp_path / "stranger.log", OTHER_SEED)
+    for n in (1, 2, 3, 4, 5):
+        stranger.append(record(n))
+    assert judge(ours, stranger.head.to_bytes()) == JUNK  # beyond our height, but not our key
+    assert judge(ours, b"not a block") == JUNK
+    tampered = bytearray(ours.head.to_bytes())
+    tampered[-1] ^= 1
+    assert judge(ours, bytes(tampered)) == JUNK
+
+
+def test_our_key_with_another_block_at_an_index_we_hold_is_another_writer(tmp_path: Path,
+                                                                         ours: FleetLedger) -> None:
+    shutil.copy(ours.path, tmp_path / "twin.log")  # a backup restored beside us: the same history so far
+    twin = open_ledger(tmp_path / "twin.log")
+    twin.append({"type": "model.published", "round": 9, "initial": False, "model_sha256": bytes(32)})
+    ours.append(record(4))
+    seen = judge_head(twin.head.to_bytes(), retained=False, coordinator_key=KEY, height=ours.height,
+                      hash_at=lambda i: ours.block(i).hash)
+    assert (seen.verdict, seen.index, seen.our_height) == (ANOTHER_WRITER, 4, 5)
+    assert seen.their_hash == twin.head.hash and seen.our_hash == ours.head.hash != twin.head.hash
+
+
+def test_our_key_beyond_our_height_is_another_writer(tmp_path: Path, ours: FleetLedger) -> None:
+    shutil.copy(ours.path, tmp_path / "twin.log")
+    twin = open_ledger(tmp_path / "twin.log")
+    twin.append(record(4))
+    seen = judge_head(twin.head.to_bytes(), retained=False, coordinator_key=KEY, height=ours.height,
+                      hash_at=lambda i: ours.block(i).hash)
+    assert (seen.verdict, seen.index, seen.our_hash, seen.our_height) == (ANOTHER_WRITER, 4, None, 4)
+
+
+def test_a_retained_delivery_is_never_acted_on(tmp_path: Path, ours: FleetLedger) -> None:
+    """What the broker held when we (re)subscribed was judged at start and may be an old
+    chain's head (after --new-chain or a restore): not acted on, whatever it is."""
+    old_chain = open_ledger(tmp_path / "old-chain.log")
+    for n in range(1, 9):
+        old_chain.append(record(n))
+    assert judge(ours, old_chain.head.to_bytes()) == ANOTHER_WRITER  # live, it would be
+    assert judge(ours, old_chain.head.to_bytes(), retained=True) == RETAINED
+    assert judge(ours, b"junk", retained=True) == RETAINED
+
+
+def test_the_watch_counts_warns_once_about_junk_and_says_what_to_do(tmp_path: Path, ours: FleetLedger,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    counted: list[str] = []
+    watch = TwinWatch("pumps", KEY, counted=counted.append)
+
+    def check(payload: bytes, retained: bool = False) -> str | None:
+        return watch.check(payload, retained=retained, height=ours.height, hash_at=lambda i: ours.block(i).hash)
+
+    with caplog.at_level(logging.WARNING, logger="coordinator.twin_watch"):
+        assert check(b"junk") is None and check(b"more junk") is None
+        assert check(ours.head.to_bytes()) is None and check(ours.head.to_bytes(), retained=True) is None
+    assert len([r for r in caplog.records if "not signed by this coordinator's key" in r.getMessage()]) == 1
+    shutil.copy(ours.path, tmp_path / "twin.log")
+    twin = open_ledger(tmp_path / "twin.log")
+    twin.append(record(4))
+    line = check(twin.head.to_bytes())
+    assert counted == [JUNK, JUNK, OURS, RETAINED, ANOTHER_WRITER]
+    assert line is not None and "\n" not in line
+    for words in ("another coordinator is writing the ledger of fleet pumps", "block 4", twin.head.hash.hex()[:16],
+                  "our height 4", "stopping", "stop the other coordinator", "fledger ledger verify",
+                  "fledger ledger restore"):
+        assert words in line, line
