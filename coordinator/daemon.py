@@ -219,7 +219,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
         link.publish(topic, payload, retain=retain)
 
     checkpoint = state_guard.CheckpointFile(state_dir)
-    twin_watch = TwinWatch(config.fleet, coordinator_key, counted=observatory.head_seen)
+    twin_watch = TwinWatch(config.fleet, coordinator_key, start_height=head.height if head is not None else None,
+                           counted=observatory.head_seen)
     publisher = Publisher(publish, topics, keys, on_head=checkpoint.offer)
 
     link.watch(topics.status, LIVENESS_PERIODS * config.heartbeat)  # our own status is the echo

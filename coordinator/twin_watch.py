@@ -9,13 +9,17 @@ nobody would notice. The running coordinator therefore also reads the fleet's re
 the ledger, and stops on ANOTHER_WRITER).
 
 - Not signed by our key: junk (anyone can publish on an open broker), counted, never acted on.
-- A retained delivery (MQTT retain flag set): what the broker held when we (re)subscribed. The
-  start-up check judged it already, and it may rightly be an old chain's head (after
-  ``--new-chain`` or ``ledger restore``), so it is not acted on. Both brokers fledger supports
-  clear the flag on live deliveries to an existing subscriber (MQTT 3.1.1 3.3.1.3, and MQTT 5
-  without Retain As Published; measured on amqtt 0.12.1 and mosquitto 2.0.11), so every head
-  published while we run arrives with it cleared. (amqtt sets it on messages it queued for a
-  persistent session while offline: those are skipped, and the next live head is judged.)
+- A retained delivery (MQTT retain flag set) is what the broker held when we (re)subscribed.
+  Both brokers fledger supports clear the flag on live deliveries to an existing subscriber
+  (MQTT 3.1.1 3.3.1.3, and MQTT 5 without Retain As Published; measured on amqtt 0.12.1 and
+  mosquitto 2.0.11), so a head published while we run arrives with it cleared; amqtt sets it
+  on what it queued for a persistent session while we were away. A retained head may rightly
+  be an old chain's (after ``--new-chain``): the start-up check saw the broker's head and
+  judged it. So a retained head is acted on only if it is not ours and beyond the height the
+  start-up check saw there, i.e. published since by someone else: the other writer's head
+  we missed while disconnected, or one published between the start-up look and our
+  subscription. If that look saw no head (``--head-wait 0``, a slow broker), nothing is known
+  and no retained head is acted on.
 - Our own head echoed back: we publish a head only after appending its block, so our ledger
   holds that very block at its index, also when later blocks followed (under load the echo
   arrives after more appends) and after a reconnect.
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # What a received head was judged to be (also the metric's label).
 OURS = "ours"  # a block our ledger holds at that index: our own echo, or an older head of ours
-RETAINED = "retained"  # delivered because we (re)subscribed: judged at start, never acted on
+RETAINED = "retained"  # what the broker held when we (re)subscribed, no newer than what the start judged
 JUNK = "junk"  # not a block signed by this coordinator's key
 ANOTHER_WRITER = "another_writer"  # signed by our key, not in our ledger: another coordinator writes
 VERDICTS = (OURS, RETAINED, JUNK, ANOTHER_WRITER)
@@ -52,19 +56,22 @@ class HeadVerdict:
 
 
 def judge_head(payload: bytes, *, retained: bool, coordinator_key: bytes, height: int,
-               hash_at: Callable[[int], bytes]) -> HeadVerdict:
+               hash_at: Callable[[int], bytes], start_height: int | None = None) -> HeadVerdict:
     """Judge one ``ledger/head`` message against our ledger (``height`` blocks, ``hash_at(i)``
-    the hash of our block ``i``)."""
-    if retained:
+    the hash of our block ``i``); ``start_height``: that of the head the start-up check saw on
+    the broker (signed by our key), None if it saw none."""
+    if retained and start_height is None:
         return HeadVerdict(RETAINED, our_height=height)
-    head = signed_head(payload, coordinator_key, "a live ledger head")
+    head = signed_head(payload, coordinator_key, "a ledger head")
     if head is None:
         return HeadVerdict(JUNK, our_height=height)
     index = head.height - 1
-    if index >= height:
-        return HeadVerdict(ANOTHER_WRITER, index, head.hash, None, height)
-    ours = hash_at(index)
-    return HeadVerdict(OURS if ours == head.hash else ANOTHER_WRITER, index, head.hash, ours, height)
+    ours = hash_at(index) if index < height else None
+    if ours == head.hash:
+        return HeadVerdict(OURS, index, head.hash, ours, height)
+    if retained and start_height is not None and head.height <= start_height:
+        return HeadVerdict(RETAINED, index, head.hash, ours, height)  # no newer than what the start judged
+    return HeadVerdict(ANOTHER_WRITER, index, head.hash, ours, height)
 
 
 def alarm(fleet: str, seen: HeadVerdict) -> str:
@@ -82,17 +89,18 @@ class TwinWatch:
     """Judges each live ledger head the daemon receives; counts the verdicts (``counts``, and
     ``counted`` for the metrics) and warns once about junk."""
 
-    def __init__(self, fleet: str, coordinator_key: bytes, *,
+    def __init__(self, fleet: str, coordinator_key: bytes, *, start_height: int | None = None,
                  counted: Callable[[str], None] | None = None) -> None:
         self.fleet = fleet
         self.coordinator_key = coordinator_key
+        self.start_height = start_height  # of the broker's head the start-up check saw (None: none)
         self.counts: Counter[str] = Counter()
         self._counted = counted
 
     def check(self, payload: bytes, *, retained: bool, height: int, hash_at: Callable[[int], bytes]) -> str | None:
         """The ERROR line if another writer was seen (the caller stops at once), else None."""
         seen = judge_head(payload, retained=retained, coordinator_key=self.coordinator_key, height=height,
-                          hash_at=hash_at)
+                          hash_at=hash_at, start_height=self.start_height)
         self.counts[seen.verdict] += 1
         if self._counted is not None:
             self._counted(seen.verdict)

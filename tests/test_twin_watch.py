@@ -35,9 +35,9 @@ def ours(tmp_path: Path) -> FleetLedger:
     return ledger  # height 4: genesis and three records
 
 
-def judge(ledger: FleetLedger, payload: bytes, *, retained: bool = False) -> str:
+def judge(ledger: FleetLedger, payload: bytes, *, retained: bool = False, start_height: int | None = None) -> str:
     return judge_head(payload, retained=retained, coordinator_key=KEY, height=ledger.height,
-                      hash_at=lambda i: ledger.block(i).hash).verdict
+                      hash_at=lambda i: ledger.block(i).hash, start_height=start_height).verdict
 
 
 def test_our_own_echo_and_older_heads_of_ours_are_ignored(ours: FleetLedger) -> None:
@@ -90,15 +90,30 @@ def test_our_key_beyond_our_height_is_another_writer(tmp_path: Path, ours: Fleet
     assert (seen.verdict, seen.index, seen.our_hash, seen.our_height) == (ANOTHER_WRITER, 4, None, 4)
 
 
-def test_a_retained_delivery_is_never_acted_on(tmp_path: Path, ours: FleetLedger) -> None:
-    """What the broker held when we (re)subscribed was judged at start and may be an old
-    chain's head (after --new-chain or a restore): not acted on, whatever it is."""
+def test_a_retained_delivery_the_start_up_check_judged_is_not_acted_on(tmp_path: Path, ours: FleetLedger) -> None:
+    """What the broker held when we (re)subscribed, no newer than what the start-up check saw
+    there, was judged then and may be an old chain's head (after --new-chain): not acted on."""
     old_chain = open_ledger(tmp_path / "old-chain.log")
     for n in range(1, 9):
         old_chain.append(record(n))
-    assert judge(ours, old_chain.head.to_bytes()) == ANOTHER_WRITER  # live, it would be
-    assert judge(ours, old_chain.head.to_bytes(), retained=True) == RETAINED
+    old_head = old_chain.head.to_bytes()
+    assert judge(ours, old_head) == ANOTHER_WRITER  # live, it would be
+    assert judge(ours, old_head, retained=True, start_height=old_chain.height) == RETAINED
+    assert judge(ours, old_chain.block(5).to_bytes(), retained=True, start_height=old_chain.height) == RETAINED
+    assert judge(ours, old_head, retained=True, start_height=None) == RETAINED  # the start saw nothing: unknown
     assert judge(ours, b"junk", retained=True) == RETAINED
+    assert judge(ours, ours.head.to_bytes(), retained=True, start_height=2) == OURS
+
+
+def test_a_retained_head_newer_than_the_start_saw_and_not_ours_is_another_writer(tmp_path: Path,
+                                                                                 ours: FleetLedger) -> None:
+    """Published since the start-up look, by someone else: the other writer's head we missed
+    while disconnected (redelivered as retained on reconnect), or one published between that
+    look and our subscription."""
+    shutil.copy(ours.path, tmp_path / "twin.log")
+    twin = open_ledger(tmp_path / "twin.log")
+    twin.append(record(4))
+    assert judge(ours, twin.head.to_bytes(), retained=True, start_height=ours.height) == ANOTHER_WRITER
 
 
 def test_the_watch_counts_warns_once_about_junk_and_says_what_to_do(tmp_path: Path, ours: FleetLedger,
