@@ -13,9 +13,9 @@ the ledger, and stops on ANOTHER_WRITER).
   Both brokers fledger supports clear the flag on live deliveries to an existing subscriber
   (MQTT 3.1.1 3.3.1.3, and MQTT 5 without Retain As Published; measured on amqtt 0.12.1 and
   mosquitto 2.0.11), so a head published while we run arrives with it cleared; amqtt sets it
-  on what it queued for a persistent session while we were away. A retained head may rightly
-  be an old chain's (after ``--new-chain``): the start-up check saw the broker's head and
-  judged it. So a retained head is acted on only if it is not ours and beyond the height the
+  on what it queued for a persistent session while we were away (read in its source). A
+  retained head may rightly be an old chain's (after ``--new-chain``): the start-up check saw
+  the broker's head and judged it. So a retained head is acted on only if it is not ours and beyond the height the
   start-up check saw there, i.e. published since by someone else: the other writer's head
   we missed while disconnected, or one published between the start-up look and our
   subscription. If that look saw no head (``--head-wait 0``, a slow broker), nothing is known

@@ -184,6 +184,9 @@ def test_metrics_status_dashboard_and_report_of_a_real_run(embedded_broker: Brok
         assert value(coordinator, "fledger_coordinator_model_test_metric", metric="mse") == \
             pytest.approx(aggregates[-1]["metrics"]["test_mse"])
         assert value(coordinator, "fledger_coordinator_round") == aggregates[-1]["round"] + 1
+        # Its own heads came back (one per commit group, far more than aggregates), each judged its own.
+        assert value(coordinator, "fledger_coordinator_ledger_heads_total", verdict="ours") >= len(aggregates)
+        assert value(coordinator, "fledger_coordinator_ledger_heads_total", verdict="another_writer") == 0
     finally:
         fed.stop()
 
