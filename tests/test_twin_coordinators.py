@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 from conftest import BrokerInfo
 from federation_run import Federation
+from mqtt_proxy import MqttProxy
 from test_reliability import finish, log_text, wait_for
 
 from federation import exit_codes
@@ -30,6 +32,32 @@ DETECT_WITHIN_S = 60  # from the second one's start (its first block is the reco
 
 def alarm_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if ALARM in line]
+
+
+def start_twin(fed: Federation, state: Path, port: int) -> subprocess.Popen[bytes]:
+    """gateway-b: the fleet's coordinator on another state directory, straight to the broker on
+    ``port``, with its own client id. It skips the broker look (--head-wait 0), as
+    one does whose look ran just before the other's first status: the start-up check then sees
+    nothing of the other, whichever of the two is faster (so the tests do not depend on that race)."""
+    return fed._spawn("gateway-b", [*fed._cli(), "coordinator", "--broker-host", fed.host,
+                                    "--broker-port", str(port), "--fleet", fed.fleet, "--task", fed.task,
+                                    "--state-dir", str(state), "--keys", str(fed.keys / keytool.COORDINATOR_FILE),
+                                    "--devices", str(fed.keys / keytool.REGISTRY_FILE), "--rounds", str(fed.rounds),
+                                    "--min-clients", "2", "--head-wait", "0", "--client-id", "gateway-b"])
+
+
+def stopped_at_once(fed: Federation, name: str, state: Path, height: int) -> None:
+    """``name`` exited 5 with one ERROR line saying what to do, and its ledger ends where it saw
+    the other: not one block appended (so none published) afterwards."""
+    text = log_text(fed, name)
+    assert fed.procs[name].returncode == exit_codes.STATE, text
+    lines = alarm_lines(text)
+    assert len(lines) == 1 and " ERROR " in lines[0], text
+    assert "fledger ledger verify" in lines[0] and "fledger ledger restore" in lines[0]
+    found = re.search(r"\(our height (\d+)\)", lines[0])
+    assert found is not None, lines[0]
+    assert FleetLedger.open(state / "ledger.log").height == int(found.group(1)) > height, lines[0]
+    assert verify_file(state / "ledger.log").ok
 
 
 def test_two_coordinators_with_the_same_keys_stop_instead_of_forking(any_broker: BrokerInfo,
@@ -51,15 +79,8 @@ def test_two_coordinators_with_the_same_keys_stop_instead_of_forking(any_broker:
     (fed.logs / "coordinator.log").write_text("")
     a = fed.start_coordinator()
     wait_for("gateway-a connected", lambda: "as gateway-a (" in log_text(fed, "coordinator"), 60, fed)
-    # gateway-b skips the broker look (--head-wait 0), as one does whose look ran just before
-    # gateway-a's first status: then the start-up check sees nothing of gateway-a, whichever
-    # of the two is faster (so the test does not depend on that race).
     started = time.monotonic()
-    b = fed._spawn("gateway-b", [*fed._cli(), "coordinator", *fed.broker_args(), "--fleet", fed.fleet,
-                                 "--task", fed.task, "--state-dir", str(twin_state),
-                                 "--keys", str(fed.keys / keytool.COORDINATOR_FILE),
-                                 "--devices", str(fed.keys / keytool.REGISTRY_FILE), "--rounds", "6",
-                                 "--min-clients", "2", "--head-wait", "0", "--client-id", "gateway-b"])
+    b = start_twin(fed, twin_state, any_broker.port)
     try:
         wait_for("gateway-b connected", lambda: "as gateway-b (" in log_text(fed, "gateway-b"), 60, fed)
         for i in range(len(fed.devices)):
@@ -74,16 +95,45 @@ def test_two_coordinators_with_the_same_keys_stop_instead_of_forking(any_broker:
         for name, proc, _ in coordinators:  # the other: still running, or done alone (exit 0)
             assert proc.poll() in (None, exit_codes.STATE, 0), f"{name}: {proc.poll()}\n{fed.log_tail()}"
         for name, state in stopped:
-            text = log_text(fed, name)
-            lines = alarm_lines(text)
-            assert len(lines) == 1 and " ERROR " in lines[0], text
-            assert "fledger ledger verify" in lines[0] and "fledger ledger restore" in lines[0]
-            # Stopped at once: not one block appended (so none published) after it saw the other.
-            found = re.search(r"\(our height (\d+)\)", lines[0])
-            assert found is not None, lines[0]
-            assert FleetLedger.open(state / "ledger.log").height == int(found.group(1)) > height, lines[0]
-            assert verify_file(state / "ledger.log").ok
+            stopped_at_once(fed, name, state, height)
         print(f"{any_broker.kind}: stopped {[name for name, _ in stopped]} {detected_after:.1f}s after gateway-b "
               "was started")
     finally:
         fed.stop()
+
+
+def test_a_coordinator_cut_off_while_the_other_wrote_stops_when_it_reconnects(embedded_broker: BrokerInfo,
+                                                                               tmp_path: Path) -> None:
+    """gateway-a hears nothing while gateway-b starts and appends (a proxy drops every message
+    to it, as a faulty middlebox would): b's head reaches it only as the retained message its
+    re-subscription brings (the embedded broker keeps no session in anonymous mode, so nothing
+    is re-sent live). Newer than the head a's start-up check saw, and not a's: another writer."""
+    proxy = MqttProxy(embedded_broker.host, embedded_broker.port)
+    fed = Federation(tmp_path, proxy.host, proxy.port, rounds=1, limit=200,
+                     extra_coordinator=["--head-wait", "2", "--client-id", "gateway-a", "--heartbeat", "1",
+                                        "--keepalive", "2", "--mqtt-version", "3.1.1"],
+                     extra_agent=["--mqtt-version", "3.1.1"])  # the proxy reads MQTT 3.1.1 packets
+    try:
+        fed.start_all()
+        finish(fed)
+        height = FleetLedger.open(fed.state / "ledger.log").height
+        twin_state = tmp_path / "gateway-b"
+        shutil.copytree(fed.state, twin_state, ignore=shutil.ignore_patterns("lock"))
+        fed.rounds = 2  # each resumes at round 2 and records that it opens it: its first block of its own
+        fed.procs.clear()
+        (fed.logs / "coordinator.log").write_text("")
+
+        a = fed.start_coordinator()
+        wait_for("gateway-a resumed", lambda: "resumed at round" in log_text(fed, "coordinator"), 60, fed)
+        time.sleep(1)  # its start-up record and head reach the broker
+        assert proxy.stall() == 1  # gateway-a's connection: no message reaches it from now on
+        b = start_twin(fed, twin_state, embedded_broker.port)
+        wait_for("gateway-b's first block", lambda: FleetLedger.open(twin_state / "ledger.log").height > height,
+                 60, fed)
+        wait_for("gateway-a to stop", lambda: a.poll() is not None, 60, fed)
+        assert "not even our own echo" in log_text(fed, "coordinator")  # it reconnected, then saw b's head
+        stopped_at_once(fed, "coordinator", fed.state, height)
+        assert b.poll() is None  # b never heard a head of a's live: it goes on
+    finally:
+        fed.stop()
+        proxy.close()
