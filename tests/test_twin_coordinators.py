@@ -96,6 +96,14 @@ def test_two_coordinators_with_the_same_keys_stop_instead_of_forking(any_broker:
             assert proc.poll() in (None, exit_codes.STATE, 0), f"{name}: {proc.poll()}\n{fed.log_tail()}"
         for name, state in stopped:
             stopped_at_once(fed, name, state, height)
+        # Restarted, a stopped one is refused: the survivor runs, or its head is a different history.
+        name, state = stopped[0]
+        again = subprocess.run([*fed._cli(), "coordinator", *fed.broker_args(), "--fleet", fed.fleet, "--task",
+                                fed.task, "--state-dir", str(state), "--keys", str(fed.keys / keytool.COORDINATOR_FILE),
+                                "--devices", str(fed.keys / keytool.REGISTRY_FILE), "--rounds", "6",
+                                "--head-wait", "2", "--client-id", f"{name}-again"],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == exit_codes.STATE and "start refused" in again.stderr, again.stderr
         print(f"{any_broker.kind}: stopped {[name for name, _ in stopped]} {detected_after:.1f}s after gateway-b "
               "was started")
     finally:
