@@ -1,12 +1,13 @@
 """No silent fork while running: two coordinators with the same keys, two state directories
 (real processes, on the embedded broker and on mosquitto).
 
-A fleet runs three rounds with one coordinator, which must never take its own heads for
-another writer's. Then its state directory is copied (a backup restored onto a second gateway),
-and both coordinators run at once with their own client ids while the agents train: each
-appends its own blocks (the first one the record it appends on resuming, then the agents'
-updates). At least one must stop within seconds with exit code 5 and one ERROR line, and must
-have appended (so published) nothing after it saw the other; the other goes on alone.
+A fleet runs with one coordinator, which must never take its own heads for another writer's.
+Then its state directory is copied (a backup restored onto a second gateway), and both
+coordinators run at once with their own client ids: each appends its own blocks (the record a
+coordinator appends when it resumes after a finished run, or the devices' registrations and
+updates, which both record). At least one must stop within seconds with exit code 5 and one
+ERROR line, and must have appended (so published) nothing after it saw the other. Also when it
+was cut off while the other appended, and saw the other's head only on reconnecting.
 """
 
 from __future__ import annotations
@@ -145,3 +146,37 @@ def test_a_coordinator_cut_off_while_the_other_wrote_stops_when_it_reconnects(em
     finally:
         fed.stop()
         proxy.close()
+
+
+def test_twins_resumed_mid_round_stop_at_the_first_record_both_take(any_broker: BrokerInfo, tmp_path: Path) -> None:
+    """Resumed in the middle of a round, neither appends at start: the devices' registrations
+    and updates, which both record, make the fork, and one stops at the first of them."""
+    fed = Federation(tmp_path, any_broker.host, any_broker.port, rounds=2, limit=200,
+                     extra_coordinator=["--head-wait", "2", "--client-id", "gateway-a"])
+    try:
+        fed.start_coordinator()  # a new chain: round 1 opens; stopped before any device comes
+        wait_for("gateway-a ready", lambda: "initialised global model" in log_text(fed, "coordinator"), 60, fed)
+        fed.procs["coordinator"].terminate()
+        assert fed.wait("coordinator", 20) == 0
+        height = FleetLedger.open(fed.state / "ledger.log").height
+        twin_state = tmp_path / "gateway-b"
+        shutil.copytree(fed.state, twin_state, ignore=shutil.ignore_patterns("lock"))
+        fed.procs.clear()
+        a = fed.start_coordinator()
+        wait_for("gateway-a resumed", lambda: "resumed at round 1" in log_text(fed, "coordinator"), 60, fed)
+        b = start_twin(fed, twin_state, any_broker.port)
+        wait_for("gateway-b resumed", lambda: "resumed at round 1" in log_text(fed, "gateway-b"), 60, fed)
+        time.sleep(1)
+        assert [FleetLedger.open(s / "ledger.log").height for s in (fed.state, twin_state)] == [height, height]
+        assert a.poll() is None and b.poll() is None  # nothing to tell them apart yet
+        for i in range(len(fed.devices)):
+            fed.start_agent(i)
+        wait_for("a coordinator to stop", lambda: a.poll() is not None or b.poll() is not None, DETECT_WITHIN_S, fed)
+        time.sleep(2)
+        stopped = [(name, state) for name, proc, state in (("coordinator", a, fed.state), ("gateway-b", b, twin_state))
+                   if proc.poll() == exit_codes.STATE]
+        assert stopped, fed.log_tail()
+        for name, state in stopped:
+            stopped_at_once(fed, name, state, height)
+    finally:
+        fed.stop()
