@@ -114,7 +114,10 @@ def broker_head(config: BrokerConfig, topics: Topics, client_id: str, coordinato
     Also refuses (StateRefused) when another coordinator of this fleet is alive: its retained
     status is recent and not final, and a fresh one arrives within two of its heartbeats. (Two
     coordinators would fork the ledger, and with one client id they knock each other off.)"""
-    probe = MqttLink(config, client_id, subscriptions=[topics.ledger_head, topics.status], persistent=False)
+    # With their chunk topics: a head or status over the broker's payload limit (an aggregate or
+    # presence map of a large fleet) is retained as chunks and a manifest, never as one message.
+    probe = MqttLink(config, client_id, subscriptions=[topics.ledger_head, topics.ledger_head_chunks, topics.status,
+                                                       topics.status_chunks], persistent=False)
     stop = stop or threading.Event()
     if not probe.start(timeout=60, stop=stop):
         return None  # stopped while connecting

@@ -1,4 +1,5 @@
-"""Another writer of the fleet's ledger, judged from one ledger/head message (no network).
+"""Another writer of the fleet's ledger, judged from one ledger/head message (no network, but
+the last test: the start-up look's head, which the watch compares with, on the embedded broker).
 
 The live half is tests/test_twin_coordinators.py (two coordinator processes, both brokers)."""
 
@@ -9,10 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import BrokerInfo
 
+from coordinator.state_guard import broker_head
 from coordinator.twin_watch import ANOTHER_WRITER, JUNK, OURS, RETAINED, TwinWatch, judge_head
 from federation.crypto import ed25519_public
 from federation.fleet_state import FleetLedger
+from federation.mqtt import BrokerConfig, MqttLink
+from federation.topics import Topics
 from ledger import Ed25519Signer
 
 SEED, OTHER_SEED = bytes(range(32)), bytes(range(1, 33))
@@ -138,3 +143,21 @@ def test_the_watch_counts_warns_once_about_junk_and_says_what_to_do(tmp_path: Pa
                   "our height 4", "stopping", "stop the other coordinator", "fledger ledger verify",
                   "fledger ledger restore"):
         assert words in line, line
+
+
+def test_the_start_up_look_sees_a_head_too_large_for_one_packet(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
+    """A head block over the broker's payload limit (an aggregate naming a large fleet) is retained
+    as chunks: the start-up check must read it, and the twin watch compares with what it saw."""
+    ledger = open_ledger(tmp_path / "big.log")
+    ledger.append({"type": "model.published", "round": 1, "initial": True, "model_sha256": bytes(32),
+                   "note": "x" * 5000})
+    config = BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port, max_payload=1024)
+    topics = Topics("f")
+    publisher = MqttLink(config, "test-big-head", persistent=False)
+    publisher.start(timeout=20)
+    try:
+        assert publisher.publish(topics.ledger_head, ledger.head.to_bytes(), retain=True, wait=10)
+        head = broker_head(config, topics, "test-probe", KEY, 2.0, heartbeat=5.0)
+    finally:
+        publisher.stop()
+    assert head is not None and head.height == ledger.height and head.hash == ledger.head.hash
