@@ -362,8 +362,19 @@ def add_parser(sub: Any) -> None:
                                   "Regenerate after add-device, revoke, add-client or an ACL change (a user whose "
                                   "password is unchanged keeps its hash, so only what changed differs), copy to "
                                   "every node, "
-                                  "then `nats-server --signal reload`. The file is 0600.")
+                                  "then `nats-server --signal reload`. The file is 0600. "
+                                  "With --routes it also writes the cluster's routes file (--routes-out), which "
+                                  "the node config includes inside its cluster block so no node accepts a route "
+                                  "without the fleet's route password: the route user, a bcrypt hash of the "
+                                  "password in nats-route.json (created once in the keys directory, 0600, and "
+                                  "reused, so every node agrees) and a route to every node with the password in "
+                                  "clear (a secret, 0600).")
     a.add_argument("--out", type=Path, required=True, help="file to write (e.g. /etc/nats/fledger-auth.conf)")
+    a.add_argument("--routes", metavar="HOST:PORT,...",
+                   help="every node's cluster address (e.g. nats-1:6222,nats-2:6222,nats-3:6222): also write "
+                        "the routes file")
+    a.add_argument("--routes-out", type=Path,
+                   help="the routes file to write (default: fledger-routes.conf beside --out)")
     a.add_argument("--acl", type=Path, help="the ACL to translate (default: fledger's shipped fledger.acl)")
     a.add_argument("--bcrypt-cost", type=int, default=4,
                    help="bcrypt cost (default 4: the passwords are 192-bit random tokens; 10+ for chosen ones)")
@@ -434,18 +445,26 @@ def _main(args: argparse.Namespace) -> int:
         print(f"revoked key {args.key_id} of {args.device}; a running coordinator reading {directory / REGISTRY_FILE} "
               "applies it within 2 s")
     elif args.keys_command == "nats-config":
-        from fledger.nats_auth import build_from_keys, read_hashes, render
+        from fledger.nats_auth import build_from_keys, parse_routes, read_hashes, render, write_routes_config
 
         if not 4 <= args.bcrypt_cost <= 31:
             raise ValueError(f"--bcrypt-cost must be 4..31, not {args.bcrypt_cost}")
+        if args.routes_out is not None and args.routes is None:
+            raise ValueError("--routes-out needs --routes (every node's cluster host:port)")
+        routes = parse_routes(args.routes) if args.routes is not None else None
+        routes_out = args.routes_out or args.out.with_name("fledger-routes.conf")
         users = build_from_keys(directory, args.acl, rounds=args.bcrypt_cost, previous=read_hashes(args.out))
         atomic_write(args.out, render(users.acl, users.hashes, source=str(args.acl or "fledger.acl")).encode(),
                      mode=0o600)
+        if routes is not None:
+            write_routes_config(directory, routes, routes_out, rounds=args.bcrypt_cost)
         for user in users.skipped:
             print(f"fledger keys: warning: no {directory / BROKER_DIR / (user + '.password')}: user {user} gets no "
                   "NATS login", file=sys.stderr)
+        routes_note = f" and {routes_out} (the routes, a secret too)" if args.routes is not None else ""
         print(f"{args.out}: {len(users.hashes)} NATS users ({', '.join(sorted(users.hashes)[:6])}"
-              f"{', ...' if len(users.hashes) > 6 else ''}); copy it to every node and `nats-server --signal reload`")
+              f"{', ...' if len(users.hashes) > 6 else ''}){routes_note}; copy to every node and "
+              "`nats-server --signal reload`")
     elif args.keys_command == "list":
         registry = DeviceRegistry.load(directory / REGISTRY_FILE)
         for device, record in sorted(registry.devices.items()):

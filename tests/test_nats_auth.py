@@ -18,7 +18,18 @@ import pytest
 from pwdlib.hashers.bcrypt import BcryptHasher
 
 from fledger import keytool
-from fledger.nats_auth import NatsConfigError, filter_to_subjects
+from fledger.nats_auth import (
+    ROUTE_SECRET_FILE,
+    ROUTE_USER,
+    NatsConfigError,
+    filter_to_subjects,
+    parse_routes,
+    read_route_hash,
+    render_routes,
+    route_hash_in,
+    route_secret,
+    write_routes_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,13 +89,20 @@ def test_nats_config_has_a_login_per_role_device_and_client_and_nats_server_acce
     assert "fledger.*.predict.alice.request" in perms["alice"]["publish"]["allow"]  # type: ignore[index]
     assert "fledger.*.predict.alice.reply" in perms["alice"]["subscribe"]["allow"]  # type: ignore[index]
     assert not any("predict" in s for s in perms["pump-01"]["publish"]["allow"])  # type: ignore[index]
-    # The shipped node config with this file is a valid nats-server configuration.
+    # The shipped node config with this file (and the routes file) is a valid nats-server configuration.
+    shutil.copy(ROOT / "deploy" / "nats" / "nats-node.conf", nats_dir / "nats-node.conf")
+    result = run_cli("--dir", str(keys), "nats-config", "--out", str(out), "--routes", "nats-1:6222,nats-2:6222")
+    assert result.returncode == 0, result.stderr
+    checked = nats_server_test(nats_dir / "nats-node.conf")
+    assert checked.returncode == 0, checked.stderr + checked.stdout
+
+
+def nats_server_test(config: Path) -> subprocess.CompletedProcess[str]:
+    """`nats-server -t -c config`: the configuration is valid (returncode 0)."""
     nats_server = shutil.which("nats-server") or "/usr/sbin/nats-server"
     assert Path(nats_server).is_file(), "nats-server is not installed (scripts/setup.sh installs it)"
-    shutil.copy(ROOT / "deploy" / "nats" / "nats-node.conf", nats_dir / "nats-node.conf")
-    checked = subprocess.run([nats_server, "-t", "-c", str(nats_dir / "nats-node.conf")], capture_output=True,
-                             text=True, timeout=30, cwd=nats_dir)
-    assert checked.returncode == 0, checked.stderr + checked.stdout
+    return subprocess.run([nats_server, "-t", "-c", str(config)], capture_output=True, text=True, timeout=30,
+                          cwd=config.parent)
 
 
 def test_nats_config_refuses_an_acl_it_cannot_express(tmp_path: Path) -> None:
@@ -129,3 +147,77 @@ def test_regenerating_changes_only_what_changed(tmp_path: Path) -> None:
         assert second[user] == first[user], user
     assert second["monitor"]["password"] != first["monitor"]["password"]
     assert BcryptHasher().verify("a-new-monitor-password", str(second["monitor"]["password"]))
+
+
+# -- routes between nodes (`--routes`); a real cluster with them: tests/test_nats_routes.py ----------
+
+def test_the_routes_file_authenticates_routes_and_dials_every_node_with_the_password() -> None:
+    password = "Rz0-8_secret-route-password-xyz"
+    digest = BcryptHasher(rounds=4).hash(password)
+    text = render_routes(parse_routes("nats-1.plant7.example:6222, 10.0.0.2:6222,[fd00::3]:7222"), password, digest)
+    body = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert body == [
+        "authorization {", f'user: "{ROUTE_USER}"', f'password: "{digest}"', "}",
+        "routes: [",
+        f'"nats-route://{ROUTE_USER}:{password}@nats-1.plant7.example:6222"',
+        f'"nats-route://{ROUTE_USER}:{password}@10.0.0.2:6222"',
+        f'"nats-route://{ROUTE_USER}:{password}@[fd00::3]:7222"',
+        "]",
+    ]
+    assert route_hash_in(text) == digest and BcryptHasher().verify(password, digest)
+
+
+@pytest.mark.parametrize("bad", ["", "nats-1", "nats-1:0", "nats-1:70000", "nats-1:x", "nats_1:6222", "a b:6222",
+                                 "u:p@nats-1:6222", "[zz::1]:6222", "nats-1:6222,NATS-1:6222"])
+def test_routes_that_are_not_host_port_are_refused(bad: str) -> None:
+    with pytest.raises(NatsConfigError):
+        parse_routes(bad)
+
+
+def test_the_route_secret_is_made_once_and_the_file_is_a_secret(tmp_path: Path) -> None:
+    keys, out = tmp_path / "keys", tmp_path / "fledger-routes.conf"
+    write_routes_config(keys, ["nats-1:6222", "nats-2:6222"], out)
+    password = route_secret(keys)
+    assert (keys / ROUTE_SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    assert out.stat().st_mode & 0o777 == 0o600
+    digest = read_route_hash(out)
+    assert digest is not None and digest.startswith("$2b$04$") and BcryptHasher().verify(password, digest)
+    assert f"nats-route://{ROUTE_USER}:{password}@nats-2:6222" in out.read_text()
+
+
+def test_regenerating_keeps_the_route_secret_so_every_node_agrees(tmp_path: Path) -> None:
+    """`nats-config --routes` run again (on another machine with a copy of the keys, or after a
+    change): the same password and hash, byte for byte the same file; a new node in --routes
+    gets the same password; a routes file written elsewhere from the same keys is identical."""
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, "plant7")
+    out = tmp_path / "fledger-auth.conf"
+    routes = tmp_path / "fledger-routes.conf"
+    result = run_cli("--dir", str(keys), "nats-config", "--out", str(out), "--routes", "nats-1:6222,nats-2:6222")
+    assert result.returncode == 0, result.stderr
+    assert str(routes) in result.stdout
+    first, secret = routes.read_text(), (keys / ROUTE_SECRET_FILE).read_text()
+    assert run_cli("--dir", str(keys), "nats-config", "--out", str(out),
+                   "--routes", "nats-1:6222,nats-2:6222").returncode == 0
+    assert routes.read_text() == first and (keys / ROUTE_SECRET_FILE).read_text() == secret
+    bigger = tmp_path / "bigger.conf"
+    assert run_cli("--dir", str(keys), "nats-config", "--out", str(out), "--routes-out", str(bigger),
+                   "--routes", "nats-1:6222,nats-2:6222,nats-3:6222").returncode == 0
+    password = route_secret(keys)
+    assert f"nats-route://{ROUTE_USER}:{password}@nats-3:6222" in bigger.read_text()
+    assert BcryptHasher().verify(password, str(read_route_hash(bigger)))
+    # Bad input: a clear error, nothing written.
+    refused = run_cli("--dir", str(keys), "nats-config", "--out", str(tmp_path / "x.conf"), "--routes", "nats-1")
+    assert refused.returncode == 2 and "host:port" in refused.stderr and not (tmp_path / "x.conf").exists()
+    alone = run_cli("--dir", str(keys), "nats-config", "--out", str(out), "--routes-out", str(bigger))
+    assert alone.returncode == 2 and "--routes" in alone.stderr
+
+
+def test_the_shipped_node_config_does_not_start_without_the_routes_file(tmp_path: Path) -> None:
+    """deploy/nats/nats-node.conf never runs open routes: without fledger-routes.conf it is invalid."""
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, "plant7")
+    assert run_cli("--dir", str(keys), "nats-config", "--out", str(tmp_path / "fledger-auth.conf")).returncode == 0
+    shutil.copy(ROOT / "deploy" / "nats" / "nats-node.conf", tmp_path / "nats-node.conf")
+    checked = nats_server_test(tmp_path / "nats-node.conf")
+    assert checked.returncode != 0 and "fledger-routes.conf" in checked.stderr + checked.stdout
