@@ -82,6 +82,7 @@ class Node:
     command: list[str]
     env: dict[str, str]
     log: Path
+    route_port: int = 0  # NATS: its cluster port
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -192,21 +193,26 @@ def routes_between(ports: list[int], timeout: float) -> None:
 
 
 def nats_cluster(directory: Path, size: int = 3) -> Cluster:
-    """``size`` nats-server processes routed to each other, JetStream and MQTT on each."""
+    """``size`` nats-server processes routed to each other, JetStream and MQTT on each. The routes
+    are authenticated as deploy/nats/nats-node.conf ships them: each node includes the routes
+    file `fledger keys nats-config --routes` writes (its route secret: ``directory/keys``)."""
+    from fledger.nats_auth import write_routes_config
+
     client_ports = [free_port() for _ in range(size)]
     route_ports = [free_port() for _ in range(size)]
     mqtt_ports = [free_port() for _ in range(size)]
-    routes = ", ".join(f"nats-route://{HOST}:{p}" for p in route_ports)
+    routes_conf = directory / "fledger-routes.conf"
+    write_routes_config(directory / "keys", [f"{HOST}:{p}" for p in route_ports], routes_conf)
     cluster = Cluster()
     for i in range(size):
         node_dir = directory / f"nats-{i}"
         (node_dir / "js").mkdir(parents=True, exist_ok=True)
+        shutil.copy(routes_conf, node_dir / "fledger-routes.conf")  # installed on every node
         conf = node_dir / "nats.conf"
         conf.write_text(NATS_NODE_CONFIG.format(name=f"fledger-test-{i}", host=HOST, client=client_ports[i],
-                                                store=node_dir / "js", route=route_ports[i], routes=routes,
-                                                mqtt=mqtt_ports[i]))
+                                                store=node_dir / "js", route=route_ports[i], mqtt=mqtt_ports[i]))
         cluster.nodes.append(Node(f"nats-{i}", mqtt_ports[i], [NATS_SERVER, "-c", str(conf)], dict(os.environ),
-                                  node_dir / "nats.log"))
+                                  node_dir / "nats.log", route_port=route_ports[i]))
     return cluster
 
 
@@ -221,7 +227,7 @@ jetstream {{
 cluster {{
   name: fledger-test
   listen: {host}:{route}
-  routes: [{routes}]
+  include ./fledger-routes.conf
 }}
 mqtt {{
   listen: {host}:{mqtt}
