@@ -353,7 +353,8 @@ def add_parser(sub: Any) -> None:
     a = ks.add_parser("revoke", help="revoke a device key (its updates are rejected from then on)")
     a.add_argument("device")
     a.add_argument("key_id")
-    a = ks.add_parser("nats-config", help="write the NATS authorization block (users, bcrypt hashes, permissions)",
+    a = ks.add_parser("nats-config", help="write the NATS authorization block (users, bcrypt hashes, permissions) "
+                                         "and, with --routes, the authenticated cluster routes",
                       description="Write the `authorization { users: [...] }` block that a NATS node's config "
                                   "includes (deploy/nats/nats-node.conf): one user per ACL `user` block, per device "
                                   "with an active key (user = device id) and per prediction client, each with the "
