@@ -379,6 +379,26 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--acl", type=Path, help="the ACL to translate (default: fledger's shipped fledger.acl)")
     a.add_argument("--bcrypt-cost", type=int, default=4,
                    help="bcrypt cost (default 4: the passwords are 192-bit random tokens; 10+ for chosen ones)")
+    a = ks.add_parser("rabbitmq-definitions",
+                      help="write RabbitMQ definitions: users (sha256 hashes), permissions, topic permissions",
+                      description="Write a RabbitMQ definitions file (JSON, 0600) that rabbitmq.conf loads at boot "
+                                  "(load_definitions, deploy/rabbitmq) or `rabbitmqctl import_definitions` applies "
+                                  "at runtime: one user per ACL `user` block, per device with an active key (user = "
+                                  "device id) and per prediction client, with RabbitMQ's salted sha256 hash of its "
+                                  "broker/<user>.password; resource permissions for the MQTT plugin's session "
+                                  "queues and amq.topic; and a topic permission on amq.topic whose WRITE and READ "
+                                  "regexes allow exactly what the ACL allows (MQTT topics as routing keys, "
+                                  "a/b/c = a.b.c). A device or client whose keys are all revoked keeps a user "
+                                  "with an empty hash: importing the file locks it out. Everything else in the "
+                                  "file (vhosts, policies, other users) comes from --base, or from --out as it "
+                                  "is. Regenerate after add-device, revoke, add-client or an ACL change (a user "
+                                  "whose password is unchanged keeps its hash), then import it on one node of the "
+                                  "cluster.")
+    a.add_argument("--out", type=Path, required=True, help="file to write (e.g. /etc/rabbitmq/definitions.json)")
+    a.add_argument("--base", type=Path,
+                   help="definitions to merge into (e.g. deploy/rabbitmq/definitions.json: the vhost and the "
+                        "mirroring policy); default: --out as it is, if it exists")
+    a.add_argument("--acl", type=Path, help="the ACL to translate (default: fledger's shipped fledger.acl)")
     a = ks.add_parser("list", help="list registered devices and key ids (device, key id, active/revoked)")
     # allow_abbrev=False: `--password SECRET` must be an error, not an abbreviation of --password-file.
     a = ks.add_parser("broker-password", help="set a user's password in an amqtt password file", allow_abbrev=False,
@@ -434,8 +454,8 @@ def _main(args: argparse.Namespace) -> int:
 
         print(f"client {args.client}: bundle {path} (key id {key_id}); give it to the client only. The owner "
               f"credits it with `fledger credits deposit {args.client} AMOUNT`. For mosquitto's acl_file "
-              f"(the embedded broker, at its next start, and `fledger keys nats-config` add it by "
-              f"themselves):\n{client_acl_text(args.client).rstrip()}")
+              f"(the embedded broker, at its next start, `fledger keys nats-config` and `rabbitmq-definitions` "
+              f"add it by themselves):\n{client_acl_text(args.client).rstrip()}")
     elif args.keys_command == "rotate":
         path, key_id, revoked = rotate_device_key(directory, args.device)
         print(f"device {args.device}: new key id {key_id} in {path}; revoked {', '.join(revoked) or 'nothing'}. "
@@ -466,6 +486,17 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{args.out}: {len(users.hashes)} NATS users ({', '.join(sorted(users.hashes)[:6])}"
               f"{', ...' if len(users.hashes) > 6 else ''}){routes_note}; copy to every node and "
               "`nats-server --signal reload`")
+    elif args.keys_command == "rabbitmq-definitions":
+        from fledger.rabbitmq_auth import write_definitions
+
+        fleet = write_definitions(directory, args.out, acl_path=args.acl, base_path=args.base)
+        for user in fleet.skipped:
+            print(f"fledger keys: warning: no {directory / BROKER_DIR / (user + '.password')}: user {user} gets no "
+                  "RabbitMQ login", file=sys.stderr)
+        logins = sorted(fleet.passwords)
+        locked = f"; locked out (keys revoked): {', '.join(fleet.revoked)}" if fleet.revoked else ""
+        print(f"{args.out}: {len(logins)} RabbitMQ users ({', '.join(logins[:6])}{', ...' if len(logins) > 6 else ''})"
+              f"{locked}; `rabbitmqctl import_definitions {args.out}` on one node (or restart with it)")
     elif args.keys_command == "list":
         registry = DeviceRegistry.load(directory / REGISTRY_FILE)
         for device, record in sorted(registry.devices.items()):

@@ -49,7 +49,8 @@ from pathlib import Path
 
 from federation.durable import atomic_write
 from federation.keys import KeyFileError, read_json, write_secret_json
-from fledger.acl import READ, WRITE, Acl, client_acl_text, with_clients
+from fledger.acl import READ, WRITE, Acl, client_acl_text
+from fledger.broker_logins import BrokerConfigError, filter_levels, fleet_logins
 
 # nats-server 2.9 (2.9.10 here): QoS 1 deliveries go through an internal subscription on $MQTT.sub.<id>,
 # checked against the user's subscribe permissions (nats-server PR 7637 made it implicit later).
@@ -62,20 +63,15 @@ MQTT_INTERNAL_SUBSCRIBE = "$MQTT.sub.>"
 GENERATED_BCRYPT_ROUNDS = 4
 
 
-class NatsConfigError(ValueError):
+class NatsConfigError(BrokerConfigError):
     """The ACL or the fleet holds something NATS permissions cannot express."""
 
 
 def filter_to_subjects(topic_filter: str) -> list[str]:
     """The NATS subjects that cover exactly the MQTT topics ``topic_filter`` matches."""
-    if not topic_filter or any(c in topic_filter for c in ". \t*>"):
-        raise NatsConfigError(f"ACL filter {topic_filter!r}: NATS cannot express a topic with '.', a space, "
-                              "'*' or '>' (nats-server refuses or rewrites such MQTT topics)")
-    levels = topic_filter.split("/")
-    if "" in levels:
-        raise NatsConfigError(f"ACL filter {topic_filter!r}: empty topic levels are not supported here")
-    if "#" in levels[:-1]:
-        raise NatsConfigError(f"ACL filter {topic_filter!r}: '#' must be the last level")
+    levels = filter_levels(topic_filter, ". \t*>", "NATS",
+                           "'.', a space, '*' or '>' (nats-server refuses or rewrites such MQTT topics)",
+                           NatsConfigError)
     subject = ".".join("*" if level == "+" else ">" if level == "#" else level for level in levels)
     if levels[-1] == "#" and len(levels) > 1:
         return [subject[: -len(".>")], subject]  # MQTT `a/#` matches `a` too
@@ -189,33 +185,10 @@ def build_from_keys(directory: Path, acl_path: Path | None = None, *,
     """The users, their hashes and the ACL (plus one block per prediction client) of the fleet
     whose keys are in ``directory``. A hash in ``previous`` (the file written last time) that
     still matches the user's password is kept."""
-    from federation.keys import DeviceRegistry
-    from federation.topics import check_name
-    from fledger import keytool
-    from fledger.acl import default_acl_text
-
-    directory = Path(directory)
-    text = Path(acl_path).read_text() if acl_path is not None else default_acl_text()
-    registry = DeviceRegistry.load(directory / keytool.REGISTRY_FILE)
-    clients = DeviceRegistry.load(directory / keytool.CLIENTS_FILE)
-    devices = [d for d in registry.devices if keytool.active_keys(registry, d)]
-    client_names = [c for c in clients.devices if keytool.active_keys(clients, c)]
-    base = Acl.parse(text, str(acl_path or "fledger.acl"))
-    clash = (set(devices) | set(client_names)) & set(base.users)
-    if clash:
-        raise NatsConfigError(f"{', '.join(sorted(clash))}: a device or client with the name of an ACL user block "
-                              "would get that role's rights")
-    acl = Acl.parse(with_clients(text, client_names), str(acl_path or "fledger.acl"))
-    hashes: dict[str, str] = {}
-    skipped: list[str] = []
-    for user in sorted({*base.users, *devices, *client_names}):
-        check_name("broker user", user)
-        password_file = directory / keytool.BROKER_DIR / f"{user}.password"
-        if not password_file.exists():
-            skipped.append(user)
-            continue
-        hashes[user] = _current_hash(keytool.read_password_file(password_file), (previous or {}).get(user), rounds)
-    return FleetUsers(hashes, acl, skipped)
+    logins = fleet_logins(directory, acl_path, broker=NatsConfigError)
+    hashes = {user: _current_hash(password, (previous or {}).get(user), rounds)
+              for user, password in logins.passwords.items()}
+    return FleetUsers(hashes, logins.acl, logins.skipped)
 
 
 # -- routes between the nodes of a cluster -----------------------------------------------------------
