@@ -241,6 +241,22 @@ def rabbitmq_cluster(directory: Path, size: int = 2) -> Cluster:
     epmd (started here in the foreground, so it is ours to stop)."""
     tag = uuid.uuid4().hex[:6]
     names = [f"fltest{tag}{i}@localhost" for i in range(size)]
+    cluster, epmd_port, cookie = _rabbitmq_base(directory)
+    peers = "\n".join(f"cluster_formation.classic_config.nodes.{i + 1} = {name}" for i, name in enumerate(names))
+    for i, name in enumerate(names):
+        node_dir = directory / f"rabbit-{i}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        mqtt_port, amqp_port = free_port(), free_port()
+        (node_dir / "definitions.json").write_text(json.dumps(rabbitmq_definitions()))
+        config = RABBITMQ_NODE_CONFIG.format(host=HOST, amqp=amqp_port, mqtt=mqtt_port, peers=peers,
+                                             definitions=node_dir / "definitions.json")
+        cluster.nodes.append(rabbitmq_node(node_dir, f"rabbit-{i}", name, config, mqtt_port, epmd_port, cookie,
+                                           amqp_port=amqp_port))
+    return cluster
+
+
+def _rabbitmq_base(directory: Path) -> tuple[Cluster, int, str]:
+    """A cluster with our own epmd (on a free port) running, and a fresh Erlang cookie."""
     epmd_port = free_port()
     cookie = uuid.uuid4().hex
     cluster = Cluster(one_by_one=True)
@@ -249,31 +265,39 @@ def rabbitmq_cluster(directory: Path, size: int = 2) -> Cluster:
     cluster.helpers.append(subprocess.Popen([EPMD, "-port", str(epmd_port), "-address", HOST],
                                             stdout=epmd_log, stderr=subprocess.STDOUT, start_new_session=True))
     epmd_log.close()
-    peers = "\n".join(f"cluster_formation.classic_config.nodes.{i + 1} = {name}" for i, name in enumerate(names))
-    for i, name in enumerate(names):
-        node_dir = directory / f"rabbit-{i}"
-        home = node_dir / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        cookie_file = home / ".erlang.cookie"
-        cookie_file.write_text(cookie)
-        cookie_file.chmod(0o400)
-        (node_dir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
-        mqtt_port, amqp_port, dist_port = free_port(), free_port(), free_port()
-        (node_dir / "definitions.json").write_text(json.dumps(rabbitmq_definitions()))
-        (node_dir / "rabbitmq.conf").write_text(RABBITMQ_NODE_CONFIG.format(
-            host=HOST, amqp=amqp_port, mqtt=mqtt_port, peers=peers, definitions=node_dir / "definitions.json"))
-        env = {
-            **os.environ, "HOME": str(home), "RABBITMQ_NODENAME": name, "RABBITMQ_NODE_IP_ADDRESS": HOST,
-            "RABBITMQ_NODE_PORT": str(amqp_port), "RABBITMQ_DIST_PORT": str(dist_port),
-            "ERL_EPMD_PORT": str(epmd_port), "ERL_EPMD_ADDRESS": HOST,
-            "RABBITMQ_MNESIA_BASE": str(node_dir / "mnesia"), "RABBITMQ_LOG_BASE": str(node_dir / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(node_dir / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(node_dir / "rabbitmq.conf"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": str(node_dir / "plugins-expand"),
-            "RABBITMQ_PID_FILE": str(node_dir / "pid"),
-        }
-        cluster.nodes.append(Node(f"rabbit-{i}", mqtt_port, [RABBITMQ_SERVER], env, node_dir / "stdout.log"))
-    return cluster
+    return cluster, epmd_port, cookie
+
+
+def rabbitmq_node(node_dir: Path, label: str, name: str, config: str, mqtt_port: int, epmd_port: int, cookie: str,
+                  *, amqp_port: int | None = None) -> Node:
+    """One RabbitMQ node (not started) running ``config`` (rabbitmq.conf syntax) from ``node_dir``;
+    ``amqp_port`` None: the AMQP listener is whatever ``config`` says."""
+    home = node_dir / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    cookie_file = home / ".erlang.cookie"
+    cookie_file.write_text(cookie)
+    cookie_file.chmod(0o400)
+    (node_dir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+    (node_dir / "rabbitmq.conf").write_text(config)
+    env = {
+        **os.environ, "HOME": str(home), "RABBITMQ_NODENAME": name, "RABBITMQ_NODE_IP_ADDRESS": HOST,
+        "RABBITMQ_DIST_PORT": str(free_port()),
+        "ERL_EPMD_PORT": str(epmd_port), "ERL_EPMD_ADDRESS": HOST,
+        "RABBITMQ_MNESIA_BASE": str(node_dir / "mnesia"), "RABBITMQ_LOG_BASE": str(node_dir / "log"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(node_dir / "enabled_plugins"),
+        "RABBITMQ_CONFIG_FILE": str(node_dir / "rabbitmq.conf"),
+        "RABBITMQ_PLUGINS_EXPAND_DIR": str(node_dir / "plugins-expand"),
+        "RABBITMQ_PID_FILE": str(node_dir / "pid"),
+    }
+    if amqp_port is not None:
+        env["RABBITMQ_NODE_PORT"] = str(amqp_port)
+    return Node(label, mqtt_port, [RABBITMQ_SERVER], env, node_dir / "stdout.log")
+
+
+def rabbitmqctl(node: Node, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``rabbitmqctl ARGS`` against ``node`` (its cookie, epmd and name)."""
+    return subprocess.run([str(Path(RABBITMQ_SERVER).with_name("rabbitmqctl")), "-n", node.env["RABBITMQ_NODENAME"],
+                           *args], env=node.env, capture_output=True, text=True, timeout=timeout)
 
 
 RABBITMQ_NODE_CONFIG = """\

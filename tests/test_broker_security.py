@@ -20,6 +20,7 @@ import queue
 import ssl
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -514,7 +515,7 @@ class Answers:
 SPY_END = f"{TOPICS.model}/chunk/998"  # readable by every user: where `#` subscribers learn of the end
 
 
-def observe_matrix(connect: Any) -> Answers:
+def observe_matrix(connect: Any, *, separate_publishers: bool = False) -> Answers:
     """(publisher, receiver, topic) for every message delivered when every role subscribes to
     every topic (one subscription each, exact names) and then publishes to every topic; and the
     same for a second client of every role subscribed to ``#`` (a wildcard subscriber); and the
@@ -525,10 +526,13 @@ def observe_matrix(connect: Any) -> Answers:
     denied ones). A final message from the coordinator on the model topic, which every user
     may read, marks the end for each receiver; the `#` subscribers also hold an exact
     subscription to SPY_END, where the same marker goes (a broker that refuses their `#`
-    still tells them the end)."""
+    still tells them the end). ``separate_publishers``: every role publishes through a client of
+    its own (RabbitMQ closes a client's connection on a denied publish; a receiver must not lose
+    what it was about to be handed)."""
     run = uuid.uuid4().hex[:8]
     clients = {role: connect(role) for role in ROLES}
     spies = {role: connect(role) for role in ROLES}
+    publishers = {role: connect(role) for role in ROLES} if separate_publishers else clients
     try:
         for client in clients.values():
             for topic in MATRIX_TOPICS:
@@ -536,7 +540,7 @@ def observe_matrix(connect: Any) -> Answers:
         for spy in spies.values():
             spy.subscribe("#")
             spy.subscribe(SPY_END)
-        for role, client in clients.items():
+        for role, client in publishers.items():
             sent = [client.publish(topic, f"{run}|{role}|{topic}".encode(), wait=False) for topic in MATRIX_TOPICS]
             for info in sent:
                 client.acked(info)
@@ -558,7 +562,7 @@ def observe_matrix(connect: Any) -> Answers:
                    for topic in client.refused}
         return Answers(seen[0], seen[1], refused)
     finally:
-        for client in (*clients.values(), *spies.values()):
+        for client in {id(c): c for c in (*clients.values(), *spies.values(), *publishers.values())}.values():
             client.close()
 
 
@@ -981,16 +985,15 @@ def test_fledger_broker_uses_the_fleets_logins_and_runs_open_only_when_asked(tmp
         proc.wait(timeout=20)
 
 
-def test_a_fleet_runs_on_nats_with_the_generated_logins(tmp_path: Path) -> None:
-    """Real coordinator and agent processes, each logged in as its own user, on a nats-server with
-    the authorization `fledger keys nats-config` generated: the rounds complete and the ledger
-    verifies, so no fledger process needs a right the ACL does not give it (NATS refuses a
-    subscription beyond its user's rights, where mosquitto would grant it)."""
+def run_a_fleet_with_its_own_logins(running: Any, fleet_dir: Path, broker_dir: Path) -> None:
+    """A coordinator and two agents, each logged in as its own user, on the broker ``running``
+    (a context manager: directory, keys -> a node with ``mqtt_port``) starts for the fleet's keys:
+    two rounds complete and the ledger verifies."""
     from tests.federation_run import Federation
     from tests.test_reliability import check_final_ledger, finish
 
-    fed = Federation(tmp_path / "fleet", "127.0.0.1", 0, fleet=FLEET, rounds=2)
-    with nats_running(tmp_path / "nats", fed.keys) as node:
+    fed = Federation(fleet_dir, "127.0.0.1", 0, fleet=FLEET, rounds=2)
+    with running(broker_dir, fed.keys) as node:
         fed.port = node.mqtt_port
         fed.logins = {user: fed.keys / "broker" / f"{user}.password" for user in ("coordinator", *fed.devices)}
         try:
@@ -999,7 +1002,290 @@ def test_a_fleet_runs_on_nats_with_the_generated_logins(tmp_path: Path) -> None:
         finally:
             fed.stop()
     check_final_ledger(fed, 2, participants=sorted(fed.devices))
+
+
+def test_a_fleet_runs_on_nats_with_the_generated_logins(tmp_path: Path) -> None:
+    """Real coordinator and agent processes, each logged in as its own user, on a nats-server with
+    the authorization `fledger keys nats-config` generated: the rounds complete and the ledger
+    verifies, so no fledger process needs a right the ACL does not give it (NATS refuses a
+    subscription beyond its user's rights, where mosquitto would grant it)."""
+    run_a_fleet_with_its_own_logins(nats_running, tmp_path / "fleet", tmp_path / "nats")
     # Every process logged in (the node refuses anonymous logins) and none was refused a publish or
     # a subscription ("Publish Violation" / "Subscription Violation" in the server's log).
     log = (tmp_path / "nats" / "nats.log").read_text()
     assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
+
+
+# -- the same roles on RabbitMQ (deploy/rabbitmq, `fledger keys rabbitmq-definitions`) -------------
+
+RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
+RABBITMQ_BASE_DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
+
+
+class ClosingClient:
+    """A :class:`Client` for a broker that CLOSES the connection on a denied publish or subscribe
+    (RabbitMQ 3.10): such a subscribe is recorded in ``refused``, such a publish in ``denied``, and
+    the client logs in again with a new connection (no re-sent publish) and re-subscribes what was
+    granted, so the matrix harness runs unchanged. Every publish waits for its PUBACK or the close."""
+
+    def __init__(self, address: tuple[str, int], user: str, password: str) -> None:
+        self.address, self.user, self.password = address, user, password
+        self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self.refused: list[str] = []
+        self.denied: list[str] = []  # topics whose publish closed the connection
+        self.granted: list[str] = []
+        self.reconnects = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.lost = threading.Event()
+        self.inner = Client(self.address, self.user, self.password)
+        self.inner.messages = self.messages  # one queue across connections
+        self.inner._client.on_disconnect = lambda *args: self.lost.set()
+        self.inner._client._reconnect_on_failure = False  # paho would wait 1 s before retrying: we log in anew
+        assert self.inner.connect(), f"{self.user}: login refused ({self.inner.reason})"
+        for topic_filter in self.granted:
+            self.inner.subscribe(topic_filter)
+
+    def _reopen(self) -> None:
+        self.inner._client.loop_stop()  # its loop has ended: nothing is re-sent
+        self.reconnects += 1
+        self._open()
+
+    def _wait(self, done: Any) -> bool:
+        """True once ``done()``; False if the broker closed the connection first."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if done():
+                return True
+            if self.lost.is_set():
+                return False
+            time.sleep(0.002)
+        raise AssertionError(f"{self.user}: neither an acknowledgement nor a close in 10 s")
+
+    def subscribe(self, topic_filter: str) -> None:
+        result, mid = self.inner._client.subscribe(topic_filter, qos=1)
+        assert result == paho.MQTT_ERR_SUCCESS and mid is not None
+        event = self.inner._subacks.setdefault(mid, threading.Event())
+        if self._wait(event.is_set):
+            assert mid not in self.inner._failed, f"{topic_filter}: SUBACK failure instead of a close"
+            self.granted.append(topic_filter)
+        else:
+            self.refused.append(topic_filter)
+            self._reopen()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True) -> Any:
+        info = self.inner._client.publish(topic, payload, qos=1, retain=retain)
+
+        def published() -> bool:
+            try:
+                return bool(info.is_published())
+            except RuntimeError:  # paho: the connection went while the message was in flight
+                return False
+
+        if not self._wait(published):
+            self.denied.append(topic)
+            self._reopen()
+        return info
+
+    @staticmethod
+    def acked(info: Any) -> None:
+        """Nothing to wait for: :meth:`publish` waited for the PUBACK or the close."""
+
+    def collect_until(self, sentinel: bytes, timeout: float = 10.0,
+                      quiet: float = QUIET) -> list[tuple[str, bytes, bool]]:
+        return Client.collect_until(self, sentinel, timeout, quiet)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class RabbitNode:
+    host: str
+    mqtt_port: int
+    keys: Path
+    definitions: Path
+    node: Any  # tests.broker_clusters.Node
+
+    def password(self, user: str) -> str:
+        return (self.keys / "broker" / f"{user}.password").read_text().strip()
+
+    def generate_definitions(self) -> None:
+        """`fledger keys rabbitmq-definitions` as docs/deploy.md says: merged into the shipped file
+        the first time, then into itself."""
+        import sys
+
+        base = [] if self.definitions.exists() else ["--base", str(RABBITMQ_BASE_DEFINITIONS)]
+        generated = subprocess.run([sys.executable, "-m", "fledger.cli", "keys", "--dir", str(self.keys),
+                                    "rabbitmq-definitions", "--out", str(self.definitions), *base],
+                                   capture_output=True, text=True, timeout=60)
+        assert generated.returncode == 0, generated.stderr
+        assert self.definitions.stat().st_mode & 0o777 == 0o600
+
+
+def rabbitmq_config_from_deploy(mqtt_port: int, definitions: Path) -> str:
+    """deploy/rabbitmq/rabbitmq.conf as one node on loopback: the MQTT listener and the
+    definitions path rewritten, cluster formation (the example hosts) and comments dropped;
+    everything else (no anonymous logins, no AMQP listener, the definitions import) as shipped."""
+    out = []
+    for raw in RABBITMQ_CONF.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("cluster_formation."):
+            continue
+        key = line.split("=", 1)[0].strip()
+        if key == "mqtt.listeners.tcp.default":
+            line = f"mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}"
+        elif key == "definitions.local.path":
+            line = f"definitions.local.path = {definitions}"
+        out.append(line)
+    text = "\n".join(out) + "\n"
+    assert "mqtt.allow_anonymous = false" in text and "listeners.tcp = none" in text, text
+    assert "definitions.import_backend = local_filesystem" in text, text
+    return text
+
+
+@contextlib.contextmanager
+def rabbitmq_running(directory: Path, keys: Path) -> Iterator[RabbitNode]:
+    """One RabbitMQ node running deploy/rabbitmq/rabbitmq.conf with the definitions that
+    `fledger keys rabbitmq-definitions` generates for the fleet in ``keys`` (~10 s to start)."""
+    from tests.broker_clusters import _rabbitmq_base, free_port, rabbitmq_available, rabbitmq_node
+
+    assert rabbitmq_available(), "rabbitmq-server is not installed (scripts/setup.sh installs it)"
+    cluster, epmd_port, cookie = _rabbitmq_base(directory)
+    mqtt_port = free_port()
+    node_dir = directory / "node"
+    node_dir.mkdir(parents=True, exist_ok=True)
+    rabbit = RabbitNode("127.0.0.1", mqtt_port, keys, directory / "definitions.json", None)
+    rabbit.generate_definitions()
+    rabbit.node = rabbitmq_node(node_dir, "rabbit", f"fltest{uuid.uuid4().hex[:6]}@localhost",
+                                rabbitmq_config_from_deploy(mqtt_port, rabbit.definitions), mqtt_port, epmd_port,
+                                cookie)
+    cluster.nodes.append(rabbit.node)
+    try:
+        rabbit.node.start()
+        deadline = time.monotonic() + 90
+        while True:  # ready: the coordinator logs in over MQTT
+            assert rabbit.node.proc.poll() is None, (node_dir / "stdout.log").read_text()[-3000:]
+            with contextlib.suppress(OSError):
+                if Client((rabbit.host, mqtt_port), "coordinator", rabbit.password("coordinator")).connect(5):
+                    break
+            assert time.monotonic() < deadline, (node_dir / "stdout.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield rabbit
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    """One node for the module (it takes ~10 s to start), for a fleet with both devices."""
+    from fledger import keytool
+
+    base = tmp_path_factory.mktemp("rabbitmq")
+    keys = base / "keys"
+    keytool.init_fleet(keys, FLEET)
+    keytool.add_devices(keys, [DEV_A, DEV_B])
+    with rabbitmq_running(base / "rabbit", keys) as node:
+        yield node
+
+
+def test_rabbitmq_enforces_the_same_roles_as_mosquitto(mosquitto_matrix: MatrixOnMosquitto,
+                                                       rabbitmq: RabbitNode) -> None:
+    """RabbitMQ with the definitions generated from the same ACL: every role publishes to and
+    subscribes to every topic, as on mosquitto.
+
+    Who receives what, live and retained, is the same as on mosquitto and what fledger.acl says.
+    RabbitMQ differs in how it says no (docs/security.md, "Which broker enforces what"): it CLOSES
+    the connection of a client that publishes where it may not write (the message reaches nobody)
+    or subscribes where it may not read, `#` included (no SUBACK); mosquitto drops the message,
+    grants the subscription and delivers nothing."""
+    acl, expected = mosquitto_matrix.acl, mosquitto_matrix.expected
+    passwords = {role: rabbitmq.password(role) for role in ROLES}
+    address = (rabbitmq.host, rabbitmq.mqtt_port)
+    made: list[ClosingClient] = []
+
+    def connect(role: str) -> ClosingClient:
+        made.append(ClosingClient(address, role, passwords[role]))
+        return made[-1]
+
+    on_rabbitmq = observe_matrix(connect, separate_publishers=True)
+    assert on_rabbitmq.live == mosquitto_matrix.answers.live == expected
+    # Each exact subscription closed the connection exactly when the ACL does not let its user read
+    # the topic; `#` did for every role, so nothing arrives through it.
+    unreadable = {(r, t) for r in ROLES for t in MATRIX_TOPICS if not acl.allows(r, t, "read")}
+    assert {(r, t) for r, t in on_rabbitmq.refused if t != "#"} == unreadable
+    assert {(r, t) for r, t in on_rabbitmq.refused if t == "#"} == {(r, "#") for r in ROLES}
+    assert on_rabbitmq.wildcard == set()
+    # Each publish closed the connection exactly when the ACL does not let its user write the topic.
+    denied = {(c.user, t) for c in made for t in c.denied}
+    assert denied == {(r, t) for r in ROLES for t in MATRIX_TOPICS if not acl.allows(r, t, "write")}
+    # Retained: a later subscriber to each topic is handed exactly the retained messages it may read,
+    # each still its one writer's: nobody else overwrote or deleted one (mosquitto: the same via `#`).
+    retained_exact = observe_retained(connect, mosquitto_matrix.writers_by_acl, ("#", *MATRIX_TOPICS))
+    assert retained_exact == mosquitto_matrix.retained == expected
+
+    # Logins: anonymous, a wrong password and another user's password are refused.
+    assert not Client(address, None).connect(timeout=15)
+    assert not Client(address, DEV_A, "not-the-password").connect(timeout=15)
+    assert not Client(address, DEV_A, passwords[DEV_B]).connect(timeout=15)
+
+
+def test_rabbitmq_import_adds_a_device_and_locks_out_a_revoked_one(rabbitmq: RabbitNode) -> None:
+    """docs/deploy.md: after `fledger keys add-device` or `revoke`, regenerate the definitions and
+    `rabbitmqctl import_definitions` them on the running node. The new device logs in and publishes
+    its update; once revoked, it cannot log in again (its user keeps an empty hash: an import adds
+    and updates, never deletes), yet its open connection stays until `rabbitmqctl delete_user`.
+    The other device and the coordinator are untouched."""
+    from fledger import keytool
+    from tests.broker_clusters import rabbitmqctl
+
+    new = "pump-03"
+    address = (rabbitmq.host, rabbitmq.mqtt_port)
+    assert not Client(address, new, "x").connect(timeout=15)
+    keytool.add_device(rabbitmq.keys, new)
+    rabbitmq.generate_definitions()
+    imported = rabbitmqctl(rabbitmq.node, "import_definitions", str(rabbitmq.definitions))
+    assert imported.returncode == 0, imported.stderr + imported.stdout
+    password = rabbitmq.password(new)
+    before, after = token("before"), token("after")
+    with Client(address, "coordinator", rabbitmq.password("coordinator")) as coordinator, \
+            Client(address, DEV_A, rabbitmq.password(DEV_A)) as device, Client(address, new, password) as revoked:
+        lost = threading.Event()
+        revoked._client.on_disconnect = lambda *args: lost.set()
+        coordinator.subscribe(TOPICS.updates)
+        revoked.publish(TOPICS.update(new), before)
+        assert coordinator.messages.get(timeout=10)[1] == before
+        for key_id in keytool.active_keys(keytool.DeviceRegistry.load(rabbitmq.keys / keytool.REGISTRY_FILE), new):
+            keytool.revoke_device_key(rabbitmq.keys, new, key_id)
+        rabbitmq.generate_definitions()
+        imported = rabbitmqctl(rabbitmq.node, "import_definitions", str(rabbitmq.definitions))
+        assert imported.returncode == 0, imported.stderr + imported.stdout
+        assert not lost.wait(1), "the import itself closed the revoked device's connection"
+        assert not Client(address, new, password).connect(timeout=15)  # locked out ...
+        # ... but still connected: delete_user ends its connection (3.10.8's close_all_user_connections
+        # does not find MQTT connections), and the next import brings the user back, locked.
+        deleted = rabbitmqctl(rabbitmq.node, "delete_user", new)
+        assert deleted.returncode == 0, deleted.stderr + deleted.stdout
+        assert lost.wait(10), "the revoked device's connection survived delete_user"
+        revoked._client.loop_stop()  # no reconnect attempts of its own
+        imported = rabbitmqctl(rabbitmq.node, "import_definitions", str(rabbitmq.definitions))
+        assert imported.returncode == 0, imported.stderr + imported.stdout
+        device.publish(TOPICS.update(DEV_A), after)
+        assert coordinator.messages.get(timeout=10)[1] == after
+    assert not Client(address, new, password).connect(timeout=15)
+    users = rabbitmqctl(rabbitmq.node, "list_users", "--silent")
+    assert new in users.stdout, users.stdout + users.stderr
+
+
+def test_a_fleet_runs_on_rabbitmq_with_the_generated_definitions(tmp_path: Path) -> None:
+    """Real coordinator and agent processes, each logged in as its own user, on a RabbitMQ node with
+    the definitions `fledger keys rabbitmq-definitions` generated: the rounds complete and the
+    ledger verifies, so no fledger process needs a right the ACL does not give it (RabbitMQ would
+    close its connection at the first denied publish or subscription)."""
+    run_a_fleet_with_its_own_logins(rabbitmq_running, tmp_path / "fleet", tmp_path / "rabbit")
+    logs = "".join(path.read_text(errors="replace") for path in (tmp_path / "rabbit").rglob("*.log"))
+    # Every process logged in (the node refuses anonymous logins) and none was refused a publish or
+    # a subscription (RabbitMQ logs each refusal as an access_refused before it closes the connection).
+    assert "access_refused" not in logs and "ACCESS_REFUSED" not in logs, \
+        [line for line in logs.splitlines() if "refused" in line.lower()]
