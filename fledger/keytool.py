@@ -381,15 +381,18 @@ def add_parser(sub: Any) -> None:
                    help="bcrypt cost (default 4: the passwords are 192-bit random tokens; 10+ for chosen ones)")
     a = ks.add_parser("rabbitmq-definitions",
                       help="write RabbitMQ definitions: users (sha256 hashes), permissions, topic permissions",
-                      description="Write a RabbitMQ definitions file (JSON, 0600) that rabbitmq.conf loads at boot "
-                                  "(load_definitions, deploy/rabbitmq) or `rabbitmqctl import_definitions` applies "
-                                  "at runtime: one user per ACL `user` block, per device with an active key (user = "
-                                  "device id) and per prediction client, with RabbitMQ's salted sha256 hash of its "
+                      description="Write a RabbitMQ definitions file (JSON, 0600) that rabbitmq.conf imports at boot "
+                                  "(definitions.local.path, deploy/rabbitmq) and `rabbitmqctl import_definitions` "
+                                  "applies at runtime: one user per ACL `user` block, per device with an active "
+                                  "key (user = device id) and per prediction client, with RabbitMQ's salted sha256 "
+                                  "hash of its "
                                   "broker/<user>.password; resource permissions for the MQTT plugin's session "
                                   "queues and amq.topic; and a topic permission on amq.topic whose WRITE and READ "
                                   "regexes allow exactly what the ACL allows (MQTT topics as routing keys, "
                                   "a/b/c = a.b.c). A device or client whose keys are all revoked keeps a user "
-                                  "with an empty hash: importing the file locks it out. Everything else in the "
+                                  "with an empty hash: importing the file locks it out (its open connection "
+                                  "stays until `rabbitmqctl delete_user`; import again afterwards). Everything "
+                                  "else in the "
                                   "file (vhosts, policies, other users) comes from --base, or from --out as it "
                                   "is. Regenerate after add-device, revoke, add-client or an ACL change (a user "
                                   "whose password is unchanged keeps its hash), then import it on one node of the "
@@ -494,7 +497,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"fledger keys: warning: no {directory / BROKER_DIR / (user + '.password')}: user {user} gets no "
                   "RabbitMQ login", file=sys.stderr)
         logins = sorted(fleet.passwords)
-        locked = f"; locked out (keys revoked): {', '.join(fleet.revoked)}" if fleet.revoked else ""
+        locked = (f"; locked out (keys revoked): {', '.join(fleet.revoked)} (end an open connection with "
+                  "`rabbitmqctl delete_user`, then import again)" if fleet.revoked else "")
         print(f"{args.out}: {len(logins)} RabbitMQ users ({', '.join(logins[:6])}{', ...' if len(logins) > 6 else ''})"
               f"{locked}; `rabbitmqctl import_definitions {args.out}` on one node (or restart with it)")
     elif args.keys_command == "list":

@@ -877,19 +877,20 @@ def test_nats_reload_cuts_off_a_revoked_device_and_keeps_the_others(nats_node: N
     assert not Client(address, DEV_B, passwords[DEV_B]).connect(timeout=15)
 
 
-@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded", "nats"])
+@pytest.mark.parametrize("broker_kind", ["mosquitto", "embedded", "nats", "rabbitmq"])
 def test_a_last_will_is_held_to_the_acl_like_any_publish(secure_broker: SecureBroker, tmp_path: Path,
                                                         broker_kind: str, request: pytest.FixtureRequest) -> None:
     """A device that sets its Last Will to the global model (retained) or to another device's
-    presence, then drops its connection, changes nothing: on mosquitto and on the embedded broker
-    (amqtt on its own broadcasts and retains a will unchecked; FledgerBroker checks it). Its will
+    presence, then drops its connection, changes nothing: on mosquitto, on the embedded broker
+    (amqtt on its own broadcasts and retains a will unchecked; FledgerBroker checks it), and on NATS
+    and RabbitMQ with the generated permissions. Its will
     to its own presence topic is delivered, and marks the end."""
     model, evil = token("model"), token("will")
     embedded = None
     if broker_kind == "mosquitto":
         connect: Any = lambda user: Client(secure_broker, user)  # noqa: E731
-    elif broker_kind == "nats":
-        node: NatsNode = request.getfixturevalue("nats_node")
+    elif broker_kind in ("nats", "rabbitmq"):
+        node: NatsNode | RabbitNode = request.getfixturevalue("nats_node" if broker_kind == "nats" else "rabbitmq")
         connect = lambda user: Client((node.host, node.mqtt_port), user, node.password(user))  # noqa: E731
     else:
         passwords = {user: f"pw-{user}-{uuid.uuid4().hex}" for user in ("coordinator", DEV_A, DEV_B)}
