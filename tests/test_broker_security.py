@@ -1045,8 +1045,10 @@ class ClosingClient:
         self.inner._client.on_disconnect = lambda *args: self.lost.set()
         self.inner._client._reconnect_on_failure = False  # paho would wait 1 s before retrying: we log in anew
         assert self.inner.connect(), f"{self.user}: login refused ({self.inner.reason})"
-        for topic_filter in self.granted:
-            self.inner.subscribe(topic_filter)
+        if self.granted:  # all in one SUBSCRIBE: one round trip
+            result, mid = self.inner._client.subscribe([(topic_filter, 1) for topic_filter in self.granted])
+            assert result == paho.MQTT_ERR_SUCCESS and mid is not None
+            assert self.inner._subacks.setdefault(mid, threading.Event()).wait(10) and mid not in self.inner._failed
 
     def _reopen(self) -> None:
         self.inner._client.loop_stop()  # its loop has ended: nothing is re-sent
