@@ -118,7 +118,10 @@ class OversizeWatch:
     is not. A disconnect with the MQTT 5 reason "Packet too large" is certain: ``repeat`` at
     once. Only a connection the broker accepted (the owner calls :meth:`connected` on a
     successful CONNACK) can have carried the message: a connection refused or dropped before
-    that (a cluster node still recovering a session, say) says nothing about it.
+    that (a cluster node still recovering a session, say) says nothing about it. Nor can a
+    message no larger than one this broker already acknowledged be over its limit: a cluster
+    whose node died may drop us twice over the same retained model (NATS closes the connection
+    when its replicated retained store times out) without any packet limit in play.
     """
 
     def __init__(self, configured: int, threshold: int = LARGE_PUBLISH) -> None:
@@ -129,6 +132,7 @@ class OversizeWatch:
         self._early_acks: set[int] = set()  # acknowledged while a large publish was being handed over
         self._suspect: Pending | None = None  # blamed at the previous disconnect
         self._accepted = False  # the broker accepted the connection now ending (CONNACK success)
+        self._largest_through = 0  # the largest publish the broker acknowledged: its limit is at least that
         self._lock = threading.Lock()
 
     def sending(self, topic: str, size: int) -> Pending | None:
@@ -161,6 +165,7 @@ class OversizeWatch:
                 self._early_acks.add(mid)
 
     def _got_through(self, pending: Pending) -> None:
+        self._largest_through = max(self._largest_through, pending.size)
         if pending == self._suspect:
             self._suspect = None  # the message blamed last time was acknowledged after all
 
@@ -179,6 +184,9 @@ class OversizeWatch:
             if not accepted and not too_large:
                 return None, False  # nothing was sent on it; the suspect stays as it was
             largest = max(outstanding, key=lambda pending: pending.size)
+            if largest.size <= self._largest_through and not too_large:
+                self._suspect = None
+                return None, False  # one as large went through: the drop is not about its size
             repeat = too_large or largest == self._suspect
             self._suspect = largest
         return disconnect_diagnosis(largest.size, largest.topic, self.configured), repeat

@@ -111,6 +111,25 @@ def test_a_disconnect_after_a_large_publish_is_diagnosed_and_a_repeat_detected()
         assert flapping.disconnected() == (None, False)  # refused reconnects: no blame, no give-up
 
 
+def test_a_message_no_larger_than_one_acknowledged_is_never_blamed() -> None:
+    """A NATS cluster that lost a node closed the coordinator's connection twice while its
+    retained model (20,406 bytes) was outstanding; models of that size had gone through all
+    along, so the broker's limit cannot be the cause, and the link must keep reconnecting."""
+    watch = OversizeWatch(configured=120_000)
+    watch.connected()
+    watch.sent(watch.sending("fledger/x/model/global", 20_406), 1)
+    watch.acknowledged(1)  # earlier rounds' models went through
+    for mid in (2, 3, 4):  # the same model outstanding at each drop, on accepted connections
+        watch.sent(watch.sending("fledger/x/model/global", 20_406), mid)
+        watch.connected()
+        assert watch.disconnected() == (None, False)
+    watch.sent(watch.sending("fledger/x/model/global", 20_407), 5)  # one byte larger: may be the limit
+    watch.connected()
+    assert watch.disconnected()[0] is not None
+    watch.connected()
+    assert watch.disconnected()[1]  # and dropped again over it: a loop, as before
+
+
 # -- a real mosquitto with a small packet limit ----------------------------------------------------
 
 @pytest.fixture
