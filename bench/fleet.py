@@ -213,6 +213,12 @@ class RssSampler(threading.Thread):
     def between(self, start: float, end: float, field: str = "VmRSS") -> list[float]:
         return [rss[field] for t, rss in self.samples if start <= t <= end]
 
+    def peak(self, start: float, end: float, field: str = "VmRSS") -> float:
+        """The most between ``start`` and ``end``; for a window shorter than the sampling period
+        (a small fleet), the last sample before ``end``."""
+        inside = self.between(start, end, field)
+        return max(inside) if inside else max(self.between(0.0, end, field)[-1:] or [0.0])
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (all its threads)."""
@@ -351,8 +357,8 @@ def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: P
         broker_cpu, generator_cpu = cpu_seconds(broker.proc.pid) - broker_before, time.process_time() - own_before
         finished = watch.first["aggregate"]
         ingested = watch.last.get("update", finished)
-        peak = {f: max(rss.between(started, finished + 0.5, f)) for f in RssSampler.FIELDS}
-        peak_ingest = {f: max(rss.between(started, ingested, f)) for f in RssSampler.FIELDS}
+        peak = {f: rss.peak(started, finished + 0.5, f) for f in RssSampler.FIELDS}
+        peak_ingest = {f: rss.peak(started, ingested, f) for f in RssSampler.FIELDS}
         update_bytes = len(updates[0])
         del updates
         code = coordinator.wait(120)
