@@ -299,15 +299,23 @@ def patched_coordinator(experiments: list[str], script: Path) -> list[str]:
     return [sys.executable, str(script)]
 
 
-def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: Path,
-            experiments: list[str] | None = None) -> dict[str, Any]:
-    fleet = f"b{n}{task[:3]}"
+def provisioned_fleet(fleet: str, n: int, workdir: Path
+                      ) -> tuple[Path, dict[str, Any], list[DeviceBundle], Topics, Mosquitto, BrokerConfig]:
+    """A fleet of ``n`` devices provisioned as the operator does (:func:`provision`), their key
+    bundles, and a private mosquitto for it: what every run starts from."""
     keys = workdir / "keys"
     provisioning = provision(keys, fleet, n)
     bundles = [DeviceBundle.load(keys / f"device-dev-{i:0{len(str(n))}d}.json") for i in range(1, n + 1)]
     topics = Topics(fleet)
     broker = Mosquitto(workdir, BROKER_CONFIG)
     config = BrokerConfig(broker_port=broker.port)
+    return keys, provisioning, bundles, topics, broker, config
+
+
+def run_one(task: str, n: int, publishers: int, profile: Path | None, workdir: Path,
+            experiments: list[str] | None = None) -> dict[str, Any]:
+    fleet = f"b{n}{task[:3]}"
+    keys, provisioning, bundles, topics, broker, config = provisioned_fleet(fleet, n, workdir)
     coordinator_cmd = cli("--log-level", "WARNING", "coordinator", "--broker-port", str(broker.port),
                           "--fleet", fleet, "--task", task, "--state-dir", str(workdir / "state"),
                           "--keys", str(keys / "coordinator.json"), "--devices", str(keys / "devices.json"),
@@ -401,12 +409,7 @@ def run_floor(task: str, n: int, publishers: int, workdir: Path, mode: str, thre
     also opens it (signature, X25519 + HKDF, AES-GCM, digest, tensors). The time runs from the
     first publish until the N-th update was taken."""
     fleet = f"f{n}{task[:3]}"
-    keys = workdir / "keys"
-    provisioning = provision(keys, fleet, n)
-    bundles = [DeviceBundle.load(keys / f"device-dev-{i:0{len(str(n))}d}.json") for i in range(1, n + 1)]
-    topics = Topics(fleet)
-    broker = Mosquitto(workdir, BROKER_CONFIG)
-    config = BrokerConfig(broker_port=broker.port)
+    keys, provisioning, bundles, topics, broker, config = provisioned_fleet(fleet, n, workdir)
     opening = ["--open", "--threads", str(threads)] if mode == "floor-open" else []
     command = [sys.executable, str(ROOT / "bench" / "ingest_floor.py"), "--port", str(broker.port), "--fleet", fleet,
                "--keys", str(keys), "--count", str(n), *opening]
