@@ -56,18 +56,24 @@ def users_in(path: Path) -> dict[str, dict[str, object]]:
                                                if line.strip().startswith("{\"user\""))}
 
 
+def fleet_with_a_lost_device(keys: Path) -> Path:
+    """Fleet plant7's keys: devices pump-01..03 with pump-03's key revoked (a lost device: no
+    login any more), and the prediction client alice."""
+    keytool.init_fleet(keys, "plant7")
+    keytool.add_devices(keys, ["pump-01", "pump-02", "pump-03"])
+    keytool.add_client(keys, "alice")
+    lost = keytool.active_keys(keytool.DeviceRegistry.load(keys / keytool.REGISTRY_FILE), "pump-03")[0]
+    keytool.revoke_device_key(keys, "pump-03", lost)
+    return keys
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fledger.cli", "keys", *args], capture_output=True, text=True,
                           timeout=60)
 
 
 def test_nats_config_has_a_login_per_role_device_and_client_and_nats_server_accepts_it(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    keytool.init_fleet(keys, "plant7")
-    keytool.add_devices(keys, ["pump-01", "pump-02", "pump-03"])
-    keytool.add_client(keys, "alice")
-    lost = keytool.active_keys(keytool.DeviceRegistry.load(keys / keytool.REGISTRY_FILE), "pump-03")[0]
-    keytool.revoke_device_key(keys, "pump-03", lost)  # a lost device: no login any more
+    keys = fleet_with_a_lost_device(tmp_path / "keys")
     nats_dir = tmp_path / "nats"
     nats_dir.mkdir()
     out = nats_dir / "fledger-auth.conf"

@@ -24,7 +24,7 @@ from fledger.rabbitmq_auth import (
     hash_password,
     topic_permission_for,
 )
-from tests.test_nats_auth import run_cli
+from tests.test_nats_auth import fleet_with_a_lost_device, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("coordinator", "monitor", "operator", "owner", "pump-01", "pump-02")
@@ -129,12 +129,7 @@ def test_passwords_are_stored_as_rabbitmqs_salted_sha256() -> None:
 
 
 def test_definitions_have_a_login_per_role_device_and_client_merged_into_the_shipped_file(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    keytool.init_fleet(keys, "plant7")
-    keytool.add_devices(keys, ["pump-01", "pump-02", "pump-03"])
-    keytool.add_client(keys, "alice")
-    lost = keytool.active_keys(keytool.DeviceRegistry.load(keys / keytool.REGISTRY_FILE), "pump-03")[0]
-    keytool.revoke_device_key(keys, "pump-03", lost)  # a lost device: locked out
+    keys = fleet_with_a_lost_device(tmp_path / "keys")  # pump-03's key revoked: locked out
     out = tmp_path / "definitions.json"
     shipped = ROOT / "deploy" / "rabbitmq" / "definitions.json"
     result = run_cli("--dir", str(keys), "rabbitmq-definitions", "--out", str(out), "--base", str(shipped))
