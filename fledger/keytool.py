@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +427,18 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
+def _warn_no_login(directory: Path, skipped: Iterable[str], broker: str) -> None:
+    for user in skipped:
+        print(f"fledger keys: warning: no {directory / BROKER_DIR / (user + '.password')}: user {user} gets no "
+              f"{broker} login", file=sys.stderr)
+
+
+def _users_listed(users: Iterable[str], broker: str) -> str:
+    """``N <broker> users (a, b, c, d, e, f, ...)``: the first six by name."""
+    names = sorted(users)
+    return f"{len(names)} {broker} users ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
+
+
 def _main(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     if args.keys_command == "init":
@@ -482,24 +495,18 @@ def _main(args: argparse.Namespace) -> int:
                      mode=0o600)
         if routes is not None:
             write_routes_config(directory, routes, routes_out, rounds=args.bcrypt_cost)
-        for user in users.skipped:
-            print(f"fledger keys: warning: no {directory / BROKER_DIR / (user + '.password')}: user {user} gets no "
-                  "NATS login", file=sys.stderr)
+        _warn_no_login(directory, users.skipped, "NATS")
         routes_note = f" and {routes_out} (the routes, a secret too)" if args.routes is not None else ""
-        print(f"{args.out}: {len(users.hashes)} NATS users ({', '.join(sorted(users.hashes)[:6])}"
-              f"{', ...' if len(users.hashes) > 6 else ''}){routes_note}; copy to every node and "
+        print(f"{args.out}: {_users_listed(users.hashes, 'NATS')}{routes_note}; copy to every node and "
               "`nats-server --signal reload`")
     elif args.keys_command == "rabbitmq-definitions":
         from fledger.rabbitmq_auth import write_definitions
 
         fleet = write_definitions(directory, args.out, acl_path=args.acl, base_path=args.base)
-        for user in fleet.skipped:
-            print(f"fledger keys: warning: no {directory / BROKER_DIR / (user + '.password')}: user {user} gets no "
-                  "RabbitMQ login", file=sys.stderr)
-        logins = sorted(fleet.passwords)
+        _warn_no_login(directory, fleet.skipped, "RabbitMQ")
         locked = (f"; locked out (keys revoked): {', '.join(fleet.revoked)} (end an open connection with "
                   "`rabbitmqctl delete_user`, then import again)" if fleet.revoked else "")
-        print(f"{args.out}: {len(logins)} RabbitMQ users ({', '.join(logins[:6])}{', ...' if len(logins) > 6 else ''})"
+        print(f"{args.out}: {_users_listed(fleet.passwords, 'RabbitMQ')}"
               f"{locked}; `rabbitmqctl import_definitions {args.out}` on one node (or restart with it)")
     elif args.keys_command == "list":
         registry = DeviceRegistry.load(directory / REGISTRY_FILE)
