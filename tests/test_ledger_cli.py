@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,23 +99,34 @@ def _follower(broker: BrokerInfo, copy: Path, key: bytes, *extra: str) -> subpro
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: bytes,
-                before: tuple[bytes, ...] = (), topic: str = TOPICS.ledger_blocks) -> tuple[str, str]:
-    """Once the follower is connected, publish ``before`` (e.g. forgeries) and one block as the
-    coordinator would (or another payload on ``topic``); the follower's output."""
+def _publish_to(follower: subprocess.Popen[str], broker: BrokerInfo, block: bytes | tuple[bytes, ...],
+                before: tuple[bytes, ...] = (), topic: str = TOPICS.ledger_blocks,
+                until_said: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Once the follower is connected, publish ``before`` (e.g. forgeries) and one block (or
+    several) as the coordinator would (or another payload on ``topic``); the follower's output. With
+    ``until_said``, ``before`` alone is sent until the follower has logged each of those texts,
+    so the block cannot reach it ahead of them (it would finish without having seen them)."""
+    assert follower.stderr is not None
     publisher = MqttLink(BrokerConfig(broker_host=broker.host, broker_port=broker.port), "test-block-publisher")
     publisher.start(timeout=20)
     try:
         _wait_for(follower, "connected to")
+        said: list[str] = []
+        reader = threading.Thread(target=lambda: said.extend(iter(follower.stderr.readline, "")), daemon=True)
+        reader.start()
         # Not retained: a publish before the broker has the follower's subscription is lost, so
-        # send it again every second until the follower is done (a duplicate is harmless).
+        # send it again until the follower has seen it (a duplicate is harmless).
         deadline = time.monotonic() + 60
         while follower.poll() is None and time.monotonic() < deadline:
             for junk in before:
                 publisher.publish(TOPICS.ledger_blocks, junk, wait=10)
-            publisher.publish(topic, block, wait=10)
-            time.sleep(1.0)
-        return follower.communicate(timeout=30)
+            if all(text in "".join(said) for text in until_said):
+                for payload in block if isinstance(block, tuple) else (block,):
+                    publisher.publish(topic, payload, wait=10)
+            time.sleep(0.5)
+        out = follower.communicate(timeout=30)[0]
+        reader.join(timeout=10)
+        return out, "".join(said)
     finally:
         publisher.stop()
         if follower.poll() is None:
@@ -178,7 +190,8 @@ def test_follow_ignores_and_counts_what_the_coordinator_did_not_sign(
     replica = tmp_path / "replica"
     follower = _follower(embedded_broker, copy, h.keys.public.sign_public, "--until-height", str(h.ledger.height),
                          "--replica", str(replica))
-    out, err = _publish_to(follower, embedded_broker, block.to_bytes(), before=(b"twelve bytes", foreign.to_bytes()))
+    out, err = _publish_to(follower, embedded_broker, block.to_bytes(), before=(b"twelve bytes", foreign.to_bytes()),
+                           until_said=("did not sign: malformed", "did not sign: not_coordinator_signed"))
     assert follower.returncode == 0, err
     assert f"replica verified to height {h.ledger.height}" in out
     assert "ALERT" not in err
@@ -400,7 +413,8 @@ def test_follow_pinned_by_genesis_hash_ignores_a_forged_genesis(finished_round: 
          embedded_broker.host, "--broker-port", str(embedded_broker.port), "--timeout", "60",
          "--genesis", h.ledger.block(0).hash.hex(), "--until-height", str(len(chain)), "--replica", str(replica)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = _publish_to(follower, embedded_broker, chain[-1], before=(forged_genesis, *chain[:-1]))
+    out, err = _publish_to(follower, embedded_broker, tuple(chain), before=(forged_genesis,),
+                           until_said=("not_pinned_genesis",))
     assert follower.returncode == 0, err[-2000:]
     assert f"replica verified to height {len(chain)}" in out and "ALERT" not in err
     assert "not_pinned_genesis" in err
