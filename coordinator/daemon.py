@@ -300,7 +300,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                 if message is not None and message.topic == topics.ledger_head:
                     another_writer = twin_watch.check(message.payload, retained=message.retain,
                                                       height=coordinator.ledger.head.index + 1,
-                                                      hash_at=lambda index: coordinator.ledger.block(index).hash)
+                                                      hash_at=lambda index: coordinator.ledger.block(index).hash,
+                                                      genesis_timestamp=coordinator.ledger.block(0).timestamp)
                     if another_writer is not None:
                         log.error("%s", another_writer)
                         return exit_codes.STATE  # at once: no further block, model, ack or status from us

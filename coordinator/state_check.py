@@ -32,6 +32,7 @@ class Head:
     height: int
     hash: bytes
     source: str  # where it was seen, for the message: "the broker's retained head", "checkpoint FILE"
+    timestamp: float = 0.0  # the signed time of that last block (seconds since the epoch)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def signed_head(raw: bytes, coordinator_key: bytes, source: str) -> Head | None:
         return None
     if block.computed_hash() != block.hash or not Verifier().verify(coordinator_key, block.hash, block.signature):
         return None
-    return Head(block.index + 1, block.hash, source)
+    return Head(block.index + 1, block.hash, source, block.timestamp)
 
 
 def model_round_of(records: Iterable[dict[str, Any]]) -> int | None:

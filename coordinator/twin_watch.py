@@ -23,6 +23,11 @@ the ledger, and stops on ANOTHER_WRITER).
 - Our own head echoed back: we publish a head only after appending its block, so our ledger
   holds that very block at its index, also when later blocks followed (under load the echo
   arrives after more appends) and after a reconnect.
+- Signed by our key but older than our genesis: a block of an old chain (the one before
+  ``--new-chain``, same key) that someone replays, e.g. on a broker without an ACL. Nothing
+  that writes beside us makes such a block (its blocks are younger than our genesis; a twin on
+  a clock running behind is seen at its first head past our genesis), so it is counted, never
+  acted on: an old head must not be a way to stop the coordinator.
 - Signed by our key, but beyond our height or with another hash than our block at its index:
   another writer. Stop before publishing anything more.
 """
@@ -42,8 +47,9 @@ log = logging.getLogger(__name__)
 OURS = "ours"  # a block our ledger holds at that index: our own echo, or an older head of ours
 RETAINED = "retained"  # what the broker held when we (re)subscribed, no newer than what the start judged
 JUNK = "junk"  # not a block signed by this coordinator's key
+OLD_CHAIN = "old_chain"  # signed by our key before our genesis: an old chain's head, replayed
 ANOTHER_WRITER = "another_writer"  # signed by our key, not in our ledger: another coordinator writes
-VERDICTS = (OURS, RETAINED, JUNK, ANOTHER_WRITER)
+VERDICTS = (OURS, RETAINED, JUNK, OLD_CHAIN, ANOTHER_WRITER)
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,12 @@ class HeadVerdict:
 
 
 def judge_head(payload: bytes, *, retained: bool, coordinator_key: bytes, height: int,
-               hash_at: Callable[[int], bytes], start_height: int | None = None) -> HeadVerdict:
+               hash_at: Callable[[int], bytes], start_height: int | None = None,
+               genesis_timestamp: float | None = None) -> HeadVerdict:
     """Judge one ``ledger/head`` message against our ledger (``height`` blocks, ``hash_at(i)``
-    the hash of our block ``i``); ``start_height``: that of the head the start-up check saw on
-    the broker (signed by our key), None if it saw none."""
+    the hash of our block ``i``, ``genesis_timestamp`` the signed time of our block 0);
+    ``start_height``: that of the head the start-up check saw on the broker (signed by our
+    key), None if it saw none."""
     if retained and start_height is None:
         return HeadVerdict(RETAINED, our_height=height)
     head = signed_head(payload, coordinator_key, "a ledger head")
@@ -71,6 +79,8 @@ def judge_head(payload: bytes, *, retained: bool, coordinator_key: bytes, height
         return HeadVerdict(OURS, index, head.hash, ours, height)
     if retained and start_height is not None and head.height <= start_height:
         return HeadVerdict(RETAINED, index, head.hash, ours, height)  # no newer than what the start judged
+    if genesis_timestamp is not None and head.timestamp < genesis_timestamp:
+        return HeadVerdict(OLD_CHAIN, index, head.hash, ours, height)
     return HeadVerdict(ANOTHER_WRITER, index, head.hash, ours, height)
 
 
@@ -97,14 +107,19 @@ class TwinWatch:
         self.counts: Counter[str] = Counter()
         self._counted = counted
 
-    def check(self, payload: bytes, *, retained: bool, height: int, hash_at: Callable[[int], bytes]) -> str | None:
+    def check(self, payload: bytes, *, retained: bool, height: int, hash_at: Callable[[int], bytes],
+              genesis_timestamp: float | None = None) -> str | None:
         """The ERROR line if another writer was seen (the caller stops at once), else None."""
         seen = judge_head(payload, retained=retained, coordinator_key=self.coordinator_key, height=height,
-                          hash_at=hash_at, start_height=self.start_height)
+                          hash_at=hash_at, start_height=self.start_height, genesis_timestamp=genesis_timestamp)
         self.counts[seen.verdict] += 1
         if self._counted is not None:
             self._counted(seen.verdict)
         if seen.verdict == JUNK and self.counts[JUNK] == 1:  # once: a flood must not flood the log
             log.warning("ignored a ledger head not signed by this coordinator's key on fleet %s's topic "
                         "(counted as junk; not acted on)", self.fleet)
+        if seen.verdict == OLD_CHAIN and self.counts[OLD_CHAIN] == 1:
+            log.warning("ignored a ledger head signed by this coordinator's key but older than this chain's genesis "
+                        "on fleet %s's topic (block %s, an old chain's head replayed; counted as old_chain, not "
+                        "acted on)", self.fleet, seen.index)
         return alarm(self.fleet, seen) if seen.verdict == ANOTHER_WRITER else None

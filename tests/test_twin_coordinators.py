@@ -25,7 +25,11 @@ from test_reliability import finish, log_text, wait_for
 
 from federation import exit_codes
 from federation.fleet_state import FleetLedger, verify_file
+from federation.keys import CoordinatorKeys
+from federation.mqtt import BrokerConfig, MqttLink
+from federation.topics import Topics
 from fledger import keytool
+from ledger import Ed25519Signer
 
 ALARM = "another coordinator is writing the ledger of fleet"
 DETECT_WITHIN_S = 60  # from the second one's start (its first block is the record it appends on resuming)
@@ -180,3 +184,38 @@ def test_twins_resumed_mid_round_stop_at_the_first_record_both_take(any_broker: 
             stopped_at_once(fed, name, state, height)
     finally:
         fed.stop()
+
+
+def test_an_old_chains_head_replayed_live_does_not_stop_the_coordinator(embedded_broker: BrokerInfo,
+                                                                         tmp_path: Path) -> None:
+    """The anonymous embedded broker lets anyone publish a ledger head. Genuine heads of an old
+    chain of the same key (before --new-chain), replayed live all through a run, are counted and
+    ignored: the coordinator finishes its rounds and never says another coordinator writes."""
+    fed = Federation(tmp_path, embedded_broker.host, embedded_broker.port, rounds=2, limit=200)
+    seed = CoordinatorKeys.load(fed.keys / keytool.COORDINATOR_FILE).sign_seed
+    with FleetLedger.open(tmp_path / "old-chain.log", signer=Ed25519Signer(seed), fleet=fed.fleet) as old_chain:
+        for n in range(1, 30):  # beyond any height this run reaches
+            old_chain.append({"type": "operator.note", "n": n})
+        old_heads = [old_chain.block(i).to_bytes() for i in (3, 12, old_chain.height - 1)]
+    time.sleep(0.01)
+    replayer = MqttLink(BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port),
+                        "test-old-head-replayer")
+    replayer.start(timeout=20)
+    try:
+        coordinator = fed.start_coordinator()
+        wait_for("the coordinator's genesis", lambda: "initialised global model" in log_text(fed, "coordinator"),
+                 60, fed)
+        for i in range(len(fed.devices)):
+            fed.start_agent(i)
+        while coordinator.poll() is None:
+            for head in old_heads:
+                replayer.publish(Topics(fed.fleet).ledger_head, head, wait=10)
+            time.sleep(0.2)
+        finish(fed)
+    finally:
+        replayer.stop()
+        fed.stop()
+    text = log_text(fed, "coordinator")
+    assert not alarm_lines(text), text
+    assert "older than this chain's genesis" in text and "old_chain" in text, text
+    assert verify_file(fed.state / "ledger.log").ok

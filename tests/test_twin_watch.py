@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from conftest import BrokerInfo
 
 from coordinator.state_guard import broker_head
-from coordinator.twin_watch import ANOTHER_WRITER, JUNK, OURS, RETAINED, TwinWatch, judge_head
+from coordinator.twin_watch import ANOTHER_WRITER, JUNK, OLD_CHAIN, OURS, RETAINED, TwinWatch, judge_head
 from federation.crypto import ed25519_public
 from federation.fleet_state import FleetLedger
 from federation.mqtt import BrokerConfig, MqttLink
@@ -119,6 +120,44 @@ def test_a_retained_head_newer_than_the_start_saw_and_not_ours_is_another_writer
     twin = open_ledger(tmp_path / "twin.log")
     twin.append(record(4))
     assert judge(ours, twin.head.to_bytes(), retained=True, start_height=ours.height) == ANOTHER_WRITER
+
+
+def test_an_old_chains_head_replayed_live_is_not_another_writer(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """After --new-chain the old chain's heads (same key) still exist; on a broker without an ACL
+    anyone can replay one live. Older than our genesis, nothing writing beside us made it: counted,
+    warned about once, never a reason to stop. A twin that started its chain before ours is still
+    caught at its first head past our genesis."""
+    old_chain = open_ledger(tmp_path / "old-chain.log")
+    for n in range(1, 9):
+        old_chain.append(record(n))
+    early_twin = open_ledger(tmp_path / "early-twin.log")  # its genesis, too, is older than ours
+    time.sleep(0.01)
+    ours = open_ledger(tmp_path / "ours.log")
+    for n in (1, 2, 3):
+        ours.append(record(n))
+    early_twin.append(record(1))  # written while we run
+
+    def judged(payload: bytes, genesis: float | None = ours.block(0).timestamp) -> str:
+        return judge_head(payload, retained=False, coordinator_key=KEY, height=ours.height,
+                          hash_at=lambda i: ours.block(i).hash, genesis_timestamp=genesis).verdict
+
+    assert judged(old_chain.head.to_bytes()) == OLD_CHAIN
+    assert all(judged(old_chain.block(i).to_bytes()) == OLD_CHAIN for i in range(old_chain.height))
+    assert judged(old_chain.head.to_bytes(), genesis=None) == ANOTHER_WRITER  # what the age alone decides
+    assert judged(early_twin.block(0).to_bytes()) == OLD_CHAIN
+    assert judged(early_twin.head.to_bytes()) == ANOTHER_WRITER
+    assert judged(ours.head.to_bytes()) == OURS
+
+    counted: list[str] = []
+    watch = TwinWatch("pumps", KEY, counted=counted.append)
+    with caplog.at_level(logging.WARNING, logger="coordinator.twin_watch"):
+        for _ in range(3):
+            assert watch.check(old_chain.head.to_bytes(), retained=False, height=ours.height,
+                               hash_at=lambda i: ours.block(i).hash,
+                               genesis_timestamp=ours.block(0).timestamp) is None
+    assert counted == [OLD_CHAIN] * 3
+    assert len([r for r in caplog.records if "older than this chain's genesis" in r.getMessage()]) == 1
 
 
 def test_the_watch_counts_warns_once_about_junk_and_says_what_to_do(tmp_path: Path, ours: FleetLedger,
