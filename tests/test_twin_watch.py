@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import BrokerInfo
 
+from coordinator.state_check import StateRefused
 from coordinator.state_guard import broker_head
 from coordinator.twin_watch import ANOTHER_WRITER, JUNK, OLD_CHAIN, OURS, RETAINED, TwinWatch, judge_head
+from federation import envelope
 from federation.crypto import ed25519_public
 from federation.fleet_state import FleetLedger
+from federation.keys import CoordinatorKeys
 from federation.mqtt import BrokerConfig, MqttLink
 from federation.topics import Topics
 from ledger import Ed25519Signer
@@ -200,3 +204,34 @@ def test_the_start_up_look_sees_a_head_too_large_for_one_packet(embedded_broker:
     finally:
         publisher.stop()
     assert head is not None and head.height == ledger.height and head.hash == ledger.head.hash
+
+
+def test_the_start_up_look_sees_a_live_status_too_large_for_one_packet(embedded_broker: BrokerInfo) -> None:
+    """A running coordinator's signed status over the payload limit (the presence map of a large
+    fleet) is retained and published as chunks: the start-up look must read it and refuse to start
+    a second coordinator beside the live one."""
+    keys = CoordinatorKeys.generate("f")
+    config = BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port, max_payload=1024)
+    topics = Topics("f")
+    running = MqttLink(config, "test-live-coordinator", persistent=False)
+    running.start(timeout=20)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.is_set():
+            status = envelope.seal_status(keys, {"state": "waiting", "time": time.time(), "heartbeat": 1.0,
+                                                 "session": "s1", "devices": {f"d{i}": "x" * 40 for i in range(200)}})
+            assert len(status) > 4 * 1024
+            running.publish(topics.status, status, retain=True, wait=10)
+            stop.wait(0.5)
+
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
+    try:
+        time.sleep(1.0)  # the first status is retained
+        with pytest.raises(StateRefused, match="another coordinator of fleet f is running"):
+            broker_head(config, topics, "test-probe", keys.public.sign_public, 2.0, heartbeat=1.0)
+    finally:
+        stop.set()
+        beating.join(timeout=10)
+        running.stop()
