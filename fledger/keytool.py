@@ -370,13 +370,22 @@ def add_parser(sub: Any) -> None:
                                   "without the fleet's route password: the route user, a bcrypt hash of the "
                                   "password in nats-route.json (created once in the keys directory, 0600, and "
                                   "reused, so every node agrees) and a route to every node with the password in "
-                                  "clear (a secret, 0600).")
+                                  "clear (a secret, 0600). With --route-tls-cert, --route-tls-key and "
+                                  "--route-tls-ca the routes run over mutual TLS: each node needs a certificate of "
+                                  "that CA (extended key usages serverAuth and clientAuth, naming the host "
+                                  "--routes gives for it).")
     a.add_argument("--out", type=Path, required=True, help="file to write (e.g. /etc/nats/fledger-auth.conf)")
     a.add_argument("--routes", metavar="HOST:PORT,...",
                    help="every node's cluster address (e.g. nats-1:6222,nats-2:6222,nats-3:6222): also write "
                         "the routes file")
     a.add_argument("--routes-out", type=Path,
                    help="the routes file to write (default: fledger-routes.conf beside --out)")
+    a.add_argument("--route-tls-cert", metavar="PATH",
+                   help="with --routes: each node's route certificate, as a path on the nodes (e.g. "
+                        "/etc/nats/route.crt; the same path on every node, a certificate of its own in it)")
+    a.add_argument("--route-tls-key", metavar="PATH", help="with --routes: that certificate's key (path on the nodes)")
+    a.add_argument("--route-tls-ca", metavar="PATH",
+                   help="with --routes: the CA every node's route certificate is checked against (path on the nodes)")
     a.add_argument("--acl", type=Path, help="the ACL to translate (default: fledger's shipped fledger.acl)")
     a.add_argument("--bcrypt-cost", type=int, default=4,
                    help="bcrypt cost (default 4: the passwords are 192-bit random tokens; 10+ for chosen ones)")
@@ -482,21 +491,33 @@ def _main(args: argparse.Namespace) -> int:
         print(f"revoked key {args.key_id} of {args.device}; a running coordinator reading {directory / REGISTRY_FILE} "
               "applies it within 2 s")
     elif args.keys_command == "nats-config":
-        from fledger.nats_auth import build_from_keys, parse_routes, read_hashes, render, write_routes_config
+        from fledger.nats_auth import (
+            RouteTls,
+            build_from_keys,
+            parse_routes,
+            read_hashes,
+            render,
+            write_routes_config,
+        )
 
         if not 4 <= args.bcrypt_cost <= 31:
             raise ValueError(f"--bcrypt-cost must be 4..31, not {args.bcrypt_cost}")
         if args.routes_out is not None and args.routes is None:
             raise ValueError("--routes-out needs --routes (every node's cluster host:port)")
         routes = parse_routes(args.routes) if args.routes is not None else None
+        route_tls = RouteTls.from_options(args.route_tls_cert, args.route_tls_key, args.route_tls_ca)
+        if route_tls is not None and routes is None:
+            raise ValueError("--route-tls-cert/--route-tls-key/--route-tls-ca need --routes (every node's cluster "
+                             "host:port)")
         routes_out = args.routes_out or args.out.with_name("fledger-routes.conf")
         users = build_from_keys(directory, args.acl, rounds=args.bcrypt_cost, previous=read_hashes(args.out))
         atomic_write(args.out, render(users.acl, users.hashes, source=str(args.acl or "fledger.acl")).encode(),
                      mode=0o600)
         if routes is not None:
-            write_routes_config(directory, routes, routes_out, rounds=args.bcrypt_cost)
+            write_routes_config(directory, routes, routes_out, rounds=args.bcrypt_cost, tls=route_tls)
         _warn_no_login(directory, users.skipped, "NATS")
-        routes_note = f" and {routes_out} (the routes, a secret too)" if args.routes is not None else ""
+        routes_note = (f" and {routes_out} (the routes{' over mutual TLS' if route_tls else ''}, a secret too)"
+                       if args.routes is not None else "")
         print(f"{args.out}: {_users_listed(users.hashes, 'NATS')}{routes_note}; copy to every node and "
               "`nats-server --signal reload`")
     elif args.keys_command == "rabbitmq-definitions":

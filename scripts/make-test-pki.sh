@@ -3,7 +3,8 @@
 #
 # TEST/STAGING ONLY. Makes, in OUTDIR:
 #   ca.crt, ca.key            a throw-away certificate authority (EC P-256, 30 days)
-#   server.crt, server.key    a broker certificate for 127.0.0.1 / ::1 / localhost
+#   server.crt, server.key    a broker certificate for 127.0.0.1 / ::1 / localhost (serverAuth and
+#                             clientAuth: also a NATS node's route certificate, routes being mutual TLS)
 #                             (plus $FLEDGER_PKI_HOSTS, e.g. "broker.plant7.lan 10.0.0.5"),
 #                             signed by that CA
 #   passwd                    a mosquitto password file (mosquitto_passwd -b, PBKDF2-SHA512)
@@ -67,7 +68,7 @@ openssl req -new -sha256 -key "$out/server.key" -out "$tmp/server.csr" \
 cat > "$tmp/server.ext" <<EXT
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
+extendedKeyUsage=serverAuth,clientAuth
 subjectAltName=$san
 EXT
 openssl x509 -req -sha256 -days "$days" -in "$tmp/server.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" \

@@ -25,10 +25,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+
+if TYPE_CHECKING:
+    from fledger.nats_auth import RouteTls
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the real script; /usr/sbin's wrapper su's to rabbitmq
@@ -192,17 +195,18 @@ def routes_between(ports: list[int], timeout: float) -> None:
                 client.loop_stop()
 
 
-def nats_cluster(directory: Path, size: int = 3) -> Cluster:
+def nats_cluster(directory: Path, size: int = 3, tls: RouteTls | None = None) -> Cluster:
     """``size`` nats-server processes routed to each other, JetStream and MQTT on each. The routes
     are authenticated as deploy/nats/nats-node.conf ships them: each node includes the routes
-    file `fledger keys nats-config --routes` writes (its route secret: ``directory/keys``)."""
+    file `fledger keys nats-config --routes` writes (its route secret: ``directory/keys``), with
+    ``tls`` over mutual TLS."""
     from fledger.nats_auth import write_routes_config
 
     client_ports = [free_port() for _ in range(size)]
     route_ports = [free_port() for _ in range(size)]
     mqtt_ports = [free_port() for _ in range(size)]
     routes_conf = directory / "fledger-routes.conf"
-    write_routes_config(directory / "keys", [f"{HOST}:{p}" for p in route_ports], routes_conf)
+    write_routes_config(directory / "keys", [f"{HOST}:{p}" for p in route_ports], routes_conf, tls=tls)
     cluster = Cluster()
     for i in range(size):
         node_dir = directory / f"nats-{i}"

@@ -219,6 +219,43 @@ def test_regenerating_keeps_the_route_secret_so_every_node_agrees(tmp_path: Path
     assert alone.returncode == 2 and "--routes" in alone.stderr
 
 
+def test_route_tls_options_write_the_tls_block_and_need_all_three_and_routes(tmp_path: Path) -> None:
+    """`--route-tls-cert/-key/-ca` put the cluster's mutual TLS into the routes file (which nats-server
+    accepts); one or two of them, or any without --routes, is a clear usage error and writes nothing."""
+    keys = tmp_path / "keys"
+    keytool.init_fleet(keys, "plant7")
+    out, routes = tmp_path / "fledger-auth.conf", tmp_path / "fledger-routes.conf"
+    tls = ("--route-tls-cert", "/etc/nats/route.crt", "--route-tls-key", "/etc/nats/route.key",
+           "--route-tls-ca", "/etc/nats/fleet-ca.crt")
+    result = run_cli("--dir", str(keys), "nats-config", "--out", str(out), "--routes", "nats-1:6222,nats-2:6222", *tls)
+    assert result.returncode == 0, result.stderr
+    assert "over mutual TLS" in result.stdout
+    text = routes.read_text()
+    body = [line.strip() for line in text[text.index("tls {"):].splitlines()]
+    assert body[:7] == ["tls {", 'cert_file: "/etc/nats/route.crt"', 'key_file: "/etc/nats/route.key"',
+                        'ca_file: "/etc/nats/fleet-ca.crt"', "verify: true", "timeout: 5", "}"]
+    assert route_hash_in(text) is not None  # the password stays: TLS and the route user, both
+    for partial in (tls[:2], tls[:4], tls[2:]):
+        refused = run_cli("--dir", str(keys), "nats-config", "--out", str(tmp_path / "x.conf"),
+                          "--routes", "nats-1:6222", "--routes-out", str(tmp_path / "x-routes.conf"), *partial)
+        assert refused.returncode == 2 and "missing:" in refused.stderr, refused.stderr
+        assert not (tmp_path / "x.conf").exists() and not (tmp_path / "x-routes.conf").exists()
+    no_routes = run_cli("--dir", str(keys), "nats-config", "--out", str(tmp_path / "x.conf"), *tls)
+    assert no_routes.returncode == 2 and "need --routes" in no_routes.stderr
+    quoted = run_cli("--dir", str(keys), "nats-config", "--out", str(tmp_path / "x.conf"), "--routes", "nats-1:6222",
+                     "--route-tls-cert", 'a"b', *tls[2:])
+    assert quoted.returncode == 2 and "without quotes" in quoted.stderr
+    # nats-server takes a node config with it (the files must exist for its config check)
+    pki = tmp_path / "pki"
+    subprocess.run([str(ROOT / "scripts" / "make-test-pki.sh"), str(pki)], check=True, capture_output=True)
+    assert run_cli("--dir", str(keys), "nats-config", "--out", str(out), "--routes", "nats-1:6222,nats-2:6222",
+                   "--route-tls-cert", str(pki / "server.crt"), "--route-tls-key", str(pki / "server.key"),
+                   "--route-tls-ca", str(pki / "ca.crt")).returncode == 0
+    shutil.copy(ROOT / "deploy" / "nats" / "nats-node.conf", tmp_path / "nats-node.conf")
+    checked = nats_server_test(tmp_path / "nats-node.conf")
+    assert checked.returncode == 0, checked.stderr + checked.stdout
+
+
 def test_the_shipped_node_config_does_not_start_without_the_routes_file(tmp_path: Path) -> None:
     """deploy/nats/nats-node.conf never runs open routes: without fledger-routes.conf it is invalid."""
     keys = tmp_path / "keys"

@@ -17,18 +17,20 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fledger.nats_auth import ROUTE_USER, new_route_password, route_secret
+from fledger.nats_auth import ROUTE_USER, RouteTls, new_route_password, route_secret
 from tests import broker_clusters
 from tests.broker_clusters import HOST, NATS_SERVER, Cluster, free_port, routes_between
 
 TOPIC = "fledger/plant7/status"
 INJECTED_TOPIC = "fledger/plant7/model/global"
+PKI_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make-test-pki.sh"
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +81,15 @@ class CoreClient:
 
 
 @contextlib.contextmanager
-def rogue_node(directory: Path, target_route_port: int, credentials: str) -> Iterator[CoreClient]:
+def rogue_node(directory: Path, target_route_port: int, credentials: str, tls: str = "") -> Iterator[CoreClient]:
     """A nats-server of its own (no logins on its client port) that dials the cluster's node as a
-    route with ``credentials`` ("" or "user:password@"), with a core client subscribed to
-    ``fledger.>`` on it."""
+    route with ``credentials`` ("" or "user:password@") and ``tls`` (a cluster ``tls { }`` block,
+    or none), with a core client subscribed to ``fledger.>`` on it."""
     directory.mkdir(parents=True)
     client_port, route_port = free_port(), free_port()
     (directory / "nats.conf").write_text(
         f"server_name: rogue-{directory.name}\nlisten: {HOST}:{client_port}\n"
-        f"cluster {{\n  name: fledger-test\n  listen: {HOST}:{route_port}\n"
+        f"cluster {{\n  name: fledger-test\n  listen: {HOST}:{route_port}\n{tls}"
         f"  routes: [{json.dumps(f'nats-route://{credentials}{HOST}:{target_route_port}')}]\n}}\n")
     with open(directory / "nats.log", "wb") as log:
         proc = subprocess.Popen([NATS_SERVER, "-c", str(directory / "nats.conf")], stdout=log,
@@ -141,32 +143,43 @@ def test_the_nodes_form_a_cluster_over_the_generated_authenticated_routes(cluste
     routes_between([nodes.nodes[1].mqtt_port, nodes.nodes[0].mqtt_port], timeout=10)
 
 
-def test_a_server_without_the_route_password_cannot_join_the_cluster(cluster: tuple[Cluster, Path],
-                                                                     tmp_path: Path) -> None:
-    nodes, directory = cluster
+@dataclass
+class RogueTrial:
+    """What rogue servers dialling one node as a route saw and got through (see :func:`try_rogues`)."""
+
+    spied: dict[str, list[tuple[str, bytes]]]  # per rogue: what its core client received
+    delivered: list[list[tuple[str, bytes]]]  # per cluster node: what its MQTT subscriber received
+    refused: set[str]  # the rogues whose own log shows the refusal
+    control_joined: bool
+    target_log: str  # the target node's log since the rogues started
+
+
+def try_rogues(nodes: Cluster, tmp_path: Path, rogues: dict[str, tuple[str, str]], control: str,
+               refusals: dict[str, str]) -> RogueTrial:
+    """Start a rogue nats-server per ``rogues`` entry (kind -> credentials, cluster TLS block), all
+    dialling node 0 as a route, while the cluster carries MQTT traffic and every rogue publishes on
+    the model topic. Runs until every other rogue logged its refusal (``refusals``: kind -> the
+    line its own log shows) and the control
+    joined (it receives the cluster's messages, its own reaches node 0's subscriber), then one
+    more second, so the refused ones had every chance the control had."""
     target = nodes.nodes[0]
-    kinds = {"no-password": "", "wrong-password": f"{ROUTE_USER}:{new_route_password()}@",
-             "with-password": f"{ROUTE_USER}:{route_secret(directory / 'keys')}@"}
     subscribers = [mqtt_client(node.mqtt_port, subscribe="fledger/plant7/#") for node in nodes.nodes]
     publisher, _ = mqtt_client(target.mqtt_port)
     log_before = target.log.read_text()
-    # The nodes' own routes authenticated (every node is configured: none is dialled by gossip).
-    assert not any("Authentication Failure" in node.log.read_text() for node in nodes.nodes)
-    spied: dict[str, list[tuple[str, bytes]]] = {kind: [] for kind in kinds}
+    spied: dict[str, list[tuple[str, bytes]]] = {kind: [] for kind in rogues}
     delivered: list[list[tuple[str, bytes]]] = [[] for _ in subscribers]
     with contextlib.ExitStack() as stack:
-        spies = {kind: stack.enter_context(rogue_node(tmp_path / kind, target.route_port, credentials))
-                 for kind, credentials in kinds.items()}
+        spies = {kind: stack.enter_context(rogue_node(tmp_path / kind, target.route_port, credentials, tls))
+                 for kind, (credentials, tls) in rogues.items()}
 
         def control_joined() -> bool:
-            return any(p.startswith(b"cluster-") for _, p in spied["with-password"]) and \
-                (INJECTED_TOPIC, b"from-with-password") in delivered[0]
+            return any(p.startswith(b"cluster-") for _, p in spied[control]) and \
+                (INJECTED_TOPIC, f"from-{control}".encode()) in delivered[0]
 
-        def refused() -> set[str]:  # the rogues the node told "Authorization Violation" (in their own logs)
+        def refused() -> set[str]:  # in the rogues' own logs
             # (not asked of the control: it dials the nodes it learns by gossip without the
             # password (its own cluster block has none) and is refused there; node 0 accepts it)
-            return {kind for kind in ("no-password", "wrong-password") if "Route Error 'Authorization Violation'" in
-                    (tmp_path / kind / "nats.log").read_text()}
+            return {kind for kind, line in refusals.items() if line in (tmp_path / kind / "nats.log").read_text()}
 
         began, settled = time.monotonic(), None
         while time.monotonic() - began < 30:
@@ -178,24 +191,79 @@ def test_a_server_without_the_route_password_cannot_join_the_cluster(cluster: tu
                 spied[kind] += spy.received()
             for i, (_, got) in enumerate(subscribers):
                 delivered[i] += drain(got)
-            # Both refused rogues have tried (and been refused) and the control has joined: go on
-            # one more second, so the refused ones had every chance the control had.
-            if settled is None and control_joined() and refused() == {"no-password", "wrong-password"}:
+            if settled is None and control_joined() and refused() == set(refusals):
                 settled = time.monotonic()
             if settled is not None and time.monotonic() - settled > 1:
                 break
+        trial = RogueTrial(spied, delivered, refused(), control_joined(), target.log.read_text()[len(log_before):])
     for client, _ in subscribers:
         client.disconnect()
         client.loop_stop()
     publisher.disconnect()
     publisher.loop_stop()
+    return trial
 
-    assert control_joined(), f"the control rogue (with the password) did not join: {spied['with-password'][:3]}"
-    assert refused() == {"no-password", "wrong-password"}, target.log.read_text()[len(log_before):]
-    assert target.log.read_text()[len(log_before):].count("Router connection closed: Authentication Failure") >= 2
-    for kind in ("no-password", "wrong-password"):
-        assert spied[kind] == [], kind  # the rogue receives nothing from the cluster
-        for got in delivered:  # and what it publishes reaches no subscriber on any node
+
+def assert_kept_out(trial: RogueTrial, kinds: tuple[str, ...]) -> None:
+    for kind in kinds:
+        assert trial.spied[kind] == [], kind  # the rogue receives nothing from the cluster
+        for got in trial.delivered:  # and what it publishes reaches no subscriber on any node
             assert (INJECTED_TOPIC, f"from-{kind}".encode()) not in got, kind
     # The cluster itself kept routing between its nodes.
-    assert all(any(t == TOPIC for t, _ in got) for got in delivered)
+    assert all(any(t == TOPIC for t, _ in got) for got in trial.delivered)
+
+
+def test_a_server_without_the_route_password_cannot_join_the_cluster(cluster: tuple[Cluster, Path],
+                                                                     tmp_path: Path) -> None:
+    nodes, directory = cluster
+    # The nodes' own routes authenticated (every node is configured: none is dialled by gossip).
+    assert not any("Authentication Failure" in node.log.read_text() for node in nodes.nodes)
+    trial = try_rogues(nodes, tmp_path, {
+        "no-password": ("", ""),
+        "wrong-password": (f"{ROUTE_USER}:{new_route_password()}@", ""),
+        "with-password": (f"{ROUTE_USER}:{route_secret(directory / 'keys')}@", ""),
+    }, control="with-password", refusals=dict.fromkeys(("no-password", "wrong-password"),
+                                                       "Route Error 'Authorization Violation'"))
+    assert trial.control_joined, f"the control (with the password) did not join: {trial.spied['with-password'][:3]}"
+    assert trial.refused == {"no-password", "wrong-password"}, trial.target_log
+    assert trial.target_log.count("Router connection closed: Authentication Failure") >= 2
+    assert_kept_out(trial, ("no-password", "wrong-password"))
+
+
+def make_pki(directory: Path) -> RouteTls:
+    subprocess.run([str(PKI_SCRIPT), str(directory)], check=True, capture_output=True, timeout=60)
+    return RouteTls(str(directory / "server.crt"), str(directory / "server.key"), str(directory / "ca.crt"))
+
+
+def tls_block(tls: RouteTls) -> str:
+    return (f"  tls {{\n    cert_file: {json.dumps(tls.cert_file)}\n    key_file: {json.dumps(tls.key_file)}\n"
+            f"    ca_file: {json.dumps(tls.ca_file)}\n  }}\n")
+
+
+def test_routes_over_mutual_tls_need_a_certificate_of_the_fleets_ca(tmp_path: Path) -> None:
+    """`nats-config --routes ... --route-tls-*`: two nodes route over mutual TLS. A server with the
+    route password but no TLS, or with a certificate of another CA, is refused; the control, with
+    the password and a certificate of the fleet's CA, joins."""
+    if not broker_clusters.nats_available():
+        pytest.fail("nats-server is not installed (scripts/setup.sh installs it)")
+    fleet_tls, foreign_tls = make_pki(tmp_path / "pki"), make_pki(tmp_path / "foreign-pki")
+    directory = tmp_path / "nats"
+    directory.mkdir()
+    with broker_clusters.running(broker_clusters.nats_cluster(directory, size=2, tls=fleet_tls), timeout=60) as nodes:
+        routes = (directory / "fledger-routes.conf").read_text()
+        assert "tls {" in routes and f'ca_file: "{fleet_tls.ca_file}"' in routes and "verify: true" in routes
+        routes_between([n.mqtt_port for n in nodes.nodes], timeout=10)
+        password = f"{ROUTE_USER}:{route_secret(directory / 'keys')}@"
+        trial = try_rogues(nodes, tmp_path / "rogues", {
+            "password-no-tls": (password, ""),
+            "password-foreign-ca": (password, tls_block(foreign_tls)),
+            "password-and-certificate": (password, tls_block(fleet_tls)),
+        }, control="password-and-certificate", refusals={
+            "password-no-tls": "Router connection closed: Read Error",  # the node wants a TLS handshake
+            "password-foreign-ca": "Router connection closed: TLS Handshake Failure"})
+    assert trial.control_joined, f"the control rogue did not join: {trial.target_log[-2000:]}"
+    assert trial.refused == {"password-no-tls", "password-foreign-ca"}, trial.target_log
+    assert "TLS route handshake error: tls: first record does not look like a TLS handshake" in trial.target_log
+    # the foreign one's certificate, checked against the other CA by each end, fails the handshake
+    assert "tls: bad certificate" in trial.target_log or "unknown authority" in trial.target_log
+    assert_kept_out(trial, ("password-no-tls", "password-foreign-ca"))
