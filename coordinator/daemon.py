@@ -305,6 +305,8 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     if another_writer is not None:
                         log.error("%s", another_writer)
                         return exit_codes.STATE  # at once: no further block, model, ack or status from us
+                elif message is not None and message.topic == topics.status:  # our own echo, mostly
+                    twin_watch.note_status(message.payload, session=coordinator.session, retained=message.retain)
                 elif message is not None and is_prediction_topic(topics, message.topic) and not coordinator.halted:
                     batch, pending = take_batch(message, link.inbox, topics)
                     predictions.handle_batch(batch)
@@ -336,6 +338,13 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                 now = time.monotonic()
                 if upstream is not None and upstream_link is not None:
                     serve_upstream(coordinator, upstream, upstream_link.inbox, now)
+                if (other := twin_watch.reclaim_due(now)) is not None:
+                    log.warning("the fleet's status was published by another coordinator process with this "
+                                "coordinator's key (session %s: a twin, about to stop if it forked): "
+                                "publishing our model, status and acknowledgements again", other)
+                    coordinator.publish_model()
+                    coordinator.publish_status()
+                    coordinator.publish_acks()
                 if now - last_tick >= 0.5:
                     last_tick = now
                     coordinator.tick()

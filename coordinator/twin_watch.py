@@ -30,6 +30,13 @@ the ledger, and stops on ANOTHER_WRITER).
   acted on: an old head must not be a way to stop the coordinator.
 - Signed by our key, but beyond our height or with another hash than our block at its index:
   another writer. Stop before publishing anything more.
+
+The other side of a twin that stops: on reconnecting, a coordinator republishes its retained
+model, status and acknowledgements before the broker hands it the head that makes it stop
+(the retained messages of its subscriptions arrive after its own publishes). The survivor then
+sees, on its status topic, a status signed by its key from another process (another session) and
+publishes its own retained state again at once (:meth:`TwinWatch.reclaim_due`), instead of
+leaving the stopped twin's model and status on the broker until its own next change.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from coordinator.state_check import signed_head
+from federation import envelope
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ JUNK = "junk"  # not a block signed by this coordinator's key
 OLD_CHAIN = "old_chain"  # signed by our key before our genesis: an old chain's head, replayed
 ANOTHER_WRITER = "another_writer"  # signed by our key, not in our ledger: another coordinator writes
 VERDICTS = (OURS, RETAINED, JUNK, OLD_CHAIN, ANOTHER_WRITER)
+RECLAIM_INTERVAL_S = 5.0  # at most one republication per this, whatever keeps overwriting the status
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,17 @@ def judge_head(payload: bytes, *, retained: bool, coordinator_key: bytes, height
     return HeadVerdict(ANOTHER_WRITER, index, head.hash, ours, height)
 
 
+def other_session(payload: bytes, coordinator_key: bytes, session: str) -> str | None:
+    """The session of a status signed by our key but published by another coordinator process;
+    None for our own, for junk and for what another key signed."""
+    try:
+        status = envelope.open_status(payload, coordinator_key)
+    except envelope.EnvelopeError:
+        return None
+    other = status.get("session")
+    return str(other) if other is not None and other != session else None
+
+
 def alarm(fleet: str, seen: HeadVerdict) -> str:
     """The one ERROR line for ANOTHER_WRITER: what was seen, and what to do."""
     assert seen.index is not None and seen.their_hash is not None
@@ -106,6 +126,8 @@ class TwinWatch:
         self.start_height = start_height  # of the broker's head the start-up check saw (None: none)
         self.counts: Counter[str] = Counter()
         self._counted = counted
+        self._reclaimed_at: float | None = None
+        self._overwritten_by: str | None = None  # session of a status of our key from another process
 
     def check(self, payload: bytes, *, retained: bool, height: int, hash_at: Callable[[int], bytes],
               genesis_timestamp: float | None = None) -> str | None:
@@ -123,3 +145,27 @@ class TwinWatch:
                         "on fleet %s's topic (block %s, an old chain's head replayed; counted as old_chain, not "
                         "acted on)", self.fleet, seen.index)
         return alarm(self.fleet, seen) if seen.verdict == ANOTHER_WRITER else None
+
+    def note_status(self, payload: bytes, *, session: str, retained: bool = False) -> str | None:
+        """A message on the fleet's status topic: if it is a live status signed by our key from
+        another process (another session), our retained state is due again (:meth:`reclaim_due`);
+        returns that session, else None (our own echo, junk, another key's). A retained delivery
+        is what the broker held when we (re)subscribed: we publish ours after every (re)connect
+        anyway, so it is not acted on (nor is an earlier run's status at start)."""
+        if retained:
+            return None
+        other = other_session(payload, self.coordinator_key, session)
+        if other is not None:
+            self._overwritten_by = other
+        return other
+
+    def reclaim_due(self, now: float) -> str | None:
+        """The session that overwrote our status, when we should publish our retained state again
+        now: at once the first time, then at most once per :data:`RECLAIM_INTERVAL_S`, and always
+        once after the last overwrite (a twin's last status may come just after a republication)."""
+        if self._overwritten_by is None:
+            return None
+        if self._reclaimed_at is not None and now - self._reclaimed_at < RECLAIM_INTERVAL_S:
+            return None
+        other, self._overwritten_by, self._reclaimed_at = self._overwritten_by, None, now
+        return other

@@ -17,11 +17,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from conftest import BrokerInfo
 from federation_run import Federation
 from mqtt_proxy import MqttProxy
-from test_reliability import finish, log_text, wait_for
+from test_reliability import StatusWatcher, finish, log_text, wait_for
 
 from federation import exit_codes
 from federation.fleet_state import FleetLedger, verify_file
@@ -39,7 +40,7 @@ def alarm_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if ALARM in line]
 
 
-def start_twin(fed: Federation, state: Path, port: int) -> subprocess.Popen[bytes]:
+def start_twin(fed: Federation, state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     """gateway-b: the fleet's coordinator on another state directory, straight to the broker on
     ``port``, with its own client id. It skips the broker look (--head-wait 0), as
     one does whose look ran just before the other's first status: the start-up check then sees
@@ -48,7 +49,7 @@ def start_twin(fed: Federation, state: Path, port: int) -> subprocess.Popen[byte
                                     "--broker-port", str(port), "--fleet", fed.fleet, "--task", fed.task,
                                     "--state-dir", str(state), "--keys", str(fed.keys / keytool.COORDINATOR_FILE),
                                     "--devices", str(fed.keys / keytool.REGISTRY_FILE), "--rounds", str(fed.rounds),
-                                    "--min-clients", "2", "--head-wait", "0", "--client-id", "gateway-b"])
+                                    "--min-clients", "2", "--head-wait", "0", "--client-id", "gateway-b", *extra])
 
 
 def stopped_at_once(fed: Federation, name: str, state: Path, height: int) -> None:
@@ -139,17 +140,37 @@ def test_a_coordinator_cut_off_while_the_other_wrote_stops_when_it_reconnects(em
         a = fed.start_coordinator()
         wait_for("gateway-a resumed", lambda: "resumed at round" in log_text(fed, "coordinator"), 60, fed)
         time.sleep(1)  # its start-up record and head reach the broker
+        a_session = wait_for("gateway-a's status", lambda: retained_status(fed, embedded_broker).get("session"),
+                             30, fed)
         assert proxy.stall() == 1  # gateway-a's connection: no message reaches it from now on
-        b = start_twin(fed, twin_state, embedded_broker.port)
+        b = start_twin(fed, twin_state, embedded_broker.port, "--heartbeat", "60")  # no status of its own soon
         wait_for("gateway-b's first block", lambda: FleetLedger.open(twin_state / "ledger.log").height > height,
                  60, fed)
         wait_for("gateway-a to stop", lambda: a.poll() is not None, 60, fed)
         assert "not even our own echo" in log_text(fed, "coordinator")  # it reconnected, then saw b's head
         stopped_at_once(fed, "coordinator", fed.state, height)
         assert b.poll() is None  # b never heard a head of a's live: it goes on
+        # On reconnecting, a republished its status before it saw b's head; b, seeing a status of
+        # its key from another process, publishes its own again (at once, then at most every 5 s,
+        # and once after a's last status; its next heartbeat is a minute away).
+        wait_for("gateway-b to republish", lambda: f"(session {a_session}:" in log_text(fed, "gateway-b"), 10, fed)
+        wait_for("the broker's status to be gateway-b's",
+                 lambda: retained_status(fed, embedded_broker).get("session") not in (None, a_session), 15, fed)
     finally:
         fed.stop()
         proxy.close()
+
+
+def retained_status(fed: Federation, broker: BrokerInfo) -> dict[str, Any]:
+    """The coordinator's signed status the broker holds now, as a device that subscribes sees it."""
+    watcher = StatusWatcher(fed, broker.host, broker.port)
+    try:
+        deadline = time.monotonic() + 3
+        while not watcher.poll() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return watcher.poll()
+    finally:
+        watcher.stop()
 
 
 def test_twins_resumed_mid_round_stop_at_the_first_record_both_take(any_broker: BrokerInfo, tmp_path: Path) -> None:

@@ -16,7 +16,16 @@ from conftest import BrokerInfo
 
 from coordinator.state_check import StateRefused
 from coordinator.state_guard import broker_head
-from coordinator.twin_watch import ANOTHER_WRITER, JUNK, OLD_CHAIN, OURS, RETAINED, TwinWatch, judge_head
+from coordinator.twin_watch import (
+    ANOTHER_WRITER,
+    JUNK,
+    OLD_CHAIN,
+    OURS,
+    RECLAIM_INTERVAL_S,
+    RETAINED,
+    TwinWatch,
+    judge_head,
+)
 from federation import envelope
 from federation.crypto import ed25519_public
 from federation.fleet_state import FleetLedger
@@ -186,6 +195,29 @@ def test_the_watch_counts_warns_once_about_junk_and_says_what_to_do(tmp_path: Pa
                   "our height 4", "stopping", "stop the other coordinator", "fledger ledger verify",
                   "fledger ledger restore"):
         assert words in line, line
+
+
+def test_a_status_of_our_key_from_another_process_asks_for_our_retained_state_again() -> None:
+    """A twin that stops republished its status (and model) on reconnecting: the survivor, seeing
+    a status signed by its key with another session, republishes its own at once, at most once
+    per RECLAIM_INTERVAL_S; its own echo, junk and other keys' statuses never trigger it."""
+    keys, stranger = CoordinatorKeys.generate("f"), CoordinatorKeys.generate("f")
+    watch = TwinWatch("f", keys.public.sign_public)
+
+    def status(session: str, signer: CoordinatorKeys = keys) -> bytes:
+        return envelope.seal_status(signer, {"state": "waiting", "time": time.time(), "session": session})
+
+    for mine in (status("ours"), b"junk", status("twin", stranger)):
+        assert watch.note_status(mine, session="ours") is None
+    assert watch.note_status(status("earlier run"), session="ours", retained=True) is None  # held at subscription
+    assert watch.reclaim_due(100.0) is None  # nothing overwrote ours
+    assert watch.note_status(status("twin"), session="ours") == "twin"
+    assert watch.reclaim_due(100.0) == "twin"  # at once
+    assert watch.reclaim_due(100.1) is None  # done: nothing new
+    watch.note_status(status("twin"), session="ours")  # the twin's last status, just after ours
+    assert watch.reclaim_due(100.0 + RECLAIM_INTERVAL_S / 2) is None  # not yet: bounded rate
+    assert watch.reclaim_due(100.0 + RECLAIM_INTERVAL_S) == "twin"  # but not forgotten
+    assert watch.reclaim_due(200.0) is None
 
 
 def test_the_start_up_look_sees_a_head_too_large_for_one_packet(embedded_broker: BrokerInfo, tmp_path: Path) -> None:
