@@ -206,8 +206,10 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
     link = MqttLink(link_config, client_id,
                     subscriptions=[topics.updates, topics.registrations, topics.presences, topics.ledger_replays,
                                    topics.catch_up_requests, *prediction_subscriptions(topics),
-                                   # another writer of our ledger (coordinator/twin_watch.py)
-                                   topics.ledger_head, topics.ledger_head_chunks],
+                                   # another writer of our ledger, and the status a stopping twin
+                                   # published over ours (coordinator/twin_watch.py; a large fleet's
+                                   # status comes as chunks)
+                                   topics.ledger_head, topics.ledger_head_chunks, topics.status_chunks],
                     chunk_record=ChunkRecord(state_dir / "retained_chunks.json"))
     replay = ReplayLimiter(replay_limits(config), clock=time.monotonic, counted=observatory.replay_answered)
     catch_up = CatchUp(topics, catch_up_limits(config), clock=time.monotonic, counted=observatory.catch_up_answered)

@@ -103,7 +103,7 @@ class StatusWatcher:
         self.sign_public = CoordinatorKeys.load(fed.keys / keytool.COORDINATOR_FILE).public.sign_public
         self.link = MqttLink(BrokerConfig(broker_host=host, broker_port=port, **broker),
                              f"test-status-{os.getpid()}-{random.randrange(1 << 30)}",
-                             subscriptions=[self.topics.status])
+                             subscriptions=[self.topics.status, self.topics.status_chunks])  # large: chunks
         self.link.start(timeout=20)
         self.latest: dict[str, Any] = {}
 

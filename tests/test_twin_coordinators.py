@@ -116,6 +116,11 @@ def test_two_coordinators_with_the_same_keys_stop_instead_of_forking(any_broker:
         fed.stop()
 
 
+# Every status, model and head goes as chunks, as a large fleet's status and model do: the watch
+# and the survivor's republication must work on reassembled messages too.
+SMALL_PACKETS = ("--max-payload", "512")
+
+
 def test_a_coordinator_cut_off_while_the_other_wrote_stops_when_it_reconnects(embedded_broker: BrokerInfo,
                                                                                tmp_path: Path) -> None:
     """gateway-a hears nothing while gateway-b starts and appends (a proxy drops every message
@@ -125,7 +130,7 @@ def test_a_coordinator_cut_off_while_the_other_wrote_stops_when_it_reconnects(em
     proxy = MqttProxy(embedded_broker.host, embedded_broker.port)
     fed = Federation(tmp_path, proxy.host, proxy.port, rounds=1, limit=200,
                      extra_coordinator=["--head-wait", "2", "--client-id", "gateway-a", "--heartbeat", "1",
-                                        "--keepalive", "2", "--mqtt-version", "3.1.1"],
+                                        "--keepalive", "2", "--mqtt-version", "3.1.1", *SMALL_PACKETS],
                      extra_agent=["--mqtt-version", "3.1.1"])  # the proxy reads MQTT 3.1.1 packets
     try:
         fed.start_all()
@@ -143,7 +148,8 @@ def test_a_coordinator_cut_off_while_the_other_wrote_stops_when_it_reconnects(em
         a_session = wait_for("gateway-a's status", lambda: retained_status(fed, embedded_broker).get("session"),
                              30, fed)
         assert proxy.stall() == 1  # gateway-a's connection: no message reaches it from now on
-        b = start_twin(fed, twin_state, embedded_broker.port, "--heartbeat", "60")  # no status of its own soon
+        b = start_twin(fed, twin_state, embedded_broker.port, "--heartbeat", "60",  # no status of its own soon
+                       *SMALL_PACKETS)
         wait_for("gateway-b's first block", lambda: FleetLedger.open(twin_state / "ledger.log").height > height,
                  60, fed)
         wait_for("gateway-a to stop", lambda: a.poll() is not None, 60, fed)
