@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pwdlib.hashers.bcrypt import BcryptHasher
+from test_broker_security import make_pki
 
 from fledger import keytool
 from fledger.nats_auth import (
@@ -246,8 +247,7 @@ def test_route_tls_options_write_the_tls_block_and_need_all_three_and_routes(tmp
                      "--route-tls-cert", 'a"b', *tls[2:])
     assert quoted.returncode == 2 and "without quotes" in quoted.stderr
     # nats-server takes a node config with it (the files must exist for its config check)
-    pki = tmp_path / "pki"
-    subprocess.run([str(ROOT / "scripts" / "make-test-pki.sh"), str(pki)], check=True, capture_output=True)
+    pki = make_pki(tmp_path / "pki")
     assert run_cli("--dir", str(keys), "nats-config", "--out", str(out), "--routes", "nats-1:6222,nats-2:6222",
                    "--route-tls-cert", str(pki / "server.crt"), "--route-tls-key", str(pki / "server.key"),
                    "--route-tls-ca", str(pki / "ca.crt")).returncode == 0

@@ -23,14 +23,14 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from test_broker_security import make_pki
 
-from fledger.nats_auth import ROUTE_USER, RouteTls, new_route_password, route_secret
+from fledger.nats_auth import ROUTE_USER, RouteTls, new_route_password, render_route_tls, route_secret
 from tests import broker_clusters
 from tests.broker_clusters import HOST, NATS_SERVER, Cluster, free_port, routes_between
 
 TOPIC = "fledger/plant7/status"
 INJECTED_TOPIC = "fledger/plant7/model/global"
-PKI_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make-test-pki.sh"
 
 
 @pytest.fixture(scope="module")
@@ -230,14 +230,15 @@ def test_a_server_without_the_route_password_cannot_join_the_cluster(cluster: tu
     assert_kept_out(trial, ("no-password", "wrong-password"))
 
 
-def make_pki(directory: Path) -> RouteTls:
-    subprocess.run([str(PKI_SCRIPT), str(directory)], check=True, capture_output=True, timeout=60)
+def route_tls(directory: Path) -> RouteTls:
+    """A test CA and a node certificate (scripts/make-test-pki.sh), as a node's route TLS."""
+    make_pki(directory)
     return RouteTls(str(directory / "server.crt"), str(directory / "server.key"), str(directory / "ca.crt"))
 
 
 def tls_block(tls: RouteTls) -> str:
-    return (f"  tls {{\n    cert_file: {json.dumps(tls.cert_file)}\n    key_file: {json.dumps(tls.key_file)}\n"
-            f"    ca_file: {json.dumps(tls.ca_file)}\n  }}\n")
+    """The cluster TLS block a fleet node's routes file carries, for a rogue's own cluster block."""
+    return "".join(f"  {line}\n" for line in render_route_tls(tls))
 
 
 def test_routes_over_mutual_tls_need_a_certificate_of_the_fleets_ca(tmp_path: Path) -> None:
@@ -246,7 +247,7 @@ def test_routes_over_mutual_tls_need_a_certificate_of_the_fleets_ca(tmp_path: Pa
     the password and a certificate of the fleet's CA, joins."""
     if not broker_clusters.nats_available():
         pytest.fail("nats-server is not installed (scripts/setup.sh installs it)")
-    fleet_tls, foreign_tls = make_pki(tmp_path / "pki"), make_pki(tmp_path / "foreign-pki")
+    fleet_tls, foreign_tls = route_tls(tmp_path / "pki"), route_tls(tmp_path / "foreign-pki")
     directory = tmp_path / "nats"
     directory.mkdir()
     with broker_clusters.running(broker_clusters.nats_cluster(directory, size=2, tls=fleet_tls), timeout=60) as nodes:
