@@ -296,9 +296,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                 if link.connect_count != connects:
                     # The broker may have restarted and lost retained messages: publish them again.
                     connects = link.connect_count
-                    coordinator.publish_model()
-                    coordinator.publish_status()
-                    coordinator.publish_acks()
+                    coordinator.publish_retained()
                 if message is not None and message.topic == topics.ledger_head:
                     another_writer = twin_watch.check(message.payload, retained=message.retain,
                                                       height=coordinator.ledger.head.index + 1,
@@ -344,9 +342,7 @@ def _run_locked(config: CoordinatorConfig, keys: CoordinatorKeys, observatory: O
                     log.warning("the fleet's status was published by another coordinator process with this "
                                 "coordinator's key (session %s: a twin, about to stop if it forked): "
                                 "publishing our model, status and acknowledgements again", other)
-                    coordinator.publish_model()
-                    coordinator.publish_status()
-                    coordinator.publish_acks()
+                    coordinator.publish_retained()
                 if now - last_tick >= 0.5:
                     last_tick = now
                     coordinator.tick()

@@ -429,6 +429,14 @@ class Coordinator:
         """Every known device's acknowledgement again (after a reconnect)."""
         self.ack_publisher.publish_all()
 
+    def publish_retained(self) -> None:
+        """Everything the broker retains for the fleet from us, again: the model, the status and
+        every device's acknowledgement (after a reconnect: the broker may have lost them; or when
+        another process published over them)."""
+        self.publish_model()
+        self.publish_status()
+        self.publish_acks()
+
     def ack_verdict(self, device: str, round_number: int, msg_id: bytes, verdict: str) -> None:
         self.ack_publisher.verdict(device, round_number, msg_id, verdict)
 

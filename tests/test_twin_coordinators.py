@@ -224,7 +224,6 @@ def test_an_old_chains_head_replayed_live_does_not_stop_the_coordinator(embedded
         for n in range(1, 30):  # beyond any height this run reaches
             old_chain.append({"type": "operator.note", "n": n})
         old_heads = [old_chain.block(i).to_bytes() for i in (3, 12, old_chain.height - 1)]
-    time.sleep(0.01)
     replayer = MqttLink(BrokerConfig(broker_host=embedded_broker.host, broker_port=embedded_broker.port),
                         "test-old-head-replayer")
     replayer.start(timeout=20)
